@@ -1,0 +1,41 @@
+"""The ``lamost-vac`` command line.
+
+Each group of subcommands lives in its own module under ``etl/commands/`` and exposes
+``register(subparsers)``; this module only assembles them.
+"""
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "etl.commands.files",
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="lamost-vac",
+        description="LAMOST low-resolution value-added catalogue: Teff, log g and [Fe/H] "
+        "with uncertainties from LASSO-MLPNet (Li et al., MNRAS).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'lamost-vac COMMAND --help' for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

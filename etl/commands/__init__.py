@@ -1,0 +1,1 @@
+"""Subcommands of the lamost-vac CLI, one module per group."""

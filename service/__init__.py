@@ -1,0 +1,1 @@
+"""The read-only query service over the value-added catalogue."""
