@@ -9,6 +9,7 @@ import sys
 
 COMMAND_MODULES = [
     "etl.commands.files",
+    "etl.commands.db",
 ]
 
 

@@ -1,0 +1,381 @@
+"""Engines, sessions and the few places where PostgreSQL and SQLite differ.
+
+* Positions: Q3C on PostgreSQL; declination zones (``zone`` column + (zone, ra) index) on
+  SQLite. :func:`cone_condition` hides the difference for cone searches.
+* Bulk loading: :func:`bulk_upsert` COPYs into a temporary staging table then runs one
+  ``INSERT ... SELECT ... ON CONFLICT`` on PostgreSQL; on SQLite it stages with
+  ``executemany``. Both report inserted / updated / unchanged counts, and both only touch
+  a stored row when a value differs, so re-running an ingest changes nothing.
+"""
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import sessionmaker
+
+from etl import schema
+from etl.settings import settings
+
+
+def normalise_url(url: str) -> str:
+    """Use the psycopg (3) driver for plain ``postgresql://`` URLs."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(url: str = None, **kwargs) -> Engine:
+    """An engine for ``url`` (default: the configured writer URL)."""
+    url = normalise_url(url or settings.database_url)
+    if url.startswith("sqlite"):
+        _make_sqlite_folder(url)
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _configure_sqlite_connection)
+        return engine
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _make_sqlite_folder(url):
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        folder = os.path.dirname(os.path.abspath(database))
+        os.makedirs(folder, exist_ok=True)
+
+
+def _configure_sqlite_connection(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    if not cursor.execute("PRAGMA query_only").fetchone()[0]:
+        try:
+            # WAL lets the read-only service read while an ingest writes.
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        except Exception:  # noqa: BLE001 -- a read-only (mode=ro) file keeps its mode
+            pass
+    cursor.close()
+    dbapi_connection.create_function("ang_sep_deg", 4, angular_separation_deg, deterministic=True)
+
+
+def reader_url_for(url: str, role: str = None) -> str:
+    """A read-only URL for the database at ``url``.
+
+    PostgreSQL: the same database as the ``lamost_vac_reader`` role (its password comes
+    from the environment, e.g. PGPASSWORD or ~/.pgpass, never from the writer URL). SQLite: the same file opened
+    read-only (``mode=ro``), so the embedded service cannot write either.
+    """
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() == "postgresql":
+        # The reader has its own password (PGPASSWORD / .pgpass), never the writer's.
+        return parsed._replace(username=role or schema.READER_ROLE, password=None) \
+            .render_as_string(hide_password=False)
+    database = parsed.database
+    if not database or database == ":memory:":
+        raise ValueError("an in-memory SQLite database has no read-only view")
+    return f"sqlite:///file:{os.path.abspath(database)}?mode=ro&uri=true"
+
+
+def make_reader_engine(url: str = None, **kwargs) -> Engine:
+    """Engine for read-only access: ``settings.reader_url`` unless ``url`` is given."""
+    return make_engine(url or settings.reader_url, **kwargs)
+
+
+def make_session_factory(engine: Engine = None):
+    return sessionmaker(bind=engine or make_engine(), expire_on_commit=False)
+
+
+def is_postgres(bind) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+# ---------------------------------------------------------------------------------------
+# Positions
+def zone_of(dec: float) -> int:
+    """Declination zone of ``dec`` (degrees) for the SQLite cone index."""
+    zone = int(math.floor((dec + 90.0) / schema.ZONE_HEIGHT_DEG))
+    return min(zone, zone_count() - 1)
+
+
+def zone_count() -> int:
+    return int(math.ceil(180.0 / schema.ZONE_HEIGHT_DEG))
+
+
+def angular_separation_deg(ra1, dec1, ra2, dec2):
+    """Great-circle distance in degrees (Vincenty formula: exact at all separations)."""
+    if None in (ra1, dec1, ra2, dec2):
+        return None
+    lon1, lat1, lon2, lat2 = map(math.radians, (ra1, dec1, ra2, dec2))
+    dlon = lon2 - lon1
+    sin_lat1, cos_lat1 = math.sin(lat1), math.cos(lat1)
+    sin_lat2, cos_lat2 = math.sin(lat2), math.cos(lat2)
+    num1 = cos_lat2 * math.sin(dlon)
+    num2 = cos_lat1 * sin_lat2 - sin_lat1 * cos_lat2 * math.cos(dlon)
+    denominator = sin_lat1 * sin_lat2 + cos_lat1 * cos_lat2 * math.cos(dlon)
+    return math.degrees(math.atan2(math.hypot(num1, num2), denominator))
+
+
+def ra_ranges(ra: float, dec: float, radius_deg: float):
+    """RA intervals (degrees, within [0, 360]) that contain a cone, split at RA = 0/360."""
+    top = min(abs(dec) + radius_deg, 90.0)
+    if top >= 89.999999 or radius_deg >= 180:
+        return [(0.0, 360.0)]
+    half_width = math.degrees(math.asin(min(1.0, math.sin(math.radians(radius_deg))
+                                            / math.cos(math.radians(top)))))
+    # sin(r)/cos(top) bounds the RA half-width of the cone (exact bound of the small circle).
+    low, high = ra - half_width, ra + half_width
+    if high - low >= 360:
+        return [(0.0, 360.0)]
+    if low < 0:
+        return [(0.0, high), (low + 360.0, 360.0)]
+    if high > 360:
+        return [(low, 360.0), (0.0, high - 360.0)]
+    return [(low, high)]
+
+
+def cone_condition(table, ra: float, dec: float, radius_deg: float, bind):
+    """A WHERE condition selecting ``table`` rows within ``radius_deg`` of (ra, dec).
+
+    PostgreSQL: ``q3c_radial_query`` (uses the Q3C index, exact). SQLite: zone and RA
+    ranges (use the (zone, ra) index) plus the exact distance via ``ang_sep_deg``.
+    """
+    from sqlalchemy import and_, func, or_
+
+    if is_postgres(bind):
+        return func.q3c_radial_query(table.c.ra, table.c.dec, ra, dec, radius_deg)
+    low_zone = zone_of(max(dec - radius_deg, -90.0))
+    high_zone = zone_of(min(dec + radius_deg, 90.0))
+    ra_clause = or_(*[table.c.ra.between(low, high) for low, high in ra_ranges(ra, dec, radius_deg)])
+    return and_(
+        table.c.zone.between(low_zone, high_zone),
+        ra_clause,
+        func.ang_sep_deg(table.c.ra, table.c.dec, ra, dec) <= radius_deg,
+    )
+
+
+def distance_deg(table, ra: float, dec: float, bind):
+    """SQL expression: angular distance (degrees) of ``table`` rows from (ra, dec)."""
+    from sqlalchemy import func
+
+    if is_postgres(bind):
+        return func.q3c_dist(table.c.ra, table.c.dec, ra, dec)
+    return func.ang_sep_deg(table.c.ra, table.c.dec, ra, dec)
+
+
+# ---------------------------------------------------------------------------------------
+# Bulk upsert
+@dataclass
+class UpsertCounts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+    def __iadd__(self, other):
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        return self
+
+
+def bulk_upsert(connection, table, rows, key_columns, compare_columns=None, columns=None,
+                keep_when_null=()):
+    """Insert ``rows`` or update the stored rows whose key exists.
+
+    ``rows``: tuples in the order of ``columns`` (default: every column of ``table``).
+    ``key_columns``: the conflict target (a primary key or unique constraint).
+    An existing row is updated only when one of ``compare_columns`` (default: every
+    non-key column) differs, so bookkeeping columns left out of the comparison (a run id)
+    keep the value of the run that really wrote the row. A NULL arriving for a column in
+    ``keep_when_null`` keeps the stored value (partial input never erases data).
+    Runs in the caller's transaction; returns :class:`UpsertCounts`.
+    """
+    if not rows:
+        return UpsertCounts()
+    columns = columns or [c.name for c in table.columns]
+    compare_columns = compare_columns or [c for c in columns if c not in key_columns]
+    update_columns = [c for c in columns if c not in key_columns]
+    staging = f"staging_{table.name}"
+    _create_staging(connection, table, staging, columns)
+    if is_postgres(connection):
+        copy_rows(connection, staging, columns, rows)
+    else:
+        placeholders = ", ".join("?" for _ in columns)
+        connection.exec_driver_sql(
+            f"INSERT INTO {staging} ({_quoted(columns)}) VALUES ({placeholders})", rows)
+    counts = merge_staging(connection, table.name, staging, columns, key_columns,
+                           compare_columns, update_columns, set(keep_when_null), len(rows))
+    connection.exec_driver_sql(f"DROP TABLE {staging}")
+    return counts
+
+
+def insert_ignore(connection, table, rows, conflict_columns):
+    """Insert dict ``rows``, silently skipping those that hit the unique ``conflict_columns``."""
+    if not rows:
+        return
+    if is_postgres(connection):
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    statement = dialect_insert(table).on_conflict_do_nothing(index_elements=conflict_columns)
+    connection.execute(statement, rows)
+
+
+def _quoted(names):
+    return ", ".join(f'"{n}"' for n in names)
+
+
+def _create_staging(connection, table, staging, columns):
+    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {staging}")
+    # Same column types, no constraints or indexes: COPY into it runs at full speed.
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE {staging} AS SELECT {_quoted(columns)} FROM {table.name} "
+        f"WHERE 1 = 0")
+
+
+def copy_rows(connection, table_name, columns, rows):
+    """COPY ``rows`` into ``table_name`` (PostgreSQL, psycopg 3)."""
+    raw = connection.connection.driver_connection
+    with raw.cursor() as cursor:
+        with cursor.copy(f"COPY {table_name} ({_quoted(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+def merge_staging(connection, table_name, staging, columns, key_columns, compare_columns,
+                  update_columns, keep_when_null, total):
+    """Upsert a staging table into ``table_name``; see :func:`bulk_upsert`."""
+    postgres = is_postgres(connection)
+    distinct = "IS DISTINCT FROM" if postgres else "IS NOT"    # null-safe "differs"
+
+    def incoming(column, new, old):
+        return f'COALESCE({new}."{column}", {old}."{column}")' if column in keep_when_null \
+            else f'{new}."{column}"'
+
+    excluded_differs = " OR ".join(
+        f'{incoming(c, "excluded", table_name)} {distinct} {table_name}."{c}"'
+        for c in compare_columns)
+    assignments = ", ".join(f'"{c}" = {incoming(c, "excluded", table_name)}'
+                            for c in update_columns)
+    # "WHERE true" keeps SQLite's parser from reading ON CONFLICT as a join constraint.
+    upsert = (f"INSERT INTO {table_name} ({_quoted(columns)}) "
+              f"SELECT {_quoted(columns)} FROM {staging} WHERE true "
+              f"ON CONFLICT ({_quoted(key_columns)}) DO UPDATE SET {assignments} "
+              f"WHERE {excluded_differs}")
+    if postgres:
+        # xmax = 0 marks a freshly inserted tuple; rows left unchanged are not returned.
+        inserted, updated = connection.exec_driver_sql(
+            f"WITH written AS ({upsert} RETURNING (xmax = 0) AS inserted) "
+            f"SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
+            f"FROM written").one()
+        return UpsertCounts(inserted=inserted, updated=updated,
+                            unchanged=total - inserted - updated)
+    key_match = " AND ".join(f't."{k}" = s."{k}"' for k in key_columns)
+    differs = " OR ".join(f'{incoming(c, "s", "t")} IS NOT t."{c}"' for c in compare_columns)
+    existing, changed = connection.exec_driver_sql(
+        f"SELECT count(*), coalesce(sum(CASE WHEN {differs} THEN 1 ELSE 0 END), 0) "
+        f"FROM {staging} s JOIN {table_name} t ON {key_match}").one()
+    connection.exec_driver_sql(upsert)
+    return UpsertCounts(inserted=total - existing, updated=changed, unchanged=existing - changed)
+
+
+@contextmanager
+def connect(engine: Engine = None):
+    """A connection in a transaction (commit on success, rollback on error)."""
+    engine = engine or make_engine()
+    with engine.begin() as connection:
+        yield connection
+
+
+def analyze(connection, table_names):
+    """Refresh planner statistics after a bulk load."""
+    for name in table_names:
+        connection.exec_driver_sql(f"ANALYZE {name}")
+
+
+def cluster_on_position(connection):
+    """Re-cluster the positional tables on their Q3C index (PostgreSQL; after big loads)."""
+    if is_postgres(connection):
+        for name in ("spectra", "reference_labels"):
+            connection.exec_driver_sql(f"CLUSTER {name}")
+            connection.exec_driver_sql(f"ANALYZE {name}")
+
+
+def reader_grant_statements():
+    """SQL that creates the read-only role (if absent) and grants it SELECT only.
+
+    The role is cluster-wide, so creation is guarded; grants apply to this database.
+    """
+    role = schema.READER_ROLE
+    return [
+        f"DO $$ BEGIN CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE; "
+        f"EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO {role}', "
+        f"current_database()); END $$",
+        f"GRANT USAGE ON SCHEMA public TO {role}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {role}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Migrations (Alembic; configuration in migrations/alembic.ini)
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "migrations")
+
+
+def migration_include_object(obj, name, type_, reflected, compare_to):
+    """Alembic filter: what autogenerate compares.
+
+    Q3C functional indexes and the views are made by hand in the migrations; the schema
+    cannot express them, so autogenerate must neither add nor drop them.
+    """
+    if type_ == "index" and name and name.endswith("_q3c_idx"):
+        return False
+    if type_ == "table" and name and name in schema.VIEWS:
+        return False
+    return True
+
+
+def alembic_config(url: str = None):
+    from alembic.config import Config
+
+    config = Config(os.path.join(MIGRATIONS_DIR, "alembic.ini"))
+    config.set_main_option("script_location", MIGRATIONS_DIR)
+    # "%" would be read as interpolation by configparser.
+    config.set_main_option("sqlalchemy.url", normalise_url(url or settings.database_url)
+                           .replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    return config
+
+
+def upgrade(url: str = None, revision: str = "head"):
+    """Migrate the database at ``url`` to ``revision`` (creates q3c on PostgreSQL)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str = None, revision: str = "-1"):
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str = None):
+    """The revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision():
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

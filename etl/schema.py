@@ -1,0 +1,422 @@
+"""The one SQLAlchemy schema of the catalogue, for PostgreSQL (production) and SQLite.
+
+Every column carries its science metadata once, in ``Column.info`` (unit, UCD,
+description); :func:`describe_columns` turns it into the descriptions the API's VOTable,
+FITS and CSV outputs and its documentation use, so they never drift from the database.
+
+Tables
+------
+``ingest_runs``        one row per ETL invocation (ingest spectra/labels, crossmatch, ...).
+``spectra``            LAMOST LRS spectrum metadata, one row per obsid, plus the file
+                       (path relative to a spectra root, size, sha256, layout).
+``reference_labels``   reference (APOGEE Payne-like) labels, one row per (label_set, apogee_id).
+``crossmatch``         every reference star within the match radius of a spectrum, ranked by
+                       separation; ``match_rank = 1`` is the TOPCAT-style best match.
+``models``             registry of trained model versions (one ``current``).
+``estimates``          Teff/logg/[Fe/H] per (obsid, model_version); earlier versions stay.
+``estimate_failures``  spectra a model version could not process, with the reason.
+                       A separate table (not a status column in ``estimates``) so that every
+                       ``estimates`` row is a usable value and queries need no status filter;
+                       a later success deletes the failure row.
+``quarantine``         every rejected input file or row with its reason.
+
+Positions: on PostgreSQL ``spectra`` and ``reference_labels`` have a Q3C index (created in
+the migration, table clustered on it). On SQLite the ``zone`` column (declination zone of
+:data:`ZONE_HEIGHT_DEG`) with an index on (zone, ra) serves cones: see ``etl.db``.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    JSON,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects import postgresql
+
+# Declination zone height for the SQLite cone index (the "zones" algorithm of
+# Gray, Nieto-Santisteban & Szalay 2006): 2 arcmin keeps an arcmin cone in 1-3 zones.
+ZONE_HEIGHT_DEG = 1.0 / 30.0
+
+# Constraint names are fixed so migrations are reproducible across dialects.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
+SurrogateKey = BigInteger().with_variant(Integer(), "sqlite")
+JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+Timestamp = DateTime(timezone=True)
+
+
+def col(name, type_, *args, unit=None, ucd=None, description="", **kwargs):
+    """A Column with its science metadata (unit, UCD, description) in ``info``."""
+    info = {"unit": unit, "ucd": ucd, "description": description}
+    return Column(name, type_, *args, info=info, comment=description or None, **kwargs)
+
+
+def run_id_column(name="ingest_run_id", description="ingest run that last wrote this row"):
+    return col(name, String(36), ForeignKey("ingest_runs.run_id"), ucd="meta.id",
+               description=description)
+
+
+ingest_runs = Table(
+    "ingest_runs", metadata,
+    col("run_id", String(36), primary_key=True, ucd="meta.id",
+        description="run identifier (UUID)"),
+    col("kind", String(32), nullable=False,
+        description="what ran: ingest-spectra, ingest-labels, crossmatch, ..."),
+    col("source", Text, description="input file or folder the run read"),
+    col("spectra_root", Text, description="root folder that spectrum paths are relative to"),
+    col("status", String(16), nullable=False, server_default="running",
+        description="running, finished, or failed (a crashed run stays 'running')"),
+    col("started_at", Timestamp, nullable=False, ucd="time.start", description="start (UTC)"),
+    col("finished_at", Timestamp, ucd="time.end", description="end (UTC)"),
+    col("n_read", Integer, description="input rows or files read"),
+    col("n_loaded", Integer, description="rows inserted"),
+    col("n_updated", Integer, description="rows whose stored values changed"),
+    col("n_unchanged", Integer, description="rows skipped because already stored unchanged"),
+    col("n_quarantined", Integer, description="rows or files rejected to quarantine"),
+    col("code_version", String(64), description="lamost-vac version that ran"),
+    col("options", JSONDocument, description="command-line options of the run"),
+    col("message", Text, description="error message of a failed run"),
+    CheckConstraint("status IN ('running', 'finished', 'failed')", name="status"),
+)
+
+spectra = Table(
+    "spectra", metadata,
+    col("obsid", BigInteger, primary_key=True, autoincrement=False, ucd="meta.id;meta.main",
+        description="LAMOST unique spectrum identifier"),
+    col("designation", String(32), ucd="meta.id",
+        description="LAMOST designation, J hhmmss.ss+ddmmss.s"),
+    col("ra", Float(53), nullable=False, unit="deg", ucd="pos.eq.ra;meta.main",
+        description="right ascension (J2000) of the fibre"),
+    col("dec", Float(53), nullable=False, unit="deg", ucd="pos.eq.dec;meta.main",
+        description="declination (J2000) of the fibre"),
+    col("zone", Integer, nullable=False, ucd="pos.eq.dec;meta.code",
+        description="declination zone index, floor((dec + 90) / zone height), for cones"),
+    col("lmjd", Integer, unit="d", ucd="time.epoch",
+        description="local modified Julian day of the observation"),
+    col("mjd", Integer, unit="d", ucd="time.epoch", description="modified Julian day"),
+    col("planid", String(40), ucd="meta.id;obs", description="LAMOST plan (plate) name"),
+    col("spid", SmallInteger, ucd="meta.id;instr", description="spectrograph id (1-16)"),
+    col("fiberid", SmallInteger, ucd="meta.id;instr", description="fibre id (1-250)"),
+    col("snru", Float, ucd="stat.snr;em.opt.U", description="signal-to-noise ratio, u band"),
+    col("snrg", Float, ucd="stat.snr;em.opt.B", description="signal-to-noise ratio, g band"),
+    col("snrr", Float, ucd="stat.snr;em.opt.R", description="signal-to-noise ratio, r band"),
+    col("snri", Float, ucd="stat.snr;em.opt.I", description="signal-to-noise ratio, i band"),
+    col("snrz", Float, ucd="stat.snr;em.opt.I", description="signal-to-noise ratio, z band"),
+    col("class", String(16), key="class_", ucd="src.class",
+        description="LASP spectral class (STAR, GALAXY, QSO, Unknown)"),
+    col("subclass", String(32), ucd="src.spType", description="LASP spectral subclass"),
+    col("z", Float(53), ucd="src.redshift", description="LASP redshift"),
+    col("z_err", Float(53), ucd="stat.error;src.redshift", description="redshift uncertainty"),
+    col("data_version", String(32), ucd="meta.version",
+        description="data release of the file, e.g. LAMOST DR8"),
+    col("file_path", Text, ucd="meta.ref.url",
+        description="spectrum file path relative to the spectra root"),
+    col("file_size", BigInteger, unit="byte", ucd="phys.size;meta.file",
+        description="spectrum file size"),
+    col("file_sha256", String(64), ucd="meta.checksum", description="SHA-256 of the file bytes"),
+    col("layout", String(16), ucd="meta.code",
+        description="file layout: dr1-image, dr8-image or dr8-v2-table"),
+    run_id_column(),
+    CheckConstraint("ra >= 0 AND ra < 360 AND dec >= -90 AND dec <= 90", name="position"),
+    Index(None, "zone", "ra"),
+)
+
+reference_labels = Table(
+    "reference_labels", metadata,
+    col("label_id", SurrogateKey, primary_key=True, autoincrement=True, ucd="meta.id",
+        description="internal row identifier"),
+    col("label_set", String(64), nullable=False, ucd="meta.dataset",
+        description="which reference catalogue, e.g. apogee-payne"),
+    col("apogee_id", String(40), nullable=False, ucd="meta.id;meta.main",
+        description="APOGEE (2MASS-style) star identifier"),
+    col("ra", Float(53), nullable=False, unit="deg", ucd="pos.eq.ra;meta.main",
+        description="right ascension (J2000)"),
+    col("dec", Float(53), nullable=False, unit="deg", ucd="pos.eq.dec;meta.main",
+        description="declination (J2000)"),
+    col("zone", Integer, nullable=False, ucd="pos.eq.dec;meta.code",
+        description="declination zone index, as for spectra"),
+    col("teff", Float, unit="K", ucd="phys.temperature.effective",
+        description="reference effective temperature"),
+    col("logg", Float, unit="log(cm.s**-2)", ucd="phys.gravity",
+        description="reference surface gravity"),
+    col("feh", Float, unit="dex", ucd="phys.abund.Fe",
+        description="reference iron abundance [Fe/H]"),
+    col("good_flag", SmallInteger, ucd="meta.code.qual",
+        description="1 = label usable for training (catalogue's own flag)"),
+    col("source_file", Text, ucd="meta.file", description="file the labels were read from"),
+    col("source_row", Integer, ucd="meta.record", description="row of that file (1-based)"),
+    run_id_column(),
+    UniqueConstraint("label_set", "apogee_id"),
+    CheckConstraint("ra >= 0 AND ra < 360 AND dec >= -90 AND dec <= 90", name="position"),
+    Index(None, "zone", "ra"),
+)
+
+crossmatch = Table(
+    "crossmatch", metadata,
+    col("obsid", BigInteger, ForeignKey("spectra.obsid", ondelete="CASCADE"), primary_key=True,
+        ucd="meta.id", description="LAMOST spectrum"),
+    col("label_id", SurrogateKey, ForeignKey("reference_labels.label_id", ondelete="CASCADE"),
+        primary_key=True, ucd="meta.id", description="matched reference_labels row"),
+    col("label_set", String(64), nullable=False, ucd="meta.dataset",
+        description="reference catalogue of the match"),
+    col("apogee_id", String(40), nullable=False, ucd="meta.id.cross",
+        description="matched APOGEE identifier"),
+    col("separation_arcsec", Float(53), nullable=False, unit="arcsec", ucd="pos.angDistance",
+        description="angular separation spectrum - reference star"),
+    col("match_rank", SmallInteger, nullable=False, ucd="meta.number",
+        description="1 = nearest reference star of this set within the radius (best match)"),
+    col("radius_arcsec", Float, nullable=False, unit="arcsec", ucd="pos.angDistance",
+        description="match radius used"),
+    run_id_column("crossmatch_run_id", description="crossmatch run that wrote this row"),
+    Index(None, "label_id"),
+    Index(None, "label_set", "match_rank"),
+)
+
+models = Table(
+    "models", metadata,
+    col("version", String(64), primary_key=True, ucd="meta.version",
+        description="model version identifier"),
+    col("created_at", Timestamp, nullable=False, ucd="time.creation",
+        description="when the model was registered (UTC)"),
+    col("artifact_path", Text, nullable=False, ucd="meta.ref.url",
+        description="where the trained artifact is stored"),
+    col("artifact_sha256", String(64), nullable=False, ucd="meta.checksum",
+        description="SHA-256 of the artifact"),
+    col("training_set", JSONDocument, nullable=False, ucd="meta.dataset",
+        description="description of the training set (selection, sizes, label source)"),
+    col("metrics", JSONDocument, ucd="stat.fit",
+        description="validation metrics (bias, scatter per label, ...)"),
+    col("status", String(16), nullable=False, server_default="current", ucd="meta.code.status",
+        description="current or retired"),
+    col("code_version", String(64), ucd="meta.version",
+        description="lamost-vac version that trained it"),
+    col("notes", Text, description="free-text notes"),
+    CheckConstraint("status IN ('current', 'retired')", name="status"),
+    # At most one current model: the partial index works on both dialects.
+    Index("uq_models_one_current", "status", unique=True,
+          postgresql_where=text("status = 'current'"), sqlite_where=text("status = 'current'")),
+)
+
+
+def _estimate(name, unit, ucd, what):
+    return [
+        col(name, Float, unit=unit, ucd=ucd, description=f"estimated {what}"),
+        col(f"{name}_err_model", Float, unit=unit, ucd=f"stat.stdev;{ucd}",
+            description=f"model uncertainty of {what}: standard deviation of the ensemble"),
+        col(f"{name}_err", Float, unit=unit, ucd=f"stat.error;{ucd}",
+            description=f"integrated uncertainty of {what} (model and noise combined)"),
+    ]
+
+
+estimates = Table(
+    "estimates", metadata,
+    col("estimate_id", SurrogateKey, primary_key=True, autoincrement=True, ucd="meta.id",
+        description="internal row identifier"),
+    col("obsid", BigInteger, ForeignKey("spectra.obsid", ondelete="CASCADE"), nullable=False,
+        ucd="meta.id;meta.main", description="LAMOST spectrum"),
+    col("model_version", String(64), ForeignKey("models.version"), nullable=False,
+        ucd="meta.version", description="model version that produced the estimate"),
+    *_estimate("teff", "K", "phys.temperature.effective", "effective temperature"),
+    *_estimate("logg", "log(cm.s**-2)", "phys.gravity", "surface gravity"),
+    *_estimate("feh", "dex", "phys.abund.Fe", "[Fe/H]"),
+    col("flags", Integer, nullable=False, server_default="0", ucd="meta.code.qual",
+        description="quality flag bitmask (0 = no warning); bits defined by the model code"),
+    col("code_version", String(64), nullable=False, ucd="meta.version",
+        description="lamost-vac version that ran the inference"),
+    col("preprocessing_hash", String(64), nullable=False, ucd="meta.checksum",
+        description="hash of the preprocessing configuration"),
+    col("run_id", String(64), nullable=False, ucd="meta.id",
+        description="inference run identifier"),
+    col("created_at", Timestamp, nullable=False, ucd="time.creation",
+        description="when the estimate was written (UTC)"),
+    UniqueConstraint("obsid", "model_version"),
+    Index(None, "model_version", "teff"),
+)
+
+estimate_failures = Table(
+    "estimate_failures", metadata,
+    col("obsid", BigInteger, ForeignKey("spectra.obsid", ondelete="CASCADE"), primary_key=True,
+        ucd="meta.id", description="LAMOST spectrum"),
+    col("model_version", String(64), ForeignKey("models.version"), primary_key=True,
+        ucd="meta.version", description="model version that failed on it"),
+    col("stage", String(32), nullable=False, ucd="meta.code",
+        description="read, preprocess or predict"),
+    col("reason", Text, nullable=False, ucd="meta.note", description="why it failed"),
+    col("attempts", Integer, nullable=False, server_default="1", ucd="meta.number",
+        description="how many times it failed"),
+    col("code_version", String(64), ucd="meta.version", description="lamost-vac version"),
+    col("run_id", String(64), ucd="meta.id", description="inference run identifier"),
+    col("created_at", Timestamp, nullable=False, ucd="time.creation",
+        description="time of the latest failure (UTC)"),
+)
+
+quarantine = Table(
+    "quarantine", metadata,
+    col("quarantine_id", SurrogateKey, primary_key=True, autoincrement=True, ucd="meta.id",
+        description="internal row identifier"),
+    col("kind", String(32), nullable=False, ucd="meta.code",
+        description="what was being ingested: spectra or labels"),
+    col("source_file", Text, nullable=False, ucd="meta.file",
+        description="rejected file, or the catalogue file the rejected row is in (absolute)"),
+    col("source_row", Integer, nullable=False, server_default="0", ucd="meta.record",
+        description="data row of the catalogue (1-based); 0 = the whole file"),
+    col("obsid", BigInteger, ucd="meta.id", description="obsid of the row, when known"),
+    col("reason", Text, nullable=False, ucd="meta.note", description="why it was rejected"),
+    run_id_column("run_id", description="run that first rejected it"),
+    col("created_at", Timestamp, nullable=False, ucd="time.creation",
+        description="when it was first rejected (UTC)"),
+    # The same rejection seen again by a re-run is not stored twice (idempotent ingest).
+    UniqueConstraint("kind", "source_file", "source_row", "reason"),
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Views for collaborators' SQL (created by the migration; same SQL on both dialects).
+VIEWS = {
+    "v_spectra": (
+        "LAMOST spectra with positions, S/N, LASP class and the file location.",
+        """SELECT obsid, designation, ra, dec, lmjd, mjd, planid, spid, fiberid,
+                  snru, snrg, snrr, snri, snrz, class, subclass, z, z_err, data_version,
+                  file_path, layout
+           FROM spectra""",
+    ),
+    "v_best_match": (
+        "Each spectrum's best (nearest) reference star per label set within the radius.",
+        """SELECT x.obsid, s.ra, s.dec, s.snrg, x.label_set, x.apogee_id, x.separation_arcsec,
+                  l.teff, l.logg, l.feh, l.good_flag
+           FROM crossmatch x
+           JOIN spectra s ON s.obsid = x.obsid
+           JOIN reference_labels l ON l.label_id = x.label_id
+           WHERE x.match_rank = 1""",
+    ),
+    "v_estimates": (
+        "Every estimate of every model version, with the spectrum's position and S/N.",
+        """SELECT e.obsid, s.ra, s.dec, s.snrg, e.model_version, m.status AS model_status,
+                  e.teff, e.teff_err_model, e.teff_err, e.logg, e.logg_err_model, e.logg_err,
+                  e.feh, e.feh_err_model, e.feh_err, e.flags, e.code_version,
+                  e.preprocessing_hash, e.run_id, e.created_at
+           FROM estimates e
+           JOIN spectra s ON s.obsid = e.obsid
+           JOIN models m ON m.version = e.model_version""",
+    ),
+    "v_current_estimates": (
+        "The value-added catalogue: estimates of the current model version only.",
+        """SELECT e.obsid, s.ra, s.dec, s.snrg, e.model_version,
+                  e.teff, e.teff_err_model, e.teff_err, e.logg, e.logg_err_model, e.logg_err,
+                  e.feh, e.feh_err_model, e.feh_err, e.flags
+           FROM estimates e
+           JOIN spectra s ON s.obsid = e.obsid
+           JOIN models m ON m.version = e.model_version
+           WHERE m.status = 'current'""",
+    ),
+}
+
+READER_ROLE = "lamost_vac_reader"
+
+
+# ---------------------------------------------------------------------------------------
+# Column descriptions for output formats and documentation.
+@dataclass(frozen=True)
+class ColumnDescription:
+    name: str
+    kind: str                 # "int", "float", "text", "bool", "datetime", "json"
+    unit: Optional[str]
+    ucd: Optional[str]
+    description: str
+    nullable: bool
+
+    @property
+    def votable_datatype(self) -> str:
+        return {"int": "long", "float": "double", "bool": "boolean"}.get(self.kind, "char")
+
+    @property
+    def fits_format(self) -> str:
+        """FITS binary-table TFORM (text columns get a width at write time: ``nA``)."""
+        return {"int": "K", "float": "D", "bool": "L"}.get(self.kind, "A")
+
+    @property
+    def numpy_dtype(self) -> str:
+        return {"int": "i8", "float": "f8", "bool": "?"}.get(self.kind, "U")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "type": self.kind, "unit": self.unit, "ucd": self.ucd,
+                "description": self.description, "nullable": self.nullable}
+
+
+def _kind_of(column) -> str:
+    type_ = column.type
+    if isinstance(type_, (Integer, BigInteger, SmallInteger)):
+        return "int"
+    if isinstance(type_, Float):
+        return "float"
+    if isinstance(type_, DateTime):
+        return "datetime"
+    if isinstance(type_, JSON):
+        return "json"
+    try:
+        python_type = type_.python_type
+    except NotImplementedError:
+        return "text"
+    return {int: "int", float: "float", bool: "bool"}.get(python_type, "text")
+
+
+def describe_column(column) -> ColumnDescription:
+    info = column.info or {}
+    return ColumnDescription(
+        name=column.name, kind=_kind_of(column), unit=info.get("unit"), ucd=info.get("ucd"),
+        description=info.get("description", ""), nullable=bool(column.nullable),
+    )
+
+
+def describe_columns(table, names=None) -> list:
+    """Descriptions of ``table``'s columns (all, or ``names`` in that order).
+
+    ``table`` is a Table or a table name. A name of the form ``"table.column"`` in
+    ``names`` takes that column from another table, so a view's output (for example
+    ``v_current_estimates``) can be described from the tables it reads.
+    """
+    if isinstance(table, str):
+        table = metadata.tables[table]
+    if names is None:
+        return [describe_column(c) for c in table.columns]
+    out = []
+    for name in names:
+        source, _, column_name = name.rpartition(".")
+        source_table = metadata.tables[source] if source else table
+        out.append(describe_column(_column_by_name(source_table, column_name)))
+    return out
+
+
+def _column_by_name(table, name):
+    # Looked up by SQL name, not attribute key: spectra's "class" column has key "class_".
+    for column in table.columns:
+        if column.name == name:
+            return column
+    raise KeyError(f"{table.name} has no column {name!r}")
+
+
+def column_info(table_name: str, column_name: str) -> ColumnDescription:
+    return describe_column(_column_by_name(metadata.tables[table_name], column_name))

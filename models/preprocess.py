@@ -1,0 +1,217 @@
+"""Preprocessing of LAMOST spectra for LASSO-MLPNet, vectorised over batches of spectra.
+
+The steps follow Li et al. (MNRAS), section 3:
+
+1. shift to the rest frame with the catalogue redshift and resample linearly onto a common
+   log10(lambda) grid (step 1e-4, 3881-8890 A by default);
+2. median filter of width 3 (removes single-pixel cosmic-ray hits and bad pixels);
+3. pseudo-continuum: an iteratively sigma-clipped 6th-order polynomial;
+4. divide the spectrum by its pseudo-continuum.
+
+Every function takes 2-D arrays, one row per spectrum. Masked pixels (ivar = 0 or any
+and-mask bit set) never enter a fit or a neighbour's value: they are bridged by linear
+interpolation between the nearest good pixels and set to 1 in the normalised output.
+"""
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from numpy.polynomial import legendre
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that determines the features; its hash is part of every estimate's provenance."""
+
+    wave_min: float = 3881.0          # Angstrom, rest frame, vacuum
+    wave_max: float = 8890.0
+    dloglam: float = 1e-4             # log10 step of the common grid (LAMOST's own step)
+    median_width: int = 3
+    continuum_order: int = 6
+    continuum_iterations: int = 5
+    clip_low: float = 1.5             # absorption lines lie below the continuum: clip them harder
+    clip_high: float = 3.0
+    min_good_fraction: float = 0.5    # below this the spectrum is not usable
+
+    @property
+    def loglam(self):
+        """The common rest-frame grid in log10(Angstrom)."""
+        start, stop = np.log10(self.wave_min), np.log10(self.wave_max)
+        return start + self.dloglam * np.arange(int(np.floor((stop - start) / self.dloglam)) + 1)
+
+    @property
+    def wavelength(self):
+        return 10.0 ** self.loglam
+
+    def digest(self):
+        """Short stable hash of the configuration, for provenance."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class SpectrumStack:
+    """Spectra of different lengths padded into 2-D arrays, with their log-linear grids.
+
+    LAMOST pixels are uniform in log10(lambda), so each row's grid is fully described by
+    ``loglam0`` (log10 of its first wavelength) and ``dloglam`` (its step).
+    """
+
+    flux: np.ndarray       # (n, N_max) float64, zero-padded
+    good: np.ndarray       # (n, N_max) bool, False for masked and padding pixels
+    loglam0: np.ndarray    # (n,)
+    dloglam: np.ndarray    # (n,)
+    npix: np.ndarray       # (n,) number of real pixels per row
+
+    @classmethod
+    def from_spectra(cls, spectra, mask_bits=0xFFFFFFFF):
+        """Stack objects with ``wavelength``, ``flux``, ``ivar`` and ``andmask`` arrays."""
+        n = len(spectra)
+        npix = np.array([s.flux.size for s in spectra], dtype=int)
+        width = int(npix.max()) if n else 0
+        flux = np.zeros((n, width))
+        good = np.zeros((n, width), dtype=bool)
+        loglam0 = np.empty(n)
+        dloglam = np.empty(n)
+        for i, s in enumerate(spectra):
+            m = npix[i]
+            flux[i, :m] = s.flux
+            good[i, :m] = (s.ivar > 0) & ((s.andmask.astype(np.int64) & mask_bits) == 0) & np.isfinite(s.flux)
+            loglam = np.log10(s.wavelength)
+            loglam0[i] = loglam[0]
+            dloglam[i] = (loglam[-1] - loglam[0]) / (m - 1)
+        return cls(flux, good, loglam0, dloglam, npix)
+
+
+def resample_rest_frame(stack, z, loglam_rest):
+    """Shift to the rest frame and interpolate linearly onto ``loglam_rest``.
+
+    Returns (flux, good) of shape (n, len(loglam_rest)). A new pixel is good only when both
+    source pixels it is interpolated from are good, so masked pixels cannot leak.
+    """
+    z = np.asarray(z, dtype=float)
+    n, width = stack.flux.shape
+    observed = loglam_rest[None, :] + np.log10(1.0 + z)[:, None]
+    position = (observed - stack.loglam0[:, None]) / stack.dloglam[:, None]
+    left = np.floor(position).astype(np.int64)
+    inside = (left >= 0) & (left + 1 < stack.npix[:, None])
+    left = np.clip(left, 0, width - 2)
+    weight = position - left
+    # gather through flat indices: much faster than 2-D fancy indexing
+    flat = left + (np.arange(n) * width)[:, None]
+    f_left, f_right = stack.flux.ravel().take(flat), stack.flux.ravel().take(flat + 1)
+    flux = f_left + (f_right - f_left) * weight
+    good = inside & stack.good.ravel().take(flat) & stack.good.ravel().take(flat + 1)
+    return flux, good
+
+
+def bridge_masked(flux, good):
+    """Replace masked pixels by linear interpolation between the nearest good pixels.
+
+    Pixels before the first (after the last) good pixel take its value. Rows without any
+    good pixel are returned unchanged.
+    """
+    out = flux.copy()
+    todo = np.flatnonzero((~good).any(axis=1) & good.any(axis=1))   # most rows need nothing
+    if todo.size == 0:
+        return out
+    f, g = flux[todo], good[todo]
+    n, p = f.shape
+    index = np.broadcast_to(np.arange(p), (n, p))
+    prev = np.maximum.accumulate(np.where(g, index, -1), axis=1)
+    nxt = np.minimum.accumulate(np.where(g, index, p)[:, ::-1], axis=1)[:, ::-1]
+    # before the first / after the last good pixel, use that pixel on both sides
+    prev = np.where(prev < 0, nxt, prev)
+    nxt = np.where(nxt >= p, prev, nxt)
+    offsets = (np.arange(n) * p)[:, None]
+    f_prev, f_next = f.ravel().take(prev + offsets), f.ravel().take(nxt + offsets)
+    t = (index - prev) / np.maximum(nxt - prev, 1)
+    out[todo] = np.where(g, f, f_prev + t * (f_next - f_prev))
+    return out
+
+
+def median_filter3(flux):
+    """Running median of width 3 along each row (edges keep their value).
+
+    The median of three is max(min(a, b), min(max(a, b), c)): no sort, no Python loop.
+    """
+    out = flux.copy()
+    a, b, c = flux[:, :-2], flux[:, 1:-1], flux[:, 2:]
+    out[:, 1:-1] = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    return out
+
+
+def fit_pseudo_continuum(flux, good, order=6, iterations=5, clip_low=1.5, clip_high=3.0):
+    """Iteratively sigma-clipped polynomial continuum for every row at once.
+
+    Each iteration solves the weighted least-squares problem of all rows as one batch of
+    (order+1) x (order+1) normal equations, in a Legendre basis for conditioning.
+    """
+    n, p = flux.shape
+    x = np.linspace(-1.0, 1.0, p)
+    basis = legendre.legvander(x, order)                     # (p, order+1)
+    k = order + 1
+    # products of basis pairs, so each row's normal matrix is one matrix product away
+    pair_products = (basis[:, :, None] * basis[:, None, :]).reshape(p, k * k)
+    weight = good.astype(float)
+    continuum = np.ones_like(flux)
+    for _ in range(iterations):
+        normal = (weight @ pair_products).reshape(n, k, k)
+        rhs = (weight * flux) @ basis
+        # a tiny ridge keeps rows with (almost) no good pixels solvable; they are rejected later
+        normal += 1e-9 * np.eye(k)[None]
+        coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+        continuum = coef @ basis.T
+        resid = flux - continuum
+        used = np.maximum(weight.sum(axis=1), 1.0)
+        sigma = np.sqrt((weight * resid**2).sum(axis=1) / used)[:, None]
+        weight = (good & (resid > -clip_low * sigma) & (resid < clip_high * sigma)).astype(float)
+    return continuum
+
+
+def continuum_normalise(stack, z, config=PreprocessConfig()):
+    """Full preprocessing: rest frame, resample, median filter, pseudo-continuum division.
+
+    Returns ``(features, good_fraction)``: features of shape (n, n_pixels) as float32, and
+    the fraction of usable pixels per row; rows below ``config.min_good_fraction`` are NaN.
+    """
+    flux, good = resample_rest_frame(stack, z, config.loglam)
+    # scale each row to order unity so the polynomial fit is equally conditioned for all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # rows with no good pixel
+        scale = np.nanmedian(np.where(good, flux, np.nan), axis=1)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    flux = bridge_masked(flux / scale[:, None], good)
+    if config.median_width == 3:
+        flux = median_filter3(flux)
+    elif config.median_width > 1:
+        from scipy.ndimage import median_filter
+        flux = median_filter(flux, size=(1, config.median_width), mode="nearest")
+    continuum = fit_pseudo_continuum(flux, good, config.continuum_order, config.continuum_iterations,
+                                     config.clip_low, config.clip_high)
+    # where a polynomial dips to ~0 (deep molecular bands at the blue end of cool stars) the
+    # ratio is meaningless: treat those pixels like masked ones
+    good &= continuum > 0.01
+    with np.errstate(divide="ignore", invalid="ignore"):
+        features = np.where(good, flux / continuum, 1.0)
+    good_fraction = good.mean(axis=1)
+    features[good_fraction < config.min_good_fraction] = np.nan
+    return features.astype(np.float32), good_fraction
+
+
+def preprocess_spectra(spectra, z, config=PreprocessConfig(), chunk_size=128):
+    """``continuum_normalise`` over any number of spectra, in chunks.
+
+    Chunks of ~100-250 spectra keep the temporaries in cache and in memory the allocator
+    reuses; one 5,000-spectrum block is ~3x slower on the same machine.
+    """
+    z = np.asarray(z, dtype=float)
+    features = np.empty((len(spectra), config.loglam.size), dtype=np.float32)
+    good_fraction = np.empty(len(spectra))
+    for start in range(0, len(spectra), chunk_size):
+        stop = start + chunk_size
+        stack = SpectrumStack.from_spectra(spectra[start:stop])
+        features[start:stop], good_fraction[start:stop] = continuum_normalise(stack, z[start:stop], config)
+    return features, good_fraction
