@@ -1,0 +1,155 @@
+"""File-based science commands: ``train-files`` and ``predict-files``.
+
+They need no database: a catalogue file, a folder of spectra and (for training) a label
+file are enough. The database-backed flow (``train``, ``infer``) uses the same functions.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from astropy.table import Table
+
+from etl.filesets import best_match, read_catalogue, read_labels
+from models.artifact import load_model, save_model
+from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
+from models.lasso_mlpnet import LABELS
+from models.pipeline import featurise_files
+from models.preprocess import PreprocessConfig
+from models.progress import progress
+from models.training import train_lasso_mlpnet
+
+
+def parse_range(text, what):
+    """``"10,20"`` -> (10.0, 20.0), with a message naming the option on bad input."""
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{what}: expected two numbers 'LOW,HIGH', got {text!r}") from None
+    if not lo < hi:
+        raise SystemExit(f"{what}: LOW must be below HIGH, got {text!r}")
+    return lo, hi
+
+
+def _add_catalogue_arguments(parser):
+    parser.add_argument("--catalog", required=True,
+                        help="LAMOST LRS catalogue (CSV or FITS, .gz ok) with obsid, ra, dec, snrg, z "
+                             "and filename or lmjd/planid/spid/fiberid")
+    parser.add_argument("--spectra-root", required=True,
+                        help="folder holding the spec-*.fits[.gz] files, at any depth")
+    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+
+
+def register(subparsers):
+    train = subparsers.add_parser(
+        "train-files", help="train LASSO-MLPNet from a catalogue, spectra and a label file",
+        description="Cross-match catalogue rows to reference labels (best match within the "
+                    "radius, good_flag == 1 only), hold out a fraction of the stars to calibrate "
+                    "the integrated uncertainty, train one LASSO selection and an ensemble of "
+                    "sigmoid MLPs per label, and write the model artifact.")
+    _add_catalogue_arguments(train)
+    train.add_argument("--labels", required=True,
+                       help="APOGEE Payne label catalogue (2-D 'payne' column or flat TEFF/LOGG/FE_H)")
+    train.add_argument("--label-columns", default=None,
+                       help="explicit column mapping, e.g. 'teff=TEFF,logg=LOGG,feh=PARAM_M_H'")
+    train.add_argument("--out", required=True, help="artifact file to write (e.g. model.joblib)")
+    train.add_argument("--snr-range", default="10,20", help="SNRg range of training spectra, LOW,HIGH "
+                       "(LOW < SNRg <= HIGH; default 10,20 as in the paper)")
+    train.add_argument("--wave-range", default="3881,8890", help="rest-frame wavelength range in "
+                       "Angstrom (use 3881,7400 for MILES-based simulated data)")
+    train.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
+    train.add_argument("--radius", type=float, default=3.0, help="cross-match radius, arcsec")
+    train.add_argument("--holdout", type=float, default=0.15,
+                       help="fraction of stars held out for uncertainty calibration (default 0.15)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=run_train_files)
+
+    predict = subparsers.add_parser(
+        "predict-files", help="estimate Teff, log g, [Fe/H] for the spectra of a catalogue",
+        description="Read every catalogue spectrum, preprocess and predict with a model artifact; "
+                    "write obsid, estimates, model and integrated uncertainties, flags and the "
+                    "model version (CSV, FITS or VOTable by the output's extension).")
+    _add_catalogue_arguments(predict)
+    predict.add_argument("--model", required=True, help="model artifact from train-files or train")
+    predict.add_argument("--out", required=True, help="output table: .csv, .fits or .xml/.vot")
+    predict.set_defaults(func=run_predict_files)
+
+
+def run_train_files(args):
+    wave = parse_range(args.wave_range, "--wave-range")
+    snr_range = parse_range(args.snr_range, "--snr-range")
+    config = PreprocessConfig(wave_min=wave[0], wave_max=wave[1])
+    catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
+    labels = read_labels(args.labels, args.label_columns)
+    matched = best_match(catalogue, labels, args.radius)
+    print(f"{len(catalogue)} catalogue spectra with files ({len(missing)} without), "
+          f"{int(labels['good'].sum())} good labels, {len(matched)} matched within {args.radius}\"",
+          file=sys.stderr)
+    features, _, errors = featurise_files(matched["path"], matched["z"], config, n_jobs=args.jobs,
+                                          progress=lambda it, total: progress(it, total, "preprocessing"))
+    for index, reason in sorted(errors.items()):
+        print(f"skipped {matched['path'][index]}: {reason}", file=sys.stderr)
+    model, training, metrics = train_lasso_mlpnet(
+        features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
+        matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
+        random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
+        progress=lambda labels: progress(labels, len(labels), "training"))
+    training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
+                    radius_arcsec=args.radius)
+    version, sha = save_model(args.out, model, config, training, metrics)
+    summary = {"version": version, "artifact": os.path.abspath(args.out), "sha256": sha,
+               "n_train": training["n_spectra"], "held_out": metrics.get("held_out", {})}
+    print(json.dumps({k: summary[k] for k in ("version", "artifact", "n_train")}))
+    for label, per in metrics.get("held_out", {}).items():
+        s = per["all"]
+        if s["n"]:
+            print(f"held-out {label}: MAE {s['mae']:.4g}  mu {s['mu']:+.3g}  sigma {s['sigma']:.4g} "
+                  f"(n={s['n']})", file=sys.stderr)
+    return 0
+
+
+def predict_catalogue(artifact, catalogue, n_jobs=-1):
+    """Estimates for every catalogue row as an astropy Table (one row per spectrum)."""
+    model = artifact["model"]
+    is_star = np.char.upper(np.char.strip(np.asarray(catalogue["class"], dtype=str))) == "STAR"
+    features, _, errors = featurise_files(catalogue["path"], catalogue["z"], artifact["preprocess"],
+                                          n_jobs=n_jobs,
+                                          progress=lambda it, total: progress(it, total, "preprocessing"))
+    features[~is_star] = np.nan            # galaxies and QSOs are not estimated as stars
+    estimates = model.predict(features, catalogue["snrg"])
+    out = Table()
+    out["obsid"] = catalogue["obsid"]
+    for label in LABELS:
+        for suffix in ("", "_err", "_err_int"):
+            out[label + suffix] = estimates[label + suffix]
+    flags = estimates["flags"]
+    flags = np.where(is_star, flags, (flags & ~UNUSABLE_SPECTRUM) | NOT_A_STAR)
+    out["flags"] = flags
+    out["problem"] = [errors.get(i, "" if star else "class is not STAR") for i, star in enumerate(is_star)]
+    out["model_version"] = artifact["version"]
+    return out
+
+
+def write_table(table, path):
+    """Write by extension: .csv, .fits/.fit, .xml/.vot/.votable."""
+    lower = path.lower()
+    if lower.endswith((".fits", ".fit", ".fits.gz")):
+        fmt = "fits"
+    elif lower.endswith((".xml", ".vot", ".votable")):
+        fmt = "votable"
+    else:
+        fmt = "ascii.csv"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    table.write(path, format=fmt, overwrite=True)
+
+
+def run_predict_files(args):
+    artifact = load_model(args.model)
+    catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
+    table = predict_catalogue(artifact, catalogue, n_jobs=args.jobs)
+    write_table(table, args.out)
+    n_estimated = int(np.isfinite(table["teff"]).sum())
+    print(f"{len(table)} spectra: {n_estimated} estimated, {len(table) - n_estimated} not "
+          f"(unreadable, unusable or not STAR), {len(missing)} catalogue rows without a file "
+          f"-> {args.out}", file=sys.stderr)
+    return 0
