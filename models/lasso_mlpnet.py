@@ -42,7 +42,8 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, log_target=False, hidden_layer_sizes=(100, 50), alpha=1e-3,
-                 learning_rate_init=1e-3, batch_size=128, max_epochs=200, n_members=10,
+                 learning_rate_init=1e-3, batch_size=128, max_epochs=400, n_iter_no_change=30,
+                 n_members=10,
                  selector=None, n_jobs=-1, random_state=0):
         self.log_target = log_target
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -50,6 +51,7 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         self.learning_rate_init = learning_rate_init
         self.batch_size = batch_size
         self.max_epochs = max_epochs
+        self.n_iter_no_change = n_iter_no_change
         self.n_members = n_members
         self.selector = selector
         self.n_jobs = n_jobs
@@ -69,7 +71,7 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
         params = dict(hidden_layer_sizes=tuple(self.hidden_layer_sizes), alpha=self.alpha,
                       learning_rate_init=self.learning_rate_init, batch_size=self.batch_size,
-                      max_epochs=self.max_epochs)
+                      max_epochs=self.max_epochs, n_iter_no_change=self.n_iter_no_change)
         seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_members)
         self.members_ = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds)
@@ -108,7 +110,7 @@ class LassoMLPNet(BaseEstimator):
     integrated_uncertainty_ : dict label -> array over ``snr_bins_`` (NaN where no data)
     """
 
-    def __init__(self, hidden=None, n_members=10, alpha=1e-3, max_epochs=200, cv=10,
+    def __init__(self, hidden=None, n_members=10, alpha=1e-3, max_epochs=400, cv=10,
                  max_lasso_steps=600, n_jobs=-1, random_state=0):
         self.hidden = hidden
         self.n_members = n_members

@@ -28,6 +28,17 @@ import sys
 PG_TEST_URL = os.environ.get("LAMOST_VAC_TEST_PG_URL",
                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 CATALOGUE_DIALECTS = ["sqlite", "postgresql"]
+# In CI (.ci/run starts the servers) a missing PostgreSQL/Redis is a failure, not a skip:
+# a green run must mean the real servers were exercised.
+REQUIRE_SERVICES = os.environ.get("CI", "").lower() in ("1", "true", "yes") or \
+    os.environ.get("LAMOST_VAC_REQUIRE_SERVICES") == "1"
+
+
+def service_unavailable(reason):
+    """Skip a test that needs a server that is not there, or fail when services are required."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service unavailable: {reason}")
+    pytest.skip(reason)
 
 
 def _pg_admin_engine():
@@ -63,9 +74,9 @@ def make_database(tmp_path_factory):
                         "SELECT 1 FROM pg_available_extensions WHERE name = 'q3c'").scalar()
             except Exception as error:  # noqa: BLE001 -- any connection problem: skip
                 admin = None
-                pytest.skip(f"PostgreSQL not reachable at {PG_TEST_URL}: {error}")
+                service_unavailable(f"PostgreSQL not reachable at {PG_TEST_URL}: {error}")
             if not has_q3c:
-                pytest.skip("PostgreSQL has no q3c extension (install postgresql-15-q3c)")
+                service_unavailable("PostgreSQL has no q3c extension (install postgresql-15-q3c)")
         name = f"lamost_vac_test_{os.getpid()}_{len(created)}"
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
