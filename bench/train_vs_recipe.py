@@ -64,7 +64,7 @@ class PublishedRecipe:
             y = np.log10(labels[label]) if label == "teff" else labels[label]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")          # LassoCV convergence chatter
-                lasso = LassoCV(n_alphas=self.n_alphas, cv=self.cv, n_jobs=-1,
+                lasso = LassoCV(alphas=self.n_alphas, cv=self.cv, n_jobs=-1,
                                 random_state=self.random_state).fit(X, y)
             self.support_[label] = lasso.coef_ != 0
             self.networks_[label] = MLPRegressor(
@@ -127,6 +127,7 @@ def main():
     result["ours_ensemble"] = args.ensemble
     result["ours_selected_pixels"] = {k: int(e.support_.sum()) for k, e in ours.estimators_.items()}
     result["ours"] = accuracy_by_snr(ours.predict(features[test], snrg[test]), reference, snrg[test])
+    print(f"ours: {result['ours_train_seconds']} s", file=sys.stderr, flush=True)
 
     if not args.skip_recipe:
         start = time.perf_counter()

@@ -5,11 +5,16 @@ Each group of subcommands lives in its own module under ``etl/commands/`` and ex
 """
 import argparse
 import importlib
+import os
 import sys
+
+from models.artifact import IncompatibleArtifactError
 
 COMMAND_MODULES = [
     "etl.commands.files",
+    "etl.commands.evaluate",
     "etl.commands.db",
+    "etl.commands.pipeline",
 ]
 
 
@@ -36,6 +41,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, IncompatibleArtifactError) as error:
+        # bad input named in the message; LAMOST_VAC_DEBUG=1 shows the traceback instead
+        if os.environ.get("LAMOST_VAC_DEBUG"):
+            raise
+        print(f"lamost-vac {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

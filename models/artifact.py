@@ -80,7 +80,7 @@ def load_model(path):
         raise
     except Exception as error:
         raise IncompatibleArtifactError(f"{path}: not a lamost-vac model artifact ({error})") from error
-    if not isinstance(payload, dict) or "format" not in payload:
+    if not isinstance(payload, dict) or not {"format", "libraries", "model"} <= set(payload):
         raise IncompatibleArtifactError(f"{path}: not a lamost-vac model artifact")
     if payload["format"] != ARTIFACT_FORMAT:
         raise IncompatibleArtifactError(

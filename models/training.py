@@ -12,6 +12,28 @@ from .metrics import accuracy_by_snr
 from .splits import group_holdout
 
 
+def split_rows(features, labels, snrg, stars, snr_range, holdout_fraction, random_state):
+    """Boolean masks (train, held_out) over spectra.
+
+    Usable rows only (finite features and labels); ``held_out`` holds every spectrum of
+    about ``holdout_fraction`` of the stars, drawn with ``random_state``; ``train`` the other
+    stars' spectra with ``snr_range[0] < SNRg <= snr_range[1]``. Deterministic, so the
+    baselines can be fitted on exactly the spectra the model was trained on.
+    """
+    features = np.asarray(features)
+    snrg = np.asarray(snrg, dtype=float)
+    usable = np.isfinite(features).all(axis=1)
+    for label in LABELS:
+        usable &= np.isfinite(np.asarray(labels[label], dtype=float))
+    train_idx, held_idx = group_holdout(len(snrg), np.asarray(stars), holdout_fraction,
+                                        np.random.default_rng(random_state))
+    train = np.zeros(len(snrg), dtype=bool)
+    train[train_idx] = True
+    held = ~train
+    in_range = (snrg > snr_range[0]) & (snrg <= snr_range[1])
+    return train & usable & in_range, held & usable
+
+
 def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=(10.0, 20.0),
                        holdout_fraction=0.15, random_state=0, progress=None, **model_params):
     """Fit, calibrate and assess a ``LassoMLPNet``.
@@ -24,16 +46,7 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=(10.0, 2
     snrg = np.asarray(snrg, dtype=float)
     stars = np.asarray(stars)
     labels = {k: np.asarray(labels[k], dtype=float) for k in LABELS}
-    usable = np.isfinite(features).all(axis=1) & np.all([np.isfinite(labels[k]) for k in LABELS], axis=0)
-    rng = np.random.default_rng(random_state)
-    train_idx, held_idx = group_holdout(len(snrg), stars, holdout_fraction, rng)
-    in_range = (snrg > snr_range[0]) & (snrg <= snr_range[1])
-    train = np.zeros(len(snrg), dtype=bool)
-    train[train_idx] = True
-    train &= usable & in_range
-    held = np.zeros(len(snrg), dtype=bool)
-    held[held_idx] = True
-    held &= usable
+    train, held = split_rows(features, labels, snrg, stars, snr_range, holdout_fraction, random_state)
     if train.sum() < 20:
         raise ValueError(f"only {int(train.sum())} usable training spectra with "
                          f"{snr_range[0]} < SNRg <= {snr_range[1]}; need at least 20")

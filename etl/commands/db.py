@@ -24,24 +24,27 @@ def register_db(subparsers):
         "db", help="create, migrate and inspect the catalogue database",
         description="Database schema management (Alembic). The database is "
         "LAMOST_VAC_DATABASE_URL unless --url is given.")
-    _add_url(parser)
     commands = parser.add_subparsers(dest="db_command", metavar="DB_COMMAND")
     commands.required = True
 
     upgrade = commands.add_parser(
         "upgrade", help="migrate to the newest schema (installs q3c on PostgreSQL)")
     upgrade.add_argument("revision", nargs="?", default="head")
+    _add_url(upgrade)
     upgrade.set_defaults(func=run_upgrade)
 
     downgrade = commands.add_parser("downgrade", help="undo migrations down to REVISION")
     downgrade.add_argument("revision", help="target revision, e.g. -1 or base")
+    _add_url(downgrade)
     downgrade.set_defaults(func=run_downgrade)
 
     current = commands.add_parser("current", help="print the schema revision of the database")
+    _add_url(current)
     current.set_defaults(func=run_current)
 
     maintain = commands.add_parser(
         "maintain", help="re-cluster positional tables on Q3C and refresh statistics")
+    _add_url(maintain)
     maintain.set_defaults(func=run_maintain)
 
 

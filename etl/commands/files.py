@@ -62,6 +62,9 @@ def register(subparsers):
     train.add_argument("--holdout", type=float, default=0.15,
                        help="fraction of stars held out for uncertainty calibration (default 0.15)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--baselines", action="store_true",
+                       help="also fit the paper's six comparison models on the same features and "
+                            "store them in the artifact (for evaluate's comparison table)")
     train.set_defaults(func=run_train_files)
 
     predict = subparsers.add_parser(
@@ -96,7 +99,14 @@ def run_train_files(args):
         progress=lambda labels: progress(labels, len(labels), "training"))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
                     radius_arcsec=args.radius)
-    version, sha = save_model(args.out, model, config, training, metrics)
+    extra = {}
+    if args.baselines:
+        from models.baselines import fit_baselines_on_training_set
+        extra["baselines"] = fit_baselines_on_training_set(
+            model, features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
+            matched["obsid"], training, random_state=args.seed, n_jobs=args.jobs,
+            progress=lambda labels: progress(labels, len(labels), "baselines"))
+    version, sha = save_model(args.out, model, config, training, metrics, extra=extra)
     summary = {"version": version, "artifact": os.path.abspath(args.out), "sha256": sha,
                "n_train": training["n_spectra"], "held_out": metrics.get("held_out", {})}
     print(json.dumps({k: summary[k] for k in ("version", "artifact", "n_train")}))
@@ -125,7 +135,8 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1):
     flags = estimates["flags"]
     flags = np.where(is_star, flags, (flags & ~UNUSABLE_SPECTRUM) | NOT_A_STAR)
     out["flags"] = flags
-    out["problem"] = [errors.get(i, "" if star else "class is not STAR") for i, star in enumerate(is_star)]
+    problems = [errors.get(i, "" if star else "class is not STAR") for i, star in enumerate(is_star)]
+    out["problem"] = np.array(problems, dtype=f"U{max([80, *map(len, problems)])}")
     out["model_version"] = artifact["version"]
     return out
 
@@ -147,6 +158,10 @@ def run_predict_files(args):
     artifact = load_model(args.model)
     catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
     table = predict_catalogue(artifact, catalogue, n_jobs=args.jobs)
+    for obsid in missing:                  # every catalogue row appears once in the output
+        table.add_row({"obsid": obsid, "flags": UNUSABLE_SPECTRUM, "model_version": artifact["version"],
+                       "problem": "no spectrum file under --spectra-root",
+                       **{c: np.nan for c in table.colnames if c.startswith(LABELS)}})
     write_table(table, args.out)
     n_estimated = int(np.isfinite(table["teff"]).sum())
     print(f"{len(table)} spectra: {n_estimated} estimated, {len(table) - n_estimated} not "

@@ -1,0 +1,317 @@
+"""``lamost-vac evaluate``: accuracy of a model against reference labels, as in the paper.
+
+Predicts every catalogue spectrum that has a reference (labels cross-matched like
+``train-files``, or a truth CSV joined by obsid), then writes into the report folder:
+
+- ``report.json``: MAE, mu, sigma per label overall and per SNRg bin, uncertainties per
+  bin, and (when the artifact was trained with ``--baselines``) the comparison with the
+  paper's six baselines in the layout of its Table 4;
+- ``report.md``: the same as readable tables;
+- ``estimates.csv`` (and ``baseline_estimates.csv``): per spectrum estimates and references;
+- PNG figures: estimate vs reference with residual histograms (Fig. 5), MAE and sigma vs
+  SNRg (Figs. 8-9), uncertainty vs SNRg (Fig. 10) and the Kiel diagram.
+
+Evaluate on stars held out from training: the artifact keeps only a hash of its training
+obsids, so overlap with the evaluated spectra cannot be detected here.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from etl.commands.files import _add_catalogue_arguments, predict_catalogue, write_table
+from etl.filesets import best_match, read_catalogue, read_labels, read_truth
+from models.artifact import load_model
+from models.baselines import BASELINE_NAMES, MODEL_NAME
+from models.lasso_mlpnet import LABELS, SNR_BINS
+from models.metrics import accuracy_by_snr, snr_bin_names
+from models.pipeline import featurise_files
+from models.plots import accuracy_vs_snr, kiel_diagram, predicted_vs_reference, uncertainty_vs_snr
+from models.progress import progress
+
+LABEL_HEADINGS = {"teff": ("Teff", "K", ".0f"), "logg": ("log g", "dex", ".3f"), "feh": ("[Fe/H]", "dex", ".3f")}
+PLOT_FILES = {"predicted_vs_reference": "predicted_vs_reference.png",
+              "accuracy_vs_snr": "accuracy_vs_snr.png",
+              "uncertainty_vs_snr": "uncertainty_vs_snr.png",
+              "kiel": "kiel_diagram.png"}
+HELD_OUT_NOTE = ("Run evaluate on stars held out from training: the artifact stores only a hash "
+                 "of its training obsids, so overlap with these spectra is not detected.")
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "evaluate", help="accuracy of a model against reference labels: tables and figures",
+        description="Predict the catalogue's spectra, join them to reference labels (cross-match "
+                    "like train-files, or a truth CSV by obsid) and write report.json, report.md, "
+                    "the estimates and the paper's figures into the report folder. Use spectra of "
+                    "stars that were not in the training set.")
+    _add_catalogue_arguments(parser)
+    parser.add_argument("--model", required=True, help="model artifact from train-files or train")
+    reference = parser.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--labels", help="label catalogue to cross-match (as in train-files; "
+                                            "good_flag == 1 only)")
+    reference.add_argument("--truth", help="CSV of obsid, teff, logg, feh (e.g. lamost_sim's truth.csv)")
+    parser.add_argument("--label-columns", default=None,
+                        help="explicit column mapping for --labels, e.g. 'teff=TEFF,logg=LOGG,feh=PARAM_M_H'")
+    parser.add_argument("--radius", type=float, default=3.0, help="cross-match radius for --labels, arcsec")
+    parser.add_argument("--out", required=True, help="report folder (created; files are overwritten)")
+    parser.set_defaults(func=run_evaluate)
+
+
+# -- references --------------------------------------------------------------------------
+def join_truth(catalogue, truth):
+    """Catalogue rows whose obsid is in the truth table, with its teff, logg, feh added."""
+    row_of_obsid = {int(o): i for i, o in enumerate(truth["obsid"])}
+    rows = [i for i, o in enumerate(catalogue["obsid"]) if int(o) in row_of_obsid]
+    matched = catalogue[rows]
+    truth_rows = [row_of_obsid[int(o)] for o in matched["obsid"]]
+    for label in LABELS:
+        matched[label] = np.asarray(truth[label], dtype=float)[truth_rows]
+    return matched
+
+
+# -- numbers -----------------------------------------------------------------------------
+def _number(value):
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def uncertainty_by_snr(estimates, snrg, model, bins=SNR_BINS):
+    """Per label and SNRg bin: count, median model (ensemble) uncertainty, integrated one."""
+    snrg = np.asarray(snrg, dtype=float)
+    integrated = getattr(model, "integrated_uncertainty_", {})
+    out = {}
+    for label in LABELS:
+        err = np.asarray(estimates[label + "_err"], dtype=float)
+        table = np.asarray(integrated.get(label, np.full(len(bins) - 1, np.nan)), dtype=float)
+        per = {}
+        for k, (name, lo, hi) in enumerate(zip(snr_bin_names(bins), bins[:-1], bins[1:])):
+            values = err[(snrg > lo) & (snrg <= hi) & np.isfinite(err)]
+            per[name] = {"n": int(values.size),
+                         "median_model_err": _number(np.median(values)) if values.size else None,
+                         "integrated_err": _number(table[k]) if k < table.size else None}
+        out[label] = per
+    return out
+
+
+def evaluate_rows(artifact, rows, n_jobs=-1):
+    """Estimates (astropy Table), LASSO-MLPNet accuracy and, when the artifact carries
+    baselines, their predictions and accuracy, for catalogue rows with reference labels."""
+    estimates = predict_catalogue(artifact, rows, n_jobs=n_jobs)
+    reference = {label: np.asarray(rows[label], dtype=float) for label in LABELS}
+    snrg = np.asarray(rows["snrg"], dtype=float)
+    accuracy = accuracy_by_snr(estimates, reference, snrg)
+    baselines = (artifact.get("extra") or {}).get("baselines")
+    baseline_predictions, comparison = None, None
+    if baselines is not None:
+        # predict_catalogue keeps its features to itself; preprocessing again costs ~2 ms
+        # per spectrum, small next to the baselines' own predictions
+        features, _, _ = featurise_files(rows["path"], rows["z"], artifact["preprocess"], n_jobs=n_jobs,
+                                         progress=lambda it, total: progress(it, total, "baseline features"))
+        # the same spectra for every method: those LASSO-MLPNet estimated (this also
+        # leaves out galaxies and QSOs, which predict_catalogue does not estimate)
+        features[~np.isfinite(np.asarray(estimates["teff"], dtype=float))] = np.nan
+        baseline_predictions = baselines.predict(features)
+        comparison = {}
+        for name in BASELINE_NAMES:
+            if all(name in baseline_predictions.get(label, {}) for label in LABELS):
+                comparison[name] = accuracy_by_snr({label: baseline_predictions[label][name] for label in LABELS},
+                                                   reference, snrg)
+        comparison[MODEL_NAME] = accuracy
+    return estimates, reference, snrg, accuracy, baseline_predictions, comparison
+
+
+# -- report ------------------------------------------------------------------------------
+def _fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def accuracy_table_md(accuracy, bins=SNR_BINS):
+    names = ["all"] + snr_bin_names(bins)
+    head = ["SNRg", "N"] + [f"{LABEL_HEADINGS[l][0]} {s} ({LABEL_HEADINGS[l][1]})"
+                            for l in LABELS for s in ("MAE", "mu", "sigma")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = [name, str(accuracy[LABELS[0]][name]["n"])]
+        for label in LABELS:
+            spec = LABEL_HEADINGS[label][2]
+            s = accuracy[label][name]
+            cells += [_fmt(s["mae"], spec), _fmt(s["mu"], "+" + spec), _fmt(s["sigma"], spec)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table_md(comparison, snr_bin="all"):
+    """The paper's Table 4 layout: one row per method, MAE / mu / sigma per label."""
+    head = ["Method"] + [f"{LABEL_HEADINGS[l][0]} {s} ({LABEL_HEADINGS[l][1]})"
+                         for l in LABELS for s in ("MAE", "mu", "sigma")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, accuracy in comparison.items():
+        cells = [method]
+        for label in LABELS:
+            spec = LABEL_HEADINGS[label][2]
+            s = accuracy[label][snr_bin]
+            cells += [_fmt(s["mae"], spec), _fmt(s["mu"], "+" + spec), _fmt(s["sigma"], spec)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def uncertainty_table_md(uncertainty, bins=SNR_BINS):
+    head = ["SNRg", "N"] + [f"{LABEL_HEADINGS[l][0]} {kind} ({LABEL_HEADINGS[l][1]})"
+                            for l in LABELS for kind in ("model, median", "integrated")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in snr_bin_names(bins):
+        cells = [name, str(uncertainty[LABELS[0]][name]["n"])]
+        for label in LABELS:
+            spec = LABEL_HEADINGS[label][2]
+            u = uncertainty[label][name]
+            cells += [_fmt(u["median_model_err"], spec), _fmt(u["integrated_err"], spec)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(report):
+    model, ref, counts = report["model"], report["reference"], report["counts"]
+    training = model.get("training", {})
+    source = (f"truth table `{ref['path']}` joined by obsid" if ref["kind"] == "truth" else
+              f"labels `{ref['path']}` cross-matched within {ref['radius_arcsec']:g}\" (good_flag == 1)")
+    parts = [
+        f"# Evaluation of model {model['version']}",
+        "",
+        f"- Model: `{model['artifact']}`, trained on {training.get('n_spectra', '?')} spectra "
+        f"with SNRg in {training.get('snr_range', '?')}.",
+        f"- Reference: {source}.",
+        f"- Spectra: {counts['catalogue_rows']} catalogue rows with a file ({counts['without_file']} without), "
+        f"{counts['with_reference']} with a reference, {counts['estimated']} estimated, "
+        f"{counts['in_domain']} of them without quality flags.",
+        "",
+        f"> {HELD_OUT_NOTE}",
+        "",
+        "Residuals are estimate - reference; mu is their mean, sigma their standard deviation; "
+        "SNRg bins are (low, high].",
+        "",
+        "## LASSO-MLPNet accuracy by SNRg",
+        "",
+        accuracy_table_md(report["accuracy"]),
+        "",
+        "## Uncertainties by SNRg",
+        "",
+        "Model: standard deviation of the ensemble members (median over the bin's spectra); "
+        "integrated: residual standard deviation on held-out stars stored in the model.",
+        "",
+        uncertainty_table_md(report["uncertainty"]),
+        "",
+    ]
+    comparison = report.get("comparison")
+    if comparison:
+        parts += ["## Comparison with the baselines (paper Table 4 layout)", "",
+                  "Every method uses the same features: the scaled pixels each label's LASSO selected.", "",
+                  "### All SNRg", "", comparison_table_md(comparison, "all"), ""]
+        for name in snr_bin_names(SNR_BINS):
+            if comparison[MODEL_NAME][LABELS[0]][name]["n"]:
+                parts += [f"### SNRg {name}", "", comparison_table_md(comparison, name), ""]
+        seconds = report["baselines"]["fit_seconds"]
+        parts += ["Baseline training time (s, on the model's training spectra): " +
+                  ", ".join(f"{name} {sum(seconds[l].get(name, 0.0) for l in seconds):.2f}"
+                            for name in BASELINE_NAMES) + ".", ""]
+    else:
+        parts += ["No baselines in this artifact (train with `train-files --baselines` to compare).", ""]
+    parts += ["## Figures", ""]
+    titles = {"predicted_vs_reference": "Estimates against references, with residual histograms",
+              "accuracy_vs_snr": "MAE and sigma against SNRg",
+              "uncertainty_vs_snr": "Model and integrated uncertainty against SNRg",
+              "kiel": "Kiel diagram"}
+    for key, filename in report["files"]["plots"].items():
+        parts += [f"### {titles[key]}", "", f"![{titles[key]}]({filename})", ""]
+    return "\n".join(parts)
+
+
+def write_report(out_dir, artifact, artifact_path, reference_info, counts, estimates, reference, snrg,
+                 accuracy, baseline_predictions, comparison):
+    os.makedirs(out_dir, exist_ok=True)
+    model = artifact["model"]
+    table = estimates.copy()
+    table["snrg"] = snrg
+    for label in LABELS:
+        table[label + "_ref"] = reference[label]
+    write_table(table, os.path.join(out_dir, "estimates.csv"))
+    files = {"estimates": "estimates.csv"}
+    if baseline_predictions is not None:
+        baseline_table = estimates[["obsid"]].copy()
+        for label, per in baseline_predictions.items():
+            for name, values in per.items():
+                baseline_table[f"{label}_{name.lower().replace('-', '_')}"] = values
+        write_table(baseline_table, os.path.join(out_dir, "baseline_estimates.csv"))
+        files["baseline_estimates"] = "baseline_estimates.csv"
+
+    predicted = {label: np.asarray(estimates[label], dtype=float) for label in LABELS}
+    plots = PLOT_FILES
+    predicted_vs_reference(os.path.join(out_dir, plots["predicted_vs_reference"]), predicted, reference, snrg)
+    accuracy_vs_snr(os.path.join(out_dir, plots["accuracy_vs_snr"]), accuracy,
+                    methods={k: v for k, v in (comparison or {}).items() if k != MODEL_NAME})
+    uncertainty_vs_snr(os.path.join(out_dir, plots["uncertainty_vs_snr"]), snrg,
+                       {label: np.asarray(estimates[label + "_err"], dtype=float) for label in LABELS},
+                       getattr(model, "integrated_uncertainty_", None))
+    kiel_diagram(os.path.join(out_dir, plots["kiel"]), predicted["teff"], predicted["logg"], predicted["feh"],
+                 reference=reference)
+    files["plots"] = dict(plots)
+
+    baselines = (artifact.get("extra") or {}).get("baselines")
+    training = artifact.get("training", {})
+    report = {
+        "model": {"artifact": os.path.abspath(artifact_path), "version": artifact["version"],
+                  "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range", "obsid_sha256")}},
+        "reference": reference_info,
+        "counts": counts,
+        "snr_bins": snr_bin_names(SNR_BINS),
+        "accuracy": accuracy,
+        "uncertainty": uncertainty_by_snr(estimates, snrg, model),
+        "baselines": None if baselines is None else {
+            "n_train": baselines.n_train_, "fit_seconds": baselines.fit_seconds_},
+        "comparison": comparison,
+        "files": files,
+        "note": HELD_OUT_NOTE,
+    }
+    with open(os.path.join(out_dir, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as handle:
+        handle.write(report_markdown(report))
+    return report
+
+
+def run_evaluate(args):
+    artifact = load_model(args.model)
+    catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
+    if args.truth:
+        rows = join_truth(catalogue, read_truth(args.truth))
+        reference_info = {"kind": "truth", "path": os.path.abspath(args.truth)}
+    else:
+        labels = read_labels(args.labels, args.label_columns)
+        rows = best_match(catalogue, labels, args.radius)
+        reference_info = {"kind": "labels", "path": os.path.abspath(args.labels), "radius_arcsec": args.radius}
+    if len(rows) == 0:
+        raise SystemExit("evaluate: no catalogue spectrum has a reference label "
+                         "(check --truth obsids, or --labels positions and --radius)")
+    print(f"{len(catalogue)} catalogue spectra with files ({len(missing)} without), "
+          f"{len(rows)} with a reference", file=sys.stderr)
+    estimates, reference, snrg, accuracy, baseline_predictions, comparison = evaluate_rows(
+        artifact, rows, n_jobs=args.jobs)
+    estimated = np.isfinite(np.asarray(estimates["teff"], dtype=float))
+    counts = {"catalogue_rows": len(catalogue), "without_file": len(missing), "with_reference": len(rows),
+              "estimated": int(estimated.sum()),
+              "in_domain": int((estimated & (np.asarray(estimates["flags"]) == 0)).sum())}
+    write_report(args.out, artifact, args.model, reference_info, counts, estimates, reference,
+                          snrg, accuracy, baseline_predictions, comparison)
+    print(f"model {artifact['version']}: {counts['estimated']} of {len(rows)} spectra with references estimated")
+    for label in LABELS:
+        name, unit, spec = LABEL_HEADINGS[label]
+        s = accuracy[label]["all"]
+        if s["n"]:
+            print(f"{name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  (n={s['n']})")
+    if comparison:
+        print("MAE by method: " + "; ".join(
+            f"{method} " + "/".join(_fmt(acc[label]["all"]["mae"], LABEL_HEADINGS[label][2]) for label in LABELS)
+            for method, acc in comparison.items()))
+    print(f"report -> {os.path.join(os.path.abspath(args.out), 'report.md')}")
+    return 0

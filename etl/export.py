@@ -1,0 +1,182 @@
+"""``lamost-vac export``: the value-added catalogue of one model version as a release file.
+
+Columns (names, types, units, UCDs and descriptions all from ``etl.schema``, the same
+metadata the service uses): obsid, ra, dec, snrg, teff, teff_err, teff_err_model, logg,
+logg_err, logg_err_model, feh, feh_err, feh_err_model, flags, model_version. Following
+the schema, ``<label>_err`` is the integrated uncertainty (model and noise, calibrated on
+held-out stars: the one to quote) and ``<label>_err_model`` the ensemble standard deviation.
+
+Formats: ``csv`` (streamed; missing values empty), ``fits`` (binary table; TUNITn,
+TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER in the header) and
+``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements for the provenance). Only
+estimates are exported; spectra that failed are in ``estimate_failures``.
+"""
+import csv
+import math
+import os
+import warnings
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import func, select
+
+from etl import schema
+from etl.inference import model_row
+
+S, E = schema.spectra, schema.estimates
+EXPORT_COLUMNS = [
+    ("obsid", E), ("ra", S), ("dec", S), ("snrg", S),
+    ("teff", E), ("teff_err", E), ("teff_err_model", E),
+    ("logg", E), ("logg_err", E), ("logg_err_model", E),
+    ("feh", E), ("feh_err", E), ("feh_err_model", E),
+    ("flags", E), ("model_version", E),
+]
+FORMATS = ("csv", "fits", "votable")
+
+
+def column_descriptions():
+    return schema.describe_columns(
+        "estimates", [f"{table.name}.{name}" for name, table in EXPORT_COLUMNS])
+
+
+def export_query(model_version):
+    columns = [table.c[name] for name, table in EXPORT_COLUMNS]
+    return (select(*columns).select_from(E.join(S, S.c.obsid == E.c.obsid))
+            .where(E.c.model_version == model_version).order_by(E.c.obsid))
+
+
+def provenance(connection, model_version):
+    """Model row plus the distinct code versions / preprocessing hashes of its estimates."""
+    model = model_row(connection, model_version)
+    model_version = model["version"]
+    hashes = sorted(r[0] for r in connection.execute(
+        select(E.c.preprocessing_hash).where(E.c.model_version == model_version).distinct()))
+    codes = sorted(r[0] for r in connection.execute(
+        select(E.c.code_version).where(E.c.model_version == model_version).distinct()))
+    count = connection.execute(select(func.count()).select_from(E)
+                               .where(E.c.model_version == model_version)).scalar_one()
+    return {"model_version": model["version"], "model_status": model["status"],
+            "artifact_sha256": model["artifact_sha256"], "preprocessing_hash": ",".join(hashes),
+            "code_version": ",".join(codes), "rows": count,
+            "exported_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000):
+    """Write the catalogue of ``model_version`` (default: current) to ``path``; returns
+    the provenance dict (with ``rows``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with engine.connect() as connection:
+        info = provenance(connection, model_version)
+        query = export_query(info["model_version"])
+        result = connection.execution_options(stream_results=True, yield_per=chunk_rows) \
+            .execute(query)
+        if fmt == "csv":
+            _write_csv(path, result, chunk_rows)
+        else:
+            table = _table(result, info)
+            if fmt == "fits":
+                _write_fits(table, path, info)
+            else:
+                _write_votable(table, path, info)
+    return info
+
+
+def _write_csv(path, result, chunk_rows):
+    names = [d.name for d in column_descriptions()]
+    tmp = f"{path}.part"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(names)
+        for rows in result.partitions(chunk_rows):
+            writer.writerows([["" if v is None or (isinstance(v, float) and math.isnan(v))
+                               else v for v in row] for row in rows])
+    os.replace(tmp, path)
+
+
+def _table(result, info):
+    from astropy.table import Column, MaskedColumn, Table
+
+    descriptions = column_descriptions()
+    rows = result.all()
+    table = Table()
+    for index, desc in enumerate(descriptions):
+        values = [row[index] for row in rows]
+        if desc.kind in ("int", "float"):
+            mask = np.array([v is None for v in values], dtype=bool)
+            dtype = np.int64 if desc.kind == "int" else np.float64
+            data = np.array([0 if v is None else v for v in values], dtype=dtype)
+            if desc.kind == "float":
+                data[mask] = np.nan
+                column = MaskedColumn(data, name=desc.name, mask=mask | ~np.isfinite(data))
+            elif mask.any():
+                column = MaskedColumn(data, name=desc.name, mask=mask)
+            else:
+                column = Column(data, name=desc.name)
+        else:
+            column = MaskedColumn(np.array(["" if v is None else str(v) for v in values],
+                                           dtype=str), name=desc.name)
+        # Units are written verbatim from the schema (FITS TUNITn, VOTable unit) by the
+        # writers: astropy cannot parse some (log(cm.s**-2)) and would warn or mangle them.
+        column.description = desc.description
+        if desc.ucd:
+            column.meta["ucd"] = desc.ucd
+        table.add_column(column)
+    return table
+
+
+def _write_fits(table, path, info):
+    from astropy.io import fits
+
+    hdu = fits.table_to_hdu(table)
+    hdu.name = "CATALOGUE"
+    for index, desc in enumerate(column_descriptions(), start=1):
+        if desc.unit:
+            hdu.header.set(f"TUNIT{index}", desc.unit, after=f"TFORM{index}")
+        hdu.header[f"TCOMM{index}"] = desc.description[:68]
+        if desc.ucd:
+            hdu.header[f"TUCD{index}"] = desc.ucd
+    header = hdu.header
+    header["MODELVER"] = (info["model_version"], "LASSO-MLPNet model version")
+    header["PREPHASH"] = (info["preprocessing_hash"][:68], "preprocessing configuration hash")
+    header["CODEVER"] = (info["code_version"][:68], "lamost-vac version of the estimates")
+    header["ARTSHA"] = info["artifact_sha256"][:64]      # SHA-256 of the model artifact
+    header["DATE"] = (info["exported_at"], "export time (UTC)")
+    primary = fits.PrimaryHDU()
+    primary.header["ORIGIN"] = "lamost-vac"
+    primary.header["COMMENT"] = ("LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by "
+                                 "LASSO-MLPNet")
+    tmp = f"{path}.part"
+    fits.HDUList([primary, hdu]).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+
+
+def _write_votable(table, path, info):
+    from astropy.io.votable import from_table
+    from astropy.io.votable.exceptions import W50
+    from astropy.io.votable.tree import Info
+
+    votable = from_table(table)
+    resource = votable.resources[0]
+    resource.description = ("LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by "
+                            "LASSO-MLPNet")
+    vtable = resource.tables[0]
+    vtable.name = "catalogue"
+    for key in ("model_version", "preprocessing_hash", "code_version", "artifact_sha256",
+                "exported_at"):
+        resource.infos.append(Info(name=key, value=str(info[key])))
+    descriptions = {d.name: d for d in column_descriptions()}
+    with warnings.catch_warnings():
+        # VOUnit has no 'dex' or log(); the schema's strings are kept as they are.
+        warnings.simplefilter("ignore", W50)
+        for votable_field in vtable.fields:
+            desc = descriptions[votable_field.name]
+            votable_field.ucd = desc.ucd
+            votable_field.description = desc.description
+            if desc.unit:
+                votable_field.unit = desc.unit
+        tmp = f"{path}.part"
+        votable.to_xml(tmp)
+    os.replace(tmp, path)

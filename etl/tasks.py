@@ -1,0 +1,201 @@
+"""Celery application and tasks of the batch pipeline.
+
+Configuration comes from :mod:`etl.settings` (environment variables):
+
+* ``LAMOST_VAC_BROKER_URL`` -- the broker (``redis://host:6379/0``). **Unset: eager
+  mode**, every task runs in the calling process, so ``lamost-vac infer`` works on a
+  SQLite file with no services.
+* ``LAMOST_VAC_RESULT_BACKEND`` -- where task results (per-batch counts, read by
+  ``infer`` for its progress and summary) are kept; default: the broker URL when the
+  broker is Redis, none otherwise (``infer`` then dispatches without waiting).
+* ``LAMOST_VAC_DATABASE_URL`` -- the database workers write to. A task carries the
+  dispatcher's database URL *without its password*; a worker whose own URL names the same
+  database (driver, host, port, database) uses its own (with its password), otherwise the
+  carried one (password from PGPASSWORD / ~/.pgpass).
+* ``LAMOST_VAC_SPECTRA_ROOT`` -- where this worker finds the spectrum files (see
+  :mod:`etl.inference` for the order in which roots are tried).
+* ``LAMOST_VAC_VISIBILITY_TIMEOUT_S`` (default 1800) -- Redis: a message delivered to a
+  worker that died (kill -9, lost machine) goes back to the queue after this long; keep it
+  above the longest batch (a batch still running then is re-run elsewhere: harmless, the
+  writes are idempotent, only wasted work).
+* ``LAMOST_VAC_REPROCESS_INTERVAL_S`` (default 3600) -- period of the beat entry that
+  runs :func:`reprocess_stale`.
+
+Delivery is at-least-once: ``task_acks_late`` (a message is acknowledged only after the
+task returned), ``task_reject_on_worker_lost`` (a pool process killed mid-task puts its
+message back), ``worker_prefetch_multiplier = 1`` (a worker holds one message per
+process, so a dead worker strands at most that many). A task may therefore run twice;
+each batch writes in one transaction with upserts on (obsid, model_version), so running it
+twice leaves the same rows -- nothing is lost, nothing duplicated.
+"""
+import os
+import uuid
+
+from celery import Celery
+from celery.signals import worker_process_init
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from etl import db
+from etl.settings import settings as _settings
+
+DEFAULT_VISIBILITY_TIMEOUT_S = 1800
+DEFAULT_REPROCESS_INTERVAL_S = 3600
+REPROCESS_MAX_BATCHES = 2000            # per beat tick; the rest waits for the next tick
+
+
+def _int_env(name, default):
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def configure(app, settings=None):
+    """(Re)configure ``app`` from ``settings`` (default: the process settings)."""
+    settings = settings or _settings
+    broker = settings.broker_url
+    backend = settings.result_backend
+    if backend is None and broker and broker.startswith(("redis://", "rediss://")):
+        backend = broker
+    visibility = _int_env("LAMOST_VAC_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S)
+    interval = _int_env("LAMOST_VAC_REPROCESS_INTERVAL_S", DEFAULT_REPROCESS_INTERVAL_S)
+    app.conf.update(
+        broker_url=broker or "memory://localhost/",
+        result_backend=backend if broker else None,
+        task_always_eager=not broker,
+        task_eager_propagates=True,
+        task_store_eager_result=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=7 * 24 * 3600,
+        timezone="UTC",
+        enable_utc=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # Sweep for messages of dead workers every few seconds (default: 100 s).
+            "unacked_restore_interval": max(1, min(10, visibility // 2)),
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"visibility_timeout": visibility},
+        beat_schedule={
+            "reprocess-stale": {
+                "task": "etl.tasks.reprocess_stale",
+                "schedule": float(interval),
+                # A tick not started before the next one is dropped, never stacked.
+                "options": {"expires": float(interval)},
+            },
+        },
+        lamost_vac_settings=settings,
+    )
+    return app
+
+
+app = configure(Celery("lamost_vac", include=["etl.tasks"]))
+
+
+def current_settings():
+    return app.conf.get("lamost_vac_settings") or _settings
+
+
+# ---------------------------------------------------------------------------------------
+# Database engines, one per process (created after a prefork child starts).
+_ENGINES = {}
+
+
+@worker_process_init.connect
+def _reset_engines(**_):
+    _ENGINES.clear()       # never share a parent's pooled connections with a child
+
+
+def public_url(url: str) -> str:
+    """``url`` without its password, safe to put in a broker message."""
+    parsed = make_url(db.normalise_url(url))
+    return parsed.set(password=None).render_as_string(hide_password=False)
+
+
+def _same_database(a: str, b: str) -> bool:
+    a, b = make_url(db.normalise_url(a)), make_url(db.normalise_url(b))
+    return (a.get_backend_name(), a.host, a.port, a.database) == \
+        (b.get_backend_name(), b.host, b.port, b.database)
+
+
+def engine_for(database_url=None):
+    settings = current_settings()
+    url = settings.database_url
+    if database_url and not _same_database(database_url, url):
+        url = database_url
+    engine = _ENGINES.get(url)
+    if engine is None:
+        engine = _ENGINES[url] = db.make_engine(url)
+    return engine
+
+
+# ---------------------------------------------------------------------------------------
+@app.task(bind=True, name="etl.tasks.infer_batch", acks_late=True,
+          autoretry_for=(OperationalError, InterfaceError, ConnectionError),
+          retry_backoff=2, retry_backoff_max=120, retry_jitter=True, max_retries=8)
+def infer_batch(self, model_version, obsids, run_id, database_url=None, spectra_root=None):
+    """Read, preprocess, predict and write one batch of spectra (one transaction).
+
+    Idempotent: re-running it rewrites the same (obsid, model_version) rows. Per-spectrum
+    problems become ``estimate_failures`` rows; only database or broker trouble makes the
+    task retry. Returns the batch's counts (:class:`etl.inference.BatchResult` as a dict).
+    """
+    from etl import inference
+
+    engine = engine_for(database_url)
+    with engine.connect() as connection:
+        model = inference.model_row(connection, model_version)
+    artifact = inference.cached_artifact(model["version"], model["artifact_path"],
+                                         model["artifact_sha256"])
+    result = inference.infer_obsids(engine, artifact, model_version, obsids, run_id,
+                                    spectra_root=spectra_root, settings=current_settings())
+    return result.as_dict()
+
+
+@app.task(name="etl.tasks.reprocess_stale", acks_late=True)
+def reprocess_stale(database_url=None, batch_size=500, max_batches=REPROCESS_MAX_BATCHES):
+    """Beat entry: dispatch the current model's stale spectra (no estimate, no failure).
+
+    Does not wait for the batches. Registering a new current model therefore gets the
+    whole catalogue re-estimated by the next ticks; earlier versions' rows stay.
+    Returns ``{"model_version", "run_id", "batches", "spectra"}``.
+    """
+    from etl import inference
+
+    engine = engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            model = inference.model_row(connection)
+    except inference.NoModelError:
+        return {"model_version": None, "run_id": None, "batches": 0, "spectra": 0}
+    version = model["version"]
+    run_id = inference.start_inference_run(
+        engine, version, {"mode": "stale", "batch_size": batch_size, "scheduled": True})
+    batches = spectra = 0
+    totals = inference.BatchResult()
+    selected = inference.iter_batches(engine, version, "stale", batch_size,
+                                      limit=batch_size * max_batches)
+    if app.conf.task_always_eager:
+        selected = list(selected)            # do not read and write the same SQLite at once
+    for obsids in selected:
+        async_result = infer_batch.apply_async(
+            (version, obsids, run_id),
+            {"database_url": public_url(engine.url.render_as_string(hide_password=False))})
+        if app.conf.task_always_eager:
+            totals += inference.BatchResult.from_dict(async_result.get())
+        batches += 1
+        spectra += len(obsids)
+    totals.selected = spectra
+    message = (f"scheduled reprocessing dispatched {batches} batches ({spectra} spectra)"
+               if not app.conf.task_always_eager else None)
+    inference.finish_inference_run(engine, run_id, totals, message=message)
+    return {"model_version": version, "run_id": run_id, "batches": batches, "spectra": spectra}
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,185 @@
+"""``lamost-vac train``: the reference set from the database, training, the model registry.
+
+Reference set: every STAR spectrum with a file whose best cross-match (``match_rank = 1``:
+the nearest reference star of the label set within the cross-match radius, as TOPCAT's
+best-match mode) is a star with a good label (``good_flag = 1`` and Teff, log g, [Fe/H]
+present). As in ``train-files``, the nearest star is chosen among *all* reference stars
+before bad labels are dropped, so a spectrum whose own star has a bad label never
+borrows a neighbour's labels.
+
+The recipe (featurise, star hold-out, LASSO + MLP ensembles, calibration) is the one of
+``train-files`` (:func:`models.training.train_lasso_mlpnet`). The artifact goes to
+``LAMOST_VAC_MODEL_DIR/<version>.joblib``; the models row is registered as ``current`` and
+the previous current model becomes ``retired`` in the same transaction (its estimates
+stay in ``estimates``).
+"""
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+from sqlalchemy import and_, func, insert, select, update
+
+from etl import schema
+from etl.inference import spectra_for, star_condition
+from etl.ingest import code_version, utcnow
+from models.artifact import new_model_version, save_model
+from models.lasso_mlpnet import LABELS
+from models.pipeline import featurise_files
+from models.preprocess import PreprocessConfig
+from models.progress import progress
+from models.training import train_lasso_mlpnet
+
+
+@dataclass
+class TrainOptions:
+    snr_range: Tuple[float, float] = (10.0, 20.0)
+    wave_range: Tuple[float, float] = (3881.0, 8890.0)
+    ensemble: int = 10
+    holdout: float = 0.15
+    seed: int = 0
+    label_set: Optional[str] = None
+    model_dir: str = "runs/models"
+    spectra_root: Optional[str] = None
+    jobs: int = -1
+    model_params: dict = field(default_factory=dict)    # e.g. max_epochs, cv (quick trials)
+    notes: Optional[str] = None
+
+
+def label_sets_matched(connection):
+    return [row[0] for row in connection.execute(
+        select(schema.crossmatch.c.label_set).where(schema.crossmatch.c.match_rank == 1)
+        .distinct().order_by(schema.crossmatch.c.label_set))]
+
+
+def reference_set(connection, label_set=None, spectra_root=None):
+    """The reference set as a dict of arrays (obsid, path, z, snrg, apogee_id, teff, logg,
+    feh) and the label set it came from."""
+    sets = label_sets_matched(connection)
+    if label_set is None:
+        if not sets:
+            raise ValueError("the crossmatch table is empty: run 'lamost-vac ingest labels' and "
+                             "'lamost-vac crossmatch' first")
+        if len(sets) > 1:
+            raise ValueError(f"several label sets are cross-matched ({', '.join(sets)}): "
+                             "choose one with --label-set")
+        label_set = sets[0]
+    x, labels, s = schema.crossmatch, schema.reference_labels, schema.spectra
+    rows = connection.execute(
+        select(x.c.obsid, x.c.apogee_id, labels.c.teff, labels.c.logg, labels.c.feh)
+        .select_from(x.join(labels, labels.c.label_id == x.c.label_id)
+                     .join(s, s.c.obsid == x.c.obsid))
+        .where(and_(x.c.match_rank == 1, x.c.label_set == label_set, labels.c.good_flag == 1,
+                    labels.c.teff.is_not(None), labels.c.logg.is_not(None),
+                    labels.c.feh.is_not(None), s.c.file_path.is_not(None), star_condition()))
+        .order_by(x.c.obsid)).all()
+    if not rows:
+        raise ValueError(f"no STAR spectrum with a file is best-matched to a good label of "
+                         f"{label_set!r}")
+    files = {obsid: (path, z, snrg) for obsid, path, z, snrg in
+             spectra_for(connection, [r[0] for r in rows], spectra_root)}
+    data = {
+        "obsid": np.array([r[0] for r in rows], dtype=np.int64),
+        "apogee_id": np.array([r[1] for r in rows], dtype=str),
+        "teff": np.array([r[2] for r in rows], dtype=float),
+        "logg": np.array([r[3] for r in rows], dtype=float),
+        "feh": np.array([r[4] for r in rows], dtype=float),
+    }
+    data["path"] = [files[int(o)][0] for o in data["obsid"]]
+    data["z"] = np.array([np.nan if files[int(o)][1] is None else files[int(o)][1]
+                          for o in data["obsid"]], dtype=float)
+    data["snrg"] = np.array([np.nan if files[int(o)][2] is None else files[int(o)][2]
+                             for o in data["obsid"]], dtype=float)
+    return data, label_set
+
+
+def crossmatch_radius(connection, label_set):
+    return connection.execute(select(func.max(schema.crossmatch.c.radius_arcsec))
+                              .where(schema.crossmatch.c.label_set == label_set)).scalar()
+
+
+def unique_version(connection, version):
+    """``version``, or ``version-2``, ``-3``... when a model of that name exists already."""
+    taken = {row[0] for row in connection.execute(
+        select(schema.models.c.version).where(schema.models.c.version.like(f"{version}%")))}
+    candidate, n = version, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{version}-{n}"
+    return candidate
+
+
+def register_model(engine, version, artifact_path, sha256, training, metrics, notes=None):
+    """Insert the models row as current; the previous current one becomes retired."""
+    with engine.begin() as connection:
+        connection.execute(update(schema.models).where(schema.models.c.status == "current")
+                           .values(status="retired"))
+        connection.execute(insert(schema.models).values(
+            version=version, created_at=utcnow(), artifact_path=os.path.abspath(artifact_path),
+            artifact_sha256=sha256, training_set=training, metrics=metrics, status="current",
+            code_version=code_version(), notes=notes))
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def train_from_database(engine, options: TrainOptions, log=None):
+    """Build the reference set, train, save the artifact and register it; returns a dict
+    with version, artifact, sha256, n_train and metrics.
+
+    ``jobs > 0`` also caps BLAS threads at ``jobs`` (``--jobs 1``: one core, no
+    oversubscription when other processes share the machine).
+    """
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    limit = threadpool_limits(limits=options.jobs, user_api="blas") if options.jobs > 0 \
+        else nullcontext()
+    with limit:
+        return _train(engine, options, log or sys.stderr)
+
+
+def _train(engine, options, log):
+    config = PreprocessConfig(wave_min=options.wave_range[0], wave_max=options.wave_range[1])
+    with engine.connect() as connection:
+        data, label_set = reference_set(connection, options.label_set, options.spectra_root)
+        radius = crossmatch_radius(connection, label_set)
+    print(f"reference set: {len(data['obsid'])} spectra of {len(set(data['apogee_id']))} "
+          f"stars best-matched to good {label_set} labels", file=log)
+    features, _, errors = featurise_files(
+        data["path"], data["z"], config, n_jobs=options.jobs,
+        progress=lambda it, total: progress(it, total, "preprocessing"))
+    for index, reason in sorted(errors.items())[:20]:
+        print(f"skipped obsid {data['obsid'][index]}: {reason}", file=log)
+    if len(errors) > 20:
+        print(f"... {len(errors) - 20} more unreadable spectra skipped", file=log)
+    model, training, metrics = train_lasso_mlpnet(
+        features, {k: data[k] for k in LABELS}, data["snrg"], data["apogee_id"], data["obsid"],
+        snr_range=options.snr_range, holdout_fraction=options.holdout,
+        random_state=options.seed, n_members=options.ensemble, n_jobs=options.jobs,
+        progress=lambda labels: progress(labels, len(labels), "training"),
+        **options.model_params)
+    training.update(source="database", label_set=label_set, radius_arcsec=radius,
+                    reference_spectra=int(len(data["obsid"])), unreadable=len(errors),
+                    seed=options.seed, n_members=options.ensemble,
+                    model_params=dict(options.model_params),
+                    wave_range=list(options.wave_range))
+    with engine.connect() as connection:
+        version = unique_version(connection, new_model_version(training))
+    path = os.path.join(os.path.abspath(options.model_dir), f"{version}.joblib")
+    version, sha = save_model(path, model, config, training, metrics, version=version)
+    register_model(engine, version, path, sha, _json_safe(training), _json_safe(metrics),
+                   options.notes)
+    return {"version": version, "artifact": path, "sha256": sha,
+            "n_train": training["n_spectra"], "metrics": metrics}

@@ -1,0 +1,263 @@
+"""Smoke runs of the file-based commands: ``lamost-vac train-files`` and ``predict-files``.
+
+A small LAMOST-like set is simulated once per session from real MILES stars with
+``../shared/tools/lamost_sim.py`` (60 stars of 3800-6500 K, three spectra at 10 < SNRg <= 20
+and one at 20-80 each), a model is trained on it through the CLI entry point and used to
+predict the catalogue with one truncated spectrum file and one non-STAR row added.
+"""
+import contextlib
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from etl.cli import build_parser, main
+from models.artifact import load_model
+from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
+
+N_STARS = 40
+ENSEMBLE = 2
+CORRUPT_OBSID = 999000001
+GALAXY_OBSID = 999000002
+
+
+def _subcommand_paths(parser, prefix=()):
+    """Every (sub)command of the parser tree, as tuples of names."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,), sub, action
+                yield from _subcommand_paths(sub, prefix + (name,))
+
+
+def _run_cli(argv):
+    """``etl.cli.main(argv)`` with its stdout captured; returns (exit code, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------- help
+
+def test_top_level_help_from_the_console_script():
+    result = subprocess.run(["lamost-vac", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: lamost-vac" in result.stdout
+    assert "LASSO-MLPNet" in result.stdout
+    for command in ("train-files", "predict-files"):
+        assert command in result.stdout
+
+
+def test_every_subcommand_help_exits_zero_and_describes_itself(capsys):
+    commands = list(_subcommand_paths(build_parser()))
+    names = {path[0] for path, _, _ in commands}
+    assert {"train-files", "predict-files"} <= names
+    for path, sub, action in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        text = capsys.readouterr().out
+        assert f"usage: lamost-vac {' '.join(path)}" in text, path
+        summary = next((c.help for c in action._choices_actions if c.dest == path[-1]), None)
+        assert summary or sub.description, f"{' '.join(path)} has neither a description nor a help line"
+        if len(path) == 1:
+            # a command's own --help says what it does (nested ones, e.g. 'db upgrade', may
+            # rely on the one-line summary their parent's --help lists)
+            description = sub.description or summary
+            assert " ".join(description.split())[:40] in " ".join(text.split()), path
+
+
+def test_train_and_predict_document_their_options(capsys):
+    for command, options in (("train-files", ["--catalog", "--spectra-root", "--labels", "--out",
+                                              "--snr-range", "--wave-range", "--ensemble"]),
+                             ("predict-files", ["--model", "--catalog", "--spectra-root", "--out"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for option in options:
+            assert option in text, (command, option)
+
+
+# --------------------------------------------------------------------------- bad options
+
+@pytest.mark.parametrize("option", ["--snr-range", "--wave-range"])
+@pytest.mark.parametrize("value, reason", [("ten,20", "two numbers"), ("10", "two numbers"),
+                                           ("10,20,30", "two numbers"), ("20,10", "LOW must be below HIGH"),
+                                           ("15,15", "LOW must be below HIGH")])
+def test_bad_range_exits_with_a_message_naming_the_option(tmp_path, option, value, reason):
+    argv = ["train-files", "--catalog", str(tmp_path / "cat.csv"), "--spectra-root", str(tmp_path),
+            "--labels", str(tmp_path / "labels.fits"), "--out", str(tmp_path / "m.joblib"), option, value]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith(option), message
+    assert reason in message and value in message
+    assert not (tmp_path / "m.joblib").exists()
+
+
+# --------------------------------------------------------------------------- simulated set
+
+def _miles_ids(miles, teff_range=(3800.0, 6500.0)):
+    """MILES ids with parameters in MILES_params.db, a spectrum file and Teff in range."""
+    ids = []
+    for line in (miles / "MILES_params.db").read_text().splitlines():
+        parts = line.split()
+        if line.startswith("#") or len(parts) != 4:
+            continue
+        try:
+            mid, teff, logg, feh = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+        except ValueError:
+            continue
+        if (teff_range[0] <= teff <= teff_range[1] and -1 < logg < 6 and -5 < feh < 2
+                and (miles / f"MILES_res2.50_star_m{mid:04d}V.fits").is_file()):
+            ids.append(mid)
+    return sorted(ids)
+
+
+@pytest.fixture(scope="session")
+def sim_set(shared_dir, tmp_path_factory):
+    miles = shared_dir / "data" / "miles"
+    tool = shared_dir / "tools" / "lamost_sim.py"
+    if not tool.is_file() or not (miles / "MILES_params.db").is_file():
+        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
+    ids = _miles_ids(miles)
+    assert len(ids) >= N_STARS
+    chosen = ids[:: len(ids) // N_STARS][:N_STARS]          # spread over the id range
+    out = tmp_path_factory.mktemp("sim-cli")
+    stars = out / "stars.txt"
+    stars.write_text("\n".join(map(str, chosen)) + "\n")
+    subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
+                    "--stars", str(stars), "--per-star", "3x10-20,1x20-80", "--seed", "4"],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(sim_set, tmp_path_factory):
+    model_path = tmp_path_factory.mktemp("model") / "model.joblib"
+    code, stdout = _run_cli([
+        "train-files", "--catalog", str(sim_set / "lamost_catalog.csv"), "--spectra-root", str(sim_set),
+        "--labels", str(sim_set / "apogee_payne.fits"), "--out", str(model_path),
+        "--ensemble", str(ENSEMBLE), "--wave-range", "3881,7400", "--jobs", "1"])
+    assert code == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    return model_path, summary
+
+
+@pytest.fixture(scope="session")
+def predictions(sim_set, trained_model, tmp_path_factory):
+    """predict-files on the catalogue plus a truncated copy of one file and a GALAXY row."""
+    rows = _read_csv(sim_set / "lamost_catalog.csv")
+    work = tmp_path_factory.mktemp("predict")
+    corrupt_rel = "spectra/broken/spec-59999-BROKEN_sp01-001.fits.gz"
+    (sim_set / corrupt_rel).parent.mkdir(parents=True)
+    data = (sim_set / rows[0]["filename"]).read_bytes()
+    (sim_set / corrupt_rel).write_bytes(data[: len(data) // 2])
+    extra = [dict(rows[0], obsid=str(CORRUPT_OBSID), filename=corrupt_rel),
+             dict(rows[1], obsid=str(GALAXY_OBSID), **{"class": "GALAXY"})]
+    catalogue = work / "catalogue.csv"
+    with open(catalogue, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + extra)
+    out = work / "estimates.csv"
+    code, _ = _run_cli(["predict-files", "--model", str(trained_model[0]), "--catalog", str(catalogue),
+                        "--spectra-root", str(sim_set), "--out", str(out)])
+    assert code == 0
+    return rows + extra, _read_csv(out)
+
+
+def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_model):
+    model_path, summary = trained_model
+    artifact = load_model(model_path)
+    assert summary["version"] == artifact["version"]
+    assert summary["n_train"] == artifact["training"]["n_spectra"] > 50
+    config = artifact["preprocess"]
+    assert (config.wave_min, config.wave_max) == (3881.0, 7400.0)
+    training = artifact["training"]
+    assert training["snr_range"] == [10.0, 20.0]
+    assert 10.0 < training["snrg_min"] and training["snrg_max"] <= 20.0
+    model = artifact["model"]
+    for estimator in model.estimators_.values():
+        assert len(estimator.members_) == ENSEMBLE
+    # the held-out stars calibrated the integrated uncertainty of every SNRg bin
+    for table in model.integrated_uncertainty_.values():
+        assert np.all(np.isfinite(table)) and np.all(table > 0)
+    assert artifact["metrics"]["held_out"]["teff"]["all"]["n"] > 0
+
+
+def test_predict_files_estimates_every_spectrum_once(sim_set, trained_model, predictions):
+    catalogue, estimates = predictions
+    obsids = [int(row["obsid"]) for row in estimates]
+    assert sorted(obsids) == sorted(int(row["obsid"]) for row in catalogue)
+    assert len(set(obsids)) == len(obsids)
+    columns = set(estimates[0])
+    for label in ("teff", "logg", "feh"):
+        assert {label, label + "_err", label + "_err_int"} <= columns
+    assert {"obsid", "flags", "problem", "model_version"} <= columns
+
+    version = load_model(trained_model[0])["version"]
+    assert {row["model_version"] for row in estimates} == {version}
+    for row in estimates:
+        assert str(int(row["flags"])) == row["flags"]               # an integer, not "0.0"
+
+    readable = [row for row in estimates if int(row["obsid"]) not in (CORRUPT_OBSID, GALAXY_OBSID)]
+    assert len(readable) == 4 * N_STARS
+    for row in readable:
+        values = [float(row[k + s]) for k in ("teff", "logg", "feh") for s in ("", "_err", "_err_int")]
+        assert np.all(np.isfinite(values)), row
+        assert row["problem"] == ""
+        assert not int(row["flags"]) & (UNUSABLE_SPECTRUM | NOT_A_STAR)
+
+
+def test_predictions_follow_the_true_labels(sim_set, predictions):
+    """Most stars were in training: a sanity check of the whole chain (cross-match, labels,
+    preprocessing, model), far from a benchmark."""
+    _, estimates = predictions
+    truth = {int(row["obsid"]): row for row in _read_csv(sim_set / "truth.csv")}
+    rows = [row for row in estimates if int(row["obsid"]) in truth]
+    for label in ("teff", "logg", "feh"):
+        predicted = np.array([float(row[label]) for row in rows])
+        true = np.array([float(truth[int(row["obsid"])][label]) for row in rows])
+        mae = np.mean(np.abs(predicted - true))
+        assert mae < 0.6 * np.mean(np.abs(true - true.mean())), label
+
+
+def test_corrupt_file_is_reported_and_the_others_still_estimated(predictions):
+    _, estimates = predictions
+    by_obsid = {int(row["obsid"]): row for row in estimates}
+    broken = by_obsid[CORRUPT_OBSID]
+    assert broken["problem"] != ""
+    assert any(word in broken["problem"].lower() for word in ("truncated", "gzip", "corrupt", "short"))
+    assert np.isnan(float(broken["teff"])) and np.isnan(float(broken["feh"]))
+    assert int(broken["flags"]) & UNUSABLE_SPECTRUM
+    galaxy = by_obsid[GALAXY_OBSID]
+    assert "STAR" in galaxy["problem"]
+    assert np.isnan(float(galaxy["teff"]))
+    assert int(galaxy["flags"]) & NOT_A_STAR and not int(galaxy["flags"]) & UNUSABLE_SPECTRUM
+    finite = sum(np.isfinite(float(row["teff"])) for row in estimates)
+    assert finite == len(estimates) - 2
+
+
+def test_predict_files_refuses_an_incompatible_model(sim_set, tmp_path, capsys):
+    bogus = tmp_path / "bogus.joblib"
+    bogus.write_text("not a model")
+    # a clear one-line error naming the file, and a non-zero exit, not a traceback
+    code = main(["predict-files", "--model", str(bogus), "--catalog", str(sim_set / "lamost_catalog.csv"),
+                 "--spectra-root", str(sim_set), "--out", str(tmp_path / "out.csv")])
+    message = capsys.readouterr().err
+    assert code == 2
+    assert "not a lamost-vac model artifact" in message and str(bogus) in message
+    assert not (tmp_path / "out.csv").exists()

@@ -1,0 +1,425 @@
+"""LASSO selection, splits by star, the sigmoid MLP, the LASSO-MLPNet ensemble, its
+uncertainties and flags, and the model artifact.
+
+Synthetic data with a known answer throughout; scikit-learn's coordinate-descent Lasso is
+the independent reference for the LARS-based selection.
+"""
+import joblib
+import numpy as np
+import pytest
+import sklearn
+from sklearn.linear_model import Lasso
+
+from models.artifact import (ARTIFACT_FORMAT, IncompatibleArtifactError, file_sha256, load_model,
+                             save_model, training_set_description)
+from models.flags import (FEH_OUT_OF_DOMAIN, NOT_A_STAR, SNR_OUT_OF_DOMAIN, TEFF_OUT_OF_DOMAIN,
+                          UNUSABLE_SPECTRUM, describe_flags, domain_flags)
+from models.lasso_mlpnet import LABELS, SNR_BINS, LassoMLPNet
+from models.networks import SigmoidMLPRegressor
+from models.preprocess import PreprocessConfig
+from models.selection import LassoFeatureSelector
+from models.splits import group_holdout, group_kfold_indices
+
+SMALL_HIDDEN = {label: (32, 16) for label in LABELS}
+
+
+# --------------------------------------------------------------------------- splits by star
+
+def test_group_kfold_never_puts_a_group_on_both_sides():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 37, 400)                    # uneven group sizes
+    folds = list(group_kfold_indices(groups, 5, np.random.default_rng(1)))
+    assert len(folds) == 5
+    tested = np.concatenate([test for _, test in folds])
+    assert np.array_equal(np.sort(tested), np.arange(groups.size))        # each sample once
+    groups_per_fold = []
+    for train, test in folds:
+        assert np.intersect1d(train, test).size == 0
+        assert np.union1d(train, test).size == groups.size
+        assert not set(groups[train]) & set(groups[test])
+        groups_per_fold.append(np.unique(groups[test]).size)
+    assert max(groups_per_fold) - min(groups_per_fold) <= 1               # groups spread evenly
+
+
+def test_group_kfold_is_reproducible_and_shuffled():
+    groups = np.repeat(np.arange(30), 2)
+    a = [test for _, test in group_kfold_indices(groups, 3, np.random.default_rng(5))]
+    b = [test for _, test in group_kfold_indices(groups, 3, np.random.default_rng(5))]
+    c = [test for _, test in group_kfold_indices(groups, 3, np.random.default_rng(6))]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_group_holdout_holds_out_whole_groups(fraction):
+    rng = np.random.default_rng(2)
+    groups = np.array([f"star{g}" for g in rng.integers(0, 60, 500)])
+    train, held = group_holdout(groups.size, groups, fraction, np.random.default_rng(3))
+    assert np.intersect1d(train, held).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, held])), np.arange(groups.size))
+    held_groups = set(groups[held])
+    assert not held_groups & set(groups[train])
+    # every spectrum of a held-out star is held out
+    assert set(np.flatnonzero(np.isin(groups, list(held_groups)))) == set(held)
+    assert len(held_groups) == max(1, round(fraction * np.unique(groups).size))
+
+
+def test_group_holdout_without_groups_holds_out_samples():
+    train, held = group_holdout(200, None, 0.2, np.random.default_rng(0))
+    assert held.size == 40 and train.size == 160
+    assert np.intersect1d(train, held).size == 0
+
+
+# --------------------------------------------------------------------------- LASSO selection
+
+@pytest.fixture(scope="module")
+def sparse_problem():
+    """y depends on 5 of 200 correlated, offset, unequally scaled columns, plus noise."""
+    rng = np.random.default_rng(0)
+    n, p = 300, 200
+    z = rng.standard_normal((n, p))
+    X = np.empty_like(z)
+    X[:, 0] = z[:, 0]
+    for j in range(1, p):                                 # AR(1) along the columns, rho 0.6
+        X[:, j] = 0.6 * X[:, j - 1] + 0.8 * z[:, j]
+    X = X * rng.uniform(0.5, 2.0, p) + rng.uniform(-5.0, 5.0, p)
+    informative = np.array([7, 40, 95, 130, 171])
+    beta = np.array([1.5, -2.0, 1.0, -1.2, 0.8])
+    xs = X[:, informative]
+    y = 3.0 + ((xs - xs.mean(0)) / xs.std(0)) @ beta + 0.2 * rng.standard_normal(n)
+    groups = np.repeat(np.arange(n // 3), 3)             # three "spectra" per "star"
+    selector = LassoFeatureSelector(cv=5, max_steps=150, n_jobs=1, random_state=1)
+    selector.fit(X, y, groups=groups)
+    return X, y, groups, informative, selector
+
+
+def test_lasso_selects_the_informative_columns(sparse_problem):
+    X, _, _, informative, selector = sparse_problem
+    support = selector.get_support()
+    assert support.shape == (X.shape[1],)
+    assert support[informative].all()
+    others = np.delete(np.arange(X.shape[1]), informative)
+    assert support[others].sum() < 0.25 * others.size
+    assert selector.n_selected_ == support.sum()
+    # the strongest coefficients are the informative ones
+    strongest = np.argsort(-np.abs(selector.coef_ * X.std(axis=0)))[:informative.size]
+    assert set(strongest) == set(informative)
+    assert selector.transform(X).shape == (X.shape[0], support.sum())
+
+
+def test_lasso_coefficients_equal_coordinate_descent_at_the_chosen_alpha(sparse_problem):
+    X, y, _, _, selector = sparse_problem
+    reference = Lasso(alpha=selector.alpha_, tol=1e-12, max_iter=100_000).fit(X, y)
+    np.testing.assert_allclose(selector.coef_, reference.coef_, rtol=0, atol=1e-6)
+    assert selector.intercept_ == pytest.approx(reference.intercept_, abs=1e-6)
+
+
+def test_lasso_cv_errors_are_the_held_out_group_fold_errors(sparse_problem):
+    """mse_path_[a, k] is the held-out MSE of a Lasso fitted on the other folds at alphas_[a]."""
+    X, y, groups, _, selector = sparse_problem
+    assert selector.mse_path_.shape == (selector.n_alphas, selector.cv)
+    assert np.all(np.diff(selector.alphas_) < 0)
+    assert selector.alpha_ == selector.alphas_[np.argmin(selector.mse_path_.mean(axis=1))]
+    folds = list(group_kfold_indices(groups, selector.cv, np.random.default_rng(selector.random_state)))
+    for k, (train, test) in enumerate(folds):
+        for a in (5, 40, 80):
+            fitted = Lasso(alpha=selector.alphas_[a], tol=1e-12, max_iter=100_000).fit(X[train], y[train])
+            mse = np.mean((y[test] - fitted.predict(X[test])) ** 2)
+            assert selector.mse_path_[a, k] == pytest.approx(mse, rel=1e-6)
+    # the chosen alpha is not at either end of the grid on this problem
+    assert selector.alphas_[-1] < selector.alpha_ < selector.alphas_[0]
+
+
+# --------------------------------------------------------------------------- the network
+
+def smooth_function(X):
+    return np.sin(2 * X[:, 0] + X[:, 1]) + 0.5 * np.tanh(3 * X[:, 2]) + np.exp(X[:, 3])
+
+
+def test_mlp_fits_a_smooth_nonlinear_function():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (1000, 8))                     # three inputs are irrelevant
+    y = smooth_function(X) + 0.05 * rng.standard_normal(len(X))
+    X_test = rng.uniform(-1, 1, (400, 8))
+    y_test = smooth_function(X_test)
+    # (sigmoid networks, scikit-learn's too, can sit on a plateau for tens of epochs early
+    # on; a patience of 40 epochs rides it out)
+    model = SigmoidMLPRegressor(hidden_layer_sizes=(32, 16), learning_rate_init=1e-2, max_epochs=300,
+                                n_iter_no_change=40, random_state=0).fit(X, y)
+    r2 = 1 - np.mean((model.predict(X_test) - y_test) ** 2) / np.var(y_test)
+    assert r2 > 0.95
+    # a linear model cannot do this: the network learnt the nonlinearity
+    linear = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)[0]
+    r2_linear = 1 - np.mean((np.column_stack([X_test, np.ones(len(X_test))]) @ linear - y_test) ** 2) / np.var(y_test)
+    assert (1 - r2) < 0.2 * (1 - r2_linear)
+    assert model.predict(X_test).dtype == np.float64
+
+
+def test_mlp_early_stopping_on_noise_keeps_the_best_epoch():
+    rng = np.random.default_rng(1)
+    X = rng.uniform(-1, 1, (600, 8))
+    y = rng.standard_normal(len(X))                      # nothing to learn
+    patience = 10
+    model = SigmoidMLPRegressor(hidden_layer_sizes=(32, 16), learning_rate_init=1e-2, max_epochs=500,
+                                n_iter_no_change=patience, random_state=0).fit(X, y)
+    assert model.n_epochs_ < 200
+    assert len(model.validation_curve_) == model.n_epochs_
+    best_epoch = int(np.argmin(model.validation_curve_))
+    assert model.n_epochs_ - 1 - best_epoch == patience
+    assert model.best_validation_loss_ == pytest.approx(min(model.validation_curve_))
+    # the kept weights are the best epoch's: recompute the validation loss from predictions
+    _, valid = group_holdout(len(y), None, model.validation_fraction, np.random.default_rng(0))
+    standardised = (model.predict(X[valid]) - model.y_mean_) / model.y_scale_
+    target = (y[valid] - model.y_mean_) / model.y_scale_
+    assert np.mean((standardised - target) ** 2) == pytest.approx(model.best_validation_loss_, rel=1e-4)
+
+
+def test_mlp_is_deterministic_for_a_fixed_random_state():
+    rng = np.random.default_rng(3)
+    X = rng.uniform(-1, 1, (300, 5))
+    y = smooth_function(X)
+    params = dict(hidden_layer_sizes=(16, 8), learning_rate_init=1e-2, max_epochs=40)
+    a = SigmoidMLPRegressor(random_state=7, **params).fit(X, y).predict(X)
+    b = SigmoidMLPRegressor(random_state=7, **params).fit(X, y).predict(X)
+    c = SigmoidMLPRegressor(random_state=8, **params).fit(X, y).predict(X)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+# --------------------------------------------------------------------------- LASSO-MLPNet
+
+def synthetic_spectra(rng, n_stars, per_star, n_pixels=150):
+    """Features from three latent labels through fixed random smooth nonlinear maps + noise.
+
+    Each pixel responds (through tanh curves) to a random subset of the labels, like
+    spectral lines that depend on temperature, gravity and metallicity.
+    """
+    teff = rng.uniform(3800, 6500, n_stars)
+    logg = rng.uniform(1.0, 5.0, n_stars)
+    feh = rng.uniform(-1.5, 0.4, n_stars)
+    latent = np.column_stack([(teff - 5150) / 1350, (logg - 3) / 2, (feh + 0.55) / 0.95])
+    maps = np.random.default_rng(42)                     # the same "physics" for every set
+    amplitude = maps.normal(0, 1, (3, n_pixels)) * (maps.random((3, n_pixels)) < 0.3)
+    slope = maps.uniform(0.5, 2.0, (3, n_pixels))
+    offset = maps.uniform(-1.0, 1.0, (3, n_pixels))
+    depth = np.einsum("kp,nkp->np", amplitude, np.tanh(slope[None] * latent[:, :, None] + offset[None]))
+    star = np.repeat(np.arange(n_stars), per_star)
+    X = 1.0 - 0.1 * depth[star] + 0.01 * rng.standard_normal((star.size, n_pixels))
+    labels = {"teff": teff[star], "logg": logg[star], "feh": feh[star]}
+    return X, labels, star
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rng = np.random.default_rng(1)
+    X, labels, stars = synthetic_spectra(rng, 150, 2)
+    X_test, labels_test, _ = synthetic_spectra(rng, 80, 1)
+    model = LassoMLPNet(hidden=SMALL_HIDDEN, n_members=3, cv=3, max_epochs=150, max_lasso_steps=100,
+                        n_jobs=1, random_state=0)
+    model.fit(X, labels, groups=stars)
+    return model, X, labels, X_test, labels_test
+
+
+def test_lasso_mlpnet_recovers_the_labels(trained):
+    model, X, labels, X_test, labels_test = trained
+    predicted = model.predict(X_test, snrg=np.full(len(X_test), 15.0))
+    for label in LABELS:
+        mae = np.mean(np.abs(predicted[label] - labels_test[label]))
+        mae_mean_predictor = np.mean(np.abs(labels_test[label] - labels[label].mean()))
+        assert mae < 0.5 * mae_mean_predictor, label
+        assert np.all(np.isfinite(predicted[label]))
+    assert model.estimators_["teff"].log_target and not model.estimators_["feh"].log_target
+    # each label selected a subset of the pixels
+    for estimator in model.estimators_.values():
+        assert 0 < estimator.support_.sum() < X.shape[1]
+
+
+def test_model_uncertainty_is_the_std_of_the_members(trained):
+    model, _, _, X_test, _ = trained
+    predicted = model.predict(X_test)
+    scaled = model.scaler_.transform(X_test)
+    for label in LABELS:
+        members = model.estimators_[label].predict_members(scaled)
+        assert members.shape == (3, len(X_test))
+        np.testing.assert_allclose(predicted[label], members.mean(axis=0))
+        np.testing.assert_allclose(predicted[label + "_err"], members.std(axis=0, ddof=1))
+        assert np.median(predicted[label + "_err"]) > 0          # the members differ
+    assert "teff_err_int" not in predicted                     # no SNRg given
+
+
+def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained):
+    model, _, _, X_test, _ = trained
+    X = X_test[:12].copy()
+    X[[3, 7]] = np.nan
+    X[9, 5] = np.nan                                           # one NaN pixel is enough
+    snrg = np.full(len(X), 15.0)
+    predicted = model.predict(X, snrg)
+    reference = model.predict(X_test[:12], snrg)
+    unusable = np.zeros(len(X), dtype=bool)
+    unusable[[3, 7, 9]] = True
+    for key in ("teff", "teff_err", "teff_err_int", "logg", "logg_err", "feh", "feh_err"):
+        assert np.all(np.isnan(predicted[key][unusable])), key
+        np.testing.assert_array_equal(predicted[key][~unusable], reference[key][~unusable])
+    assert np.all(predicted["flags"][unusable] & UNUSABLE_SPECTRUM)
+    assert not np.any(predicted["flags"][~unusable] & UNUSABLE_SPECTRUM)
+    assert predicted["flags"].dtype.kind == "i"
+
+
+def test_calibrate_stores_residual_std_per_snr_bin(trained):
+    model, _, _, X_test, labels_test = trained
+    n = len(X_test)
+    assert n == 80
+    snrg = np.empty(n)
+    snrg[:35] = np.linspace(5.5, 10.0, 35)                     # (5, 10], 10.0 included
+    snrg[35:78] = np.linspace(40.01, 80.0, 43)                 # (40, 80], 80.0 included
+    snrg[78:] = [3.0, 120.0]                                   # outside every bin
+    reference = {k: v.copy() for k, v in labels_test.items()}
+    for label in LABELS:
+        reference[label][78:] += 1e4                           # would dominate any bin they entered
+    model.calibrate(X_test, reference, snrg)
+    predicted = model.predict(X_test)
+    assert list(model.calibration_counts_) == [35, 0, 0, 43]
+    for label in LABELS:
+        resid = predicted[label] - reference[label]
+        table = model.integrated_uncertainty_[label]
+        assert table.shape == (len(SNR_BINS) - 1,)
+        low, high = np.std(resid[:35], ddof=1), np.std(resid[35:78], ddof=1)
+        # empty bins take the nearest bin's value: 10-20 from 5-10, 20-40 from 40-80
+        np.testing.assert_allclose(table, [low, low, high, high], rtol=1e-12)
+    # each prediction reports its SNRg bin's value; out-of-range SNRg use the end bins
+    query = np.array([2.0, 5.0, 7.0, 10.0, 10.0001, 20.0, 39.0, 40.0, 40.5, 80.0, 80.5, 500.0])
+    bin_of_query = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    out = model.predict(X_test[:query.size], query)
+    for label in LABELS:
+        np.testing.assert_array_equal(out[label + "_err_int"], model.integrated_uncertainty_[label][bin_of_query])
+
+
+def test_calibrate_with_no_held_out_spectra_in_a_bin_uses_nearest(trained):
+    model, _, _, X_test, labels_test = trained
+    snrg = np.full(len(X_test), 25.0)                         # only 20-40
+    model.calibrate(X_test, labels_test, snrg)
+    for label in LABELS:
+        table = model.integrated_uncertainty_[label]
+        assert np.all(table == table[2]) and np.isfinite(table[2]) and table[2] > 0
+
+
+# --------------------------------------------------------------------------- flags
+
+@pytest.mark.parametrize("teff, flagged", [(3499.999, True), (3500.0, False), (5000.0, False),
+                                           (6500.0, False), (6500.001, True), (np.nan, False)])
+def test_teff_domain_flag(teff, flagged):
+    flags = domain_flags([teff], [0.0], [20.0])
+    assert bool(flags[0] & TEFF_OUT_OF_DOMAIN) is flagged
+    assert flags[0] & ~TEFF_OUT_OF_DOMAIN == 0
+
+
+@pytest.mark.parametrize("feh, flagged", [(-1.5000001, True), (-1.5, False), (0.5, False), (-3.0, True)])
+def test_feh_domain_flag(feh, flagged):
+    flags = domain_flags([5000.0], [feh], [20.0])
+    assert bool(flags[0] & FEH_OUT_OF_DOMAIN) is flagged
+    assert flags[0] & ~FEH_OUT_OF_DOMAIN == 0
+
+
+@pytest.mark.parametrize("snrg, flagged", [(5.0, True), (5.0001, False), (20.0, False), (80.0, False),
+                                           (80.0001, True), (-9999.0, True), (np.nan, True)])
+def test_snr_domain_flag(snrg, flagged):
+    flags = domain_flags([5000.0], [0.0], [snrg])
+    assert bool(flags[0] & SNR_OUT_OF_DOMAIN) is flagged
+    assert flags[0] & ~SNR_OUT_OF_DOMAIN == 0
+
+
+def test_flags_combine_and_describe():
+    flags = domain_flags([3000.0, 5000.0, np.nan], [-2.0, 0.0, np.nan], None, usable=[True, True, False])
+    assert flags[0] == TEFF_OUT_OF_DOMAIN | FEH_OUT_OF_DOMAIN | SNR_OUT_OF_DOMAIN   # no SNRg: flagged
+    assert flags[1] == SNR_OUT_OF_DOMAIN
+    assert flags[2] == SNR_OUT_OF_DOMAIN | UNUSABLE_SPECTRUM
+    assert len({TEFF_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, SNR_OUT_OF_DOMAIN, NOT_A_STAR, UNUSABLE_SPECTRUM}) == 5
+    assert len(describe_flags(int(flags[0]))) == 3
+    assert describe_flags(0) == []
+
+
+# --------------------------------------------------------------------------- artifact
+
+@pytest.fixture()
+def artifact(tmp_path, trained):
+    model, X, labels, _, _ = trained
+    config = PreprocessConfig(wave_min=3881.0, wave_max=7400.0)
+    training = training_set_description(np.arange(len(X)) + 900000001, np.full(len(X), 15.0), labels)
+    path = tmp_path / "models" / "model.joblib"
+    version, sha = save_model(path, model, config, training, metrics={"mae": 1.0})
+    return path, version, sha, config, training
+
+
+def test_artifact_round_trip_gives_identical_predictions(artifact, trained):
+    model, _, _, X_test, _ = trained
+    path, version, sha, config, training = artifact
+    loaded = load_model(path)
+    assert loaded["format"] == ARTIFACT_FORMAT
+    assert loaded["version"] == version and version.startswith("lmn-")
+    assert training["obsid_sha256"][:8] in version
+    assert sha == file_sha256(path)
+    assert loaded["preprocess"] == config and loaded["preprocess_hash"] == config.digest()
+    assert loaded["training"] == training and loaded["metrics"] == {"mae": 1.0}
+    assert loaded["libraries"]["scikit-learn"] == sklearn.__version__
+    snrg = np.linspace(6, 70, len(X_test))
+    before, after = model.predict(X_test, snrg), loaded["model"].predict(X_test, snrg)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key])
+
+
+def tamper(path, **changes):
+    payload = joblib.load(path)
+    for key, value in changes.items():
+        if key == "sklearn":
+            payload["libraries"]["scikit-learn"] = value
+        else:
+            payload[key] = value
+    joblib.dump(payload, path)
+
+
+def test_artifact_of_another_format_is_refused(artifact):
+    path = artifact[0]
+    tamper(path, format=ARTIFACT_FORMAT + 1)
+    with pytest.raises(IncompatibleArtifactError, match=rf"format {ARTIFACT_FORMAT + 1}.*retrain") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_artifact_from_another_sklearn_minor_is_refused(artifact):
+    path = artifact[0]
+    major, minor = (int(part) for part in sklearn.__version__.split(".")[:2])
+    tamper(path, sklearn=f"{major}.{minor + 1}.0")
+    with pytest.raises(IncompatibleArtifactError, match=rf"scikit-learn {major}\.{minor + 1}\.0.*retrain"):
+        load_model(path)
+    tamper(path, sklearn=f"{major - 1}.{minor}.0")
+    with pytest.raises(IncompatibleArtifactError, match="scikit-learn"):
+        load_model(path)
+
+
+def test_artifact_from_another_sklearn_patch_release_loads(artifact):
+    path = artifact[0]
+    major, minor = sklearn.__version__.split(".")[:2]
+    tamper(path, sklearn=f"{major}.{minor}.999")
+    assert load_model(path)["version"] == artifact[1]
+
+
+@pytest.mark.parametrize("content", ["text", "joblib-list", "joblib-dict", "empty"])
+def test_non_artifact_file_is_refused(tmp_path, content):
+    path = tmp_path / "not-a-model.joblib"
+    if content == "text":
+        path.write_text("obsid,teff\n1,5000\n")
+    elif content == "joblib-list":
+        joblib.dump([1, 2, 3], path)
+    elif content == "joblib-dict":
+        joblib.dump({"model": None}, path)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(IncompatibleArtifactError, match="not a lamost-vac model artifact") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_artifact_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "absent.joblib")

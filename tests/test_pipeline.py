@@ -1,0 +1,418 @@
+"""Batch pipeline end to end: ingest -> crossmatch -> train -> infer -> export.
+
+Two modes, same test code: ``sqlite-eager`` (no broker: tasks run inside the CLI) and
+``postgresql-worker`` (real Redis broker, real ``lamost-vac worker`` processes, the CLI in a
+subprocess; the first inference kills a worker with SIGKILL mid-run and starts another).
+Data: 40 MILES stars (Teff 3800-6500 K) simulated by lamost_sim.py, 3 spectra at SNRg
+10-20 and 1 at 20-80 each (160 spectra); one catalogue row is made a GALAXY and one
+spectrum file is truncated after the ingest.
+"""
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from etl import db, schema
+from etl.cli import main as cli_main
+
+REDIS_URL = os.environ.get("LAMOST_VAC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("LAMOST_VAC_TEST_REDIS_DB", "11"))
+TRAIN_ARGS = ["--ensemble", "2", "--wave-range", "3881,7400", "--jobs", "1",
+              "--max-epochs", "50", "--lasso-folds", "3"]
+BATCH = 8
+REPO = Path(__file__).resolve().parent.parent
+E = schema.estimates
+
+
+def miles_ids(miles, n=40, teff_range=(3800.0, 6500.0)):
+    present = {int(p.name[20:24]) for p in miles.glob("MILES_res2.50_star_m*V.fits")}
+    ids = []
+    for line in (miles / "MILES_params.db").read_text().splitlines():
+        parts = line.split()
+        if line.startswith("#") or len(parts) != 4:
+            continue
+        try:
+            mid, teff = int(parts[0]), float(parts[1])
+        except ValueError:
+            continue
+        if teff_range[0] <= teff <= teff_range[1] and mid in present:
+            ids.append(mid)
+    ids = sorted(ids)
+    step = len(ids) / n
+    return [ids[int(i * step)] for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def sim40(shared_dir, tmp_path_factory):
+    miles = shared_dir / "data" / "miles"
+    tool = shared_dir / "tools" / "lamost_sim.py"
+    if not tool.is_file() or not miles.is_dir():
+        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
+    out = tmp_path_factory.mktemp("sim40")
+    stars = out / "stars.txt"
+    stars.write_text("\n".join(map(str, miles_ids(miles))) + "\n")
+    subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
+                    "--per-star", "3x10-20,1x20-80", "--stars", str(stars), "--seed", "1"],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def run_cli(*argv):
+    """Run ``lamost-vac ARGV`` in this process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+class Pipeline:
+    """One catalogue database with its data copy, and the way ``infer`` runs in the mode."""
+
+    def __init__(self, mode, url, data, model_dir, tmp):
+        self.mode, self.url, self.data, self.model_dir, self.tmp = mode, url, data, model_dir, tmp
+        self.engine = db.make_engine(url)
+        self.workers = []
+        self.beat = None
+        self.worker_count = 0
+
+    # -- environment of the subprocesses (worker mode)
+    def env(self, **extra):
+        env = dict(os.environ)
+        env.update(LAMOST_VAC_DATABASE_URL=self.url,
+                   LAMOST_VAC_BROKER_URL=f"{REDIS_URL}/{REDIS_DB}",
+                   LAMOST_VAC_MODEL_DIR=str(self.model_dir),
+                   LAMOST_VAC_VISIBILITY_TIMEOUT_S="3", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+        env.pop("LAMOST_VAC_RESULT_BACKEND", None)
+        env.pop("LAMOST_VAC_SPECTRA_ROOT", None)
+        env.update(extra)
+        return env
+
+    def start_worker(self):
+        self.worker_count += 1
+        log = open(self.tmp / f"worker{self.worker_count}.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "etl.cli", "worker", "--concurrency", "1",
+             "--hostname", f"test{os.getpid()}-{self.worker_count}@%h", "--loglevel", "INFO"],
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+            start_new_session=True)
+        process.log = log
+        self.workers.append(process)
+        return process
+
+    def ensure_worker(self):
+        if self.mode == "postgresql-worker" and not any(w.poll() is None for w in self.workers):
+            self.start_worker()
+
+    @staticmethod
+    def kill(process, sig=signal.SIGKILL):
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)      # the worker and its pool children
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+        if getattr(process, "log", None):
+            process.log.close()
+
+    def close(self):
+        for process in self.workers + ([self.beat] if self.beat else []):
+            self.kill(process, signal.SIGTERM if process.poll() is None else signal.SIGKILL)
+            self.kill(process)
+        self.engine.dispose()
+
+    # -- infer in the mode: in-process (eager) or CLI subprocess against the workers
+    def infer(self, *argv, timeout=120):
+        argv = ["infer", "--batch-size", BATCH, *argv, "--url", self.url]
+        if self.mode == "sqlite-eager":
+            return run_cli(*argv)
+        self.ensure_worker()
+        done = subprocess.run([sys.executable, "-m", "etl.cli", *map(str, argv)],
+                              env=self.env(), capture_output=True, text=True, timeout=timeout,
+                              cwd=self.tmp)
+        return done.returncode, done.stdout, done.stderr
+
+    def infer_async(self, *argv):
+        argv = ["infer", "--batch-size", BATCH, *argv, "--url", self.url]
+        return subprocess.Popen([sys.executable, "-m", "etl.cli", *map(str, argv)],
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=self.tmp)
+
+    def scalar(self, query, **params):
+        with self.engine.connect() as connection:
+            return connection.execute(text(query) if isinstance(query, str) else query,
+                                      params).scalar()
+
+    def rows(self, query, **params):
+        with self.engine.connect() as connection:
+            return connection.execute(text(query) if isinstance(query, str) else query,
+                                      params).all()
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def task_states(log_path):
+    """task id -> last state ('received' / 'succeeded') of infer_batch in a worker log."""
+    import re
+
+    states = {}
+    for match in re.finditer(r"Task etl\.tasks\.infer_batch\[([0-9a-f-]+)\] (received|succeeded)",
+                             log_path.read_text()):
+        states[match.group(1)] = match.group(2)
+    return states
+
+
+def _redis():
+    import redis
+
+    return redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+
+
+@pytest.fixture(scope="module", params=["sqlite-eager", "postgresql-worker"])
+def pipeline(request, sim40, make_database, tmp_path_factory):
+    mode = request.param
+    url = make_database(mode.split("-")[0])
+    tmp = tmp_path_factory.mktemp(mode)
+    data = tmp / "data"
+    shutil.copytree(sim40, data)
+    from etl import tasks
+    from etl.settings import load_settings
+
+    if mode == "sqlite-eager":
+        tasks.configure(tasks.app, load_settings({}))        # no broker: eager
+    else:
+        try:
+            _redis().flushdb()
+        except Exception as error:  # noqa: BLE001 -- no Redis: skip, do not fail
+            pytest.skip(f"Redis not reachable at {REDIS_URL}: {error}")
+    # One row becomes a galaxy: it must be neither trained on nor estimated.
+    catalogue = data / "lamost_catalog.csv"
+    lines = catalogue.read_text().splitlines()
+    header = lines[0].split(",")
+    klass = header.index("class")
+    row = lines[-1].split(",")
+    row[klass] = "GALAXY"
+    lines[-1] = ",".join(row)
+    catalogue.write_text("\n".join(lines) + "\n")
+    galaxy = int(row[0])
+
+    p = Pipeline(mode, url, data, tmp / "models", tmp)
+    p.galaxy = galaxy
+    try:
+        for argv in (["db", "upgrade", "--url", url],
+                     ["ingest", "spectra", catalogue, "--spectra-root", data, "--url", url],
+                     ["ingest", "labels", data / "apogee_payne.fits", "--url", url],
+                     ["crossmatch", "--url", url]):
+            code, out, err = run_cli(*argv)
+            assert code == 0, (argv, out, err)
+        code, out, err = run_cli("train", *TRAIN_ARGS, "--model-dir", p.model_dir,
+                                 "--url", url)
+        assert code == 0, err
+        p.v1 = out.strip().splitlines()[-1]
+        # A file damaged after the ingest: a STAR spectrum with SNRg 20-80 (not trained on).
+        p.broken, relative = p.rows(
+            "SELECT obsid, file_path FROM spectra WHERE snrg > 20 AND obsid <> :g "
+            "ORDER BY obsid LIMIT 1 OFFSET 3", g=galaxy)[0]
+        path = data / relative
+        path.write_bytes(path.read_bytes()[:3000])
+        p.n_spectra = p.scalar("SELECT count(*) FROM spectra")
+        p.n_star = p.scalar("SELECT count(*) FROM spectra WHERE upper(class) = 'STAR'")
+        yield p
+    finally:
+        p.close()
+        if mode == "sqlite-eager":
+            tasks.configure(tasks.app)
+        else:
+            with contextlib.suppress(Exception):
+                _redis().flushdb()
+
+
+def counts(p, version):
+    estimated = p.scalar("SELECT count(*) FROM estimates WHERE model_version = :v", v=version)
+    failed = p.scalar("SELECT count(*) FROM estimate_failures WHERE model_version = :v",
+                      v=version)
+    return estimated, failed
+
+
+def assert_no_duplicates(p):
+    duplicates = p.rows("SELECT obsid, model_version, count(*) FROM estimates "
+                        "GROUP BY obsid, model_version HAVING count(*) > 1")
+    assert duplicates == []
+
+
+# --------------------------------------------------------------------------------------
+def test_infer_writes_every_star_spectrum_once(pipeline):
+    p = pipeline
+    assert p.n_spectra == 160 and p.n_star == 159
+    if p.mode == "postgresql-worker":
+        # Real worker, killed with SIGKILL after its first batch is committed.
+        first = p.start_worker()
+        infer = p.infer_async()
+        try:
+            wait_for(lambda: p.scalar("SELECT count(*) FROM estimates") > 0, 90,
+                     "the first batch")
+            Pipeline.kill(first)
+            written_at_kill = p.scalar("SELECT count(*) FROM estimates")
+            assert written_at_kill < p.n_star - 1, "the kill came after the run: not mid-run"
+            p.start_worker()
+            out, err = infer.communicate(timeout=120)
+        finally:
+            if infer.poll() is None:
+                infer.kill()
+                infer.wait(timeout=10)
+        code = infer.returncode
+        # The batch the killed worker held was redelivered and finished by another one.
+        first_log = task_states(p.tmp / "worker1.log")
+        later = {}
+        for n in range(2, p.worker_count + 1):
+            later.update(task_states(p.tmp / f"worker{n}.log"))
+        interrupted = {t for t, state in first_log.items() if state == "received"}
+        assert all(later.get(t) == "succeeded" for t in interrupted), (interrupted, later)
+        assert any(state == "succeeded" for state in later.values())
+        print("interrupted batches redelivered:", sorted(interrupted))
+    else:
+        code, out, err = p.infer()
+    assert code == 0, (out, err)
+    estimated, failed = counts(p, p.v1)
+    assert estimated + failed == p.n_star          # nothing lost
+    assert failed == 1
+    assert_no_duplicates(p)                        # nothing duplicated
+    assert p.scalar("SELECT count(*) FROM estimates WHERE obsid = :g", g=p.galaxy) == 0
+    # progress on stderr, summary (done, flagged, failed) on stdout
+    assert "batches" in err and "spectra/s" in err
+    assert f"done {estimated}" in out and "flagged" in out and "failed 1" in out
+    assert p.rows("SELECT status, n_loaded, n_quarantined FROM ingest_runs "
+                  "WHERE kind = 'infer'") == [("finished", estimated, 1)]
+
+
+def test_unreadable_spectrum_is_a_failure_and_its_batch_is_written(pipeline):
+    p = pipeline
+    stage, reason, attempts = p.rows(
+        "SELECT stage, reason, attempts FROM estimate_failures WHERE obsid = :o "
+        "AND model_version = :v", o=p.broken, v=p.v1)[0]
+    assert stage == "read" and reason and attempts >= 1
+    stars = [r[0] for r in p.rows("SELECT obsid FROM spectra WHERE upper(class) = 'STAR' "
+                                  "ORDER BY obsid")]
+    k = stars.index(p.broken)
+    batch = stars[k - k % BATCH:k - k % BATCH + BATCH]
+    written = {r[0] for r in p.rows("SELECT obsid FROM estimates WHERE model_version = :v",
+                                    v=p.v1)}
+    assert set(batch) - {p.broken} <= written and p.broken not in written
+
+
+def test_every_estimate_has_provenance(pipeline):
+    p = pipeline
+    from models.artifact import load_model
+
+    artifact_path = p.scalar("SELECT artifact_path FROM models WHERE version = :v", v=p.v1)
+    preprocess_hash = load_model(artifact_path)["preprocess_hash"]
+    run_id = p.scalar("SELECT run_id FROM ingest_runs WHERE kind = 'infer'")
+    rows = p.rows("SELECT model_version, code_version, preprocessing_hash, run_id, created_at "
+                  "FROM estimates")
+    assert rows and all(all(value is not None for value in row) for row in rows)
+    assert {r[0] for r in rows} == {p.v1}
+    assert {r[2] for r in rows} == {preprocess_hash}
+    assert {r[3] for r in rows} == {run_id}
+    # estimates inside the simulated range have the integrated uncertainty too
+    assert p.scalar("SELECT count(*) FROM estimates WHERE teff_err IS NULL "
+                    "OR teff_err_model IS NULL") == 0
+
+
+def test_export_release_files(pipeline):
+    p = pipeline
+    from astropy.io import fits
+    from astropy.io.votable import parse_single_table
+    from astropy.table import Table
+
+    estimated, _ = counts(p, p.v1)
+    files = {fmt: p.tmp / f"vac.{ext}" for fmt, ext in
+             (("csv", "csv"), ("fits", "fits"), ("votable", "xml"))}
+    for fmt, path in files.items():
+        code, out, err = run_cli("export", "--format", fmt, "--out", path, "--url", p.url)
+        assert code == 0, err
+    expected = ["obsid", "ra", "dec", "snrg", "teff", "teff_err", "teff_err_model", "logg",
+                "logg_err", "logg_err_model", "feh", "feh_err", "feh_err_model", "flags",
+                "model_version"]
+    csv_table = Table.read(files["csv"], format="ascii.csv")
+    assert csv_table.colnames == expected and len(csv_table) == estimated
+    assert set(csv_table["model_version"]) == {p.v1}
+    with fits.open(files["fits"]) as hdus:
+        header = hdus[1].header
+        assert hdus[1].data.shape[0] == estimated
+        assert header["MODELVER"] == p.v1
+        index = expected.index("teff") + 1
+        assert header[f"TUNIT{index}"] == "K"
+        assert header[f"TUCD{index}"] == "phys.temperature.effective"
+        assert "temperature" in header[f"TCOMM{index}"]
+    vot = parse_single_table(str(files["votable"]))
+    teff = vot.get_field_by_id_or_name("teff")
+    assert teff.ucd == "phys.temperature.effective" and str(teff.unit) == "K"
+    assert "temperature" in teff.description
+    assert len(vot.array) == estimated
+
+
+def test_new_model_reprocesses_exactly_the_stale_spectra(pipeline):
+    p = pipeline
+    before_v1 = counts(p, p.v1)
+    code, out, err = run_cli("train", *TRAIN_ARGS, "--seed", "1", "--model-dir", p.model_dir,
+                             "--url", p.url)
+    assert code == 0, err
+    v2 = out.strip().splitlines()[-1]
+    assert v2 != p.v1
+    assert dict(p.rows("SELECT version, status FROM models")) == {p.v1: "retired",
+                                                                  v2: "current"}
+    code, out, err = p.infer("--stale")
+    assert code == 0, (out, err)
+    assert f"{p.n_star} spectra" in out
+    assert sum(counts(p, v2)) == p.n_star
+    assert counts(p, p.v1) == before_v1                      # old version stays queryable
+    assert p.scalar("SELECT count(*) FROM v_estimates WHERE model_version = :v",
+                    v=p.v1) == before_v1[0]
+    assert_no_duplicates(p)
+
+    # Five estimates of the current model go missing: the scheduled reprocessing (beat
+    # entry reprocess_stale) re-runs exactly those five, and nothing else.
+    victims = [r[0] for r in p.rows("SELECT obsid FROM estimates WHERE model_version = :v "
+                                    "ORDER BY obsid LIMIT 5 OFFSET 20", v=v2)]
+    kept_runs = dict(p.rows("SELECT obsid, run_id FROM estimates WHERE model_version = :v",
+                            v=v2))
+    with p.engine.begin() as connection:
+        connection.execute(E.delete().where(E.c.model_version == v2, E.c.obsid.in_(victims)))
+    if p.mode == "sqlite-eager":
+        from etl import tasks
+
+        result = tasks.reprocess_stale.apply(kwargs={"database_url": p.url}).get()
+        assert result["spectra"] == 5 and result["model_version"] == v2
+    else:
+        log = open(p.tmp / "beat.log", "w")
+        p.beat = subprocess.Popen(
+            [sys.executable, "-m", "etl.cli", "beat", "--schedule-file",
+             str(p.tmp / "beat-schedule")],
+            env=p.env(LAMOST_VAC_REPROCESS_INTERVAL_S="1"), stdout=log,
+            stderr=subprocess.STDOUT, cwd=p.tmp, start_new_session=True)
+        p.beat.log = log
+        p.ensure_worker()
+        wait_for(lambda: counts(p, v2)[0] == len(kept_runs), 90,
+                 "the beat to re-estimate the five spectra", interval=0.2)
+        Pipeline.kill(p.beat, signal.SIGTERM)
+    after = dict(p.rows("SELECT obsid, run_id FROM estimates WHERE model_version = :v", v=v2))
+    assert set(after) == set(kept_runs)
+    changed = {o for o in after if after[o] != kept_runs[o]}
+    assert changed == set(victims)
+    assert_no_duplicates(p)
+    code, out, err = p.infer("--stale")
+    assert code == 0 and "0 spectra" in out
