@@ -13,8 +13,10 @@ from models.artifact import IncompatibleArtifactError
 COMMAND_MODULES = [
     "etl.commands.files",
     "etl.commands.evaluate",
+    "etl.commands.demo",
     "etl.commands.db",
     "etl.commands.pipeline",
+    "service.commands",
 ]
 
 

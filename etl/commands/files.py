@@ -31,13 +31,49 @@ def parse_range(text, what):
     return lo, hi
 
 
-def _add_catalogue_arguments(parser):
+def add_training_arguments(parser):
+    """Options shared by ``train`` (database) and ``train-files``."""
+    parser.add_argument("--snr-range", default="10,20", help="SNRg range of training spectra, LOW,HIGH "
+                        "(LOW < SNRg <= HIGH; default 10,20 as in the paper)")
+    parser.add_argument("--wave-range", default="3881,8890", help="rest-frame wavelength range in "
+                        "Angstrom (use 3881,7400 for MILES-based simulated data)")
+    parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
+    parser.add_argument("--holdout", type=float, default=0.15,
+                        help="fraction of stars held out for uncertainty calibration (default 0.15)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="MLP epoch limit (default: the model's; lower for quick trials)")
+    parser.add_argument("--lasso-folds", type=int, default=None,
+                        help="LASSO cross-validation folds (default 10, as in the paper)")
+    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+
+
+def model_parameters(args):
+    """LassoMLPNet keyword arguments of the quick-trial options (beyond --ensemble, --jobs)."""
+    params = {}
+    if args.max_epochs is not None:
+        params["max_epochs"] = args.max_epochs
+    if args.lasso_folds is not None:
+        params["cv"] = args.lasso_folds
+    return params
+
+
+def print_held_out(metrics):
+    for label, per in metrics.get("held_out", {}).items():
+        s = per["all"]
+        if s["n"]:
+            print(f"held-out {label}: MAE {s['mae']:.4g}  mu {s['mu']:+.3g}  sigma {s['sigma']:.4g} "
+                  f"(n={s['n']})", file=sys.stderr)
+
+
+def _add_catalogue_arguments(parser, jobs=True):
     parser.add_argument("--catalog", required=True,
                         help="LAMOST LRS catalogue (CSV or FITS, .gz ok) with obsid, ra, dec, snrg, z "
                              "and filename or lmjd/planid/spid/fiberid")
     parser.add_argument("--spectra-root", required=True,
                         help="folder holding the spec-*.fits[.gz] files, at any depth")
-    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+    if jobs:
+        parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
 
 
 def register(subparsers):
@@ -47,21 +83,14 @@ def register(subparsers):
                     "radius, good_flag == 1 only), hold out a fraction of the stars to calibrate "
                     "the integrated uncertainty, train one LASSO selection and an ensemble of "
                     "sigmoid MLPs per label, and write the model artifact.")
-    _add_catalogue_arguments(train)
+    _add_catalogue_arguments(train, jobs=False)
+    add_training_arguments(train)
     train.add_argument("--labels", required=True,
                        help="APOGEE Payne label catalogue (2-D 'payne' column or flat TEFF/LOGG/FE_H)")
     train.add_argument("--label-columns", default=None,
                        help="explicit column mapping, e.g. 'teff=TEFF,logg=LOGG,feh=PARAM_M_H'")
     train.add_argument("--out", required=True, help="artifact file to write (e.g. model.joblib)")
-    train.add_argument("--snr-range", default="10,20", help="SNRg range of training spectra, LOW,HIGH "
-                       "(LOW < SNRg <= HIGH; default 10,20 as in the paper)")
-    train.add_argument("--wave-range", default="3881,8890", help="rest-frame wavelength range in "
-                       "Angstrom (use 3881,7400 for MILES-based simulated data)")
-    train.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
     train.add_argument("--radius", type=float, default=3.0, help="cross-match radius, arcsec")
-    train.add_argument("--holdout", type=float, default=0.15,
-                       help="fraction of stars held out for uncertainty calibration (default 0.15)")
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--baselines", action="store_true",
                        help="also fit the paper's six comparison models on the same features and "
                             "store them in the artifact (for evaluate's comparison table)")
@@ -96,7 +125,7 @@ def run_train_files(args):
         features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
         matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
         random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
-        progress=lambda labels: progress(labels, len(labels), "training"))
+        progress=lambda labels: progress(labels, len(labels), "training"), **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
                     radius_arcsec=args.radius)
     extra = {}
@@ -110,11 +139,7 @@ def run_train_files(args):
     summary = {"version": version, "artifact": os.path.abspath(args.out), "sha256": sha,
                "n_train": training["n_spectra"], "held_out": metrics.get("held_out", {})}
     print(json.dumps({k: summary[k] for k in ("version", "artifact", "n_train")}))
-    for label, per in metrics.get("held_out", {}).items():
-        s = per["all"]
-        if s["n"]:
-            print(f"held-out {label}: MAE {s['mae']:.4g}  mu {s['mu']:+.3g}  sigma {s['sigma']:.4g} "
-                  f"(n={s['n']})", file=sys.stderr)
+    print_held_out(metrics)
     return 0
 
 

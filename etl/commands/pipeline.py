@@ -11,7 +11,7 @@ import sys
 import time
 
 from etl import db
-from etl.commands.files import parse_range
+from etl.commands.files import add_training_arguments, model_parameters, parse_range, print_held_out
 from etl.settings import settings
 
 
@@ -41,15 +41,7 @@ def register_train(subparsers):
         "STAR spectrum, good labels only), train with the train-files recipe, store the "
         "artifact in --model-dir and register the model version as current (the previous "
         "current model is retired; its estimates stay). Prints the version.")
-    parser.add_argument("--snr-range", default="10,20",
-                        help="SNRg range of training spectra, LOW,HIGH (default %(default)s)")
-    parser.add_argument("--wave-range", default="3881,8890",
-                        help="rest-frame wavelength range, Angstrom (3881,7400 for MILES-based "
-                        "simulated data; default %(default)s)")
-    parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
-    parser.add_argument("--holdout", type=float, default=0.15,
-                        help="fraction of stars held out for calibration (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_arguments(parser)
     parser.add_argument("--label-set", default=None,
                         help="reference label set (default: the only one cross-matched)")
     parser.add_argument("--model-dir", default=settings.model_dir,
@@ -57,11 +49,6 @@ def register_train(subparsers):
     parser.add_argument("--spectra-root", default=None,
                         help="folder of the spectrum files (default: LAMOST_VAC_SPECTRA_ROOT, "
                         "else the root recorded by the ingest)")
-    parser.add_argument("--jobs", type=int, default=-1, help="processes (-1 = all cores)")
-    parser.add_argument("--max-epochs", type=int, default=None,
-                        help="MLP epoch limit (default: the model's, 200; lower for quick trials)")
-    parser.add_argument("--lasso-folds", type=int, default=None,
-                        help="LASSO cross-validation folds (default: the model's, 10)")
     parser.add_argument("--notes", default=None, help="free text stored with the model")
     _add_url(parser)
     parser.set_defaults(func=run_train)
@@ -70,11 +57,7 @@ def register_train(subparsers):
 def run_train(args):
     from etl.training import TrainOptions, train_from_database
 
-    params = {}
-    if args.max_epochs is not None:
-        params["max_epochs"] = args.max_epochs
-    if args.lasso_folds is not None:
-        params["cv"] = args.lasso_folds
+    params = model_parameters(args)
     options = TrainOptions(
         snr_range=parse_range(args.snr_range, "--snr-range"),
         wave_range=parse_range(args.wave_range, "--wave-range"), ensemble=args.ensemble,
@@ -89,11 +72,7 @@ def run_train(args):
         return 1
     finally:
         engine.dispose()
-    for label, per in result["metrics"].get("held_out", {}).items():
-        s = per["all"]
-        if s["n"]:
-            print(f"held-out {label}: MAE {s['mae']:.4g}  mu {s['mu']:+.3g}  "
-                  f"sigma {s['sigma']:.4g} (n={s['n']})", file=sys.stderr)
+    print_held_out(result["metrics"])
     print(f"registered {result['version']} as current ({result['n_train']} training spectra; "
           f"artifact {result['artifact']})", file=sys.stderr)
     print(result["version"])

@@ -1,0 +1,395 @@
+"""Benchmark: the query service on 1 million estimates in PostgreSQL (Q3C).
+
+In one run:
+1. Loads N spectra and their current-model estimates (COPY) into a throwaway database,
+   positions jittered (Gaussian, 0.5 deg) around the real LAMOST DR10 positions in
+   ``data/labels/lamost_dr10_lasp_afg_rows.csv`` (labels from the same rows), then
+   clusters on the Q3C index and ANALYZEs, as ``lamost-vac db maintain`` does.
+2. Latency p50/p95/p99 of 1-arcmin and 10-arcmin cones (centres: random catalogue
+   positions), each measured three ways with the same centres:
+   * ``raw_sql_q3c``: ``SELECT ... FROM spectra WHERE q3c_radial_query(...)`` via psycopg;
+   * ``raw_sql_scs_query``: the exact statement /scs runs (join to the current model's
+     estimates, distance, ORDER BY distance) via psycopg;
+   * ``scs_http``: ``GET /scs`` (VOTable) over HTTP from gunicorn (2 sync workers),
+     reader role, one request at a time.
+3. Throughput: ``GET /scs`` 1-arcmin cones from several client processes against the same
+   gunicorn, a bounded number of requests; requests/s and error count.
+
+Usage:
+    python bench/api.py [--rows 1000000] [--requests 300] [--load-requests 6000]
+Needs PostgreSQL with q3c (LAMOST_VAC_TEST_PG_URL, default
+postgresql+psycopg://postgres@127.0.0.1:5432/postgres) and gunicorn; the database
+lamost_vac_bench_api_<pid> is created and dropped. Prints one JSON document.
+"""
+import argparse
+import csv
+import datetime as dt
+import http.client
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlencode
+
+import numpy as np
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from etl import db, schema  # noqa: E402
+from etl.settings import settings  # noqa: E402
+
+PG_URL = os.environ.get("LAMOST_VAC_TEST_PG_URL",
+                        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+MODEL = "bench-1.0"
+RADII_ARCMIN = (1.0, 10.0)
+
+
+def real_positions(shared):
+    path = os.path.join(shared, "data", "labels", "lamost_dr10_lasp_afg_rows.csv")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return rows
+
+
+def load(url, n, rng, shared):
+    rows = real_positions(shared)
+    pick = rng.integers(0, len(rows), n)
+    ra0 = np.array([float(rows[i]["ra"]) for i in pick])
+    dec0 = np.array([float(rows[i]["dec"]) for i in pick])
+    dec = np.clip(dec0 + rng.normal(0, 0.5, n), -89.99, 89.99)
+    ra = (ra0 + rng.normal(0, 0.5, n) / np.cos(np.radians(dec))) % 360.0
+    ra[ra >= 360.0] = 0.0
+    teff = np.array([float(rows[i]["teff"] or 5000) for i in pick]) + rng.normal(0, 50, n)
+    logg = np.array([float(rows[i]["logg"] or 4) for i in pick]) + rng.normal(0, 0.1, n)
+    feh = np.array([float(rows[i]["feh"] or 0) for i in pick]) + rng.normal(0, 0.05, n)
+    snrg = np.array([float(rows[i]["snrg"] or 20) for i in pick])
+    zone_height = schema.ZONE_HEIGHT_DEG
+    zone = np.minimum(np.floor((dec + 90.0) / zone_height).astype(int),
+                      int(np.ceil(180.0 / zone_height)) - 1)
+    obsid = np.arange(1_000_000_000, 1_000_000_000 + n)
+    flags = rng.choice([0, 0, 0, 0, 1, 2, 4], n)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    engine = db.make_engine(url)
+    started = time.perf_counter()
+    with engine.begin() as connection:
+        connection.execute(schema.models.insert().values(
+            version=MODEL, created_at=now, artifact_path="bench", artifact_sha256="0" * 64,
+            training_set={"bench": True}, metrics={}, status="current"))
+        db.copy_rows(connection, "spectra", ["obsid", "ra", "dec", "zone", "snrg", "class"],
+                     zip(obsid.tolist(), ra.tolist(), dec.tolist(), zone.tolist(),
+                         snrg.tolist(), ["STAR"] * n))
+        estimate_columns = ["obsid", "model_version", "teff", "teff_err_model", "teff_err",
+                            "logg", "logg_err_model", "logg_err", "feh", "feh_err_model",
+                            "feh_err", "flags", "code_version", "preprocessing_hash",
+                            "run_id", "created_at"]
+        db.copy_rows(connection, "estimates", estimate_columns, (
+            (o, MODEL, t, 40.0, 90.0, g, 0.05, 0.12, f, 0.03, 0.07, fl, "bench", "0" * 16,
+             "bench", now)
+            for o, t, g, f, fl in zip(obsid.tolist(), teff.tolist(), logg.tolist(),
+                                      feh.tolist(), flags.tolist())))
+    loaded = time.perf_counter() - started
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        db.cluster_on_position(connection)
+        db.analyze(connection, ["estimates", "models"])
+        connection.exec_driver_sql("VACUUM ANALYZE estimates")
+    maintained = time.perf_counter() - started - loaded
+    engine.dispose()
+    return ra, dec, {"load_s": round(loaded, 1), "cluster_analyze_s": round(maintained, 1)}
+
+
+def percentiles(samples_s):
+    ms = np.asarray(samples_s) * 1000.0
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p95_ms": round(float(np.percentile(ms, 95)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "n": int(len(ms))}
+
+
+def raw_sql_latency(url, centres, radius_deg, statement_sql, generic=False, warmup=20):
+    """Client-side latency (execute + fetch) through psycopg. ``generic=False``: a plain
+    parameterised query, planned for each call (what psql or a simple client gets);
+    ``generic=True``: a prepared statement with a generic plan (what the service does)."""
+    import psycopg
+
+    parsed = make_url(url)
+    # JIT off as in the service (a generic Q3C plan's cost estimate would trigger a JIT
+    # compilation costing seconds).
+    options = "-c jit=off" + (" -c plan_cache_mode=force_generic_plan" if generic else "")
+    connection = psycopg.connect(host=parsed.host, port=parsed.port or 5432,
+                                 user=parsed.username, dbname=parsed.database,
+                                 autocommit=True, options=options)
+    timings, rows = [], []
+    with connection.cursor() as cursor:
+        for i, (ra, dec) in enumerate(list(centres[:warmup]) + list(centres)):
+            started = time.perf_counter()
+            cursor.execute(statement_sql, {"ra": ra, "dec": dec, "r": radius_deg},
+                           prepare=generic)
+            result = cursor.fetchall()
+            if i >= warmup:
+                timings.append(time.perf_counter() - started)
+                rows.append(len(result))
+    connection.close()
+    return timings, rows
+
+
+RAW_Q3C = ("SELECT obsid, ra, dec FROM spectra "
+           "WHERE q3c_radial_query(ra, dec, %(ra)s, %(dec)s, %(r)s)")
+
+
+def scs_equivalent_sql():
+    """The statement /scs compiles (VERB=2), as text with psycopg placeholders."""
+    from sqlalchemy.dialects import postgresql
+
+    from service.blueprints.scs import scs_statement
+
+    dialect = postgresql.psycopg.dialect()
+
+    class Bind:  # just enough for etl.db.is_postgres
+        pass
+
+    bind = Bind()
+    bind.dialect = dialect
+    statement = scs_statement(bind, 11.125, 22.375, 0.3125, 2, 10001)
+    compiled = statement.compile(dialect=dialect)
+    sql = compiled.string
+    mapping = {}
+    for name, value in compiled.params.items():
+        if value == 11.125:
+            mapping[name] = "%(ra)s"
+        elif value == 22.375:
+            mapping[name] = "%(dec)s"
+        elif value == 0.3125:
+            mapping[name] = "%(r)s"
+        elif isinstance(value, int):
+            mapping[name] = str(value)
+        else:
+            mapping[name] = "'" + str(value).replace("'", "''") + "'"
+    for name, replacement in mapping.items():
+        sql = sql.replace(f"%({name})s", replacement)
+    return sql.replace("::VARCHAR", "").replace("::INTEGER", "")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port, path):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return response.status, body
+
+
+def scs_path(ra, dec, radius_deg):
+    return "/scs?" + urlencode({"RA": repr(ra), "DEC": repr(dec), "SR": repr(radius_deg)})
+
+
+def http_latency(port, centres, radius_deg, warmup=20):
+    timings, errors = [], 0
+    for i, (ra, dec) in enumerate(list(centres[:warmup]) + list(centres)):
+        started = time.perf_counter()
+        status, body = http_get(port, scs_path(ra, dec, radius_deg))
+        elapsed = time.perf_counter() - started
+        if status != 200 or b'value="ERROR"' in body:
+            errors += 1
+        if i >= warmup:
+            timings.append(elapsed)
+    return timings, errors
+
+
+def _load_worker(args):
+    port, centres, radius_deg, threads = args
+    counts = {"ok": 0, "errors": 0}
+    lock = threading.Lock()
+    chunks = [centres[i::threads] for i in range(threads)]
+
+    def run(chunk):
+        ok = errors = 0
+        for ra, dec in chunk:
+            try:
+                status, body = http_get(port, scs_path(ra, dec, radius_deg))
+                if status == 200 and b'value="ERROR"' not in body:
+                    ok += 1
+                else:
+                    errors += 1
+            except OSError:
+                errors += 1
+        with lock:
+            counts["ok"] += ok
+            counts["errors"] += errors
+
+    workers = [threading.Thread(target=run, args=(chunk,)) for chunk in chunks]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return counts
+
+
+def throughput(port, centres, radius_deg, processes=2, threads=4):
+    chunks = [(port, centres[i::processes], radius_deg, threads) for i in range(processes)]
+    started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        results = pool.map(_load_worker, chunks)
+    elapsed = time.perf_counter() - started
+    ok = sum(r["ok"] for r in results)
+    errors = sum(r["errors"] for r in results)
+    return {"requests": ok + errors, "errors": errors, "seconds": round(elapsed, 2),
+            "requests_per_s": round((ok + errors) / elapsed, 1),
+            "client_processes": processes, "threads_per_process": threads}
+
+
+def start_gunicorn(url, reader_url, port, workers=2):
+    env = dict(os.environ, LAMOST_VAC_DATABASE_URL=url,
+               LAMOST_VAC_READER_DATABASE_URL=reader_url)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+         "--log-level", "warning", "service.app:create_app()"],
+        cwd=root, env=env, start_new_session=True)
+    for _ in range(200):
+        try:
+            status, _ = http_get(port, "/health")
+            if status == 200:
+                return process
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError("gunicorn exited")
+        time.sleep(0.1)
+    raise RuntimeError("gunicorn did not start")
+
+
+def stop(process):
+    if process and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _holds_rows(admin, url, name, rows):
+    with admin.connect() as connection:
+        if not connection.exec_driver_sql(
+                "SELECT 1 FROM pg_database WHERE datname = %(n)s", {"n": name}).scalar():
+            return False
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.exec_driver_sql(
+                "SELECT count(*) FROM estimates").scalar() == rows
+    except Exception:  # noqa: BLE001 -- not migrated or half loaded: load again
+        return False
+    finally:
+        engine.dispose()
+
+
+def _positions(url):
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT ra, dec FROM spectra").all()
+    engine.dispose()
+    array = np.array(rows, dtype=float)
+    return array[:, 0], array[:, 1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=300,
+                        help="cones per latency measurement")
+    parser.add_argument("--load-requests", type=int, default=6000,
+                        help="requests in the throughput run")
+    parser.add_argument("--shared", default=os.environ.get("LAMOST_VAC_SHARED",
+                                                           settings.shared_dir))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the database lamost_vac_bench_api (and reuse it when it "
+                        "already holds --rows estimates) instead of a throwaway one")
+    options = parser.parse_args()
+    rng = np.random.default_rng(options.seed)
+
+    admin = create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
+    name = "lamost_vac_bench_api" if options.keep else f"lamost_vac_bench_api_{os.getpid()}"
+    url = make_url(db.normalise_url(PG_URL)).set(database=name) \
+        .render_as_string(hide_password=False)
+    reuse = options.keep and _holds_rows(admin, url, name, options.rows)
+    if not reuse:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    reader_url = db.reader_url_for(url)
+    server = None
+    report = {"rows": options.rows, "model_version": MODEL}
+    try:
+        if reuse:
+            ra, dec = _positions(url)
+            report["load"] = "reused"
+        else:
+            db.upgrade(url)
+            ra, dec, report["load"] = load(url, options.rows, rng, options.shared)
+        pick = rng.integers(0, len(ra), options.requests)
+        centres = list(zip(((ra[pick] + rng.normal(0, 0.01, len(pick))) % 360.0).tolist(),
+                           np.clip(dec[pick] + rng.normal(0, 0.01, len(pick)), -90, 90)
+                           .tolist()))
+        scs_sql = scs_equivalent_sql()
+        port = free_port()
+        server = start_gunicorn(url, reader_url, port)
+        report["latency"] = {}
+        for arcmin in RADII_ARCMIN:
+            radius = arcmin / 60.0
+            raw, raw_rows = raw_sql_latency(reader_url, centres, radius, RAW_Q3C)
+            raw_generic, _ = raw_sql_latency(reader_url, centres, radius, RAW_Q3C,
+                                             generic=True)
+            equivalent, _ = raw_sql_latency(reader_url, centres, radius, scs_sql,
+                                            generic=True)
+            scs, errors = http_latency(port, centres, radius)
+            entry = {"rows_per_cone_mean": round(float(np.mean(raw_rows)), 2),
+                     "raw_sql_q3c": percentiles(raw),
+                     "raw_sql_q3c_prepared_generic": percentiles(raw_generic),
+                     "raw_sql_scs_query_prepared_generic": percentiles(equivalent),
+                     "scs_http": percentiles(scs), "scs_errors": errors}
+            for key in ("raw_sql_q3c", "raw_sql_q3c_prepared_generic",
+                        "raw_sql_scs_query_prepared_generic"):
+                entry[f"scs_p50_over_{key}_p50"] = round(
+                    entry["scs_http"]["p50_ms"] / entry[key]["p50_ms"], 2)
+            report["latency"][f"{arcmin:g}arcmin"] = entry
+        pick = rng.integers(0, len(ra), options.load_requests)
+        load_centres = list(zip(ra[pick].tolist(), dec[pick].tolist()))
+        http_latency(port, load_centres[:50], 1 / 60.0, warmup=0)
+        report["throughput_1arcmin"] = throughput(port, load_centres, 1 / 60.0)
+        report["throughput_1arcmin"]["gunicorn_workers"] = 2
+        report["goals"] = {
+            "scs_p50_le_2x_raw_sql_1arcmin":
+                report["latency"]["1arcmin"]["scs_p50_over_raw_sql_q3c_p50"] <= 2.0,
+            "scs_p50_le_2x_raw_sql_10arcmin":
+                report["latency"]["10arcmin"]["scs_p50_over_raw_sql_q3c_p50"] <= 2.0,
+            "ge_300_requests_per_s":
+                report["throughput_1arcmin"]["requests_per_s"] >= 300}
+        report["cpu_count"] = os.cpu_count()
+    finally:
+        stop(server)
+        if not options.keep:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

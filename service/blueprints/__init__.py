@@ -1,0 +1,1 @@
+"""HTTP resources of the query service, one blueprint each."""

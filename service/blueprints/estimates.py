@@ -1,0 +1,318 @@
+"""``GET /api/v1/estimates``: parameter-range queries over the catalogue.
+
+Ranges on teff, logg, feh, snrg and the uncertainties; quality flags; a model version
+(default: the current one); an optional cone (ra, dec, radius); column selection;
+ordering; keyset pagination (an opaque ``cursor``, with a ``next`` link in the JSON body
+and an HTTP ``Link: <...>; rel="next"`` header for every format); ``limit`` up to a hard
+maximum; formats json (default), csv, votable, fits.
+
+Also defines :data:`CATALOGUE`, the catalogue's output columns (SQL expression and
+metadata from :mod:`etl.schema`), shared with the cone search.
+"""
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import urlencode
+
+from flask import Blueprint, request
+from sqlalchemy import and_, or_, select, true
+
+from etl import db as etl_db
+from etl import schema
+from service import formats
+from service.app import state
+from service.openapi import JSON_ERROR, Param, ParamError, content, operation, parse
+
+blueprint = Blueprint("estimates", __name__)
+
+spectra = schema.spectra
+estimates = schema.estimates
+models = schema.models
+
+
+def _column(table, name):
+    for column in table.columns:
+        if column.name == name:
+            return column
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class CatalogueColumn:
+    name: str
+    expression: object
+    description: schema.ColumnDescription
+
+
+def _catalogue():
+    sources = [
+        (spectra, ["obsid", "designation", "ra", "dec", "snrg"]),
+        (estimates, ["model_version", "teff", "teff_err_model", "teff_err", "logg",
+                     "logg_err_model", "logg_err", "feh", "feh_err_model", "feh_err", "flags"]),
+        (spectra, ["snru", "snrr", "snri", "snrz", "lmjd", "mjd", "planid", "spid", "fiberid",
+                   "class", "subclass", "z", "z_err"]),
+        (estimates, ["code_version", "preprocessing_hash", "run_id", "created_at"]),
+    ]
+    out = {}
+    for table, names in sources:
+        for name in names:
+            column = _column(table, name)
+            out[name] = CatalogueColumn(name, column, schema.describe_column(column))
+    return out
+
+
+CATALOGUE = _catalogue()
+"""Output columns of the catalogue (current model's estimates joined to spectra)."""
+
+DEFAULT_COLUMNS = ["obsid", "ra", "dec", "snrg", "model_version", "teff", "teff_err_model",
+                   "teff_err", "logg", "logg_err_model", "logg_err", "feh", "feh_err_model",
+                   "feh_err", "flags"]
+RANGE_COLUMNS = ["teff", "teff_err", "teff_err_model", "logg", "logg_err", "logg_err_model",
+                 "feh", "feh_err", "feh_err_model", "snrg"]
+ORDER_COLUMNS = ["obsid", "ra", "dec", "snrg", "teff", "teff_err", "logg", "logg_err", "feh",
+                 "feh_err", "distance"]
+FLAG_MAX = 2 ** 31 - 1
+MODEL_VERSION_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,63}"
+
+
+MIN_INDEX_RADIUS_DEG = 1e-9     # 3.6 micro-arcsec; below it Q3C's arithmetic underflows
+COORDINATE_DECIMALS = 12        # 3.6 nano-arcsec: positions are rounded to this
+
+
+def cone_centre(ra, dec):
+    """(ra, dec) normalised: RA in [0, 360), both rounded to 1e-12 deg (no float underflow
+    in the database's trigonometry for denormal inputs)."""
+    ra = round(ra % 360.0, COORDINATE_DECIMALS) % 360.0
+    return ra, round(dec, COORDINATE_DECIMALS)
+
+
+def cone_filter(table, ra, dec, radius, bind):
+    """Exact cone condition; radii too small for the index get an exact distance test."""
+    if radius >= MIN_INDEX_RADIUS_DEG:
+        return etl_db.cone_condition(table, ra, dec, radius, bind)
+    return and_(etl_db.cone_condition(table, ra, dec, MIN_INDEX_RADIUS_DEG, bind),
+                etl_db.distance_deg(table, ra, dec, bind) <= radius)
+
+
+def current_model_version():
+    """SQL scalar subquery: the current model version."""
+    return select(models.c.version).where(models.c.status == "current").scalar_subquery()
+
+
+def _unit(description):
+    return f" [{description.unit}]" if description.unit else ""
+
+
+@lru_cache(maxsize=8)
+def parameters(limits):
+    params = []
+    for name in RANGE_COLUMNS:
+        d = CATALOGUE[name].description
+        params.append(Param(f"{name}_min", "number",
+                            f"Lower bound (inclusive) on {name}{_unit(d)}: {d.description}."))
+        params.append(Param(f"{name}_max", "number",
+                            f"Upper bound (inclusive) on {name}{_unit(d)}: {d.description}."))
+    flags = CATALOGUE["flags"].description.description
+    params += [
+        Param("flags", "integer", f"Only rows whose flags equal this value ({flags}).",
+              minimum=0, maximum=FLAG_MAX, example=0),
+        Param("exclude_flags", "integer",
+              "Bitmask: leave out rows with any of these flag bits set.",
+              minimum=0, maximum=FLAG_MAX),
+        Param("model_version", "string",
+              "Model version whose estimates are returned (default: the current model; "
+              "see /api/v1/models).", pattern=MODEL_VERSION_PATTERN, max_length=64),
+        Param("ra", "number", "Cone centre right ascension (ICRS) [deg]; needs dec and "
+              "radius.", minimum=0, maximum=360),
+        Param("dec", "number", "Cone centre declination (ICRS) [deg]; needs ra and radius.",
+              minimum=-90, maximum=90),
+        Param("radius", "number", "Cone radius [deg]; needs ra and dec. Adds the column "
+              "'distance' [deg].", minimum=0, exclusive_minimum=True,
+              maximum=limits.scs_max_sr_deg),
+        Param("columns", "list", "Comma-separated output columns (default: "
+              + ",".join(DEFAULT_COLUMNS) + "; 'distance' needs a cone). Available: "
+              + "; ".join(f"{c.name}{_unit(c.description)}: {c.description.description}"
+                          for c in CATALOGUE.values()) + ".",
+              choices=tuple(CATALOGUE) + ("distance",), max_length=1000),
+        Param("order", "enum", "Sort column; a leading '-' sorts descending. Nulls come "
+              "last; ties are broken by obsid.", default="obsid",
+              choices=tuple(o for name in ORDER_COLUMNS for o in (name, "-" + name))),
+        Param("cursor", "string", "Opaque position from the 'next' link of the previous "
+              "page (keyset pagination).", pattern=r"[A-Za-z0-9_\-]{1,400}", max_length=400),
+        Param("limit", "integer", f"Rows per page (at most {limits.api_max_limit}).",
+              default=limits.api_default_limit, minimum=1, maximum=limits.api_max_limit),
+        Param("format", "enum", "Output format.", default="json", choices=formats.FORMATS,
+              ignore_case=True),
+    ]
+    return tuple(params)
+
+
+operation(
+    path="/api/v1/estimates", operation_id="estimates", tags=["catalogue"],
+    summary="Estimates by parameter ranges, flags, model version and cone",
+    description="Teff, log g, [Fe/H] estimates with uncertainties, filtered by ranges, "
+                "flags and an optional cone, one page at a time (keyset pagination: follow "
+                "'next' in the JSON body or the Link header).",
+    params=parameters,
+    responses={
+        "200": {"description": "one page of rows",
+                "content": content("application/json", formats.CSV_MIME,
+                                   formats.VOTABLE_MIME, formats.FITS_MIME)},
+        "400": {"description": "invalid parameter", **JSON_ERROR},
+        "503": {"description": "statement timeout or database unavailable", **JSON_ERROR},
+    })
+
+
+# ---------------------------------------------------------------------------------------
+# Cursor: base64url(JSON [order, sort value, obsid])
+def encode_cursor(order, value, obsid) -> str:
+    raw = json.dumps([order, value, obsid], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str, order: str):
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        cursor_order, value, obsid = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise ParamError("cursor", "not a cursor from a 'next' link") from None
+    if cursor_order != order:
+        raise ParamError("cursor", f"made for order={cursor_order!r}, not {order!r}")
+    number = (int, float)
+    if not isinstance(obsid, int) or isinstance(obsid, bool) or abs(obsid) > 2 ** 63 - 1:
+        raise ParamError("cursor", "not a cursor from a 'next' link")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, number)
+                              or not math.isfinite(value)):
+        raise ParamError("cursor", "not a cursor from a 'next' link")
+    return value, obsid
+
+
+def keyset_condition(sort_expression, obsid_expression, descending, value, obsid):
+    after = obsid_expression < obsid if descending else obsid_expression > obsid
+    if value is None:
+        return and_(sort_expression.is_(None), after)
+    beyond = sort_expression < value if descending else sort_expression > value
+    return or_(beyond, and_(sort_expression == value, after), sort_expression.is_(None))
+
+
+# ---------------------------------------------------------------------------------------
+def _check_ranges(args):
+    for name in RANGE_COLUMNS:
+        low, high = args[f"{name}_min"], args[f"{name}_max"]
+        if low is not None and high is not None and low > high:
+            raise ParamError(f"{name}_min", f"larger than {name}_max ({low:g} > {high:g})")
+
+
+def _cone(args):
+    given = {k: args[k] for k in ("ra", "dec", "radius") if args[k] is not None}
+    if not given:
+        return None
+    for name in ("ra", "dec", "radius"):
+        if name not in given:
+            raise ParamError(name, "a cone needs ra, dec and radius")
+    return (*cone_centre(args["ra"], args["dec"]), args["radius"])
+
+
+def resolve_model_version(connection, requested):
+    if requested is None:
+        version = connection.execute(current_model_version().element).scalar()
+        if version is None:
+            raise ParamError("model_version", "the catalogue has no current model version; "
+                                              "name one (see /api/v1/models)")
+        return version
+    found = connection.execute(select(models.c.version)
+                               .where(models.c.version == requested)).scalar()
+    if found is None:
+        raise ParamError("model_version", f"no model version {requested!r} "
+                                          "(see /api/v1/models)")
+    return found
+
+
+def build_query(bind, args, model_version, names):
+    """(statement, sort expression) for the validated ``args``; parameterised throughout."""
+    cone = _cone(args)
+    order = args["order"]
+    descending = order.startswith("-")
+    order_name = order.lstrip("-")
+    if order_name == "distance" and cone is None:
+        raise ParamError("order", "ordering by distance needs a cone (ra, dec, radius)")
+    if "distance" in names and cone is None:
+        raise ParamError("columns", "the column 'distance' needs a cone (ra, dec, radius)")
+
+    expressions = {name: CATALOGUE[name].expression for name in CATALOGUE}
+    conditions = [estimates.c.model_version == model_version]
+    if cone is not None:
+        ra, dec, radius = cone
+        expressions["distance"] = etl_db.distance_deg(spectra, ra, dec, bind)
+        conditions.append(cone_filter(spectra, ra, dec, radius, bind))
+    for name in RANGE_COLUMNS:
+        expression = expressions[name]
+        if args[f"{name}_min"] is not None:
+            conditions.append(expression >= args[f"{name}_min"])
+        if args[f"{name}_max"] is not None:
+            conditions.append(expression <= args[f"{name}_max"])
+    if args["flags"] is not None:
+        conditions.append(estimates.c.flags == args["flags"])
+    if args["exclude_flags"]:
+        conditions.append(estimates.c.flags.op("&")(args["exclude_flags"]) == 0)
+
+    sort = expressions[order_name]
+    obsid = spectra.c.obsid
+    if args["cursor"]:
+        value, last_obsid = decode_cursor(args["cursor"], order)
+        conditions.append(keyset_condition(sort, obsid, descending, value, last_obsid)
+                          if order_name != "obsid"
+                          else (obsid < last_obsid if descending else obsid > last_obsid))
+    if order_name == "obsid":
+        ordering = [obsid.desc() if descending else obsid.asc()]
+    else:
+        ordering = [(sort.desc() if descending else sort.asc()).nulls_last(),
+                    obsid.desc() if descending else obsid.asc()]
+    columns = [expressions[n].label(n) for n in names]
+    statement = (select(*columns, sort.label("_sort_key"), obsid.label("_obsid_key"))
+                 .select_from(estimates.join(spectra, spectra.c.obsid == estimates.c.obsid))
+                 .where(and_(true(), *conditions))
+                 .order_by(*ordering)
+                 .limit(args["limit"] + 1))
+    return statement
+
+
+def output_columns(names):
+    return [formats.DISTANCE_COLUMN if n == "distance" else CATALOGUE[n].description
+            for n in names]
+
+
+@blueprint.get("/api/v1/estimates")
+def get_estimates():
+    service = state()
+    args = parse(parameters(service.limits), request.args)
+    _check_ranges(args)
+    names = list(args["columns"] or DEFAULT_COLUMNS)
+    if args["columns"] is None and _cone(args) is not None:
+        names.append("distance")
+    with service.engine.connect() as connection:
+        model_version = resolve_model_version(connection, args["model_version"])
+        statement = build_query(connection, args, model_version, names)
+        rows = connection.execute(statement).all()
+    limit = args["limit"]
+    next_url = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        query = {k: v for k, v in request.args.items() if k != "cursor"}
+        query["cursor"] = encode_cursor(args["order"], last[-2], last[-1])
+        next_url = f"{request.base_url}?{urlencode(query)}"
+    data = [tuple(row[:-2]) for row in rows]
+    columns = output_columns(names)
+    headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
+    infos = [formats.Info("model_version", model_version)]
+    if next_url:
+        infos.append(formats.Info("next", next_url))
+    return formats.render(
+        args["format"], columns, data, filename="estimates", headers=headers,
+        json_extra={"model_version": model_version, "limit": limit, "next": next_url},
+        votable_kwargs={"status_infos": [formats.Info("QUERY_STATUS", "OK")] + infos,
+                        "description": "LAMOST LRS value-added catalogue estimates"})

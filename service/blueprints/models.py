@@ -1,0 +1,47 @@
+"""``GET /api/v1/models``: the model versions with their metrics and training sets."""
+from flask import Blueprint, request
+from sqlalchemy import select
+
+from etl import schema
+from service import formats
+from service.app import state
+from service.openapi import JSON_ERROR, content, operation, parse
+
+blueprint = Blueprint("models", __name__)
+
+# The artifact's server-side path is not published; its checksum identifies it.
+MODEL_COLUMNS = [c for c in schema.models.columns if c.name != "artifact_path"]
+
+
+def parameters(limits):
+    return ()
+
+
+operation(
+    path="/api/v1/models", operation_id="models", tags=["catalogue"],
+    summary="Model versions with metrics and training sets",
+    description="Every registered model version (the current one and retired ones), "
+                "newest first, with its validation metrics and training-set description.",
+    params=parameters,
+    responses={"200": {"description": "the model versions",
+                       "content": content("application/json")},
+               "400": {"description": "unknown parameter", **JSON_ERROR},
+               "503": {"description": "database unavailable", **JSON_ERROR}})
+
+
+@blueprint.get("/api/v1/models")
+def list_models():
+    service = state()
+    parse(parameters(service.limits), request.args)
+    with service.engine.connect() as connection:
+        rows = connection.execute(
+            select(*MODEL_COLUMNS).order_by(schema.models.c.created_at.desc(),
+                                            schema.models.c.version)).mappings().all()
+    models = [dict(r) for r in rows]
+    current = [m["version"] for m in models if m["status"] == "current"]
+    return formats.json_response({
+        "current": current[0] if current else None,
+        "models": models,
+        "columns": {d.name: {"unit": d.unit, "ucd": d.ucd, "description": d.description}
+                    for d in (schema.describe_column(c) for c in MODEL_COLUMNS)},
+    })

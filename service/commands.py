@@ -1,0 +1,27 @@
+"""``lamost-vac serve``: run the read-only query service (development server).
+
+Production: ``gunicorn -w 2 -b 127.0.0.1:8000 'service.app:create_app()'``; both read the
+same environment (LAMOST_VAC_READER_DATABASE_URL, LAMOST_VAC_STATEMENT_TIMEOUT_MS and the
+limits documented in :mod:`service.app`).
+"""
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "serve", help="run the read-only query service (cone search, REST API)",
+        description="Serve /scs (IVOA cone search), /api/v1/..., VOSI and /openapi.json "
+        "from the catalogue at LAMOST_VAC_READER_DATABASE_URL (default: the writer URL, "
+        "opened read-only). For production use gunicorn: "
+        "gunicorn -w 2 -b 127.0.0.1:8000 'service.app:create_app()'.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--debug", action="store_true", help="Flask debug mode (reloader)")
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args):
+    from service.app import create_app
+
+    app = create_app()
+    app.run(host=args.host, port=args.port, debug=args.debug, threaded=True)
+    return 0

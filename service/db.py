@@ -1,0 +1,90 @@
+"""The service's database engine: read-only, with a statement timeout.
+
+* URL: ``settings.reader_url`` (LAMOST_VAC_READER_DATABASE_URL; in production the
+  ``lamost_vac_reader`` role, which has SELECT only).
+* PostgreSQL: every session also starts with ``default_transaction_read_only = on`` and
+  ``statement_timeout`` = LAMOST_VAC_STATEMENT_TIMEOUT_MS, so even a URL with a writing
+  role cannot write through the service and no query runs longer than the timeout.
+* SQLite: the file is opened with ``mode=ro`` (and ``PRAGMA query_only``); a progress
+  handler interrupts any statement that runs past the timeout.
+"""
+import sqlite3
+import time
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+
+from etl import db as etl_db
+
+APPLICATION_NAME = "lamost-vac-service"
+PROGRESS_STEPS = 2000      # SQLite VM instructions between two timeout checks
+
+
+def sqlite_read_only_url(url: str) -> str:
+    """The SQLite ``url`` opened read-only (``mode=ro``)."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if "mode=ro" in database or parsed.query.get("mode") == "ro":
+        return url
+    return etl_db.reader_url_for(url)
+
+
+def make_service_engine(settings, pool_size: int = 5, generic_plans: bool = False) -> Engine:
+    """The read-only engine. ``generic_plans`` (PostgreSQL): sessions use
+    ``plan_cache_mode = force_generic_plan`` -- for the fixed cone-search statement only:
+    a Q3C cone expands into ~100 index ranges whose planning costs milliseconds per query,
+    while a prepared statement with a generic plan computes them at execution from the
+    bound values. psycopg prepares a statement from its second execution on a connection.
+    JIT compilation is off: it costs far more than these short queries run.
+    """
+    url = etl_db.normalise_url(settings.reader_url)
+    timeout_ms = int(settings.statement_timeout_ms)
+    if url.startswith("sqlite"):
+        engine = etl_db.make_engine(sqlite_read_only_url(url))
+        _install_sqlite_guards(engine, timeout_ms)
+        return engine
+    options = "-c default_transaction_read_only=on -c jit=off"
+    if generic_plans:
+        options += " -c plan_cache_mode=force_generic_plan"
+    if timeout_ms > 0:
+        options += f" -c statement_timeout={timeout_ms}"
+    # AUTOCOMMIT: a read-only query needs no BEGIN / ROLLBACK round trips (each statement
+    # is its own read-only transaction). No pool_pre_ping: it would cost a round trip per
+    # request; a connection broken by a database restart fails one request (503) and the
+    # pool is then invalidated.
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                         pool_recycle=3600, isolation_level="AUTOCOMMIT",
+                         connect_args={"options": options, "prepare_threshold": 1,
+                                       "application_name": APPLICATION_NAME})
+
+
+def _install_sqlite_guards(engine, timeout_ms):
+    @event.listens_for(engine, "connect")
+    def _read_only_and_deadline(dbapi_connection, record):
+        dbapi_connection.execute("PRAGMA query_only = ON")
+        state = {"deadline": None}
+        record.info["lamost_vac_deadline"] = state
+        if timeout_ms > 0:
+            def check():
+                deadline = state["deadline"]
+                return 1 if deadline is not None and time.monotonic() > deadline else 0
+            dbapi_connection.set_progress_handler(check, PROGRESS_STEPS)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _start_clock(connection, cursor, statement, parameters, context, executemany):
+        state = connection.info.get("lamost_vac_deadline")
+        if state is not None and timeout_ms > 0:
+            state["deadline"] = time.monotonic() + timeout_ms / 1000.0
+
+
+def is_statement_timeout(error: BaseException) -> bool:
+    """True for a PostgreSQL statement timeout or an interrupted SQLite statement."""
+    original = getattr(error, "orig", error)
+    try:
+        from psycopg import errors as pg_errors
+
+        if isinstance(original, pg_errors.QueryCanceled):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(original, sqlite3.OperationalError) and "interrupted" in str(original)

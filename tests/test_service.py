@@ -1,0 +1,691 @@
+"""The read-only query service (service/): cone search, range queries, formats, limits,
+read-only access, OpenAPI (schemathesis), on SQLite and PostgreSQL (Q3C)."""
+import base64
+import datetime as dt
+import io
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+from sqlalchemy import insert, text
+
+from etl import db, schema
+from etl.settings import Settings
+
+try:
+    import schemathesis
+except ImportError:         # test-only tool: pip install schemathesis
+    schemathesis = None
+
+N_SPECTRA = 3000
+CURRENT, RETIRED = "v2.0", "v1.0"
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------
+# Test catalogue: jittered positions, dense near the poles, across RA = 0/360 and in a
+# cluster; two model versions (current, retired).
+def make_catalogue(seed=5):
+    rng = np.random.default_rng(seed)
+    parts = []
+
+    def uniform(n):
+        ra = rng.uniform(0, 360, n)
+        dec = np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+        return ra, dec
+
+    parts.append(uniform(1200))
+    for pole in (90.0, -90.0):                          # within 0.5 deg of each pole
+        ra = rng.uniform(0, 360, 300)
+        dec = pole - np.sign(pole) * rng.uniform(0, 0.5, 300)
+        parts.append((ra, dec))
+    for dec0 in (0.0, 60.0):                            # straddling RA = 0/360
+        ra = rng.normal(0, 0.3, 300) % 360.0
+        dec = dec0 + rng.normal(0, 0.3, 300)
+        parts.append((ra, dec))
+    parts.append((rng.normal(150, 0.05, 600), rng.normal(30, 0.05, 600)))   # dense cluster
+    ra = np.concatenate([p[0] for p in parts]) % 360.0
+    dec = np.clip(np.concatenate([p[1] for p in parts]), -90.0, 90.0)
+    ra[ra >= 360.0] = 0.0
+    n = len(ra)
+    assert n == N_SPECTRA
+    obsid = np.arange(100001, 100001 + n)
+    teff = rng.uniform(3800, 7500, n)
+    logg = rng.uniform(0.5, 5.0, n)
+    feh = rng.uniform(-2.5, 0.5, n)
+    snrg = rng.uniform(5, 300, n)
+    flags = rng.choice([0, 0, 0, 1, 2, 4, 5], n)
+    teff_null = rng.random(n) < 0.02                    # a few estimates without Teff
+    return dict(obsid=obsid, ra=ra, dec=dec, teff=teff, logg=logg, feh=feh, snrg=snrg,
+                flags=flags, teff_null=teff_null)
+
+
+def load_catalogue(url, cat):
+    engine = db.make_engine(url)
+    spectra_rows, current_rows, retired_rows = [], [], []
+    for i in range(len(cat["obsid"])):
+        obsid, ra, dec = int(cat["obsid"][i]), float(cat["ra"][i]), float(cat["dec"][i])
+        spectra_rows.append(dict(
+            obsid=obsid, designation=f"J{i:06d}", ra=ra, dec=dec, zone=db.zone_of(dec),
+            lmjd=56000 + i % 50, mjd=56000 + i % 50, planid=f"plan{i % 7}", spid=1 + i % 16,
+            fiberid=1 + i % 250, snrg=float(cat["snrg"][i]), snrr=float(cat["snrg"][i]) * 1.2,
+            class_="STAR", subclass="G2", z=0.0001, data_version="LAMOST DR8",
+            file_path=f"spec-{obsid}.fits.gz", layout="dr8-image"))
+        teff = None if cat["teff_null"][i] else float(cat["teff"][i])
+        common = dict(obsid=obsid, code_version="0.1.0", preprocessing_hash="p" * 64,
+                      run_id="run-1", created_at=NOW, flags=int(cat["flags"][i]))
+        current_rows.append(dict(
+            common, model_version=CURRENT, teff=teff, teff_err=teff and 80.0 + i % 50,
+            teff_err_model=teff and 40.0, logg=float(cat["logg"][i]),
+            logg_err=0.1 + (i % 10) / 100, logg_err_model=0.05, feh=float(cat["feh"][i]),
+            feh_err=0.08, feh_err_model=0.04))
+        if i % 2 == 0:
+            retired_rows.append(dict(
+                common, model_version=RETIRED, teff=float(cat["teff"][i]) + 30,
+                teff_err=120.0, teff_err_model=60.0, logg=float(cat["logg"][i]), logg_err=0.2,
+                logg_err_model=0.1, feh=float(cat["feh"][i]), feh_err=0.1, feh_err_model=0.05))
+    model_common = dict(artifact_path="/models/x.joblib", artifact_sha256="a" * 64,
+                        code_version="0.1.0")
+    with engine.begin() as connection:
+        connection.execute(insert(schema.models), [
+            dict(model_common, version=RETIRED, created_at=NOW - dt.timedelta(days=30),
+                 status="retired", training_set={"n_stars": 1000, "labels": "apogee-payne"},
+                 metrics={"teff": {"bias": 5.0, "scatter": 110.0}}),
+            dict(model_common, version=CURRENT, created_at=NOW, status="current",
+                 training_set={"n_stars": 2000, "labels": "apogee-payne"},
+                 metrics={"teff": {"bias": 1.0, "scatter": 90.0}}, notes="current model")])
+        connection.execute(insert(schema.spectra), spectra_rows)
+        connection.execute(insert(schema.estimates), current_rows + retired_rows)
+        connection.execute(insert(schema.estimate_failures), [dict(
+            obsid=int(cat["obsid"][1]), model_version=RETIRED, stage="read",
+            reason="truncated file", created_at=NOW)])
+        db.analyze(connection, ["spectra", "estimates", "models"])
+    engine.dispose()
+
+
+def separation_deg(ra1, dec1, ra2, dec2):
+    """Vincenty great-circle distance (numpy), independent of the service code."""
+    lon1, lat1, lon2, lat2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    dlon = lon2 - lon1
+    num1 = np.cos(lat2) * np.sin(dlon)
+    num2 = np.cos(lat1) * np.sin(lat2) - np.sin(lat1) * np.cos(lat2) * np.cos(dlon)
+    den = np.sin(lat1) * np.sin(lat2) + np.cos(lat1) * np.cos(lat2) * np.cos(dlon)
+    return np.degrees(np.arctan2(np.hypot(num1, num2), den))
+
+
+def expected_cone(cat, ra, dec, radius):
+    """obsids within ``radius`` sorted by (distance, obsid), and their distances."""
+    distance = separation_deg(cat["ra"], cat["dec"], ra, dec)
+    inside = np.nonzero(distance <= radius)[0]
+    order = sorted(inside, key=lambda i: (distance[i], cat["obsid"][i]))
+    return [int(cat["obsid"][i]) for i in order], distance[order]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def service_db(request, make_database):
+    """A migrated catalogue with the test rows: (writer URL, reader URL, catalogue)."""
+    url = make_database(request.param)
+    db.upgrade(url)
+    cat = make_catalogue()
+    load_catalogue(url, cat)
+    return url, db.reader_url_for(url), cat
+
+
+def service_settings(url, reader_url, timeout_ms=10000):
+    return Settings(database_url=url, reader_database_url=reader_url,
+                    statement_timeout_ms=timeout_ms)
+
+
+@pytest.fixture(scope="module")
+def app(service_db):
+    from service.app import create_app
+
+    url, reader_url, _ = service_db
+    application = create_app(service_settings(url, reader_url))
+    application.config["TESTING"] = True
+    yield application
+    application.extensions["lamost_vac"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def cat(service_db):
+    return service_db[2]
+
+
+SCS_UCD1 = ("ID_MAIN", "POS_EQ_RA_MAIN", "POS_EQ_DEC_MAIN")
+
+
+def parse_votable(data):
+    """Parse with astropy; any VOTable warning fails, except W06 for the three UCD1 words
+    that SCS requires (and pyvo looks for) although VOTable >= 1.2 expects UCD1+."""
+    from astropy.io.votable import parse
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        votable = parse(io.BytesIO(data), verify="warn")
+    unexpected = [str(w.message) for w in caught
+                  if not ("W06" in str(w.message)
+                          and any(f"'{word}'" in str(w.message) for word in SCS_UCD1))
+                  # log(cm.s**-2) is the VOUnits spec's own example; astropy cannot parse
+                  # unit functions.
+                  and not ("W50" in str(w.message) and "log(cm.s**-2)" in str(w.message))]
+    assert not unexpected, unexpected
+    return votable
+
+
+def scs(client, **params):
+    response = client.get("/scs", query_string=params)
+    assert response.status_code == 200, response.data[:500]
+    return response
+
+
+# ---------------------------------------------------------------------------------------
+# Cone search
+CONES = [
+    (150.0, 30.0, 0.02),            # dense cluster
+    (150.0, 30.0, 0.2),
+    (0.0, 0.0, 0.5),                # across RA = 0/360
+    (359.9, 0.1, 0.4),
+    (360.0, 60.0, 0.6),             # RA = 360 is RA = 0
+    (0.2, 60.2, 0.3),
+    (17.0, 89.9, 0.3),              # north pole inside the cone
+    (200.0, 89.5, 0.2),             # near, not over, the pole
+    (0.0, 90.0, 0.4),
+    (123.0, -89.8, 0.5),            # south pole
+    (300.0, -90.0, 0.25),
+    (45.0, -30.0, 9.9),             # wide cone
+]
+
+
+@pytest.mark.parametrize("ra, dec, radius", CONES)
+def test_cone_search_is_exact_and_ordered_by_distance(client, cat, ra, dec, radius):
+    expected_ids, expected_distance = expected_cone(cat, ra, dec, radius)
+    assert expected_ids, "test cone must not be empty"
+    table = parse_votable(scs(client, RA=ra, DEC=dec, SR=radius, VERB=1).data) \
+        .get_first_table().to_table()
+    assert [int(i) for i in table["obsid"]] == expected_ids
+    assert np.allclose(np.asarray(table["distance"]), expected_distance, rtol=0, atol=1e-9)
+    assert np.all(np.diff(np.asarray(table["distance"])) >= 0)
+
+
+def test_cone_search_votable_follows_scs(client, cat):
+    response = scs(client, RA=150, DEC=30, SR=0.05)
+    assert response.mimetype == "application/x-votable+xml"
+    votable = parse_votable(response.data)
+    assert len(votable.resources) == 1 and votable.resources[0].type == "results"
+    resource = votable.resources[0]
+    assert len(resource.tables) == 1
+    statuses = [i.value for i in resource.infos if i.name == "QUERY_STATUS"]
+    assert statuses == ["OK"]
+    fields = {f.name: f for f in resource.tables[0].fields}
+    ucds = [f.ucd for f in fields.values()]
+    for ucd in ("ID_MAIN", "POS_EQ_RA_MAIN", "POS_EQ_DEC_MAIN"):
+        assert ucds.count(ucd) == 1
+    assert fields["obsid"].ucd == "ID_MAIN" and fields["obsid"].datatype == "long"
+    assert (fields["distance"].ucd, fields["distance"].unit) == ("pos.angDistance", "deg")
+    assert (fields["teff"].ucd, str(fields["teff"].unit)) == ("phys.temperature.effective", "K")
+    assert fields["teff_err"].ucd == "stat.error;phys.temperature.effective"
+    assert fields["feh"].ucd == "phys.abund.Fe" and fields["feh"].description
+    rows = resource.tables[0].to_table()
+    assert set(rows["model_version"]) == {CURRENT}          # current model only
+
+
+def test_cone_search_verbosity(client):
+    names = {}
+    for verb in (1, 2, 3):
+        table = parse_votable(scs(client, RA=150, DEC=30, SR=0.01, VERB=verb).data) \
+            .get_first_table()
+        names[verb] = [f.name for f in table.fields]
+    assert names[1] == ["obsid", "ra", "dec", "distance"]
+    assert set(names[1]) < set(names[2]) < set(names[3])
+    assert {"teff_err_model", "planid", "preprocessing_hash"} <= set(names[3])
+
+
+def test_maxrec_overflow_info_after_the_table(client, cat):
+    expected_ids, _ = expected_cone(cat, 150.0, 30.0, 0.1)
+    assert len(expected_ids) > 5
+    response = scs(client, RA=150, DEC=30, SR=0.1, MAXREC=5)
+    assert response.headers["X-Query-Status"] == "OVERFLOW"
+    body = response.data.decode()
+    assert body.index('value="OVERFLOW"') > body.index("</TABLE>")
+    votable = parse_votable(response.data)
+    assert [int(i) for i in votable.get_first_table().to_table()["obsid"]] == expected_ids[:5]
+    statuses = [i.value for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
+    assert statuses == ["OK", "OVERFLOW"]
+    exact = scs(client, RA=150, DEC=30, SR=0.1, MAXREC=len(expected_ids))
+    assert exact.headers["X-Query-Status"] == "OK"
+
+
+@pytest.mark.parametrize("params", [dict(SR=0), dict(SR=0.1, MAXREC=0)])
+def test_sr_zero_or_maxrec_zero_returns_metadata_only(client, params):
+    votable = parse_votable(scs(client, RA=150, DEC=30, **params).data)
+    table = votable.get_first_table()
+    assert len(table.array) == 0
+    assert [f.name for f in table.fields][:4] == ["obsid", "ra", "dec", "distance"]
+
+
+@pytest.mark.parametrize("params, parameter", [
+    (dict(DEC=30, SR=0.1), "RA"),
+    (dict(RA="", DEC=30, SR=0.1), "RA"),
+    (dict(RA="abc", DEC=30, SR=0.1), "RA"),
+    (dict(RA="nan", DEC=30, SR=0.1), "RA"),
+    (dict(RA=361, DEC=30, SR=0.1), "RA"),
+    (dict(RA=150, SR=0.1), "DEC"),
+    (dict(RA=150, DEC=91, SR=0.1), "DEC"),
+    (dict(RA=150, DEC=-90.5, SR=0.1), "DEC"),
+    (dict(RA=150, DEC="1e999", SR=0.1), "DEC"),
+    (dict(RA=150, DEC=30), "SR"),
+    (dict(RA=150, DEC=30, SR=-1), "SR"),
+    (dict(RA=150, DEC=30, SR=10.5), "SR"),
+    (dict(RA=150, DEC=30, SR=0.1, VERB=4), "VERB"),
+    (dict(RA=150, DEC=30, SR=0.1, MAXREC=-1), "MAXREC"),
+    (dict(RA=150, DEC=30, SR=0.1, RESPONSEFORMAT="pdf"), "RESPONSEFORMAT"),
+])
+def test_cone_search_errors_are_votable_documents(client, params, parameter):
+    response = client.get("/scs", query_string=params)
+    assert response.status_code == 200
+    assert response.mimetype == "application/x-votable+xml"
+    votable = parse_votable(response.data)
+    status = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
+    assert len(status) == 1 and status[0].value == "ERROR"
+    assert status[0].content.startswith(parameter + ":")
+
+
+@pytest.mark.parametrize("query", [
+    # Found by schemathesis: a denormal SR underflowed inside q3c_radial_query (500).
+    "/scs?RA=325.7&DEC=22.89&SR=2.0967174581272007e-182",
+    "/scs?RA=1e-300&DEC=-1e-300&SR=0.5",
+    "/scs?RA=359.99999999999999&DEC=89.999999999999&SR=1e-300&VERB=3",
+    "/scs?RA=0&DEC=-90&SR=10&MAXREC=99999999999999",
+    "/api/v1/estimates?ra=1e-300&dec=-1e-300&radius=1e-300",
+    "/api/v1/estimates?teff_min=-1e300&logg_max=1e300&ra=360&dec=90&radius=1e-320",
+])
+def test_extreme_but_valid_numbers_are_answered(client, query):
+    response = client.get(query)
+    assert response.status_code == 200, response.data[:300]
+    assert b'value="ERROR"' not in response.data
+
+
+def test_cone_search_parameter_names_are_case_insensitive_and_extra_ignored(client, cat):
+    response = client.get("/scs?ra=150&Dec=30&sr=0.02&verb=1&foo=bar")
+    table = parse_votable(response.data).get_first_table().to_table()
+    assert [int(i) for i in table["obsid"]] == expected_cone(cat, 150, 30, 0.02)[0]
+    twice = parse_votable(client.get("/scs?RA=150&ra=151&DEC=30&SR=0.1").data)
+    assert "given more than once" in twice.resources[0].infos[0].content
+
+
+def test_cone_search_formats(client, cat):
+    from astropy.io import fits
+
+    expected_ids, _ = expected_cone(cat, 150.0, 30.0, 0.03)
+    as_json = scs(client, RA=150, DEC=30, SR=0.03, RESPONSEFORMAT="json").get_json()
+    assert [r["obsid"] for r in as_json["rows"]] == expected_ids
+    assert as_json["columns"][0]["ucd"] == "ID_MAIN" and as_json["query_status"] == "OK"
+    as_csv = scs(client, RA=150, DEC=30, SR=0.03, RESPONSEFORMAT="text/csv")
+    assert as_csv.mimetype == "text/csv"
+    lines = as_csv.data.decode().splitlines()
+    assert lines[0].split(",")[:4] == ["obsid", "ra", "dec", "distance"]
+    assert [int(line.split(",")[0]) for line in lines[1:]] == expected_ids
+    as_fits = scs(client, RA=150, DEC=30, SR=0.03, RESPONSEFORMAT="fits")
+    with fits.open(io.BytesIO(as_fits.data)) as hdus:
+        header, data = hdus[1].header, hdus[1].data
+        assert list(data["obsid"]) == expected_ids
+        index = data.columns.names.index("teff") + 1
+        assert header[f"TUNIT{index}"] == "K"
+        assert header[f"TUCD{index}"] == "phys.temperature.effective"
+        assert header["TUCD1"] == "ID_MAIN"
+
+
+# ---------------------------------------------------------------------------------------
+# Indexes and parameterised SQL
+def explain(app, statement):
+    engine = app.extensions["lamost_vac"].cone_engine
+    with engine.connect() as connection:
+        compiled = statement.compile(connection)
+        prefix = "EXPLAIN" if db.is_postgres(connection) else "EXPLAIN QUERY PLAN"
+        rows = connection.exec_driver_sql(f"{prefix} {compiled.string}",
+                                          _positional(compiled, connection)).all()
+    return "\n".join(" ".join(str(v) for v in row) for row in rows), compiled
+
+
+def _positional(compiled, connection):
+    params = compiled.construct_params()
+    if db.is_postgres(connection):
+        return params
+    return tuple(params[name] for name in compiled.positiontup)
+
+
+def test_cone_search_uses_the_position_index_with_bound_parameters(app):
+    from service.blueprints.scs import scs_statement
+
+    engine = app.extensions["lamost_vac"].cone_engine
+    with engine.connect() as connection:
+        statement = scs_statement(connection, 150.123, 30.456, 0.0167, 2, 101)
+    plan, compiled = explain(app, statement)
+    if engine.dialect.name == "postgresql":
+        assert "spectra_q3c_idx" in plan, plan
+    else:
+        assert "ix_spectra_zone_ra" in plan, plan
+    # Parameterised: no client value is in the SQL text.
+    for value in ("150.123", "30.456", "0.0167", "101"):
+        assert value not in compiled.string
+
+
+def test_sql_injection_attempts_are_rejected(client):
+    for params in (dict(RA="150; DROP TABLE spectra", DEC=30, SR=0.1),
+                   dict(RA="150", DEC="30 OR 1=1", SR=0.1)):
+        body = client.get("/scs", query_string=params).data.decode()
+        assert 'value="ERROR"' in body
+    response = client.get("/api/v1/estimates", query_string={
+        "model_version": "v2.0' OR '1'='1"})
+    assert response.status_code == 400
+    assert response.get_json()["parameter"] == "model_version"
+
+
+# ---------------------------------------------------------------------------------------
+# /api/v1/estimates
+def test_estimates_ranges_flags_and_default_model(client, cat):
+    response = client.get("/api/v1/estimates", query_string=dict(
+        teff_min=5000, teff_max=5500, logg_min=4, feh_max=0, snrg_min=20,
+        exclude_flags=4, limit=1000))
+    assert response.status_code == 200
+    document = response.get_json()
+    assert document["model_version"] == CURRENT and document["next"] is None
+    expected = {int(cat["obsid"][i]) for i in range(N_SPECTRA)
+                if not cat["teff_null"][i] and 5000 <= cat["teff"][i] <= 5500
+                and cat["logg"][i] >= 4 and cat["feh"][i] <= 0 and cat["snrg"][i] >= 20
+                and not cat["flags"][i] & 4}
+    assert {r["obsid"] for r in document["rows"]} == expected
+    assert [r["obsid"] for r in document["rows"]] == sorted(expected)
+    units = {c["name"]: c["unit"] for c in document["columns"]}
+    assert units["teff"] == "K" and units["ra"] == "deg"
+    exact = client.get("/api/v1/estimates?flags=5&limit=10000").get_json()
+    assert {r["obsid"] for r in exact["rows"]} == \
+        {int(cat["obsid"][i]) for i in range(N_SPECTRA) if cat["flags"][i] == 5}
+
+
+def test_estimates_model_version_and_error_ranges(client):
+    retired = client.get(f"/api/v1/estimates?model_version={RETIRED}&limit=10000").get_json()
+    assert len(retired["rows"]) == N_SPECTRA // 2
+    assert {r["model_version"] for r in retired["rows"]} == {RETIRED}
+    errors = client.get("/api/v1/estimates?teff_err_max=90&logg_err_min=0.15&limit=10000"
+                        "&columns=obsid,teff_err,logg_err").get_json()
+    assert errors["rows"] and all(r["teff_err"] <= 90 and r["logg_err"] >= 0.15
+                                  for r in errors["rows"])
+    assert set(errors["rows"][0]) == {"obsid", "teff_err", "logg_err"}
+    unknown = client.get("/api/v1/estimates?model_version=v9")
+    assert unknown.status_code == 400 and "v9" in unknown.get_json()["error"]
+
+
+def test_estimates_cone_and_distance(client, cat):
+    expected_ids, expected_distance = expected_cone(cat, 0.0, 0.0, 0.5)
+    document = client.get("/api/v1/estimates?ra=0&dec=0&radius=0.5&order=distance"
+                          "&limit=10000").get_json()
+    assert [r["obsid"] for r in document["rows"]] == expected_ids
+    assert np.allclose([r["distance"] for r in document["rows"]], expected_distance,
+                       atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["obsid", "-obsid", "teff", "-teff", "snrg", "-feh",
+                                   "distance", "-distance"])
+def test_keyset_pagination_walks_every_row_once_in_order(client, order):
+    base = "/api/v1/estimates?ra=150&dec=30&radius=0.3&columns=obsid,teff,snrg,feh,distance"
+    everything = client.get(f"{base}&order={order}&limit=10000").get_json()["rows"]
+    assert len(everything) > 300
+    url, seen, pages = f"{base}&order={order}&limit=97", [], 0
+    while url:
+        response = client.get(url)
+        assert response.status_code == 200
+        document = response.get_json()
+        seen += document["rows"]
+        url = document["next"]
+        if url:
+            assert response.headers["Link"] == f'<{url}>; rel="next"'
+        pages += 1
+    assert [r["obsid"] for r in seen] == [r["obsid"] for r in everything]
+    assert pages == math.ceil(len(everything) / 97)
+    name, descending = order.lstrip("-"), order.startswith("-")
+    values = [r[name] for r in seen if r[name] is not None]
+    assert values == sorted(values, reverse=descending)
+    assert all(r[name] is not None for r in seen[:len(values)])   # nulls last
+
+
+def test_estimates_formats(client):
+    from astropy.io import fits
+
+    query = "/api/v1/estimates?teff_min=6000&limit=50&order=-teff"
+    rows = client.get(query).get_json()["rows"]
+    as_csv = client.get(query + "&format=csv")
+    assert as_csv.mimetype == "text/csv" and "Link" in as_csv.headers
+    lines = as_csv.data.decode().splitlines()
+    assert len(lines) == 51 and lines[0].startswith("obsid,ra,dec")
+    votable = parse_votable(client.get(query + "&format=votable").data)
+    table = votable.get_first_table()
+    assert [int(i) for i in table.to_table()["obsid"]] == [r["obsid"] for r in rows]
+    infos = {i.name: i.value for i in votable.resources[0].infos}
+    assert infos["model_version"] == CURRENT and infos["next"].startswith("http")
+    with fits.open(io.BytesIO(client.get(query + "&format=FITS").data)) as hdus:
+        assert list(hdus[1].data["obsid"]) == [r["obsid"] for r in rows]
+
+
+@pytest.mark.parametrize("query, parameter", [
+    ("limit=0", "limit"), ("limit=10001", "limit"), ("limit=ten", "limit"),
+    ("teff_min=abc", "teff_min"), ("teff_min=6000&teff_max=5000", "teff_min"),
+    ("ra=10&dec=10", "radius"), ("ra=10&dec=10&radius=0", "radius"),
+    ("ra=10&dec=10&radius=11", "radius"), ("dec=95&ra=1&radius=1", "dec"),
+    ("order=teff_err_model", "order"), ("order=distance", "order"),
+    ("columns=obsid,nope", "columns"), ("columns=distance", "columns"),
+    ("columns=", None), ("cursor=!!", "cursor"), ("cursor=abc", "cursor"),
+    ("format=xlsx", "format"), ("flags=-1", "flags"), ("teff_mn=1", "teff_mn"),
+    ("limit=1&limit=2", "limit"), ("model_version=" + "x" * 65, "model_version"),
+])
+def test_estimates_bad_input_is_400(client, query, parameter):
+    response = client.get(f"/api/v1/estimates?{query}")
+    if parameter is None:           # an empty optional value means "not given"
+        assert response.status_code == 200
+        return
+    assert response.status_code == 400, response.data
+    document = response.get_json()
+    assert document["parameter"] == parameter and document["error"].startswith(parameter)
+
+
+def test_cursor_from_another_order_is_rejected(client):
+    document = client.get("/api/v1/estimates?order=teff&limit=5").get_json()
+    cursor = document["next"].split("cursor=")[1]
+    response = client.get(f"/api/v1/estimates?order=feh&limit=5&cursor={cursor}")
+    assert response.status_code == 400 and "order" in response.get_json()["error"]
+    forged = base64.urlsafe_b64encode(b'["obsid", "1; DROP TABLE x", 5]').decode().rstrip("=")
+    assert client.get(f"/api/v1/estimates?cursor={forged}").status_code == 400
+
+
+# ---------------------------------------------------------------------------------------
+# Spectra, models
+def test_spectrum_with_every_model_version(client, cat):
+    obsid = int(cat["obsid"][0])
+    document = client.get(f"/api/v1/spectra/{obsid}").get_json()
+    assert document["spectrum"]["obsid"] == obsid
+    assert document["spectrum"]["ra"] == pytest.approx(cat["ra"][0], abs=1e-12)
+    assert [e["model_version"] for e in document["estimates"]] == [RETIRED, CURRENT]
+    assert document["current_model_version"] == CURRENT
+    current = document["estimates"][1]
+    assert current["model_status"] == "current"
+    assert current["preprocessing_hash"] == "p" * 64 and current["run_id"] == "run-1"
+    assert current["model_artifact_sha256"] == "a" * 64
+    assert document["columns"]["estimates"]["teff"]["unit"] == "K"
+    failed = client.get(f"/api/v1/spectra/{int(cat['obsid'][1])}").get_json()
+    assert failed["failures"][0]["reason"] == "truncated file"
+    assert [e["model_version"] for e in failed["estimates"]] == [CURRENT]
+    assert client.get("/api/v1/spectra/1").status_code == 404
+    for bad in ("abc", "-5", "99999999999999999999", "1.5"):
+        response = client.get(f"/api/v1/spectra/{bad}")
+        assert response.status_code == 400 and response.get_json()["parameter"] == "obsid"
+
+
+def test_models(client):
+    document = client.get("/api/v1/models").get_json()
+    assert document["current"] == CURRENT
+    assert [m["version"] for m in document["models"]] == [CURRENT, RETIRED]
+    assert document["models"][0]["metrics"]["teff"]["scatter"] == 90.0
+    assert document["models"][0]["training_set"]["n_stars"] == 2000
+    assert "artifact_path" not in document["models"][0]
+    assert client.get("/api/v1/models?x=1").status_code == 400
+
+
+# ---------------------------------------------------------------------------------------
+# VOSI, health, OpenAPI
+def test_vosi_availability_and_capabilities_declare_the_limits(client, app):
+    import xml.etree.ElementTree as ET
+
+    availability = ET.fromstring(client.get("/availability").data)
+    ns = {"vosi": "http://www.ivoa.net/xml/VOSIAvailability/v1.0"}
+    assert availability.find("vosi:available", ns).text == "true"
+    response = client.get("/capabilities")
+    assert response.mimetype == "text/xml"
+    capabilities = ET.fromstring(response.data)
+    cone = [c for c in capabilities.findall("capability")
+            if c.get("standardID") == "ivo://ivoa.net/std/ConeSearch"][0]
+    assert float(cone.find("maxSR").text) == 10.0
+    assert int(cone.find("maxRecords").text) == 50000
+    assert cone.find("interface/accessURL").text.endswith("/scs?")
+    test_query = cone.find("testQuery")
+    assert test_query is not None
+    everything = response.data.decode()
+    assert "10000 ms" in everything and "at most 10000" in everything
+    health = client.get("/health").get_json()
+    assert health["status"] == "ok" and health["database"]["current_model"] == CURRENT
+    assert health["database"]["schema_revision"] == db.head_revision()
+    assert health["limits"]["statement_timeout_ms"] == 10000
+
+
+def test_openapi_documents_every_endpoint_and_parameter(client, app):
+    document = client.get("/openapi.json").get_json()
+    assert document["openapi"].startswith("3.")
+    routes = {rule.rule.replace("<path:obsid>", "{obsid}") for rule in app.url_map.iter_rules()}
+    assert routes == set(document["paths"])
+    estimates = {p["name"]: p for p in document["paths"]["/api/v1/estimates"]["get"]
+                 ["parameters"]}
+    assert estimates["limit"]["schema"]["maximum"] == 10000
+    assert "[K]" in estimates["teff_min"]["description"]
+    assert "effective temperature" in estimates["teff_min"]["description"]
+    scs_params = {p["name"] for p in document["paths"]["/scs"]["get"]["parameters"]}
+    assert {"RA", "DEC", "SR", "VERB", "MAXREC", "RESPONSEFORMAT"} == scs_params
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(app):
+    return schemathesis.openapi.from_wsgi("/openapi.json", app)
+
+
+if schemathesis is not None:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance,
+                                                   status_code_conformance)
+
+    fuzzed = schemathesis.pytest.from_fixture("openapi_schema")
+
+    @fuzzed.parametrize()
+    @hypothesis_settings(max_examples=25, deadline=None, database=None,
+                         suppress_health_check=list(HealthCheck))
+    def test_schemathesis_finds_no_server_error(case):
+        """Property-based fuzzing of every operation in /openapi.json (valid and invalid
+        inputs): never a 5xx, only documented status codes and content types."""
+        case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
+                                       content_type_conformance])
+else:
+    def test_schemathesis_finds_no_server_error():
+        pytest.skip("schemathesis is not installed (pip install schemathesis)")
+
+
+# ---------------------------------------------------------------------------------------
+# Read-only access, statement timeout
+def test_service_engine_cannot_write(service_db):
+    """Through the service engine a write fails: with the reader role / read-only file,
+    and even when the service is (mis)configured with the writer URL."""
+    from service.db import make_service_engine
+
+    url, reader_url, _ = service_db
+    for reader in (reader_url, None):           # None: falls back to the writer URL
+        engine = make_service_engine(service_settings(url, reader))
+        try:
+            with engine.connect() as connection:
+                assert connection.execute(text("SELECT count(*) FROM spectra")).scalar() \
+                    == N_SPECTRA
+            with pytest.raises(Exception) as caught:
+                with engine.begin() as connection:
+                    connection.execute(text("DELETE FROM estimates"))
+            message = str(caught.value).lower()
+            assert any(word in message for word in
+                       ("permission denied", "read-only", "readonly")), message
+        finally:
+            engine.dispose()
+    writer = db.make_engine(url)
+    with writer.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM estimates")).scalar() > 0
+    writer.dispose()
+
+
+def test_statement_timeout_cancels_long_queries(service_db):
+    from service.db import is_statement_timeout, make_service_engine
+
+    url, reader_url, _ = service_db
+    engine = make_service_engine(service_settings(url, reader_url, timeout_ms=100))
+    slow = ("SELECT pg_sleep(2)" if url.startswith("postgresql") else
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+            "WHERE i < 100000000) SELECT count(*) FROM n")
+    try:
+        with pytest.raises(Exception) as caught:
+            with engine.connect() as connection:
+                connection.execute(text(slow)).all()
+        assert is_statement_timeout(caught.value)
+        with engine.connect() as connection:      # the connection is usable again
+            assert connection.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_statement_timeout_is_a_503_not_a_500(service_db, monkeypatch):
+    from service import app as service_app
+    from service.app import create_app
+    from service.blueprints import estimates
+
+    url, reader_url, _ = service_db
+    application = create_app(service_settings(url, reader_url, timeout_ms=100))
+    slow = ("SELECT pg_sleep(2)" if url.startswith("postgresql") else
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+            "WHERE i < 100000000) SELECT count(*) FROM n")
+    monkeypatch.setattr(estimates, "build_query", lambda *args, **kwargs: text(slow))
+    try:
+        response = application.test_client().get("/api/v1/estimates")
+        assert response.status_code == 503
+        assert "statement timeout of 100 ms" in response.get_json()["error"]
+    finally:
+        application.extensions[service_app.EXTENSION].dispose()
+
+
+def test_database_down_is_503(tmp_path):
+    from service.app import create_app
+
+    missing = tmp_path / "missing.db"
+    application = create_app(Settings(database_url=f"sqlite:///{missing}"))
+    client = application.test_client()
+    assert client.get("/health").status_code == 503
+    assert client.get("/api/v1/models").status_code == 503
+    body = client.get("/scs?RA=1&DEC=1&SR=0.1").data.decode()
+    assert 'value="ERROR"' in body
+    assert not missing.exists()                 # read-only: never created
+
+
+def test_serve_command_is_registered():
+    from etl.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "8123"])
+    assert (args.host, args.port) == ("127.0.0.1", 8123)
