@@ -135,3 +135,52 @@ def simulated_set(shared_dir, tmp_path_factory):
                     "--stars", str(stars), "--per-star", "1x10-20", "--decoys", "1",
                     "--seed", "3"], check=True, capture_output=True, timeout=120)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Simulated LAMOST-like sets from real MILES stars (../shared/tools/lamost_sim.py).
+def miles_ids(miles, count, teff=(3800.0, 6500.0), logg=(-1.0, 6.0), feh=(-5.0, 2.0), spread=True):
+    """``count`` MILES ids with parameters in range and a spectrum file.
+
+    ``spread=True`` picks them evenly over the sorted ids (a mix of stellar types),
+    otherwise the first ``count``.
+    """
+    chosen = []
+    for line in (miles / "MILES_params.db").read_text().splitlines():
+        parts = line.split()
+        if line.startswith("#") or len(parts) != 4:
+            continue
+        try:
+            mid, t, g, f = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+        except ValueError:
+            continue
+        if (teff[0] <= t <= teff[1] and logg[0] < g < logg[1] and feh[0] <= f <= feh[1]
+                and (miles / f"MILES_res2.50_star_m{mid:04d}V.fits").is_file()):
+            chosen.append(mid)
+    chosen.sort()
+    assert len(chosen) >= count, f"only {len(chosen)} MILES stars in range"
+    if not spread:
+        return chosen[:count]
+    step = len(chosen) / count
+    return [chosen[int(i * step)] for i in range(count)]
+
+
+@pytest.fixture(scope="session")
+def make_simulated_set(shared_dir, tmp_path_factory):
+    """Factory: ``make_simulated_set(name, ids, per_star, seed)`` -> folder written by lamost_sim."""
+    miles = shared_dir / "data" / "miles"
+    tool = shared_dir / "tools" / "lamost_sim.py"
+    if not tool.is_file() or not (miles / "MILES_params.db").is_file():
+        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
+
+    def make(name, ids, per_star, seed):
+        out = tmp_path_factory.mktemp(name)
+        stars = out / "stars.txt"
+        stars.write_text("\n".join(map(str, ids)) + "\n")
+        subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
+                        "--stars", str(stars), "--per-star", per_star, "--seed", str(seed)],
+                       check=True, capture_output=True, timeout=300)
+        return out
+
+    make.miles = miles
+    return make

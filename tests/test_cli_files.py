@@ -10,11 +10,11 @@ import csv
 import io
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import miles_ids
 from etl.cli import build_parser, main
 from models.artifact import load_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
@@ -109,39 +109,10 @@ def test_bad_range_exits_with_a_message_naming_the_option(tmp_path, option, valu
 
 # --------------------------------------------------------------------------- simulated set
 
-def _miles_ids(miles, teff_range=(3800.0, 6500.0)):
-    """MILES ids with parameters in MILES_params.db, a spectrum file and Teff in range."""
-    ids = []
-    for line in (miles / "MILES_params.db").read_text().splitlines():
-        parts = line.split()
-        if line.startswith("#") or len(parts) != 4:
-            continue
-        try:
-            mid, teff, logg, feh = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
-        except ValueError:
-            continue
-        if (teff_range[0] <= teff <= teff_range[1] and -1 < logg < 6 and -5 < feh < 2
-                and (miles / f"MILES_res2.50_star_m{mid:04d}V.fits").is_file()):
-            ids.append(mid)
-    return sorted(ids)
-
-
 @pytest.fixture(scope="session")
-def sim_set(shared_dir, tmp_path_factory):
-    miles = shared_dir / "data" / "miles"
-    tool = shared_dir / "tools" / "lamost_sim.py"
-    if not tool.is_file() or not (miles / "MILES_params.db").is_file():
-        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
-    ids = _miles_ids(miles)
-    assert len(ids) >= N_STARS
-    chosen = ids[:: len(ids) // N_STARS][:N_STARS]          # spread over the id range
-    out = tmp_path_factory.mktemp("sim-cli")
-    stars = out / "stars.txt"
-    stars.write_text("\n".join(map(str, chosen)) + "\n")
-    subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
-                    "--stars", str(stars), "--per-star", "3x10-20,1x20-80", "--seed", "4"],
-                   check=True, capture_output=True, timeout=300)
-    return out
+def sim_set(make_simulated_set):
+    ids = miles_ids(make_simulated_set.miles, N_STARS)
+    return make_simulated_set("sim-cli", ids, "3x10-20,1x20-80", seed=4)
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,12 @@ baselines trained on it per session; ``evaluate`` then runs against it with the 
 table and with cross-matched labels.
 """
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from sklearn.svm import SVR
 
+from conftest import miles_ids
 from etl.cli import main
 from models.baselines import BASELINE_NAMES, METHOD_NAMES, MODEL_NAME, LassoWeightedSVR
 from models.lasso_mlpnet import LABELS
@@ -28,36 +27,12 @@ def assert_png(path, min_bytes=5000):
     assert len(data) > min_bytes, f"{path} is suspiciously small ({len(data)} bytes)"
 
 
-def fgk_miles_ids(miles, count):
-    """MILES ids of FGK stars inside the method's domain, read from MILES_params.db."""
-    ids = []
-    for line in (miles / "MILES_params.db").read_text().splitlines():
-        parts = line.split()
-        if line.startswith("#") or len(parts) != 4:
-            continue
-        try:
-            mid, teff, logg, feh = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
-        except ValueError:
-            continue
-        if (4000 <= teff <= 6500 and 0 < logg < 5.5 and -1.0 <= feh <= 0.5
-                and (miles / f"MILES_res2.50_star_m{mid:04d}V.fits").is_file()):
-            ids.append(mid)
-    return sorted(ids)[:count]
-
-
 @pytest.fixture(scope="session")
-def fgk_set(shared_dir, tmp_path_factory):
-    miles = shared_dir / "data" / "miles"
-    tool = shared_dir / "tools" / "lamost_sim.py"
-    if not tool.is_file() or not miles.is_dir():
-        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
-    out = tmp_path_factory.mktemp("fgk")
-    stars = out / "stars.txt"
-    stars.write_text("\n".join(str(i) for i in fgk_miles_ids(miles, 40)) + "\n")
-    subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
-                    "--stars", str(stars), "--per-star", "2x10-20,1x20-80", "--seed", "5"],
-                   check=True, capture_output=True, timeout=120)
-    return out
+def fgk_set(make_simulated_set):
+    """FGK stars inside the method's domain."""
+    ids = miles_ids(make_simulated_set.miles, 40, teff=(4000, 6500), logg=(0, 5.5), feh=(-1.0, 0.5),
+                    spread=False)
+    return make_simulated_set("fgk", ids, "2x10-20,1x20-80", seed=5)
 
 
 @pytest.fixture(scope="session")

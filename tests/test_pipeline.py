@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import text
 
 from etl import db, schema
+from conftest import miles_ids
 from etl.cli import main as cli_main
 
 REDIS_URL = os.environ.get("LAMOST_VAC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -32,37 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 E = schema.estimates
 
 
-def miles_ids(miles, n=40, teff_range=(3800.0, 6500.0)):
-    present = {int(p.name[20:24]) for p in miles.glob("MILES_res2.50_star_m*V.fits")}
-    ids = []
-    for line in (miles / "MILES_params.db").read_text().splitlines():
-        parts = line.split()
-        if line.startswith("#") or len(parts) != 4:
-            continue
-        try:
-            mid, teff = int(parts[0]), float(parts[1])
-        except ValueError:
-            continue
-        if teff_range[0] <= teff <= teff_range[1] and mid in present:
-            ids.append(mid)
-    ids = sorted(ids)
-    step = len(ids) / n
-    return [ids[int(i * step)] for i in range(n)]
-
-
 @pytest.fixture(scope="session")
-def sim40(shared_dir, tmp_path_factory):
-    miles = shared_dir / "data" / "miles"
-    tool = shared_dir / "tools" / "lamost_sim.py"
-    if not tool.is_file() or not miles.is_dir():
-        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
-    out = tmp_path_factory.mktemp("sim40")
-    stars = out / "stars.txt"
-    stars.write_text("\n".join(map(str, miles_ids(miles))) + "\n")
-    subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
-                    "--per-star", "3x10-20,1x20-80", "--stars", str(stars), "--seed", "1"],
-                   check=True, capture_output=True, timeout=120)
-    return out
+def sim40(make_simulated_set):
+    return make_simulated_set("sim40", miles_ids(make_simulated_set.miles, 40), "3x10-20,1x20-80", seed=1)
 
 
 def run_cli(*argv):

@@ -3,7 +3,6 @@ read-only access, OpenAPI (schemathesis), on SQLite and PostgreSQL (Q3C)."""
 import base64
 import datetime as dt
 import io
-import json
 import math
 import warnings
 

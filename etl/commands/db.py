@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from etl import db
+from etl.commands import add_url_argument, database_url
 from etl.settings import settings
 
 
@@ -11,12 +12,6 @@ def register(subparsers):
     register_db(subparsers)
     register_ingest(subparsers)
     register_crossmatch(subparsers)
-
-
-def _add_url(parser):
-    parser.add_argument("--url", default=None,
-                        help="SQLAlchemy database URL (default: LAMOST_VAC_DATABASE_URL, "
-                        f"now {settings.database_url})")
 
 
 def register_db(subparsers):
@@ -30,42 +25,38 @@ def register_db(subparsers):
     upgrade = commands.add_parser(
         "upgrade", help="migrate to the newest schema (installs q3c on PostgreSQL)")
     upgrade.add_argument("revision", nargs="?", default="head")
-    _add_url(upgrade)
+    add_url_argument(upgrade)
     upgrade.set_defaults(func=run_upgrade)
 
     downgrade = commands.add_parser("downgrade", help="undo migrations down to REVISION")
     downgrade.add_argument("revision", help="target revision, e.g. -1 or base")
-    _add_url(downgrade)
+    add_url_argument(downgrade)
     downgrade.set_defaults(func=run_downgrade)
 
     current = commands.add_parser("current", help="print the schema revision of the database")
-    _add_url(current)
+    add_url_argument(current)
     current.set_defaults(func=run_current)
 
     maintain = commands.add_parser(
         "maintain", help="re-cluster positional tables on Q3C and refresh statistics")
-    _add_url(maintain)
+    add_url_argument(maintain)
     maintain.set_defaults(func=run_maintain)
 
 
-def _url(args):
-    return args.url or settings.database_url
-
-
 def run_upgrade(args):
-    db.upgrade(_url(args), args.revision)
-    print(f"database at revision {db.current_revision(_url(args))}")
+    db.upgrade(database_url(args), args.revision)
+    print(f"database at revision {db.current_revision(database_url(args))}")
     return 0
 
 
 def run_downgrade(args):
-    db.downgrade(_url(args), args.revision)
-    print(f"database at revision {db.current_revision(_url(args)) or 'base (empty)'}")
+    db.downgrade(database_url(args), args.revision)
+    print(f"database at revision {db.current_revision(database_url(args)) or 'base (empty)'}")
     return 0
 
 
 def run_current(args):
-    revision = db.current_revision(_url(args))
+    revision = db.current_revision(database_url(args))
     head = db.head_revision()
     if revision is None:
         print(f"no schema (run 'lamost-vac db upgrade'); newest is {head}")
@@ -76,7 +67,7 @@ def run_current(args):
 
 
 def run_maintain(args):
-    engine = db.make_engine(_url(args))
+    engine = db.make_engine(database_url(args))
     if db.is_postgres(engine):
         with engine.connect() as connection:
             connection.execution_options(isolation_level="AUTOCOMMIT")
@@ -121,7 +112,7 @@ and without a catalogue row is quarantined: "no OBSID and no catalogue row".""")
                          help="rows per transaction (default: %(default)s)")
     spectra.add_argument("--workers", type=int, default=4,
                          help="threads reading spectrum files (default: %(default)s)")
-    _add_url(spectra)
+    add_url_argument(spectra)
     spectra.set_defaults(func=run_ingest_spectra)
 
     labels = commands.add_parser(
@@ -138,7 +129,7 @@ and without a catalogue row is quarantined: "no OBSID and no catalogue row".""")
                         help="positions in the payne column (default teff=0,logg=1,feh=19)")
     labels.add_argument("--label-set", default=None,
                         help="name of this reference set (default: the file name stem)")
-    _add_url(labels)
+    add_url_argument(labels)
     labels.set_defaults(func=run_ingest_labels)
 
 
@@ -159,7 +150,7 @@ def run_ingest_spectra(args):
         catalogue=args.catalog, spectra_root=args.spectra_root,
         metadata_only=args.metadata_only, unreferenced=args.unreferenced,
         batch_rows=args.batch_rows, workers=args.workers)
-    engine = db.make_engine(_url(args))
+    engine = db.make_engine(database_url(args))
     try:
         summary = ingest_spectra(engine, options)
     except (OSError, ValueError) as error:
@@ -185,7 +176,7 @@ def run_ingest_labels(args):
         return 2
     options = LabelsIngestOptions(path=args.file, columns=columns, label_set=args.label_set,
                                   payne_index=payne_index)
-    engine = db.make_engine(_url(args))
+    engine = db.make_engine(database_url(args))
     try:
         summary = ingest_labels(engine, options)
     except (OSError, ValueError, KeyError) as error:
@@ -208,7 +199,7 @@ def register_crossmatch(subparsers):
                         help="match radius in arcsec (default: %(default)s)")
     parser.add_argument("--label-set", default=None,
                         help="only this reference set (default: all)")
-    _add_url(parser)
+    add_url_argument(parser)
     parser.set_defaults(func=run_crossmatch)
 
 
@@ -218,7 +209,7 @@ def run_crossmatch(args):
     if not args.radius > 0:
         print("--radius must be positive", file=sys.stderr)
         return 2
-    engine = db.make_engine(_url(args))
+    engine = db.make_engine(database_url(args))
     try:
         summary = crossmatch(engine, CrossmatchOptions(args.radius, args.label_set))
     finally:

@@ -12,6 +12,7 @@ import time
 
 from etl import db
 from etl.commands.files import add_training_arguments, model_parameters, parse_range, print_held_out
+from etl.commands import add_url_argument, database_url
 from etl.settings import settings
 
 
@@ -21,16 +22,6 @@ def register(subparsers):
     register_worker(subparsers)
     register_beat(subparsers)
     register_export(subparsers)
-
-
-def _add_url(parser):
-    parser.add_argument("--url", default=None,
-                        help="SQLAlchemy database URL (default: LAMOST_VAC_DATABASE_URL, "
-                        f"now {settings.database_url})")
-
-
-def _url(args):
-    return args.url or settings.database_url
 
 
 # ---------------------------------------------------------------------------------------
@@ -50,7 +41,7 @@ def register_train(subparsers):
                         help="folder of the spectrum files (default: LAMOST_VAC_SPECTRA_ROOT, "
                         "else the root recorded by the ingest)")
     parser.add_argument("--notes", default=None, help="free text stored with the model")
-    _add_url(parser)
+    add_url_argument(parser)
     parser.set_defaults(func=run_train)
 
 
@@ -64,7 +55,7 @@ def run_train(args):
         holdout=args.holdout, seed=args.seed, label_set=args.label_set,
         model_dir=args.model_dir, spectra_root=args.spectra_root, jobs=args.jobs,
         model_params=params, notes=args.notes)
-    engine = db.make_engine(_url(args))
+    engine = db.make_engine(database_url(args))
     try:
         result = train_from_database(engine, options)
     except ValueError as error:
@@ -112,7 +103,7 @@ unset, they run here. Exit status 1 when a batch raised or --timeout passed.""")
     parser.add_argument("--timeout", type=float, default=None,
                         help="give up waiting after this many seconds (batches stay queued)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_url(parser)
+    add_url_argument(parser)
     parser.set_defaults(func=run_infer)
 
 
@@ -152,7 +143,7 @@ def run_infer(args):
     if args.batch_size < 1:
         print("--batch-size must be at least 1", file=sys.stderr)
         return 2
-    url = _url(args)
+    url = database_url(args)
     engine = db.make_engine(url)
     eager = bool(tasks.app.conf.task_always_eager)
     try:
@@ -343,7 +334,7 @@ def register_export(subparsers):
     parser.add_argument("--format", choices=["csv", "fits", "votable"], required=True)
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--model", default=None, help="model version (default: current)")
-    _add_url(parser)
+    add_url_argument(parser)
     parser.set_defaults(func=run_export)
 
 
@@ -351,7 +342,7 @@ def run_export(args):
     from etl.export import export_catalogue
     from etl.inference import NoModelError
 
-    engine = db.make_engine(_url(args))
+    engine = db.make_engine(database_url(args))
     try:
         info = export_catalogue(engine, args.out, args.format, args.model)
     except NoModelError as error:
