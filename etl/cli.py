@@ -13,6 +13,7 @@ from models.artifact import IncompatibleArtifactError
 COMMAND_MODULES = [
     "etl.commands.files",
     "etl.commands.evaluate",
+    "etl.commands.validate",
     "etl.commands.demo",
     "etl.commands.db",
     "etl.commands.pipeline",

@@ -21,13 +21,13 @@ UNITS = {"teff": "K", "logg": "dex", "feh": "dex"}
 _DPI = 110
 
 
-def _new_figure(width, height):
+def new_figure(width, height):
     figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
 
-def _save(figure, path):
+def save_figure(figure, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     figure.savefig(path, format="png", dpi=_DPI)     # constrained layout: no "tight" re-draw
     return path
@@ -44,7 +44,7 @@ def _bin_centres(bins):
     return np.sqrt(bins[:-1] * bins[1:])          # geometric centres: SNRg axes are logarithmic
 
 
-def _snr_axis(ax, ticks, tick_labels=None):
+def snr_axis(ax, ticks, tick_labels=None):
     """Logarithmic SNRg axis with plain-number ticks at the given places only."""
     ax.set_xscale("log")
     ax.set_xticks(ticks)
@@ -55,7 +55,7 @@ def _snr_axis(ax, ticks, tick_labels=None):
 def predicted_vs_reference(path, predicted, reference, snrg=None, labels=LABELS, title=None):
     """Paper Fig. 5: estimate against reference per label (1:1 line, coloured by SNRg),
     with the histogram of residuals (estimate - reference) below each panel."""
-    figure = _new_figure(4.2 * len(labels), 5.6)
+    figure = new_figure(4.2 * len(labels), 5.6)
     grid = figure.add_gridspec(2, len(labels), height_ratios=(3, 1.3))
     scatter = None
     for column, label in enumerate(labels):
@@ -91,7 +91,7 @@ def predicted_vs_reference(path, predicted, reference, snrg=None, labels=LABELS,
         figure.colorbar(scatter, ax=figure.axes, shrink=0.6, pad=0.02, label="SNRg")
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def accuracy_vs_snr(path, accuracy, bins=SNR_BINS, labels=LABELS, methods=None):
@@ -107,7 +107,7 @@ def accuracy_vs_snr(path, accuracy, bins=SNR_BINS, labels=LABELS, methods=None):
     curves = {"LASSO-MLPNet": accuracy}
     for name, value in (methods or {}).items():
         curves.setdefault(name, value)
-    figure = _new_figure(4.2 * len(labels), 6.4)
+    figure = new_figure(4.2 * len(labels), 6.4)
     axes = figure.subplots(2, len(labels), squeeze=False)
     for column, label in enumerate(labels):
         for row, statistic in enumerate(("mae", "sigma")):
@@ -118,20 +118,20 @@ def accuracy_vs_snr(path, accuracy, bins=SNR_BINS, labels=LABELS, methods=None):
                 main = method == "LASSO-MLPNet"
                 ax.plot(centres, values, marker="o" if main else ".", lw=2.0 if main else 0.9,
                         color="k" if main else None, label=method, zorder=3 if main else 2)
-            _snr_axis(ax, centres, names)
+            snr_axis(ax, centres, names)
             ax.set_xlabel("SNRg bin")
             ax.set_ylabel(("MAE" if statistic == "mae" else r"$\sigma$") + " of " + AXIS_LABELS[label])
             ax.grid(alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, names, loc="outside right upper", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def uncertainty_vs_snr(path, snrg, model_err, integrated_err=None, bins=SNR_BINS, labels=LABELS):
     """Paper Fig. 10: the ensemble (model) uncertainty of every spectrum against SNRg with
     its median per bin, and the integrated uncertainty of each bin as steps."""
     bins = np.asarray(bins, dtype=float)
-    figure = _new_figure(4.2 * len(labels), 3.8)
+    figure = new_figure(4.2 * len(labels), 3.8)
     axes = figure.subplots(1, len(labels), squeeze=False)[0]
     for ax, label in zip(axes, labels):
         snr, err = _finite(snrg, model_err[label])
@@ -144,14 +144,14 @@ def uncertainty_vs_snr(path, snrg, model_err, integrated_err=None, bins=SNR_BINS
             table = np.asarray(integrated_err[label], dtype=float)
             if table.size == bins.size - 1 and np.isfinite(table).any():
                 ax.stairs(table, bins, color="tab:red", lw=1.8, label="integrated")
-        _snr_axis(ax, bins)
+        snr_axis(ax, bins)
         ax.set_xlim(bins[0] * 0.9, bins[-1] * 1.1)
         ax.set_xlabel("SNRg")
         ax.set_ylabel(r"uncertainty of " + AXIS_LABELS[label])
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     figure.legend(handles, names, loc="outside upper center", ncols=len(handles), fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def kiel_diagram(path, teff, logg, feh, reference=None, title="LASSO-MLPNet"):
@@ -166,7 +166,7 @@ def kiel_diagram(path, teff, logg, feh, reference=None, title="LASSO-MLPNet"):
     vmin, vmax = (np.percentile(all_feh, [2, 98]) if all_feh.size else (-1.0, 0.5))
     all_teff = np.concatenate([d[0] for d in data])
     all_logg = np.concatenate([d[1] for d in data])
-    figure = _new_figure(4.6 * len(panels) + 0.8, 4.4)
+    figure = new_figure(4.6 * len(panels) + 0.8, 4.4)
     axes = figure.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)[0]
     points = None
     for ax, (name, *_), (t, g, f) in zip(axes, panels, data):
@@ -186,4 +186,4 @@ def kiel_diagram(path, teff, logg, feh, reference=None, title="LASSO-MLPNet"):
         axes[0].invert_yaxis()
     if points is not None:
         figure.colorbar(points, ax=list(axes), shrink=0.85, pad=0.02, label=AXIS_LABELS["feh"])
-    return _save(figure, path)
+    return save_figure(figure, path)

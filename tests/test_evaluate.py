@@ -251,7 +251,7 @@ def test_figure_axes_and_labels(synthetic_estimates, tmp_path, monkeypatch):
 
     predicted, reference, snrg, errors = synthetic_estimates
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.append(figure) or path)
     plots.kiel_diagram(str(tmp_path / "k.png"), predicted["teff"], predicted["logg"], predicted["feh"])
     ax = figures[0].axes[0]
     assert ax.get_xlim()[0] > ax.get_xlim()[1]        # hot stars on the left
