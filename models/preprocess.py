@@ -51,6 +51,23 @@ class PreprocessConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _good_pixels(spectrum, mask_bits):
+    """Usable pixels: finite flux, no and-mask bit set, and a positive inverse variance.
+
+    Exception, from the data: the LAMOST DR1 pipeline sets ivar = 0 in the cores of the
+    strongest absorption lines (Ca II H and K, the G band, ...) although the flux there is
+    measured and the and-mask is clear. Masking those pixels erases the lines that carry
+    most of the temperature information (on the DR1 plate of ../shared, Teff came out
+    1,100 K hotter than LASP; 160 K once they were kept). So for the DR1 layout a pixel
+    with ivar = 0 counts as good when its flux is positive and its and-mask is clear.
+    """
+    clear = ((spectrum.andmask.astype(np.int64) & mask_bits) == 0) & np.isfinite(spectrum.flux)
+    weighted = spectrum.ivar > 0
+    if getattr(spectrum, "layout", None) == "dr1-image":
+        weighted |= spectrum.flux > 0
+    return clear & weighted
+
+
 @dataclass
 class SpectrumStack:
     """Spectra of different lengths padded into 2-D arrays, with their log-linear grids.
@@ -78,7 +95,7 @@ class SpectrumStack:
         for i, s in enumerate(spectra):
             m = npix[i]
             flux[i, :m] = s.flux
-            good[i, :m] = (s.ivar > 0) & ((s.andmask.astype(np.int64) & mask_bits) == 0) & np.isfinite(s.flux)
+            good[i, :m] = _good_pixels(s, mask_bits)
             loglam = np.log10(s.wavelength)
             loglam0[i] = loglam[0]
             dloglam[i] = (loglam[-1] - loglam[0]) / (m - 1)

@@ -322,3 +322,23 @@ def test_fit_pseudo_continuum_ignores_masked_pixels_and_clips_lines():
     good[600:650] = False
     fitted = fit_pseudo_continuum(flux[None], good[None])[0]
     np.testing.assert_allclose(fitted, continuum, rtol=2e-3)
+
+
+@pytest.mark.parametrize("layout, line_kept", [("dr1-image", True), ("dr8-image", False)])
+def test_dr1_line_cores_with_zero_ivar_are_kept(layout, line_kept):
+    """DR1 zeroes ivar in strong line cores with a clear and-mask: those pixels are data there,
+    and masked (bridged over) in every other layout."""
+    wavelength = lamost_wavelength()
+    flux = np.ones(wavelength.size)
+    core = np.abs(wavelength - 5000.0) < 4.0
+    flux[np.abs(wavelength - 5000.0) < 8.0] = 0.5
+    flux[core] = 0.2                                    # a deep line whose core has ivar = 0
+    ivar = np.where(core, 0.0, 1.0)
+    spectrum = make_spectrum(flux, wavelength, ivar, np.zeros(flux.size, dtype=np.int32))
+    spectrum = SimpleNamespace(**vars(spectrum), layout=layout)
+    features, _ = preprocess_spectra([spectrum], [0.0], CONFIG)
+    depth = features[0, np.argmin(np.abs(CONFIG.wavelength - 5000.0))]
+    if line_kept:
+        assert depth < 0.3
+    else:
+        assert depth > 0.4                               # bridged from the 0.5 shoulders

@@ -75,7 +75,9 @@ OFFSET_DISCUSSION = (
     "DR7/DR8's, which changes the continuum shape the normalisation sees; (3) the model uses "
     "3881-7400 A only (MILES' coverage) while LASP fits the whole spectrum, and LASP's own "
     "labels carry their own systematics (LASP is ULySS with the ELODIE library), so part of "
-    "the offset is LASP's.")
+    "the offset is LASP's. (4) Found and fixed here: the DR1 pipeline sets ivar = 0 in the cores "
+    "of the strongest lines (Ca II H and K, G band); masking them made Teff ~1,100 K too hot, "
+    "so preprocessing keeps those DR1 pixels (models/preprocess.py, _good_pixels).")
 
 
 def register(subparsers):
