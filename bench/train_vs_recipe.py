@@ -127,7 +127,7 @@ def main():
     result["ours_ensemble"] = args.ensemble
     result["ours_selected_pixels"] = {k: int(e.support_.sum()) for k, e in ours.estimators_.items()}
     result["ours"] = accuracy_by_snr(ours.predict(features[test], snrg[test]), reference, snrg[test])
-    print(f"ours: {result['ours_train_seconds']} s", file=sys.stderr, flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "recipe"}), file=sys.stderr, flush=True)
 
     if not args.skip_recipe:
         start = time.perf_counter()
