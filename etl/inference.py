@@ -42,7 +42,8 @@ import numpy as np
 from sqlalchemy import and_, delete, exists, func, or_, select, update
 
 from etl import db, schema
-from etl.ingest import code_version, utcnow
+from etl.ingest import utcnow
+from models.artifact import code_version
 from etl.settings import settings as default_settings
 from models.artifact import file_sha256, load_model
 from models.flags import UNUSABLE_SPECTRUM

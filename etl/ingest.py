@@ -48,6 +48,7 @@ import numpy as np
 from sqlalchemy import insert, select, update
 
 from etl import db, schema
+from models.artifact import code_version
 
 SPECTRUM_NAME = re.compile(r"^spec-(\d+)-(.+)_sp(\d+)-(\d+)\.fits(?:\.gz)?$", re.IGNORECASE)
 SPECTRUM_FILE = re.compile(r"^spec-.+\.fits?(?:\.gz)?$", re.IGNORECASE)
@@ -80,15 +81,6 @@ REQUIRED_COLUMNS = ("obsid", "ra", "dec")
 # Columns not compared when deciding whether a stored row changed.
 BOOKKEEPING_COLUMNS = ("ingest_run_id",)
 SPECTRA_COLUMNS = [c.name for c in schema.spectra.columns]
-
-
-def code_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("lamost-vac")
-    except Exception:  # noqa: BLE001 -- not installed (running from a checkout)
-        return "0+unknown"
 
 
 def utcnow():

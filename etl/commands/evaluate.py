@@ -26,9 +26,7 @@ from models.artifact import load_model
 from models.baselines import BASELINE_NAMES, MODEL_NAME
 from models.lasso_mlpnet import LABELS, SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
-from models.pipeline import featurise_files
 from models.plots import accuracy_vs_snr, kiel_diagram, predicted_vs_reference, uncertainty_vs_snr
-from models.progress import progress
 
 LABEL_HEADINGS = {"teff": ("Teff", "K", ".0f"), "logg": ("log g", "dex", ".3f"), "feh": ("[Fe/H]", "dex", ".3f")}
 PLOT_FILES = {"predicted_vs_reference": "predicted_vs_reference.png",
@@ -98,20 +96,15 @@ def uncertainty_by_snr(estimates, snrg, model, bins=SNR_BINS):
 def evaluate_rows(artifact, rows, n_jobs=-1):
     """Estimates (astropy Table), LASSO-MLPNet accuracy and, when the artifact carries
     baselines, their predictions and accuracy, for catalogue rows with reference labels."""
-    estimates = predict_catalogue(artifact, rows, n_jobs=n_jobs)
+    estimates, features = predict_catalogue(artifact, rows, n_jobs=n_jobs, return_features=True)
     reference = {label: np.asarray(rows[label], dtype=float) for label in LABELS}
     snrg = np.asarray(rows["snrg"], dtype=float)
     accuracy = accuracy_by_snr(estimates, reference, snrg)
     baselines = (artifact.get("extra") or {}).get("baselines")
     baseline_predictions, comparison = None, None
     if baselines is not None:
-        # predict_catalogue keeps its features to itself; preprocessing again costs ~2 ms
-        # per spectrum, small next to the baselines' own predictions
-        features, _, _ = featurise_files(rows["path"], rows["z"], artifact["preprocess"], n_jobs=n_jobs,
-                                         progress=lambda it, total: progress(it, total, "baseline features"))
-        # the same spectra for every method: those LASSO-MLPNet estimated (this also
-        # leaves out galaxies and QSOs, which predict_catalogue does not estimate)
-        features[~np.isfinite(np.asarray(estimates["teff"], dtype=float))] = np.nan
+        # the same spectra for every method: those LASSO-MLPNet estimated (the features of
+        # galaxies, QSOs and unusable spectra are NaN, which every baseline skips)
         baseline_predictions = baselines.predict(features)
         comparison = {}
         for name in BASELINE_NAMES:

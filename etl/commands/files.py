@@ -143,8 +143,13 @@ def run_train_files(args):
     return 0
 
 
-def predict_catalogue(artifact, catalogue, n_jobs=-1):
-    """Estimates for every catalogue row as an astropy Table (one row per spectrum)."""
+def predict_catalogue(artifact, catalogue, n_jobs=-1, return_features=False):
+    """Estimates for every catalogue row as an astropy Table (one row per spectrum).
+
+    ``return_features=True`` also returns the features the model saw (NaN rows for spectra
+    not estimated), so other models can be scored on the same spectra without reading
+    the files again.
+    """
     model = artifact["model"]
     is_star = np.char.upper(np.char.strip(np.asarray(catalogue["class"], dtype=str))) == "STAR"
     features, _, errors = featurise_files(catalogue["path"], catalogue["z"], artifact["preprocess"],
@@ -163,7 +168,7 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1):
     problems = [errors.get(i, "" if star else "class is not STAR") for i, star in enumerate(is_star)]
     out["problem"] = np.array(problems, dtype=f"U{max([80, *map(len, problems)])}")
     out["model_version"] = artifact["version"]
-    return out
+    return (out, features) if return_features else out
 
 
 def write_table(table, path):
