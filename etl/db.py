@@ -194,18 +194,37 @@ def bulk_upsert(connection, table, rows, key_columns, compare_columns=None, colu
     if not rows:
         return UpsertCounts()
     columns = columns or [c.name for c in table.columns]
-    compare_columns = compare_columns or [c for c in columns if c not in key_columns]
-    update_columns = [c for c in columns if c not in key_columns]
+    staging = stage_rows(connection, table, rows, columns)
+    return merge_staged(connection, table, staging, columns, key_columns, compare_columns,
+                        keep_when_null, len(rows))
+
+
+def stage_rows(connection, table, rows, columns) -> str:
+    """Load ``rows`` (tuples in ``columns`` order) into an empty session-temporary copy of
+    ``table`` (COPY on PostgreSQL) and return its name; :func:`merge_staged` upserts it.
+
+    The two halves are separate so that a loader can stage the next batch (Python-bound)
+    while the database merges the previous one.
+    """
     staging = f"staging_{table.name}"
     _create_staging(connection, table, staging, columns)
     if is_postgres(connection):
         copy_rows(connection, staging, columns, rows)
-    else:
+    elif rows:
         placeholders = ", ".join("?" for _ in columns)
         connection.exec_driver_sql(
             f"INSERT INTO {staging} ({_quoted(columns)}) VALUES ({placeholders})", rows)
+    return staging
+
+
+def merge_staged(connection, table, staging, columns, key_columns, compare_columns,
+                 keep_when_null, total):
+    """Upsert the ``total`` rows that :func:`stage_rows` put in ``staging`` into ``table``
+    and drop ``staging``; see :func:`bulk_upsert`."""
+    compare_columns = compare_columns or [c for c in columns if c not in key_columns]
+    update_columns = [c for c in columns if c not in key_columns]
     counts = merge_staging(connection, table.name, staging, columns, key_columns,
-                           compare_columns, update_columns, set(keep_when_null), len(rows))
+                           compare_columns, update_columns, set(keep_when_null), total)
     connection.exec_driver_sql(f"DROP TABLE {staging}")
     return counts
 

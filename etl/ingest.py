@@ -578,25 +578,39 @@ def _ingest_catalogue(engine, options, catalogue, index, seen_obsids, referenced
 
     wanted = {name for names in CATALOGUE_ALIASES.values() for name in names}
     chunks = iter_catalogue_chunks(catalogue, options.batch_rows, wanted)
-    # Parsing the next chunk (Python) overlaps with writing this one (the database):
-    # one writer thread, at most one batch in flight, batches written in order.
+    # On PostgreSQL the server merges batch i (in a writer thread that only waits on the
+    # socket) while this thread parses and COPYs batch i + 1 into its own staging table:
+    # the Python work and the database work overlap, and batches still commit in order.
+    # SQLite has one writer, so it stages and merges in turn.
+    overlap = db.is_postgres(engine)
     with ThreadPoolExecutor(1) as writer:
         pending = None
-        for chunk in progress(chunks, desc=f"catalogue {os.path.basename(catalogue)}",
-                              enabled=options.show_progress):
-            summary.read += chunk.size
-            parsed, rejections = convert_chunk(chunk, catalogue)
-            _drop_duplicates(parsed, catalogue, seen_obsids, rejections)
-            if index is not None:
-                rows = _join_files(parsed.records(), index, catalogue, referenced,
-                                   rejections, summary.run_id, options.workers)
-            else:
-                rows = parsed.spectra_rows(summary.run_id)
+        try:
+            for chunk in progress(chunks, desc=f"catalogue {os.path.basename(catalogue)}",
+                                  enabled=options.show_progress):
+                summary.read += chunk.size
+                parsed, rejections = convert_chunk(chunk, catalogue)
+                _drop_duplicates(parsed, catalogue, seen_obsids, rejections)
+                if index is not None:
+                    rows = _join_files(parsed.records(), index, catalogue, referenced,
+                                       rejections, summary.run_id, options.workers)
+                else:
+                    rows = parsed.spectra_rows(summary.run_id)
+                batch = _stage_batch(engine, rows, rejections)
+                if pending is not None:
+                    try:
+                        pending.result()
+                    except BaseException:
+                        batch.connection.close()      # rolls the staged batch back
+                        raise
+                    pending = None
+                if overlap:
+                    pending = writer.submit(_write_batch, batch, summary)
+                else:
+                    _write_batch(batch, summary)
+        finally:
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_batch, engine, rows, rejections, summary)
-        if pending is not None:
-            pending.result()
 
 
 def _drop_duplicates(parsed: ParsedChunk, source_file, seen_obsids, rejections):
@@ -685,7 +699,7 @@ def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary
                 continue
             seen_obsids[obsid] = info.relative_path
             rows.append(spectra_row(values, summary.run_id, info.columns))
-        _write_batch(engine, rows, rejections, summary)
+        _write_batch(_stage_batch(engine, rows, rejections), summary)
 
 
 def _stored_by_path(engine, file_paths):
@@ -702,15 +716,37 @@ def _stored_by_path(engine, file_paths):
     return found
 
 
-def _write_batch(engine, rows, rejections, summary):
-    """One transaction per batch: a crash loses at most the batch in flight."""
+@dataclass
+class StagedBatch:
+    """A batch COPYed into a staging table, in an open transaction, not yet merged."""
+    connection: object
+    staging: str
+    size: int
+    rejections: List[Rejection]
+
+
+def _stage_batch(engine, rows, rejections) -> StagedBatch:
+    connection = engine.connect()
+    try:
+        connection.begin()
+        staging = db.stage_rows(connection, schema.spectra, rows, SPECTRA_COLUMNS)
+    except BaseException:
+        connection.close()
+        raise
+    return StagedBatch(connection, staging, len(rows), rejections)
+
+
+def _write_batch(batch: StagedBatch, summary):
+    """Merge and commit one staged batch: a crash loses at most the batch in flight."""
     compare = [c for c in SPECTRA_COLUMNS if c != "obsid" and c not in BOOKKEEPING_COLUMNS]
-    with engine.begin() as connection:
-        summary.add(db.bulk_upsert(connection, schema.spectra, rows, ["obsid"], compare,
-                                   keep_when_null=compare))
-        store_rejections(connection, "spectra", summary.run_id, rejections)
-    summary.quarantined += len(rejections)
-    summary.reasons.update(r.reason_class for r in rejections)
+    with batch.connection as connection:
+        counts = db.merge_staged(connection, schema.spectra, batch.staging,
+                                 SPECTRA_COLUMNS, ["obsid"], compare, compare, batch.size)
+        store_rejections(connection, "spectra", summary.run_id, batch.rejections)
+        connection.commit()
+    summary.add(counts)
+    summary.quarantined += len(batch.rejections)
+    summary.reasons.update(r.reason_class for r in batch.rejections)
 
 
 # ---------------------------------------------------------------------------------------
