@@ -42,7 +42,10 @@ def cli(*argv):
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:          # argparse errors
+            code = exit_.code
     if code:
         raise SystemExit(f"lamost-vac {' '.join(map(str, argv))} failed:\n{err.getvalue()}")
     return out.getvalue(), err.getvalue()
@@ -196,7 +199,7 @@ def main(argv=None):
     engine = db.make_engine(url)
     try:
         t = time.perf_counter()
-        cli("db", "--url", url, "upgrade")
+        cli("db", "upgrade", "--url", url)
         cli("ingest", "spectra", sim / "lamost_catalog.csv", "--spectra-root", sim, "--url", url)
         cli("ingest", "labels", sim / "apogee_payne.fits", "--url", url)
         cli("crossmatch", "--url", url)
