@@ -76,7 +76,7 @@ def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000):
         if fmt == "csv":
             _write_csv(path, result, chunk_rows)
         else:
-            table = _table(result, info)
+            table = _table(result, chunk_rows)
             if fmt == "fits":
                 _write_fits(table, path, info)
             else:
@@ -96,28 +96,24 @@ def _write_csv(path, result, chunk_rows):
     os.replace(tmp, path)
 
 
-def _table(result, info):
+def _table(result, chunk_rows):
+    """The query result as an astropy Table, built chunk by chunk into numpy columns
+    (a few tens of bytes per row, never the whole result as Python rows)."""
     from astropy.table import Column, MaskedColumn, Table
 
     descriptions = column_descriptions()
-    rows = result.all()
+    parts = [[] for _ in descriptions]
+    for rows in result.partitions(chunk_rows):
+        for index, values in enumerate(zip(*rows)):
+            parts[index].append(_column_values(values, descriptions[index].kind))
     table = Table()
-    for index, desc in enumerate(descriptions):
-        values = [row[index] for row in rows]
-        if desc.kind in ("int", "float"):
-            mask = np.array([v is None for v in values], dtype=bool)
-            dtype = np.int64 if desc.kind == "int" else np.float64
-            data = np.array([0 if v is None else v for v in values], dtype=dtype)
-            if desc.kind == "float":
-                data[mask] = np.nan
-                column = MaskedColumn(data, name=desc.name, mask=mask | ~np.isfinite(data))
-            elif mask.any():
-                column = MaskedColumn(data, name=desc.name, mask=mask)
-            else:
-                column = Column(data, name=desc.name)
+    for desc, chunks in zip(descriptions, parts):
+        data, mask = (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])) \
+            if chunks else _column_values((), desc.kind)
+        if desc.kind == "float" or mask.any():
+            column = MaskedColumn(data, name=desc.name, mask=mask)
         else:
-            column = MaskedColumn(np.array(["" if v is None else str(v) for v in values],
-                                           dtype=str), name=desc.name)
+            column = Column(data, name=desc.name)
         # Units are written verbatim from the schema (FITS TUNITn, VOTable unit) by the
         # writers: astropy cannot parse some (log(cm.s**-2)) and would warn or mangle them.
         column.description = desc.description
@@ -125,6 +121,18 @@ def _table(result, info):
             column.meta["ucd"] = desc.ucd
         table.add_column(column)
     return table
+
+
+def _column_values(values, kind):
+    """(data, mask) arrays for one chunk of one column; NULL (and NaN) are masked."""
+    if kind in ("int", "float"):
+        data = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        mask = ~np.isfinite(data)
+        if kind == "int":
+            data = np.where(mask, 0, data).astype(np.int64)
+        return data, mask
+    return (np.array(["" if v is None else str(v) for v in values], dtype=str),
+            np.array([v is None for v in values], dtype=bool))
 
 
 def _write_fits(table, path, info):
