@@ -5,6 +5,10 @@ split by star 80/20, training spectra 10 < SNRg <= 20 as in the paper, wavelengt
 3881-7400 A (MILES coverage), the same preprocessing; both are scored on the held-out
 stars at every SNR. Prints one JSON document.
 
+Stars: by default only the MILES stars with 3500 <= Teff <= 6500 K (610 of 808, 3,660
+spectra), the range of the paper's training sample (LAMOST x APOGEE stars) and of the
+method's valid domain; ``--teff-range 0,1e6`` takes every star (O to M).
+
 The recipe: StandardScaler; per label sklearn LassoCV (50 alphas x 10 folds); sklearn
 MLPRegressor with the published hidden sizes, logistic activation, early stopping, Teff as
 log10(Teff). This project: ``LassoMLPNet`` with its defaults (LARS path with star-grouped
@@ -89,9 +93,13 @@ def main():
     parser.add_argument("--ensemble", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1, help="seed of the star split")
     parser.add_argument("--skip-recipe", action="store_true", help="measure this project only")
+    parser.add_argument("--teff-range", default="3500,6500",
+                        help="keep the stars whose reference Teff (K) lies in this range")
     args = parser.parse_args()
 
     table = load_reference(args.reference)
+    teff_min, teff_max = (float(v) for v in args.teff_range.split(","))
+    table = table[(table["teff"] >= teff_min) & (table["teff"] <= teff_max)]
     config = PreprocessConfig(wave_min=3881.0, wave_max=7400.0)
     start = time.perf_counter()
     features, _, errors = featurise_files(table["path"], table["z"], config)
@@ -111,7 +119,7 @@ def main():
     reference = {k: v[test] for k, v in labels.items()}
 
     result = {
-        "reference_set": os.path.abspath(args.reference),
+        "reference_set": os.path.abspath(args.reference), "teff_range": [teff_min, teff_max],
         "n_spectra": len(table), "n_unreadable": len(errors), "n_unusable": int((~usable).sum()),
         "n_train": int(train.sum()), "n_train_stars": int(np.unique(table["miles_id"][train]).size),
         "n_test": int(test.sum()), "n_test_stars": int(np.unique(table["miles_id"][test]).size),

@@ -5,6 +5,12 @@ Python; training ten of them per label (the ensemble) would take most of an hour
 cores. This network trains in float32 with larger mini-batches and Adam, and its early
 stopping holds out whole stars (``groups``) so that repeated spectra of one star cannot
 sit on both sides of the validation split.
+
+Noise injection (``input_noise``): every mini-batch sees its standardised inputs plus
+fresh Gaussian noise. A training set of a few hundred stars is small for networks of
+this size; noise on the inputs is a data-driven regulariser (Bishop 1995: to first order
+a Tikhonov penalty on the input gradient) and mimics the lower-S/N spectra the model is
+applied to. ``bench/tune_lasso_mlpnet.py`` chooses its level by star-grouped CV.
 """
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
@@ -33,12 +39,15 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Fraction of the stars held out to decide when to stop.
     n_iter_no_change : int
         Epochs without improvement of the validation loss before stopping.
+    input_noise : float
+        Standard deviation of the Gaussian noise added to each training mini-batch's
+        (standardised) inputs; 0 turns it off. Validation and prediction see clean inputs.
     random_state : int or None
     """
 
     def __init__(self, hidden_layer_sizes=(400, 50), alpha=1e-4, learning_rate_init=1e-3,
                  batch_size=128, max_epochs=300, validation_fraction=0.1, n_iter_no_change=20,
-                 random_state=None):
+                 input_noise=0.0, random_state=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.alpha = alpha
         self.learning_rate_init = learning_rate_init
@@ -46,6 +55,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.max_epochs = max_epochs
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
+        self.input_noise = input_noise
         self.random_state = random_state
 
     # -- the network ---------------------------------------------------------------------
@@ -101,7 +111,11 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
             order = rng.permutation(len(y_train))
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                grad_w, grad_b = self._gradients(X_train[batch], y_train[batch], weights, biases)
+                inputs = X_train[batch]
+                if self.input_noise:
+                    inputs = inputs + np.float32(self.input_noise) * rng.standard_normal(
+                        inputs.shape, dtype=np.float32)
+                grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
                 step += 1
                 lr = self.learning_rate_init * np.sqrt(1 - beta2**step) / (1 - beta1**step)
                 for p, g, m, v in zip(params, grad_w + grad_b, first_moment, second_moment):

@@ -121,7 +121,8 @@ def trained_model(sim_set, tmp_path_factory):
     code, stdout = _run_cli([
         "train-files", "--catalog", str(sim_set / "lamost_catalog.csv"), "--spectra-root", str(sim_set),
         "--labels", str(sim_set / "apogee_payne.fits"), "--out", str(model_path),
-        "--ensemble", str(ENSEMBLE), "--wave-range", "3881,7400", "--jobs", "1"])
+        "--ensemble", str(ENSEMBLE), "--wave-range", "3881,7400", "--input-noise", "0.8",
+        "--jobs", "1"])
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     return model_path, summary
@@ -163,6 +164,7 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     model = artifact["model"]
     for estimator in model.estimators_.values():
         assert len(estimator.members_) == ENSEMBLE
+        assert {m.input_noise for m in estimator.members_} == {0.8}
     # the held-out stars calibrated the integrated uncertainty of every SNRg bin
     for table in model.integrated_uncertainty_.values():
         assert np.all(np.isfinite(table)) and np.all(table > 0)

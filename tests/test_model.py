@@ -186,6 +186,27 @@ def test_mlp_is_deterministic_for_a_fixed_random_state():
     assert not np.allclose(a, c)
 
 
+def test_mlp_input_noise_shrinks_like_its_tikhonov_equivalent():
+    # y = x1 + ... + x5 with x ~ N(0, 1): trained on inputs x + N(0, s^2), the best
+    # predictor of y is sum(x) / (1 + s^2), so with s = 1 the fitted slope on clean inputs
+    # is ~0.5 (~1 without noise). Checks the noise scale and that prediction is noise-free.
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((3000, 5))
+    y = X.sum(axis=1)
+    params = dict(hidden_layer_sizes=(16, 8), learning_rate_init=1e-2, max_epochs=200,
+                  n_iter_no_change=20, random_state=0)
+    X_test = rng.standard_normal((500, 5))
+    y_test = X_test.sum(axis=1)
+    slopes = {}
+    for noise in (0.0, 1.0):
+        model = SigmoidMLPRegressor(input_noise=noise, **params).fit(X, y)
+        predicted = model.predict(X_test)
+        np.testing.assert_array_equal(predicted, model.predict(X_test))
+        slopes[noise] = np.polyfit(y_test, predicted, 1)[0]
+    assert slopes[0.0] == pytest.approx(1.0, abs=0.1)
+    assert slopes[1.0] == pytest.approx(0.5, abs=0.1)
+
+
 # --------------------------------------------------------------------------- LASSO-MLPNet
 
 def synthetic_spectra(rng, n_stars, per_star, n_pixels=150):

@@ -45,16 +45,21 @@ def add_training_arguments(parser):
                         help="MLP epoch limit (default: the model's; lower for quick trials)")
     parser.add_argument("--lasso-folds", type=int, default=None,
                         help="LASSO cross-validation folds (default 10, as in the paper)")
+    parser.add_argument("--input-noise", type=float, default=None,
+                        help="std of the Gaussian noise added to the networks' standardised "
+                             "training inputs (default 1.0, chosen by CV; 0 = none)")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
 
 
 def model_parameters(args):
-    """LassoMLPNet keyword arguments of the quick-trial options (beyond --ensemble, --jobs)."""
+    """LassoMLPNet keyword arguments of the tuning options (beyond --ensemble, --jobs)."""
     params = {}
     if args.max_epochs is not None:
         params["max_epochs"] = args.max_epochs
     if args.lasso_folds is not None:
         params["cv"] = args.lasso_folds
+    if args.input_noise is not None:
+        params["input_noise"] = args.input_noise
     return params
 
 

@@ -1,0 +1,85 @@
+"""Choose LassoMLPNet hyperparameters by cross-validation on the training stars only.
+
+The reference set is restricted and split exactly as in ``bench/train_vs_recipe.py``
+(same Teff range, same star split, training spectra 10 < SNRg <= 20); the held-out stars
+of that split are never read here. The training stars are divided into ``--folds``
+star-grouped folds; for every point of ``--grid`` a ``LassoMLPNet`` is trained on the
+other folds and scored (MAE per label) on the fold's 10 < SNRg <= 20 spectra. Prints one
+JSON document: the mean CV MAE of every grid point and the best point per label.
+
+    python bench/tune_lasso_mlpnet.py --reference /tmp/sim-ref \\
+        --grid '{"input_noise": [0, 0.5, 1, 1.5, 2, 3]}' > bench-tune.json
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from models.lasso_mlpnet import LABELS, LassoMLPNet  # noqa: E402
+from models.pipeline import featurise_files  # noqa: E402
+from models.preprocess import PreprocessConfig  # noqa: E402
+from models.splits import group_holdout, group_kfold_indices  # noqa: E402
+
+from train_vs_recipe import load_reference  # noqa: E402
+
+
+def grid_points(grid):
+    names = sorted(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        yield dict(zip(names, values))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=os.environ.get("LAMOST_VAC_REFERENCE_SET", "/tmp/sim-ref"))
+    parser.add_argument("--grid", default='{"input_noise": [0, 0.5, 1, 1.5, 2, 3]}',
+                        help="JSON: LassoMLPNet parameter -> list of values")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--ensemble", type=int, default=5, help="networks per label while tuning")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the star split (as train_vs_recipe)")
+    parser.add_argument("--teff-range", default="3500,6500")
+    args = parser.parse_args()
+    grid = json.loads(args.grid)
+
+    table = load_reference(args.reference)
+    teff_min, teff_max = (float(v) for v in args.teff_range.split(","))
+    table = table[(table["teff"] >= teff_min) & (table["teff"] <= teff_max)]
+    features, _, _ = featurise_files(table["path"], table["z"],
+                                     PreprocessConfig(wave_min=3881.0, wave_max=7400.0))
+    stars = np.asarray(table["miles_id"])
+    snrg = np.asarray(table["snrg"], dtype=float)
+    train_idx, _ = group_holdout(len(table), stars, 0.2, np.random.default_rng(args.seed))
+    in_bin = (snrg > 10) & (snrg <= 20) & np.isfinite(features).all(axis=1)
+    train_idx = train_idx[in_bin[train_idx]]          # the training spectra of train_vs_recipe
+    X, groups = features[train_idx], stars[train_idx]
+    labels = {k: np.asarray(table[k], dtype=float)[train_idx] for k in LABELS}
+    folds = list(group_kfold_indices(groups, args.folds, np.random.default_rng(args.seed + 100)))
+
+    results = []
+    for point in grid_points(grid):
+        started = time.perf_counter()
+        errors = {k: [] for k in LABELS}
+        for fit_rows, score_rows in folds:
+            model = LassoMLPNet(n_members=args.ensemble, random_state=0, **point).fit(
+                X[fit_rows], {k: v[fit_rows] for k, v in labels.items()}, groups=groups[fit_rows])
+            predicted = model.predict(X[score_rows])
+            for k in LABELS:
+                errors[k].append(np.abs(predicted[k] - labels[k][score_rows]))
+        mae = {k: round(float(np.mean(np.concatenate(v))), 4) for k, v in errors.items()}
+        results.append({"params": point, "cv_mae": mae, "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    best = {k: min(results, key=lambda r: r["cv_mae"][k])["params"] for k in LABELS}
+    print(json.dumps({"reference_set": os.path.abspath(args.reference), "teff_range": [teff_min, teff_max],
+                      "n_train_spectra": len(train_idx), "n_train_stars": int(np.unique(groups).size),
+                      "folds": args.folds, "ensemble": args.ensemble, "grid": grid,
+                      "results": results, "best_per_label": best}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
