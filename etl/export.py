@@ -6,12 +6,14 @@ logg_err, logg_err_model, feh, feh_err, feh_err_model, flags, model_version. Fol
 the schema, ``<label>_err`` is the integrated uncertainty (model and noise, calibrated on
 held-out stars: the one to quote) and ``<label>_err_model`` the ensemble standard deviation.
 
-Formats: ``csv`` (streamed; missing values empty), ``fits`` (binary table; TUNITn,
-TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER in the header) and
-``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements for the provenance). Only
+Formats: ``csv`` (streamed; missing values empty), ``fits`` (binary table, streamed
+chunk by chunk; TUNITn, TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER in
+the header) and ``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements for the
+provenance; built in memory as numpy columns, ~130 bytes per row). Only
 estimates are exported; spectra that failed are in ``estimate_failures``.
 """
 import csv
+import itertools
 import math
 import os
 import warnings
@@ -75,12 +77,10 @@ def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000):
             .execute(query)
         if fmt == "csv":
             _write_csv(path, result, chunk_rows)
+        elif fmt == "fits":
+            _write_fits(result, path, info, chunk_rows)
         else:
-            table = _table(result, chunk_rows)
-            if fmt == "fits":
-                _write_fits(table, path, info)
-            else:
-                _write_votable(table, path, info)
+            _write_votable(_table(result.partitions(chunk_rows)), path, info)
     return info
 
 
@@ -96,14 +96,14 @@ def _write_csv(path, result, chunk_rows):
     os.replace(tmp, path)
 
 
-def _table(result, chunk_rows):
-    """The query result as an astropy Table, built chunk by chunk into numpy columns
+def _table(partitions):
+    """Chunks of query rows as one astropy Table, built into numpy columns chunk by chunk
     (a few tens of bytes per row, never the whole result as Python rows)."""
     from astropy.table import Column, MaskedColumn, Table
 
     descriptions = column_descriptions()
     parts = [[] for _ in descriptions]
-    for rows in result.partitions(chunk_rows):
+    for rows in partitions:
         for index, values in enumerate(zip(*rows)):
             parts[index].append(_column_values(values, descriptions[index].kind))
     table = Table()
@@ -135,18 +135,22 @@ def _column_values(values, kind):
             np.array([v is None for v in values], dtype=bool))
 
 
-def _write_fits(table, path, info):
+def _write_fits(result, path, info, chunk_rows):
+    """Stream a binary table: the header comes from the first chunk, every chunk is
+    appended as big-endian records, and NAXIS2 is set to the rows written at the end."""
     from astropy.io import fits
 
-    hdu = fits.table_to_hdu(table)
+    partitions = result.partitions(chunk_rows)
+    first = next(partitions, [])
+    hdu = fits.table_to_hdu(_table([first]))
     hdu.name = "CATALOGUE"
+    header = hdu.header
     for index, desc in enumerate(column_descriptions(), start=1):
         if desc.unit:
-            hdu.header.set(f"TUNIT{index}", desc.unit, after=f"TFORM{index}")
-        hdu.header[f"TCOMM{index}"] = desc.description[:68]
+            header.set(f"TUNIT{index}", desc.unit, after=f"TFORM{index}")
+        header[f"TCOMM{index}"] = desc.description[:68]
         if desc.ucd:
-            hdu.header[f"TUCD{index}"] = desc.ucd
-    header = hdu.header
+            header[f"TUCD{index}"] = desc.ucd
     header["MODELVER"] = (info["model_version"], "LASSO-MLPNet model version")
     header["PREPHASH"] = (info["preprocessing_hash"][:68], "preprocessing configuration hash")
     header["CODEVER"] = (info["code_version"][:68], "lamost-vac version of the estimates")
@@ -156,8 +160,30 @@ def _write_fits(table, path, info):
     primary.header["ORIGIN"] = "lamost-vac"
     primary.header["COMMENT"] = ("LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by "
                                  "LASSO-MLPNet")
+    record = np.dtype([(name, hdu.data.dtype[name].newbyteorder(">")
+                        if hdu.data.dtype[name].kind in "iuf" else hdu.data.dtype[name])
+                       for name in hdu.data.dtype.names])
     tmp = f"{path}.part"
-    fits.HDUList([primary, hdu]).writeto(tmp, overwrite=True)
+    rows = 0
+    with open(tmp, "wb") as handle:
+        handle.write(primary.header.tostring().encode("ascii"))
+        header_at = handle.tell()
+        handle.write(header.tostring().encode("ascii"))
+        for chunk in itertools.chain([first], partitions):
+            if not chunk:
+                continue
+            table = _table([chunk])
+            data = np.empty(len(table), dtype=record)
+            for name in record.names:
+                column = table[name]
+                data[name] = column.filled(np.nan if column.dtype.kind == "f" else "") \
+                    if hasattr(column, "filled") else column
+            handle.write(data.tobytes())
+            rows += len(table)
+        handle.write(b"\0" * (-(rows * record.itemsize) % 2880))    # FITS blocks of 2880
+        header["NAXIS2"] = rows                                     # same card, same length
+        handle.seek(header_at)
+        handle.write(header.tostring().encode("ascii"))
     os.replace(tmp, path)
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
@@ -334,6 +335,20 @@ def test_export_release_files(pipeline):
         assert header[f"TUNIT{index}"] == "K"
         assert header[f"TUCD{index}"] == "phys.temperature.effective"
         assert "temperature" in header[f"TCOMM{index}"]
+    # The FITS table is streamed chunk by chunk: the same rows and values as the CSV, also
+    # when the chunks are small and do not divide the row count.
+    from etl.export import export_catalogue
+
+    export_catalogue(p.engine, p.tmp / "chunked.fits", "fits", chunk_rows=7)
+    with fits.open(p.tmp / "chunked.fits") as hdus:
+        hdus.verify("exception")
+        data = hdus[1].data
+        assert list(data["obsid"]) == list(csv_table["obsid"])
+        for name in ("ra", "teff", "logg_err", "feh_err_model"):
+            np.testing.assert_allclose(data[name], np.ma.filled(csv_table[name], np.nan),
+                                       rtol=1e-12, equal_nan=True)
+        assert set(data["model_version"]) == {p.v1}
+        assert list(data["flags"]) == list(csv_table["flags"])
     vot = parse_single_table(str(files["votable"]))
     teff = vot.get_field_by_id_or_name("teff")
     assert teff.ucd == "phys.temperature.effective" and str(teff.unit) == "K"
