@@ -204,11 +204,12 @@ def test_crashed_ingest_resumes(catalogue_engine, simulated_set, monkeypatch):
     real_write = ingest._write_batch
     calls = []
 
-    def crash_on_second_batch(*args):
+    def crash_on_second_batch(batch, summary):
         calls.append(1)
         if len(calls) == 2:
+            batch.connection.close()        # what dying in the middle of it does
             raise RuntimeError("simulated crash")
-        return real_write(*args)
+        return real_write(batch, summary)
 
     monkeypatch.setattr(ingest, "_write_batch", crash_on_second_batch)
     with pytest.raises(RuntimeError):
