@@ -34,6 +34,7 @@ Labels (``ingest_labels``)
 import csv
 import gzip
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -240,15 +241,11 @@ def _iter_csv_chunks(path, chunk_rows, wanted):
         width = len(header)
         first_row = 1
         while True:
-            rows = []
-            for row in reader:
-                if len(row) < width:     # short row: missing trailing fields are blank
-                    row = row + [""] * (width - len(row))
-                rows.append(row)
-                if len(rows) >= chunk_rows:
-                    break
+            rows = list(itertools.islice(reader, chunk_rows))
             if not rows:
                 return
+            if min(map(len, rows)) < width:     # short rows: missing trailing fields are blank
+                rows = [row + [""] * (width - len(row)) for row in rows]
             columns = {name: [row[index] for row in rows] for name, index in picked.items()}
             yield CatalogueChunk(first_row, columns, len(rows))
             first_row += len(rows)
