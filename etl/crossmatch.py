@@ -51,7 +51,7 @@ def crossmatch(engine, options: CrossmatchOptions, log=sys.stderr) -> Crossmatch
     started = time.perf_counter()
     try:
         with engine.begin() as connection:
-            _create_staging(connection)
+            db.create_staging(connection, "crossmatch", STAGING, CROSSMATCH_COLUMNS)
             if db.is_postgres(connection):
                 _stage_with_q3c(connection, options, run_id)
             else:
@@ -65,13 +65,6 @@ def crossmatch(engine, options: CrossmatchOptions, log=sys.stderr) -> Crossmatch
     summary.seconds = time.perf_counter() - started
     finish_run(engine, summary)
     return summary
-
-
-def _create_staging(connection):
-    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGING}")
-    columns = ", ".join(f'"{c}"' for c in CROSSMATCH_COLUMNS)
-    connection.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {STAGING} AS SELECT {columns} FROM crossmatch WHERE 1 = 0")
 
 
 def _stage_with_q3c(connection, options, run_id):
@@ -163,9 +156,8 @@ def _merge(connection, options, summary):
                                parameters).scalar()
     compare = [c for c in CROSSMATCH_COLUMNS
                if c not in ("obsid", "label_id", "crossmatch_run_id")]
-    update = [c for c in CROSSMATCH_COLUMNS if c not in ("obsid", "label_id")]
     counts = db.merge_staging(connection, "crossmatch", STAGING, CROSSMATCH_COLUMNS,
-                              ["obsid", "label_id"], compare, update, set(), total)
+                              ["obsid", "label_id"], compare, (), total)
     summary.add(counts)
     summary.read = total
     summary.removed = removed

@@ -207,7 +207,7 @@ def stage_rows(connection, table, rows, columns) -> str:
     while the database merges the previous one.
     """
     staging = f"staging_{table.name}"
-    _create_staging(connection, table, staging, columns)
+    create_staging(connection, table.name, staging, columns)
     if is_postgres(connection):
         copy_rows(connection, staging, columns, rows)
     elif rows:
@@ -221,10 +221,8 @@ def merge_staged(connection, table, staging, columns, key_columns, compare_colum
                  keep_when_null, total):
     """Upsert the ``total`` rows that :func:`stage_rows` put in ``staging`` into ``table``
     and drop ``staging``; see :func:`bulk_upsert`."""
-    compare_columns = compare_columns or [c for c in columns if c not in key_columns]
-    update_columns = [c for c in columns if c not in key_columns]
     counts = merge_staging(connection, table.name, staging, columns, key_columns,
-                           compare_columns, update_columns, set(keep_when_null), total)
+                           compare_columns, keep_when_null, total)
     connection.exec_driver_sql(f"DROP TABLE {staging}")
     return counts
 
@@ -245,11 +243,12 @@ def _quoted(names):
     return ", ".join(f'"{n}"' for n in names)
 
 
-def _create_staging(connection, table, staging, columns):
+def create_staging(connection, table_name, staging, columns):
+    """An empty session-temporary table ``staging`` with ``columns`` of ``table_name``."""
     connection.exec_driver_sql(f"DROP TABLE IF EXISTS {staging}")
     # Same column types, no constraints or indexes: COPY into it runs at full speed.
     connection.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {staging} AS SELECT {_quoted(columns)} FROM {table.name} "
+        f"CREATE TEMPORARY TABLE {staging} AS SELECT {_quoted(columns)} FROM {table_name} "
         f"WHERE 1 = 0")
 
 
@@ -263,8 +262,12 @@ def copy_rows(connection, table_name, columns, rows):
 
 
 def merge_staging(connection, table_name, staging, columns, key_columns, compare_columns,
-                  update_columns, keep_when_null, total):
-    """Upsert a staging table into ``table_name``; see :func:`bulk_upsert`."""
+                  keep_when_null, total):
+    """Upsert the ``total`` rows of a staging table into ``table_name``: every non-key
+    column is written; see :func:`bulk_upsert` for the rest."""
+    compare_columns = compare_columns or [c for c in columns if c not in key_columns]
+    update_columns = [c for c in columns if c not in key_columns]
+    keep_when_null = set(keep_when_null)
     postgres = is_postgres(connection)
     distinct = "IS DISTINCT FROM" if postgres else "IS NOT"    # null-safe "differs"
 
