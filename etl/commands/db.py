@@ -150,16 +150,7 @@ def run_ingest_spectra(args):
         catalogue=args.catalog, spectra_root=args.spectra_root,
         metadata_only=args.metadata_only, unreferenced=args.unreferenced,
         batch_rows=args.batch_rows, workers=args.workers)
-    engine = db.make_engine(database_url(args))
-    try:
-        summary = ingest_spectra(engine, options)
-    except (OSError, ValueError) as error:
-        print(f"ingest failed: {error}", file=sys.stderr)
-        return 1
-    finally:
-        engine.dispose()
-    print(summary.text())
-    return summary.exit_code
+    return _ingest_and_report(args, ingest_spectra, options, (OSError, ValueError))
 
 
 def run_ingest_labels(args):
@@ -176,10 +167,16 @@ def run_ingest_labels(args):
         return 2
     options = LabelsIngestOptions(path=args.file, columns=columns, label_set=args.label_set,
                                   payne_index=payne_index)
+    return _ingest_and_report(args, ingest_labels, options, (OSError, ValueError, KeyError))
+
+
+def _ingest_and_report(args, ingest, options, errors):
+    """Run one ingest on the command's database, print its summary; the exit status is
+    the summary's (non-zero only when nothing loaded), 1 when the input is unusable."""
     engine = db.make_engine(database_url(args))
     try:
-        summary = ingest_labels(engine, options)
-    except (OSError, ValueError, KeyError) as error:
+        summary = ingest(engine, options)
+    except errors as error:
         print(f"ingest failed: {error}", file=sys.stderr)
         return 1
     finally:

@@ -51,16 +51,14 @@ def add_training_arguments(parser):
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
 
 
+# LassoMLPNet parameter <- command-line option (argparse dest) of the tuning options
+TUNING_OPTIONS = {"max_epochs": "max_epochs", "cv": "lasso_folds", "input_noise": "input_noise"}
+
+
 def model_parameters(args):
-    """LassoMLPNet keyword arguments of the tuning options (beyond --ensemble, --jobs)."""
-    params = {}
-    if args.max_epochs is not None:
-        params["max_epochs"] = args.max_epochs
-    if args.lasso_folds is not None:
-        params["cv"] = args.lasso_folds
-    if args.input_noise is not None:
-        params["input_noise"] = args.input_noise
-    return params
+    """LassoMLPNet keyword arguments of the tuning options given (beyond --ensemble, --jobs)."""
+    return {param: getattr(args, option) for param, option in TUNING_OPTIONS.items()
+            if getattr(args, option) is not None}
 
 
 def print_held_out(metrics):
