@@ -20,7 +20,9 @@ import sys
 
 import numpy as np
 
+from etl.commands import markdown
 from etl.commands.files import _add_catalogue_arguments, predict_catalogue, write_table
+from etl.commands.markdown import LABEL_HEADINGS, fmt
 from etl.filesets import best_match, read_catalogue, read_labels, read_truth
 from models.artifact import load_model
 from models.baselines import BASELINE_NAMES, MODEL_NAME
@@ -28,7 +30,6 @@ from models.lasso_mlpnet import LABELS, SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
 from models.plots import accuracy_vs_snr, kiel_diagram, predicted_vs_reference, uncertainty_vs_snr
 
-LABEL_HEADINGS = {"teff": ("Teff", "K", ".0f"), "logg": ("log g", "dex", ".3f"), "feh": ("[Fe/H]", "dex", ".3f")}
 PLOT_FILES = {"predicted_vs_reference": "predicted_vs_reference.png",
               "accuracy_vs_snr": "accuracy_vs_snr.png",
               "uncertainty_vs_snr": "uncertainty_vs_snr.png",
@@ -116,52 +117,28 @@ def evaluate_rows(artifact, rows, n_jobs=-1):
 
 
 # -- report ------------------------------------------------------------------------------
-def _fmt(value, spec):
-    return "–" if value is None else format(value, spec)
-
-
 def accuracy_table_md(accuracy, bins=SNR_BINS):
-    names = ["all"] + snr_bin_names(bins)
-    head = ["SNRg", "N"] + [f"{LABEL_HEADINGS[l][0]} {s} ({LABEL_HEADINGS[l][1]})"
-                            for l in LABELS for s in ("MAE", "mu", "sigma")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in names:
-        cells = [name, str(accuracy[LABELS[0]][name]["n"])]
-        for label in LABELS:
-            spec = LABEL_HEADINGS[label][2]
-            s = accuracy[label][name]
-            cells += [_fmt(s["mae"], spec), _fmt(s["mu"], "+" + spec), _fmt(s["sigma"], spec)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown.accuracy_table(accuracy, ["all"] + snr_bin_names(bins))
 
 
 def comparison_table_md(comparison, snr_bin="all"):
     """The paper's Table 4 layout: one row per method, MAE / mu / sigma per label."""
-    head = ["Method"] + [f"{LABEL_HEADINGS[l][0]} {s} ({LABEL_HEADINGS[l][1]})"
-                         for l in LABELS for s in ("MAE", "mu", "sigma")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, accuracy in comparison.items():
-        cells = [method]
-        for label in LABELS:
-            spec = LABEL_HEADINGS[label][2]
-            s = accuracy[label][snr_bin]
-            cells += [_fmt(s["mae"], spec), _fmt(s["mu"], "+" + spec), _fmt(s["sigma"], spec)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown.table(["Method"] + markdown.label_head(("MAE", "mu", "sigma")),
+                          [[method] + markdown.summary_cells(accuracy, snr_bin)
+                           for method, accuracy in comparison.items()])
 
 
 def uncertainty_table_md(uncertainty, bins=SNR_BINS):
-    head = ["SNRg", "N"] + [f"{LABEL_HEADINGS[l][0]} {kind} ({LABEL_HEADINGS[l][1]})"
-                            for l in LABELS for kind in ("model, median", "integrated")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name in snr_bin_names(bins):
         cells = [name, str(uncertainty[LABELS[0]][name]["n"])]
         for label in LABELS:
             spec = LABEL_HEADINGS[label][2]
             u = uncertainty[label][name]
-            cells += [_fmt(u["median_model_err"], spec), _fmt(u["integrated_err"], spec)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells += [fmt(u["median_model_err"], spec), fmt(u["integrated_err"], spec)]
+        rows.append(cells)
+    return markdown.table(["SNRg", "N"] + markdown.label_head(("model, median", "integrated")),
+                          rows)
 
 
 def report_markdown(report):
@@ -304,7 +281,7 @@ def run_evaluate(args):
             print(f"{name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  (n={s['n']})")
     if comparison:
         print("MAE by method: " + "; ".join(
-            f"{method} " + "/".join(_fmt(acc[label]["all"]["mae"], LABEL_HEADINGS[label][2]) for label in LABELS)
+            f"{method} " + "/".join(fmt(acc[label]["all"]["mae"], LABEL_HEADINGS[label][2]) for label in LABELS)
             for method, acc in comparison.items()))
     print(f"report -> {os.path.join(os.path.abspath(args.out), 'report.md')}")
     return 0

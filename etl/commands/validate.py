@@ -27,6 +27,7 @@ import numpy as np
 from astropy.table import Table
 
 from etl.commands.files import write_table
+from etl.commands.markdown import LABEL_HEADINGS, accuracy_table, fmt, label_head, table
 from models.artifact import load_model
 from models.flags import NOT_A_STAR, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
 from models.lasso_mlpnet import LABELS, SNR_BINS
@@ -61,7 +62,6 @@ LASP_SNR_BINS = (0.0, *SNR_BINS, np.inf)
 REPEAT_SNR_BINS = (0.0, 20.0, 40.0, 80.0, 160.0, np.inf)
 # offsets from LASP by LASP Teff: where a disagreement comes from
 LASP_TEFF_BINS = (0.0, 5000.0, 6000.0, 7000.0, np.inf)
-LABEL_HEADINGS = {"teff": ("Teff", "K", ".0f"), "logg": ("log g", "dex", ".3f"), "feh": ("[Fe/H]", "dex", ".3f")}
 PLOT_FILES = {"outcomes": "outcomes.png", "repeat_scatter": "repeat_scatter.png",
               "repeat_zscores": "repeat_zscores.png", "lasp": "lasp_comparison.png",
               "kiel": "kiel_diagram.png", "kiel_lasp": "kiel_lasp.png"}
@@ -417,80 +417,51 @@ def label_name(label):
 
 
 # -- markdown --------------------------------------------------------------------------------------
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
 def counts_table_md(counts):
-    head = ["folder", *OUTCOMES, "total"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for folder, per in counts.items():
-        name = f"**{folder}**" if folder == "all" else folder
-        lines.append("| " + " | ".join([name, *(str(per[o]) for o in OUTCOMES), str(per["total"])]) + " |")
-    return "\n".join(lines)
-
-
-def accuracy_table_md(accuracy, bins):
-    head = ["SNRg", "N"] + [f"{LABEL_HEADINGS[l][0]} {s} ({LABEL_HEADINGS[l][1]})"
-                            for l in LABELS for s in ("MAE", "mu", "sigma")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in ["all", *bins]:
-        n = accuracy[LABELS[0]][name]["n"]
-        if name != "all" and n == 0:
-            continue
-        cells = [name, str(n)]
-        for label in LABELS:
-            s, spec = accuracy[label][name], LABEL_HEADINGS[label][2]
-            cells += [_fmt(s["mae"], spec), _fmt(s["mu"], "+" + spec), _fmt(s["sigma"], spec)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return table(["folder", *OUTCOMES, "total"],
+                 [[f"**{folder}**" if folder == "all" else folder,
+                   *(str(per[o]) for o in OUTCOMES), str(per["total"])]
+                  for folder, per in counts.items()])
 
 
 def distribution_table_md(distribution):
-    head = ["folder", "N"] + [f"{LABEL_HEADINGS[l][0]} median (5-95%) ({LABEL_HEADINGS[l][1]})" for l in LABELS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for folder, per in distribution.items():
         cells = [folder, str(per["n"])]
         for label in LABELS:
             d, spec = per[label], LABEL_HEADINGS[label][2]
             cells.append("-" if d is None else
                          f"{d['median']:{spec}} ({d['p05']:{spec}} to {d['p95']:{spec}})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return table(["folder", "N"] + label_head(("median (5-95%)",)), rows)
 
 
 def teff_offset_table_md(by_teff):
     head = ["LASP Teff (K)", "N"] + [f"median {LABEL_HEADINGS[l][0]} offset ({LABEL_HEADINGS[l][1]})"
                                       for l in LABELS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, per in by_teff.items():
-        if per["n"]:
-            lines.append("| " + " | ".join([name, str(per["n"])] + [
-                _fmt(per[l], "+" + LABEL_HEADINGS[l][2]) for l in LABELS]) + " |")
-    return "\n".join(lines)
+    return table(head, [[name, str(per["n"])] + [fmt(per[l], "+" + LABEL_HEADINGS[l][2]) for l in LABELS]
+                        for name, per in by_teff.items() if per["n"]])
 
 
 def repeat_table_md(rep):
     head = ["label", "stars", "median scatter", "rms scatter", "z std (model)", "robust (model)",
             "|z|<1 (model)", "z std (integrated)", "robust (integrated)", "|z|<1 (integrated)", "pairs"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for label in LABELS:
         r = rep["labels"][label]
         name, unit, spec = LABEL_HEADINGS[label]
         zm, zi = r["z_model"], r["z_integrated"]
-        lines.append("| " + " | ".join([
-            f"{name} ({unit})", str(r["n_stars"]), _fmt(r["median_scatter"], spec), _fmt(r["rms_scatter"], spec),
-            _fmt(zm["std"], ".2f"), _fmt(zm["robust_std"], ".2f"), _fmt(zm["within_1"], ".2f"),
-            _fmt(zi["std"], ".2f"), _fmt(zi["robust_std"], ".2f"), _fmt(zi["within_1"], ".2f"),
-            str(zm["n"])]) + " |")
-    return "\n".join(lines)
+        rows.append([
+            f"{name} ({unit})", str(r["n_stars"]), fmt(r["median_scatter"], spec), fmt(r["rms_scatter"], spec),
+            fmt(zm["std"], ".2f"), fmt(zm["robust_std"], ".2f"), fmt(zm["within_1"], ".2f"),
+            fmt(zi["std"], ".2f"), fmt(zi["robust_std"], ".2f"), fmt(zi["within_1"], ".2f"),
+            str(zm["n"])])
+    return table(head, rows)
 
 
 def repeat_snr_table_md(rep):
     bins = [n for n in rep["labels"][LABELS[0]]["scatter_by_snrg"] if n != "all"]
-    head = ["mean SNRg", "stars"] + [f"{LABEL_HEADINGS[l][0]} {k} ({LABEL_HEADINGS[l][1]})"
-                                     for l in LABELS for k in ("scatter", "model err", "integrated err")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name in ["all", *bins]:
         n = rep["labels"][LABELS[0]]["scatter_by_snrg"][name]["n_groups"]
         if name != "all" and n == 0:
@@ -498,10 +469,11 @@ def repeat_snr_table_md(rep):
         cells = [name, str(n)]
         for label in LABELS:
             s, spec = rep["labels"][label]["scatter_by_snrg"][name], LABEL_HEADINGS[label][2]
-            cells += [_fmt(s["median_std"], spec), _fmt(s["median_rms_err"], spec),
-                      _fmt(s["median_rms_err_int"], spec)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells += [fmt(s["median_std"], spec), fmt(s["median_rms_err"], spec),
+                      fmt(s["median_rms_err_int"], spec)]
+        rows.append(cells)
+    return table(["mean SNRg", "stars"] + label_head(("scatter", "model err", "integrated err")),
+                 rows)
 
 
 def _honesty(std):
@@ -591,11 +563,11 @@ def report_markdown(report):
         "",
         "### All estimated",
         "",
-        accuracy_table_md(lasp["all"], lasp["snr_bins"]),
+        accuracy_table(lasp["all"], ["all", *lasp["snr_bins"]], skip_empty=True),
         "",
         "### Without quality flags (inside the method's domain)",
         "",
-        accuracy_table_md(lasp["in_domain"], lasp["snr_bins"]),
+        accuracy_table(lasp["in_domain"], ["all", *lasp["snr_bins"]], skip_empty=True),
         "",
         "### Median offset by LASP Teff",
         "",
@@ -726,8 +698,8 @@ def run_validate(args):
     for label in LABELS:
         r = rep["labels"][label]
         name, unit, spec = LABEL_HEADINGS[label]
-        print(f"  {name:7s} median scatter {_fmt(r['median_scatter'], spec)} {unit}  z std model "
-              f"{_fmt(r['z_model']['std'], '.2f')} integrated {_fmt(r['z_integrated']['std'], '.2f')} "
+        print(f"  {name:7s} median scatter {fmt(r['median_scatter'], spec)} {unit}  z std model "
+              f"{fmt(r['z_model']['std'], '.2f')} integrated {fmt(r['z_integrated']['std'], '.2f')} "
               f"(pairs {r['z_model']['n']})")
     lasp = report["lasp"]
     print(f"LASP: {lasp['n_estimated']} of {lasp['n_with_lasp_row']} DR1 spectra with LASP rows estimated")
