@@ -37,6 +37,9 @@ from models.preprocess import PreprocessConfig  # noqa: E402
 from models.splits import group_holdout  # noqa: E402
 
 
+MILES_PREPROCESSING = PreprocessConfig(wave_min=3881.0, wave_max=7400.0)   # MILES' coverage
+
+
 def load_reference(folder):
     catalogue = Table.read(os.path.join(folder, "lamost_catalog.csv"), format="ascii.csv")
     truth = Table.read(os.path.join(folder, "truth.csv"), format="ascii.csv")
@@ -45,6 +48,26 @@ def load_reference(folder):
                  truth[["obsid", "miles_id", "teff", "logg", "feh"]], keys="obsid")
     table["path"] = [os.path.join(folder, f) for f in table["filename"]]
     return table
+
+
+def stars_in_range(table, teff_range):
+    """The rows whose reference Teff lies in ``teff_range`` ("MIN,MAX", K), and the range."""
+    teff_min, teff_max = (float(v) for v in teff_range.split(","))
+    return table[(table["teff"] >= teff_min) & (table["teff"] <= teff_max)], [teff_min, teff_max]
+
+
+def split_by_star(table, usable, seed):
+    """Boolean (train, test) rows: 20% of the stars held out (drawn with ``seed``); the
+    training spectra are the other stars' usable spectra with 10 < SNRg <= 20 (the paper's)."""
+    train_idx, test_idx = group_holdout(len(table), np.asarray(table["miles_id"]), 0.2,
+                                        np.random.default_rng(seed))
+    snrg = np.asarray(table["snrg"], dtype=float)
+    train = np.zeros(len(table), dtype=bool)
+    train[train_idx] = True
+    train &= usable & (snrg > 10) & (snrg <= 20)
+    test = np.zeros(len(table), dtype=bool)
+    test[test_idx] = True
+    return train, test & usable
 
 
 class PublishedRecipe:
@@ -97,29 +120,18 @@ def main():
                         help="keep the stars whose reference Teff (K) lies in this range")
     args = parser.parse_args()
 
-    table = load_reference(args.reference)
-    teff_min, teff_max = (float(v) for v in args.teff_range.split(","))
-    table = table[(table["teff"] >= teff_min) & (table["teff"] <= teff_max)]
-    config = PreprocessConfig(wave_min=3881.0, wave_max=7400.0)
+    table, teff_range = stars_in_range(load_reference(args.reference), args.teff_range)
     start = time.perf_counter()
-    features, _, errors = featurise_files(table["path"], table["z"], config)
+    features, _, errors = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
     preprocess_seconds = time.perf_counter() - start
     usable = np.isfinite(features).all(axis=1)
-
-    rng = np.random.default_rng(args.seed)
-    train_idx, test_idx = group_holdout(len(table), np.asarray(table["miles_id"]), 0.2, rng)
+    train, test = split_by_star(table, usable, args.seed)
     snrg = np.asarray(table["snrg"], dtype=float)
-    train = np.zeros(len(table), dtype=bool)
-    train[train_idx] = True
-    train &= usable & (snrg > 10) & (snrg <= 20)
-    test = np.zeros(len(table), dtype=bool)
-    test[test_idx] = True
-    test &= usable
     labels = {k: np.asarray(table[k], dtype=float) for k in LABELS}
     reference = {k: v[test] for k, v in labels.items()}
 
     result = {
-        "reference_set": os.path.abspath(args.reference), "teff_range": [teff_min, teff_max],
+        "reference_set": os.path.abspath(args.reference), "teff_range": teff_range,
         "n_spectra": len(table), "n_unreadable": len(errors), "n_unusable": int((~usable).sum()),
         "n_train": int(train.sum()), "n_train_stars": int(np.unique(table["miles_id"][train]).size),
         "n_test": int(test.sum()), "n_test_stars": int(np.unique(table["miles_id"][test]).size),

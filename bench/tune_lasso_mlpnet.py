@@ -23,10 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from models.lasso_mlpnet import LABELS, LassoMLPNet  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
-from models.preprocess import PreprocessConfig  # noqa: E402
-from models.splits import group_holdout, group_kfold_indices  # noqa: E402
+from models.splits import group_kfold_indices  # noqa: E402
 
-from train_vs_recipe import load_reference  # noqa: E402
+from train_vs_recipe import MILES_PREPROCESSING, load_reference, split_by_star, stars_in_range  # noqa: E402
 
 
 def grid_points(grid):
@@ -47,16 +46,11 @@ def main():
     args = parser.parse_args()
     grid = json.loads(args.grid)
 
-    table = load_reference(args.reference)
-    teff_min, teff_max = (float(v) for v in args.teff_range.split(","))
-    table = table[(table["teff"] >= teff_min) & (table["teff"] <= teff_max)]
-    features, _, _ = featurise_files(table["path"], table["z"],
-                                     PreprocessConfig(wave_min=3881.0, wave_max=7400.0))
+    table, teff_range = stars_in_range(load_reference(args.reference), args.teff_range)
+    features, _, _ = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
+    train, _ = split_by_star(table, np.isfinite(features).all(axis=1), args.seed)
+    train_idx = np.flatnonzero(train)                 # the training spectra of train_vs_recipe
     stars = np.asarray(table["miles_id"])
-    snrg = np.asarray(table["snrg"], dtype=float)
-    train_idx, _ = group_holdout(len(table), stars, 0.2, np.random.default_rng(args.seed))
-    in_bin = (snrg > 10) & (snrg <= 20) & np.isfinite(features).all(axis=1)
-    train_idx = train_idx[in_bin[train_idx]]          # the training spectra of train_vs_recipe
     X, groups = features[train_idx], stars[train_idx]
     labels = {k: np.asarray(table[k], dtype=float)[train_idx] for k in LABELS}
     folds = list(group_kfold_indices(groups, args.folds, np.random.default_rng(args.seed + 100)))
@@ -75,7 +69,7 @@ def main():
         results.append({"params": point, "cv_mae": mae, "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     best = {k: min(results, key=lambda r: r["cv_mae"][k])["params"] for k in LABELS}
-    print(json.dumps({"reference_set": os.path.abspath(args.reference), "teff_range": [teff_min, teff_max],
+    print(json.dumps({"reference_set": os.path.abspath(args.reference), "teff_range": teff_range,
                       "n_train_spectra": len(train_idx), "n_train_stars": int(np.unique(groups).size),
                       "folds": args.folds, "ensemble": args.ensemble, "grid": grid,
                       "results": results, "best_per_label": best}, indent=2))
