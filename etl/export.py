@@ -140,12 +140,13 @@ def _write_fits(result, path, info, chunk_rows):
     appended as big-endian records, and NAXIS2 is set to the rows written at the end."""
     from astropy.io import fits
 
+    descriptions = column_descriptions()
     partitions = result.partitions(chunk_rows)
     first = next(partitions, [])
     hdu = fits.table_to_hdu(_table([first]))
     hdu.name = "CATALOGUE"
     header = hdu.header
-    for index, desc in enumerate(column_descriptions(), start=1):
+    for index, desc in enumerate(descriptions, start=1):
         if desc.unit:
             header.set(f"TUNIT{index}", desc.unit, after=f"TFORM{index}")
         header[f"TCOMM{index}"] = desc.description[:68]
@@ -172,14 +173,11 @@ def _write_fits(result, path, info, chunk_rows):
         for chunk in itertools.chain([first], partitions):
             if not chunk:
                 continue
-            table = _table([chunk])
-            data = np.empty(len(table), dtype=record)
-            for name in record.names:
-                column = table[name]
-                data[name] = column.filled(np.nan if column.dtype.kind == "f" else "") \
-                    if hasattr(column, "filled") else column
+            data = np.empty(len(chunk), dtype=record)
+            for name, desc, values in zip(record.names, descriptions, zip(*chunk)):
+                data[name] = _column_values(values, desc.kind)[0]     # NULL: NaN, 0 or ""
             handle.write(data.tobytes())
-            rows += len(table)
+            rows += len(chunk)
         handle.write(b"\0" * (-(rows * record.itemsize) % 2880))    # FITS blocks of 2880
         header["NAXIS2"] = rows                                     # same card, same length
         handle.seek(header_at)
