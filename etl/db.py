@@ -343,8 +343,18 @@ def reader_grant_statements():
 
 # ---------------------------------------------------------------------------------------
 # Migrations (Alembic; configuration in migrations/alembic.ini)
-MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "migrations")
+def _migrations_dir():
+    """The Alembic scripts: ``etl/migrations`` in an installed wheel (pyproject.toml maps
+    the repository's top-level ``migrations/`` there), else ``migrations/`` next to the
+    ``etl`` folder of a source checkout or editable install."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package_dir, "migrations")
+    if os.path.isfile(os.path.join(installed, "alembic.ini")):
+        return installed
+    return os.path.join(os.path.dirname(package_dir), "migrations")
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def migration_include_object(obj, name, type_, reflected, compare_to):
@@ -365,6 +375,10 @@ def alembic_config(url: str = None):
 
     config = Config(os.path.join(MIGRATIONS_DIR, "alembic.ini"))
     config.set_main_option("script_location", MIGRATIONS_DIR)
+    # alembic.ini puts the checkout's root on sys.path for plain "alembic -c"; here etl is
+    # already imported, and in a wheel that root would be site-packages/etl, whose modules
+    # would then shadow top-level ones (settings, schema, ...).
+    config.remove_main_option("prepend_sys_path")
     # "%" would be read as interpolation by configparser.
     config.set_main_option("sqlalchemy.url", normalise_url(url or settings.database_url)
                            .replace("%", "%%"))
