@@ -7,9 +7,10 @@ the schema, ``<label>_err`` is the integrated uncertainty (model and noise, cali
 held-out stars: the one to quote) and ``<label>_err_model`` the ensemble standard deviation.
 
 Formats: ``csv`` (streamed; missing values empty), ``fits`` (binary table, streamed
-chunk by chunk; TUNITn, TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER in
-the header) and ``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements for the
-provenance; built in memory as numpy columns, ~130 bytes per row). Only
+chunk by chunk; TUNITn, TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER,
+ARTSHA whole in the header) and ``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements
+for the provenance; built in memory as numpy columns, ~130 bytes per row). The FITS and
+VOTable files pass fitsverify and STILTS votlint (tests/test_release_files.py). Only
 estimates are exported; spectra that failed are in ``estimate_failures``.
 """
 import csv
@@ -153,10 +154,17 @@ def _write_fits(result, path, info, chunk_rows):
         if desc.ucd:
             header[f"TUCD{index}"] = desc.ucd
     header["MODELVER"] = (info["model_version"], "LASSO-MLPNet model version")
-    header["PREPHASH"] = (info["preprocessing_hash"][:68], "preprocessing configuration hash")
-    header["CODEVER"] = (info["code_version"][:68], "lamost-vac version of the estimates")
-    header["ARTSHA"] = info["artifact_sha256"][:64]      # SHA-256 of the model artifact
-    header["DATE"] = (info["exported_at"], "export time (UTC)")
+    # Provenance is written whole: astropy continues a string longer than one card on
+    # CONTINUE cards. A SHA-256 leaves no room for a comment on its card (astropy would
+    # cut the comment with a warning), so the hashes have none: PREPHASH is the
+    # preprocessing configuration hash(es), ARTSHA the SHA-256 of the model artifact.
+    header["PREPHASH"] = info["preprocessing_hash"]
+    header["CODEVER"] = (info["code_version"], "lamost-vac version of the estimates")
+    header["ARTSHA"] = info["artifact_sha256"]
+    # fitsverify asks for this declaration wherever CONTINUE cards may appear.
+    header["LONGSTRN"] = ("OGIP 1.0", "The OGIP long string convention may be used")
+    # FITS dates are UTC without a zone designator (fitsverify refuses a trailing "Z").
+    header["DATE"] = (info["exported_at"].removesuffix("Z"), "export time (UTC)")
     primary = fits.PrimaryHDU()
     primary.header["ORIGIN"] = "lamost-vac"
     primary.header["COMMENT"] = ("LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by "
@@ -198,7 +206,12 @@ def _write_votable(table, path, info):
     vtable.name = "catalogue"
     for key in ("model_version", "preprocessing_hash", "code_version", "artifact_sha256",
                 "exported_at"):
-        resource.infos.append(Info(name=key, value=str(info[key])))
+        provenance_info = Info(name=key, value=str(info[key]))
+        # astropy gives an INFO its name as ID, and the model_version FIELD has that ID
+        # too: VOTable IDs must be unique in the document (votlint), and nothing refers
+        # to the INFOs by ID.
+        provenance_info.ID = None
+        resource.infos.append(provenance_info)
     descriptions = {d.name: d for d in column_descriptions()}
     with warnings.catch_warnings():
         # VOUnit has no 'dex' or log(); the schema's strings are kept as they are.
@@ -209,6 +222,10 @@ def _write_votable(table, path, info):
             votable_field.description = desc.description
             if desc.unit:
                 votable_field.unit = desc.unit
+            if votable_field.datatype in ("char", "unicodeChar"):
+                # Variable length, as the service writes: astropy sizes a text column by
+                # its longest value, and an empty export's arraysize="1" is deprecated.
+                votable_field.arraysize = "*"
         tmp = f"{path}.part"
         votable.to_xml(tmp)
     os.replace(tmp, path)

@@ -9,7 +9,7 @@ JSON client see the same units and UCDs as the database documentation.
   Its output is checked against astropy's parser, pyvo and STILTS ``votlint`` in the tests.
 * FITS is written from an :class:`astropy.table.Table` (:func:`to_astropy_table`): one
   binary-table extension with TUNITn, plus the TUCDn and TCOMMn keywords that TOPCAT and
-  STILTS read for UCDs and descriptions.
+  STILTS read for UCDs and descriptions; the tests run ``fitsverify`` on it.
 * CSV: one header line of column names, then the rows (null = empty field).
 * JSON: ``{"columns": [metadata...], "rows": [{name: value}, ...], ...}``; NaN and
   infinities are written as null (JSON has no NaN).

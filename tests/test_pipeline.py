@@ -23,6 +23,7 @@ from sqlalchemy import text
 
 from etl import db, schema
 from conftest import miles_ids
+from release_validators import assert_valid_fits, assert_valid_votable
 from etl.cli import main as cli_main
 
 REDIS_URL = os.environ.get("LAMOST_VAC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -321,6 +322,8 @@ def test_export_release_files(pipeline):
     for fmt, path in files.items():
         code, out, err = run_cli("export", "--format", fmt, "--out", path, "--url", p.url)
         assert code == 0, err
+    assert_valid_votable(files["votable"])
+    assert_valid_fits(files["fits"])
     expected = ["obsid", "ra", "dec", "snrg", "teff", "teff_err", "teff_err_model", "logg",
                 "logg_err", "logg_err_model", "feh", "feh_err", "feh_err_model", "flags",
                 "model_version"]
@@ -340,6 +343,7 @@ def test_export_release_files(pipeline):
     from etl.export import export_catalogue
 
     export_catalogue(p.engine, p.tmp / "chunked.fits", "fits", chunk_rows=7)
+    assert_valid_fits(p.tmp / "chunked.fits")
     with fits.open(p.tmp / "chunked.fits") as hdus:
         hdus.verify("exception")
         data = hdus[1].data

@@ -1,5 +1,6 @@
-"""Real clients against a live service: pyvo's SCSService and STILTS (cone, tpipe,
-votlint), over HTTP on 127.0.0.1 (werkzeug server in a thread)."""
+"""Real clients against a live service: pyvo's SCSService and STILTS (cone, tpipe), over
+HTTP on 127.0.0.1 (werkzeug server in a thread). votlint and fitsverify check the same
+documents in test_release_files.py."""
 import csv
 import io
 import shutil
@@ -115,21 +116,3 @@ def test_stilts_cone_and_tpipe(live_url, cat):
     assert len(from_votable) == 20
     assert [r["obsid"] for r in from_votable] == [r["obsid"] for r in from_fits]
     assert all(float(r["teff"]) >= 6000 for r in from_votable)
-
-
-@needs_stilts
-def test_stilts_votlint_accepts_the_documents(live_url, tmp_path):
-    import urllib.request
-
-    for name, path in [("cone", "/scs?RA=150&DEC=30&SR=0.1&VERB=3&MAXREC=5"),
-                       ("error", "/scs?RA=150&DEC=95&SR=0.1"),
-                       ("estimates", "/api/v1/estimates?limit=5&format=votable")]:
-        target = tmp_path / f"{name}.vot"
-        with urllib.request.urlopen(live_url + path) as response:
-            target.write_bytes(response.read())
-        report = subprocess.run([STILTS, "votlint", "validate=true", str(target)],
-                                capture_output=True, text=True, timeout=120)
-        messages = [line for line in (report.stdout + report.stderr).splitlines()
-                    if line.strip()]
-        errors = [m for m in messages if "ERROR" in m]
-        assert not errors, (name, messages)
