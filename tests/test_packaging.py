@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from etl import db
+from release_validators import assert_valid_votable
 
 REPO = Path(__file__).resolve().parent.parent
 # What the wheel is built from: the Dockerfile copies the same.
@@ -123,3 +124,4 @@ def test_installed_package_migrates_postgresql_and_runs_the_demo(venv, make_data
     for name in ("catalogue.vot", "catalogue.csv", "report/report.md", "lamost_vac.db"):
         assert (out / name).is_file(), name
     assert sum(1 for line in demo.stdout.splitlines() if "http://127.0.0.1" in line) == 2
+    assert_valid_votable(out / "catalogue.vot")
