@@ -85,8 +85,9 @@ def set_role_passwords(engine, passwords):
         for role, password in passwords.items():
             verifier = driver_connection.pgconn.encrypt_password(
                 password.encode(), role.encode(), b"scram-sha-256").decode()
-            driver_connection.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(verifier)))
+            statement = sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(verifier))
+            connection.exec_driver_sql(statement.as_string(driver_connection))
 
 
 def run_downgrade(args):

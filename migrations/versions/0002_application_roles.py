@@ -94,6 +94,8 @@ def upgrade():
         op.execute(f"ALTER TABLE {table} OWNER TO {WRITER_ROLE}")
     for view in OWNED_VIEWS:
         op.execute(f"ALTER VIEW {view} OWNER TO {WRITER_ROLE}")
+    # Alembic's table stays with the migrating role; the writer may read the revision.
+    op.execute(f"GRANT SELECT ON alembic_version TO {WRITER_ROLE}")
 
     # Only the owner, the writer (staging tables of upserts) and superusers get TEMP.
     _on_this_database("REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC, " + READER_ROLE)
@@ -112,6 +114,7 @@ def downgrade():
     for name in READER_SESSION_SETTINGS:
         _on_this_database(f"ALTER ROLE {READER_ROLE} IN DATABASE %I RESET {name}")
     op.execute("GRANT EXECUTE ON FUNCTION " + ", ".join(LARGE_OBJECT_FUNCTIONS) + " TO PUBLIC")
+    op.execute(f"REVOKE SELECT ON alembic_version FROM {WRITER_ROLE}")
     _on_this_database(f"REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM {WRITER_ROLE}")
     _on_this_database("GRANT TEMPORARY ON DATABASE %I TO PUBLIC")
     # The tables go back to the role running the downgrade (the one that ran 0001's
