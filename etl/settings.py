@@ -16,7 +16,7 @@ LAMOST_VAC_SPECTRA_ROOT            root that spectrum file paths are under     u
 LAMOST_VAC_SHARED                  shared folder (data/, tools/; tests, bench) ``../shared``
 LAMOST_VAC_STATEMENT_TIMEOUT_MS    statement timeout for the read-only service ``10000``
 LAMOST_VAC_INGEST_BATCH_ROWS       rows per COPY / transaction during ingest   ``50000``
-LAMOST_VAC_WRITER_PASSWORD[_FILE]  password ``db upgrade`` gives the writer     unset: left as it is
+LAMOST_VAC_WRITER_PASSWORD[_FILE]  password ``db upgrade`` gives the writer    unset: left as it is
                                    role (``_FILE``: read from that file)
 LAMOST_VAC_READER_PASSWORD[_FILE]  the same for the reader role                unset: left as it is
 =================================  ==========================================  =========================
