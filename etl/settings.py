@@ -16,10 +16,13 @@ LAMOST_VAC_SPECTRA_ROOT            root that spectrum file paths are under     u
 LAMOST_VAC_SHARED                  shared folder (data/, tools/; tests, bench) ``../shared``
 LAMOST_VAC_STATEMENT_TIMEOUT_MS    statement timeout for the read-only service ``10000``
 LAMOST_VAC_INGEST_BATCH_ROWS       rows per COPY / transaction during ingest   ``50000``
+LAMOST_VAC_WRITER_PASSWORD[_FILE]  password ``db upgrade`` gives the writer    unset: left as it is
+                                   role (``_FILE``: read from that file)
+LAMOST_VAC_READER_PASSWORD[_FILE]  the same for the reader role                unset: left as it is
 =================================  ==========================================  =========================
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 DEFAULT_DATABASE_URL = "sqlite:///lamost_vac.db"
@@ -36,6 +39,9 @@ class Settings:
     shared_dir: str = "../shared"
     statement_timeout_ms: int = 10000
     ingest_batch_rows: int = 50000
+    # passwords of the PostgreSQL roles, for the role set-up only (never printed)
+    writer_password: Optional[str] = field(default=None, repr=False)
+    reader_password: Optional[str] = field(default=None, repr=False)
 
     @property
     def reader_url(self) -> str:
@@ -69,6 +75,19 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         except ValueError:
             raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
+    def secret(name):
+        """``NAME_FILE`` (a Docker or Kubernetes secret file) or else ``NAME``."""
+        path, value = _blank_to_none(env.get(name + "_FILE")), _blank_to_none(env.get(name))
+        if path is None:
+            return value
+        if value is not None:
+            raise ValueError(f"set {name} or {name}_FILE, not both")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return _blank_to_none(handle.read().rstrip("\r\n"))
+        except OSError as error:
+            raise ValueError(f"{name}_FILE: cannot read {path}: {error.strerror}") from None
+
     return Settings(
         database_url=text("LAMOST_VAC_DATABASE_URL", defaults.database_url),
         reader_database_url=_blank_to_none(env.get("LAMOST_VAC_READER_DATABASE_URL")),
@@ -79,6 +98,8 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         shared_dir=text("LAMOST_VAC_SHARED", defaults.shared_dir),
         statement_timeout_ms=integer("LAMOST_VAC_STATEMENT_TIMEOUT_MS", defaults.statement_timeout_ms),
         ingest_batch_rows=integer("LAMOST_VAC_INGEST_BATCH_ROWS", defaults.ingest_batch_rows),
+        writer_password=secret("LAMOST_VAC_WRITER_PASSWORD"),
+        reader_password=secret("LAMOST_VAC_READER_PASSWORD"),
     )
 
 

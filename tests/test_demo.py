@@ -1,6 +1,7 @@
 """The one-command demo (issue 6) and the production compose file."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
+from sqlalchemy.engine import make_url
+
+from etl import schema
 from etl.cli import build_parser
+from etl.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,15 +69,66 @@ def test_demo_prints_queries_that_return_rows(demo_run):
 def test_compose_file_runs_every_part_with_the_same_settings():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"db", "redis", "worker", "beat", "api"} <= set(services)
+    assert {"db", "redis", "migrate", "worker", "beat", "api"} <= set(services)
     assert "q3c" in " ".join(services["db"]["command"].split())
-    env_keys = [set(services[name]["environment"]) for name in ("worker", "beat", "api")]
-    for keys in env_keys:
-        assert {"LAMOST_VAC_DATABASE_URL", "LAMOST_VAC_BROKER_URL", "LAMOST_VAC_MODEL_DIR"} <= keys
-    parser = build_parser()
     for name in ("worker", "beat"):
+        keys = set(services[name]["environment"])
+        assert {"LAMOST_VAC_DATABASE_URL", "LAMOST_VAC_BROKER_URL", "LAMOST_VAC_MODEL_DIR"} <= keys
+    assert "LAMOST_VAC_READER_DATABASE_URL" in services["api"]["environment"]
+    parser = build_parser()
+    for name in ("worker", "beat", "migrate"):
         command = services[name]["command"]
         assert command[0] == "lamost-vac"
         parser.parse_args(command[1:])                 # a real subcommand with valid options
+    assert services["migrate"]["command"][1:3] == ["db", "upgrade"]
     assert "service.app:create_app()" in services["api"]["command"]
     assert (REPO / "Dockerfile").is_file()
+
+
+PASSWORD_VARIABLE = re.compile(r"\$\{(\w+)(:\?|:-|-|\?)?[^}]*\}")
+
+
+def test_compose_file_gives_each_service_the_credentials_of_one_role():
+    """Issue 11: the API gets the reader's credentials only, worker and beat the writer's
+    (not a superuser), and only db and the one-shot migration the superuser's; every
+    password comes from the environment, none has a default."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    superuser = services["db"]["environment"]["POSTGRES_USER"]
+    password_of = {superuser: "LAMOST_VAC_ADMIN_PASSWORD",
+                   schema.WRITER_ROLE: "LAMOST_VAC_WRITER_PASSWORD",
+                   schema.READER_ROLE: "LAMOST_VAC_READER_PASSWORD"}
+    assert superuser not in (schema.WRITER_ROLE, schema.READER_ROLE)
+
+    def credentials(name):
+        """(roles of the service's database URLs, password variables it is given)"""
+        environment = services[name].get("environment", {})
+        roles = {make_url(value).username for key, value in environment.items()
+                 if key.endswith("DATABASE_URL")}
+        variables = {m.group(1) for value in environment.values()
+                     for m in PASSWORD_VARIABLE.finditer(str(value)) if "PASSWORD" in m.group(1)}
+        return roles, variables
+
+    assert credentials("api") == ({schema.READER_ROLE}, {password_of[schema.READER_ROLE]})
+    for name in ("worker", "beat"):
+        assert credentials(name) == ({schema.WRITER_ROLE}, {password_of[schema.WRITER_ROLE]})
+    assert credentials("migrate") == ({superuser}, set(password_of.values()))
+    assert credentials("db") == (set(), {password_of[superuser]})
+    assert services["db"]["environment"]["POSTGRES_DB"] == \
+        make_url(services["migrate"]["environment"]["LAMOST_VAC_DATABASE_URL"]).database
+    # the client password (libpq's PGPASSWORD) is the one of the service's own role
+    for name in ("api", "worker", "beat", "migrate"):
+        (role,), _ = credentials(name)
+        assert password_of[role] in services[name]["environment"]["PGPASSWORD"], name
+    # the migration sets the roles' passwords from the variables 'db upgrade' reads
+    migrate_settings = load_settings({key: "x" for key in services["migrate"]["environment"]})
+    assert migrate_settings.writer_password and migrate_settings.reader_password
+    # no password has a default value: a missing one stops docker compose
+    for name, service in services.items():
+        for value in service.get("environment", {}).values():
+            for match in PASSWORD_VARIABLE.finditer(str(value)):
+                if "PASSWORD" in match.group(1):
+                    assert match.group(2) == ":?", (name, value)
+    for name in ("api", "worker", "beat"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == \
+            "service_completed_successfully"
+    assert "volumes" not in services["api"] or services["api"]["volumes"] == []

@@ -1,11 +1,18 @@
 """The Alembic migrations build exactly etl.schema (plus Q3C, views, read-only role),
-on SQLite and on PostgreSQL."""
+on SQLite and on PostgreSQL; on PostgreSQL the reader role can read and nothing else,
+checked with the real psql client logged in as that role."""
+import os
+import subprocess
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
 
 from etl import db, schema
+from etl.settings import Settings
+from service.db import make_service_engine
 
 EXPECTED_TABLES = {"ingest_runs", "spectra", "reference_labels", "crossmatch", "models",
                    "estimates", "estimate_failures", "quarantine"}
@@ -87,3 +94,161 @@ def test_column_metadata_is_declared_once_and_described(catalogue_engine):
     for table in schema.metadata.sorted_tables:
         for column in table.columns:
             assert column.info.get("description"), f"{table.name}.{column.name} undocumented"
+
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL roles (migration 0002), tried with psql as the role itself.
+def psql(url, sql, user, password=None):
+    """Run ``sql`` (one statement or psql command) with the psql client as ``user`` on the
+    database of ``url``, over TCP; no password prompt (``-w``)."""
+    parsed = make_url(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return subprocess.run(
+        ["psql", "-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", parsed.host,
+         "-p", str(parsed.port or 5432), "-U", user, "-d", parsed.database, "-c", sql],
+        env=env, capture_output=True, text=True, timeout=60)
+
+
+def assert_refused(result, message):
+    assert result.returncode != 0, f"not refused: {result.stdout}"
+    assert message in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def pg_catalogue(make_database):
+    """A migrated PostgreSQL catalogue of this module (roles exist on PostgreSQL only)."""
+    url = make_database("postgresql")
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def pg_engine(pg_catalogue):
+    """Superuser engine on ``pg_catalogue``."""
+    engine = db.make_engine(pg_catalogue)
+    yield engine
+    engine.dispose()
+
+
+def as_reader(url, sql):
+    return psql(url, sql, schema.READER_ROLE)
+
+
+def test_reader_cannot_store_large_objects(pg_catalogue, pg_engine, tmp_path):
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"persistent bytes")
+    os.chmod(tmp_path, 0o755)                      # readable by the server for lo_import
+    for statement in ("SELECT lo_from_bytea(0, 'abc'::bytea)", "SELECT lo_create(0)",
+                      "SELECT lo_creat(-1)", f"SELECT lo_import('{payload}')",
+                      f"\\lo_import {payload}"):     # psql's client-side import
+        assert_refused(as_reader(pg_catalogue, statement), "permission denied for function lo_")
+    with pg_engine.connect() as connection:
+        assert connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_largeobject_metadata").scalar() == 0
+
+
+def test_reader_cannot_create_temporary_tables_or_functions(pg_catalogue):
+    no_temp = "permission denied to create temporary tables"
+    for statement, message in [
+            ("CREATE TEMP TABLE scratch (x int)", no_temp),
+            ("CREATE TABLE pg_temp.scratch (x int)", no_temp),
+            ("CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", no_temp),
+            ("CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+             "permission denied for schema public"),
+            ("CREATE VIEW public.scratch AS SELECT 1", "permission denied for schema public"),
+            ("CREATE SCHEMA scratch", "permission denied for database")]:
+        assert_refused(as_reader(pg_catalogue, statement), message)
+
+
+def test_reader_cannot_write_any_table(pg_catalogue, pg_engine):
+    tables = [table.name for table in schema.metadata.sorted_tables] + ["alembic_version"]
+    with pg_engine.connect() as connection:
+        first_columns = dict(connection.exec_driver_sql(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND ordinal_position = 1").all())
+        sequences = connection.exec_driver_sql(
+            "SELECT sequence_name FROM information_schema.sequences "
+            "WHERE sequence_schema = 'public'").scalars().all()
+    for table in tables:
+        column = first_columns[table]
+        for statement in (f"INSERT INTO {table} DEFAULT VALUES",
+                          f"UPDATE {table} SET {column} = {column}",
+                          f"DELETE FROM {table}", f"TRUNCATE {table} CASCADE"):
+            assert_refused(as_reader(pg_catalogue, statement),
+                           f"permission denied for table {table}")
+    for view in schema.VIEWS:               # a view of joins is not updatable for anyone
+        result = as_reader(pg_catalogue, f"DELETE FROM {view}")
+        assert result.returncode != 0 and (f"permission denied for view {view}" in result.stderr
+                                           or "cannot delete from view" in result.stderr), result
+    assert_refused(as_reader(pg_catalogue, "DELETE FROM v_spectra"),   # one table: updatable
+                   "permission denied for view v_spectra")
+    assert len(sequences) == 3
+    for sequence in sequences:
+        assert_refused(as_reader(pg_catalogue, f"SELECT nextval('{sequence}')"),
+                       f"permission denied for sequence {sequence}")
+
+
+def test_reader_reads_every_table_and_documented_view(pg_catalogue, pg_engine):
+    with pg_engine.begin() as connection:
+        connection.execute(schema.spectra.insert().values(obsid=101, ra=10.5, dec=-5.0, zone=0))
+    result = as_reader(pg_catalogue, "SELECT obsid, ra, dec FROM v_spectra")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["101|10.5|-5"]
+    for name in [t.name for t in schema.metadata.sorted_tables] + list(schema.VIEWS):
+        result = as_reader(pg_catalogue, f"SELECT count(*) FROM {name}")
+        assert result.returncode == 0, result.stderr
+
+
+def test_reader_sessions_are_limited(pg_catalogue):
+    """The role's defaults hold for SQL users (psql, SQLAlchemy); the API still sets its own
+    statement timeout per session; the role has a connection limit."""
+    for name, value in schema.READER_SESSION_SETTINGS.items():
+        result = as_reader(pg_catalogue, f"SHOW {name}")
+        assert result.returncode == 0 and result.stdout.strip() == value, result
+    reader_url = db.reader_url_for(pg_catalogue)
+    engine = db.make_engine(reader_url)
+    service_engine = make_service_engine(Settings(
+        database_url=pg_catalogue, reader_database_url=reader_url, statement_timeout_ms=2500))
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == \
+                schema.READER_SESSION_SETTINGS["statement_timeout"]
+            limit, superuser = connection.exec_driver_sql(
+                "SELECT rolconnlimit, rolsuper FROM pg_roles WHERE rolname = current_user").one()
+        assert (limit, superuser) == (schema.READER_CONNECTION_LIMIT, False)
+        with service_engine.connect() as connection:
+            assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "2500ms"
+    finally:
+        engine.dispose()
+        service_engine.dispose()
+
+
+def test_writer_owns_every_table_and_view(pg_engine):
+    """Later migrations must hand what they create to the writer (it ANALYZEs and CLUSTERs
+    its tables); only Alembic's own table stays with the role that migrates."""
+    with pg_engine.connect() as connection:
+        owners = dict(connection.exec_driver_sql(
+            "SELECT relname, pg_get_userbyid(relowner) FROM pg_class "
+            "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'v', 'm', 'S') "
+            "AND relname <> 'alembic_version'").all())
+    assert {t.name for t in schema.metadata.sorted_tables} | set(schema.VIEWS) <= set(owners)
+    assert set(owners.values()) == {schema.WRITER_ROLE}
+
+
+def test_downgrading_the_roles_migration_changes_only_its_database(make_database):
+    kept, downgraded = make_database("postgresql"), make_database("postgresql")
+    db.upgrade(kept)
+    db.upgrade(downgraded)
+    db.downgrade(downgraded, "0001")
+    timeout = schema.READER_SESSION_SETTINGS["statement_timeout"]
+    assert as_reader(downgraded, "SHOW statement_timeout").stdout.strip() != timeout
+    result = as_reader(downgraded, "CREATE TEMP TABLE scratch (x int)")
+    assert result.returncode == 0, result.stderr          # what 0002 takes away
+    assert as_reader(kept, "SHOW statement_timeout").stdout.strip() == timeout
+    assert_refused(as_reader(kept, "CREATE TEMP TABLE scratch (x int)"),
+                   "permission denied to create temporary tables")
+    db.upgrade(downgraded)                                  # again, with the roles existing
+    assert_refused(as_reader(downgraded, "CREATE TEMP TABLE scratch (x int)"),
+                   "permission denied to create temporary tables")

@@ -3,7 +3,9 @@
 import argparse
 import sys
 
-from etl import db
+from sqlalchemy.exc import DBAPIError
+
+from etl import db, schema
 from etl.commands import add_url_argument, database_url
 from etl.settings import settings
 
@@ -23,7 +25,12 @@ def register_db(subparsers):
     commands.required = True
 
     upgrade = commands.add_parser(
-        "upgrade", help="migrate to the newest schema (installs q3c on PostgreSQL)")
+        "upgrade", help="migrate to the newest schema (installs q3c on PostgreSQL)",
+        description="Migrate to REVISION. On PostgreSQL run it as a superuser: it installs "
+        f"q3c, creates the roles {schema.WRITER_ROLE} (owns the tables, not a superuser) "
+        f"and {schema.READER_ROLE} (SELECT only), and then sets their passwords from "
+        "LAMOST_VAC_WRITER_PASSWORD and LAMOST_VAC_READER_PASSWORD (or the files named by "
+        "LAMOST_VAC_WRITER_PASSWORD_FILE, LAMOST_VAC_READER_PASSWORD_FILE), where set.")
     upgrade.add_argument("revision", nargs="?", default="head")
     add_url_argument(upgrade)
     upgrade.set_defaults(func=run_upgrade)
@@ -44,9 +51,43 @@ def register_db(subparsers):
 
 
 def run_upgrade(args):
-    db.upgrade(database_url(args), args.revision)
-    print(f"database at revision {db.current_revision(database_url(args))}")
+    url = database_url(args)
+    db.upgrade(url, args.revision)
+    print(f"database at revision {db.current_revision(url)}")
+    passwords = {role: password for role, password in (
+        (schema.WRITER_ROLE, settings.writer_password),
+        (schema.READER_ROLE, settings.reader_password)) if password}
+    if not passwords:
+        return 0
+    engine = db.make_engine(url)
+    try:
+        if not db.is_postgres(engine):
+            print("role passwords ignored: only PostgreSQL has roles", file=sys.stderr)
+            return 0
+        set_role_passwords(engine, passwords)
+    except DBAPIError as error:
+        print(f"cannot set role passwords: {str(error.orig).strip()}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"password set for {', '.join(passwords)}")
     return 0
+
+
+def set_role_passwords(engine, passwords):
+    """Give each role of ``passwords`` (role -> password) its password. The SCRAM verifier
+    is computed here, as psql's \\password does: the password itself never reaches the
+    server, so it cannot show up in its statement log."""
+    from psycopg import sql
+
+    with engine.begin() as connection:
+        driver_connection = connection.connection.dbapi_connection
+        for role, password in passwords.items():
+            verifier = driver_connection.pgconn.encrypt_password(
+                password.encode(), role.encode(), b"scram-sha-256").decode()
+            statement = sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(verifier))
+            connection.exec_driver_sql(statement.as_string(driver_connection))
 
 
 def run_downgrade(args):
