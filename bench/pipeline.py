@@ -206,12 +206,17 @@ def main(argv=None):
         log(f"setup (ingest, crossmatch) {time.perf_counter() - t:.1f} s")
         if args.artifact:
             from etl.training import register_model
-            from models.artifact import file_sha256, load_model
+            from models.artifact import file_sha256, load_model, sidecar_path
 
-            artifact = load_model(args.artifact)
+            # workers load artifacts only from their LAMOST_VAC_MODEL_DIR: register a copy
+            path = tmp / "models" / os.path.basename(args.artifact)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(args.artifact, path)
+            shutil.copy2(sidecar_path(args.artifact), sidecar_path(path))
+            artifact = load_model(path)
             version = artifact["version"]
-            register_model(engine, version, args.artifact, file_sha256(args.artifact),
-                           artifact["training"], artifact["metrics"])
+            register_model(engine, version, path, file_sha256(path), artifact["training"],
+                           artifact["metrics"])
         else:
             t = time.perf_counter()
             out, _ = cli("train", "--ensemble", args.ensemble, "--max-epochs", args.max_epochs,

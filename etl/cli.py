@@ -8,6 +8,9 @@ import importlib
 import os
 import sys
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from etl.commands import database_url, display_url
 from models.artifact import IncompatibleArtifactError
 
 COMMAND_MODULES = [
@@ -44,12 +47,21 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, IncompatibleArtifactError) as error:
+    except (ValueError, OSError, IncompatibleArtifactError, OperationalError,
+            InterfaceError) as error:
         # bad input named in the message; LAMOST_VAC_DEBUG=1 shows the traceback instead
         if os.environ.get("LAMOST_VAC_DEBUG"):
             raise
+        if isinstance(error, (OperationalError, InterfaceError)):
+            # the database is down, unreachable or refused us: name it (without password)
+            error = f"database {display_url(database_url(args))}: {_first_line(error.orig)}"
         print(f"lamost-vac {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _first_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

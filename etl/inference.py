@@ -12,10 +12,15 @@ Selection
 
 Spectrum files
     ``spectra.file_path`` is relative to a spectra root. The root of each spectrum is, in
-    order: the ``spectra_root`` given to the task (``infer --spectra-root``), the
-    worker's ``LAMOST_VAC_SPECTRA_ROOT`` (a worker machine that mounts the data
-    elsewhere sets this), the ``spectra_root`` recorded by the ingest run that wrote the
-    row, and last the root of the latest ingest run that recorded one.
+    order: the worker's ``LAMOST_VAC_SPECTRA_ROOT`` (a worker machine that mounts the
+    data elsewhere sets this), the ``spectra_root`` recorded by the ingest run that wrote
+    the row, and last the root of the latest ingest run that recorded one. Task messages
+    never carry a root (or any other path): the worker's own configuration decides.
+
+Model artifacts
+    The worker loads the artifact its own database registers for the version, only from
+    under its own LAMOST_VAC_MODEL_DIR and only after checking its SHA-256
+    (:func:`registered_artifact`).
 
 One batch (:func:`infer_obsids`)
     read every file, preprocess all of them in one vectorised pass, predict in one pass,
@@ -43,9 +48,8 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 
 from etl import db, schema
 from etl.ingest import utcnow
-from models.artifact import code_version
 from etl.settings import settings as default_settings
-from models.artifact import file_sha256, load_model
+from models.artifact import UntrustedArtifactError, artifact_under, code_version, load_model
 from models.flags import UNUSABLE_SPECTRUM
 from models.lasso_mlpnet import LABELS
 from models.pipeline import featurise_files
@@ -72,27 +76,32 @@ def model_row(connection, version: Optional[str] = None):
     return row
 
 
-_ARTIFACTS: "OrderedDict[str, dict]" = OrderedDict()
+_ARTIFACTS: "OrderedDict[tuple, dict]" = OrderedDict()
 _ARTIFACTS_LOCK = threading.Lock()
 
 
-def cached_artifact(version: str, path: str, sha256: str, keep: int = 2) -> dict:
-    """Load an artifact once per process (a worker keeps the last ``keep`` versions).
+def registered_artifact(model, model_dir: str, keep: int = 2) -> dict:
+    """The artifact of a ``models`` row, loaded once per process (a worker keeps the last
+    ``keep`` versions).
 
-    The file's SHA-256 must match the registry: a replaced artifact is refused, never
-    silently used with another version's name.
+    Artifacts are code: the row's path must lie under ``model_dir`` (the worker's own
+    LAMOST_VAC_MODEL_DIR), and the file's SHA-256 must match both the row and the sidecar
+    before it is unpickled (:func:`models.artifact.load_model`). A replaced file is
+    refused, never silently used under another version's name.
     """
+    key = (model["version"], model["artifact_sha256"])
     with _ARTIFACTS_LOCK:
-        artifact = _ARTIFACTS.get(version)
+        artifact = _ARTIFACTS.get(key)
         if artifact is not None:
-            _ARTIFACTS.move_to_end(version)
+            _ARTIFACTS.move_to_end(key)
             return artifact
-    actual = file_sha256(path)
-    if actual != sha256:
-        raise RuntimeError(f"artifact {path} has SHA-256 {actual}, the registry says {sha256}")
-    artifact = load_model(path)
+    path = artifact_under(model_dir, model["artifact_path"])
+    artifact = load_model(path, expected_sha256=model["artifact_sha256"])
+    if artifact["version"] != model["version"]:
+        raise UntrustedArtifactError(f"{path} holds model {artifact['version']}, the registry "
+                                     f"row is {model['version']}")
     with _ARTIFACTS_LOCK:
-        _ARTIFACTS[version] = artifact
+        _ARTIFACTS[key] = artifact
         while len(_ARTIFACTS) > keep:
             _ARTIFACTS.popitem(last=False)
     return artifact
@@ -150,6 +159,13 @@ def start_inference_run(engine, model_version, options) -> str:
     from etl.ingest import start_run
 
     return start_run(engine, "infer", source=f"model {model_version}", options=options)
+
+
+def is_inference_run(connection, run_id) -> bool:
+    """Whether ``run_id`` names an ``infer`` run of this database (a task's run must)."""
+    runs = schema.ingest_runs
+    return connection.execute(select(runs.c.run_id).where(
+        runs.c.run_id == run_id, runs.c.kind == "infer")).first() is not None
 
 
 def finish_inference_run(engine, run_id, totals: "BatchResult", status="finished", message=None):
@@ -238,8 +254,8 @@ def _none_if_nan(value):
     return None if math.isnan(value) else value
 
 
-def infer_obsids(engine, artifact, model_version, obsids, run_id, spectra_root=None,
-                 settings=None, n_jobs=1, blas_threads=1) -> BatchResult:
+def infer_obsids(engine, artifact, model_version, obsids, run_id, settings=None, n_jobs=1,
+                 blas_threads=1) -> BatchResult:
     """Estimate one batch and write it in one transaction (module doc); returns counts.
 
     BLAS is limited to ``blas_threads`` while it runs: a worker process is one core, and
@@ -248,15 +264,13 @@ def infer_obsids(engine, artifact, model_version, obsids, run_id, spectra_root=N
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return _infer_obsids(engine, artifact, model_version, obsids, run_id, spectra_root,
-                             settings, n_jobs)
+        return _infer_obsids(engine, artifact, model_version, obsids, run_id, settings, n_jobs)
 
 
-def _infer_obsids(engine, artifact, model_version, obsids, run_id, spectra_root, settings,
-                  n_jobs) -> BatchResult:
+def _infer_obsids(engine, artifact, model_version, obsids, run_id, settings, n_jobs) -> BatchResult:
     result = BatchResult(selected=len(obsids))
     with engine.connect() as connection:
-        rows = spectra_for(connection, obsids, spectra_root, settings)
+        rows = spectra_for(connection, obsids, settings=settings)
     result.missing = len(set(int(o) for o in obsids) - {r[0] for r in rows})
     failures = {}                                   # obsid -> (stage, reason)
     readable = []

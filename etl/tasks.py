@@ -8,10 +8,8 @@ Configuration comes from :mod:`etl.settings` (environment variables):
 * ``LAMOST_VAC_RESULT_BACKEND`` -- where task results (per-batch counts, read by
   ``infer`` for its progress and summary) are kept; default: the broker URL when the
   broker is Redis, none otherwise (``infer`` then dispatches without waiting).
-* ``LAMOST_VAC_DATABASE_URL`` -- the database workers write to. A task carries the
-  dispatcher's database URL *without its password*; a worker whose own URL names the same
-  database (driver, host, port, database) uses its own (with its password), otherwise the
-  carried one (password from PGPASSWORD / ~/.pgpass).
+* ``LAMOST_VAC_DATABASE_URL`` -- the one database this worker reads and writes.
+* ``LAMOST_VAC_MODEL_DIR`` -- the only folder this worker loads model artifacts from.
 * ``LAMOST_VAC_SPECTRA_ROOT`` -- where this worker finds the spectrum files (see
   :mod:`etl.inference` for the order in which roots are tried).
 * ``LAMOST_VAC_VISIBILITY_TIMEOUT_S`` (default 1800) -- Redis: a message delivered to a
@@ -20,6 +18,15 @@ Configuration comes from :mod:`etl.settings` (environment variables):
   writes are idempotent, only wasted work).
 * ``LAMOST_VAC_REPROCESS_INTERVAL_S`` (default 3600) -- period of the beat entry that
   runs :func:`reprocess_stale`.
+
+Messages carry ids, never URLs or paths. Anyone who can write to the broker can queue a
+task, so a worker trusts nothing in a message but ids, and checks them against its own
+database: ``infer_batch(model_version, obsids, run_id)`` needs a model version registered
+there and an ``infer`` run of that database. A message with any other argument (an older
+dispatcher's ``database_url`` or ``spectra_root``, or a forgery naming another database) or
+with a run of another database is refused and logged (:class:`TaskRefused`), and nothing
+is connected to or loaded. The artifact the worker's own registry names is loaded only from
+under LAMOST_VAC_MODEL_DIR after its SHA-256 is checked (:mod:`models.artifact`).
 
 Delivery is at-least-once: ``task_acks_late`` (a message is acknowledged only after the
 task returned), ``task_reject_on_worker_lost`` (a pool process killed mid-task puts its
@@ -30,18 +37,24 @@ twice leaves the same rows -- nothing is lost, nothing duplicated.
 """
 import os
 import uuid
+from contextlib import contextmanager
+from dataclasses import replace
 
 from celery import Celery
 from celery.signals import worker_process_init
-from sqlalchemy.engine import make_url
+from celery.utils.log import get_task_logger
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from etl import db
+from etl.commands import display_url
 from etl.settings import settings as _settings
+from models.artifact import IncompatibleArtifactError
 
 DEFAULT_VISIBILITY_TIMEOUT_S = 1800
 DEFAULT_REPROCESS_INTERVAL_S = 3600
 REPROCESS_MAX_BATCHES = 2000            # per beat tick; the rest waits for the next tick
+MAX_BATCH = 100_000                     # obsids per task message (infer --batch-size)
+logger = get_task_logger(__name__)
 
 
 def _int_env(name, default):
@@ -111,54 +124,100 @@ def _reset_engines(**_):
     _ENGINES.clear()       # never share a parent's pooled connections with a child
 
 
-def public_url(url: str) -> str:
-    """``url`` without its password, safe to put in a broker message."""
-    parsed = make_url(db.normalise_url(url))
-    return parsed.set(password=None).render_as_string(hide_password=False)
-
-
-def _same_database(a: str, b: str) -> bool:
-    a, b = make_url(db.normalise_url(a)), make_url(db.normalise_url(b))
-    return (a.get_backend_name(), a.host, a.port, a.database) == \
-        (b.get_backend_name(), b.host, b.port, b.database)
-
-
-def engine_for(database_url=None):
-    settings = current_settings()
-    url = settings.database_url
-    if database_url and not _same_database(database_url, url):
-        url = database_url
+def engine_for():
+    """This process's engine on the worker's own database (never one a message names)."""
+    url = current_settings().database_url
     engine = _ENGINES.get(url)
     if engine is None:
         engine = _ENGINES[url] = db.make_engine(url)
     return engine
 
 
+@contextmanager
+def in_process_worker(database_url):
+    """Eager mode: this process is the worker, and its database is the one the command was
+    given (``--url``); tasks run here use it until the block ends."""
+    previous = app.conf.get("lamost_vac_settings")
+    app.conf.lamost_vac_settings = replace(current_settings(), database_url=database_url)
+    try:
+        yield
+    finally:
+        app.conf.lamost_vac_settings = previous
+
+
 # ---------------------------------------------------------------------------------------
-@app.task(bind=True, name="etl.tasks.infer_batch", acks_late=True,
+class TaskRefused(ValueError):
+    """A task message this worker does not run (module doc); never retried."""
+
+
+def refuse(task, reason):
+    logger.error("refused task %s[%s]: %s", task.name, task.request.id, reason)
+    raise TaskRefused(reason)
+
+
+def check_arguments(task, unexpected, model_version=None, obsids=None, run_id=None):
+    """Refuse a message with arguments beyond the ids, or ids of the wrong type."""
+    if unexpected:
+        refuse(task, f"unexpected argument(s) {', '.join(sorted(unexpected))}: a worker uses "
+               "only its own database, model directory and spectra root, never ones a message "
+               "names")
+    problems = []
+    if model_version is not None and not _short_text(model_version):
+        problems.append("model_version must be a version string")
+    if obsids is not None and not (isinstance(obsids, list) and len(obsids) <= MAX_BATCH and
+                                   all(type(o) is int for o in obsids)):
+        problems.append(f"obsids must be a list of at most {MAX_BATCH} integers")
+    if run_id is not None and not _short_text(run_id):
+        problems.append("run_id must be a run id string")
+    if problems:
+        refuse(task, "; ".join(problems))
+
+
+def _short_text(value):
+    return isinstance(value, str) and 0 < len(value) <= 64
+
+
+def _count(value, most):
+    return type(value) is int and 0 < value <= most
+
+
+# ---------------------------------------------------------------------------------------
+@app.task(bind=True, name="etl.tasks.infer_batch", acks_late=True, throws=(TaskRefused,),
           autoretry_for=(OperationalError, InterfaceError, ConnectionError),
           retry_backoff=2, retry_backoff_max=120, retry_jitter=True, max_retries=8)
-def infer_batch(self, model_version, obsids, run_id, database_url=None, spectra_root=None):
+def infer_batch(self, model_version, obsids, run_id, **unexpected):
     """Read, preprocess, predict and write one batch of spectra (one transaction).
 
     Idempotent: re-running it rewrites the same (obsid, model_version) rows. Per-spectrum
     problems become ``estimate_failures`` rows; only database or broker trouble makes the
-    task retry. Returns the batch's counts (:class:`etl.inference.BatchResult` as a dict).
+    task retry; a message this worker does not trust is refused (module doc). Returns the
+    batch's counts (:class:`etl.inference.BatchResult` as a dict).
     """
     from etl import inference
 
-    engine = engine_for(database_url)
+    check_arguments(self, unexpected, model_version, obsids, run_id)
+    settings = current_settings()
+    engine = engine_for()
     with engine.connect() as connection:
-        model = inference.model_row(connection, model_version)
-    artifact = inference.cached_artifact(model["version"], model["artifact_path"],
-                                         model["artifact_sha256"])
+        if not inference.is_inference_run(connection, run_id):
+            refuse(self, f"run {run_id} is not an infer run of this worker's database "
+                   f"({display_url(settings.database_url)}): the task was meant for another "
+                   "database")
+        try:
+            model = inference.model_row(connection, model_version)
+        except inference.NoModelError as error:
+            refuse(self, f"{error} in this worker's database")
+    try:
+        artifact = inference.registered_artifact(model, settings.model_dir)
+    except (IncompatibleArtifactError, FileNotFoundError) as error:
+        refuse(self, f"model {model_version}: {error}")
     result = inference.infer_obsids(engine, artifact, model_version, obsids, run_id,
-                                    spectra_root=spectra_root, settings=current_settings())
+                                    settings=settings)
     return result.as_dict()
 
 
-@app.task(name="etl.tasks.reprocess_stale", acks_late=True)
-def reprocess_stale(database_url=None, batch_size=500, max_batches=REPROCESS_MAX_BATCHES):
+@app.task(bind=True, name="etl.tasks.reprocess_stale", acks_late=True, throws=(TaskRefused,))
+def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **unexpected):
     """Beat entry: dispatch the current model's stale spectra (no estimate, no failure).
 
     Does not wait for the batches. Registering a new current model therefore gets the
@@ -167,7 +226,11 @@ def reprocess_stale(database_url=None, batch_size=500, max_batches=REPROCESS_MAX
     """
     from etl import inference
 
-    engine = engine_for(database_url)
+    check_arguments(self, unexpected)
+    if not (_count(batch_size, MAX_BATCH) and _count(max_batches, 10 * REPROCESS_MAX_BATCHES)):
+        refuse(self, f"batch_size must be an integer in 1-{MAX_BATCH} and max_batches one in "
+               f"1-{10 * REPROCESS_MAX_BATCHES}")
+    engine = engine_for()
     try:
         with engine.connect() as connection:
             model = inference.model_row(connection)
@@ -183,9 +246,7 @@ def reprocess_stale(database_url=None, batch_size=500, max_batches=REPROCESS_MAX
     if app.conf.task_always_eager:
         selected = list(selected)            # do not read and write the same SQLite at once
     for obsids in selected:
-        async_result = infer_batch.apply_async(
-            (version, obsids, run_id),
-            {"database_url": public_url(engine.url.render_as_string(hide_password=False))})
+        async_result = infer_batch.apply_async((version, obsids, run_id))
         if app.conf.task_always_eager:
             totals += inference.BatchResult.from_dict(async_result.get())
         batches += 1

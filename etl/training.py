@@ -24,8 +24,7 @@ from sqlalchemy import and_, func, insert, select, update
 from etl import schema
 from etl.inference import spectra_for, star_condition
 from etl.ingest import utcnow
-from models.artifact import code_version
-from models.artifact import new_model_version, save_model
+from models.artifact import code_version, new_model_version, save_model
 from models.lasso_mlpnet import LABELS
 from models.pipeline import featurise_files
 from models.preprocess import PreprocessConfig

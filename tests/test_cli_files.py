@@ -232,5 +232,5 @@ def test_predict_files_refuses_an_incompatible_model(sim_set, tmp_path, capsys):
                  "--spectra-root", str(sim_set), "--out", str(tmp_path / "out.csv")])
     message = capsys.readouterr().err
     assert code == 2
-    assert "not a lamost-vac model artifact" in message and str(bogus) in message
+    assert "no sidecar" in message and str(bogus) in message     # not even unpickled
     assert not (tmp_path / "out.csv").exists()

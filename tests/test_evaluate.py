@@ -143,10 +143,13 @@ def test_evaluate_with_cross_matched_labels(fgk_set, trained_model, truth_report
 def test_evaluate_without_baselines_and_no_matches(fgk_set, trained_model, tmp_path):
     import joblib
 
+    from models.artifact import write_sidecar
+
     payload = joblib.load(trained_model)
     payload["extra"] = {}
     bare = tmp_path / "bare.joblib"
     joblib.dump(payload, bare)
+    write_sidecar(bare, payload)        # a rewritten artifact needs a sidecar for its new bytes
     # a third of the catalogue is enough here and keeps the test short
     lines = (fgk_set / "lamost_catalog.csv").read_text().splitlines()
     part = tmp_path / "part.csv"

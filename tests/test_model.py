@@ -4,14 +4,17 @@ uncertainties and flags, and the model artifact.
 Synthetic data with a known answer throughout; scikit-learn's coordinate-descent Lasso is
 the independent reference for the LARS-based selection.
 """
+import json
+
 import joblib
 import numpy as np
 import pytest
 import sklearn
 from sklearn.linear_model import Lasso
 
-from models.artifact import (ARTIFACT_FORMAT, IncompatibleArtifactError, file_sha256, load_model,
-                             save_model, training_set_description)
+from models.artifact import (ARTIFACT_FORMAT, ArtifactVersionWarning, IncompatibleArtifactError,
+                             file_sha256, library_versions, load_model, save_model,
+                             sidecar_path, training_set_description, write_sidecar)
 from models.flags import (FEH_OUT_OF_DOMAIN, NOT_A_STAR, SNR_OUT_OF_DOMAIN, TEFF_OUT_OF_DOMAIN,
                           UNUSABLE_SPECTRUM, describe_flags, domain_flags)
 from models.lasso_mlpnet import LABELS, SNR_BINS, LassoMLPNet
@@ -390,6 +393,8 @@ def test_artifact_round_trip_gives_identical_predictions(artifact, trained):
 
 
 def tamper(path, **changes):
+    """Rewrite the artifact with ``changes`` and a sidecar that vouches for the new bytes (as
+    another lamost-vac or library version would have written them)."""
     payload = joblib.load(path)
     for key, value in changes.items():
         if key == "sklearn":
@@ -397,6 +402,7 @@ def tamper(path, **changes):
         else:
             payload[key] = value
     joblib.dump(payload, path)
+    write_sidecar(path, payload)
 
 
 def test_artifact_of_another_format_is_refused(artifact):
@@ -422,7 +428,8 @@ def test_artifact_from_another_sklearn_patch_release_loads(artifact):
     path = artifact[0]
     major, minor = sklearn.__version__.split(".")[:2]
     tamper(path, sklearn=f"{major}.{minor}.999")
-    assert load_model(path)["version"] == artifact[1]
+    with pytest.warns(ArtifactVersionWarning, match=rf"scikit-learn {major}\.{minor}\.999"):
+        assert load_model(path)["version"] == artifact[1]
 
 
 @pytest.mark.parametrize("content", ["text", "joblib-list", "joblib-dict", "empty"])
@@ -436,6 +443,10 @@ def test_non_artifact_file_is_refused(tmp_path, content):
         joblib.dump({"model": None}, path)
     else:
         path.write_bytes(b"")
+    # even with a sidecar vouching for its bytes, a file that is not an artifact is refused
+    with open(sidecar_path(path), "w") as handle:
+        json.dump({"sha256": file_sha256(path), "format": ARTIFACT_FORMAT, "version": "lmn-x",
+                   "preprocess_hash": "0" * 16, "libraries": library_versions()}, handle)
     with pytest.raises(IncompatibleArtifactError, match="not a lamost-vac model artifact") as info:
         load_model(path)
     assert str(path) in str(info.value)

@@ -168,7 +168,9 @@ def pipeline(request, sim40, make_database, tmp_path_factory):
     from etl.settings import load_settings
 
     if mode == "sqlite-eager":
-        tasks.configure(tasks.app, load_settings({}))        # no broker: eager
+        # no broker: eager; this process is the worker, with the worker's configuration
+        tasks.configure(tasks.app, load_settings({"LAMOST_VAC_DATABASE_URL": url,
+                                                  "LAMOST_VAC_MODEL_DIR": str(tmp / "models")}))
     else:
         try:
             _redis().flushdb()
@@ -390,7 +392,7 @@ def test_new_model_reprocesses_exactly_the_stale_spectra(pipeline):
     if p.mode == "sqlite-eager":
         from etl import tasks
 
-        result = tasks.reprocess_stale.apply(kwargs={"database_url": p.url}).get()
+        result = tasks.reprocess_stale.apply().get()
         assert result["spectra"] == 5 and result["model_version"] == v2
     else:
         log = open(p.tmp / "beat.log", "w")

@@ -12,7 +12,7 @@ import time
 
 from etl import db
 from etl.commands.files import add_training_arguments, model_parameters, parse_range, print_held_out
-from etl.commands import add_url_argument, database_url
+from etl.commands import add_url_argument, database_url, display_url
 from etl.settings import settings
 
 
@@ -82,7 +82,10 @@ recorded failure from the model; --all every STAR spectrum (rewrites existing
 estimates of the version with this run's provenance). Workers: with
 LAMOST_VAC_BROKER_URL set the batches go to 'lamost-vac worker' processes and this
 command waits for their results (progress on stderr, summary on stdout);
-unset, they run here. Exit status 1 when a batch raised or --timeout passed.""")
+unset, they run here. A task carries only the model version, the obsids and the
+run id: each worker reads its own LAMOST_VAC_DATABASE_URL (the same database as
+--url, or it refuses the batches), LAMOST_VAC_MODEL_DIR and LAMOST_VAC_SPECTRA_ROOT.
+Exit status 1 when a batch raised or --timeout passed.""")
     parser.add_argument("--model", default=None, help="model version (default: the current one)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--stale", dest="mode", action="store_const", const="stale",
@@ -95,9 +98,6 @@ unset, they run here. Exit status 1 when a batch raised or --timeout passed.""")
     parser.add_argument("--batch-size", type=int, default=500,
                         help="spectra per task (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many spectra")
-    parser.add_argument("--spectra-root", default=None,
-                        help="folder of the spectrum files, passed to the workers (default: "
-                        "each worker's LAMOST_VAC_SPECTRA_ROOT, else the ingest's root)")
     parser.add_argument("--no-wait", action="store_true",
                         help="dispatch and exit (follow progress in the database)")
     parser.add_argument("--timeout", type=float, default=None,
@@ -138,14 +138,23 @@ class _Progress:
 
 
 def run_infer(args):
-    from etl import inference, tasks
+    from etl import tasks
 
-    if args.batch_size < 1:
-        print("--batch-size must be at least 1", file=sys.stderr)
+    if not 1 <= args.batch_size <= tasks.MAX_BATCH:
+        print(f"--batch-size must be between 1 and {tasks.MAX_BATCH}", file=sys.stderr)
         return 2
     url = database_url(args)
-    engine = db.make_engine(url)
     eager = bool(tasks.app.conf.task_always_eager)
+    if eager:            # this process is the worker, and --url its database
+        with tasks.in_process_worker(url):
+            return _infer(args, url, eager)
+    return _infer(args, url, eager)
+
+
+def _infer(args, url, eager):
+    from etl import inference, tasks
+
+    engine = db.make_engine(url)
     try:
         with engine.connect() as connection:
             model = inference.model_row(connection, args.model)
@@ -157,13 +166,12 @@ def run_infer(args):
         run_id = inference.start_inference_run(engine, version, {
             "mode": args.mode, "batch_size": args.batch_size, "retry_failed": args.retry_failed,
             "limit": args.limit, "spectra": total, "eager": eager})
-        where = "in this process (eager)" if eager else f"to {_broker_name(tasks.app)}"
+        where = "in this process (eager)" if eager else f"to {display_url(tasks.app.conf.broker_url)}"
         print(f"infer: model {version}, {total} {args.mode} spectra in {n_batches} batches "
               f"{where} [run {run_id}]", file=sys.stderr)
         totals = inference.BatchResult()
         errors = []
         progress = _Progress(n_batches, total)
-        kwargs = {"database_url": tasks.public_url(url), "spectra_root": args.spectra_root}
         batches = inference.iter_batches(engine, version, args.mode, args.batch_size,
                                          args.retry_failed, args.limit)
         if eager:
@@ -171,7 +179,7 @@ def run_infer(args):
         pending = []
         done_batches = 0
         for obsids in batches:
-            async_result = tasks.infer_batch.apply_async((version, obsids, run_id), kwargs)
+            async_result = tasks.infer_batch.apply_async((version, obsids, run_id))
             if eager:
                 totals += inference.BatchResult.from_dict(async_result.get())
                 done_batches += 1
@@ -248,15 +256,6 @@ def _wait(pending, totals, errors, progress, timeout):
                 return finished, True
             time.sleep(0.25)
     return finished, False
-
-
-def _broker_name(app):
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(app.conf.broker_url).set(password=None).render_as_string()
-    except Exception:  # noqa: BLE001 -- not a URL SQLAlchemy parses (amqp://...): show scheme
-        return app.conf.broker_url.split("://")[0] + "://..."
 
 
 # ---------------------------------------------------------------------------------------

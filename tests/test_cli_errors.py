@@ -1,0 +1,96 @@
+"""The CLI never prints the database password, and a database that is down is one line.
+
+The environment cases run the entry point in a subprocess with the writer URL in the
+environment, as an operator's shell has it; the unreachable database is a real closed TCP
+port.
+"""
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from etl.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "s3cret-Pa55"
+
+ALL_HELP = """
+import argparse
+from etl.cli import build_parser
+
+def helps(parser):
+    yield parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from helps(sub)
+
+print("\\n".join(helps(build_parser())))
+"""
+
+
+def env(**extra):
+    environment = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    environment.pop("LAMOST_VAC_DEBUG", None)
+    environment.update(extra)
+    return environment
+
+
+def test_help_masks_the_database_password():
+    url = f"postgresql+psycopg://lamost_vac:{PASSWORD}@db.example:5432/lamost_vac"
+    done = subprocess.run([sys.executable, "-c", ALL_HELP], env=env(LAMOST_VAC_DATABASE_URL=url),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert text.count("usage: lamost-vac") > 10             # every command's help was made
+    assert PASSWORD not in text and PASSWORD not in done.stderr
+    # the default is still shown, masked as the worker log masks the broker's
+    assert "lamost_vac:***@db.example:5432/lamost_vac" in " ".join(text.split())
+    one = subprocess.run([sys.executable, "-m", "etl.cli", "infer", "--help"],
+                         env=env(LAMOST_VAC_DATABASE_URL=url), capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert one.returncode == 0 and "***" in one.stdout and PASSWORD not in one.stdout
+
+
+@pytest.fixture()
+def closed_port():
+    """A local TCP port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["db", "upgrade"], ["db", "current"], ["crossmatch"], ["train"], ["infer"],
+    ["export", "--format", "csv", "--out", "{tmp}/vac.csv"],
+    ["ingest", "labels", "{tmp}/labels.csv"],
+])
+def test_database_down_is_one_line_naming_it_and_exit_2(argv, closed_port, tmp_path):
+    (tmp_path / "labels.csv").write_text("apogee_id,ra,dec,teff,logg,feh\nA,1,2,5000,4,0\n")
+    url = f"postgresql://lamost_vac:{PASSWORD}@127.0.0.1:{closed_port}/lamost_vac"
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--url", url])
+    assert code == 2, (out.getvalue(), err.getvalue())
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1, err.getvalue()
+    assert "Traceback" not in err.getvalue() and PASSWORD not in err.getvalue() + out.getvalue()
+    assert f"database postgresql://lamost_vac:***@127.0.0.1:{closed_port}/lamost_vac" in lines[0]
+    assert "Connection refused" in lines[0]
+
+
+def test_database_from_the_environment_is_named_too(closed_port, tmp_path):
+    # the console entry point in its own process: stderr holds that one line and nothing else
+    url = f"postgresql://lamost_vac:{PASSWORD}@127.0.0.1:{closed_port}/catalogue"
+    done = subprocess.run([sys.executable, "-m", "etl.cli", "db", "current"],
+                          env=env(LAMOST_VAC_DATABASE_URL=url), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"127.0.0.1:{closed_port}/catalogue" in done.stderr and PASSWORD not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
