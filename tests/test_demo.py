@@ -105,7 +105,8 @@ def test_compose_file_gives_each_service_the_credentials_of_one_role():
         roles = {make_url(value).username for key, value in environment.items()
                  if key.endswith("DATABASE_URL")}
         variables = {m.group(1) for value in environment.values()
-                     for m in PASSWORD_VARIABLE.finditer(str(value)) if "PASSWORD" in m.group(1)}
+                     for m in PASSWORD_VARIABLE.finditer(str(value))
+                     if m.group(1) in password_of.values()}
         return roles, variables
 
     assert credentials("api") == ({schema.READER_ROLE}, {password_of[schema.READER_ROLE]})

@@ -290,9 +290,13 @@ def test_compose_broker_requires_a_password():
     redis = compose["services"]["redis"]
     assert "--requirepass" in " ".join(redis["command"])
     assert "ports" not in redis                              # not published on the host
-    for name in ("worker", "beat", "api"):
+    for name in ("worker", "beat"):
         broker = compose["services"][name]["environment"]["LAMOST_VAC_BROKER_URL"]
         assert broker.startswith("redis://:${LAMOST_VAC_REDIS_PASSWORD") and "@redis:" in broker
+    # the API reads the catalogue only: it gets neither the broker nor its password
+    api = compose["services"]["api"]["environment"]
+    assert not any("REDIS" in key or "BROKER" in key or "REDIS" in str(value)
+                   for key, value in api.items())
 
 
 def test_documented_broker_url_with_password_reaches_an_authenticated_redis(tmp_path):
