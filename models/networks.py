@@ -12,6 +12,8 @@ this size; noise on the inputs is a data-driven regulariser (Bishop 1995: to fir
 a Tikhonov penalty on the input gradient) and mimics the lower-S/N spectra the model is
 applied to. ``bench/tune_lasso_mlpnet.py`` chooses its level by star-grouped CV.
 """
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
@@ -23,26 +25,101 @@ def _sigmoid(a):
     return 1.0 / (1.0 + np.exp(-np.clip(a, -60.0, 60.0)))
 
 
+class AdamOptimizer:
+    """Adam (Kingma & Ba 2015) on a list of float32 arrays, updated in place.
+
+    The counterpart of scikit-learn's ``AdamOptimizer.update_params``: ``update_params``
+    takes the gradients in the order of ``params`` and moves every parameter one step.
+    """
+
+    def __init__(self, params, learning_rate_init=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8):
+        self.params = params
+        self.learning_rate_init = learning_rate_init
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.t = 0
+        self.ms = [np.zeros_like(p) for p in params]
+        self.vs = [np.zeros_like(p) for p in params]
+
+    def update_params(self, grads):
+        self.t += 1
+        b1, b2 = self.beta_1, self.beta_2
+        lr = self.learning_rate_init * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        for p, g, m, v in zip(self.params, grads, self.ms, self.vs):
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            p -= lr * m / (np.sqrt(v) + self.epsilon)
+
+
+class EarlyStopping:
+    """Keeps the parameters of the best validation loss; says when to stop.
+
+    A loss that is not finite (NaN from diverging weights) never counts as an improvement;
+    if no epoch ever gave a finite loss, the parameters of the last epoch are kept and
+    ``best_loss`` stays infinite, so the caller can tell.
+    """
+
+    def __init__(self, patience, tol=1e-6):
+        self.patience, self.tol = patience, tol
+        self.best_loss = np.inf
+        self.best_params = None
+        self.no_improvement_count = 0
+
+    def update(self, loss, params):
+        """Record one epoch's validation loss; returns True when training should stop."""
+        if np.isfinite(loss) and loss < self.best_loss - self.tol:
+            self.best_loss = float(loss)
+            self.best_params = [p.copy() for p in params]
+            self.no_improvement_count = 0
+            return False
+        self.no_improvement_count += 1
+        return self.no_improvement_count >= self.patience
+
+    def params(self, current):
+        return self.best_params if self.best_params is not None else [p.copy() for p in current]
+
+
 class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
     """Two (or more) hidden sigmoid layers, linear output, L2 penalty, Adam, early stopping.
 
     Parameters
     ----------
-    hidden_layer_sizes : tuple of int
-    alpha : float
+    hidden_layer_sizes : tuple of int, default=(400, 50)
+        Units of each hidden layer (the paper's Teff network by default).
+    alpha : float, default=1e-4
         L2 penalty on the weights (as in scikit-learn: ``alpha / 2 * ||W||^2 / n_samples``).
-    learning_rate_init : float
+    learning_rate_init : float, default=1e-3
         Adam step size.
-    batch_size : int
-    max_epochs : int
-    validation_fraction : float
-        Fraction of the stars held out to decide when to stop.
-    n_iter_no_change : int
+    batch_size : int, default=128
+        Spectra per mini-batch.
+    max_epochs : int, default=300
+        Upper bound on passes over the training stars.
+    validation_fraction : float, default=0.1
+        Fraction of the stars held out to decide when to stop (whole stars: ``groups``).
+    n_iter_no_change : int, default=20
         Epochs without improvement of the validation loss before stopping.
-    input_noise : float
+    input_noise : float, default=0.0
         Standard deviation of the Gaussian noise added to each training mini-batch's
         (standardised) inputs; 0 turns it off. Validation and prediction see clean inputs.
-    random_state : int or None
+    random_state : int or None, default=None
+        Seed of the initialisation, the mini-batch order, the noise and the held-out stars.
+
+    Attributes
+    ----------
+    coefs_ : list of ndarray (float32)
+        Weight matrices, input to output, of the epoch with the best validation loss.
+    intercepts_ : list of ndarray (float32)
+        Bias vectors, likewise.
+    y_mean_, y_scale_ : float
+        The target is learnt standardised; predictions are mapped back with these.
+    n_epochs_ : int
+        Epochs run before stopping.
+    best_validation_loss_ : float
+        Validation mean squared error (standardised target) of the kept weights; ``inf``
+        when no epoch gave a finite loss (a warning is raised then).
+    validation_curve_ : list of float
+        Validation loss after every epoch.
     """
 
     def __init__(self, hidden_layer_sizes=(400, 50), alpha=1e-4, learning_rate_init=1e-3,
@@ -57,6 +134,28 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
         self.random_state = random_state
+
+    def _validate_params(self):
+        sizes = tuple(self.hidden_layer_sizes)
+        checks = [
+            (len(sizes) >= 1 and all(int(h) == h and h >= 1 for h in sizes),
+             f"hidden_layer_sizes must be positive integers, got {self.hidden_layer_sizes!r}"),
+            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha!r}"),
+            (self.learning_rate_init > 0,
+             f"learning_rate_init must be > 0, got {self.learning_rate_init!r}"),
+            (int(self.batch_size) == self.batch_size and self.batch_size >= 1,
+             f"batch_size must be a positive integer, got {self.batch_size!r}"),
+            (int(self.max_epochs) == self.max_epochs and self.max_epochs >= 1,
+             f"max_epochs must be a positive integer, got {self.max_epochs!r}"),
+            (0 < self.validation_fraction < 1,
+             f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}"),
+            (int(self.n_iter_no_change) == self.n_iter_no_change and self.n_iter_no_change >= 1,
+             f"n_iter_no_change must be a positive integer, got {self.n_iter_no_change!r}"),
+            (self.input_noise >= 0, f"input_noise must be >= 0, got {self.input_noise!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     # -- the network ---------------------------------------------------------------------
     def _forward(self, X, weights, biases):
@@ -90,9 +189,13 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
 
     # -- scikit-learn API ----------------------------------------------------------------
     def fit(self, X, y, groups=None):
+        self._validate_params()
         rng = np.random.default_rng(self.random_state)
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float64)
+        if X.ndim != 2 or len(X) != len(y) or len(y) < 2:
+            raise ValueError(f"need X of shape (n_samples >= 2, n_features) and y of "
+                             f"n_samples, got {X.shape} and {y.shape}")
         self.y_mean_, self.y_scale_ = float(y.mean()), float(y.std() or 1.0)
         target = ((y - self.y_mean_) / self.y_scale_).astype(np.float32)
         train, valid = group_holdout(len(y), groups, self.validation_fraction, rng)
@@ -101,44 +204,35 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
 
         weights, biases = self._init_weights(X.shape[1], rng)
         params = weights + biases
-        first_moment = [np.zeros_like(p) for p in params]
-        second_moment = [np.zeros_like(p) for p in params]
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        best = (np.inf, None)
-        since_best, step = 0, 0
+        optimizer = AdamOptimizer(params, self.learning_rate_init)
+        stopping = EarlyStopping(self.n_iter_no_change)
         self.validation_curve_ = []
         for epoch in range(self.max_epochs):
-            order = rng.permutation(len(y_train))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                inputs = X_train[batch]
-                if self.input_noise:
-                    inputs = inputs + np.float32(self.input_noise) * rng.standard_normal(
-                        inputs.shape, dtype=np.float32)
-                grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
-                step += 1
-                lr = self.learning_rate_init * np.sqrt(1 - beta2**step) / (1 - beta1**step)
-                for p, g, m, v in zip(params, grad_w + grad_b, first_moment, second_moment):
-                    m *= beta1
-                    m += (1 - beta1) * g
-                    v *= beta2
-                    v += (1 - beta2) * g * g
-                    p -= lr * m / (np.sqrt(v) + eps)
+            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng)
             valid_loss = float(np.mean((self._forward(X_valid, weights, biases)[1] - y_valid) ** 2))
             self.validation_curve_.append(valid_loss)
-            if valid_loss < best[0] - 1e-6:
-                best = (valid_loss, [p.copy() for p in params])
-                since_best = 0
-            else:
-                since_best += 1
-                if since_best >= self.n_iter_no_change:
-                    break
+            if stopping.update(valid_loss, params):
+                break
+        if not np.isfinite(stopping.best_loss):
+            warnings.warn("SigmoidMLPRegressor: the validation loss was never finite "
+                          "(diverged); try a smaller learning_rate_init", RuntimeWarning)
+        kept = stopping.params(params)
         n_layers = len(weights)
-        self.coefs_ = best[1][:n_layers]
-        self.intercepts_ = best[1][n_layers:]
+        self.coefs_, self.intercepts_ = kept[:n_layers], kept[n_layers:]
         self.n_epochs_ = epoch + 1
-        self.best_validation_loss_ = best[0]
+        self.best_validation_loss_ = stopping.best_loss
         return self
+
+    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng):
+        order = rng.permutation(len(y_train))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            inputs = X_train[batch]
+            if self.input_noise:
+                inputs = inputs + np.float32(self.input_noise) * rng.standard_normal(
+                    inputs.shape, dtype=np.float32)
+            grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
+            optimizer.update_params(grad_w + grad_b)
 
     def predict(self, X):
         X = np.asarray(X, dtype=np.float32)

@@ -210,6 +210,45 @@ def test_mlp_input_noise_shrinks_like_its_tikhonov_equivalent():
     assert slopes[1.0] == pytest.approx(0.5, abs=0.1)
 
 
+def test_adam_step_matches_scikit_learn():
+    from sklearn.neural_network._stochastic_optimizers import AdamOptimizer as SkAdam
+
+    from models.networks import AdamOptimizer
+
+    rng = np.random.default_rng(5)
+    ours = [rng.standard_normal((4, 3)), rng.standard_normal(3)]
+    theirs = [p.copy() for p in ours]
+    mine, reference = AdamOptimizer(ours, 1e-2), SkAdam(theirs, learning_rate_init=1e-2)
+    for _ in range(5):
+        grads = [rng.standard_normal((4, 3)), rng.standard_normal(3)]
+        mine.update_params(grads)
+        reference.update_params(theirs, grads)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_mlp_whose_validation_loss_is_never_finite_warns_instead_of_crashing():
+    rng = np.random.default_rng(6)
+    X = rng.uniform(-1, 1, (200, 4))
+    y = smooth_function(np.column_stack([X, X[:, :1]]))
+    X[::7] = np.nan                  # NaN inputs on training and validation stars alike
+    with pytest.warns(RuntimeWarning, match="never finite"):
+        model = SigmoidMLPRegressor(hidden_layer_sizes=(8,), max_epochs=5, n_iter_no_change=2,
+                                    random_state=0).fit(X, y)
+    assert model.best_validation_loss_ == np.inf
+    assert len(model.coefs_) == 2 and model.n_epochs_ <= 5
+
+
+@pytest.mark.parametrize("param, value", [
+    ("hidden_layer_sizes", (0, 5)), ("hidden_layer_sizes", ()), ("alpha", -1.0),
+    ("learning_rate_init", 0.0), ("batch_size", 0), ("max_epochs", 0),
+    ("validation_fraction", 1.0), ("n_iter_no_change", 0), ("input_noise", -0.5)])
+def test_mlp_refuses_invalid_parameters_by_name(param, value):
+    X, y = np.zeros((10, 3)), np.arange(10.0)
+    with pytest.raises(ValueError, match=param):
+        SigmoidMLPRegressor(**{param: value}).fit(X, y)
+
+
 # --------------------------------------------------------------------------- LASSO-MLPNet
 
 def synthetic_spectra(rng, n_stars, per_star, n_pixels=150):
