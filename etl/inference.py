@@ -147,10 +147,20 @@ def iter_batches(engine, model_version, mode="stale", batch_size=500, retry_fail
             yield [int(row[0]) for row in partition]
 
 
-def plan_batches(obsids, batch_size):
-    """Split a list of obsids into consecutive batches."""
-    obsids = list(obsids)
-    return [obsids[i:i + batch_size] for i in range(0, len(obsids), batch_size)]
+def dispatch_batches(engine, task, model_version, run_id, mode="stale", batch_size=500,
+                     retry_failed=False, limit=None, eager=False):
+    """Send the selected spectra to ``task`` in batches of obsids; yields
+    ``(async_result, batch size)`` per batch as it is sent.
+
+    Messages carry ids only (model version, obsids, run id). ``eager`` (tasks run in this
+    process): the whole selection is read first, so that the same SQLite file is never
+    read and written at once.
+    """
+    batches = iter_batches(engine, model_version, mode, batch_size, retry_failed, limit)
+    if eager:
+        batches = list(batches)
+    for obsids in batches:
+        yield task.apply_async((model_version, obsids, run_id)), len(obsids)
 
 
 # ---------------------------------------------------------------------------------------

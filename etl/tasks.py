@@ -241,19 +241,17 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
         engine, version, {"mode": "stale", "batch_size": batch_size, "scheduled": True})
     batches = spectra = 0
     totals = inference.BatchResult()
-    selected = inference.iter_batches(engine, version, "stale", batch_size,
-                                      limit=batch_size * max_batches)
-    if app.conf.task_always_eager:
-        selected = list(selected)            # do not read and write the same SQLite at once
-    for obsids in selected:
-        async_result = infer_batch.apply_async((version, obsids, run_id))
-        if app.conf.task_always_eager:
+    eager = app.conf.task_always_eager
+    for async_result, size in inference.dispatch_batches(
+            engine, infer_batch, version, run_id, "stale", batch_size,
+            limit=batch_size * max_batches, eager=eager):
+        if eager:
             totals += inference.BatchResult.from_dict(async_result.get())
         batches += 1
-        spectra += len(obsids)
+        spectra += size
     totals.selected = spectra
-    message = (f"scheduled reprocessing dispatched {batches} batches ({spectra} spectra)"
-               if not app.conf.task_always_eager else None)
+    message = (None if eager else
+               f"scheduled reprocessing dispatched {batches} batches ({spectra} spectra)")
     inference.finish_inference_run(engine, run_id, totals, message=message)
     return {"model_version": version, "run_id": run_id, "batches": batches, "spectra": spectra}
 

@@ -172,20 +172,17 @@ def _infer(args, url, eager):
         totals = inference.BatchResult()
         errors = []
         progress = _Progress(n_batches, total)
-        batches = inference.iter_batches(engine, version, args.mode, args.batch_size,
-                                         args.retry_failed, args.limit)
-        if eager:
-            batches = list(batches)          # do not read and write the same SQLite at once
         pending = []
         done_batches = 0
-        for obsids in batches:
-            async_result = tasks.infer_batch.apply_async((version, obsids, run_id))
+        for async_result, size in inference.dispatch_batches(
+                engine, tasks.infer_batch, version, run_id, args.mode, args.batch_size,
+                args.retry_failed, args.limit, eager=eager):
             if eager:
                 totals += inference.BatchResult.from_dict(async_result.get())
                 done_batches += 1
                 progress.update(done_batches, totals)
             else:
-                pending.append((async_result, len(obsids)))
+                pending.append((async_result, size))
         if not eager and (args.no_wait or not tasks.app.conf.result_backend):
             why = "--no-wait" if args.no_wait else "no result backend"
             inference.finish_inference_run(
