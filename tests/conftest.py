@@ -41,6 +41,27 @@ def service_unavailable(reason):
     pytest.skip(reason)
 
 
+def psql(url, sql, user, password=None):
+    """Run ``sql`` (one statement or psql command) with the real psql client as ``user``
+    on the database of ``url``, over TCP; no password prompt (``-w``)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return subprocess.run(
+        ["psql", "-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", parsed.host,
+         "-p", str(parsed.port or 5432), "-U", user, "-d", parsed.database, "-c", sql],
+        env=env, capture_output=True, text=True, timeout=60)
+
+
+def assert_refused(result, message):
+    """``result`` (of :func:`psql`) failed, with ``message`` in its error output."""
+    assert result.returncode != 0, f"not refused: {result.stdout}"
+    assert message in result.stderr, result.stderr
+
+
 def _pg_admin_engine():
     from sqlalchemy import create_engine
 
@@ -119,24 +140,6 @@ def catalogue_engine(catalogue_url):
     engine.dispose()
 
 
-@pytest.fixture(scope="session")
-def simulated_set(shared_dir, tmp_path_factory):
-    """A small LAMOST-like set from lamost_sim.py: 8 MILES stars, one spectrum each,
-    every star with a decoy neighbour 2-6 arcsec away in apogee_payne.fits."""
-    miles = shared_dir / "data" / "miles"
-    tool = shared_dir / "tools" / "lamost_sim.py"
-    if not tool.is_file() or not miles.is_dir():
-        pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
-    out = tmp_path_factory.mktemp("sim")
-    ids = sorted(int(p.name[20:24]) for p in miles.glob("MILES_res2.50_star_m*V.fits"))[:12]
-    stars = out / "stars.txt"
-    stars.write_text("\n".join(str(i) for i in ids) + "\n")
-    subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
-                    "--stars", str(stars), "--per-star", "1x10-20", "--decoys", "1",
-                    "--seed", "3"], check=True, capture_output=True, timeout=120)
-    return out
-
-
 # --------------------------------------------------------------------------------------
 # Simulated LAMOST-like sets from real MILES stars (../shared/tools/lamost_sim.py).
 def miles_ids(miles, count, teff=(3800.0, 6500.0), logg=(-1.0, 6.0), feh=(-5.0, 2.0), spread=True):
@@ -167,20 +170,32 @@ def miles_ids(miles, count, teff=(3800.0, 6500.0), logg=(-1.0, 6.0), feh=(-5.0, 
 
 @pytest.fixture(scope="session")
 def make_simulated_set(shared_dir, tmp_path_factory):
-    """Factory: ``make_simulated_set(name, ids, per_star, seed)`` -> folder written by lamost_sim."""
+    """Factory: ``make_simulated_set(name, ids, per_star, seed, decoys=None)`` -> folder
+    written by lamost_sim (``decoys``: the chance per star of a neighbour 2-6 arcsec away
+    in apogee_payne.fits; None: the tool's default)."""
     miles = shared_dir / "data" / "miles"
     tool = shared_dir / "tools" / "lamost_sim.py"
     if not tool.is_file() or not (miles / "MILES_params.db").is_file():
         pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
 
-    def make(name, ids, per_star, seed):
+    def make(name, ids, per_star, seed, decoys=None):
         out = tmp_path_factory.mktemp(name)
         stars = out / "stars.txt"
         stars.write_text("\n".join(map(str, ids)) + "\n")
         subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
-                        "--stars", str(stars), "--per-star", per_star, "--seed", str(seed)],
+                        "--stars", str(stars), "--per-star", per_star, "--seed", str(seed),
+                        *(["--decoys", str(decoys)] if decoys is not None else [])],
                        check=True, capture_output=True, timeout=300)
         return out
 
     make.miles = miles
     return make
+
+
+@pytest.fixture(scope="session")
+def simulated_set(make_simulated_set):
+    """A small LAMOST-like set from lamost_sim.py: 12 MILES stars, one spectrum each,
+    every star with a decoy neighbour 2-6 arcsec away in apogee_payne.fits."""
+    miles = make_simulated_set.miles
+    ids = sorted(int(p.name[20:24]) for p in miles.glob("MILES_res2.50_star_m*V.fits"))[:12]
+    return make_simulated_set("sim", ids, "1x10-20", seed=3, decoys=1)

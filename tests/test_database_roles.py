@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, service_unavailable
+from conftest import REPO_ROOT, assert_refused, psql, service_unavailable
 from etl import schema
 from etl.settings import load_settings
-from test_schema_migrations import assert_refused, psql
 
 ADMIN_PASSWORD = "admin-secret-1"
 WRITER_PASSWORD = "writer-secret-2"

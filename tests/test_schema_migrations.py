@@ -2,17 +2,16 @@
 on SQLite and on PostgreSQL; on PostgreSQL the reader role can read and nothing else,
 checked with the real psql client logged in as that role."""
 import os
-import subprocess
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import make_url
 
 from etl import db, schema
 from etl.settings import Settings
 from service.db import make_service_engine
+from conftest import assert_refused, psql
 
 EXPECTED_TABLES = {"ingest_runs", "spectra", "reference_labels", "crossmatch", "models",
                    "estimates", "estimate_failures", "quarantine"}
@@ -98,24 +97,6 @@ def test_column_metadata_is_declared_once_and_described(catalogue_engine):
 
 # ---------------------------------------------------------------------------------------
 # PostgreSQL roles (migration 0002), tried with psql as the role itself.
-def psql(url, sql, user, password=None):
-    """Run ``sql`` (one statement or psql command) with the psql client as ``user`` on the
-    database of ``url``, over TCP; no password prompt (``-w``)."""
-    parsed = make_url(url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if password is not None:
-        env["PGPASSWORD"] = password
-    return subprocess.run(
-        ["psql", "-X", "-w", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", parsed.host,
-         "-p", str(parsed.port or 5432), "-U", user, "-d", parsed.database, "-c", sql],
-        env=env, capture_output=True, text=True, timeout=60)
-
-
-def assert_refused(result, message):
-    assert result.returncode != 0, f"not refused: {result.stdout}"
-    assert message in result.stderr, result.stderr
-
-
 @pytest.fixture(scope="module")
 def pg_catalogue(make_database):
     """A migrated PostgreSQL catalogue of this module (roles exist on PostgreSQL only)."""
