@@ -495,6 +495,40 @@ def test_estimates_bad_input_is_400(client, query, parameter):
     assert document["parameter"] == parameter and document["error"].startswith(parameter)
 
 
+# Digits of other scripts: Arabic-Indic, full-width, Devanagari, a superscript; Python's
+# float()/int() and regex \d take most of them.
+UNICODE_NUMBERS = ["\u0661\u0662", "\uff11\uff12", "\u0967\u0968", "1\u00b2", "\u00a012"]
+
+
+@pytest.mark.parametrize("number", UNICODE_NUMBERS)
+@pytest.mark.parametrize("name", ["teff_min", "limit", "flags", "ra"])
+def test_estimates_numbers_are_ascii_digits_only(client, name, number):
+    extra = "&dec=10&radius=0.1" if name == "ra" else ""
+    response = client.get(f"/api/v1/estimates?{name}={number}{extra}")
+    assert response.status_code == 400, response.data
+    document = response.get_json()
+    assert document["parameter"] == name and "ASCII digits" in document["error"]
+
+
+@pytest.mark.parametrize("number", UNICODE_NUMBERS)
+def test_spectrum_id_is_ascii_digits_only(client, cat, number):
+    response = client.get(f"/api/v1/spectra/{number}")
+    assert response.status_code == 400
+    assert response.get_json()["parameter"] == "obsid"
+    ascii_id = int(cat["obsid"][0])
+    assert client.get(f"/api/v1/spectra/{ascii_id}").status_code == 200
+
+
+@pytest.mark.parametrize("number", UNICODE_NUMBERS)
+@pytest.mark.parametrize("name", ["RA", "DEC", "SR", "MAXREC", "VERB"])
+def test_cone_search_numbers_are_ascii_digits_only(client, name, number):
+    params = {"RA": "150", "DEC": "30", "SR": "0.1", name: number}
+    votable = parse_votable(scs(client, **params).data)
+    status = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
+    assert status[0].value == "ERROR" and status[0].content.startswith(name + ":")
+    assert "ASCII digits" in status[0].content
+
+
 def test_cursor_from_another_order_is_rejected(client):
     document = client.get("/api/v1/estimates?order=teff&limit=5").get_json()
     cursor = document["next"].split("cursor=")[1]
