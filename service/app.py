@@ -25,8 +25,8 @@ LAMOST_VAC_SMALL_CONE_DEG              cones up to this radius are small queries
                                        large queries
 LAMOST_VAC_LARGE_QUERIES_PER_CLIENT    large queries one client (address) may run at      ``1``
                                        once; more are answered 429 with Retry-After
-LAMOST_VAC_LARGE_QUERIES_MAX           large queries the whole service runs at once       cores / 2
-                                       (every worker process together)                    (at least 1)
+LAMOST_VAC_LARGE_QUERIES_MAX           large queries the whole service runs at once       cores / 2,
+                                       (every worker process together)                    at least 1
 LAMOST_VAC_HEALTH_TIMEOUT_MS           statement timeout (and pool wait) of the           ``1000``
                                        /health, /availability and /capabilities checks
 LAMOST_VAC_TRUSTED_PROXIES             reverse proxies in front of the service whose      ``0``
