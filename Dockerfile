@@ -14,4 +14,6 @@ RUN pip install --no-cache-dir . gunicorn
 RUN useradd --create-home --uid 1000 lamost && mkdir -p /models && chown lamost /models
 USER lamost
 EXPOSE 8000
-CMD ["gunicorn", "-w", "2", "-b", "0.0.0.0:8000", "service.app:create_app()"]
+# Workers, timeouts and request limits: service/gunicorn_conf.py (see README, "Running it
+# for real"); flags given after it override it.
+CMD ["gunicorn", "-c", "python:service.gunicorn_conf", "-b", "0.0.0.0:8000", "service.app:create_app()"]

@@ -22,6 +22,7 @@ postgresql+psycopg://postgres@127.0.0.1:5432/postgres) and gunicorn; the databas
 lamost_vac_bench_api_<pid> is created and dropped. Prints one JSON document.
 """
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import http.client
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import numpy as np
@@ -48,6 +50,7 @@ from etl.settings import settings  # noqa: E402
 PG_URL = os.environ.get("LAMOST_VAC_TEST_PG_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MODEL = "bench-1.0"
+FIRST_OBSID = 1_000_000_000     # the spectra loaded have obsids FIRST_OBSID, FIRST_OBSID + 1, ...
 RADII_ARCMIN = (1.0, 10.0)
 
 
@@ -73,7 +76,7 @@ def load(url, n, rng, shared):
     zone_height = schema.ZONE_HEIGHT_DEG
     zone = np.minimum(np.floor((dec + 90.0) / zone_height).astype(int),
                       int(np.ceil(180.0 / zone_height)) - 1)
-    obsid = np.arange(1_000_000_000, 1_000_000_000 + n)
+    obsid = np.arange(FIRST_OBSID, FIRST_OBSID + n)
     flags = rng.choice([0, 0, 0, 0, 1, 2, 4], n)
     now = dt.datetime.now(dt.timezone.utc)
 
@@ -252,12 +255,14 @@ def throughput(port, centres, radius_deg, processes=2, threads=4):
             "client_processes": processes, "threads_per_process": threads}
 
 
-def start_gunicorn(url, reader_url, port, workers=2):
+def start_gunicorn(url, reader_url, port, gunicorn_args=("-w", "2"), environ=None):
+    """gunicorn serving the app on 127.0.0.1:``port`` with ``gunicorn_args`` (e.g.
+    ``-c python:service.gunicorn_conf``), once /health answers 200."""
     env = dict(os.environ, LAMOST_VAC_DATABASE_URL=url,
-               LAMOST_VAC_READER_DATABASE_URL=reader_url)
+               LAMOST_VAC_READER_DATABASE_URL=reader_url, **(environ or {}))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "gunicorn", *gunicorn_args, "-b", f"127.0.0.1:{port}",
          "--log-level", "warning", "service.app:create_app()"],
         cwd=root, env=env, start_new_session=True)
     for _ in range(200):
@@ -307,6 +312,45 @@ def _positions(url):
     return array[:, 0], array[:, 1]
 
 
+@dataclass
+class BenchCatalogue:
+    """A migrated PostgreSQL catalogue of spectra and estimates (see :func:`load`)."""
+    url: str                # writer
+    reader_url: str
+    ra: np.ndarray          # positions of the spectra
+    dec: np.ndarray
+    load: object            # load timings, or "reused"
+
+
+@contextlib.contextmanager
+def bench_catalogue(rows, rng, shared, keep=False):
+    """Yield a :class:`BenchCatalogue` in the database lamost_vac_bench_api_<pid>,
+    dropped on exit; with ``keep``, in lamost_vac_bench_api, kept and reused by the next
+    run when it already holds ``rows`` estimates."""
+    admin = create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
+    name = "lamost_vac_bench_api" if keep else f"lamost_vac_bench_api_{os.getpid()}"
+    url = make_url(db.normalise_url(PG_URL)).set(database=name) \
+        .render_as_string(hide_password=False)
+    reuse = keep and _holds_rows(admin, url, name, rows)
+    if not reuse:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        if reuse:
+            ra, dec = _positions(url)
+            load_report = "reused"
+        else:
+            db.upgrade(url)
+            ra, dec, load_report = load(url, rows, rng, shared)
+        yield BenchCatalogue(url, db.reader_url_for(url), ra, dec, load_report)
+    finally:
+        if not keep:
+            with admin.connect() as connection:
+                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,70 +368,54 @@ def main():
     options = parser.parse_args()
     rng = np.random.default_rng(options.seed)
 
-    admin = create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
-    name = "lamost_vac_bench_api" if options.keep else f"lamost_vac_bench_api_{os.getpid()}"
-    url = make_url(db.normalise_url(PG_URL)).set(database=name) \
-        .render_as_string(hide_password=False)
-    reuse = options.keep and _holds_rows(admin, url, name, options.rows)
-    if not reuse:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    reader_url = db.reader_url_for(url)
     server = None
     report = {"rows": options.rows, "model_version": MODEL}
-    try:
-        if reuse:
-            ra, dec = _positions(url)
-            report["load"] = "reused"
-        else:
-            db.upgrade(url)
-            ra, dec, report["load"] = load(url, options.rows, rng, options.shared)
-        pick = rng.integers(0, len(ra), options.requests)
-        centres = list(zip(((ra[pick] + rng.normal(0, 0.01, len(pick))) % 360.0).tolist(),
-                           np.clip(dec[pick] + rng.normal(0, 0.01, len(pick)), -90, 90)
-                           .tolist()))
-        scs_sql = scs_equivalent_sql()
-        port = free_port()
-        server = start_gunicorn(url, reader_url, port)
-        report["latency"] = {}
-        for arcmin in RADII_ARCMIN:
-            radius = arcmin / 60.0
-            raw, raw_rows = raw_sql_latency(reader_url, centres, radius, RAW_Q3C)
-            raw_generic, _ = raw_sql_latency(reader_url, centres, radius, RAW_Q3C,
-                                             generic=True)
-            equivalent, _ = raw_sql_latency(reader_url, centres, radius, scs_sql,
-                                            generic=True)
-            scs, errors = http_latency(port, centres, radius)
-            entry = {"rows_per_cone_mean": round(float(np.mean(raw_rows)), 2),
-                     "raw_sql_q3c": percentiles(raw),
-                     "raw_sql_q3c_prepared_generic": percentiles(raw_generic),
-                     "raw_sql_scs_query_prepared_generic": percentiles(equivalent),
-                     "scs_http": percentiles(scs), "scs_errors": errors}
-            for key in ("raw_sql_q3c", "raw_sql_q3c_prepared_generic",
-                        "raw_sql_scs_query_prepared_generic"):
-                entry[f"scs_p50_over_{key}_p50"] = round(
-                    entry["scs_http"]["p50_ms"] / entry[key]["p50_ms"], 2)
-            report["latency"][f"{arcmin:g}arcmin"] = entry
-        pick = rng.integers(0, len(ra), options.load_requests)
-        load_centres = list(zip(ra[pick].tolist(), dec[pick].tolist()))
-        http_latency(port, load_centres[:50], 1 / 60.0, warmup=0)
-        report["throughput_1arcmin"] = throughput(port, load_centres, 1 / 60.0)
-        report["throughput_1arcmin"]["gunicorn_workers"] = 2
-        report["goals"] = {
-            "scs_p50_le_2x_raw_sql_1arcmin":
-                report["latency"]["1arcmin"]["scs_p50_over_raw_sql_q3c_p50"] <= 2.0,
-            "scs_p50_le_2x_raw_sql_10arcmin":
-                report["latency"]["10arcmin"]["scs_p50_over_raw_sql_q3c_p50"] <= 2.0,
-            "ge_300_requests_per_s":
-                report["throughput_1arcmin"]["requests_per_s"] >= 300}
-        report["cpu_count"] = os.cpu_count()
-    finally:
-        stop(server)
-        if not options.keep:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
+    with bench_catalogue(options.rows, rng, options.shared, options.keep) as catalogue:
+        url, reader_url, ra, dec = (catalogue.url, catalogue.reader_url, catalogue.ra,
+                                    catalogue.dec)
+        report["load"] = catalogue.load
+        try:
+            pick = rng.integers(0, len(ra), options.requests)
+            centres = list(zip(((ra[pick] + rng.normal(0, 0.01, len(pick))) % 360.0).tolist(),
+                               np.clip(dec[pick] + rng.normal(0, 0.01, len(pick)), -90, 90)
+                               .tolist()))
+            scs_sql = scs_equivalent_sql()
+            port = free_port()
+            server = start_gunicorn(url, reader_url, port)
+            report["latency"] = {}
+            for arcmin in RADII_ARCMIN:
+                radius = arcmin / 60.0
+                raw, raw_rows = raw_sql_latency(reader_url, centres, radius, RAW_Q3C)
+                raw_generic, _ = raw_sql_latency(reader_url, centres, radius, RAW_Q3C,
+                                                 generic=True)
+                equivalent, _ = raw_sql_latency(reader_url, centres, radius, scs_sql,
+                                                generic=True)
+                scs, errors = http_latency(port, centres, radius)
+                entry = {"rows_per_cone_mean": round(float(np.mean(raw_rows)), 2),
+                         "raw_sql_q3c": percentiles(raw),
+                         "raw_sql_q3c_prepared_generic": percentiles(raw_generic),
+                         "raw_sql_scs_query_prepared_generic": percentiles(equivalent),
+                         "scs_http": percentiles(scs), "scs_errors": errors}
+                for key in ("raw_sql_q3c", "raw_sql_q3c_prepared_generic",
+                            "raw_sql_scs_query_prepared_generic"):
+                    entry[f"scs_p50_over_{key}_p50"] = round(
+                        entry["scs_http"]["p50_ms"] / entry[key]["p50_ms"], 2)
+                report["latency"][f"{arcmin:g}arcmin"] = entry
+            pick = rng.integers(0, len(ra), options.load_requests)
+            load_centres = list(zip(ra[pick].tolist(), dec[pick].tolist()))
+            http_latency(port, load_centres[:50], 1 / 60.0, warmup=0)
+            report["throughput_1arcmin"] = throughput(port, load_centres, 1 / 60.0)
+            report["throughput_1arcmin"]["gunicorn_workers"] = 2
+            report["goals"] = {
+                "scs_p50_le_2x_raw_sql_1arcmin":
+                    report["latency"]["1arcmin"]["scs_p50_over_raw_sql_q3c_p50"] <= 2.0,
+                "scs_p50_le_2x_raw_sql_10arcmin":
+                    report["latency"]["10arcmin"]["scs_p50_over_raw_sql_q3c_p50"] <= 2.0,
+                "ge_300_requests_per_s":
+                    report["throughput_1arcmin"]["requests_per_s"] >= 300}
+            report["cpu_count"] = os.cpu_count()
+        finally:
+            stop(server)
     print(json.dumps(report, indent=2))
 
 

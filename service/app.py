@@ -2,35 +2,57 @@
 
 ``create_app(settings=None)`` builds the app from :mod:`etl.settings` (the database URL the
 service reads with is ``settings.reader_url``) and the service limits below; run it with
-``lamost-vac serve`` (development server) or, in production, with gunicorn::
+``lamost-vac serve`` (development server) or, in production, with gunicorn and the
+configuration shipped in :mod:`service.gunicorn_conf`::
 
-    gunicorn -w 2 -b 127.0.0.1:8000 'service.app:create_app()'
+    gunicorn -c python:service.gunicorn_conf -b 127.0.0.1:8000 'service.app:create_app()'
 
-Service limits (environment variables; they are published in ``/capabilities`` and in the
-OpenAPI document):
+Service limits (environment variables; they are published in ``/capabilities``, ``/health``
+and the OpenAPI document):
 
-=================================  =====================================================  =========
-variable                           meaning                                                default
-=================================  =====================================================  =========
-LAMOST_VAC_SCS_MAX_SR_DEG          largest cone-search radius (SR), also /api/v1 radius   ``10``
-LAMOST_VAC_SCS_MAXREC_DEFAULT      rows returned by /scs when MAXREC is not given         ``10000``
-LAMOST_VAC_SCS_MAXREC_MAX          hard row cap of /scs (larger MAXREC is reduced to it)  ``50000``
-LAMOST_VAC_API_LIMIT_DEFAULT       rows per page of /api/v1/estimates by default          ``100``
-LAMOST_VAC_API_LIMIT_MAX           largest ``limit`` of /api/v1/estimates                 ``10000``
-LAMOST_VAC_STATEMENT_TIMEOUT_MS    (etl.settings) statement timeout of every query        ``10000``
-=================================  =====================================================  =========
+=====================================  =================================================  =========
+variable                               meaning                                            default
+=====================================  =================================================  =========
+LAMOST_VAC_SCS_MAX_SR_DEG              largest cone-search radius (SR), also /api/v1      ``3``
+                                       radius
+LAMOST_VAC_SCS_MAXREC_DEFAULT          rows returned by /scs when MAXREC is not given     ``10000``
+LAMOST_VAC_SCS_MAXREC_MAX              hard row cap of /scs (larger MAXREC is reduced     ``20000``
+                                       to it)
+LAMOST_VAC_API_LIMIT_DEFAULT           rows per page of /api/v1/estimates by default      ``100``
+LAMOST_VAC_API_LIMIT_MAX               largest ``limit`` of /api/v1/estimates             ``5000``
+LAMOST_VAC_SMALL_CONE_DEG              cones up to this radius are small queries; wider   ``0.25``
+                                       cones and range queries without such a cone are
+                                       large queries
+LAMOST_VAC_LARGE_QUERIES_PER_CLIENT    large queries one client (address) may run at      ``1``
+                                       once; more are answered 429 with Retry-After
+LAMOST_VAC_LARGE_QUERIES_MAX           large queries the whole service runs at once       cores / 2,
+                                       (every worker process together)                    at least 1
+LAMOST_VAC_HEALTH_TIMEOUT_MS           statement timeout (and pool wait) of the           ``1000``
+                                       /health, /availability and /capabilities checks
+LAMOST_VAC_TRUSTED_PROXIES             reverse proxies in front of the service whose      ``0``
+                                       X-Forwarded-For names the client
+LAMOST_VAC_STATEMENT_TIMEOUT_MS        (etl.settings) statement timeout of every query    ``10000``
+=====================================  =================================================  =========
+
+With these limits the most expensive accepted query runs for a few seconds at most on a
+catalogue of a million rows (``python bench/attack.py`` measures it), well inside the
+statement timeout; small queries are never limited, so they keep being answered while
+large ones run.
 """
 import logging
 import os
-from dataclasses import asdict, dataclass
-from typing import Mapping, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Optional
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from service import formats
 from service.db import is_statement_timeout, make_service_engine
+from service.limiter import LargeQueryLimiter, LargeQueryRefused, lock_directory
 from service.openapi import ParamError
 
 log = logging.getLogger(__name__)
@@ -43,17 +65,45 @@ LIMITS_DESCRIPTION = (
     "{scs_max_records} (DALI overflow INFO when truncated); /api/v1/estimates pages hold "
     "{api_default_limit} rows by default and at most {api_max_limit} (keyset pagination "
     "with a next link); every database statement is cancelled after "
-    "{statement_timeout_ms} ms (HTTP 503).")
+    "{statement_timeout_ms} ms (HTTP 503). Large queries (a cone wider than "
+    "{small_cone_deg:g} deg, or a range query without such a cone) run at most "
+    "{large_queries_per_client} at a time per client and {large_queries_max} at a time on "
+    "the service; beyond that they are answered HTTP 429 with Retry-After.")
+
+# Retry-After of a 429: within the limits a large query takes a second or two.
+RETRY_AFTER_S = 2
+# What the app accepts of a request; gunicorn's own limits (service/gunicorn_conf.py) are
+# set above these, so that an over-long request gets this service's error format.
+MAX_REQUEST_TARGET_BYTES = 4096
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_FIELD_BYTES = 8190
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))     # the CPUs this process may run on
+    except AttributeError:                      # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_large_queries_max() -> int:
+    """Half the cores: large queries keep the other half for everything else."""
+    return max(1, available_cores() // 2)
 
 
 @dataclass(frozen=True)
 class Limits:
-    scs_max_sr_deg: float = 10.0
+    scs_max_sr_deg: float = 3.0
     scs_default_maxrec: int = 10000
-    scs_max_records: int = 50000
+    scs_max_records: int = 20000
     api_default_limit: int = 100
-    api_max_limit: int = 10000
+    api_max_limit: int = 5000
     statement_timeout_ms: int = 10000
+    small_cone_deg: float = 0.25
+    large_queries_per_client: int = 1
+    large_queries_max: int = field(default_factory=default_large_queries_max)
+    health_timeout_ms: int = 1000
+    trusted_proxies: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +113,7 @@ class Limits:
         env = os.environ if environ is None else environ
         defaults = cls()
 
-        def number(name, default, kind):
+        def number(name, default, kind, minimum_exclusive=0):
             raw = env.get(name)
             if raw in (None, ""):
                 return default
@@ -71,8 +121,8 @@ class Limits:
                 value = kind(raw)
             except ValueError:
                 raise ValueError(f"{name} must be a number, got {raw!r}") from None
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {raw!r}")
+            if value <= minimum_exclusive:
+                raise ValueError(f"{name} must be above {minimum_exclusive}, got {raw!r}")
             return value
 
         limits = cls(
@@ -85,6 +135,15 @@ class Limits:
             api_max_limit=number("LAMOST_VAC_API_LIMIT_MAX", defaults.api_max_limit, int),
             statement_timeout_ms=(settings.statement_timeout_ms if settings is not None
                                   else defaults.statement_timeout_ms),
+            small_cone_deg=number("LAMOST_VAC_SMALL_CONE_DEG", defaults.small_cone_deg, float),
+            large_queries_per_client=number("LAMOST_VAC_LARGE_QUERIES_PER_CLIENT",
+                                            defaults.large_queries_per_client, int),
+            large_queries_max=number("LAMOST_VAC_LARGE_QUERIES_MAX",
+                                     defaults.large_queries_max, int),
+            health_timeout_ms=number("LAMOST_VAC_HEALTH_TIMEOUT_MS",
+                                     defaults.health_timeout_ms, int),
+            trusted_proxies=number("LAMOST_VAC_TRUSTED_PROXIES", defaults.trusted_proxies,
+                                   int, minimum_exclusive=-1),
         )
         return limits.checked()
 
@@ -104,12 +163,14 @@ class ServiceState:
     limits: Limits
     engine: object          # every query but the cone search
     cone_engine: object     # the fixed /scs statement (generic plans on PostgreSQL)
+    health_engine: object   # /health, /availability, /capabilities: short timeout, own pool
+    limiter: LargeQueryLimiter
     version: str
 
     def dispose(self):
-        self.engine.dispose()
-        if self.cone_engine is not self.engine:
-            self.cone_engine.dispose()
+        for engine in {id(e): e for e in (self.engine, self.cone_engine,
+                                           self.health_engine)}.values():
+            engine.dispose()
 
 
 def state(app=None) -> ServiceState:
@@ -145,25 +206,76 @@ def create_app(settings=None, limits: Optional[Limits] = None, engine=None) -> F
         engine = make_service_engine(settings)
         cone_engine = (make_service_engine(settings, generic_plans=True)
                        if engine.dialect.name == "postgresql" else engine)
+        # Its own small pool: the checks never wait behind connections held by queries.
+        health_engine = make_service_engine(settings, pool_size=1,
+                                            timeout_ms=limits.health_timeout_ms)
     else:
-        cone_engine = engine
+        cone_engine = health_engine = engine
+    limiter = LargeQueryLimiter(lock_directory(settings.reader_url),
+                                per_client=limits.large_queries_per_client,
+                                total=limits.large_queries_max, retry_after_s=RETRY_AFTER_S)
     app.extensions[EXTENSION] = ServiceState(
         settings=settings, limits=limits, engine=engine, cone_engine=cone_engine,
-        version=_version())
+        health_engine=health_engine, limiter=limiter, version=_version())
+    if limits.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=limits.trusted_proxies)
 
     from service.blueprints import estimates, models, scs, spectra, vosi
 
     for module in (scs, estimates, spectra, models, vosi):
         app.register_blueprint(module.blueprint)
+    app.before_request(_refuse_oversize_request)
     _register_error_handlers(app)
     return app
 
 
-def error_response(status: int, message: str, parameter: str = None):
+def error_response(status: int, message: str, parameter: str = None, headers=None):
+    """The service's error answer: a VOTable error document on /scs (what cone-search
+    clients read), JSON ``{"error", "status"[, "parameter"]}`` everywhere else."""
+    if request.blueprint == "scs":
+        return Response(formats.votable_error(message), status=status,
+                        mimetype=formats.VOTABLE_MIME, headers=headers)
     document = {"error": message, "status": status}
     if parameter:
         document["parameter"] = parameter
-    return formats.json_response(document, status=status)
+    return formats.json_response(document, status=status, headers=headers)
+
+
+def _refuse_oversize_request():
+    """414 / 431 in the service's error format for requests gunicorn let through."""
+    target = request.environ.get("RAW_URI") or request.full_path
+    if len(target) > MAX_REQUEST_TARGET_BYTES:
+        return error_response(414, f"the request URI is {len(target)} bytes long; at most "
+                                   f"{MAX_REQUEST_TARGET_BYTES} are accepted")
+    if len(request.headers) > MAX_HEADER_FIELDS:
+        return error_response(431, f"the request has {len(request.headers)} header fields; "
+                                   f"at most {MAX_HEADER_FIELDS} are accepted")
+    for name, value in request.headers.items():
+        if len(name) + len(value) + 2 > MAX_HEADER_FIELD_BYTES:
+            return error_response(431, f"the header field {name[:40]!r} is "
+                                       f"{len(name) + len(value) + 2} bytes long; at most "
+                                       f"{MAX_HEADER_FIELD_BYTES} are accepted")
+    return None
+
+
+def is_small_cone(radius: Optional[float]) -> bool:
+    return radius is not None and radius <= state().limits.small_cone_deg
+
+
+def large_query(make_response: Callable[[], Response]) -> Response:
+    """``make_response()`` run as a large query of this client (see
+    :mod:`service.limiter`); :class:`LargeQueryRefused` (429) when the client or the
+    service already runs its maximum. The slots are held until the response has been
+    sent: the WSGI server closes it then (a test client must close it: ``with
+    client.get(...)``)."""
+    grant = state().limiter.acquire(request.remote_addr or "unknown")
+    try:
+        response = make_response()
+    except BaseException:
+        grant.release()
+        raise
+    response.call_on_close(grant.release)
+    return response
 
 
 def database_error_response(error: BaseException):
@@ -172,6 +284,8 @@ def database_error_response(error: BaseException):
         return 503, (f"the query ran past the statement timeout of "
                      f"{state().limits.statement_timeout_ms} ms; narrow it (smaller radius, "
                      f"tighter ranges, smaller limit)")
+    if isinstance(error, PoolTimeoutError):
+        return 503, "every database connection of this worker is busy; retry"
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return 503, "the database connection was lost; retry"
     if isinstance(error, DBAPIError) and _is_connection_error(error):
@@ -195,6 +309,11 @@ def _register_error_handlers(app):
     @app.errorhandler(ParamError)
     def _bad_parameter(error):
         return error_response(400, str(error), error.name)
+
+    @app.errorhandler(LargeQueryRefused)
+    def _too_many_large_queries(error):
+        return error_response(429, str(error),
+                              headers={"Retry-After": str(error.retry_after_s)})
 
     @app.errorhandler(HTTPException)
     def _http_error(error):

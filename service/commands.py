@@ -1,7 +1,9 @@
 """``lamost-vac serve``: run the read-only query service (development server).
 
-Production: ``gunicorn -w 2 -b 127.0.0.1:8000 'service.app:create_app()'``; both read the
-same environment (LAMOST_VAC_READER_DATABASE_URL, LAMOST_VAC_STATEMENT_TIMEOUT_MS and the
+Production: ``gunicorn -c python:service.gunicorn_conf -b 127.0.0.1:8000
+'service.app:create_app()'`` (workers, timeouts and request limits in
+:mod:`service.gunicorn_conf`); both read the same environment
+(LAMOST_VAC_READER_DATABASE_URL, LAMOST_VAC_STATEMENT_TIMEOUT_MS and the
 limits documented in :mod:`service.app`).
 """
 
@@ -12,7 +14,8 @@ def register(subparsers):
         description="Serve /scs (IVOA cone search), /api/v1/..., VOSI and /openapi.json "
         "from the catalogue at LAMOST_VAC_READER_DATABASE_URL (default: the writer URL, "
         "opened read-only). For production use gunicorn: "
-        "gunicorn -w 2 -b 127.0.0.1:8000 'service.app:create_app()'.")
+        "gunicorn -c python:service.gunicorn_conf -b 127.0.0.1:8000 "
+        "'service.app:create_app()'.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--debug", action="store_true", help="Flask debug mode (reloader)")

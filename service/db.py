@@ -29,33 +29,45 @@ def sqlite_read_only_url(url: str) -> str:
     return etl_db.reader_url_for(url)
 
 
-def make_service_engine(settings, pool_size: int = 5, generic_plans: bool = False) -> Engine:
-    """The read-only engine. ``generic_plans`` (PostgreSQL): sessions use
-    ``plan_cache_mode = force_generic_plan`` -- for the fixed cone-search statement only:
-    a Q3C cone expands into ~100 index ranges whose planning costs milliseconds per query,
-    while a prepared statement with a generic plan computes them at execution from the
-    bound values. psycopg prepares a statement from its second execution on a connection.
-    JIT compilation is off: it costs far more than these short queries run.
+def make_service_engine(settings, pool_size: int = 5, generic_plans: bool = False,
+                        timeout_ms: int = None) -> Engine:
+    """The read-only engine; statements are cancelled after ``timeout_ms`` (default:
+    ``settings.statement_timeout_ms``), which also bounds the wait for a pooled connection
+    when it is shorter than the default 30 s.
+
+    ``generic_plans`` (PostgreSQL): sessions use ``plan_cache_mode = force_generic_plan``
+    -- for the fixed cone-search statement only: a Q3C cone expands into ~100 index ranges
+    whose planning costs milliseconds per query, while a prepared statement with a generic
+    plan computes them at execution from the bound values. psycopg prepares a statement
+    from its second execution on a connection. JIT compilation is off: it costs far more
+    than these short queries run. Parallel query is off: one request's query uses one core,
+    so that a few large queries cannot take every core from the others.
     """
     url = etl_db.normalise_url(settings.reader_url)
-    timeout_ms = int(settings.statement_timeout_ms)
+    timeout_ms = int(settings.statement_timeout_ms if timeout_ms is None else timeout_ms)
     if url.startswith("sqlite"):
         engine = etl_db.make_engine(sqlite_read_only_url(url))
         _install_sqlite_guards(engine, timeout_ms)
         return engine
     options = "-c default_transaction_read_only=on -c jit=off"
+    options += " -c max_parallel_workers_per_gather=0"
     if generic_plans:
         options += " -c plan_cache_mode=force_generic_plan"
     if timeout_ms > 0:
         options += f" -c statement_timeout={timeout_ms}"
+    pool_timeout_s = min(30.0, timeout_ms / 1000) if timeout_ms > 0 else 30.0
     # AUTOCOMMIT: a read-only query needs no BEGIN / ROLLBACK round trips (each statement
     # is its own read-only transaction). No pool_pre_ping: it would cost a round trip per
     # request; a connection broken by a database restart fails one request (503) and the
-    # pool is then invalidated.
+    # pool is then invalidated. connect_timeout: an unreachable server is a 503 in seconds
+    # (libpq's minimum is 2 s), not after the operating system's TCP timeout.
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                         pool_recycle=3600, isolation_level="AUTOCOMMIT",
+                         pool_timeout=pool_timeout_s, pool_recycle=3600,
+                         isolation_level="AUTOCOMMIT",
                          connect_args={"options": options, "prepare_threshold": 1,
-                                       "application_name": APPLICATION_NAME})
+                                       "application_name": APPLICATION_NAME,
+                                       "connect_timeout": (max(2, -(-timeout_ms // 1000))
+                                                           if timeout_ms > 0 else 10)})
 
 
 def _install_sqlite_guards(engine, timeout_ms):

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 INT64_MAX = 2 ** 63 - 1
-_NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
-_INTEGER = re.compile(r"^[+-]?\d{1,19}$")
+# ASCII only: Python's \d, float() and int() also take other scripts' digits ('١٢', '１２').
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,19}")
+ASCII_SPACE = " \t\r\n\f\v"    # str.strip() would also drop U+00A0, U+3000, ...
 _MISSING = object()
 
 
@@ -65,9 +67,9 @@ class Param:
         if self.kind == "integer":
             return self._check_range(self._integer(raw), raw)
         if self.kind == "enum":
-            return self._choice(raw.strip())
+            return self._choice(raw.strip(ASCII_SPACE))
         if self.kind == "list":
-            items = [item.strip() for item in raw.split(",")]
+            items = [item.strip(ASCII_SPACE) for item in raw.split(",")]
             if not all(items):
                 raise ParamError(self.name, f"empty item in the list {_shown(raw)}")
             values = [self._choice(item) for item in items]
@@ -81,18 +83,19 @@ class Param:
         raise AssertionError(self.kind)  # pragma: no cover
 
     def _number(self, raw):
-        text = raw.strip()
-        if not _NUMBER.match(text):
-            raise ParamError(self.name, f"not a decimal number: {_shown(raw)}")
+        text = raw.strip(ASCII_SPACE)
+        if not _NUMBER.fullmatch(text):
+            raise ParamError(self.name, f"not a decimal number (ASCII digits 0-9): "
+                                        f"{_shown(raw)}")
         value = float(text)
         if not math.isfinite(value):
             raise ParamError(self.name, f"not a finite number: {_shown(raw)}")
         return value
 
     def _integer(self, raw):
-        text = raw.strip()
-        if not _INTEGER.match(text):
-            raise ParamError(self.name, f"not an integer: {_shown(raw)}")
+        text = raw.strip(ASCII_SPACE)
+        if not _INTEGER.fullmatch(text):
+            raise ParamError(self.name, f"not an integer (ASCII digits 0-9): {_shown(raw)}")
         value = int(text)
         if abs(value) > INT64_MAX:
             raise ParamError(self.name, f"out of the 64-bit integer range: {_shown(raw)}")
@@ -185,7 +188,7 @@ def parse(params: Sequence[Param], args, *, ignore_case=False, allow_unknown=Fal
     parsed = {}
     for param in params:
         raw = raw_values.get(param.name, _MISSING)
-        if raw is _MISSING or raw.strip() == "":
+        if raw is _MISSING or raw.strip(ASCII_SPACE) == "":
             if param.required:
                 raise ParamError(param.name, "required parameter is missing or empty")
             parsed[param.name] = param.default

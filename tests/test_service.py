@@ -137,12 +137,28 @@ def service_settings(url, reader_url, timeout_ms=10000):
                     statement_timeout_ms=timeout_ms)
 
 
+def service_limits(settings, **changes):
+    """The default limits, but cones up to 10 deg and pages of 10,000 rows (the tests reach
+    a 9.9-deg cone and read the whole test catalogue in one page) and no practical
+    concurrency limit: the Flask test client never closes a response, so a
+    large query it made would hold its slot while the test keeps the response. The
+    limits as shipped are tested on a real gunicorn (test_service_availability.py)."""
+    import dataclasses
+
+    from service.app import Limits
+
+    defaults = dict(scs_max_sr_deg=10.0, api_max_limit=10000, large_queries_per_client=1000,
+                    large_queries_max=1000)
+    return dataclasses.replace(Limits.from_environ({}, settings), **{**defaults, **changes})
+
+
 @pytest.fixture(scope="module")
 def app(service_db):
     from service.app import create_app
 
     url, reader_url, _ = service_db
-    application = create_app(service_settings(url, reader_url))
+    settings = service_settings(url, reader_url)
+    application = create_app(settings, service_limits(settings))
     application.config["TESTING"] = True
     yield application
     application.extensions["lamost_vac"].dispose()
@@ -495,6 +511,40 @@ def test_estimates_bad_input_is_400(client, query, parameter):
     assert document["parameter"] == parameter and document["error"].startswith(parameter)
 
 
+# Digits of other scripts: Arabic-Indic, full-width, Devanagari, a superscript; Python's
+# float()/int() and regex \d take most of them.
+UNICODE_NUMBERS = ["\u0661\u0662", "\uff11\uff12", "\u0967\u0968", "1\u00b2", "\u00a012"]
+
+
+@pytest.mark.parametrize("number", UNICODE_NUMBERS)
+@pytest.mark.parametrize("name", ["teff_min", "limit", "flags", "ra"])
+def test_estimates_numbers_are_ascii_digits_only(client, name, number):
+    extra = "&dec=10&radius=0.1" if name == "ra" else ""
+    response = client.get(f"/api/v1/estimates?{name}={number}{extra}")
+    assert response.status_code == 400, response.data
+    document = response.get_json()
+    assert document["parameter"] == name and "ASCII digits" in document["error"]
+
+
+@pytest.mark.parametrize("number", UNICODE_NUMBERS)
+def test_spectrum_id_is_ascii_digits_only(client, cat, number):
+    response = client.get(f"/api/v1/spectra/{number}")
+    assert response.status_code == 400
+    assert response.get_json()["parameter"] == "obsid"
+    ascii_id = int(cat["obsid"][0])
+    assert client.get(f"/api/v1/spectra/{ascii_id}").status_code == 200
+
+
+@pytest.mark.parametrize("number", UNICODE_NUMBERS)
+@pytest.mark.parametrize("name", ["RA", "DEC", "SR", "MAXREC", "VERB"])
+def test_cone_search_numbers_are_ascii_digits_only(client, name, number):
+    params = {"RA": "150", "DEC": "30", "SR": "0.1", name: number}
+    votable = parse_votable(scs(client, **params).data)
+    status = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
+    assert status[0].value == "ERROR" and status[0].content.startswith(name + ":")
+    assert "ASCII digits" in status[0].content
+
+
 def test_cursor_from_another_order_is_rejected(client):
     document = client.get("/api/v1/estimates?order=teff&limit=5").get_json()
     cursor = document["next"].split("cursor=")[1]
@@ -550,16 +600,20 @@ def test_vosi_availability_and_capabilities_declare_the_limits(client, app):
     capabilities = ET.fromstring(response.data)
     cone = [c for c in capabilities.findall("capability")
             if c.get("standardID") == "ivo://ivoa.net/std/ConeSearch"][0]
-    assert float(cone.find("maxSR").text) == 10.0
-    assert int(cone.find("maxRecords").text) == 50000
+    limits = app.extensions["lamost_vac"].limits
+    assert float(cone.find("maxSR").text) == limits.scs_max_sr_deg
+    assert int(cone.find("maxRecords").text) == limits.scs_max_records
     assert cone.find("interface/accessURL").text.endswith("/scs?")
     test_query = cone.find("testQuery")
     assert test_query is not None
     everything = response.data.decode()
     assert "10000 ms" in everything and "at most 10000" in everything
+    assert (f"{limits.large_queries_per_client} at a time per client and "
+            f"{limits.large_queries_max} at a time on the service") in everything
     health = client.get("/health").get_json()
     assert health["status"] == "ok" and health["database"]["current_model"] == CURRENT
     assert health["database"]["schema_revision"] == db.head_revision()
+    assert health["limits"] == limits.as_dict()
     assert health["limits"]["statement_timeout_ms"] == 10000
 
 
@@ -570,7 +624,8 @@ def test_openapi_documents_every_endpoint_and_parameter(client, app):
     assert routes == set(document["paths"])
     estimates = {p["name"]: p for p in document["paths"]["/api/v1/estimates"]["get"]
                  ["parameters"]}
-    assert estimates["limit"]["schema"]["maximum"] == 10000
+    assert estimates["limit"]["schema"]["maximum"] == app.extensions["lamost_vac"] \
+        .limits.api_max_limit
     assert "[K]" in estimates["teff_min"]["description"]
     assert "effective temperature" in estimates["teff_min"]["description"]
     scs_params = {p["name"] for p in document["paths"]["/scs"]["get"]["parameters"]}
@@ -681,6 +736,26 @@ def test_database_down_is_503(tmp_path):
     body = client.get("/scs?RA=1&DEC=1&SR=0.1").data.decode()
     assert 'value="ERROR"' in body
     assert not missing.exists()                 # read-only: never created
+
+
+def test_service_limits_from_the_environment():
+    from service.app import Limits, available_cores
+
+    defaults = Limits.from_environ({})
+    assert defaults.large_queries_max == max(1, available_cores() // 2)
+    assert defaults.small_cone_deg < defaults.scs_max_sr_deg
+    limits = Limits.from_environ({
+        "LAMOST_VAC_SMALL_CONE_DEG": "0.5", "LAMOST_VAC_LARGE_QUERIES_PER_CLIENT": "3",
+        "LAMOST_VAC_LARGE_QUERIES_MAX": "7", "LAMOST_VAC_HEALTH_TIMEOUT_MS": "250",
+        "LAMOST_VAC_TRUSTED_PROXIES": "0"})
+    assert (limits.small_cone_deg, limits.large_queries_per_client, limits.large_queries_max,
+            limits.health_timeout_ms, limits.trusted_proxies) == (0.5, 3, 7, 250, 0)
+    for name, value in [("LAMOST_VAC_LARGE_QUERIES_PER_CLIENT", "0"),
+                        ("LAMOST_VAC_LARGE_QUERIES_MAX", "many"),
+                        ("LAMOST_VAC_TRUSTED_PROXIES", "-1"),
+                        ("LAMOST_VAC_HEALTH_TIMEOUT_MS", "0")]:
+        with pytest.raises(ValueError, match=name):
+            Limits.from_environ({name: value})
 
 
 def test_serve_command_is_registered():

@@ -23,7 +23,7 @@ from sqlalchemy import and_, or_, select, true
 from etl import db as etl_db
 from etl import schema
 from service import formats
-from service.app import state
+from service.app import is_small_cone, large_query, state
 from service.openapi import JSON_ERROR, Param, ParamError, content, operation, parse
 
 blueprint = Blueprint("estimates", __name__)
@@ -162,6 +162,9 @@ operation(
                 "content": content("application/json", formats.CSV_MIME,
                                    formats.VOTABLE_MIME, formats.FITS_MIME)},
         "400": {"description": "invalid parameter", **JSON_ERROR},
+        "414": {"description": "request URI too long", **JSON_ERROR},
+        "429": {"description": "too many large queries at once (without a small cone); "
+                               "retry after the Retry-After header's seconds", **JSON_ERROR},
         "503": {"description": "statement timeout or database unavailable", **JSON_ERROR},
     })
 
@@ -232,7 +235,8 @@ def resolve_model_version(connection, requested):
 
 
 def build_query(bind, args, model_version, names):
-    """(statement, sort expression) for the validated ``args``; parameterised throughout."""
+    """The statement of one page for the validated ``args`` (its rows end with the sort
+    key and the obsid, for the cursor); parameterised throughout."""
     cone = _cone(args)
     order = args["order"]
     descending = order.startswith("-")
@@ -260,24 +264,47 @@ def build_query(bind, args, model_version, names):
         conditions.append(estimates.c.flags.op("&")(args["exclude_flags"]) == 0)
 
     sort = expressions[order_name]
-    obsid = spectra.c.obsid
+    # Filtered and sorted on estimates alone (no cone, no snrg range, an estimates column
+    # or obsid as the key): the page is cut from estimates and only its rows are joined
+    # to spectra, instead of joining the whole catalogue before sorting it (4x faster
+    # for an unindexed sort key on a million rows).
+    page_first = (cone is None and args["snrg_min"] is None and args["snrg_max"] is None
+                  and (order_name == "obsid" or sort.table is estimates))
+    obsid = estimates.c.obsid if page_first else spectra.c.obsid
+    if order_name == "obsid":
+        sort = obsid
     if args["cursor"]:
         value, last_obsid = decode_cursor(args["cursor"], order)
         conditions.append(keyset_condition(sort, obsid, descending, value, last_obsid)
                           if order_name != "obsid"
                           else (obsid < last_obsid if descending else obsid > last_obsid))
+    rows = args["limit"] + 1
+    if not page_first:
+        return (select(*[expressions[n].label(n) for n in names], sort.label("_sort_key"),
+                       obsid.label("_obsid_key"))
+                .select_from(estimates.join(spectra, spectra.c.obsid == estimates.c.obsid))
+                .where(and_(true(), *conditions))
+                .order_by(*_ordering(sort, obsid, order_name, descending))
+                .limit(rows))
+    page = (select(estimates).where(and_(true(), *conditions))
+            .order_by(*_ordering(sort, obsid, order_name, descending))
+            .limit(rows).subquery("page"))
+
+    def on_page(expression):
+        return page.c[expression.name] if expression.table is estimates else expression
+
+    return (select(*[on_page(expressions[n]).label(n) for n in names],
+                   on_page(sort).label("_sort_key"), page.c.obsid.label("_obsid_key"))
+            .select_from(page.join(spectra, spectra.c.obsid == page.c.obsid))
+            .order_by(*_ordering(on_page(sort), page.c.obsid, order_name, descending)))
+
+
+def _ordering(sort, obsid, order_name, descending):
+    """ORDER BY: the sort key (nulls last), ties broken by obsid."""
+    by_obsid = obsid.desc() if descending else obsid.asc()
     if order_name == "obsid":
-        ordering = [obsid.desc() if descending else obsid.asc()]
-    else:
-        ordering = [(sort.desc() if descending else sort.asc()).nulls_last(),
-                    obsid.desc() if descending else obsid.asc()]
-    columns = [expressions[n].label(n) for n in names]
-    statement = (select(*columns, sort.label("_sort_key"), obsid.label("_obsid_key"))
-                 .select_from(estimates.join(spectra, spectra.c.obsid == estimates.c.obsid))
-                 .where(and_(true(), *conditions))
-                 .order_by(*ordering)
-                 .limit(args["limit"] + 1))
-    return statement
+        return [by_obsid]
+    return [(sort.desc() if descending else sort.asc()).nulls_last(), by_obsid]
 
 
 def output_columns(names):
@@ -290,6 +317,14 @@ def get_estimates():
     service = state()
     args = parse(parameters(service.limits), request.args)
     _check_ranges(args)
+    cone = _cone(args)
+    if cone is not None and is_small_cone(cone[2]):
+        return _page(service, args)
+    # Without a small cone the database may scan the whole catalogue.
+    return large_query(lambda: _page(service, args))
+
+
+def _page(service, args):
     names = list(args["columns"] or DEFAULT_COLUMNS)
     if args["columns"] is None and _cone(args) is not None:
         names.append("distance")

@@ -11,9 +11,11 @@ schema. Only estimates of the current model are returned. SR=0 or MAXREC=0: meta
 only (no rows). More rows than MAXREC (or than the service's hard cap): the first MAXREC
 and an ``INFO name="QUERY_STATUS" value="OVERFLOW"`` after the table.
 
-Errors are a VOTable with ``INFO name="QUERY_STATUS" value="ERROR"`` naming the parameter,
-served with HTTP 200 as SCS clients (pyvo, TOPCAT, STILTS) expect, so they can show the
-message.
+Errors are a VOTable with ``INFO name="QUERY_STATUS" value="ERROR"``: a bad parameter is
+named and served with HTTP 200 as SCS clients (pyvo, TOPCAT, STILTS) expect, so they can
+show the message; a cone wider than the small-cone radius beyond the client's or the
+service's concurrency limit is HTTP 429 with Retry-After; a timeout or an unreachable
+database is HTTP 503.
 """
 from functools import lru_cache
 
@@ -24,7 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import db as etl_db
 from etl import schema
 from service import formats
-from service.app import database_error_response, state
+from service.app import (database_error_response, error_response, is_small_cone,
+                         large_query, state)
 from service.blueprints.estimates import (CATALOGUE, MIN_INDEX_RADIUS_DEG, cone_centre,
                                          cone_filter, current_model_version)
 from service.openapi import Param, ParamError, content, operation, parse
@@ -85,6 +88,10 @@ operation(
                                       "cone, or a VOTable error document",
                        "content": content(formats.VOTABLE_MIME, formats.CSV_MIME,
                                           formats.JSON_MIME, formats.FITS_MIME)},
+               "429": {"description": "too many large cones (wider than the small-cone "
+                                      "radius) at once; retry after the Retry-After "
+                                      "header's seconds (VOTable error document)",
+                       "content": content(formats.VOTABLE_MIME)},
                "503": {"description": "statement timeout or database unavailable "
                                       "(VOTable error document)",
                        "content": content(formats.VOTABLE_MIME)}})
@@ -176,21 +183,26 @@ def scs_statement(bind, ra, dec, sr, verb, limit):
 
 
 def error_document(message, status=200):
-    return Response(formats.votable_error(message), status=status,
-                    mimetype=formats.VOTABLE_MIME)
+    return error_response(status, message)
 
 
 @blueprint.get("/scs")
 def cone_search():
     service = state()
-    limits = service.limits
     try:
-        args = parse(parameters(limits), request.args, ignore_case=True, allow_unknown=True)
+        args = parse(parameters(service.limits), request.args, ignore_case=True,
+                     allow_unknown=True)
     except ParamError as error:
         return error_document(str(error))
+    if args["SR"] > 0 and args["MAXREC"] > 0 and not is_small_cone(args["SR"]):
+        return large_query(lambda: _answer(service, args))
+    return _answer(service, args)
+
+
+def _answer(service, args):
     (ra, dec), sr = cone_centre(args["RA"], args["DEC"]), args["SR"]
     verb, fmt = args["VERB"], args["RESPONSEFORMAT"]
-    maxrec = min(args["MAXREC"], limits.scs_max_records)
+    maxrec = min(args["MAXREC"], service.limits.scs_max_records)
     rows, overflow = [], False
     if sr > 0 and maxrec > 0:
         try:

@@ -47,12 +47,14 @@ for _path, _summary, _mime in [
 
 
 def _check_database():
-    """(ok, details) from one cheap query each for connectivity, schema and model."""
+    """(ok, details) from one cheap query each for connectivity, schema and model, on the
+    health engine: its own pool and a short statement timeout, so the answer comes quickly
+    whatever the queries of other clients are doing."""
     service = state()
     started = time.perf_counter()
-    details = {"dialect": service.engine.dialect.name}
+    details = {"dialect": service.health_engine.dialect.name}
     try:
-        with service.engine.connect() as connection:
+        with service.health_engine.connect() as connection:
             connection.execute(text("SELECT 1")).scalar()
             details["current_model"] = connection.execute(
                 current_model_version().element).scalar()
@@ -88,7 +90,7 @@ def availability():
 
 def _test_position():
     try:
-        with state().engine.connect() as connection:
+        with state().health_engine.connect() as connection:
             row = connection.execute(select(schema.spectra.c.ra, schema.spectra.c.dec)
                                      .limit(1)).first()
     except SQLAlchemyError:
