@@ -5,12 +5,12 @@ Each group of subcommands lives in its own module under ``etl/commands/`` and ex
 """
 import argparse
 import importlib
-import os
 import sys
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from etl.commands import database_url, display_url
+from etl.settings import settings
 from models.artifact import IncompatibleArtifactError
 
 COMMAND_MODULES = [
@@ -50,7 +50,7 @@ def main(argv=None):
     except (ValueError, OSError, IncompatibleArtifactError, OperationalError,
             InterfaceError) as error:
         # bad input named in the message; LAMOST_VAC_DEBUG=1 shows the traceback instead
-        if os.environ.get("LAMOST_VAC_DEBUG"):
+        if settings.debug:
             raise
         if isinstance(error, (OperationalError, InterfaceError)):
             # the database is down, unreachable or refused us: name it (without password)

@@ -35,7 +35,6 @@ process, so a dead worker strands at most that many). A task may therefore run t
 each batch writes in one transaction with upserts on (obsid, model_version), so running it
 twice leaves the same rows -- nothing is lost, nothing duplicated.
 """
-import os
 import uuid
 from contextlib import contextmanager
 from dataclasses import replace
@@ -50,16 +49,9 @@ from etl.commands import display_url
 from etl.settings import settings as _settings
 from models.artifact import IncompatibleArtifactError
 
-DEFAULT_VISIBILITY_TIMEOUT_S = 1800
-DEFAULT_REPROCESS_INTERVAL_S = 3600
 REPROCESS_MAX_BATCHES = 2000            # per beat tick; the rest waits for the next tick
 MAX_BATCH = 100_000                     # obsids per task message (infer --batch-size)
 logger = get_task_logger(__name__)
-
-
-def _int_env(name, default):
-    raw = os.environ.get(name)
-    return int(raw) if raw not in (None, "") else default
 
 
 def configure(app, settings=None):
@@ -69,8 +61,8 @@ def configure(app, settings=None):
     backend = settings.result_backend
     if backend is None and broker and broker.startswith(("redis://", "rediss://")):
         backend = broker
-    visibility = _int_env("LAMOST_VAC_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S)
-    interval = _int_env("LAMOST_VAC_REPROCESS_INTERVAL_S", DEFAULT_REPROCESS_INTERVAL_S)
+    visibility = settings.visibility_timeout_s
+    interval = settings.reprocess_interval_s
     app.conf.update(
         broker_url=broker or "memory://localhost/",
         result_backend=backend if broker else None,

@@ -7,32 +7,10 @@ configuration shipped in :mod:`service.gunicorn_conf`::
 
     gunicorn -c python:service.gunicorn_conf -b 127.0.0.1:8000 'service.app:create_app()'
 
-Service limits (environment variables; they are published in ``/capabilities``, ``/health``
-and the OpenAPI document):
-
-=====================================  =================================================  =========
-variable                               meaning                                            default
-=====================================  =================================================  =========
-LAMOST_VAC_SCS_MAX_SR_DEG              largest cone-search radius (SR), also /api/v1      ``3``
-                                       radius
-LAMOST_VAC_SCS_MAXREC_DEFAULT          rows returned by /scs when MAXREC is not given     ``10000``
-LAMOST_VAC_SCS_MAXREC_MAX              hard row cap of /scs (larger MAXREC is reduced     ``20000``
-                                       to it)
-LAMOST_VAC_API_LIMIT_DEFAULT           rows per page of /api/v1/estimates by default      ``100``
-LAMOST_VAC_API_LIMIT_MAX               largest ``limit`` of /api/v1/estimates             ``5000``
-LAMOST_VAC_SMALL_CONE_DEG              cones up to this radius are small queries; wider   ``0.25``
-                                       cones and range queries without such a cone are
-                                       large queries
-LAMOST_VAC_LARGE_QUERIES_PER_CLIENT    large queries one client (address) may run at      ``1``
-                                       once; more are answered 429 with Retry-After
-LAMOST_VAC_LARGE_QUERIES_MAX           large queries the whole service runs at once       cores / 2,
-                                       (every worker process together)                    at least 1
-LAMOST_VAC_HEALTH_TIMEOUT_MS           statement timeout (and pool wait) of the           ``1000``
-                                       /health, /availability and /capabilities checks
-LAMOST_VAC_TRUSTED_PROXIES             reverse proxies in front of the service whose      ``0``
-                                       X-Forwarded-For names the client
-LAMOST_VAC_STATEMENT_TIMEOUT_MS        (etl.settings) statement timeout of every query    ``10000``
-=====================================  =================================================  =========
+Service limits are settings like any other (:mod:`etl.settings`, the README's
+configuration table): cone radius, row caps, page sizes, statement timeouts and the
+large-query slots. They are published in ``/capabilities``, ``/health`` and the OpenAPI
+document.
 
 With these limits the most expensive accepted query runs for a few seconds at most on a
 catalogue of a million rows (``python bench/attack.py`` measures it), well inside the
@@ -40,9 +18,8 @@ statement timeout; small queries are never limited, so they keep being answered 
 large ones run.
 """
 import logging
-import os
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional
 
 from flask import Flask, Response, request
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -79,82 +56,27 @@ MAX_HEADER_FIELDS = 100
 MAX_HEADER_FIELD_BYTES = 8190
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))     # the CPUs this process may run on
-    except AttributeError:                      # not on Linux
-        return os.cpu_count() or 1
-
-
-def default_large_queries_max() -> int:
-    """Half the cores: large queries keep the other half for everything else."""
-    return max(1, available_cores() // 2)
-
-
 @dataclass(frozen=True)
 class Limits:
-    scs_max_sr_deg: float = 3.0
-    scs_default_maxrec: int = 10000
-    scs_max_records: int = 20000
-    api_default_limit: int = 100
-    api_max_limit: int = 5000
-    statement_timeout_ms: int = 10000
-    small_cone_deg: float = 0.25
-    large_queries_per_client: int = 1
-    large_queries_max: int = field(default_factory=default_large_queries_max)
-    health_timeout_ms: int = 1000
-    trusted_proxies: int = 0
+    """The limits the service publishes: the settings of the same names."""
+    scs_max_sr_deg: float
+    scs_default_maxrec: int
+    scs_max_records: int
+    api_default_limit: int
+    api_max_limit: int
+    statement_timeout_ms: int
+    small_cone_deg: float
+    large_queries_per_client: int
+    large_queries_max: int
+    health_timeout_ms: int
+    trusted_proxies: int
+
+    @classmethod
+    def from_settings(cls, settings) -> "Limits":
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_environ(cls, environ: Optional[Mapping[str, str]] = None, settings=None):
-        env = os.environ if environ is None else environ
-        defaults = cls()
-
-        def number(name, default, kind, minimum_exclusive=0):
-            raw = env.get(name)
-            if raw in (None, ""):
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be a number, got {raw!r}") from None
-            if value <= minimum_exclusive:
-                raise ValueError(f"{name} must be above {minimum_exclusive}, got {raw!r}")
-            return value
-
-        limits = cls(
-            scs_max_sr_deg=number("LAMOST_VAC_SCS_MAX_SR_DEG", defaults.scs_max_sr_deg, float),
-            scs_default_maxrec=number("LAMOST_VAC_SCS_MAXREC_DEFAULT",
-                                      defaults.scs_default_maxrec, int),
-            scs_max_records=number("LAMOST_VAC_SCS_MAXREC_MAX", defaults.scs_max_records, int),
-            api_default_limit=number("LAMOST_VAC_API_LIMIT_DEFAULT",
-                                     defaults.api_default_limit, int),
-            api_max_limit=number("LAMOST_VAC_API_LIMIT_MAX", defaults.api_max_limit, int),
-            statement_timeout_ms=(settings.statement_timeout_ms if settings is not None
-                                  else defaults.statement_timeout_ms),
-            small_cone_deg=number("LAMOST_VAC_SMALL_CONE_DEG", defaults.small_cone_deg, float),
-            large_queries_per_client=number("LAMOST_VAC_LARGE_QUERIES_PER_CLIENT",
-                                            defaults.large_queries_per_client, int),
-            large_queries_max=number("LAMOST_VAC_LARGE_QUERIES_MAX",
-                                     defaults.large_queries_max, int),
-            health_timeout_ms=number("LAMOST_VAC_HEALTH_TIMEOUT_MS",
-                                     defaults.health_timeout_ms, int),
-            trusted_proxies=number("LAMOST_VAC_TRUSTED_PROXIES", defaults.trusted_proxies,
-                                   int, minimum_exclusive=-1),
-        )
-        return limits.checked()
-
-    def checked(self):
-        if self.scs_default_maxrec > self.scs_max_records:
-            raise ValueError("LAMOST_VAC_SCS_MAXREC_DEFAULT exceeds LAMOST_VAC_SCS_MAXREC_MAX")
-        if self.api_default_limit > self.api_max_limit:
-            raise ValueError("LAMOST_VAC_API_LIMIT_DEFAULT exceeds LAMOST_VAC_API_LIMIT_MAX")
-        if not 0 < self.scs_max_sr_deg <= 180:
-            raise ValueError("LAMOST_VAC_SCS_MAX_SR_DEG must be in (0, 180]")
-        return self
 
 
 @dataclass
@@ -188,17 +110,15 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings=None, limits: Optional[Limits] = None, engine=None) -> Flask:
+def create_app(settings=None, engine=None) -> Flask:
     """The service app. ``settings``: :class:`etl.settings.Settings` (default: from the
-    environment); ``limits``: :class:`Limits` (default: from the environment, with the
-    statement timeout of ``settings``); ``engine``: an engine to use instead of the
-    read-only one built from ``settings.reader_url`` (tests)."""
+    environment; the reader URL, the limits); ``engine``: an engine to use instead of
+    the read-only one built from ``settings.reader_url`` (tests)."""
     if settings is None:
         from etl.settings import load_settings
 
         settings = load_settings()
-    if limits is None:
-        limits = Limits.from_environ(settings=settings)
+    limits = Limits.from_settings(settings)
     app = Flask("service", static_folder=None)
     app.json.sort_keys = False
     app.url_map.strict_slashes = False

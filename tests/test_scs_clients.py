@@ -78,13 +78,13 @@ def test_pyvo_verbosity_and_overflow(live_url, cat):
 
 
 def test_pyvo_reports_the_service_error_message(live_url):
-    from service.app import Limits
+    from etl.settings import Settings
 
     service = pyvo.dal.SCSService(f"{live_url}/scs")
     with pytest.raises(pyvo.dal.DALQueryError) as caught:
         service.search(pos=(150.0, 30.0), radius=25.0)
     assert str(caught.value).startswith("SR:")
-    assert f"{Limits().scs_max_sr_deg:g}]" in str(caught.value)
+    assert f"{Settings().scs_max_sr_deg:g}]" in str(caught.value)
     # pyvo writes RA/DEC itself; a bad DEC is sent through its generic DAL query.
     query = pyvo.dal.DALQuery(f"{live_url}/scs", RA=1.0, DEC=95.0, SR=0.1)
     with pytest.raises(pyvo.dal.DALQueryError) as caught:

@@ -137,19 +137,17 @@ def service_settings(url, reader_url, timeout_ms=10000):
                     statement_timeout_ms=timeout_ms)
 
 
-def service_limits(settings, **changes):
-    """The default limits, but cones up to 10 deg and pages of 10,000 rows (the tests reach
-    a 9.9-deg cone and read the whole test catalogue in one page) and no practical
-    concurrency limit: the Flask test client never closes a response, so a
-    large query it made would hold its slot while the test keeps the response. The
+def with_test_limits(settings, **changes):
+    """``settings`` with the default limits, but cones up to 10 deg and pages of 10,000
+    rows (the tests reach a 9.9-deg cone and read the whole test catalogue in one page)
+    and no practical concurrency limit: the Flask test client never closes a response, so
+    a large query it made would hold its slot while the test keeps the response. The
     limits as shipped are tested on a real gunicorn (test_service_availability.py)."""
     import dataclasses
 
-    from service.app import Limits
-
     defaults = dict(scs_max_sr_deg=10.0, api_max_limit=10000, large_queries_per_client=1000,
                     large_queries_max=1000)
-    return dataclasses.replace(Limits.from_environ({}, settings), **{**defaults, **changes})
+    return dataclasses.replace(settings, **{**defaults, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +156,7 @@ def app(service_db):
 
     url, reader_url, _ = service_db
     settings = service_settings(url, reader_url)
-    application = create_app(settings, service_limits(settings))
+    application = create_app(with_test_limits(settings))
     application.config["TESTING"] = True
     yield application
     application.extensions["lamost_vac"].dispose()
@@ -739,23 +737,28 @@ def test_database_down_is_503(tmp_path):
 
 
 def test_service_limits_from_the_environment():
-    from service.app import Limits, available_cores
+    from etl.settings import available_cores, load_settings
+    from service.app import Limits
 
-    defaults = Limits.from_environ({})
+    defaults = Limits.from_settings(load_settings({}))
     assert defaults.large_queries_max == max(1, available_cores() // 2)
     assert defaults.small_cone_deg < defaults.scs_max_sr_deg
-    limits = Limits.from_environ({
+    limits = Limits.from_settings(load_settings({
         "LAMOST_VAC_SMALL_CONE_DEG": "0.5", "LAMOST_VAC_LARGE_QUERIES_PER_CLIENT": "3",
         "LAMOST_VAC_LARGE_QUERIES_MAX": "7", "LAMOST_VAC_HEALTH_TIMEOUT_MS": "250",
-        "LAMOST_VAC_TRUSTED_PROXIES": "0"})
+        "LAMOST_VAC_TRUSTED_PROXIES": "0", "LAMOST_VAC_STATEMENT_TIMEOUT_MS": "4000"}))
     assert (limits.small_cone_deg, limits.large_queries_per_client, limits.large_queries_max,
-            limits.health_timeout_ms, limits.trusted_proxies) == (0.5, 3, 7, 250, 0)
+            limits.health_timeout_ms, limits.trusted_proxies, limits.statement_timeout_ms) \
+        == (0.5, 3, 7, 250, 0, 4000)
     for name, value in [("LAMOST_VAC_LARGE_QUERIES_PER_CLIENT", "0"),
                         ("LAMOST_VAC_LARGE_QUERIES_MAX", "many"),
                         ("LAMOST_VAC_TRUSTED_PROXIES", "-1"),
-                        ("LAMOST_VAC_HEALTH_TIMEOUT_MS", "0")]:
+                        ("LAMOST_VAC_HEALTH_TIMEOUT_MS", "0"),
+                        ("LAMOST_VAC_SCS_MAX_SR_DEG", "nan"),
+                        ("LAMOST_VAC_SCS_MAX_SR_DEG", "200"),
+                        ("LAMOST_VAC_SCS_MAXREC_DEFAULT", "30000")]:
         with pytest.raises(ValueError, match=name):
-            Limits.from_environ({name: value})
+            load_settings({name: value})
 
 
 def test_serve_command_is_registered():
