@@ -6,8 +6,9 @@ would make the database refuse a batch (or that is not what it claims to be) is 
 here first and reported per row, so that one bad value costs one row:
 
 * numbers: ASCII decimal notation only (no Unicode digits, no ``1_000``); blank, NaN,
-  infinite and -9999 are missing; integers are parsed exactly (an obsid beyond 64 bits is
-  out of range, never wrapped) and must be integral; then the range.
+  infinity and -9999 are missing (a number too large for a double is out of range);
+  integers are parsed exactly (an obsid beyond 64 bits is out of range, never wrapped)
+  and must be integral; then the range.
 * text: strictly UTF-8 (undecodable bytes make the row bad, they are never replaced),
   no NUL character (PostgreSQL text cannot hold one), at most the column's length;
   surrounding blanks are stripped and an empty text is missing.
@@ -16,6 +17,7 @@ here first and reported per row, so that one bad value costs one row:
 The checks run over whole columns with C-level fast paths (one join, one min/max); only
 a column that fails them is examined value by value to name the bad ones.
 """
+import decimal
 import math
 from typing import Dict, List, Tuple
 
@@ -24,6 +26,7 @@ import numpy as np
 from etl.schema import ValueLimits, value_limits
 
 MISSING_SENTINEL = -9999
+OUT_OF_RANGE = "{name} out of range {range}"
 SHOWN_CHARACTERS = 60
 
 
@@ -79,9 +82,10 @@ def _is_text_list(raw) -> bool:
 # Integers
 def _integers(raw, limits: ValueLimits, name):
     numbers = None
+    plain_texts = _is_text_list(raw) and _plain_ascii(raw)
     if isinstance(raw, np.ndarray) and raw.dtype.kind in "iub":
         numbers = raw.tolist()                       # exact Python ints
-    elif _is_text_list(raw) and _plain_ascii(raw):
+    elif plain_texts:
         try:
             numbers = [int(text) if text.strip() else None for text in raw]
         except ValueError:                           # "12.0", "1e3", "abc", "nan", ...
@@ -91,6 +95,10 @@ def _integers(raw, limits: ValueLimits, name):
             numbers = [None if n == MISSING_SENTINEL else n for n in numbers]
         present = [n for n in numbers if n is not None] if None in numbers else numbers
         if not present or (min(present) >= limits.minimum and max(present) <= limits.maximum):
+            return numbers, {}
+    else:
+        numbers = _integral_floats(raw, limits, plain_texts)
+        if numbers is not None:
             return numbers, {}
     values, problems = [], {}
     raw_values = raw.tolist() if isinstance(raw, np.ndarray) else raw
@@ -102,12 +110,41 @@ def _integers(raw, limits: ValueLimits, name):
         number, problem = _integer(value)
         if problem is None and number is not None and \
                 not limits.minimum <= number <= limits.maximum:
-            problem = f"{name} out of range {limits.range_text()}"
+            problem = OUT_OF_RANGE
         if problem:
-            problems[index] = f"{problem.format(name=name)}: {shown(value)}"
+            problems[index] = (f"{problem.format(name=name, range=limits.range_text())}: "
+                               f"{shown(value)}")
             number = None
         values.append(number)
     return values, problems
+
+
+def _integral_floats(raw, limits: ValueLimits, plain_texts):
+    """Integers written as floats ("55862.0", as pandas writes them; FITS float columns):
+    the values when every one is integral, in range and exact in a float, else None."""
+    if isinstance(raw, np.ndarray) and raw.dtype.kind == "f":
+        numbers = raw.astype(float)
+    # 15 characters hold at most 15 significant digits, which a float keeps exactly.
+    elif plain_texts and max(map(len, raw), default=0) <= 15:
+        try:
+            numbers = np.array([float(v) if v.strip() else math.nan for v in raw], dtype=float)
+        except ValueError:
+            return None
+    else:
+        return None
+    if plain_texts and np.isinf(numbers).any():
+        return None                                   # "inf" is missing, "1e999" is not
+    missing = ~np.isfinite(numbers) | (numbers == MISSING_SENTINEL)
+    present = numbers[~missing]
+    if present.size and not (
+            (present == np.floor(present)).all() and np.abs(present).max() < 2.0 ** 53
+            and present.min() >= limits.minimum and present.max() <= limits.maximum):
+        return None                                   # the exact path names the bad ones
+    values = np.where(missing, 0, numbers).astype(np.int64).tolist()
+    if missing.any():
+        for index in np.flatnonzero(missing).tolist():
+            values[index] = None
+    return values
 
 
 def _integer(value):
@@ -117,8 +154,10 @@ def _integer(value):
     if isinstance(value, bool):
         return int(value), None
     if isinstance(value, int):
-        return (None if value == MISSING_SENTINEL else value), None
+        return _missing_if_sentinel(value), None
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return None, None
         number = value
     else:
         text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
@@ -128,16 +167,14 @@ def _integer(value):
         if not text.isascii() or "_" in text:
             return None, "non-numeric {name}"
         try:
-            return _missing_if_sentinel(int(text)), None
-        except ValueError:
-            pass
-        try:
-            number = float(text)
-        except ValueError:
+            number = decimal.Decimal(text)        # exact: "9007199254740993.0" stays odd
+        except decimal.InvalidOperation:
             return None, "non-numeric {name}"
-    if not math.isfinite(number):
-        return None, None
-    if number != math.floor(number):
+        if not number.is_finite():                # NaN, Infinity: missing, as for floats
+            return None, None
+        if number.adjusted() > 40:                # no 10**1000000-digit int() for "1e1000000"
+            return None, OUT_OF_RANGE
+    if number != int(number):
         return None, "non-integer {name}"
     return _missing_if_sentinel(int(number)), None
 
@@ -170,6 +207,13 @@ def _floats(raw, limits: ValueLimits, name):
                     problems[index] = _not_utf8(name, value)
                 elif problem:
                     problems[index] = f"non-numeric {name}: {shown(value)}"
+        infinite = np.isinf(numbers)
+        if infinite.any():                  # "inf" is missing; "1e999" is out of range
+            raw_values = raw.tolist() if isinstance(raw, np.ndarray) else raw
+            for index in np.flatnonzero(infinite).tolist():
+                if "inf" not in str(raw_values[index]).lower():
+                    problems.setdefault(index, f"{name} out of range (beyond a double): "
+                                               f"{shown(raw_values[index])}")
     missing = ~np.isfinite(numbers) | (numbers == MISSING_SENTINEL)
     if limits.minimum is not None or limits.maximum is not None:
         low = -np.inf if limits.minimum is None else limits.minimum
@@ -193,7 +237,10 @@ def _float(value):
     if value is None:
         return math.nan, None
     if isinstance(value, (int, float)):
-        return float(value), None
+        try:
+            return float(value), None
+        except OverflowError:                      # an int beyond a double: out of range
+            return math.inf, None
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     text = text.strip()
     if not text:
@@ -224,11 +271,10 @@ def _texts(raw, limits: ValueLimits, name) -> Tuple[List, Dict[int, str]]:
             joined = None
         if joined is not None and (joined.isascii() or _encodes(joined)) \
                 and "\x00" not in joined:
-            values = [text.strip() or None for text in raw]
-            if limits.max_length is None or \
-                    max(map(len, (v for v in values if v is not None)), default=0) \
-                    <= limits.max_length:
-                return values, {}
+            # Unstripped lengths first: one C-level pass, enough for almost every column.
+            if limits.max_length is None or max(map(len, raw), default=0) <= limits.max_length \
+                    or max(len(text.strip()) for text in raw) <= limits.max_length:
+                return [text.strip() or None for text in raw], {}
     values, problems = [], {}
     for index, value in enumerate(raw):
         text, problem = _text(value, limits, name)

@@ -329,9 +329,9 @@ def assert_quarantined(engine, source_file, expected):
     """``expected``: {source_row: text its reason must contain}; nothing else quarantined."""
     found = {row.source_row: row for row in quarantine_rows(engine)}
     assert sorted(found) == sorted(expected), [(r.source_row, r.reason) for r in found.values()]
-    for source_row, text in expected.items():
+    for source_row, wanted in expected.items():
         assert found[source_row].source_file == str(source_file)
-        assert text in found[source_row].reason, (source_row, found[source_row].reason)
+        assert wanted in found[source_row].reason, (source_row, found[source_row].reason)
 
 
 # Each bad row: (column, raw value, text the quarantine reason must contain).
