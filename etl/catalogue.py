@@ -11,7 +11,7 @@ import csv
 import gzip
 import itertools
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable
 
 import numpy as np
 
@@ -74,12 +74,9 @@ def _open_text(path):
 def _iter_csv_chunks(path, chunk_rows, wanted, name_of):
     with _open_text(path) as handle:
         reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
+        header = _read_header(reader, path)
+        if header is None:
             return
-        except csv.Error as error:
-            raise ValueError(f"{path}: unreadable CSV header: {error}") from None
         picked = _pick_columns(header, wanted, name_of)
         width = len(header)
         first_row = 1
@@ -92,6 +89,17 @@ def _iter_csv_chunks(path, chunk_rows, wanted, name_of):
             columns = {name: [row[index] for row in rows] for name, index in picked.items()}
             yield CatalogueChunk(first_row, columns, len(rows), problems)
             first_row += len(rows)
+
+
+def _read_header(reader, path):
+    """The header row (None for an empty file); a header the csv module refuses makes
+    the whole file unusable."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as error:
+        raise ValueError(f"{path}: unreadable CSV header: {error}") from None
 
 
 def _read_csv_rows(reader, count, width):
@@ -134,17 +142,17 @@ def read_table(path):
 
         table = Table.read(path, hdu=_first_table_hdu(path))
         return {name: np.asarray(table[name]) for name in table.colnames}, {}
-    columns: Optional[Dict[str, list]] = None
+    with _open_text(path) as handle:
+        header = _read_header(csv.reader(handle), path) or []     # a table may have no rows
+    columns: Dict[str, list] = {name: [] for name in header}
     problems = {}
     for chunk in _iter_csv_chunks(path, 100000, None, str):
-        if columns is None:
-            columns = {name: [] for name in chunk.columns}
         for name, values in chunk.columns.items():
             columns[name].extend(values)
         problems.update({chunk.first_row - 1 + i: reason
                          for i, reason in chunk.problems.items()})
-    return {name: np.asarray(values, dtype=object)
-            for name, values in (columns or {}).items()}, problems
+    return {name: np.asarray(values, dtype=object) for name, values in columns.items()}, \
+        problems
 
 
 def read_label_table(path):
