@@ -498,10 +498,11 @@ def test_hostile_payne_values_cost_one_row_each(catalogue_engine, simulated_set,
 
 
 def test_database_refusal_costs_only_the_refused_rows(catalogue_engine, tmp_path, capsys):
-    """A constraint the checks do not know (added here): the batch is written in parts
-    and only the refused row is quarantined, with the database's message."""
+    """A constraint the checks cannot know (added to the database here): the batch is
+    written in parts and only the refused rows are quarantined, with the database's
+    message."""
     rows = good_catalogue_rows(9)
-    refused = [rows[2]["obsid"], rows[7]["obsid"]]
+    refused = {3, 8}                                          # fibres 102 and 107
     with catalogue_engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(
@@ -530,9 +531,10 @@ def test_database_refusal_costs_only_the_refused_rows(catalogue_engine, tmp_path
     assert "7 loaded" in output.out and "2 quarantined" in output.out
     with catalogue_engine.connect() as connection:
         stored = connection.execute(text("SELECT obsid FROM spectra")).scalars().all()
-    assert sorted(stored) == sorted(int(r["obsid"]) for r in rows if r["obsid"] not in refused)
-    assert_quarantined(catalogue_engine, catalogue, {3: "refused by the database",
-                                                     8: "refused by the database"})
+    assert sorted(stored) == [int(row["obsid"]) for number, row in enumerate(rows, 1)
+                              if number not in refused]
+    assert_quarantined(catalogue_engine, catalogue,
+                       {number: "refused by the database: " for number in refused})
     assert all("test_refused_fibres" in row.reason for row in quarantine_rows(catalogue_engine))
 
 
