@@ -107,8 +107,9 @@ class ValueLimits:
 
 
 def value_limits(column) -> ValueLimits:
-    """The values ``column`` accepts: an integer type's range, a String's length, narrowed
-    by the column's declared ``valid_range``; floats must be finite (checked by callers)."""
+    """The values ``column`` accepts: an integer type's range or a String's length, and
+    the column's declared ``valid_range`` (for floats the only range: a double holds any
+    finite input)."""
     type_ = column.type
     low, high = column.info.get("valid_range", (None, None))
     required = not column.nullable
