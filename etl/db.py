@@ -166,6 +166,43 @@ def distance_deg(table, ra: float, dec: float, bind):
 
 # ---------------------------------------------------------------------------------------
 # Bulk upsert
+def _refused_data_errors():
+    """Exceptions meaning "the database refused these values" (a value out of range, too
+    long, badly encoded, a constraint violated) -- as opposed to the database being
+    unreachable or broken. SQLAlchemy wraps the driver's errors in statements it runs;
+    COPY talks to psycopg directly, so its own classes are listed too."""
+    import sqlite3
+
+    from sqlalchemy import exc
+
+    errors = [exc.DataError, exc.IntegrityError, sqlite3.DataError, sqlite3.IntegrityError]
+    try:
+        import psycopg
+
+        errors += [psycopg.DataError, psycopg.IntegrityError]
+    except ImportError:     # SQLite-only installation
+        pass
+    return tuple(errors)
+
+
+REFUSED_DATA_ERRORS = _refused_data_errors()
+
+
+def error_message(error) -> str:
+    """One line saying why the database refused something (no traceback, no SQL)."""
+    original = getattr(error, "orig", None) or error
+    diag = getattr(original, "diag", None)
+    if diag is not None and diag.message_primary:
+        parts = [diag.message_primary]
+        if diag.message_detail:
+            parts.append(diag.message_detail)
+        if diag.context:
+            parts.append(diag.context.splitlines()[0])
+        return "; ".join(parts)
+    lines = str(original).strip().splitlines()
+    return lines[0] if lines else type(original).__name__
+
+
 @dataclass
 class UpsertCounts:
     inserted: int = 0

@@ -10,8 +10,8 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from etl.ingest import (LabelsIngestOptions, SpectrumIndex, label_arrays, parse_column_mapping,
-                        read_label_table)
+from etl.ingest import (LabelsIngestOptions, SpectrumIndex, UnsafePathError, label_arrays,
+                        parse_column_mapping, read_label_table)
 
 CATALOGUE_COLUMNS = ("obsid", "ra", "dec", "snrg", "z")
 
@@ -20,7 +20,8 @@ def read_catalogue(path, spectra_root):
     """Catalogue rows (CSV or FITS, gz ok) whose spectrum file exists under ``spectra_root``.
 
     Returns ``(table, missing)``: an astropy Table with obsid, ra, dec, snrg, z, class
-    (STAR when absent) and ``path`` (absolute), and the list of rows without a file.
+    (STAR when absent) and ``path`` (absolute), and the list of rows without a file (a
+    file path that leads outside the root counts as no file).
     """
     fmt = "ascii.csv" if ".csv" in os.path.basename(path).lower() else None
     table = Table.read(path, format=fmt) if fmt else Table.read(path)
@@ -36,9 +37,12 @@ def read_catalogue(path, spectra_root):
     index = SpectrumIndex(spectra_root)
     paths, missing = [], []
     for i, row in enumerate(table):
-        relative = index.find(
-            filename=str(row[lower["filename"]]) if "filename" in lower else None,
-            **{k: row[lower[k]] for k in ("lmjd", "planid", "spid", "fiberid") if k in lower})
+        try:
+            relative = index.find(
+                filename=str(row[lower["filename"]]) if "filename" in lower else None,
+                **{k: row[lower[k]] for k in ("lmjd", "planid", "spid", "fiberid") if k in lower})
+        except UnsafePathError:         # leads outside the root: never opened, missing
+            relative = None
         paths.append(os.path.join(index.root, relative) if relative else "")
         if not relative:
             missing.append(i)

@@ -15,7 +15,9 @@ Spectrum files
     order: the worker's ``LAMOST_VAC_SPECTRA_ROOT`` (a worker machine that mounts the
     data elsewhere sets this), the ``spectra_root`` recorded by the ingest run that wrote
     the row, and last the root of the latest ingest run that recorded one. Task messages
-    never carry a root (or any other path): the worker's own configuration decides.
+    never carry a root (or any other path): the worker's own configuration decides. A
+    path that leads outside its root (``..``, absolute, a symlink pointing out) is never
+    opened: the spectrum fails at stage ``read`` with the reason (``etl.spectrum_files``).
 
 Model artifacts
     The worker loads the artifact its own database registers for the version, only from
@@ -48,6 +50,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 
 from etl import db, schema
 from etl.ingest import utcnow
+from etl.spectrum_files import UnsafePathError, resolve_under_root
 from etl.settings import settings as default_settings
 from models.artifact import UntrustedArtifactError, artifact_under, code_version, load_model
 from models.flags import UNUSABLE_SPECTRUM
@@ -230,8 +233,12 @@ def latest_spectra_root(connection) -> Optional[str]:
         .order_by(runs.c.started_at.desc()).limit(1)).scalar()
 
 
-def spectra_for(connection, obsids, spectra_root=None, settings=None):
-    """Rows (obsid, path or None, z, snrg) for ``obsids``, paths resolved (module doc)."""
+def spectra_for(connection, obsids, spectra_root=None, settings=None, refused=None):
+    """Rows (obsid, path or None, z, snrg) for ``obsids``, paths resolved (module doc).
+
+    A stored path that leaves its root is never opened (``resolve_under_root``): its path
+    is None and ``refused`` (a dict) gets obsid -> reason; without ``refused`` it raises.
+    """
     settings = settings or default_settings
     runs = schema.ingest_runs
     rows = connection.execute(
@@ -248,8 +255,12 @@ def spectra_for(connection, obsids, spectra_root=None, settings=None):
             root = fallback
         path = None
         if relative is not None:
-            path = relative if os.path.isabs(relative) or root is None \
-                else os.path.join(root, relative)
+            try:
+                path = resolve_under_root(root, relative)
+            except UnsafePathError as error:
+                if refused is None:
+                    raise UnsafePathError(f"spectrum {obsid}: {error}") from None
+                refused[int(obsid)] = str(error)
         out.append((int(obsid), path, z, snrg))
     return out
 
@@ -279,14 +290,16 @@ def infer_obsids(engine, artifact, model_version, obsids, run_id, settings=None,
 
 def _infer_obsids(engine, artifact, model_version, obsids, run_id, settings, n_jobs) -> BatchResult:
     result = BatchResult(selected=len(obsids))
+    refused = {}
     with engine.connect() as connection:
-        rows = spectra_for(connection, obsids, settings=settings)
+        rows = spectra_for(connection, obsids, settings=settings, refused=refused)
     result.missing = len(set(int(o) for o in obsids) - {r[0] for r in rows})
     failures = {}                                   # obsid -> (stage, reason)
     readable = []
     for obsid, path, z, snrg in rows:
         if path is None:
-            failures[obsid] = ("read", "no spectrum file recorded (metadata-only ingest)")
+            failures[obsid] = ("read", refused.get(
+                obsid, "no spectrum file recorded (metadata-only ingest)"))
         else:
             readable.append((obsid, path, z, snrg))
     estimates = []

@@ -16,10 +16,26 @@ Spectra (``ingest_spectra``)
     * ``metadata_only``: load catalogue rows without looking for files (file columns stay
       as stored, NULL for new rows).
 
-Rejections go to the ``quarantine`` table with a reason; the rest is loaded:
-non-numeric or out-of-range RA/Dec or other numbers, a missing obsid, a duplicate obsid
-(the first row wins, later ones are quarantined), a missing or unreadable (for example
-truncated) file, a header OBSID that contradicts the catalogue.
+One bad value costs one row, never a batch. Rejections go to the ``quarantine`` table
+with a reason naming the column and the value (the row is the quarantine row's
+``source_row``, the file its ``source_file``); the rest is loaded:
+
+* a value the schema's column does not accept (:mod:`etl.validation`): non-numeric or
+  non-integral numbers, numbers outside the column type's range (an obsid beyond 64 bits,
+  an lmjd beyond 32 bits) or its physical range (RA, Dec, spid 1-16, fiberid 1-250,
+  obsid > 0), text longer than the column, text that is not valid UTF-8 (never stored
+  with replacement characters, so it never overwrites a good stored value), a NUL
+  character, a missing obsid/RA/Dec;
+* a CSV row the csv module cannot read (a field over its size limit);
+* a duplicate obsid (the first row wins, later ones are quarantined);
+* a missing or unreadable (for example truncated) file, a file path that leaves the
+  spectra root (``..``, absolute, or a symlink pointing outside: never opened, see
+  :mod:`etl.spectrum_files`), a header OBSID that contradicts the catalogue.
+
+Should the database still refuse a batch (a constraint the checks do not know), the
+batch is written again in halves until only the refused rows are left; those are
+quarantined with the database's message, and a one-line note is printed (no traceback).
+A database that cannot be reached fails the run (it can be resumed).
 
 Idempotent and resumable: rows are upserted in batches, each batch in its own
 transaction; a stored row is only rewritten when a value differs, and a NULL in new input
@@ -30,12 +46,12 @@ Labels (``ingest_labels``)
     -9999 = missing; ``good_flag``) or flat columns (TEFF/LOGG/FE_H, Teff/Logg/FeH, ...;
     any mapping with ``columns={"teff": ..., "logg": ..., "feh": ...}``). Without a good
     flag column, ``good_flag`` is 1 exactly when Teff, logg and [Fe/H] are all present.
+    Rows are checked and quarantined as for spectra.
+
+Reading the input files is :mod:`etl.catalogue`, checking values :mod:`etl.validation`,
+finding and reading spectrum files :mod:`etl.spectrum_files`; their public names are
+importable from here too.
 """
-import csv
-import gzip
-import hashlib
-import itertools
-import math
 import os
 import re
 import sys
@@ -43,17 +59,20 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from sqlalchemy import insert, select, update
 
 from etl import db, schema
+from etl.catalogue import (CatalogueChunk, is_fits_file, iter_catalogue_chunks,  # noqa: F401
+                           read_label_table, read_table)
+from etl.spectrum_files import (SPECTRUM_FILE, SPECTRUM_NAME, FileInfo,  # noqa: F401
+                                SpectrumIndex, UnsafePathError, inspect_file, inspect_files,
+                                resolve_under_root, standard_name)
+from etl.validation import convert_column
 from models.artifact import code_version
 
-SPECTRUM_NAME = re.compile(r"^spec-(\d+)-(.+)_sp(\d+)-(\d+)\.fits(?:\.gz)?$", re.IGNORECASE)
-SPECTRUM_FILE = re.compile(r"^spec-.+\.fits?(?:\.gz)?$", re.IGNORECASE)
-MISSING_SENTINELS = (-9999.0, -9999)
 NO_OBSID_REASON = "no OBSID and no catalogue row"
 
 # Catalogue column names accepted for each spectra column (compared lower-case, with a
@@ -75,13 +94,15 @@ CATALOGUE_ALIASES = {
     "z_err": ["z_err"],
     "filename": ["filename", "file", "fits_name", "lamost_id"],
 }
-INTEGER_COLUMNS = ("obsid", "lmjd", "mjd", "spid", "fiberid")
-FLOAT_COLUMNS = ("ra", "dec", "snru", "snrg", "snrr", "snri", "snrz", "z", "z_err")
-TEXT_COLUMNS = ("designation", "planid", "class", "subclass", "filename")
-REQUIRED_COLUMNS = ("obsid", "ra", "dec")
+SPECTRA_BY_NAME = {c.name: c for c in schema.spectra.columns}
+# The catalogue's filename is checked as the file path it becomes.
+CATALOGUE_COLUMNS = {target: SPECTRA_BY_NAME["file_path" if target == "filename" else target]
+                     for target in CATALOGUE_ALIASES}
+REQUIRED_COLUMNS = tuple(t for t, c in CATALOGUE_COLUMNS.items() if not c.nullable)
 # Columns not compared when deciding whether a stored row changed.
 BOOKKEEPING_COLUMNS = ("ingest_run_id",)
 SPECTRA_COLUMNS = [c.name for c in schema.spectra.columns]
+SPECTRA_COMPARE = [c for c in SPECTRA_COLUMNS if c != "obsid" and c not in BOOKKEEPING_COLUMNS]
 
 
 def utcnow():
@@ -116,6 +137,10 @@ class IngestSummary:
         self.updated += counts.updated
         self.unchanged += counts.unchanged
 
+    def add_rejections(self, rejections):
+        self.quarantined += len(rejections)
+        self.reasons.update(r.reason_class for r in rejections)
+
     def text(self) -> str:
         lines = [f"{self.kind}: {self.read} read, {self.loaded} loaded, {self.updated} updated, "
                  f"{self.unchanged} skipped (unchanged), {self.quarantined} quarantined "
@@ -138,14 +163,18 @@ class Rejection:
         return re.split(r"[:(]", self.reason, maxsplit=1)[0].strip()
 
 
+# Where a row came from: (source_file, source_row, obsid), to quarantine it if refused.
+Origin = Tuple[str, int, Optional[int]]
+
+
 def start_run(engine, kind, source=None, spectra_root=None, options=None) -> str:
     """Record a run as 'running' (committed at once, so a crash leaves a trace)."""
     run_id = str(uuid.uuid4())
     with engine.begin() as connection:
         connection.execute(insert(schema.ingest_runs).values(
-            run_id=run_id, kind=kind, source=source, spectra_root=spectra_root,
-            status="running", started_at=utcnow(), code_version=code_version(),
-            options=_jsonable(options or {})))
+            run_id=run_id, kind=kind, source=_storable(source),
+            spectra_root=_storable(spectra_root), status="running", started_at=utcnow(),
+            code_version=code_version(), options=_jsonable(options or {})))
     return run_id
 
 
@@ -156,12 +185,25 @@ def finish_run(engine, summary: IngestSummary, status="finished", message=None):
                            .values(status=status, finished_at=utcnow(), n_read=summary.read,
                                    n_loaded=summary.loaded, n_updated=summary.updated,
                                    n_unchanged=summary.unchanged,
-                                   n_quarantined=summary.quarantined, message=message))
+                                   n_quarantined=summary.quarantined,
+                                   message=_storable(message)))
 
 
 def _jsonable(options):
-    return {key: (value if isinstance(value, (str, int, float, bool, type(None), list, dict))
-                  else str(value)) for key, value in options.items()}
+    out = {}
+    for key, value in options.items():
+        if not isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            value = str(value)
+        out[key] = _storable(value) if isinstance(value, str) else value
+    return out
+
+
+def _storable(text):
+    """``text`` as the database can store it: a file name that is not valid UTF-8 (its
+    bytes kept as surrogate escapes by the OS layer) shows those bytes as \\xNN."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def store_rejections(connection, kind, run_id, rejections: List[Rejection]):
@@ -171,172 +213,30 @@ def store_rejections(connection, kind, run_id, rejections: List[Rejection]):
     now = utcnow()
     unique = {}
     for rejection in rejections:
-        key = (rejection.source_file, rejection.source_row, rejection.reason)
+        key = (_storable(rejection.source_file), rejection.source_row,
+               _storable(rejection.reason))
         unique.setdefault(key, {
-            "kind": kind, "source_file": rejection.source_file,
-            "source_row": rejection.source_row, "obsid": rejection.obsid,
-            "reason": rejection.reason, "run_id": run_id, "created_at": now})
+            "kind": kind, "source_file": key[0], "source_row": rejection.source_row,
+            "obsid": rejection.obsid, "reason": key[2], "run_id": run_id, "created_at": now})
     db.insert_ignore(connection, schema.quarantine, list(unique.values()),
                      ["kind", "source_file", "source_row", "reason"])
 
 
 # ---------------------------------------------------------------------------------------
-# Reading catalogues
-def is_fits_file(path) -> bool:
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rb") as handle:
-        return handle.read(9) == b"SIMPLE  ="
-
-
-def _is_gzip(path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(2) == b"\x1f\x8b"
-
-
-def _canonical_name(name: str) -> str:
-    name = name.strip().lower()
-    if name.startswith("combined_"):
-        name = name[len("combined_"):]
-    return name
-
-
-@dataclass
-class CatalogueChunk:
-    first_row: int                    # 1-based data row number of the chunk's first row
-    columns: Dict[str, list]          # canonical name -> raw values (str or numbers)
-    size: int
-
-
-def iter_catalogue_chunks(path, chunk_rows=50000, wanted=None) -> Iterable[CatalogueChunk]:
-    """Yield the catalogue in chunks of raw column values, keyed by canonical name.
-
-    Only the ``wanted`` canonical names are kept (all when None). CSV values stay
-    strings (converted and validated later, per column); FITS values are numpy values.
-    """
-    if is_fits_file(path):
-        yield from _iter_fits_chunks(path, chunk_rows, wanted)
-    else:
-        yield from _iter_csv_chunks(path, chunk_rows, wanted)
-
-
-def _pick_columns(names, wanted):
-    """Map canonical wanted name -> index of the first matching input column."""
-    canonical = [_canonical_name(n) for n in names]
-    picked = {}
-    for index, name in enumerate(canonical):
-        if (wanted is None or name in wanted) and name not in picked:
-            picked[name] = index
-    return picked
-
-
-def _iter_csv_chunks(path, chunk_rows, wanted):
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
-        picked = _pick_columns(header, wanted)
-        width = len(header)
-        first_row = 1
-        while True:
-            rows = list(itertools.islice(reader, chunk_rows))
-            if not rows:
-                return
-            if min(map(len, rows)) < width:     # short rows: missing trailing fields are blank
-                rows = [row + [""] * (width - len(row)) for row in rows]
-            columns = {name: [row[index] for row in rows] for name, index in picked.items()}
-            yield CatalogueChunk(first_row, columns, len(rows))
-            first_row += len(rows)
-
-
-def _iter_fits_chunks(path, chunk_rows, wanted):
-    from astropy.io import fits
-
-    with fits.open(path, memmap=not _is_gzip(path)) as hdus:
-        table_hdu = next((h for h in hdus if isinstance(h, fits.BinTableHDU)), None)
-        if table_hdu is None:
-            raise ValueError(f"{path}: no binary table")
-        data = table_hdu.data
-        picked = _pick_columns(data.columns.names, wanted)
-        names = data.columns.names
-        total = len(data)
-        for start in range(0, total, chunk_rows):
-            stop = min(start + chunk_rows, total)
-            columns = {}
-            for name, index in picked.items():
-                values = np.asarray(data.field(names[index])[start:stop])
-                if values.dtype.kind in "SU":
-                    values = np.char.strip(values.astype(str))
-                columns[name] = values
-            yield CatalogueChunk(start + 1, columns, stop - start)
-
-
-# ---------------------------------------------------------------------------------------
-# Converting raw column values (vectorised; element-wise only to locate bad values)
-def parse_numbers(values, integer=False):
-    """(python list with None for blanks/missing sentinels, list of bad-value indices).
-
-    ``values`` are strings or numbers. Blank strings, NaN and -9999 are missing (None);
-    anything non-numeric (or non-integral for ``integer``) is a bad value.
-    """
-    array = values if isinstance(values, np.ndarray) else None
-    if array is None and values and not isinstance(values[0], str):
-        array = np.asarray(values)
-    if array is not None and array.dtype.kind in "fiub":
-        numbers = array.astype(float)
-        bad_mask = np.zeros(len(numbers), dtype=bool)
-    else:
-        try:
-            # float() per value is faster than numpy's string casts; blanks are missing.
-            numbers = np.array([float(v) if v.strip() else math.nan for v in values],
-                               dtype=float)
-            bad_mask = np.zeros(len(numbers), dtype=bool)
-        except (ValueError, AttributeError):
-            numbers, bad_mask = _parse_numbers_slowly(
-                np.char.strip(np.asarray(values).astype(str)))
-    missing = ~np.isfinite(numbers) | (numbers == -9999.0)
-    if integer:
-        integral = np.zeros(len(numbers), dtype=bool)
-        finite = ~missing
-        integral[finite] = numbers[finite] == np.round(numbers[finite])
-        bad_mask |= finite & ~integral
-        missing |= bad_mask
-        out = np.where(missing, 0, numbers).astype(np.int64).tolist()
-    else:
-        missing |= bad_mask
-        out = numbers.tolist()
-    if missing.any():
-        for index in np.flatnonzero(missing).tolist():
-            out[index] = None
-    bad = np.flatnonzero(bad_mask).tolist()
-    return out, bad
-
-
-def _parse_numbers_slowly(strings):
-    numbers = np.empty(len(strings), dtype=float)
-    bad = np.zeros(len(strings), dtype=bool)
-    for index, text in enumerate(strings.tolist()):
-        if text == "":
-            numbers[index] = np.nan
+# Checked values: catalogue chunks, header values, file columns
+def convert_row(table_columns: Dict[str, object], values: dict):
+    """(values converted and checked against their columns, None) or (None, reason);
+    for values that come one row at a time (headers, files)."""
+    out = dict(values)
+    for name, value in values.items():
+        column = table_columns.get(name)
+        if column is None:
             continue
-        try:
-            numbers[index] = float(text)
-        except ValueError:
-            numbers[index] = np.nan
-            bad[index] = True
-    return numbers, bad
-
-
-def parse_texts(values):
-    out = []
-    for value in (values.tolist() if isinstance(values, np.ndarray) else values):
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        value = str(value).strip() if value is not None else ""
-        out.append(value or None)
-    return out
+        converted, problems = convert_column(column, [value], name)
+        if problems:
+            return None, problems[0]
+        out[name] = converted[0]
+    return out, None
 
 
 @dataclass
@@ -377,6 +277,10 @@ class ParsedChunk:
                    for name in SPECTRA_COLUMNS]
         return list(zip(*columns))
 
+    def origins(self, source_file) -> List[Origin]:
+        obsids = self.columns["obsid"]
+        return [(source_file, self.first_row + i, obsids[i]) for i in self.valid]
+
 
 def convert_chunk(chunk: CatalogueChunk, source_file: str):
     """Typed column values, the valid row indices, and rejections for one chunk."""
@@ -386,43 +290,25 @@ def convert_chunk(chunk: CatalogueChunk, source_file: str):
     if missing_required:
         raise ValueError(f"{source_file}: catalogue lacks required column(s) "
                          f"{', '.join(missing_required)}")
-    parsed, problems = {}, {}
+    parsed, problems = {}, dict(chunk.problems)
     for target, source in aliases.items():
         if source is None:
             parsed[target] = [None] * chunk.size
             continue
-        raw = chunk.columns[source]
-        if target in INTEGER_COLUMNS or target in FLOAT_COLUMNS:
-            values, bad = parse_numbers(raw, integer=target in INTEGER_COLUMNS)
-            parsed[target] = values
-            for index in bad:
-                problems.setdefault(index, f"non-numeric {target}: {str(raw[index])!r}")
-        else:
-            parsed[target] = parse_texts(raw)
-    valid, rejections = [], []
-    obsids, ras, decs = parsed["obsid"], parsed["ra"], parsed["dec"]
-    for index in range(chunk.size):
-        reason = problems.get(index) or _position_problem(obsids[index], ras[index], decs[index])
-        if reason:
-            rejections.append(Rejection(source_file, chunk.first_row + index, reason,
-                                        obsids[index]))
-        else:
-            valid.append(index)
+        parsed[target], bad = convert_column(CATALOGUE_COLUMNS[target], chunk.columns[source],
+                                             target)
+        for index, reason in bad.items():
+            problems.setdefault(index, reason)
+    obsids = parsed["obsid"]
+    rejections = [Rejection(source_file, chunk.first_row + index, reason, obsids[index])
+                  for index, reason in sorted(problems.items())]
+    valid = [index for index in range(chunk.size) if index not in problems] \
+        if problems else list(range(chunk.size))
     return ParsedChunk(chunk.first_row, parsed, valid), rejections
 
 
-def _position_problem(obsid, ra, dec):
-    if obsid is None:
-        return "missing obsid"
-    if ra is None or dec is None:
-        return "missing ra/dec"
-    if not (0.0 <= ra <= 360.0) or not (-90.0 <= dec <= 90.0):
-        return f"ra/dec out of range: ({ra}, {dec})"
-    return None
-
-
 def spectra_row(values: dict, run_id: str, file_info=None) -> tuple:
-    """A tuple in ``spectra`` column order from catalogue/header values."""
+    """A tuple in ``spectra`` column order from checked catalogue/header values."""
     ra = values["ra"] % 360.0
     full = dict(values, ra=ra, zone=db.zone_of(values["dec"]), ingest_run_id=run_id)
     if file_info:
@@ -430,99 +316,23 @@ def spectra_row(values: dict, run_id: str, file_info=None) -> tuple:
     return tuple(full.get(name) for name in SPECTRA_COLUMNS)
 
 
-# ---------------------------------------------------------------------------------------
-# Spectrum files
-class SpectrumIndex:
-    """Spectrum files (``spec-*.fits[.gz]``) under a root, found at any depth, by relative
-    path and base name. A catalogue's filename column may name other files: those are
-    looked up as paths relative to the root."""
-
-    def __init__(self, root):
-        self.root = os.path.abspath(root)
-        self.by_name = {}            # base name without .gz, lower-case -> [relative paths]
-        self.relative_paths = []
-        for folder, _dirs, files in os.walk(self.root):
-            for name in files:
-                # Only LAMOST spectrum names: label tables and catalogues may share the tree.
-                if not SPECTRUM_FILE.match(name):
-                    continue
-                relative = os.path.relpath(os.path.join(folder, name), self.root)
-                self.relative_paths.append(relative)
-                self.by_name.setdefault(_bare_name(name), []).append(relative)
-        self.relative_paths.sort()
-
-    def find(self, filename=None, lmjd=None, planid=None, spid=None, fiberid=None):
-        """Relative path of a spectrum, or None."""
-        if filename:
-            candidate = filename.replace("\\", "/").lstrip("/")
-            for option in (candidate, candidate + ".gz", re.sub(r"\.gz$", "", candidate)):
-                if os.path.isfile(os.path.join(self.root, option)):
-                    return os.path.normpath(option)
-            matches = self.by_name.get(_bare_name(os.path.basename(candidate)))
-            return matches[0] if matches else None
-        if None in (lmjd, planid, spid, fiberid):
-            return None
-        matches = self.by_name.get(_bare_name(standard_name(lmjd, planid, spid, fiberid)))
-        return matches[0] if matches else None
-
-
-def standard_name(lmjd, planid, spid, fiberid) -> str:
-    return f"spec-{int(lmjd)}-{planid}_sp{int(spid):02d}-{int(fiberid):03d}.fits"
-
-
-def _bare_name(name):
-    name = name.lower()
-    return name[:-3] if name.endswith(".gz") else name
-
-
-@dataclass
-class FileInfo:
-    relative_path: str
-    meta: Optional[dict] = None
-    columns: Optional[dict] = None   # file_* columns, layout, data_version
-    problem: Optional[str] = None
-
-
-def inspect_file(root, relative_path) -> FileInfo:
-    """Read and check one spectrum file: metadata, layout, size and SHA-256."""
-    from models.readers import SpectrumReadError, read_spectrum
-
-    path = os.path.join(root, relative_path)
-    try:
-        spectrum = read_spectrum(path)
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except SpectrumReadError as error:
-        return FileInfo(relative_path, problem=f"unreadable spectrum file: {error.reason}")
-    except OSError as error:
-        return FileInfo(relative_path, problem=f"unreadable spectrum file: {error}")
-    columns = {
-        "file_path": relative_path.replace(os.sep, "/"),
-        "file_size": len(raw),
-        "file_sha256": hashlib.sha256(raw).hexdigest(),
-        "layout": spectrum.layout,
-        "data_version": spectrum.meta.get("data_version"),
-    }
-    return FileInfo(relative_path, meta=spectrum.meta, columns=columns)
-
-
-def inspect_files(root, relative_paths, workers=4):
-    """inspect_file over many files; threads overlap the file I/O and hashing."""
-    if workers <= 1 or len(relative_paths) < 8:
-        return [inspect_file(root, p) for p in relative_paths]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda p: inspect_file(root, p), relative_paths))
-
-
 def header_values(meta: dict) -> dict:
-    """spectra column values from a header (read_meta dict)."""
-    values = {name: meta.get(name) for name in CATALOGUE_ALIASES if name != "filename"}
-    for name in ("snru", "snrg", "snrr", "snri", "snrz"):
-        if values[name] is not None and values[name] in MISSING_SENTINELS:
-            values[name] = None
-    return values
+    """spectra column values from a header (read_meta dict), not yet checked (checking
+    also turns the -9999 of a missing S/N into None)."""
+    return {name: meta.get(name) for name in CATALOGUE_ALIASES if name != "filename"}
+
+
+def _check_file_columns(infos: List[FileInfo]):
+    """Turn file columns the schema does not accept (a header's data version too long, a
+    file name that is not UTF-8) into the file's problem."""
+    for info in infos:
+        if info.problem is None:
+            checked, problem = convert_row(SPECTRA_BY_NAME, info.columns)
+            if problem:
+                info.problem = f"file refused: {problem}"
+            else:
+                info.columns = checked
+    return infos
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,8 +348,10 @@ class SpectraIngestOptions:
     show_progress: Optional[bool] = None
 
 
-def ingest_spectra(engine, options: SpectraIngestOptions, log=sys.stderr) -> IngestSummary:
-    """Ingest spectra (see the module docstring); returns the summary."""
+def ingest_spectra(engine, options: SpectraIngestOptions, log=None) -> IngestSummary:
+    """Ingest spectra (see the module docstring); returns the summary. Notes go to
+    ``log`` (default: standard error)."""
+    log = log or sys.stderr
     if options.catalogue is None and options.spectra_root is None:
         raise ValueError("give a catalogue, a spectra root, or both")
     if options.catalogue is None and options.metadata_only:
@@ -555,10 +367,10 @@ def ingest_spectra(engine, options: SpectraIngestOptions, log=sys.stderr) -> Ing
         referenced = set()
         if catalogue:
             _ingest_catalogue(engine, options, catalogue, index, seen_obsids, referenced,
-                              summary)
+                              summary, log)
         if index is not None and (catalogue is None or options.unreferenced == "headers"):
             unreferenced = [p for p in index.relative_paths if p not in referenced]
-            _ingest_headers(engine, options, index, unreferenced, seen_obsids, summary)
+            _ingest_headers(engine, options, index, unreferenced, seen_obsids, summary, log)
         with engine.begin() as connection:
             db.analyze(connection, ["spectra"])
     except BaseException as error:
@@ -568,7 +380,8 @@ def ingest_spectra(engine, options: SpectraIngestOptions, log=sys.stderr) -> Ing
     return summary
 
 
-def _ingest_catalogue(engine, options, catalogue, index, seen_obsids, referenced, summary):
+def _ingest_catalogue(engine, options, catalogue, index, seen_obsids, referenced, summary,
+                      log):
     from concurrent.futures import ThreadPoolExecutor
 
     from models.progress import progress
@@ -589,16 +402,20 @@ def _ingest_catalogue(engine, options, catalogue, index, seen_obsids, referenced
                 parsed, rejections = convert_chunk(chunk, catalogue)
                 _drop_duplicates(parsed, catalogue, seen_obsids, rejections)
                 if index is not None:
-                    rows = _join_files(parsed.records(), index, catalogue, referenced,
-                                       rejections, summary.run_id, options.workers)
+                    rows, origins = _join_files(parsed.records(), index, catalogue,
+                                                referenced, rejections, summary.run_id,
+                                                options.workers)
                 else:
-                    rows = parsed.spectra_rows(summary.run_id)
-                batch = _stage_batch(engine, rows, rejections)
+                    rows, origins = parsed.spectra_rows(summary.run_id), \
+                        parsed.origins(catalogue)
+                what = (f"{catalogue} rows {chunk.first_row}-"
+                        f"{chunk.first_row + chunk.size - 1}")
+                batch = _stage_batch(engine, rows, rejections, origins, what, log)
                 if pending is not None:
                     try:
                         pending.result()
                     except BaseException:
-                        batch.connection.close()      # rolls the staged batch back
+                        batch.close()              # rolls the staged batch back
                         raise
                     pending = None
                 if overlap:
@@ -630,21 +447,26 @@ def _join_files(records, index, catalogue, referenced, rejections, run_id, worke
     located = []
     for record in records:
         values = record.values
-        relative = index.find(record.filename, values["lmjd"], values["planid"],
-                              values["spid"], values["fiberid"])
+        try:
+            relative = index.find(record.filename, values["lmjd"], values["planid"],
+                                  values["spid"], values["fiberid"])
+        except UnsafePathError as error:
+            rejections.append(Rejection(catalogue, record.row, str(error), values["obsid"]))
+            continue
         if relative is None:
-            wanted = record.filename or (standard_name(values["lmjd"], values["planid"],
-                                                       values["spid"], values["fiberid"])
-                                         if None not in (values["lmjd"], values["planid"],
-                                                         values["spid"], values["fiberid"])
-                                         else "no filename and no lmjd/planid/spid/fiberid")
+            wanted = repr(record.filename) if record.filename else (
+                standard_name(values["lmjd"], values["planid"], values["spid"],
+                              values["fiberid"])
+                if None not in (values["lmjd"], values["planid"], values["spid"],
+                                values["fiberid"])
+                else "no filename and no lmjd/planid/spid/fiberid")
             rejections.append(Rejection(catalogue, record.row,
                                         f"spectrum file not found: {wanted}", values["obsid"]))
             continue
         referenced.add(relative)
         located.append((record, relative))
-    infos = inspect_files(index.root, [relative for _, relative in located], workers)
-    rows = []
+    infos = _check_file_columns(inspect_files(index.root, [r for _, r in located], workers))
+    rows, origins = [], []
     for (record, relative), info in zip(located, infos):
         obsid = record.values["obsid"]
         if info.problem:
@@ -655,14 +477,15 @@ def _join_files(records, index, catalogue, referenced, rejections, run_id, worke
         if header_obsid is not None and header_obsid != obsid:
             rejections.append(Rejection(
                 catalogue, record.row,
-                f"obsid mismatch: catalogue {obsid}, header OBSID {header_obsid} ({relative})",
+                f"obsid mismatch: catalogue {obsid}, header OBSID {header_obsid!r} ({relative})",
                 obsid))
             continue
         rows.append(spectra_row(record.values, run_id, info.columns))
-    return rows
+        origins.append((catalogue, record.row, obsid))
+    return rows, origins
 
 
-def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary):
+def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary, log):
     from models.progress import progress
 
     batches = [relative_paths[i:i + options.batch_rows]
@@ -670,8 +493,8 @@ def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary
     for batch in progress(batches, desc=f"spectrum headers under {index.root}",
                           enabled=options.show_progress):
         summary.read += len(batch)
-        rows, rejections = [], []
-        infos = inspect_files(index.root, batch, options.workers)
+        rows, origins, rejections = [], [], []
+        infos = _check_file_columns(inspect_files(index.root, batch, options.workers))
         stored = _stored_by_path(engine, [i.columns["file_path"] for i in infos
                                           if not i.problem and i.meta.get("obsid") is None])
         for info in infos:
@@ -686,9 +509,10 @@ def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary
                 obsid, ra, dec = stored[info.columns["file_path"]]
                 values = dict.fromkeys(values, None)
                 values.update(obsid=obsid, ra=ra, dec=dec)
-            obsid = values["obsid"]
-            problem = (NO_OBSID_REASON if obsid is None
-                       else _position_problem(obsid, values["ra"], values["dec"]))
+            problem = NO_OBSID_REASON if values["obsid"] is None else None
+            if problem is None:
+                values, problem = convert_row(SPECTRA_BY_NAME, values)
+            obsid = values["obsid"] if values else None
             if problem is None and obsid in seen_obsids:
                 problem = f"duplicate obsid: {obsid} (first at {seen_obsids[obsid]})"
             if problem:
@@ -696,7 +520,9 @@ def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary
                 continue
             seen_obsids[obsid] = info.relative_path
             rows.append(spectra_row(values, summary.run_id, info.columns))
-        _write_batch(_stage_batch(engine, rows, rejections), summary)
+            origins.append((path, 0, obsid))
+        what = f"spectrum headers under {index.root} ({len(batch)} files)"
+        _write_batch(_stage_batch(engine, rows, rejections, origins, what, log), summary)
 
 
 def _stored_by_path(engine, file_paths):
@@ -713,37 +539,92 @@ def _stored_by_path(engine, file_paths):
     return found
 
 
+# ---------------------------------------------------------------------------------------
+# Writing batches: one transaction each; a batch the database refuses is split
 @dataclass
 class StagedBatch:
-    """A batch COPYed into a staging table, in an open transaction, not yet merged."""
+    """A batch COPYed into a staging table, in an open transaction, not yet merged
+    (``connection`` is None when the database refused the rows while staging)."""
+    engine: object
     connection: object
-    staging: str
-    size: int
+    staging: Optional[str]
+    rows: List[tuple]
+    origins: List[Origin]
     rejections: List[Rejection]
+    what: str                          # names the batch in messages
+    log: object
+    error: Optional[BaseException] = None
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
 
 
-def _stage_batch(engine, rows, rejections) -> StagedBatch:
+def _stage_batch(engine, rows, rejections, origins, what, log) -> StagedBatch:
     connection = engine.connect()
     try:
         connection.begin()
         staging = db.stage_rows(connection, schema.spectra, rows, SPECTRA_COLUMNS)
+    except db.REFUSED_DATA_ERRORS as error:
+        connection.close()
+        return StagedBatch(engine, None, None, rows, origins, rejections, what, log, error)
     except BaseException:
         connection.close()
         raise
-    return StagedBatch(connection, staging, len(rows), rejections)
+    return StagedBatch(engine, connection, staging, rows, origins, rejections, what, log)
 
 
 def _write_batch(batch: StagedBatch, summary):
     """Merge and commit one staged batch: a crash loses at most the batch in flight."""
-    compare = [c for c in SPECTRA_COLUMNS if c != "obsid" and c not in BOOKKEEPING_COLUMNS]
-    with batch.connection as connection:
-        counts = db.merge_staged(connection, schema.spectra, batch.staging,
-                                 SPECTRA_COLUMNS, ["obsid"], compare, compare, batch.size)
-        store_rejections(connection, "spectra", summary.run_id, batch.rejections)
-        connection.commit()
+    if batch.error is None:
+        try:
+            with batch.connection as connection:
+                counts = db.merge_staged(connection, schema.spectra, batch.staging,
+                                         SPECTRA_COLUMNS, ["obsid"], SPECTRA_COMPARE,
+                                         SPECTRA_COMPARE, len(batch.rows))
+                store_rejections(connection, "spectra", summary.run_id, batch.rejections)
+                connection.commit()
+            summary.add(counts)
+            summary.add_rejections(batch.rejections)
+            return
+        except db.REFUSED_DATA_ERRORS as error:
+            batch.error = error
+    counts, refused = write_isolating(batch.engine, batch.rows, batch.origins, _upsert_spectra,
+                                      batch.what, batch.error, batch.log)
+    with batch.engine.begin() as connection:
+        store_rejections(connection, "spectra", summary.run_id, batch.rejections + refused)
     summary.add(counts)
-    summary.quarantined += len(batch.rejections)
-    summary.reasons.update(r.reason_class for r in batch.rejections)
+    summary.add_rejections(batch.rejections + refused)
+
+
+def _upsert_spectra(connection, rows):
+    return db.bulk_upsert(connection, schema.spectra, rows, ["obsid"], SPECTRA_COMPARE,
+                          columns=SPECTRA_COLUMNS, keep_when_null=SPECTRA_COMPARE)
+
+
+def write_isolating(engine, rows, origins: List[Origin], write, what, error, log):
+    """Write ``rows`` that the database refused as one batch (``error``): each half in
+    its own transaction, halving again what is refused, so that only the refused rows
+    are left out. Returns (counts of what was written, rejections of the refused rows)."""
+    print(f"{what}: the database refused the batch ({db.error_message(error)}); "
+          f"writing it in parts to find the refused rows", file=log)
+    counts, refused = db.UpsertCounts(), []
+    pending = [(0, len(rows))]
+    while pending:
+        start, stop = pending.pop()
+        try:
+            with engine.begin() as connection:
+                counts += write(connection, rows[start:stop])
+        except db.REFUSED_DATA_ERRORS as part_error:
+            if stop - start > 1:
+                middle = (start + stop) // 2
+                pending += [(middle, stop), (start, middle)]     # in order, first half first
+                continue
+            source_file, source_row, obsid = origins[start]
+            refused.append(Rejection(source_file, source_row, "refused by the database: "
+                                     f"{db.error_message(part_error)}", obsid))
+    print(f"{what}: {len(refused)} row(s) refused by the database, quarantined", file=log)
+    return counts, refused
 
 
 # ---------------------------------------------------------------------------------------
@@ -757,6 +638,9 @@ FLAT_LABEL_NAMES = {
 ID_NAMES = ["apogee_id", "apogeeid", "2mass_id", "tmass_id", "id"]
 GOOD_FLAG_NAMES = ["good_flag", "goodflag", "good"]
 LABEL_COLUMNS = [c.name for c in schema.reference_labels.columns if c.name != "label_id"]
+LABELS_BY_NAME = {c.name: c for c in schema.reference_labels.columns}
+LABEL_COMPARE = [c for c in LABEL_COLUMNS
+                 if c not in ("label_set", "apogee_id") and c not in BOOKKEEPING_COLUMNS]
 
 
 @dataclass
@@ -784,32 +668,6 @@ def parse_column_mapping(text: Optional[str]) -> Dict[str, str]:
         raise ValueError(f"unknown label(s) in mapping: {', '.join(sorted(unknown))}; "
                          f"use {', '.join(sorted(allowed))}")
     return mapping
-
-
-def read_label_table(path):
-    """The label catalogue as a dict of column name -> numpy array (FITS or CSV)."""
-    if is_fits_file(path):
-        from astropy.table import Table
-
-        table = Table.read(path, hdu=_first_table_hdu(path))
-        return {name: np.asarray(table[name]) for name in table.colnames}
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, [])
-        rows = [row + [""] * (len(header) - len(row)) for row in reader]
-    return {name: np.asarray([row[i] for row in rows], dtype=object)
-            for i, name in enumerate(header)}
-
-
-def _first_table_hdu(path):
-    from astropy.io import fits
-
-    with fits.open(path) as hdus:
-        for number, hdu in enumerate(hdus):
-            if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
-                return number
-    raise ValueError(f"{path}: no table HDU")
 
 
 def _find_column(columns, explicit, candidates, what, required=True):
@@ -858,35 +716,57 @@ def label_arrays(columns, options: LabelsIngestOptions):
     return layout, out
 
 
-def ingest_labels(engine, options: LabelsIngestOptions, log=sys.stderr) -> IngestSummary:
+def ingest_labels(engine, options: LabelsIngestOptions, log=None) -> IngestSummary:
+    log = log or sys.stderr
     path = os.path.abspath(options.path)
     label_set = options.label_set or default_label_set(path)
+    _check_label_set(label_set)
     run_id = start_run(engine, "ingest-labels", source=path,
                        options=dict(vars(options), label_set=label_set))
     summary = IngestSummary(run_id, "ingest-labels")
     try:
-        layout, arrays = label_arrays(read_label_table(path), options)
-        rows, rejections = label_rows(arrays, label_set, path, run_id)
+        columns, unreadable = read_table(path)
+        layout, arrays = label_arrays(columns, options)
+        rows, origins, rejections = label_rows(arrays, label_set, _storable(path), run_id,
+                                               unreadable)
         summary.read = len(arrays["ra"])
-        compare = [c for c in LABEL_COLUMNS
-                   if c not in ("label_set", "apogee_id") and c not in BOOKKEEPING_COLUMNS]
-        for start in range(0, max(len(rows), 1), options.batch_rows):
-            batch = rows[start:start + options.batch_rows]
-            with engine.begin() as connection:
-                summary.add(db.bulk_upsert(connection, schema.reference_labels, batch,
-                                           ["label_set", "apogee_id"], compare,
-                                           columns=LABEL_COLUMNS, keep_when_null=compare))
+        for start in range(0, len(rows), options.batch_rows):
+            stop = start + options.batch_rows
+            counts, refused = _write_labels(engine, rows[start:stop], origins[start:stop],
+                                            f"{path} labels {start + 1}-{min(stop, len(rows))}",
+                                            log)
+            summary.add(counts)
+            rejections += refused
         with engine.begin() as connection:
             store_rejections(connection, "labels", run_id, rejections)
             db.analyze(connection, ["reference_labels"])
-        summary.quarantined = len(rejections)
-        summary.reasons.update(r.reason_class for r in rejections)
+        summary.add_rejections(rejections)
         print(f"labels layout {layout}, label set {label_set!r}", file=log)
     except BaseException as error:
         finish_run(engine, summary, status="failed", message=f"{type(error).__name__}: {error}")
         raise
     finish_run(engine, summary)
     return summary
+
+
+def _write_labels(engine, rows, origins, what, log):
+    try:
+        with engine.begin() as connection:
+            return _upsert_labels(connection, rows), []
+    except db.REFUSED_DATA_ERRORS as error:
+        return write_isolating(engine, rows, origins, _upsert_labels, what, error, log)
+
+
+def _upsert_labels(connection, rows):
+    return db.bulk_upsert(connection, schema.reference_labels, rows, ["label_set", "apogee_id"],
+                          LABEL_COMPARE, columns=LABEL_COLUMNS, keep_when_null=LABEL_COMPARE)
+
+
+def _check_label_set(label_set):
+    """A label set name the schema cannot hold fails the whole file, before anything."""
+    _, problems = convert_column(LABELS_BY_NAME["label_set"], [label_set], "label_set")
+    if problems:
+        raise ValueError(f"{problems[0]}; choose a shorter one with --label-set")
 
 
 def default_label_set(path) -> str:
@@ -897,45 +777,31 @@ def default_label_set(path) -> str:
     return name
 
 
-def label_rows(arrays, label_set, source_file, run_id):
-    """Rows in LABEL_COLUMNS order and rejections, from label_arrays output."""
-    ids = parse_texts(arrays["apogee_id"])
-    ra, bad_ra = parse_numbers(arrays["ra"])
-    dec, bad_dec = parse_numbers(arrays["dec"])
-    labels = {name: parse_numbers(arrays[name]) for name in ("teff", "logg", "feh")}
-    problems = {}
-    for index in bad_ra:
-        problems.setdefault(index, f"non-numeric ra: {arrays['ra'][index]!r}")
-    for index in bad_dec:
-        problems.setdefault(index, f"non-numeric dec: {arrays['dec'][index]!r}")
-    for name, (_, bad) in labels.items():
-        for index in bad:
-            problems.setdefault(index, f"non-numeric {name}: {arrays[name][index]!r}")
-    if arrays["good_flag"] is not None:
-        flags, bad_flags = parse_numbers(arrays["good_flag"], integer=True)
-        for index in bad_flags:
-            problems.setdefault(index, f"non-integer good_flag: {arrays['good_flag'][index]!r}")
-    else:
-        flags = None
-    rows, rejections, seen = [], [], {}
+def label_rows(arrays, label_set, source_file, run_id, unreadable=None):
+    """Rows in LABEL_COLUMNS order, their origins, and rejections, from label_arrays
+    output; ``unreadable``: {row index: reason} of rows the reader could not read."""
+    problems = dict(unreadable or {})
+    converted = {}
+    for name in ("apogee_id", "ra", "dec", "teff", "logg", "feh", "good_flag"):
+        if arrays[name] is None:
+            continue
+        converted[name], bad = convert_column(LABELS_BY_NAME[name], arrays[name], name)
+        for index, reason in bad.items():
+            problems.setdefault(index, reason)
+    ids, ra, dec = converted["apogee_id"], converted["ra"], converted["dec"]
+    flags = converted.get("good_flag")
+    rows, origins, rejections, seen = [], [], [], {}
     for index, apogee_id in enumerate(ids):
         source_row = index + 1
         reason = problems.get(index)
-        if reason is None and apogee_id is None:
-            reason = "missing apogee_id"
-        if reason is None:
-            reason = _position_problem(0, ra[index], dec[index])
         if reason is None and apogee_id in seen:
             reason = f"duplicate apogee_id: {apogee_id} (first at row {seen[apogee_id]})"
         if reason:
             rejections.append(Rejection(source_file, source_row, reason))
             continue
         seen[apogee_id] = source_row
-        teff, logg, feh = (labels[name][0][index] for name in ("teff", "logg", "feh"))
-        if flags is not None:
-            good = flags[index]
-        else:
-            good = int(None not in (teff, logg, feh))
+        teff, logg, feh = (converted[name][index] for name in ("teff", "logg", "feh"))
+        good = flags[index] if flags is not None else int(None not in (teff, logg, feh))
         values = {
             "label_set": label_set, "apogee_id": apogee_id, "ra": ra[index] % 360.0,
             "dec": dec[index], "zone": db.zone_of(dec[index]), "teff": teff, "logg": logg,
@@ -943,4 +809,5 @@ def label_rows(arrays, label_set, source_file, run_id):
             "source_row": source_row, "ingest_run_id": run_id,
         }
         rows.append(tuple(values[name] for name in LABEL_COLUMNS))
-    return rows, rejections
+        origins.append((source_file, source_row, None))
+    return rows, origins, rejections

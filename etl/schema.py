@@ -3,6 +3,9 @@
 Every column carries its science metadata once, in ``Column.info`` (unit, UCD,
 description); :func:`describe_columns` turns it into the descriptions the API's VOTable,
 FITS and CSV outputs and its documentation use, so they never drift from the database.
+What a value of a column may be (:func:`value_limits`) also comes from here: the SQL
+type's range or length, narrowed by a physical range (``valid_range``) where one is
+declared; the ETL checks input rows against it before they reach the database.
 
 Tables
 ------
@@ -68,10 +71,58 @@ JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
 Timestamp = DateTime(timezone=True)
 
 
-def col(name, type_, *args, unit=None, ucd=None, description="", **kwargs):
-    """A Column with its science metadata (unit, UCD, description) in ``info``."""
+def col(name, type_, *args, unit=None, ucd=None, description="", valid_range=None, **kwargs):
+    """A Column with its science metadata (unit, UCD, description) in ``info``.
+
+    ``valid_range``: (minimum, maximum), inclusive, None for an open end -- the physical
+    range of the quantity, when it is narrower than what the SQL type holds.
+    """
     info = {"unit": unit, "ucd": ucd, "description": description}
+    if valid_range is not None:
+        info["valid_range"] = valid_range
     return Column(name, type_, *args, info=info, comment=description or None, **kwargs)
+
+
+# Ranges of the integer SQL types (the same on PostgreSQL; SQLite stores up to 64 bits).
+INTEGER_TYPE_RANGES = ((SmallInteger, (-2 ** 15, 2 ** 15 - 1)),
+                       (BigInteger, (-2 ** 63, 2 ** 63 - 1)),
+                       (Integer, (-2 ** 31, 2 ** 31 - 1)))     # after its subclasses
+RA_RANGE = (0.0, 360.0)         # 360 is accepted as input and stored as 0
+DEC_RANGE = (-90.0, 90.0)
+
+
+@dataclass(frozen=True)
+class ValueLimits:
+    """What a value of one column may be (see :func:`value_limits`)."""
+    kind: str                        # "integer", "float" or "text" (other types: "other")
+    minimum: Optional[float] = None  # inclusive
+    maximum: Optional[float] = None
+    max_length: Optional[int] = None  # characters
+    required: bool = False           # NOT NULL
+
+    def range_text(self) -> str:
+        low = "" if self.minimum is None else self.minimum
+        high = "" if self.maximum is None else self.maximum
+        return f"[{low}, {high}]"
+
+
+def value_limits(column) -> ValueLimits:
+    """The values ``column`` accepts: an integer type's range or a String's length, and
+    the column's declared ``valid_range`` (for floats the only range: a double holds any
+    finite input)."""
+    type_ = column.type
+    low, high = column.info.get("valid_range", (None, None))
+    required = not column.nullable
+    if isinstance(type_, Integer):
+        type_low, type_high = next(r for t, r in INTEGER_TYPE_RANGES if isinstance(type_, t))
+        return ValueLimits("integer", type_low if low is None else max(low, type_low),
+                           type_high if high is None else min(high, type_high),
+                           required=required)
+    if isinstance(type_, Float):
+        return ValueLimits("float", low, high, required=required)
+    if isinstance(type_, (String, Text)):
+        return ValueLimits("text", max_length=type_.length, required=required)
+    return ValueLimits("other", required=required)
 
 
 def run_id_column(name="ingest_run_id", description="ingest run that last wrote this row"):
@@ -105,21 +156,24 @@ ingest_runs = Table(
 spectra = Table(
     "spectra", metadata,
     col("obsid", BigInteger, primary_key=True, autoincrement=False, ucd="meta.id;meta.main",
-        description="LAMOST unique spectrum identifier"),
+        description="LAMOST unique spectrum identifier", valid_range=(1, None)),
     col("designation", String(32), ucd="meta.id",
         description="LAMOST designation, J hhmmss.ss+ddmmss.s"),
     col("ra", Float(53), nullable=False, unit="deg", ucd="pos.eq.ra;meta.main",
-        description="right ascension (J2000) of the fibre"),
+        description="right ascension (J2000) of the fibre", valid_range=RA_RANGE),
     col("dec", Float(53), nullable=False, unit="deg", ucd="pos.eq.dec;meta.main",
-        description="declination (J2000) of the fibre"),
+        description="declination (J2000) of the fibre", valid_range=DEC_RANGE),
     col("zone", Integer, nullable=False, ucd="pos.eq.dec;meta.code",
         description="declination zone index, floor((dec + 90) / zone height), for cones"),
     col("lmjd", Integer, unit="d", ucd="time.epoch",
-        description="local modified Julian day of the observation"),
-    col("mjd", Integer, unit="d", ucd="time.epoch", description="modified Julian day"),
+        description="local modified Julian day of the observation", valid_range=(0, None)),
+    col("mjd", Integer, unit="d", ucd="time.epoch", description="modified Julian day",
+        valid_range=(0, None)),
     col("planid", String(40), ucd="meta.id;obs", description="LAMOST plan (plate) name"),
-    col("spid", SmallInteger, ucd="meta.id;instr", description="spectrograph id (1-16)"),
-    col("fiberid", SmallInteger, ucd="meta.id;instr", description="fibre id (1-250)"),
+    col("spid", SmallInteger, ucd="meta.id;instr", description="spectrograph id (1-16)",
+        valid_range=(1, 16)),
+    col("fiberid", SmallInteger, ucd="meta.id;instr", description="fibre id (1-250)",
+        valid_range=(1, 250)),
     col("snru", Float, ucd="stat.snr;em.opt.U", description="signal-to-noise ratio, u band"),
     col("snrg", Float, ucd="stat.snr;em.opt.B", description="signal-to-noise ratio, g band"),
     col("snrr", Float, ucd="stat.snr;em.opt.R", description="signal-to-noise ratio, r band"),
@@ -135,7 +189,7 @@ spectra = Table(
     col("file_path", Text, ucd="meta.ref.url",
         description="spectrum file path relative to the spectra root"),
     col("file_size", BigInteger, unit="byte", ucd="phys.size;meta.file",
-        description="spectrum file size"),
+        description="spectrum file size", valid_range=(0, None)),
     col("file_sha256", String(64), ucd="meta.checksum", description="SHA-256 of the file bytes"),
     col("layout", String(16), ucd="meta.code",
         description="file layout: dr1-image, dr8-image or dr8-v2-table"),
@@ -153,9 +207,9 @@ reference_labels = Table(
     col("apogee_id", String(40), nullable=False, ucd="meta.id;meta.main",
         description="APOGEE (2MASS-style) star identifier"),
     col("ra", Float(53), nullable=False, unit="deg", ucd="pos.eq.ra;meta.main",
-        description="right ascension (J2000)"),
+        description="right ascension (J2000)", valid_range=RA_RANGE),
     col("dec", Float(53), nullable=False, unit="deg", ucd="pos.eq.dec;meta.main",
-        description="declination (J2000)"),
+        description="declination (J2000)", valid_range=DEC_RANGE),
     col("zone", Integer, nullable=False, ucd="pos.eq.dec;meta.code",
         description="declination zone index, as for spectra"),
     col("teff", Float, unit="K", ucd="phys.temperature.effective",
@@ -167,7 +221,8 @@ reference_labels = Table(
     col("good_flag", SmallInteger, ucd="meta.code.qual",
         description="1 = label usable for training (catalogue's own flag)"),
     col("source_file", Text, ucd="meta.file", description="file the labels were read from"),
-    col("source_row", Integer, ucd="meta.record", description="row of that file (1-based)"),
+    col("source_row", Integer, ucd="meta.record", description="row of that file (1-based)",
+        valid_range=(1, None)),
     run_id_column(),
     UniqueConstraint("label_set", "apogee_id"),
     CheckConstraint("ra >= 0 AND ra < 360 AND dec >= -90 AND dec <= 90", name="position"),

@@ -300,3 +300,378 @@ def test_labels_flat_columns(catalogue_engine, shared_dir, tmp_path):
             "WHERE label_set = 'flat' ORDER BY apogee_id")).all()
     assert [tuple(r) for r in rows] == [("2M0001", 5000.0, 4.5, -0.2, 1),
                                         ("2M0002", 4800.0, None, 0.1, 0)]
+
+
+# --------------------------------------------------------------------------------------
+# Hostile input: one bad value costs one row, never a batch or the run.
+CATALOGUE_FIELDS = ["obsid", "designation", "ra", "dec", "lmjd", "spid", "fiberid", "class",
+                    "subclass"]
+
+
+def good_catalogue_rows(count, first_obsid=1_000_000_001):
+    return [{"obsid": str(first_obsid + k), "designation": f"J1200{k:02d}.00+300000.0",
+             "ra": f"{180 + k * 0.01:.6f}", "dec": "30.0", "lmjd": "58000", "spid": "8",
+             "fiberid": str(100 + k), "class": "STAR", "subclass": "G2"}
+            for k in range(count)]
+
+
+def write_csv_bytes(path, rows):
+    """A gzipped CSV from rows of field values (str, or bytes written as they are)."""
+    lines = [",".join(CATALOGUE_FIELDS).encode()]
+    for row in rows:
+        lines.append(b",".join(value if isinstance(value, bytes) else value.encode()
+                               for value in (row[name] for name in CATALOGUE_FIELDS)))
+    path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    return path
+
+
+def assert_quarantined(engine, source_file, expected):
+    """``expected``: {source_row: text its reason must contain}; nothing else quarantined."""
+    found = {row.source_row: row for row in quarantine_rows(engine)}
+    assert sorted(found) == sorted(expected), [(r.source_row, r.reason) for r in found.values()]
+    for source_row, wanted in expected.items():
+        assert found[source_row].source_file == str(source_file)
+        assert wanted in found[source_row].reason, (source_row, found[source_row].reason)
+
+
+# Each bad row: (column, raw value, text the quarantine reason must contain).
+HOSTILE_CSV_VALUES = [
+    ("spid", "99999", "spid out of range [1, 16]: '99999'"),
+    ("designation", "J" * 40, "designation longer than 32 characters"),
+    ("lmjd", "1e12", "lmjd out of range"),
+    ("obsid", "9223372036854775808", "obsid out of range"),           # 2**63: beyond int64
+    ("obsid", "-5", "obsid out of range"),
+    ("ra", "400", "ra out of range [0.0, 360.0]"),
+    ("dec", "-95", "dec out of range"),
+    ("fiberid", "0", "fiberid out of range [1, 250]"),
+    ("spid", "1.5", "non-integer spid"),
+    ("obsid", "\u0661\u0662", "non-numeric obsid"),                    # Arabic-Indic digits
+    ("class", "S" * 17, "class longer than 16 characters"),
+    ("subclass", "G2\x00V", "subclass contains a NUL character"),
+    ("designation", b"J12\xff\xfe", "designation is not valid UTF-8: b'J12\\xff\\xfe'"),
+    ("ra", b"1\xe90", "ra is not valid UTF-8"),
+    ("subclass", "x" * 200_000, "unreadable CSV row (line "),        # over the csv limit
+]
+
+
+def test_hostile_csv_values_cost_one_row_each(catalogue_engine, tmp_path, capsys):
+    good = good_catalogue_rows(6)
+    bad_rows = []
+    for number, (column, value, _) in enumerate(HOSTILE_CSV_VALUES):
+        bad = good_catalogue_rows(1, first_obsid=2_000_000_000 + number)[0]
+        bad[column] = value
+        bad_rows.append(bad)
+    rows = good[:3] + bad_rows + good[3:]                  # bad rows among good ones
+    expected = {4 + k: reason for k, (_, _, reason) in enumerate(HOSTILE_CSV_VALUES)}
+    catalogue = write_csv_bytes(tmp_path / "hostile.csv.gz", rows)
+    code = run_cli(url_of(catalogue_engine), "ingest", "spectra", str(catalogue),
+                   "--metadata-only")
+    output = capsys.readouterr()
+    assert code == 0
+    assert "Traceback" not in output.out + output.err
+    assert (f"{len(good)} loaded" in output.out
+            and f"{len(HOSTILE_CSV_VALUES)} quarantined" in output.out), output.out
+    with catalogue_engine.connect() as connection:
+        stored = connection.execute(text("SELECT obsid FROM spectra")).scalars().all()
+    assert sorted(stored) == sorted(int(row["obsid"]) for row in good)
+    assert_quarantined(catalogue_engine, catalogue, expected)
+
+
+def test_hostile_fits_values_cost_one_row_each(catalogue_engine, tmp_path):
+    from astropy.table import Table
+
+    good = good_catalogue_rows(4)
+    hostile = [  # (column, value, reason)
+        ("spid", 99999, "spid out of range [1, 16]: 99999"),
+        ("designation", b"J" * 40, "designation longer than 32 characters"),
+        ("lmjd", 10 ** 12, "lmjd out of range"),
+        ("obsid", 1e19, "obsid out of range"),                   # would wrap in int64
+        ("obsid", -5.0, "obsid out of range"),
+        ("designation", b"J12\xff\xfe", "designation is not valid UTF-8"),
+        ("dec", -95.0, "dec out of range"),
+    ]
+    rows = [dict(row) for row in good]
+    for number, (column, value, _) in enumerate(hostile):
+        bad = dict(good_catalogue_rows(1, first_obsid=2_000_000_000 + number)[0])
+        bad[column] = value
+        rows.append(bad)
+    table = Table({
+        "OBSID": np.array([float(r["obsid"]) for r in rows]),          # float: 1e19, -5
+        "DESIGNATION": np.array([r["designation"] if isinstance(r["designation"], bytes)
+                                 else r["designation"].encode() for r in rows], dtype="S40"),
+        "RA": np.array([float(r["ra"]) for r in rows]),
+        "DEC": np.array([float(r["dec"]) for r in rows]),
+        "LMJD": np.array([int(r["lmjd"]) for r in rows], dtype=np.int64),
+        "SPID": np.array([int(r["spid"]) for r in rows], dtype=np.int64),
+        "FIBERID": np.array([int(r["fiberid"]) for r in rows], dtype=np.int64),
+    })
+    path = tmp_path / "hostile.fits.gz"
+    table.write(path)
+    summary = ingest_spectra(catalogue_engine, SpectraIngestOptions(catalogue=str(path),
+                                                                    metadata_only=True))
+    assert (summary.loaded, summary.quarantined) == (len(good), len(hostile))
+    assert summary.exit_code == 0
+    assert_quarantined(catalogue_engine, path,
+                       {len(good) + 1 + k: reason for k, (_, _, reason) in enumerate(hostile)})
+
+
+def test_undecodable_row_never_overwrites_stored_values(catalogue_engine, tmp_path):
+    good = good_catalogue_rows(3)
+    first = write_csv_bytes(tmp_path / "first.csv.gz", good)
+    ingest_spectra(catalogue_engine, SpectraIngestOptions(catalogue=str(first),
+                                                          metadata_only=True))
+    before = table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid])
+    # The same obsid again, in Latin-1 and with a changed position: refused as a whole.
+    changed = dict(good[1], designation=b"J12\xe900.00+300000.0", ra="181.5")
+    second = write_csv_bytes(tmp_path / "second.csv.gz", [good[0], changed, good[2]])
+    summary = ingest_spectra(catalogue_engine, SpectraIngestOptions(catalogue=str(second),
+                                                                    metadata_only=True))
+    assert (summary.updated, summary.unchanged, summary.quarantined) == (0, 2, 1)
+    assert table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid]) == before
+    assert_quarantined(catalogue_engine, second, {2: "designation is not valid UTF-8"})
+
+
+def test_oversize_csv_field_costs_only_its_row(catalogue_engine, tmp_path, capsys):
+    rows = good_catalogue_rows(3)
+    rows[1] = dict(rows[1], subclass="y" * 300_000)
+    catalogue = write_csv_bytes(tmp_path / "oversize.csv.gz", rows)
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(catalogue),
+                   "--metadata-only") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    with catalogue_engine.connect() as connection:
+        stored = connection.execute(text("SELECT obsid FROM spectra")).scalars().all()
+    assert sorted(stored) == [int(rows[0]["obsid"]), int(rows[2]["obsid"])]
+    assert_quarantined(catalogue_engine, catalogue,
+                       {2: "unreadable CSV row (line 3): field larger than field limit"})
+
+
+def test_hostile_label_values_cost_one_row_each(catalogue_engine, tmp_path, capsys):
+    header = b"APOGEE_ID,RA,DEC,TEFF,LOGG,FE_H,GOOD_FLAG"
+    good = [b"2M0001,10.0,20.0,5000,4.5,-0.2,1", b"2M0002,11.0,21.0,4800,4.4,0.1,1",
+            b"2M0003,12.0,22.0,5100,4.3,0.0,0"]
+    hostile = [
+        (b"2M" + b"9" * 40 + b",13.0,23.0,5000,4.5,0.0,1", "apogee_id longer than 40"),
+        (b"2M0005,400,23.0,5000,4.5,0.0,1", "ra out of range"),
+        (b"2M0006,13.0,abc,5000,4.5,0.0,1", "non-numeric dec: 'abc'"),
+        (b"2M0007,13.0,23.0,5000,4.5,0.0,99999", "good_flag out of range"),
+        (b"2M\xff08,13.0,23.0,5000,4.5,0.0,1", "apogee_id is not valid UTF-8"),
+        ("2M0009,13.0,23.0,\u0665\u0660\u0660\u0660,4.5,0.0,1".encode(),
+         "non-numeric teff"),
+        (b"2M0010,13.0,23.0,5000,4.5," + b"1" * 200_000 + b",1", "unreadable CSV row"),
+        (b"2M0011,13.0,,5000,4.5,0.0,1", "missing dec"),
+    ]
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"\n".join([header] + good + [line for line, _ in hostile]) + b"\n")
+    assert run_cli(url_of(catalogue_engine), "ingest", "labels", str(path)) == 0
+    output = capsys.readouterr()
+    assert "Traceback" not in output.err
+    assert f"{len(good)} loaded" in output.out
+    assert f"{len(hostile)} quarantined" in output.out
+    with catalogue_engine.connect() as connection:
+        stored = connection.execute(text(
+            "SELECT apogee_id FROM reference_labels ORDER BY apogee_id")).scalars().all()
+    assert stored == ["2M0001", "2M0002", "2M0003"]
+    assert_quarantined(catalogue_engine, path, {len(good) + 1 + k: reason
+                                                for k, (_, reason) in enumerate(hostile)})
+
+
+def test_hostile_payne_values_cost_one_row_each(catalogue_engine, simulated_set, tmp_path):
+    from astropy.table import Table
+
+    source = Table.read(simulated_set / "apogee_payne.fits")
+    ids = np.array(source["APOGEE_ID"], dtype="S60")
+    ids[0] = b"2M" + b"7" * 45                              # longer than apogee_id's 40
+    ids[1] = b"2M\xe9\xe9"                                  # Latin-1, not UTF-8
+    flags = np.array(source["good_flag"], dtype=np.int32)
+    flags[2] = 99999                                        # beyond SMALLINT
+    ra = np.array(source["RA"], dtype=float)
+    ra[3] = 400.0
+    table = Table({"APOGEE_ID": ids, "RA": ra, "DEC": source["DEC"],
+                   "payne": source["payne"], "good_flag": flags})
+    path = tmp_path / "payne_hostile.fits"
+    table.write(path)
+    summary = ingest_labels(catalogue_engine, LabelsIngestOptions(path=str(path)))
+    assert (summary.loaded, summary.quarantined) == (len(table) - 4, 4)
+    assert_quarantined(catalogue_engine, path, {
+        1: "apogee_id longer than 40", 2: "apogee_id is not valid UTF-8",
+        3: "good_flag out of range", 4: "ra out of range"})
+
+
+def test_database_refusal_costs_only_the_refused_rows(catalogue_engine, tmp_path, capsys):
+    """A constraint the checks cannot know (added to the database here): the batch is
+    written in parts and only the refused rows are quarantined, with the database's
+    message."""
+    rows = good_catalogue_rows(9)
+    refused = {3, 8}                                          # fibres 102 and 107
+    with catalogue_engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(
+                "ALTER TABLE spectra ADD CONSTRAINT test_refused_fibres "
+                "CHECK (fiberid NOT IN (102, 107))")
+        else:
+            connection.exec_driver_sql(
+                "CREATE TRIGGER test_refused_fibres BEFORE INSERT ON spectra "
+                "WHEN NEW.fiberid IN (102, 107) BEGIN SELECT RAISE(ABORT, "
+                "'fibre refused by test_refused_fibres'); END")
+    try:
+        catalogue = write_csv_bytes(tmp_path / "refused.csv.gz", rows)
+        code = run_cli(url_of(catalogue_engine), "ingest", "spectra", str(catalogue),
+                       "--metadata-only", "--batch-rows", "4")
+        output = capsys.readouterr()
+    finally:
+        with catalogue_engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(
+                    "ALTER TABLE spectra DROP CONSTRAINT test_refused_fibres")
+            else:
+                connection.exec_driver_sql("DROP TRIGGER test_refused_fibres")
+    assert code == 0
+    assert "Traceback" not in output.err
+    assert "the database refused the batch" in output.err
+    assert "7 loaded" in output.out and "2 quarantined" in output.out
+    with catalogue_engine.connect() as connection:
+        stored = connection.execute(text("SELECT obsid FROM spectra")).scalars().all()
+    assert sorted(stored) == [int(row["obsid"]) for number, row in enumerate(rows, 1)
+                              if number not in refused]
+    assert_quarantined(catalogue_engine, catalogue,
+                       {number: "refused by the database: " for number in refused})
+    assert all("test_refused_fibres" in row.reason for row in quarantine_rows(catalogue_engine))
+
+
+# --------------------------------------------------------------------------------------
+# File paths never leave the spectra root.
+class OpenWatch:
+    """Records every file opened in a folder (Linux inotify IN_OPEN): proof that a path is
+    never opened, which the result of an ingest alone cannot show."""
+    IN_OPEN = 0x20
+
+    def __init__(self, folder):
+        import ctypes
+        import os
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK)
+        if self._fd < 0 or self._libc.inotify_add_watch(
+                self._fd, os.fsencode(str(folder)), self.IN_OPEN) < 0:
+            pytest.skip("inotify unavailable")
+
+    def opened(self):
+        import os
+        import struct
+
+        names = []
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return names
+            position = 0
+            while position < len(data):
+                _, _, _, length = struct.unpack_from("iIII", data, position)
+                name = data[position + 16: position + 16 + length].rstrip(b"\0")
+                if name:
+                    names.append(name.decode())
+                position += 16 + length
+
+    def close(self):
+        import os
+
+        os.close(self._fd)
+
+
+@pytest.fixture
+def escaping_paths(simulated_set, tmp_path):
+    """A spectra root and, next to it, real spectrum files that catalogue rows reach
+    through '..', an absolute path and a symlink inside the root."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(simulated_set / "spectra", root / "spectra")
+    outside.mkdir()
+    with open(simulated_set / "lamost_catalog.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    victims = rows[-3:]
+    for victim in victims:                 # the only copy of these files is outside
+        target = root / victim["filename"]
+        shutil.move(target, outside / target.name)
+    dotdot = dict(victims[0], filename="../outside/" + victims[0]["filename"].split("/")[-1])
+    absolute = dict(victims[1], filename=str(outside / victims[1]["filename"].split("/")[-1]))
+    link = root / victims[2]["filename"]
+    link.symlink_to(outside / link.name)
+    catalogue = tmp_path / "escaping.csv"
+    with open(catalogue, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows[:-3] + [dotdot, absolute, victims[2]])
+    return root, outside, catalogue, len(rows) - 3
+
+
+def test_paths_leaving_the_root_are_quarantined_and_never_opened(catalogue_engine,
+                                                                 escaping_paths):
+    root, outside, catalogue, n_good = escaping_paths
+    url = url_of(catalogue_engine)
+    watch = OpenWatch(outside)
+    try:
+        assert run_cli(url, "ingest", "spectra", str(catalogue), "--spectra-root", str(root),
+                       "--unreferenced", "ignore") == 0
+        assert_quarantined(catalogue_engine, catalogue, {
+            n_good + 1: "file path leads outside the spectra root: '../outside/",
+            n_good + 2: "absolute file path refused",
+            n_good + 3: "file path leads outside the spectra root: 'spectra/"})
+        # Without a catalogue, the symlink found under the root is quarantined as a file.
+        assert run_cli(url, "ingest", "spectra", "--spectra-root", str(root)) == 0
+        assert watch.opened() == []
+    finally:
+        watch.close()
+    link = [row for row in quarantine_rows(catalogue_engine) if row.source_row == 0]
+    assert len(link) == 1 and link[0].source_file.startswith(str(root))
+    assert "leads outside the spectra root" in link[0].reason
+    with catalogue_engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM spectra")).scalar()
+    assert count == n_good
+
+
+def test_workers_never_open_stored_paths_that_leave_the_root(catalogue_engine, escaping_paths):
+    """Inference resolves stored file paths with the same check as ingest."""
+    from etl.inference import spectra_for
+    from etl.spectrum_files import UnsafePathError
+
+    root, outside, catalogue, n_good = escaping_paths
+    ingest_spectra(catalogue_engine, SpectraIngestOptions(
+        catalogue=str(catalogue), spectra_root=str(root), unreferenced="ignore"))
+    with catalogue_engine.begin() as connection:
+        obsids = connection.execute(text(
+            "SELECT obsid FROM spectra ORDER BY obsid LIMIT 4")).scalars().all()
+        hostile = {obsids[0]: "../outside/" + next(outside.iterdir()).name,
+                   obsids[1]: str(next(outside.iterdir())),
+                   obsids[2]: "spectra/../../outside/" + next(outside.iterdir()).name}
+        for obsid, path in hostile.items():     # what a tampered database would hold
+            connection.execute(schema.spectra.update().where(
+                schema.spectra.c.obsid == obsid).values(file_path=path))
+    refused = {}
+    with catalogue_engine.connect() as connection:
+        rows = {row[0]: row[1] for row in spectra_for(connection, obsids, str(root),
+                                                      refused=refused)}
+        with pytest.raises(UnsafePathError):
+            spectra_for(connection, obsids[:1], str(root))
+    assert all(rows[obsid] is None for obsid in hostile)
+    assert sorted(refused) == sorted(hostile)
+    assert "absolute file path refused" in refused[obsids[1]]
+    assert "leads outside the spectra root" in refused[obsids[0]]
+    assert rows[obsids[3]].startswith(str(root.resolve()))
+
+
+def test_header_values_are_checked_too(catalogue_engine, simulated_set, tmp_path):
+    """A spectrum file whose header holds an out-of-range value is quarantined, not the
+    batch of files it is in."""
+    root = tmp_path / "root"
+    shutil.copytree(simulated_set / "spectra", root / "spectra")
+    files = sorted((root / "spectra").rglob("spec-*.fits.gz"))
+    with fits.open(files[0]) as hdus:
+        hdus[0].header["SPID"] = 99999
+        hdus.writeto(tmp_path / "edited.fits")
+    files[0].write_bytes(gzip.compress((tmp_path / "edited.fits").read_bytes()))
+    summary = ingest_spectra(catalogue_engine, SpectraIngestOptions(spectra_root=str(root)))
+    assert (summary.loaded, summary.quarantined) == (len(files) - 1, 1)
+    (rejected,) = quarantine_rows(catalogue_engine)
+    assert rejected.source_file == str(files[0]) and rejected.source_row == 0
+    assert "spid out of range [1, 16]: 99999" in rejected.reason

@@ -1,0 +1,170 @@
+"""Reading catalogue and label tables (CSV or FITS, optionally gzipped) in chunks of raw
+column values; converting and checking them is :mod:`etl.validation`'s job.
+
+A row the file format itself spoils -- a CSV field longer than the csv module's limit,
+a malformed quoted field -- becomes a row problem of its chunk (quarantined with the
+reason, the reading goes on with the next row), never an exception. CSV text is decoded
+as UTF-8 with undecodable bytes kept as surrogate escapes, so that the validation can
+name them and refuse the row instead of storing replacement characters.
+"""
+import csv
+import gzip
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, Iterable
+
+import numpy as np
+
+
+def is_fits_file(path) -> bool:
+    opener = gzip.open if is_gzip(path) else open
+    with opener(path, "rb") as handle:
+        return handle.read(9) == b"SIMPLE  ="
+
+
+def is_gzip(path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def canonical_name(name: str) -> str:
+    """A catalogue column name compared lower-case, without TOPCAT's ``combined_``."""
+    name = name.strip().lower()
+    if name.startswith("combined_"):
+        name = name[len("combined_"):]
+    return name
+
+
+@dataclass
+class CatalogueChunk:
+    first_row: int                    # 1-based data row number of the chunk's first row
+    columns: Dict[str, list]          # column key -> raw values (str, bytes or numbers)
+    size: int
+    problems: Dict[int, str] = field(default_factory=dict)   # row index -> unreadable why
+
+
+def iter_catalogue_chunks(path, chunk_rows=50000, wanted=None,
+                          name_of=canonical_name) -> Iterable[CatalogueChunk]:
+    """Yield the table in chunks of raw column values, keyed by ``name_of(column name)``.
+
+    Only the ``wanted`` keys are kept (all when None; the first column of a key wins).
+    CSV values stay strings, FITS values are numpy arrays (text as bytes).
+    """
+    if is_fits_file(path):
+        yield from _iter_fits_chunks(path, chunk_rows, wanted, name_of)
+    else:
+        yield from _iter_csv_chunks(path, chunk_rows, wanted, name_of)
+
+
+def _pick_columns(names, wanted, name_of):
+    """Map wanted key -> index of the first matching input column."""
+    picked = {}
+    for index, name in enumerate(names):
+        key = name_of(name)
+        if (wanted is None or key in wanted) and key not in picked:
+            picked[key] = index
+    return picked
+
+
+def _open_text(path):
+    opener = gzip.open if is_gzip(path) else open
+    return opener(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _iter_csv_chunks(path, chunk_rows, wanted, name_of):
+    with _open_text(path) as handle:
+        reader = csv.reader(handle)
+        header = _read_header(reader, path)
+        if header is None:
+            return
+        picked = _pick_columns(header, wanted, name_of)
+        width = len(header)
+        first_row = 1
+        while True:
+            rows, problems = _read_csv_rows(reader, chunk_rows, width)
+            if not rows:
+                return
+            if min(map(len, rows)) < width:     # short rows: missing trailing fields are blank
+                rows = [row + [""] * (width - len(row)) for row in rows]
+            columns = {name: [row[index] for row in rows] for name, index in picked.items()}
+            yield CatalogueChunk(first_row, columns, len(rows), problems)
+            first_row += len(rows)
+
+
+def _read_header(reader, path):
+    """The header row (None for an empty file); a header the csv module refuses makes
+    the whole file unusable."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as error:
+        raise ValueError(f"{path}: unreadable CSV header: {error}") from None
+
+
+def _read_csv_rows(reader, count, width):
+    """Up to ``count`` rows; a row the csv module refuses is a blank row with a problem."""
+    rows, problems = [], {}
+    while True:
+        try:
+            # islice keeps the fast C loop; extend keeps what was read before an error.
+            rows.extend(itertools.islice(reader, count - len(rows)))
+            return rows, problems
+        except csv.Error as error:
+            problems[len(rows)] = f"unreadable CSV row (line {reader.line_num}): {error}"
+            rows.append([""] * width)
+            if len(rows) == count:
+                return rows, problems
+
+
+def _iter_fits_chunks(path, chunk_rows, wanted, name_of):
+    from astropy.io import fits
+
+    with fits.open(path, memmap=not is_gzip(path)) as hdus:
+        table_hdu = next((h for h in hdus if isinstance(h, fits.BinTableHDU)), None)
+        if table_hdu is None:
+            raise ValueError(f"{path}: no binary table")
+        data = table_hdu.data
+        names = data.columns.names
+        picked = _pick_columns(names, wanted, name_of)
+        total = len(data)
+        for start in range(0, total, chunk_rows):
+            stop = min(start + chunk_rows, total)
+            columns = {name: np.asarray(data.field(names[index])[start:stop])
+                       for name, index in picked.items()}
+            yield CatalogueChunk(start + 1, columns, stop - start)
+
+
+def read_table(path):
+    """A whole label table: (column name -> numpy array, {row index: unreadable why})."""
+    if is_fits_file(path):
+        from astropy.table import Table
+
+        table = Table.read(path, hdu=_first_table_hdu(path))
+        return {name: np.asarray(table[name]) for name in table.colnames}, {}
+    with _open_text(path) as handle:
+        header = _read_header(csv.reader(handle), path) or []     # a table may have no rows
+    columns: Dict[str, list] = {name: [] for name in header}
+    problems = {}
+    for chunk in _iter_csv_chunks(path, 100000, None, str):
+        for name, values in chunk.columns.items():
+            columns[name].extend(values)
+        problems.update({chunk.first_row - 1 + i: reason
+                         for i, reason in chunk.problems.items()})
+    return {name: np.asarray(values, dtype=object) for name, values in columns.items()}, \
+        problems
+
+
+def read_label_table(path):
+    """The label catalogue as a dict of column name -> numpy array (FITS or CSV)."""
+    return read_table(path)[0]
+
+
+def _first_table_hdu(path):
+    from astropy.io import fits
+
+    with fits.open(path) as hdus:
+        for number, hdu in enumerate(hdus):
+            if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+                return number
+    raise ValueError(f"{path}: no table HDU")
