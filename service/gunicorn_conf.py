@@ -16,7 +16,7 @@ gunicorn's command-line flags (or ``GUNICORN_CMD_ARGS``) override any value set 
 * ``timeout``: a worker whose main loop stops answering for this long is restarted
   (queries themselves are bounded by the statement timeout).
 * ``limit_request_line`` / ``limit_request_fields`` / ``limit_request_field_size``: above
-  what the app accepts (:data:`service.app.MAX_REQUEST_TARGET_BYTES` and the header
+  what the app accepts (:data:`service.errors.MAX_REQUEST_TARGET_BYTES` and the header
   limits), so that a client sending an over-long URI or header gets the service's own
   414 / 431 (JSON, or a VOTable on /scs). Only beyond these values, gunicorn's maxima,
   does gunicorn answer by itself, with an HTML page.
@@ -26,8 +26,8 @@ front of the public internet put a buffering reverse proxy (e.g. nginx, which ca
 rate-limit request floods) and set LAMOST_VAC_TRUSTED_PROXIES so that clients are still
 told apart by their own address.
 """
-from etl.settings import load_settings
-from service.app import MAX_HEADER_FIELD_BYTES, MAX_HEADER_FIELDS, available_cores
+from etl.settings import available_cores, load_settings
+from service.errors import MAX_HEADER_FIELD_BYTES, MAX_HEADER_FIELDS
 
 _statement_timeout_s = load_settings().statement_timeout_ms / 1000
 

@@ -10,7 +10,7 @@ A slot is an exclusive ``flock`` on a file in a directory that every worker proc
 the service finds by itself (named after the user and the database it reads), so the
 limits hold across gunicorn's processes and threads without any setup, and the kernel
 frees the slots of a worker that crashed or was killed. A grant is held until its
-response has been sent (see :func:`service.app.large_query`): a client that reads a large
+response has been sent (see :func:`service.state.large_query`): a client that reads a large
 answer slowly still counts against its limit.
 """
 import fcntl

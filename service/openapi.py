@@ -232,7 +232,7 @@ JSON_ERROR = {"content": content("application/json", schema=ERROR_SCHEMA)}
 
 
 def build_document(limits, server_url: str = "/", version: str = "0") -> dict:
-    from service.app import LIMITS_DESCRIPTION
+    from service.state import LIMITS_DESCRIPTION
 
     paths = {}
     for op in OPERATIONS:

@@ -738,7 +738,7 @@ def test_database_down_is_503(tmp_path):
 
 def test_service_limits_from_the_environment():
     from etl.settings import available_cores, load_settings
-    from service.app import Limits
+    from service.state import Limits
 
     defaults = Limits.from_settings(load_settings({}))
     assert defaults.large_queries_max == max(1, available_cores() // 2)

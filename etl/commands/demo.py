@@ -7,12 +7,18 @@ commands an operator would, against a SQLite file with Celery tasks run in-proce
     db upgrade -> ingest spectra -> ingest labels -> crossmatch -> train -> infer
     -> export (VOTable) -> evaluate (report + plots) -> serve
 
-and prints the URLs of a cone search and a parameter-range query that return rows.
+and prints the URLs of a cone search and a parameter-range query that return rows. The
+API is started with ``lamost-vac serve`` in its own process, as an operator would, and the
+example queries are checked over HTTP against it.
 """
 import glob
 import os
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from models.progress import progress
 
@@ -89,27 +95,58 @@ def run_demo(args):
     _run(["evaluate", "--model", artifact, "--catalog", catalogue, "--spectra-root", out,
           "--truth", os.path.join(out, "truth.csv"), "--out", os.path.join(out, "report")])
 
-    queries = example_queries(settings, args.port)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; files in {out}:", file=sys.stderr)
-    print(f"  catalogue.vot, catalogue.csv, report/report.md, report/*.png, {os.path.relpath(artifact, out)}",
-          file=sys.stderr)
-    for description, path, rows in queries:
-        print(f"  {description} ({rows} rows): http://127.0.0.1:{args.port}{path}")
-    if args.no_serve:
-        return 0
-    _step(f"serving the API on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    from service.app import create_app
+    # --no-serve: check the queries on a free port, then stop; else serve on --port.
+    port = _free_port() if args.no_serve else args.port
+    server = _start_server(url, port)
+    try:
+        queries = example_queries(settings, port)
+        print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; files in {out}:",
+              file=sys.stderr)
+        print(f"  catalogue.vot, catalogue.csv, report/report.md, report/*.png, "
+              f"{os.path.relpath(artifact, out)}", file=sys.stderr)
+        for description, path, rows in queries:
+            print(f"  {description} ({rows} rows): http://127.0.0.1:{args.port}{path}")
+        if args.no_serve:
+            return 0
+        _step(f"serving the API on http://127.0.0.1:{port} (Ctrl-C to stop)")
+        return server.wait()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
 
-    create_app(settings).run(host="127.0.0.1", port=args.port)
-    return 0
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(url, port, timeout_s=60):
+    """``lamost-vac serve`` on ``url`` in its own process, once it answers ``/health``."""
+    command = [sys.executable, "-m", "etl.cli", "serve", "--url", url, "--port", str(port)]
+    print("$ lamost-vac " + " ".join(command[3:]), file=sys.stderr, flush=True)
+    server = subprocess.Popen(command)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"demo stopped: 'lamost-vac serve' exited with {server.returncode} "
+                             f"(is port {port} taken? try --port)")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return server
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                server.terminate()
+                raise SystemExit(f"demo stopped: the API did not answer on port {port}")
+            time.sleep(0.2)
 
 
 def example_queries(settings, port):
-    """A cone search and a range query that return rows, checked against the live app."""
+    """A cone search and a range query that return rows, checked against the running API."""
     from sqlalchemy import select
 
     from etl import db, schema
-    from service.app import create_app
 
     engine = db.make_engine(settings.database_url)
     with engine.connect() as connection:
@@ -122,13 +159,13 @@ def example_queries(settings, port):
         ("G dwarfs with [Fe/H] > -0.5, as CSV",
          "/api/v1/estimates?teff_min=5300&teff_max=6000&logg_min=4&feh_min=-0.5&format=csv&limit=20"),
     ]
-    client = create_app(settings).test_client()
     checked = []
     for description, path in queries:
-        with client.get(path) as response:      # closed: frees a large query's slot
-            text = response.get_data(as_text=True)
-        if response.status_code != 200:
-            raise SystemExit(f"demo: {path} answered {response.status_code}: {text[:300]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as error:
+            raise SystemExit(f"demo: {path} answered {error.code}: {error.read()[:300]!r}") from None
         rows = text.count("<TR>") if path.startswith("/scs") else max(text.count("\n") - 1, 0)
         checked.append((description, path, rows))
     return checked

@@ -4,8 +4,8 @@ from sqlalchemy import select
 
 from etl import schema
 from service import formats
-from service.app import state
 from service.openapi import JSON_ERROR, content, operation, parse
+from service.state import state
 
 blueprint = Blueprint("models", __name__)
 

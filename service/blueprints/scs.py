@@ -26,11 +26,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import db as etl_db
 from etl import schema
 from service import formats
-from service.app import (database_error_response, error_response, is_small_cone,
-                         large_query, state)
-from service.blueprints.estimates import (CATALOGUE, MIN_INDEX_RADIUS_DEG, cone_centre,
-                                         cone_filter, current_model_version)
+from service.catalogue import (CATALOGUE, MIN_INDEX_RADIUS_DEG, cone_centre, cone_filter,
+                               current_model_version)
+from service.errors import database_error_response, error_response
 from service.openapi import Param, ParamError, content, operation, parse
+from service.state import is_small_cone, large_query, state
 
 blueprint = Blueprint("scs", __name__)
 

@@ -6,8 +6,9 @@ from sqlalchemy import select
 
 from etl import schema
 from service import formats
-from service.app import error_response, state
+from service.errors import error_response
 from service.openapi import INT64_MAX, JSON_ERROR, Param, content, operation, parse
+from service.state import state
 
 blueprint = Blueprint("spectra", __name__)
 

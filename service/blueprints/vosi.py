@@ -14,9 +14,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl import schema
 from service import formats
-from service.app import LIMITS_DESCRIPTION, state
-from service.blueprints.estimates import current_model_version
+from service.catalogue import current_model_version
 from service.openapi import build_document, content, operation, parse
+from service.state import LIMITS_DESCRIPTION, state
+
 
 blueprint = Blueprint("vosi", __name__)
 

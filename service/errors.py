@@ -1,0 +1,104 @@
+"""The service's error answers: a VOTable error document on ``/scs`` (what cone-search
+clients read), JSON ``{"error", "status"[, "parameter"]}`` everywhere else; what a
+database error becomes (timeouts and outages are 503); oversize requests (414, 431)."""
+import logging
+
+from flask import Response, request
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import HTTPException
+
+from service import formats
+from service.db import is_statement_timeout
+from service.limiter import LargeQueryRefused
+from service.openapi import ParamError
+from service.state import state
+
+log = logging.getLogger(__name__)
+
+# What the app accepts of a request; gunicorn's own limits (service/gunicorn_conf.py) are
+# set above these, so that an over-long request gets this service's error format.
+MAX_REQUEST_TARGET_BYTES = 4096
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_FIELD_BYTES = 8190
+
+
+def error_response(status: int, message: str, parameter: str = None, headers=None):
+    """The service's error answer: a VOTable error document on /scs (what cone-search
+    clients read), JSON ``{"error", "status"[, "parameter"]}`` everywhere else."""
+    if request.blueprint == "scs":
+        return Response(formats.votable_error(message), status=status,
+                        mimetype=formats.VOTABLE_MIME, headers=headers)
+    document = {"error": message, "status": status}
+    if parameter:
+        document["parameter"] = parameter
+    return formats.json_response(document, status=status, headers=headers)
+
+
+def refuse_oversize_request():
+    """414 / 431 in the service's error format for requests gunicorn let through."""
+    target = request.environ.get("RAW_URI") or request.full_path
+    if len(target) > MAX_REQUEST_TARGET_BYTES:
+        return error_response(414, f"the request URI is {len(target)} bytes long; at most "
+                                   f"{MAX_REQUEST_TARGET_BYTES} are accepted")
+    if len(request.headers) > MAX_HEADER_FIELDS:
+        return error_response(431, f"the request has {len(request.headers)} header fields; "
+                                   f"at most {MAX_HEADER_FIELDS} are accepted")
+    for name, value in request.headers.items():
+        if len(name) + len(value) + 2 > MAX_HEADER_FIELD_BYTES:
+            return error_response(431, f"the header field {name[:40]!r} is "
+                                       f"{len(name) + len(value) + 2} bytes long; at most "
+                                       f"{MAX_HEADER_FIELD_BYTES} are accepted")
+    return None
+
+
+def database_error_response(error: BaseException):
+    """(status, message) for a database error: timeouts and outages are 503."""
+    if is_statement_timeout(error):
+        return 503, (f"the query ran past the statement timeout of "
+                     f"{state().limits.statement_timeout_ms} ms; narrow it (smaller radius, "
+                     f"tighter ranges, smaller limit)")
+    if isinstance(error, PoolTimeoutError):
+        return 503, "every database connection of this worker is busy; retry"
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return 503, "the database connection was lost; retry"
+    if isinstance(error, DBAPIError) and _is_connection_error(error):
+        return 503, "the database is not available"
+    log.exception("database error on %s", request.path)
+    return 500, "internal database error"
+
+
+def _is_connection_error(error) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if isinstance(error, InterfaceError):
+        return True
+    if isinstance(error, OperationalError):
+        text = str(error.orig).lower()
+        return any(word in text for word in ("connect", "terminat", "closed", "unable to open"))
+    return False
+
+
+def register_error_handlers(app):
+    @app.errorhandler(ParamError)
+    def _bad_parameter(error):
+        return error_response(400, str(error), error.name)
+
+    @app.errorhandler(LargeQueryRefused)
+    def _too_many_large_queries(error):
+        return error_response(429, str(error),
+                              headers={"Retry-After": str(error.retry_after_s)})
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error):
+        return error_response(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(SQLAlchemyError)
+    def _database_error(error):
+        status, message = database_error_response(error)
+        return error_response(status, message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error):
+        log.exception("unhandled error on %s", request.path)
+        return error_response(500, "internal error")
