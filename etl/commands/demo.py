@@ -142,6 +142,20 @@ def _start_server(url, port, timeout_s=60):
             time.sleep(0.2)
 
 
+def _get(url, attempts=5):
+    """The body of ``url``; a 429 is retried after its Retry-After, as clients should (the
+    server frees a large query's slot only once it has closed the previous answer)."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as error:
+            if error.code != 429 or attempt == attempts - 1:
+                raise SystemExit(f"demo: {url} answered {error.code}: "
+                                 f"{error.read()[:300]!r}") from None
+            time.sleep(min(float(error.headers.get("Retry-After") or 1), 5))
+
+
 def example_queries(settings, port):
     """A cone search and a range query that return rows, checked against the running API."""
     from sqlalchemy import select
@@ -161,11 +175,7 @@ def example_queries(settings, port):
     ]
     checked = []
     for description, path in queries:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as response:
-                text = response.read().decode()
-        except urllib.error.HTTPError as error:
-            raise SystemExit(f"demo: {path} answered {error.code}: {error.read()[:300]!r}") from None
+        text = _get(f"http://127.0.0.1:{port}{path}")
         rows = text.count("<TR>") if path.startswith("/scs") else max(text.count("\n") - 1, 0)
         checked.append((description, path, rows))
     return checked
