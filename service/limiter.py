@@ -16,6 +16,7 @@ answer slowly still counts against its limit.
 import fcntl
 import hashlib
 import os
+import time
 import stat
 import tempfile
 
@@ -63,11 +64,34 @@ def lock_directory(database_url: str) -> str:
 
 
 class LargeQueryLimiter:
-    def __init__(self, directory: str, per_client: int, total: int, retry_after_s: int):
+    """``per_client`` slots per client address and ``total`` for the service.
+
+    A query whose slot is taken waits up to ``grace_s`` for it before it is refused: a
+    client that sends its next large query as soon as it has read the previous answer
+    would otherwise often find its own slot still held, because the thread that sent that
+    answer frees it a moment later (it waits for the GIL, on a busy machine for several
+    milliseconds). The grace is short next to a large query's run time, so a client (or
+    an attacker) with a query really running still gets its 429 at once after it.
+    """
+
+    POLL_S = 0.01
+
+    def __init__(self, directory: str, per_client: int, total: int, retry_after_s: int,
+                 grace_s: float = 0.5):
         self.directory = directory
         self.per_client = per_client
         self.total = total
         self.retry_after_s = retry_after_s
+        self.grace_s = grace_s
+
+    def _take_within(self, names, deadline):
+        """:meth:`_take`, retried until ``deadline`` (time.monotonic)."""
+        names = list(names)
+        while True:
+            handle = self._take(names)
+            if handle is not None or time.monotonic() >= deadline:
+                return handle
+            time.sleep(self.POLL_S)
 
     def _take(self, names):
         """An open file holding the lock of the first free name, or None."""
@@ -90,15 +114,17 @@ class LargeQueryLimiter:
     def acquire(self, client: str) -> Grant:
         """Slots for one large query of ``client`` (its address), or
         :class:`LargeQueryRefused` naming the limit that was reached."""
+        deadline = time.monotonic() + self.grace_s
         bucket = int(hashlib.sha256(client.encode()).hexdigest(), 16) % CLIENT_BUCKETS
-        mine = self._take(f"client-{bucket:04d}-{i}" for i in range(self.per_client))
+        mine = self._take_within((f"client-{bucket:04d}-{i}" for i in range(self.per_client)),
+                                 deadline)
         if mine is None:
             raise LargeQueryRefused(
                 f"too many large queries at once from {client}: at most {self.per_client} "
                 "at a time per client (a cone wider than the small-cone radius, or a range "
                 "query without such a cone); retry when one has finished",
                 self.retry_after_s)
-        server = self._take(f"server-{i}" for i in range(self.total))
+        server = self._take_within((f"server-{i}" for i in range(self.total)), deadline)
         if server is None:
             mine.close()
             raise LargeQueryRefused(

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -238,6 +239,33 @@ def test_large_queries_are_limited_while_small_ones_and_health_are_answered(serv
     assert get(port, LARGE_RANGE, source=third)[0] == 200
 
 
+def test_one_client_sending_large_queries_one_after_another_is_never_refused(catalogue):
+    """A script that waits for each answer before sending its next large query must not
+    find its own previous query's slot still taken. The thread that sent an answer frees
+    the slot a moment after the client has it all; on the development server (the
+    demo's) the next request often came first (8-24 of 40 refused under load)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "etl.cli", "serve", "--url", db.reader_url_for(catalogue),
+         "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])),
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.2)
+        statuses = [get(port, "/api/v1/estimates?teff_min=5000&limit=50&format=csv")[0]
+                    for _ in range(40)]
+    finally:
+        stop(server)
+    assert statuses == [200] * 40
+
+
 def test_health_has_its_own_short_timeout(catalogue):
     """With the models table locked, /health and /availability give up after their own
     timeout (1 s) while queries may wait up to their much longer statement timeout."""
@@ -323,3 +351,21 @@ def test_slots_hold_across_processes_and_a_killed_process_frees_them(tmp_path):
         limiter.acquire("10.0.0.2")
     grant.release()
     limiter.acquire("10.0.0.2").release()
+
+
+def test_a_slot_freed_within_the_grace_is_taken_and_one_held_longer_is_refused(tmp_path):
+    from service.limiter import LargeQueryLimiter, LargeQueryRefused
+
+    limiter = LargeQueryLimiter(str(tmp_path), per_client=1, total=1, retry_after_s=1,
+                                grace_s=5.0)
+    held = limiter.acquire("10.0.0.1")
+    releaser = threading.Timer(0.2, held.release)
+    releaser.start()
+    limiter.acquire("10.0.0.1").release()       # waited for the slot instead of refusing
+    releaser.join()
+    impatient = LargeQueryLimiter(str(tmp_path), per_client=1, total=1, retry_after_s=1,
+                                  grace_s=0.05)
+    held = impatient.acquire("10.0.0.1")
+    with pytest.raises(LargeQueryRefused, match="per client"):
+        impatient.acquire("10.0.0.1")
+    held.release()
