@@ -21,6 +21,7 @@ the method.
 Bad form input gives the form back (HTTP 400) with the message next to the field; every
 other error of these pages is an HTML page (see :func:`service.errors.error_response`).
 """
+import base64
 import json
 import os
 import threading
@@ -219,11 +220,21 @@ def search_page():
         except ParamError as error:
             return _render("search.html", 400,
                            **_form_context(form, {_field(error): error.message}))
-        return _render("search.html", **_form_context(form, results=_results(form, api, page)))
+        # The plots are in the page (data: URIs), drawn in this request: one large query
+        # per search, not three competing for the client's large-query slots.
+        rows, names = _plot_rows(service, args)
+        images = {"kiel": _data_uri(plots.kiel_png(rows, names)),
+                  "histograms": _data_uri(plots.histograms_png(rows, names))}
+        return _render("search.html", **_form_context(
+            form, results=_results(form, api, page), images=images, plotted_rows=len(rows)))
 
     if cone is not None and is_small_cone(cone[2]):
         return respond()
     return large_query(respond)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _results(form, api, page):
@@ -251,27 +262,23 @@ def _results(form, api, page):
 
 # ---------------------------------------------------------------------------------------
 # Plots of a selection
-def _selection_rows():
-    """The first :data:`PLOT_MAX_ROWS` rows (by obsid) of the range query in the request's
-    ``/api/v1/estimates`` parameters, as a large query unless the cone is small."""
+def _plot_rows(service, args):
+    """The first :data:`PLOT_MAX_ROWS` rows (by obsid) of the query of ``args``, with the
+    labels and their uncertainties."""
+    args = dict(args, limit=PLOT_MAX_ROWS, cursor=None, order="obsid", columns=None)
+    page = estimates_api.query_page(service, args, names=list(PLOT_COLUMNS))
+    return page.rows, page.names
+
+
+def _plot(draw):
     service = state()
     api = MultiDict([(k, v) for k, v in request.args.items(multi=True)
                      if k not in ("limit", "cursor", "format", "order", "columns")])
     args = parse(estimates_api.parameters(service.limits), api)
     cone = estimates_api.check_query(args)
-    args = dict(args, limit=PLOT_MAX_ROWS, cursor=None, order="obsid")
-
-    def run():
-        return estimates_api.query_page(service, args, names=list(PLOT_COLUMNS))
-    return run, cone
-
-
-def _plot(draw):
-    run, cone = _selection_rows()
 
     def respond():
-        page = run()
-        return Response(draw(page.rows, page.names), mimetype="image/png")
+        return Response(draw(*_plot_rows(service, args)), mimetype="image/png")
     if cone is not None and is_small_cone(cone[2]):
         return respond()
     return large_query(respond)
