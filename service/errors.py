@@ -3,7 +3,7 @@ clients read), JSON ``{"error", "status"[, "parameter"]}`` everywhere else; what
 database error becomes (timeouts and outages are 503); oversize requests (414, 431)."""
 import logging
 
-from flask import Response, request
+from flask import Response, g, render_template, request
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
@@ -25,7 +25,11 @@ MAX_HEADER_FIELD_BYTES = 8190
 
 def error_response(status: int, message: str, parameter: str = None, headers=None):
     """The service's error answer: a VOTable error document on /scs (what cone-search
-    clients read), JSON ``{"error", "status"[, "parameter"]}`` everywhere else."""
+    clients read), an HTML page on the pages for people, JSON ``{"error", "status"[,
+    "parameter"]}`` everywhere else."""
+    if g.get("html_errors"):
+        return Response(render_template("error.html", status=status, message=message),
+                        status=status, mimetype="text/html", headers=headers)
     if request.blueprint == "scs":
         return Response(formats.votable_error(message), status=status,
                         mimetype=formats.VOTABLE_MIME, headers=headers)

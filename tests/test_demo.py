@@ -60,6 +60,8 @@ def test_demo_writes_the_report_and_plots(demo_run):
 def test_demo_prints_queries_that_return_rows(demo_run):
     _, result = demo_run
     urls = [line for line in result.stdout.splitlines() if "http://127.0.0.1" in line]
+    browser, urls = urls[0], urls[1:]          # the browser URL comes first
+    assert browser.strip().startswith("browse the catalogue:") and browser.endswith("/")
     assert len(urls) == 2 and any("/scs?" in u for u in urls) and any("/api/v1/estimates?" in u for u in urls)
     for line in urls:
         rows = int(line.split("(")[-1].split(" rows")[0])

@@ -9,8 +9,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "etl", "service")
 # What the read-only service may use of etl: the one schema, the settings, and the
-# database helpers (engines, positional SQL) that both sides share.
-SERVICE_MAY_IMPORT = {"etl", "etl.schema", "etl.settings", "etl.db"}
+# database helpers (engines, positional SQL) that both sides share, and the one rule for
+# opening a spectrum file under the spectra root (the spectrum pages draw the file).
+SERVICE_MAY_IMPORT = {"etl", "etl.schema", "etl.settings", "etl.db", "etl.spectrum_files"}
 
 
 def module_name(path):

@@ -104,6 +104,8 @@ def run_demo(args):
               file=sys.stderr)
         print(f"  catalogue.vot, catalogue.csv, report/report.md, report/*.png, "
               f"{os.path.relpath(artifact, out)}", file=sys.stderr)
+        # The browser URL first: the catalogue's search page (the pages of the service).
+        print(f"  browse the catalogue: http://127.0.0.1:{args.port}/")
         for description, path, rows in queries:
             print(f"  {description} ({rows} rows): http://127.0.0.1:{args.port}{path}")
         if args.no_serve:

@@ -13,7 +13,9 @@ import base64
 import binascii
 import json
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 from urllib.parse import urlencode
 
 from flask import Blueprint, request
@@ -257,38 +259,68 @@ def output_columns(names):
 def get_estimates():
     service = state()
     args = parse(parameters(service.limits), request.args)
-    _check_ranges(args)
-    cone = _cone(args)
+    cone = check_query(args)
     if cone is not None and is_small_cone(cone[2]):
         return _page(service, args)
     # Without a small cone the database may scan the whole catalogue.
     return large_query(lambda: _page(service, args))
 
 
-def _page(service, args):
-    names = list(args["columns"] or DEFAULT_COLUMNS)
-    if args["columns"] is None and _cone(args) is not None:
-        names.append("distance")
+@dataclass(frozen=True)
+class Page:
+    """One page of a range query: the output columns' metadata, the rows, the model
+    version they come from and the cursor of the next page (None on the last one)."""
+    names: list
+    columns: list
+    rows: list
+    model_version: str
+    next_cursor: Optional[str]
+
+
+def check_query(args):
+    """The checks of validated ``args`` across parameters (ranges, cone), as the API
+    makes them; :class:`ParamError` names the parameter."""
+    _check_ranges(args)
+    return _cone(args)
+
+
+def query_page(service, args, names=None) -> Page:
+    """One page of the range query of the validated ``args`` (:func:`parameters`): what
+    ``/api/v1/estimates`` answers and the catalogue pages show. ``names``: output
+    columns (default: ``args["columns"]`` or :data:`DEFAULT_COLUMNS`, plus the distance
+    with a cone)."""
+    if names is None:
+        names = list(args["columns"] or DEFAULT_COLUMNS)
+        if args["columns"] is None and _cone(args) is not None:
+            names.append("distance")
     with service.engine.connect() as connection:
         model_version = resolve_model_version(connection, args["model_version"])
         statement = build_query(connection, args, model_version, names)
         rows = connection.execute(statement).all()
     limit = args["limit"]
-    next_url = None
+    next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
+        next_cursor = encode_cursor(args["order"], last[-2], last[-1])
+    return Page(names, output_columns(names), [tuple(row[:-2]) for row in rows],
+                model_version, next_cursor)
+
+
+def _page(service, args):
+    page = query_page(service, args)
+    next_url = None
+    if page.next_cursor:
         query = {k: v for k, v in request.args.items() if k != "cursor"}
-        query["cursor"] = encode_cursor(args["order"], last[-2], last[-1])
+        query["cursor"] = page.next_cursor
         next_url = f"{request.base_url}?{urlencode(query)}"
-    data = [tuple(row[:-2]) for row in rows]
-    columns = output_columns(names)
+    model_version, limit = page.model_version, args["limit"]
     headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
     infos = [formats.Info("model_version", model_version)]
     if next_url:
         infos.append(formats.Info("next", next_url))
     return formats.render(
-        args["format"], columns, data, filename="estimates", headers=headers,
+        args["format"], page.columns, page.rows, filename="estimates", headers=headers,
         json_extra={"model_version": model_version, "limit": limit, "next": next_url},
         votable_kwargs={"status_infos": [formats.Info("QUERY_STATUS", "OK")] + infos,
                         "description": "LAMOST LRS value-added catalogue estimates"})

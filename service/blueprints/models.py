@@ -29,15 +29,20 @@ operation(
                "503": {"description": "database unavailable", **JSON_ERROR}})
 
 
+def model_rows(connection) -> list:
+    """Every model version, newest first (the API's listing and the models page)."""
+    rows = connection.execute(
+        select(*MODEL_COLUMNS).order_by(schema.models.c.created_at.desc(),
+                                        schema.models.c.version)).mappings().all()
+    return [dict(r) for r in rows]
+
+
 @blueprint.get("/api/v1/models")
 def list_models():
     service = state()
     parse(parameters(service.limits), request.args)
     with service.engine.connect() as connection:
-        rows = connection.execute(
-            select(*MODEL_COLUMNS).order_by(schema.models.c.created_at.desc(),
-                                            schema.models.c.version)).mappings().all()
-    models = [dict(r) for r in rows]
+        models = model_rows(connection)
     current = [m["version"] for m in models if m["status"] == "current"]
     return formats.json_response({
         "current": current[0] if current else None,

@@ -43,27 +43,24 @@ def _metadata(columns):
             for d in (schema.describe_column(c) for c in columns)}
 
 
-@blueprint.get("/api/v1/spectra/<path:obsid>")
-def get_spectrum(obsid):
-    service = state()
-    args = parse(parameters(service.limits), request.args, path_values={"obsid": obsid})
-    obsid = args["obsid"]
+def spectrum_record(connection, obsid):
+    """The record of one spectrum (what ``/api/v1/spectra/<obsid>`` answers and the
+    spectrum page shows), or None when there is no such spectrum."""
     spectra, estimates, models = schema.spectra, schema.estimates, schema.models
-    with service.engine.connect() as connection:
-        spectrum = connection.execute(
-            select(*SPECTRUM_COLUMNS).where(spectra.c.obsid == obsid)).mappings().first()
-        if spectrum is None:
-            return error_response(404, f"no spectrum with obsid {obsid}")
-        rows = connection.execute(
-            select(*ESTIMATE_COLUMNS, *[c.label(f"model_{c.name}") for c in MODEL_COLUMNS])
-            .select_from(estimates.join(models, models.c.version == estimates.c.model_version))
-            .where(estimates.c.obsid == obsid)
-            .order_by(models.c.created_at, estimates.c.model_version)).mappings().all()
-        failures = connection.execute(
-            select(*FAILURE_COLUMNS).where(schema.estimate_failures.c.obsid == obsid)
-            .order_by(schema.estimate_failures.c.model_version)).mappings().all()
+    spectrum = connection.execute(
+        select(*SPECTRUM_COLUMNS).where(spectra.c.obsid == obsid)).mappings().first()
+    if spectrum is None:
+        return None
+    rows = connection.execute(
+        select(*ESTIMATE_COLUMNS, *[c.label(f"model_{c.name}") for c in MODEL_COLUMNS])
+        .select_from(estimates.join(models, models.c.version == estimates.c.model_version))
+        .where(estimates.c.obsid == obsid)
+        .order_by(models.c.created_at, estimates.c.model_version)).mappings().all()
+    failures = connection.execute(
+        select(*FAILURE_COLUMNS).where(schema.estimate_failures.c.obsid == obsid)
+        .order_by(schema.estimate_failures.c.model_version)).mappings().all()
     current = [r["model_version"] for r in rows if r["model_status"] == "current"]
-    document = {
+    return {
         "obsid": obsid,
         "spectrum": dict(spectrum),
         "current_model_version": current[0] if current else None,
@@ -72,4 +69,14 @@ def get_spectrum(obsid):
         "columns": {"spectrum": _metadata(SPECTRUM_COLUMNS),
                     "estimates": _metadata(ESTIMATE_COLUMNS)},
     }
+
+
+@blueprint.get("/api/v1/spectra/<path:obsid>")
+def get_spectrum(obsid):
+    service = state()
+    args = parse(parameters(service.limits), request.args, path_values={"obsid": obsid})
+    with service.engine.connect() as connection:
+        document = spectrum_record(connection, args["obsid"])
+    if document is None:
+        return error_response(404, f"no spectrum with obsid {args['obsid']}")
     return formats.json_response(document)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl import schema
 from service import formats
+from service.blueprints import pages
 from service.catalogue import current_model_version
 from service.openapi import build_document, content, operation, parse
 from service.state import LIMITS_DESCRIPTION, state
@@ -36,7 +37,9 @@ for _path, _summary, _mime in [
          "application/json"),
         ("/openapi.json", "This OpenAPI document", "application/json"),
         ("/", "Index of the endpoints", "application/json")]:
-    responses = {"200": {"description": _summary, "content": content(_mime)},
+    # "/" is also the search page for browsers (Accept: text/html).
+    mimes = (_mime, "text/html") if _path == "/" else (_mime,)
+    responses = {"200": {"description": _summary, "content": content(*mimes)},
                  "400": {"description": "unknown parameter",
                          "content": content("application/json")}}
     if _path == "/health":
@@ -181,6 +184,10 @@ def openapi_document():
 
 @blueprint.get("/")
 def index():
+    """The service description for JSON clients (and those without a preference); a
+    browser gets the catalogue's search page."""
+    if pages.wants_html():
+        return pages.search_page()
     parse(no_parameters(None), request.args)
     base = request.host_url.rstrip("/")
     return formats.json_response({
@@ -189,5 +196,6 @@ def index():
         "endpoints": {
             "cone_search": f"{base}/scs?", "estimates": f"{base}/api/v1/estimates",
             "spectrum": f"{base}/api/v1/spectra/{{obsid}}", "models": f"{base}/api/v1/models",
+            "browser": f"{base}/",
             "availability": f"{base}/availability", "capabilities": f"{base}/capabilities",
             "health": f"{base}/health", "openapi": f"{base}/openapi.json"}})

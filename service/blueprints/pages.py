@@ -1,0 +1,460 @@
+"""Pages for people: the catalogue browser.
+
+``/`` (for a browser; JSON clients keep getting the service description, see
+:mod:`service.blueprints.vosi`) is a search form whose results are one page of
+``/api/v1/estimates``: the form is translated into that endpoint's parameters (a cone in
+degrees or sexagesimal, parsed with astropy, the radius with its unit), validated by the
+same :class:`service.openapi.Param` objects and run by the same
+:func:`service.blueprints.estimates.query_page`, so the table, the download links and the
+``/api/v1`` URL shown always return the same rows. ``/plots/kiel.png`` and
+``/plots/histograms.png`` draw the first :data:`PLOT_MAX_ROWS` rows (by obsid) of the
+same query.
+
+``/spectra/<obsid>`` shows what ``/api/v1/spectra/<obsid>`` answers (the same function)
+with the spectrum drawn from its file (``/spectra/<obsid>/spectrum.png``): the file is
+opened only when its stored path resolves inside the spectra root
+(:func:`etl.spectrum_files.resolve_under_root`), the model artifact only from under the
+model directory and when its SHA-256 matches the registry
+(:func:`models.artifact.load_model`). ``/models`` and ``/about`` describe the models and
+the method.
+
+Bad form input gives the form back (HTTP 400) with the message next to the field; every
+other error of these pages is an HTML page (see :func:`service.errors.error_response`).
+"""
+import base64
+import json
+import os
+import threading
+
+import numpy as np
+from flask import Blueprint, Response, g, render_template, request, send_file, url_for
+from sqlalchemy import select
+from werkzeug.datastructures import MultiDict
+from urllib.parse import urlencode
+
+from etl import schema
+from etl.spectrum_files import UnsafePathError, resolve_under_root
+from models.flags import FEH_MIN, FLAG_DESCRIPTIONS, SNR_RANGE, TEFF_RANGE, describe_flags
+from service import plots
+from service.blueprints import estimates as estimates_api
+from service.blueprints import spectra as spectra_api
+from service.blueprints.models import model_rows
+from service.catalogue import CATALOGUE
+from service.errors import error_response
+from service.openapi import ParamError, parse
+from service.state import is_small_cone, large_query, state
+
+blueprint = Blueprint("pages", __name__)
+
+PLOT_MAX_ROWS = 10_000
+"""The plots of a selection draw at most this many rows (its first, by obsid): a Kiel
+diagram of 10,000 stars is drawn in well under a second (``bench/pages.py``)."""
+PAGE_SIZES = (20, 50, 100, 500)
+DEFAULT_PAGE_SIZE = 50
+RANGE_FIELDS = [("teff", "Teff", "K"), ("logg", "log g", "dex"), ("feh", "[Fe/H]", "dex"),
+                ("snrg", "SNR g", None)]
+PLOT_COLUMNS = ["teff", "logg", "feh", "teff_err", "logg_err", "feh_err"]
+# What the form sends besides the range bounds; "exclude" is one checkbox per flag bit.
+FORM_FIELDS = (["ra", "dec", "radius", "flags", "exclude", "model_version", "limit", "cursor"]
+               + [f"{name}_{end}" for name, _, _ in RANGE_FIELDS for end in ("min", "max")])
+# API parameter -> the form field its message is shown next to.
+FIELD_OF_PARAMETER = {"exclude_flags": "exclude", "columns": "search", "order": "search",
+                      "format": "search"}
+LABEL_NAMES = {"teff": "Teff", "logg": "log g", "feh": "[Fe/H]"}
+
+
+def wants_html() -> bool:
+    """A browser (text/html preferred over JSON); clients without a preference get JSON."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+def _render(template, status=200, **context):
+    return Response(render_template(template, **context), status=status,
+                    mimetype="text/html")
+
+
+@blueprint.before_request
+def _html_errors():
+    g.html_errors = True
+
+
+# ---------------------------------------------------------------------------------------
+# The search form
+class FormErrors(Exception):
+    def __init__(self, errors: dict):
+        self.errors = errors
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+
+def _as_number_text(value: float) -> str:
+    return repr(float(value))
+
+
+def parse_ra(text: str) -> float:
+    """Right ascension in degrees from decimal degrees ('150.25'), sexagesimal hours
+    ('10:01:00', '10 01 00', '10h01m00s') or an angle with its unit ('150d15m')."""
+    from astropy.coordinates import Angle
+    import astropy.units as u
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    unit = None if any(c in text.lower() for c in "hdms°'\"") else u.hourangle
+    return Angle(text, unit=unit).degree
+
+
+def parse_dec(text: str) -> float:
+    """Declination in degrees: decimal ('-5.5') or sexagesimal ('-05:30:00', '-5d30m')."""
+    from astropy.coordinates import Angle
+    import astropy.units as u
+
+    return Angle(text, unit=u.deg).degree
+
+
+def parse_radius(text: str) -> float:
+    """Cone radius in degrees from a quantity ('2 arcmin', '30 arcsec', '0.1 deg'); a plain
+    number is in degrees."""
+    import astropy.units as u
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    return u.Quantity(text).to(u.deg).value
+
+
+def api_parameters(form) -> MultiDict:
+    """The ``/api/v1/estimates`` parameters of the search ``form``; :class:`FormErrors`
+    (field -> message) for what cannot be translated."""
+    errors = {}
+    api = MultiDict()
+    cone = {name: form.get(name, "").strip() for name in ("ra", "dec", "radius")}
+    if any(cone.values()):
+        for name, parser, what in [("ra", parse_ra, "a right ascension (e.g. 150.25 or "
+                                    "10:01:00 or 10h01m00s)"),
+                                   ("dec", parse_dec, "a declination (e.g. -5.5 or "
+                                    "-05:30:00 or -5d30m)"),
+                                   ("radius", parse_radius, "an angle with its unit (e.g. "
+                                    "2 arcmin, 30 arcsec, 0.1 deg)")]:
+            if not cone[name]:
+                errors[name] = "a cone needs RA, Dec and a radius"
+                continue
+            try:
+                value = parser(cone[name])
+            except Exception as error:  # noqa: BLE001 -- astropy raises many kinds
+                errors[name] = f"{cone[name]!r} is not {what} ({type(error).__name__})"
+                continue
+            if not np.isfinite(value):
+                errors[name] = f"{cone[name]!r} is not a finite angle"
+                continue
+            api[name] = _as_number_text(value)
+    for name in FORM_FIELDS:
+        if name in ("ra", "dec", "radius", "exclude"):
+            continue
+        value = form.get(name, "").strip()
+        if value:
+            api[name] = value
+    bits = 0
+    for raw in form.getlist("exclude"):
+        try:
+            bit = int(raw)
+        except ValueError:
+            bit = None
+        if bit not in FLAG_DESCRIPTIONS:
+            errors["exclude"] = f"{raw!r} is not a flag bit"
+            break
+        bits |= bit
+    if bits:
+        api["exclude_flags"] = str(bits)
+    if errors:
+        raise FormErrors(errors)
+    if "limit" not in api:
+        api["limit"] = str(DEFAULT_PAGE_SIZE)
+    return api
+
+
+def _field(error: ParamError) -> str:
+    return FIELD_OF_PARAMETER.get(error.name, error.name)
+
+
+def _submitted(form) -> bool:
+    return "search" in form or any(form.get(name, "").strip() for name in FORM_FIELDS)
+
+
+def _model_versions():
+    with state().engine.connect() as connection:
+        return [(m["version"], m["status"]) for m in model_rows(connection)]
+
+
+def _form_context(form, errors=None, **extra):
+    limits = state().limits
+    return dict(form=form, errors=errors or {}, range_fields=RANGE_FIELDS,
+                flag_bits=sorted(FLAG_DESCRIPTIONS.items()), page_sizes=PAGE_SIZES,
+                default_page_size=DEFAULT_PAGE_SIZE, model_versions=_model_versions(),
+                teff_range=TEFF_RANGE, feh_min=FEH_MIN, snr_range=SNR_RANGE,
+                max_radius_deg=limits.scs_max_sr_deg, small_cone_deg=limits.small_cone_deg,
+                plot_max_rows=PLOT_MAX_ROWS, describe=lambda name: CATALOGUE[name].description,
+                **extra)
+
+
+def search_page():
+    """The search form and, once submitted, one page of results with the plots."""
+    g.html_errors = True
+    form = request.args
+    if not _submitted(form):
+        return _render("search.html", **_form_context(form))
+    service = state()
+    try:
+        api = api_parameters(form)
+        args = parse(estimates_api.parameters(service.limits), api)
+        cone = estimates_api.check_query(args)
+    except FormErrors as error:
+        return _render("search.html", 400, **_form_context(form, error.errors))
+    except ParamError as error:
+        return _render("search.html", 400, **_form_context(form, {_field(error): error.message}))
+
+    def respond():
+        try:
+            page = estimates_api.query_page(service, args)
+        except ParamError as error:
+            return _render("search.html", 400,
+                           **_form_context(form, {_field(error): error.message}))
+        # The plots are in the page (data: URIs), drawn in this request: one large query
+        # per search, not three competing for the client's large-query slots.
+        rows, names = _plot_rows(service, args)
+        images = {"kiel": _data_uri(plots.kiel_png(rows, names)),
+                  "histograms": _data_uri(plots.histograms_png(rows, names))}
+        return _render("search.html", **_form_context(
+            form, results=_results(form, api, page), images=images, plotted_rows=len(rows)))
+
+    if cone is not None and is_small_cone(cone[2]):
+        return respond()
+    return large_query(respond)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _results(form, api, page):
+    base = request.host_url.rstrip("/")
+    query = urlencode(list(api.items(multi=True)))
+    api_url = f"{base}/api/v1/estimates?{query}"
+    kept = [(k, v) for k, v in form.items(multi=True) if k not in ("cursor", "search")]
+    plot_query = urlencode([(k, v) for k, v in api.items(multi=True)
+                            if k not in ("cursor", "limit")])
+    next_url = (url_for("vosi.index") + "?" + urlencode(kept + [("cursor", page.next_cursor)])
+                if page.next_cursor else None)
+    first_url = url_for("vosi.index") + "?" + urlencode(kept) if form.get("cursor") else None
+    flags_index = page.names.index("flags") if "flags" in page.names else None
+    return dict(
+        page=page, api_url=api_url, next_url=next_url, first_url=first_url,
+        downloads=[(label, f"{api_url}&format={fmt}") for label, fmt in
+                   [("VOTable", "votable"), ("CSV", "csv"), ("FITS", "fits"),
+                    ("JSON", "json")]],
+        kiel_url=url_for("pages.kiel_plot") + "?" + plot_query,
+        histograms_url=url_for("pages.histograms_plot") + "?" + plot_query,
+        obsid_index=page.names.index("obsid") if "obsid" in page.names else None,
+        flags_index=flags_index,
+        flag_words=lambda value: "; ".join(describe_flags(value)) or "inside the valid domain")
+
+
+# ---------------------------------------------------------------------------------------
+# Plots of a selection
+def _plot_rows(service, args):
+    """The first :data:`PLOT_MAX_ROWS` rows (by obsid) of the query of ``args``, with the
+    labels and their uncertainties."""
+    args = dict(args, limit=PLOT_MAX_ROWS, cursor=None, order="obsid", columns=None)
+    page = estimates_api.query_page(service, args, names=list(PLOT_COLUMNS))
+    return page.rows, page.names
+
+
+def _plot(draw):
+    service = state()
+    api = MultiDict([(k, v) for k, v in request.args.items(multi=True)
+                     if k not in ("limit", "cursor", "format", "order", "columns")])
+    args = parse(estimates_api.parameters(service.limits), api)
+    cone = estimates_api.check_query(args)
+
+    def respond():
+        return Response(draw(*_plot_rows(service, args)), mimetype="image/png")
+    if cone is not None and is_small_cone(cone[2]):
+        return respond()
+    return large_query(respond)
+
+
+@blueprint.get("/plots/kiel.png")
+def kiel_plot():
+    return _plot(plots.kiel_png)
+
+
+@blueprint.get("/plots/histograms.png")
+def histograms_plot():
+    return _plot(plots.histograms_png)
+
+
+# ---------------------------------------------------------------------------------------
+# Spectrum page
+_ARTIFACTS = {}
+_ARTIFACTS_LOCK = threading.Lock()
+
+
+def current_artifact(connection):
+    """(artifact, None) for the current model, or (None, why not): loaded once per
+    process, only from under the model directory and with the registry's SHA-256."""
+    from models.artifact import artifact_under, load_model
+
+    models = schema.models
+    row = connection.execute(
+        select(models.c.version, models.c.artifact_path, models.c.artifact_sha256)
+        .where(models.c.status == "current")).first()
+    if row is None:
+        return None, "the catalogue has no current model"
+    key = (row.version, row.artifact_sha256)
+    with _ARTIFACTS_LOCK:
+        if key in _ARTIFACTS:
+            return _ARTIFACTS[key], None
+    try:
+        path = artifact_under(state().settings.model_dir, row.artifact_path)
+        artifact = load_model(path, expected_sha256=row.artifact_sha256)
+        if artifact["version"] != row.version:
+            raise ValueError(f"the file holds model {artifact['version']}")
+    except Exception as error:  # noqa: BLE001 -- any failure is reported, never a 500
+        # The server-side path stays private (the API does not publish it either).
+        return None, (f"the artifact of the current model {row.version} cannot be loaded "
+                      f"here ({type(error).__name__})")
+    with _ARTIFACTS_LOCK:
+        _ARTIFACTS.clear()                  # keep one: the current model
+        _ARTIFACTS[key] = artifact
+    return artifact, None
+
+
+def _spectra_root(connection, run_id):
+    """settings.spectra_root, else the root of the ingest run that wrote the row, else the
+    latest ingest run's root (as the inference workers find files)."""
+    root = state().settings.spectra_root
+    if root:
+        return root
+    runs = schema.ingest_runs
+    if run_id is not None:
+        root = connection.execute(select(runs.c.spectra_root)
+                                  .where(runs.c.run_id == run_id)).scalar()
+    if not root:
+        root = connection.execute(
+            select(runs.c.spectra_root).where(runs.c.spectra_root.is_not(None))
+            .order_by(runs.c.started_at.desc()).limit(1)).scalar()
+    return root
+
+
+def _spectrum_file(connection, spectrum):
+    """(path, None) of the spectrum's file, or (None, why not)."""
+    relative = spectrum.get("file_path")
+    if not relative:
+        return None, "the catalogue records no file for this spectrum"
+    root = _spectra_root(connection, spectrum.get("ingest_run_id"))
+    if not root:
+        return None, "no spectra root is configured on this server (LAMOST_VAC_SPECTRA_ROOT)"
+    try:
+        path = resolve_under_root(root, relative)
+    except UnsafePathError:
+        return None, f"the file path {relative!r} does not lie under the spectra root"
+    if not os.path.isfile(path):
+        return None, f"the file {relative!r} is not available on this server"
+    return path, None
+
+
+def _spectrum_sources(obsid):
+    service = state()
+    args = parse(spectra_api.parameters(service.limits), request.args,
+                 path_values={"obsid": obsid})
+    with service.engine.connect() as connection:
+        record = spectra_api.spectrum_record(connection, args["obsid"])
+        if record is None:
+            return None, None, None
+        path, file_problem = _spectrum_file(connection, record["spectrum"])
+    return record, path, file_problem
+
+
+@blueprint.get("/spectra/<obsid>")
+def spectrum_page(obsid):
+    record, path, file_problem = _spectrum_sources(obsid)
+    if record is None:
+        return error_response(404, f"no spectrum with obsid {obsid}")
+    with state().engine.connect() as connection:
+        artifact, artifact_problem = current_artifact(connection)
+    obsid = record["obsid"]
+    return _render(
+        "spectrum.html", record=record, spectrum=record["spectrum"], file_problem=file_problem,
+        artifact_problem=artifact_problem, labels=LABEL_NAMES,
+        selected_pixels=({label: int(e.support_.sum())
+                          for label, e in artifact["model"].estimators_.items()}
+                         if artifact else {}),
+        plot_url=url_for("pages.spectrum_plot", obsid=obsid) if path else None,
+        file_url=url_for("pages.spectrum_file", obsid=obsid) if path else None,
+        json_url=url_for("spectra.get_spectrum", obsid=obsid),
+        spectrum_columns=record["columns"]["spectrum"],
+        flag_words=lambda value: (describe_flags(value) or ["inside the valid domain"])
+        if value is not None else [])
+
+
+@blueprint.get("/spectra/<obsid>/spectrum.png")
+def spectrum_plot(obsid):
+    from models.preprocess import PreprocessConfig, SpectrumStack, continuum_normalise
+    from models.readers import SpectrumReadError, read_spectrum
+
+    record, path, file_problem = _spectrum_sources(obsid)
+    if record is None:
+        return error_response(404, f"no spectrum with obsid {obsid}")
+    if path is None:
+        return error_response(404, file_problem)
+    try:
+        spectrum = read_spectrum(path)
+    except SpectrumReadError as error:
+        return error_response(422, f"the file of spectrum {record['obsid']} cannot be read "
+                                   f"({error.reason})")
+    with state().engine.connect() as connection:
+        artifact, _ = current_artifact(connection)
+    config = artifact["preprocess"] if artifact else PreprocessConfig()
+    z = record["spectrum"].get("z") or 0.0
+    features, _ = continuum_normalise(SpectrumStack.from_spectra([spectrum]),
+                                      np.array([z], float), config)
+    selected = {}
+    if artifact:
+        for label, estimator in artifact["model"].estimators_.items():
+            mask = np.asarray(estimator.support_, bool)
+            if mask.shape == config.wavelength.shape:
+                selected[label] = mask
+    png = plots.spectrum_png(spectrum.wavelength, spectrum.flux, config.wavelength,
+                             features[0], selected)
+    return Response(png, mimetype="image/png")
+
+
+@blueprint.get("/spectra/<obsid>/file")
+def spectrum_file(obsid):
+    record, path, file_problem = _spectrum_sources(obsid)
+    if record is None:
+        return error_response(404, f"no spectrum with obsid {obsid}")
+    if path is None:
+        return error_response(404, file_problem)
+    return send_file(path, as_attachment=True,
+                     download_name=os.path.basename(record["spectrum"]["file_path"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Models and About
+@blueprint.get("/models")
+def models_page():
+    with state().engine.connect() as connection:
+        rows = model_rows(connection)
+    return _render("models.html", models=rows,
+                   as_json=lambda value: json.dumps(value, indent=2, sort_keys=True,
+                                                    default=str))
+
+
+@blueprint.get("/about")
+def about_page():
+    limits = state().limits
+    return _render("about.html", base=request.host_url.rstrip("/"), teff_range=TEFF_RANGE,
+                   feh_min=FEH_MIN, snr_range=SNR_RANGE, flag_bits=sorted(FLAG_DESCRIPTIONS.items()),
+                   limits=limits, plot_max_rows=PLOT_MAX_ROWS)

@@ -1,0 +1,215 @@
+"""The pages for people (service/blueprints/pages.py) through the Flask test client, on a
+real catalogue (SQLite and PostgreSQL): content negotiation at /, the form translated into
+the API's query (same rows, same pages), bad input next to its field (400), the plots,
+the spectrum, models and about pages, and spectrum files outside the root never opened.
+The same pages in a real browser: test_pages_browser.py."""
+import dataclasses
+import html
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from sqlalchemy import text
+
+from etl import db
+from test_service import (CURRENT, RETIRED, load_catalogue, make_catalogue, service_settings,
+                          with_test_limits)
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def pages_db(request, make_database):
+    url = make_database(request.param)
+    db.upgrade(url)
+    load_catalogue(url, make_catalogue())
+    return url
+
+
+def make_app(url, **settings_changes):
+    from service.app import create_app
+
+    settings = with_test_limits(service_settings(url, db.reader_url_for(url)))
+    application = create_app(dataclasses.replace(settings, **settings_changes))
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture(scope="module")
+def app(pages_db):
+    application = make_app(pages_db)
+    yield application
+    application.extensions["lamost_vac"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def page(client, path, status=200):
+    response = client.get(path, headers=BROWSER)
+    assert response.status_code == status, response.get_data(as_text=True)[:2000]
+    assert response.mimetype == "text/html"
+    return response.get_data(as_text=True)
+
+
+def table_obsids(body):
+    return [int(o) for o in re.findall(r'<td><a href="/spectra/(\d+)">', body)]
+
+
+def link(body, element_id):
+    found = re.search(rf'<a href="([^"]+)" id="{element_id}"', body)
+    return html.unescape(found.group(1)) if found else None
+
+
+def api_url(body):
+    return html.unescape(re.search(r'id="api-url" readonly value="([^"]+)"', body).group(1))
+
+
+def test_json_clients_still_get_the_service_description(client):
+    for headers in ({}, {"Accept": "application/json"}, {"Accept": "*/*"}):
+        response = client.get("/", headers=headers)
+        assert response.status_code == 200 and response.mimetype == "application/json"
+        assert response.json["endpoints"]["estimates"].endswith("/api/v1/estimates")
+    assert client.get("/?x=1", headers={"Accept": "application/json"}).status_code == 400
+
+
+def test_browser_gets_the_search_form_with_labels_and_the_valid_domain(client):
+    body = page(client, "/")
+    assert "<form" in body and "Results" not in body
+    inputs = re.findall(r'<(?:input|select)[^>]*\bid="([^"]+)"', body)
+    assert {"ra", "dec", "radius", "teff_min", "feh_max", "snrg_min", "flags",
+            "model_version", "limit"} <= set(inputs)
+    for element_id in inputs:
+        if element_id != "api-url":
+            assert f'for="{element_id}"' in body, f"no label for {element_id}"
+    assert "3500 &le; Teff &le; 6500 K" in body and "[Fe/H] &ge; -1.5" in body
+    assert "5 &lt; SNRg &le; 80" in body
+    assert "predicted Teff outside 3500-6500 K" in body          # the flag meanings
+    assert f"{CURRENT} (current)" in body and f"{RETIRED} (retired)" in body
+
+
+def test_form_runs_the_api_query_sexagesimal_cone_and_units(client, pages_db):
+    # 10:00:00 h = 150 deg, +30:00:00 = 30 deg, 6 arcmin = 0.1 deg: the test cluster
+    body = page(client, "/?ra=10:00:00&dec=%2B30:00:00&radius=6+arcmin&teff_min=4000"
+                        "&exclude=1&exclude=4&limit=500&search=1")
+    url = api_url(body)
+    query = parse_qs(urlsplit(url).query)
+    assert float(query["ra"][0]) == pytest.approx(150.0)
+    assert float(query["dec"][0]) == pytest.approx(30.0)
+    assert float(query["radius"][0]) == pytest.approx(0.1)
+    assert query["exclude_flags"] == ["5"] and query["teff_min"] == ["4000"]
+    api = client.get(urlsplit(url).path + "?" + urlsplit(url).query).json
+    expected = [row["obsid"] for row in api["rows"]]
+    assert expected and table_obsids(body) == expected
+    # every column with its unit and description from the schema
+    assert 'title="effective temperature' in body.lower() or "Teff" in body
+    assert re.search(r">teff<br><span class=\"unit\">\[K\]</span>", body)
+    assert re.search(r">distance<br><span class=\"unit\">\[deg\]</span>", body)
+    for fmt in ("votable", "csv", "fits"):
+        assert html.escape(f"{url}&format={fmt}") in body
+
+
+def test_next_links_walk_the_same_rows_as_the_api(client):
+    selection = "teff_min=5000&teff_max=5600&feh_max=0"
+    api_rows = client.get(f"/api/v1/estimates?{selection}&limit=10000").json["rows"]
+    query = f"{selection}&limit=20"
+    seen, path, pages = [], f"/?{query}", 0
+    while path:
+        body = page(client, path)
+        seen += table_obsids(body)
+        path, pages = link(body, "next-page"), pages + 1
+        if pages > 1:
+            assert link(body, "first-page") == f"/?{query}"
+    assert pages > 2 and seen == [row["obsid"] for row in api_rows]
+
+
+@pytest.mark.parametrize("query, field, message", [
+    ("ra=abc&dec=1&radius=1", "ra", "not a right ascension"),
+    ("ra=10&dec=95&radius=1", "dec", "outside [-90, 90]"),
+    ("ra=10&dec=1&radius=5+kg", "radius", "not an angle"),
+    ("ra=10&dec=1", "radius", "a cone needs RA, Dec and a radius"),
+    ("ra=10&dec=1&radius=20+deg", "radius", "outside (0, 10]"),
+    ("teff_min=hot", "teff_min", "not a decimal number"),
+    ("teff_min=6000&teff_max=5000", "teff_min", "larger than teff_max"),
+    ("flags=-1", "flags", "outside [0,"),
+    ("exclude=3", "exclude", "not a flag bit"),
+    ("model_version=v9.9", "model_version", "no model version"),
+    ("limit=0", "limit", "outside [1,"),
+    ("cursor=bogus%21", "cursor", "does not match"),
+])
+def test_bad_form_input_comes_back_next_to_the_field(client, query, field, message):
+    body = page(client, f"/?{query}&search=1", status=400)
+    error = re.search(rf'<span class="error" id="{field}-error">([^<]*)</span>', body)
+    assert error, body
+    assert message in html.unescape(error.group(1))
+    assert "<form" in body and "Results" not in body
+    if field not in ("exclude", "model_version", "limit", "cursor"):
+        assert re.search(rf'id="{field}"[^>]*aria-invalid="true"', body)
+        given = parse_qs(query).get(field)        # the form keeps what was typed
+        assert given is None or f'value="{html.escape(given[0])}"' in body
+
+
+@pytest.mark.parametrize("plot", ["kiel", "histograms"])
+def test_plots_of_the_selection_are_png(client, plot):
+    response = client.get(f"/plots/{plot}.png?teff_min=4000&feh_max=0")
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    assert response.data.startswith(PNG_MAGIC) and len(response.data) > 10_000
+    bad = client.get(f"/plots/{plot}.png?teff_min=x", headers=BROWSER)
+    assert bad.status_code == 400 and "teff_min" in bad.get_data(as_text=True)
+
+
+def test_spectrum_page_shows_every_model_version_and_links_the_json(client, app):
+    body = page(client, "/spectra/100001")           # in both model versions
+    assert f"<td>{CURRENT}</td><td>current</td>" in body
+    assert f"<td>{RETIRED}</td><td>retired</td>" in body
+    assert 'href="/api/v1/spectra/100001"' in body
+    assert "&plusmn;" in body
+    # the test catalogue records no spectra root and no loadable artifact: said, not failed
+    assert 'id="file-problem"' in body and "no spectra root" in body
+    assert 'id="artifact-problem"' in body and "cannot be loaded" in body
+    assert "/x.joblib" not in body                   # the artifact's path stays private
+    body = page(client, "/spectra/100002")           # estimated by the current model only
+    assert RETIRED in body                           # ... and failed in the retired one
+    assert "truncated file" in body
+    page(client, "/spectra/1", status=404)
+    page(client, "/spectra/abc", status=400)
+    assert client.get("/api/v1/spectra/100001").json["obsid"] == 100001   # no route clash
+
+
+def test_spectrum_files_outside_the_root_are_never_opened(pages_db, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside.fits"
+    outside.write_bytes(b"SIMPLE  =                    T" + b" " * 2850)
+    engine = db.make_engine(pages_db)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE spectra SET file_path = '../outside.fits' "
+                                    "WHERE obsid = 100003"))
+        application = make_app(pages_db, spectra_root=str(root))
+        client = application.test_client()
+        body = page(client, "/spectra/100003")
+        assert "does not lie under the spectra root" in body and "spectrum-plot" not in body
+        for path in ("/spectra/100003/spectrum.png", "/spectra/100003/file"):
+            response = client.get(path, headers=BROWSER)
+            assert response.status_code == 404
+            assert b"SIMPLE" not in response.data
+        application.extensions["lamost_vac"].dispose()
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE spectra SET file_path = 'spec-100003.fits.gz' "
+                                    "WHERE obsid = 100003"))
+        engine.dispose()
+
+
+def test_models_and_about_pages(client):
+    body = page(client, "/models")
+    assert f"{CURRENT} (current)" in body and f"{RETIRED} (retired)" in body
+    assert "apogee-payne" in body and "scatter" in body
+    body = page(client, "/about")
+    for words in ("LASSO", "TOPCAT", "pyvo", "q3c_radial_query", "How to cite",
+                  "3500 &le; Teff &le; 6500 K"):
+        assert words in body
