@@ -14,13 +14,23 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+def click_and_load(browser, by, value):
+    """Click the element and wait until the page it leads to has replaced this one (a
+    click on a submit button or link returns before the next page has loaded)."""
+    page = browser.find_element(By.TAG_NAME, "html")
+    browser.find_element(by, value).click()
+    WebDriverWait(browser, 60).until(expected_conditions.staleness_of(page))
+    WebDriverWait(browser, 60).until(
+        lambda b: b.execute_script("return document.readyState") == "complete")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -121,7 +131,7 @@ def test_search_page_through_and_open_a_spectrum(server, browser, tmp_path):
     browser.find_element(By.ID, "teff_min").send_keys("3000")
     browser.find_element(By.ID, "feh_min").send_keys("-3")
     Select(browser.find_element(By.ID, "limit")).select_by_value(str(PAGE_SIZE))
-    browser.find_element(By.ID, "search-button").click()
+    click_and_load(browser, By.ID, "search-button")
     assert browser.find_element(By.ID, "results").is_displayed()
     for plot in ("kiel-plot", "histograms-plot"):
         width, height = image_size(browser, plot)
@@ -137,7 +147,7 @@ def test_search_page_through_and_open_a_spectrum(server, browser, tmp_path):
     expected = [r["obsid"] for r in json.load(urllib.request.urlopen(everything))["rows"]]
     seen, pages = table_obsids(browser), 1
     while browser.find_elements(By.ID, "next-page"):
-        browser.find_element(By.ID, "next-page").click()
+        click_and_load(browser, By.ID, "next-page")
         seen += table_obsids(browser)
         pages += 1
     assert pages >= 3 and seen == expected
@@ -145,7 +155,7 @@ def test_search_page_through_and_open_a_spectrum(server, browser, tmp_path):
     assert console_errors(browser) == []
 
     # a spectrum page: both plots of the file, LASSO pixels of the current model marked
-    browser.find_element(By.CSS_SELECTOR, "#results tbody a").click()
+    click_and_load(browser, By.CSS_SELECTOR, "#results tbody a")
     width, height = image_size(browser, "spectrum-plot")
     assert width > 0 and height > 0
     assert not browser.find_elements(By.ID, "artifact-problem")
@@ -172,7 +182,7 @@ def test_bad_input_is_shown_next_to_the_field_in_the_browser(server, browser, tm
     browser.find_element(By.ID, "ra").send_keys("not an angle")
     browser.find_element(By.ID, "dec").send_keys("10")
     browser.find_element(By.ID, "radius").send_keys("2 arcmin")
-    browser.find_element(By.ID, "search-button").click()
+    click_and_load(browser, By.ID, "search-button")
     message = browser.find_element(By.ID, "ra-error")
     assert message.is_displayed() and "not a right ascension" in message.text
     assert browser.find_element(By.ID, "ra").get_attribute("aria-invalid") == "true"
