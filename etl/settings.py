@@ -114,6 +114,15 @@ class Settings:
         "LAMOST_VAC_TRUSTED_PROXIES",
         "reverse proxies in front of the API whose `X-Forwarded-For` names the client", 0,
         minimum=0)
+    tap_default_maxrec: int = setting(
+        "LAMOST_VAC_TAP_MAXREC_DEFAULT", "rows `/tap/sync` returns when MAXREC is not given",
+        10000)
+    tap_max_records: int = setting(
+        "LAMOST_VAC_TAP_MAXREC_MAX",
+        "hard row cap of `/tap/sync` (a larger MAXREC is reduced to it)", 100000)
+    tap_sync_timeout_ms: int = setting(
+        "LAMOST_VAC_TAP_SYNC_TIMEOUT_MS",
+        "a `/tap/sync` ADQL query is cancelled after this long", 30000)
     # -- passwords of the PostgreSQL roles, for the role set-up only (never printed)
     writer_password: Optional[str] = setting(
         "LAMOST_VAC_WRITER_PASSWORD", "password `lamost-vac db upgrade` gives the "
@@ -215,6 +224,8 @@ def _check(s: Settings):
         raise ValueError("LAMOST_VAC_SCS_MAXREC_DEFAULT exceeds LAMOST_VAC_SCS_MAXREC_MAX")
     if s.api_default_limit > s.api_max_limit:
         raise ValueError("LAMOST_VAC_API_LIMIT_DEFAULT exceeds LAMOST_VAC_API_LIMIT_MAX")
+    if s.tap_default_maxrec > s.tap_max_records:
+        raise ValueError("LAMOST_VAC_TAP_MAXREC_DEFAULT exceeds LAMOST_VAC_TAP_MAXREC_MAX")
     if not 0 < s.scs_max_sr_deg <= 180:
         raise ValueError("LAMOST_VAC_SCS_MAX_SR_DEG must be in (0, 180]")
 

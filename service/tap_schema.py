@@ -1,0 +1,328 @@
+"""What the TAP service publishes, generated from the one schema (:mod:`etl.schema`).
+
+* :data:`PUBLISHED`: the catalogue tables and the collaborators' views (``VIEWS``), each
+  with its columns described by :func:`etl.schema.describe_column` (unit, UCD,
+  description, datatype). A view's columns are found by parsing its SQL (sqlglot) and
+  following each output column to the table column it reads.
+* ``TAP_SCHEMA`` (schemas, tables, columns, keys, key_columns) is built from the same
+  objects, never written by hand, and served as queryable tables: :func:`tap_schema_ctes`
+  gives one ``VALUES`` common table expression per TAP_SCHEMA table, which
+  :mod:`service.adql` puts in front of a query that names one. Nothing is stored in the
+  database, so the read-only reader role serves it as it is, and it cannot drift from
+  the schema.
+* :func:`vosi_tableset` is the VOSI ``/tap/tables`` document of the same tables.
+
+``principal`` = 1 for the columns a user wants by default: those with a unit (the
+measurements, positions) or the main identifier. ``indexed`` = 1 for columns with a
+B-tree index (primary keys, declared indexes) and for ``ra``/``dec`` of the tables with
+a Q3C index (``spectra``, ``reference_labels``); a view column is indexed when the
+table column it reads is.
+"""
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Optional
+
+import sqlglot
+from sqlglot import exp
+from sqlalchemy import UniqueConstraint
+
+from etl import schema
+from etl.schema import ColumnDescription
+
+CATALOGUE_SCHEMA = "public"
+TAP_SCHEMA = "TAP_SCHEMA"
+# Tables collaborators may query (bookkeeping tables such as quarantine stay private).
+PUBLISHED_TABLES = ("spectra", "estimates", "models", "reference_labels", "crossmatch")
+Q3C_INDEXED = {"spectra": ("ra", "dec"), "reference_labels": ("ra", "dec")}
+TABLE_DESCRIPTIONS = {
+    "spectra": "LAMOST LRS spectrum metadata, one row per obsid (Q3C index on ra, dec).",
+    "estimates": "Teff, log g, [Fe/H] per spectrum and model version (every version).",
+    "models": "Registry of trained model versions; status 'current' marks the catalogue's.",
+    "reference_labels": "Reference (APOGEE Payne-like) labels (Q3C index on ra, dec).",
+    "crossmatch": "Every reference star within the match radius of a spectrum, ranked "
+                  "by separation (match_rank = 1: best match).",
+}
+
+
+@dataclass(frozen=True)
+class PublishedColumn:
+    description: ColumnDescription
+    indexed: bool
+    principal: bool
+    source: Optional[tuple] = None      # (table, column) a view column reads
+
+
+@dataclass(frozen=True)
+class PublishedTable:
+    name: str
+    schema_name: str
+    table_type: str                     # "table" or "view"
+    description: str
+    columns: tuple                      # PublishedColumn
+    keys: tuple = field(default=())     # (target table, ((from column, target column),))
+
+    def column(self, name) -> Optional[PublishedColumn]:
+        for column in self.columns:
+            if column.description.name == name:
+                return column
+        return None
+
+
+def _indexed_columns(table) -> set:
+    """Columns that lead an index (a B-tree serves conditions on its first column)."""
+    names = {list(table.primary_key.columns)[0].name}
+    names.update(list(index.columns)[0].name for index in table.indexes)
+    names.update(list(constraint.columns)[0].name for constraint in table.constraints
+                 if isinstance(constraint, UniqueConstraint))
+    names.update(Q3C_INDEXED.get(table.name, ()))
+    return names
+
+
+def _principal(description: ColumnDescription) -> bool:
+    return bool(description.unit) or "meta.main" in (description.ucd or "")
+
+
+def _table_keys(table) -> tuple:
+    keys = []
+    for fk in sorted(table.foreign_keys, key=lambda f: f.parent.name):
+        target = fk.column.table.name
+        if target in PUBLISHED_TABLES:
+            keys.append((target, ((fk.parent.name, fk.column.name),)))
+    return tuple(keys)
+
+
+def _published_table(name) -> PublishedTable:
+    table = schema.metadata.tables[name]
+    indexed = _indexed_columns(table)
+    columns = []
+    for column in table.columns:
+        description = schema.describe_column(column)
+        columns.append(PublishedColumn(description, column.name in indexed,
+                                       _principal(description), (name, column.name)))
+    return PublishedTable(name, CATALOGUE_SCHEMA, "table", TABLE_DESCRIPTIONS[name],
+                          tuple(columns), _table_keys(table))
+
+
+def view_sources(sql: str) -> list:
+    """[(output name, table, column)] of a view's SELECT: each output column followed
+    to the table column it reads (by the table aliases of its FROM and JOINs)."""
+    tree = sqlglot.parse_one(sql, read="postgres")
+    aliases = {}
+    for table in tree.find_all(exp.Table):
+        aliases[table.alias_or_name] = table.name
+    default_table = tree.args["from_"].this.name
+    out = []
+    for projection in tree.expressions:
+        column = projection.this if isinstance(projection, exp.Alias) else projection
+        out.append((projection.alias_or_name, aliases.get(column.table, default_table)
+                    if column.table else default_table, column.name))
+    return out
+
+
+def _published_view(name, tables) -> PublishedTable:
+    description, sql = schema.VIEWS[name]
+    columns, keys = [], []
+    for output, table_name, column_name in view_sources(sql):
+        source = tables[table_name].column(column_name)
+        columns.append(PublishedColumn(replace(source.description, name=output),
+                                       source.indexed, True, (table_name, column_name)))
+        target = _key_target(table_name, column_name, tables)
+        if target is not None:
+            keys.append((target[0], ((output, target[1]),)))
+    return PublishedTable(name, CATALOGUE_SCHEMA, "view", description, tuple(columns),
+                          tuple(keys))
+
+
+def _key_target(table_name, column_name, tables):
+    """(table, column) a view column joins to: the primary key it is, or the one its
+    foreign key names."""
+    table = schema.metadata.tables[table_name]
+    column = table.c[column_name] if column_name in table.c else None
+    if column is None:
+        return None
+    for fk in column.foreign_keys:
+        if fk.column.table.name in tables:
+            return fk.column.table.name, fk.column.name
+    primary = list(table.primary_key.columns)
+    if len(primary) == 1 and primary[0] is column and table_name in tables:
+        return table_name, column_name
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# TAP_SCHEMA's own tables (TAP 1.1 section 4), described like the catalogue's.
+def _meta(name, kind, description, principal=True):
+    return PublishedColumn(ColumnDescription(name, kind, None, None, description, True),
+                           False, principal)
+
+
+TAP_SCHEMA_TABLES = {
+    "schemas": ("Schemas of this service", (
+        _meta("schema_name", "text", "schema name"),
+        _meta("utype", "text", "utype of the schema"),
+        _meta("description", "text", "what the schema holds"),
+        _meta("schema_index", "int", "recommended order of the schemas"))),
+    "tables": ("Tables of this service", (
+        _meta("schema_name", "text", "schema the table is in"),
+        _meta("table_name", "text", "table name as used in queries"),
+        _meta("table_type", "text", "table or view"),
+        _meta("utype", "text", "utype of the table"),
+        _meta("description", "text", "what the table holds"),
+        _meta("table_index", "int", "recommended order of the tables"))),
+    "columns": ("Columns of the tables of this service", (
+        _meta("table_name", "text", "table the column is in"),
+        _meta("column_name", "text", "column name"),
+        _meta("utype", "text", "utype of the column"),
+        _meta("ucd", "text", "UCD of the column"),
+        _meta("unit", "text", "unit (VOUnit)"),
+        _meta("description", "text", "what the column holds"),
+        _meta("datatype", "text", "VOTable datatype"),
+        _meta("arraysize", "text", "VOTable arraysize"),
+        _meta("xtype", "text", "VOTable xtype"),
+        _meta("size", "int", "deprecated length (use arraysize)"),
+        _meta("principal", "int", "1: shown by default"),
+        _meta("indexed", "int", "1: an index serves conditions on it"),
+        _meta("std", "int", "1: defined by a standard"),
+        _meta("column_index", "int", "recommended order of the columns"))),
+    "keys": ("Foreign keys between the tables", (
+        _meta("key_id", "text", "key identifier"),
+        _meta("from_table", "text", "table holding the key"),
+        _meta("target_table", "text", "table the key points to"),
+        _meta("utype", "text", "utype of the key"),
+        _meta("description", "text", "what the key means"))),
+    "key_columns": ("Columns of the foreign keys", (
+        _meta("key_id", "text", "key identifier"),
+        _meta("from_column", "text", "column in from_table"),
+        _meta("target_column", "text", "column in target_table"))),
+}
+
+
+@lru_cache(maxsize=1)
+def published_tables() -> dict:
+    """{name: PublishedTable}: catalogue tables, then views, then TAP_SCHEMA's."""
+    tables = {name: _published_table(name) for name in PUBLISHED_TABLES}
+    for name in schema.VIEWS:
+        tables[name] = _published_view(name, tables)
+    for name, (description, columns) in TAP_SCHEMA_TABLES.items():
+        qualified = f"{TAP_SCHEMA}.{name}"
+        tables[qualified] = PublishedTable(qualified, TAP_SCHEMA, "table", description,
+                                           columns)
+    return tables
+
+
+def arraysize(description: ColumnDescription) -> Optional[str]:
+    return "*" if description.votable_datatype == "char" else None
+
+
+def xtype(description: ColumnDescription) -> Optional[str]:
+    return "timestamp" if description.kind == "datetime" else None
+
+
+@lru_cache(maxsize=1)
+def tap_schema_rows() -> dict:
+    """{TAP_SCHEMA table: [row tuples in the column order above]}."""
+    tables = published_tables()
+    rows = {"schemas": [(CATALOGUE_SCHEMA, None, "LAMOST LRS value-added catalogue "
+                         "(Teff, log g, [Fe/H] from LASSO-MLPNet) and its sources", 0),
+                        (TAP_SCHEMA, None, "Description of the tables of this service", 1)],
+            "tables": [], "columns": [], "keys": [], "key_columns": []}
+    for table_index, table in enumerate(tables.values()):
+        rows["tables"].append((table.schema_name, table.name, table.table_type, None,
+                               table.description, table_index))
+        for column_index, column in enumerate(table.columns):
+            d = column.description
+            rows["columns"].append((table.name, d.name, None, d.ucd, d.unit, d.description,
+                                    d.votable_datatype, arraysize(d), xtype(d), None,
+                                    int(column.principal), int(column.indexed),
+                                    int(table.schema_name == TAP_SCHEMA), column_index))
+        for target, pairs in table.keys:
+            key_id = f"{table.name}-{target}-{pairs[0][0]}"
+            rows["keys"].append((key_id, table.name, target, None,
+                                 f"{table.name}.{pairs[0][0]} refers to {target}"))
+            rows["key_columns"].extend((key_id, a, b) for a, b in pairs)
+    return rows
+
+
+def cte_name(tap_table: str) -> str:
+    """Name of the common table expression serving ``TAP_SCHEMA.<tap_table>``."""
+    return f"lamost_vac_tap_schema_{tap_table}"
+
+
+@lru_cache(maxsize=1)
+def tap_schema_ctes() -> dict:
+    """{TAP_SCHEMA table: sqlglot CTE} (``name AS (SELECT CAST(..) AS column ...
+    FROM (VALUES ...))``): typed columns even where every value is NULL."""
+    ctes = {}
+    for name, (_, columns) in TAP_SCHEMA_TABLES.items():
+        values = exp.values([tuple(exp.Null() if v is None else
+                                   exp.Literal.number(v) if isinstance(v, int) else
+                                   exp.Literal.string(v) for v in row)
+                             for row in tap_schema_rows()[name]],
+                            alias="v", columns=[f"c{i}" for i in range(len(columns))])
+        projections = [exp.cast(exp.column(f"c{i}", table="v"),
+                                "BIGINT" if c.description.kind == "int" else "TEXT")
+                       .as_(exp.to_identifier(c.description.name, quoted=True))
+                       for i, c in enumerate(columns)]
+        ctes[name] = exp.CTE(this=exp.select(*projections).from_(values),
+                             alias=exp.TableAlias(this=exp.to_identifier(cte_name(name))))
+    return ctes
+
+
+# ---------------------------------------------------------------------------------------
+# VOSI tables
+def _xml(text) -> str:
+    from xml.sax.saxutils import escape
+
+    return escape(str(text))
+
+
+def vosi_tableset() -> str:
+    """The VODataService 1.1 ``tableset`` of every published table (VOSI tables)."""
+    by_schema = {}
+    for table in published_tables().values():
+        by_schema.setdefault(table.schema_name, []).append(table)
+    parts = ['<?xml version="1.0" encoding="UTF-8"?>\n'
+             '<vosi:tableset xmlns:vosi="http://www.ivoa.net/xml/VOSITables/v1.0" '
+             'xmlns:vs="http://www.ivoa.net/xml/VODataService/v1.1" '
+             'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">\n']
+    for schema_row in tap_schema_rows()["schemas"]:
+        parts.append(f"  <schema>\n    <name>{_xml(schema_row[0])}</name>\n"
+                     f"    <description>{_xml(schema_row[2])}</description>\n")
+        for table in by_schema.get(schema_row[0], []):
+            parts.append(f'    <table type="{table.table_type}">\n'
+                         f"      <name>{_xml(table.name)}</name>\n"
+                         f"      <description>{_xml(table.description)}</description>\n")
+            for column in table.columns:
+                d = column.description
+                size = arraysize(d)
+                parts.append("      <column>\n"
+                             f"        <name>{_xml(d.name)}</name>\n")
+                if d.description:
+                    parts.append(f"        <description>{_xml(d.description)}"
+                                 "</description>\n")
+                if d.unit:
+                    parts.append(f"        <unit>{_xml(d.unit)}</unit>\n")
+                if d.ucd:
+                    parts.append(f"        <ucd>{_xml(d.ucd)}</ucd>\n")
+                parts.append('        <dataType xsi:type="vs:VOTableType"'
+                             + (f' arraysize="{size}"' if size else "")
+                             + (f' extendedType="{xtype(d)}"' if xtype(d) else "")
+                             + f">{d.votable_datatype}</dataType>\n")
+                if column.indexed:
+                    parts.append("        <flag>indexed</flag>\n")
+                if column.principal:
+                    parts.append("        <flag>principal</flag>\n")
+                if d.nullable:
+                    parts.append("        <flag>nullable</flag>\n")
+                parts.append("      </column>\n")
+            for target, pairs in table.keys:
+                parts.append(f"      <foreignKey>\n        <targetTable>{_xml(target)}"
+                             "</targetTable>\n")
+                for a, b in pairs:
+                    parts.append(f"        <fkColumn><fromColumn>{_xml(a)}</fromColumn>"
+                                 f"<targetColumn>{_xml(b)}</targetColumn></fkColumn>\n")
+                parts.append("      </foreignKey>\n")
+            parts.append("    </table>\n")
+        parts.append("  </schema>\n")
+    parts.append("</vosi:tableset>\n")
+    return "".join(parts)
