@@ -45,7 +45,7 @@ ALLOWED_NODES = (
     exp.Literal, exp.Null, exp.Boolean, exp.Paren, exp.Subquery, exp.With, exp.CTE,
     exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.And, exp.Or, exp.Not, exp.Is,
     exp.In, exp.Between, exp.Like, exp.ILike, exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod,
-    exp.Neg, exp.DPipe, exp.Case, exp.If, exp.Cast, exp.DataType, exp.Exists, exp.Tuple,
+    exp.Neg, exp.DPipe, exp.Exists, exp.Tuple, exp.DataType,
 )
 ALLOWED_FUNCTIONS = (
     # ADQL 2.1 section 2.3 mathematical and trigonometric functions
@@ -156,7 +156,12 @@ def check(tree: exp.Expression):
                             else node.name.lower())
             if isinstance(node, exp.TableAlias):
                 query_names.update(c.name.lower() for c in node.columns)
-        if isinstance(node, exp.Func):
+        if isinstance(node, exp.DataType) and node.this not in CAST_TYPES:
+            raise AdqlError(f"CAST to {_snippet(node)} is not accepted; numbers, text "
+                            "and timestamps are")
+        if isinstance(node, ALLOWED_NODES):
+            continue
+        if isinstance(node, exp.Func):     # (sqlglot's AND, OR, ... are Funcs too)
             if isinstance(node, exp.Anonymous):
                 if node.name.upper() not in ALLOWED_ANONYMOUS:
                     raise AdqlError(f"function {node.name} is not available; ADQL's "
@@ -164,10 +169,7 @@ def check(tree: exp.Expression):
             elif not isinstance(node, ALLOWED_FUNCTIONS):
                 raise AdqlError(f"function {function_name(node)} is not available; ADQL's "
                                 "mathematical, aggregate and geometry functions are")
-        elif isinstance(node, exp.DataType) and node.this not in CAST_TYPES:
-            raise AdqlError(f"CAST to {_snippet(node)} is not accepted; numbers, text "
-                            "and timestamps are")
-        elif not isinstance(node, ALLOWED_NODES):
+        else:
             raise AdqlError(f"{node.key.upper()} is not accepted in a query here: "
                             f"{_snippet(node)}")
     published = tap_schema.published_tables()

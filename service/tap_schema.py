@@ -44,6 +44,49 @@ TABLE_DESCRIPTIONS = {
 }
 
 
+# SQL-92 reserved words (ADQL 2.0 section 2.1.2; DEC left out, as ADQL clients do) and
+# ADQL's own: a column so named is listed delimited ('"zone"') in TAP_SCHEMA and VOSI.
+ADQL_RESERVED = set("""
+ABSOLUTE ACTION ADD ALL ALLOCATE ALTER AND ANY ARE AS ASC ASSERTION AT AUTHORIZATION AVG
+BEGIN BETWEEN BIT BIT_LENGTH BOTH BY CASCADE CASCADED CASE CAST CATALOG CHAR CHARACTER
+CHAR_LENGTH CHARACTER_LENGTH CHECK CLOSE COALESCE COLLATE COLLATION COLUMN COMMIT CONNECT
+CONNECTION CONSTRAINT CONSTRAINTS CONTINUE CONVERT CORRESPONDING COUNT CREATE CROSS CURRENT
+CURRENT_DATE CURRENT_TIME CURRENT_TIMESTAMP CURRENT_USER CURSOR DATE DAY DEALLOCATE DECIMAL
+DECLARE DEFAULT DEFERRABLE DEFERRED DELETE DESC DESCRIBE DESCRIPTOR DIAGNOSTICS DISCONNECT
+DISTINCT DOMAIN DOUBLE DROP ELSE END END-EXEC ESCAPE EXCEPT EXCEPTION EXEC EXECUTE EXISTS
+EXTERNAL EXTRACT FALSE FETCH FIRST FLOAT FOR FOREIGN FOUND FROM FULL GET GLOBAL GO GOTO
+GRANT GROUP HAVING HOUR IDENTITY IMMEDIATE IN INDICATOR INITIALLY INNER INPUT INSENSITIVE
+INSERT INT INTEGER INTERSECT INTERVAL INTO IS ISOLATION JOIN KEY LANGUAGE LAST LEADING LEFT
+LEVEL LIKE LOCAL LOWER MATCH MAX MIN MINUTE MODULE MONTH NAMES NATIONAL NATURAL NCHAR NEXT
+NO NOT NULL NULLIF NUMERIC OCTET_LENGTH OF ON ONLY OPEN OPTION OR ORDER OUTER OUTPUT
+OVERLAPS PAD PARTIAL POSITION PRECISION PREPARE PRESERVE PRIMARY PRIOR PRIVILEGES PROCEDURE
+PUBLIC READ REAL REFERENCES RELATIVE RESTRICT REVOKE RIGHT ROLLBACK ROWS SCHEMA SCROLL
+SECOND SECTION SELECT SESSION SESSION_USER SET SIZE SMALLINT SOME SPACE SQL SQLCODE
+SQLERROR SQLSTATE SUBSTRING SUM SYSTEM_USER TABLE TEMPORARY THEN TIME TIMESTAMP
+TIMEZONE_HOUR TIMEZONE_MINUTE TO TRAILING TRANSACTION TRANSLATE TRANSLATION TRIM TRUE UNION
+UNIQUE UNKNOWN UPDATE UPPER USAGE USER USING VALUE VALUES VARCHAR VARYING VIEW WHEN
+WHENEVER WHERE WITH WORK WRITE YEAR ZONE
+ABS ACOS ASIN ATAN ATAN2 CEILING COS DEGREES EXP FLOOR LOG LOG10 MOD PI POWER RADIANS RAND
+ROUND SIN SQRT TAN TOP TRUNCATE AREA BOX CENTROID CIRCLE CONTAINS COORD1 COORD2 COORDSYS
+DISTANCE INTERSECTS POINT POLYGON REGION""".split())
+
+
+def adql_name(name: str) -> str:
+    """``name`` as ADQL writes it: delimited when it is a reserved word."""
+    return f'"{name}"' if name.upper() in ADQL_RESERVED else name
+
+
+@dataclass(frozen=True)
+class TypedColumn(ColumnDescription):
+    """A column description with an explicit VOTable datatype (``int``, ``short``,
+    ``float``, ...) where the schema's kind alone would say ``long`` or ``double``."""
+    datatype: Optional[str] = None
+
+    @property
+    def votable_datatype(self) -> str:
+        return self.datatype or ColumnDescription.votable_datatype.fget(self)
+
+
 @dataclass(frozen=True)
 class PublishedColumn:
     description: ColumnDescription
@@ -152,8 +195,19 @@ def _key_target(table_name, column_name, tables):
 # ---------------------------------------------------------------------------------------
 # TAP_SCHEMA's own tables (TAP 1.1 section 4), described like the catalogue's.
 def _meta(name, kind, description, principal=True):
-    return PublishedColumn(ColumnDescription(name, kind, None, None, description, True),
+    return PublishedColumn(TypedColumn(name, kind, None, None, description, True,
+                                       "int" if kind == "int" else None),
                            False, principal)
+
+
+# TAP 1.1 section 4: the foreign keys between the TAP_SCHEMA tables themselves.
+TAP_SCHEMA_KEYS = {
+    "tables": (("schemas", (("schema_name", "schema_name"),)),),
+    "columns": (("tables", (("table_name", "table_name"),)),),
+    "keys": (("tables", (("from_table", "table_name"),)),
+             ("tables", (("target_table", "table_name"),))),
+    "key_columns": (("keys", (("key_id", "key_id"),)),),
+}
 
 
 TAP_SCHEMA_TABLES = {
@@ -205,8 +259,10 @@ def published_tables() -> dict:
         tables[name] = _published_view(name, tables)
     for name, (description, columns) in TAP_SCHEMA_TABLES.items():
         qualified = f"{TAP_SCHEMA}.{name}"
+        keys = tuple((f"{TAP_SCHEMA}.{target}", pairs)
+                     for target, pairs in TAP_SCHEMA_KEYS.get(name, ()))
         tables[qualified] = PublishedTable(qualified, TAP_SCHEMA, "table", description,
-                                           columns)
+                                           columns, keys)
     return tables
 
 
@@ -231,12 +287,13 @@ def tap_schema_rows() -> dict:
                                table.description, table_index))
         for column_index, column in enumerate(table.columns):
             d = column.description
-            rows["columns"].append((table.name, d.name, None, d.ucd, d.unit, d.description,
+            rows["columns"].append((table.name, adql_name(d.name), None, d.ucd, d.unit,
+                                    d.description,
                                     d.votable_datatype, arraysize(d), xtype(d), None,
                                     int(column.principal), int(column.indexed),
                                     int(table.schema_name == TAP_SCHEMA), column_index))
         for target, pairs in table.keys:
-            key_id = f"{table.name}-{target}-{pairs[0][0]}"
+            key_id = f"{table.name}-{pairs[0][0]}"
             rows["keys"].append((key_id, table.name, target, None,
                                  f"{table.name}.{pairs[0][0]} refers to {target}"))
             rows["key_columns"].extend((key_id, a, b) for a, b in pairs)
@@ -260,7 +317,7 @@ def tap_schema_ctes() -> dict:
                              for row in tap_schema_rows()[name]],
                             alias="v", columns=[f"c{i}" for i in range(len(columns))])
         projections = [exp.cast(exp.column(f"c{i}", table="v"),
-                                "BIGINT" if c.description.kind == "int" else "TEXT")
+                                "INTEGER" if c.description.kind == "int" else "TEXT")
                        .as_(exp.to_identifier(c.description.name, quoted=True))
                        for i, c in enumerate(columns)]
         ctes[name] = exp.CTE(this=exp.select(*projections).from_(values),
@@ -296,7 +353,7 @@ def vosi_tableset() -> str:
                 d = column.description
                 size = arraysize(d)
                 parts.append("      <column>\n"
-                             f"        <name>{_xml(d.name)}</name>\n")
+                             f"        <name>{_xml(adql_name(d.name))}</name>\n")
                 if d.description:
                     parts.append(f"        <description>{_xml(d.description)}"
                                  "</description>\n")

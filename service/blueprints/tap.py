@@ -20,6 +20,7 @@ The embedded default (SQLite) has neither Q3C nor roles: every ``/tap`` endpoint
 answers a VOTable error saying TAP needs PostgreSQL.
 """
 import decimal
+from dataclasses import replace
 from functools import lru_cache
 
 from flask import Blueprint, Response, request
@@ -63,12 +64,14 @@ ADQL_FEATURES = {
     "ivo://ivoa.net/std/TAPRegExt#features-adql-common-table": ["WITH"],
     "ivo://ivoa.net/std/TAPRegExt#features-adql-offset": ["OFFSET"],
     "ivo://ivoa.net/std/TAPRegExt#features-adql-type": ["CAST"],
-    "ivo://ivoa.net/std/TAPRegExt#features-adql-conditional": ["COALESCE"],
 }
-# PostgreSQL type OIDs -> column kind, for result columns that are not a published column.
-PG_KINDS = {16: "bool", 20: "int", 21: "int", 23: "int", 26: "int", 700: "float",
-            701: "float", 1700: "float", 1082: "datetime", 1114: "datetime",
-            1184: "datetime"}
+# PostgreSQL type OIDs -> (kind, VOTable datatype), for result columns that are not a
+# published column.
+PG_TYPES = {16: ("bool", "boolean"), 20: ("int", "long"), 21: ("int", "short"),
+            23: ("int", "int"), 26: ("int", "long"), 700: ("float", "float"),
+            701: ("float", "double"), 1700: ("float", "double"),
+            1082: ("datetime", None), 1114: ("datetime", None), 1184: ("datetime", None)}
+TEXT_KINDS = {"text", "json"}
 DISTANCE = ColumnDescription("distance", "float", "deg", "pos.angDistance",
                              "angular distance (great circle, ICRS)", True)
 # (identifier, name, what it shows, ADQL): served at /tap/examples, run by the tests.
@@ -217,8 +220,8 @@ def _database_error(error):
 
 def output_columns(tree, description) -> list:
     """Column descriptions of a result: a column read from a published table keeps its
-    unit, UCD and description; others get the type the database reports. Names are
-    made unique (VOTable FIELD IDs)."""
+    metadata (unit, UCD, description, datatype); others get the type the database
+    reports. Names are made unique (VOTable FIELD IDs)."""
     scope = _tables_in_scope(tree)
     projections = list(tree.expressions) if hasattr(tree, "expressions") else []
     by_position = len(projections) == len(description) and not any(
@@ -226,25 +229,22 @@ def output_columns(tree, description) -> list:
     out, seen = [], set()
     for index, item in enumerate(description):
         name = item.name if item.name and item.name != "?column?" else f"col{index + 1}"
-        known = None
+        kind, datatype = PG_TYPES.get(item.type_code, ("text", None))
         if by_position:
             known = _projection_column(projections[index], scope)
-        elif item.name:
-            known = _lookup(None, item.name, scope)
-        kind = PG_KINDS.get(item.type_code, "text")
-        if known is not None and known.kind == kind or (
-                known is not None and {known.kind, kind} <= {"int", "float"}):
-            column = ColumnDescription(name, kind, known.unit, known.ucd,
-                                       known.description, True)
         else:
-            column = ColumnDescription(name, kind, None, None, "", True)
-        unique, number = column.name, 1
+            known = _lookup(None, item.name, scope)
+        if known is not None and (known.kind == kind or {known.kind, kind} <= {"int", "float"}
+                                  or (known.kind in TEXT_KINDS and kind == "text")):
+            column = replace(known, name=name, nullable=True)
+        else:
+            column = tap_schema.TypedColumn(name, kind, None, None, "", True, datatype)
+        unique, number = name, 1
         while unique.lower() in seen:
             number += 1
-            unique = f"{column.name}_{number}"
+            unique = f"{name}_{number}"
         seen.add(unique.lower())
-        out.append(ColumnDescription(unique, column.kind, column.unit, column.ucd,
-                                     column.description, True))
+        out.append(replace(column, name=unique))
     return out
 
 
