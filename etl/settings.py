@@ -123,6 +123,16 @@ class Settings:
     tap_sync_timeout_ms: int = setting(
         "LAMOST_VAC_TAP_SYNC_TIMEOUT_MS",
         "a `/tap/sync` ADQL query is cancelled after this long", 30000)
+    tap_async_timeout_ms: int = setting(
+        "LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS",
+        "a `/tap/async` job's query is cancelled after this long", 600000)
+    tap_job_dir: str = setting(
+        "LAMOST_VAC_TAP_JOB_DIR",
+        "where `/tap/async` jobs and their results are kept (shared by the API and the "
+        "workers that run them)", "runs/tap-jobs")
+    tap_retention_s: int = setting(
+        "LAMOST_VAC_TAP_RETENTION_S",
+        "a `/tap/async` job and its result are destroyed this long after creation", 86400)
     # -- passwords of the PostgreSQL roles, for the role set-up only (never printed)
     writer_password: Optional[str] = setting(
         "LAMOST_VAC_WRITER_PASSWORD", "password `lamost-vac db upgrade` gives the "

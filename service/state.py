@@ -44,6 +44,8 @@ class Limits:
     tap_default_maxrec: int
     tap_max_records: int
     tap_sync_timeout_ms: int
+    tap_async_timeout_ms: int
+    tap_retention_s: int
 
     @classmethod
     def from_settings(cls, settings) -> "Limits":
@@ -63,10 +65,12 @@ class ServiceState:
     limiter: LargeQueryLimiter
     version: str
     tap_engine: object = None   # /tap ADQL queries: the TAP timeout (PostgreSQL only)
+    tap_async_engine: object = None     # /tap/async jobs: the async timeout
 
     def dispose(self):
         for engine in {id(e): e for e in (self.engine, self.cone_engine,
-                                           self.health_engine, self.tap_engine)
+                                           self.health_engine, self.tap_engine,
+                                           self.tap_async_engine)
                        if e is not None}.values():
             engine.dispose()
 

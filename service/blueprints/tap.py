@@ -19,15 +19,17 @@ error gives its line and column), 503 for a timeout or an unavailable database.
 The embedded default (SQLite) has neither Q3C nor roles: every ``/tap`` endpoint
 answers a VOTable error saying TAP needs PostgreSQL.
 """
+import datetime as dt
 import decimal
 from dataclasses import replace
 from functools import lru_cache
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, redirect, request
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from werkzeug.exceptions import NotFound
 
 from etl.schema import ColumnDescription
-from service import adql, formats, tap_schema
+from service import adql, formats, tap_jobs, tap_schema
 from service.blueprints.vosi import XML_MIME, availability as vosi_availability
 from service.errors import database_error_response, error_response
 from service.state import state
@@ -164,19 +166,29 @@ def _sync_request(params, limits):
 
 @blueprint.route("/sync", methods=["GET", "POST"])
 def sync():
-    service = state()
     try:
-        query, maxrec, (fmt, serialization) = _sync_request(_parameters(), service.limits)
+        params = _parameters()
+    except TapRequestError as error:
+        return tap_error(str(error))
+    service = state()
+    return run_query(params, service.tap_engine, service.limits.tap_sync_timeout_ms)
+
+
+def run_query(params, engine, timeout_ms):
+    """The TAP answer to the request parameters ``params`` (upper-case names), the query
+    run on ``engine`` (sync, or an async job's engine with its longer timeout)."""
+    try:
+        query, maxrec, (fmt, serialization) = _sync_request(params, state().limits)
         translation = adql.translate(query, maxrows=maxrec + 1)
     except (TapRequestError, adql.AdqlError) as error:
         return tap_error(str(error))
     try:
-        with service.tap_engine.connect() as connection:
+        with engine.connect() as connection:
             result = connection.exec_driver_sql(translation.sql)
             description = result.cursor.description
             rows = result.fetchall()
     except SQLAlchemyError as error:
-        return _database_error(error)
+        return _database_error(error, timeout_ms)
     columns = output_columns(translation.tree, description)
     rows = [tuple(float(v) if isinstance(v, decimal.Decimal) else v for v in row)
             for row in rows]
@@ -204,7 +216,7 @@ def sync():
 QUERY_ERROR_CLASSES = ("21", "22", "42")
 
 
-def _database_error(error):
+def _database_error(error, timeout_ms):
     original = getattr(error, "orig", None)
     sqlstate = getattr(original, "sqlstate", None) or ""
     if isinstance(error, DBAPIError) and sqlstate[:2] in QUERY_ERROR_CLASSES:
@@ -212,9 +224,8 @@ def _database_error(error):
         return tap_error(f"the query failed in the database: {message or original}")
     status, message = database_error_response(error)
     if status == 503 and "statement timeout" in message:
-        message = (f"the query ran past the TAP timeout of "
-                   f"{state().limits.tap_sync_timeout_ms} ms; narrow it (a cone, TOP, "
-                   "tighter conditions)")
+        message = (f"the query ran past the TAP timeout of {timeout_ms} ms; narrow it "
+                   "(a cone, TOP, tighter conditions) or run it as an async job")
     return tap_error(message, status=status)
 
 
@@ -291,6 +302,244 @@ def _projection_column(projection, scope):
 
 
 # ---------------------------------------------------------------------------------------
+# async: UWS 1.1 job list
+UWS_NS = ('xmlns:uws="http://www.ivoa.net/xml/UWS/v1.0" '
+          'xmlns:xlink="http://www.w3.org/1999/xlink" '
+          'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"')
+JOB_PARAMETERS = ("REQUEST", "LANG", "QUERY", "MAXREC", "RESPONSEFORMAT", "FORMAT",
+                  "RUNID")
+
+
+def _store():
+    return tap_jobs.JobStore(state().settings.tap_job_dir)
+
+
+def _job_or_404(job_id):
+    job = _store().load(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id[:40]!r}: it never existed, was deleted or has "
+                       "passed its destruction time")
+    return job
+
+
+def _see_other(path):
+    return redirect(request.host_url.rstrip("/") + path, code=303)
+
+
+def _job_path(job):
+    return f"/tap/async/{job.job_id}"
+
+
+def _text(value):
+    return Response("" if value is None else str(value), mimetype="text/plain")
+
+
+def _element(name, value):
+    if value is None:
+        return f'  <uws:{name} xsi:nil="true"/>\n'
+    return f"  <uws:{name}>{formats.escape(str(value))}</uws:{name}>\n"
+
+
+def _parameters_xml(job, indent="  "):
+    items = "".join(f'{indent}  <uws:parameter id="{formats.escape(name.lower())}">'
+                    f"{formats.escape(value)}</uws:parameter>\n"
+                    for name, value in job.parameters.items())
+    return f"{indent}<uws:parameters>\n{items}{indent}</uws:parameters>\n"
+
+
+def _results_xml(job, indent="  "):
+    href = formats.escape(request.host_url.rstrip("/") + _job_path(job) + "/results/result")
+    items = (f'{indent}  <uws:result id="result" xlink:href="{href}"/>\n'
+             if job.phase == tap_jobs.COMPLETED else "")
+    return f"{indent}<uws:results>\n{items}{indent}</uws:results>\n"
+
+
+def _job_xml(job):
+    error = ""
+    if job.phase == tap_jobs.ERROR:
+        error = ('  <uws:errorSummary type="fatal" hasDetail="true">\n'
+                 f"    <uws:message>{formats.escape(job.error or '')}</uws:message>\n"
+                 "  </uws:errorSummary>\n")
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:job {UWS_NS} version="1.1">\n'
+            + _element("jobId", job.job_id)
+            + (_element("runId", job.parameters["RUNID"]) if "RUNID" in job.parameters
+               else "")
+            + _element("ownerId", None) + _element("phase", job.phase)
+            + _element("quote", None) + _element("creationTime", job.creation_time)
+            + _element("startTime", job.start_time) + _element("endTime", job.end_time)
+            + _element("executionDuration", job.execution_duration)
+            + _element("destruction", job.destruction)
+            + _parameters_xml(job) + _results_xml(job) + error + "</uws:job>\n")
+    return Response(body, mimetype=XML_MIME)
+
+
+def _job_parameters():
+    """The job's TAP parameters; others are ignored, as DALI asks."""
+    return {k: v for k, v in _parameters().items() if k in JOB_PARAMETERS}
+
+
+def _start(job):
+    """PENDING -> QUEUED, then to a worker (or run here without a broker)."""
+    job.phase = tap_jobs.QUEUED
+    _store().save(job)
+    service = state()
+
+    def run_here(job_id):
+        tap_jobs.run_job(_store(), job_id, lambda parameters: run_query(
+            parameters, service.tap_async_engine, service.limits.tap_async_timeout_ms))
+
+    tap_jobs.dispatch(service.settings, job.job_id, run_here)
+
+
+@blueprint.get("/async")
+def job_list():
+    phases = {p.upper() for p in request.args.getlist("PHASE")}
+    jobs = [j for j in _store().jobs() if not phases or j.phase in phases]
+    if request.args.get("LAST", "").isdigit():
+        jobs = jobs[-int(request.args["LAST"]):] if int(request.args["LAST"]) else []
+    base = request.host_url.rstrip("/")
+    refs = "".join(
+        f'  <uws:jobref id="{j.job_id}" xlink:href="{formats.escape(base + _job_path(j))}">'
+        f"<uws:phase>{j.phase}</uws:phase>"
+        f"<uws:creationTime>{j.creation_time}</uws:creationTime></uws:jobref>\n"
+        for j in jobs)
+    return Response(f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:jobs {UWS_NS} '
+                    f'version="1.1">\n{refs}</uws:jobs>\n', mimetype=XML_MIME)
+
+
+@blueprint.post("/async")
+def create_job():
+    try:
+        parameters = _job_parameters()
+    except TapRequestError as error:
+        return tap_error(str(error))
+    limits = state().limits
+    job = _store().create(parameters, max(1, limits.tap_async_timeout_ms // 1000),
+                          limits.tap_retention_s)
+    if _parameters().get("PHASE", "").upper() == "RUN":
+        _start(job)
+    return _see_other(_job_path(job))
+
+
+@blueprint.route("/async/<job_id>", methods=["GET", "POST", "DELETE"])
+def job(job_id):
+    job = _job_or_404(job_id)
+    if request.method == "GET":
+        return _job_xml(job)
+    action = _parameters().get("ACTION", "").upper()
+    if request.method == "DELETE" or action == "DELETE":
+        _store().delete(job.job_id)
+        return _see_other("/tap/async")
+    return tap_error("POST to a job takes ACTION=DELETE; the phase is set at its /phase")
+
+
+@blueprint.route("/async/<job_id>/phase", methods=["GET", "POST"])
+def job_phase(job_id):
+    job = _job_or_404(job_id)
+    if request.method == "GET":
+        return _text(job.phase)
+    phase = _parameters().get("PHASE", "").upper()
+    if phase == "RUN":
+        if job.phase != tap_jobs.PENDING:
+            return tap_error(f"the job is {job.phase}; only a PENDING job can be run")
+        _start(job)
+    elif phase == "ABORT":
+        if job.phase in (tap_jobs.PENDING,) + tap_jobs.ACTIVE_PHASES:
+            job.phase, job.end_time = tap_jobs.ABORTED, tap_jobs.iso(tap_jobs.utc_now())
+            _store().save(job)
+    else:
+        return tap_error("PHASE must be RUN or ABORT")
+    return _see_other(_job_path(job))
+
+
+@blueprint.route("/async/<job_id>/executionduration", methods=["GET", "POST"])
+def job_execution_duration(job_id):
+    job = _job_or_404(job_id)
+    if request.method == "GET":
+        return _text(job.execution_duration)
+    value = _parameters().get("EXECUTIONDURATION", "").strip()
+    if not value.isascii() or not value.isdigit():
+        return tap_error("EXECUTIONDURATION must be a whole number of seconds")
+    hard = max(1, state().limits.tap_async_timeout_ms // 1000)
+    if job.phase == tap_jobs.PENDING:
+        job.execution_duration = min(int(value), hard) if int(value) > 0 else hard
+        _store().save(job)
+    return _see_other(_job_path(job))
+
+
+@blueprint.route("/async/<job_id>/destruction", methods=["GET", "POST"])
+def job_destruction(job_id):
+    job = _job_or_404(job_id)
+    if request.method == "GET":
+        return _text(job.destruction)
+    try:
+        wanted = tap_jobs.parse_iso(_parameters().get("DESTRUCTION", ""))
+    except ValueError:
+        return tap_error("DESTRUCTION must be an ISO 8601 time, e.g. 2030-01-01T00:00:00Z")
+    latest = tap_jobs.parse_iso(job.creation_time) + dt.timedelta(
+        seconds=state().limits.tap_retention_s)
+    job.destruction = tap_jobs.iso(min(wanted, latest))
+    _store().save(job)
+    return _see_other(_job_path(job))
+
+
+@blueprint.get("/async/<job_id>/quote")
+def job_quote(job_id):
+    return _text(_job_or_404(job_id) and "")
+
+
+@blueprint.get("/async/<job_id>/owner")
+def job_owner(job_id):
+    return _text(_job_or_404(job_id) and "")
+
+
+@blueprint.route("/async/<job_id>/parameters", methods=["GET", "POST"])
+def job_parameters(job_id):
+    job = _job_or_404(job_id)
+    if request.method == "POST":
+        if job.phase != tap_jobs.PENDING:
+            return tap_error(f"the job is {job.phase}; parameters change only while "
+                             "it is PENDING")
+        try:
+            job.parameters.update(_job_parameters())
+        except TapRequestError as error:
+            return tap_error(str(error))
+        _store().save(job)
+        return _see_other(_job_path(job))
+    return Response('<?xml version="1.0" encoding="UTF-8"?>\n'
+                    + _parameters_xml(job, indent="").replace(
+                        "<uws:parameters>", f"<uws:parameters {UWS_NS}>", 1),
+                    mimetype=XML_MIME)
+
+
+@blueprint.get("/async/<job_id>/results")
+def job_results(job_id):
+    job = _job_or_404(job_id)
+    return Response('<?xml version="1.0" encoding="UTF-8"?>\n'
+                    + _results_xml(job, indent="").replace(
+                        "<uws:results>", f"<uws:results {UWS_NS}>", 1),
+                    mimetype=XML_MIME)
+
+
+@blueprint.get("/async/<job_id>/results/result")
+def job_result(job_id):
+    job = _job_or_404(job_id)
+    data = _store().read_document(job.job_id, "result")
+    if job.phase != tap_jobs.COMPLETED or data is None:
+        raise NotFound(f"the job is {job.phase}: it has no result")
+    return Response(data, content_type=job.result_mime)
+
+
+@blueprint.get("/async/<job_id>/error")
+def job_error(job_id):
+    job = _job_or_404(job_id)
+    data = _store().read_document(job.job_id, "error")
+    if job.phase != tap_jobs.ERROR or data is None:
+        raise NotFound(f"the job is {job.phase}: it has no error")
+    return Response(data, mimetype=formats.VOTABLE_MIME)
+
+
+# ---------------------------------------------------------------------------------------
 # VOSI and DALI documents
 @blueprint.get("/tables")
 def tables():
@@ -322,7 +571,7 @@ def _capabilities_body(base, limits):
         "    <outputFormat" + (f' ivo-id="{ivo_id}"' if ivo_id else "") + ">\n"
         f"      <mime>{esc(mime)}</mime>\n      <alias>{alias}</alias>\n"
         "    </outputFormat>\n" for ivo_id, mime, alias in OUTPUT_FORMATS)
-    seconds = max(1, limits.tap_sync_timeout_ms // 1000)
+    seconds = max(1, limits.tap_async_timeout_ms // 1000)
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<vosi:capabilities xmlns:vosi="http://www.ivoa.net/xml/VOSICapabilities/v1.0" '
@@ -340,7 +589,13 @@ def _capabilities_body(base, limits):
         f"{features}"
         "    </language>\n"
         f"{outputs}"
-        f"    <executionDuration>\n      <hard>{seconds}</hard>\n    </executionDuration>\n"
+        "    <retentionPeriod>\n"
+        f"      <default>{limits.tap_retention_s}</default>\n"
+        f"      <hard>{limits.tap_retention_s}</hard>\n"
+        "    </retentionPeriod>\n"
+        "    <executionDuration>\n"
+        f"      <default>{seconds}</default>\n      <hard>{seconds}</hard>\n"
+        "    </executionDuration>\n"
         "    <outputLimit>\n"
         f'      <default unit="row">{limits.tap_default_maxrec}</default>\n'
         f'      <hard unit="row">{limits.tap_max_records}</hard>\n'
