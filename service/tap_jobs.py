@@ -8,7 +8,7 @@
   (same checks, same formats) with the async statement timeout, and stores the answer.
   With a Celery broker (LAMOST_VAC_BROKER_URL) the API sends the task
   ``service.tap_jobs.run_job`` to the ``tap`` queue, served by
-  ``celery -A service.tap_jobs worker -Q tap``; without one (the embedded default) the
+  ``celery -A service.tap_worker worker -Q tap`` (:mod:`service.tap_worker`); without one (the embedded default) the
   job runs in the API process when it is started ("eager", as the pipeline's tasks).
 """
 import datetime as dt
@@ -156,7 +156,7 @@ def run_job(store: JobStore, job_id: str, execute) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Celery: the worker side (``celery -A service.tap_jobs worker -Q tap``) and dispatch.
+# Celery: the API sends the task by name; the worker defines it (service/tap_worker.py).
 @lru_cache(maxsize=4)
 def celery_app(broker_url: str):
     from celery import Celery
@@ -166,30 +166,7 @@ def celery_app(broker_url: str):
                     task_serializer="json", accept_content=["json"], task_acks_late=True,
                     worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True,
                     task_ignore_result=True)
-    app.task(name=TASK_NAME)(_run_job_task)
     return app
-
-
-@lru_cache(maxsize=1)
-def _worker_app():
-    from etl.settings import load_settings
-    from service.app import create_app
-
-    return create_app(load_settings())
-
-
-def _run_job_task(job_id):
-    """The worker's task: the job runs in a request context of the service app built
-    from the worker's settings (same reader URL, same job folder)."""
-    from service.blueprints.tap import run_query
-    from service.state import state
-
-    app = _worker_app()
-    with app.test_request_context():
-        service = state()
-        run_job(JobStore(service.settings.tap_job_dir), job_id,
-                lambda parameters: run_query(parameters, service.tap_async_engine,
-                                             service.limits.tap_async_timeout_ms))
 
 
 def dispatch(settings, job_id, run_here):
@@ -198,16 +175,3 @@ def dispatch(settings, job_id, run_here):
         run_here(job_id)
     else:
         celery_app(settings.broker_url).send_task(TASK_NAME, args=[job_id], queue=QUEUE)
-
-
-def _module_celery():
-    """The Celery app ``celery -A service.tap_jobs worker`` finds (from the environment)."""
-    from etl.settings import load_settings
-
-    return celery_app(load_settings().broker_url or "memory://localhost/")
-
-
-def __getattr__(name):      # built on first use: importing this module needs no broker
-    if name in ("celery", "app"):
-        return _module_celery()
-    raise AttributeError(name)

@@ -4,6 +4,7 @@ import base64
 import datetime as dt
 import io
 import math
+import re
 import warnings
 
 import numpy as np
@@ -618,7 +619,8 @@ def test_vosi_availability_and_capabilities_declare_the_limits(client, app):
 def test_openapi_documents_every_endpoint_and_parameter(client, app):
     document = client.get("/openapi.json").get_json()
     assert document["openapi"].startswith("3.")
-    routes = {rule.rule.replace("<path:obsid>", "{obsid}") for rule in app.url_map.iter_rules()}
+    routes = {re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+              for rule in app.url_map.iter_rules()}
     assert routes == set(document["paths"])
     estimates = {p["name"]: p for p in document["paths"]["/api/v1/estimates"]["get"]
                  ["parameters"]}

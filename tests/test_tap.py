@@ -3,9 +3,13 @@ clients: pyvo's TAPService, STILTS tapquery and taplint, against a live werkzeug
 ADQL refusals (service/adql.py) without a database; the embedded SQLite default."""
 import dataclasses
 import io
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -442,3 +446,74 @@ def test_async_jobs_aborted_deleted_and_failed(tap_url):
 
     for path in ("../../etc/passwd", "0" * 31 + "g"):
         assert requests.get(f"{tap_url}/async/{path}", timeout=30).status_code == 404
+
+
+# ---------------------------------------------------------------------------------------
+# async with a broker: a real Celery worker (``celery -A service.tap_worker worker -Q tap``)
+REDIS_URL = os.environ.get("LAMOST_VAC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("LAMOST_VAC_TEST_REDIS_DB", "11"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def worker_tap_url(tap_db, tmp_path_factory):
+    """A live /tap whose async jobs go to a Celery worker subprocess through Redis."""
+    import redis
+    from werkzeug.serving import make_server
+
+    from service.app import create_app
+
+    broker = f"{REDIS_URL}/{REDIS_DB}"
+    try:
+        redis.Redis.from_url(broker).ping()
+    except redis.RedisError as error:
+        pytest.skip(f"Redis not reachable at {broker}: {error}")
+    jobs = tmp_path_factory.mktemp("tap-worker-jobs")
+    env = dict(os.environ, LAMOST_VAC_DATABASE_URL=tap_db[0],
+               LAMOST_VAC_READER_DATABASE_URL=tap_db[1], LAMOST_VAC_BROKER_URL=broker,
+               LAMOST_VAC_TAP_JOB_DIR=str(jobs), LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS="4000",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(jobs.parent / "tap-worker.log", "w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "service.tap_worker", "worker", "-Q", "tap",
+         "--pool", "solo", "--hostname", f"tap{os.getpid()}@%h", "--loglevel", "INFO"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    app = create_app(tap_settings(tap_db[0], tap_db[1], broker_url=broker,
+                                  tap_job_dir=str(jobs), tap_async_timeout_ms=4000))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/tap"
+    server.shutdown()
+    thread.join(10)
+    app.extensions["lamost_vac"].dispose()
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=20)
+    log.close()
+
+
+def test_celery_worker_runs_async_jobs_and_an_abort_holds(worker_tap_url, tap_db):
+    service = pyvo.dal.TAPService(worker_tap_url)
+    expected_ids, _ = expected_cone(tap_db[2], 0.0, 0.0, 0.3)
+    job = service.submit_job(cone_adql("v_spectra", 0.0, 0.0, 0.3), maxrec=100000)
+    job.run().wait(timeout=120)
+    assert job.phase == "COMPLETED"
+    assert sorted(int(x) for x in job.fetch_result().to_table()["obsid"]) == \
+        sorted(expected_ids)
+
+    # A runaway query: aborted while the worker runs it, it stays ABORTED when the
+    # worker's statement is cancelled by the async timeout.
+    slow = service.submit_job("SELECT COUNT(*) FROM spectra AS a, spectra AS b, "
+                              "spectra AS c WHERE a.snrg + b.snrg > c.snrg")
+    slow.run().wait(phases={"EXECUTING", "COMPLETED", "ERROR"}, timeout=120)
+    assert slow.phase == "EXECUTING"
+    slow.abort()
+    assert slow.phase == "ABORTED"
+    follow = service.submit_job("SELECT TOP 1 obsid FROM spectra")
+    follow.run().wait(timeout=120)      # the worker has finished the aborted query too
+    assert follow.phase == "COMPLETED"
+    assert slow.phase == "ABORTED"

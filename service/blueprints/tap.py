@@ -1,23 +1,30 @@
-"""``/tap``: IVOA Table Access Protocol 1.1 (synchronous queries) with ADQL.
+"""``/tap``: IVOA Table Access Protocol 1.1 with ADQL (sync and async).
 
 * ``/tap/sync`` (GET and POST; parameter names case-insensitive): ``LANG=ADQL``
   (``ADQL-2.0``, ``ADQL-2.1``), ``QUERY``, ``MAXREC`` (default and cap:
   LAMOST_VAC_TAP_MAXREC_DEFAULT / _MAX; 0 = metadata only), ``RESPONSEFORMAT`` (or
   ``FORMAT``): VOTable TABLEDATA (default), VOTable BINARY2, CSV, FITS. More rows than
   MAXREC: the first MAXREC and ``INFO name="QUERY_STATUS" value="OVERFLOW"`` after the
-  table (DALI). ``REQUEST=doQuery`` (TAP 1.0) is accepted.
+  table (DALI). ``REQUEST=doQuery`` (TAP 1.0) is accepted; unknown parameters are
+  ignored.
+* ``/tap/async``: UWS 1.1 job list (create, phase RUN / ABORT, executionduration,
+  destruction, quote, owner, parameters, results, error, DELETE); jobs are kept by
+  :mod:`service.tap_jobs` and run by a Celery worker on the ``tap`` queue, or in the
+  API process when no broker is configured, with LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS.
 * ``/tap/tables`` (VOSI tables), ``/tap/capabilities`` (VOSI + TAPRegExt: ADQL 2.0 / 2.1
-  with the geometry features, output formats, row limits, execution duration),
-  ``/tap/availability``, ``/tap/examples`` (DALI examples).
+  with the geometry features, output formats, row limits, execution duration,
+  retention), ``/tap/availability``, ``/tap/examples`` (DALI examples).
 
 The query is checked and translated by :mod:`service.adql` (refusals never reach the
 database) and run on the read-only engine with the TAP statement timeout
 (LAMOST_VAC_TAP_SYNC_TIMEOUT_MS). Every error is a VOTable with ``QUERY_STATUS=ERROR``
 and a message naming the problem: HTTP 400 for the request or the query (an ADQL syntax
-error gives its line and column), 503 for a timeout or an unavailable database.
+error gives its line and column), 404 for an unknown job, 503 for a timeout or an
+unavailable database.
 
 The embedded default (SQLite) has neither Q3C nor roles: every ``/tap`` endpoint
-answers a VOTable error saying TAP needs PostgreSQL.
+answers a VOTable error saying TAP needs PostgreSQL (HTTP 404: there is no TAP
+resource on such a deployment).
 """
 import datetime as dt
 import decimal
@@ -32,6 +39,7 @@ from etl.schema import ColumnDescription
 from service import adql, formats, tap_jobs, tap_schema
 from service.blueprints.vosi import XML_MIME, availability as vosi_availability
 from service.errors import database_error_response, error_response
+from service.openapi import Param, content, operation
 from service.state import state
 
 blueprint = Blueprint("tap", __name__, url_prefix="/tap")
@@ -102,6 +110,73 @@ EXAMPLES = [
 ]
 
 
+# ---------------------------------------------------------------------------------------
+# OpenAPI: the GET forms of the endpoints (POST takes the same parameters as a form).
+def _sync_parameters(limits):
+    return (
+        Param("LANG", "enum", "Query language.", required=True, choices=tuple(LANGUAGES),
+              ignore_case=True),
+        Param("QUERY", "string", "ADQL query.", required=True,
+              max_length=adql.MAX_QUERY_CHARS, example="SELECT TOP 10 * FROM v_spectra"),
+        Param("MAXREC", "integer", f"Most rows to return (default "
+              f"{limits.tap_default_maxrec}, at most {limits.tap_max_records}); 0 returns "
+              "the metadata only.", minimum=0),
+        Param("RESPONSEFORMAT", "enum", "Output format.", default="votable",
+              choices=tuple(alias for _, _, alias in OUTPUT_FORMATS), ignore_case=True),
+        Param("REQUEST", "enum", "TAP 1.0 request type.", choices=("doQuery",)),
+    )
+
+
+def _no_parameters(limits):
+    return ()
+
+
+def _job_id_parameter(limits):
+    return (Param("job_id", "string", "Job identifier.", location="path",
+                  pattern="[0-9a-f]{32}", max_length=32),)
+
+
+_VOTABLE_ERROR = {"content": content(formats.VOTABLE_MIME)}
+_TAP_ERRORS = {"400": {"description": "bad request or refused query (VOTable error)",
+                       **_VOTABLE_ERROR},
+               "404": {"description": "no such job, or no TAP on this deployment (it "
+                              "needs PostgreSQL) (VOTable error)", **_VOTABLE_ERROR},
+               "503": {"description": "timeout or database unavailable (VOTable error)",
+                       **_VOTABLE_ERROR}}
+for _path, _summary, _params, _mimes in [
+        ("/tap/sync", "TAP 1.1 synchronous ADQL query", _sync_parameters,
+         (formats.VOTABLE_MIME, formats.CSV_MIME, formats.FITS_MIME)),
+        ("/tap/async", "TAP 1.1 (UWS 1.1) job list", _no_parameters, ("text/xml",)),
+        ("/tap/async/{job_id}", "UWS job", _job_id_parameter, ("text/xml",)),
+        ("/tap/async/{job_id}/phase", "UWS job phase", _job_id_parameter, ("text/plain",)),
+        ("/tap/async/{job_id}/executionduration", "UWS job execution duration [s]",
+         _job_id_parameter, ("text/plain",)),
+        ("/tap/async/{job_id}/destruction", "UWS job destruction time",
+         _job_id_parameter, ("text/plain",)),
+        ("/tap/async/{job_id}/quote", "UWS job quote", _job_id_parameter, ("text/plain",)),
+        ("/tap/async/{job_id}/owner", "UWS job owner", _job_id_parameter, ("text/plain",)),
+        ("/tap/async/{job_id}/parameters", "UWS job parameters", _job_id_parameter,
+         ("text/xml",)),
+        ("/tap/async/{job_id}/results", "UWS job results", _job_id_parameter,
+         ("text/xml",)),
+        ("/tap/async/{job_id}/results/result", "UWS job result", _job_id_parameter,
+         (formats.VOTABLE_MIME, formats.CSV_MIME, formats.FITS_MIME)),
+        ("/tap/async/{job_id}/error", "UWS job error document", _job_id_parameter,
+         (formats.VOTABLE_MIME,)),
+        ("/tap/tables", "VOSI tables of the TAP service", _no_parameters, ("text/xml",)),
+        ("/tap/capabilities", "VOSI capabilities of the TAP service (TAPRegExt)",
+         _no_parameters, ("text/xml",)),
+        ("/tap/availability", "VOSI availability of the TAP service", _no_parameters,
+         ("text/xml",)),
+        ("/tap/examples", "DALI examples: ADQL queries", _no_parameters,
+         ("application/xhtml+xml",))]:
+    operation(path=_path, summary=_summary, description=_summary, params=_params,
+              tags=["TAP"], operation_id=_path.strip("/").replace("/", "_")
+              .replace("{", "").replace("}", ""),
+              responses={"200": {"description": _summary, "content": content(*_mimes)},
+                         **_TAP_ERRORS})
+
+
 class TapRequestError(ValueError):
     """A bad /tap request parameter (HTTP 400, VOTable error)."""
 
@@ -116,7 +191,7 @@ def needs_postgresql():
         return tap_error("TAP needs PostgreSQL (with Q3C): this service runs on the "
                          "embedded SQLite database; set LAMOST_VAC_DATABASE_URL (and "
                          "LAMOST_VAC_READER_DATABASE_URL) to a PostgreSQL catalogue",
-                         status=501)
+                         status=404)
     return None
 
 
@@ -382,13 +457,15 @@ def _start(job):
     """PENDING -> QUEUED, then to a worker (or run here without a broker)."""
     job.phase = tap_jobs.QUEUED
     _store().save(job)
+    tap_jobs.dispatch(state().settings, job.job_id, run_async_job)
+
+
+def run_async_job(job_id):
+    """Run a QUEUED job in this process (no broker; or in the worker, within a request
+    context of its app): the /tap/sync answer with the async engine and timeout."""
     service = state()
-
-    def run_here(job_id):
-        tap_jobs.run_job(_store(), job_id, lambda parameters: run_query(
-            parameters, service.tap_async_engine, service.limits.tap_async_timeout_ms))
-
-    tap_jobs.dispatch(service.settings, job.job_id, run_here)
+    tap_jobs.run_job(_store(), job_id, lambda parameters: run_query(
+        parameters, service.tap_async_engine, service.limits.tap_async_timeout_ms))
 
 
 @blueprint.get("/async")
