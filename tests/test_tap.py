@@ -277,6 +277,13 @@ def test_cone_uses_the_q3c_index(tap_app):
         assert "spectra_q3c_idx" in plan, plan
 
 
+def test_percent_signs_in_literals_are_text(client):
+    response = sync(client, "SELECT TOP 3 designation || '%s%%(x)s' AS d FROM spectra "
+                            "WHERE designation LIKE 'J00%' ORDER BY designation", MAXREC="3")
+    values = [str(v) for v in parse_votable(response.data).get_first_table().array["d"]]
+    assert values == ["J000000%s%%(x)s", "J000001%s%%(x)s", "J000002%s%%(x)s"]
+
+
 def test_errors_are_votables_naming_the_problem(client):
     for params, status, fragment in [
             ({"QUERY": "SELECT obsid FROM spectra"}, 400, "LANG is required"),

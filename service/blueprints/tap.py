@@ -259,7 +259,8 @@ def run_query(params, engine, timeout_ms):
         return tap_error(str(error))
     try:
         with engine.connect() as connection:
-            result = connection.exec_driver_sql(translation.sql)
+            # No parameters, but the driver still reads % as a placeholder: double it.
+            result = connection.exec_driver_sql(translation.sql.replace("%", "%%"), ())
             description = result.cursor.description
             rows = result.fetchall()
     except SQLAlchemyError as error:
@@ -287,8 +288,9 @@ def run_query(params, engine, timeout_ms):
 
 # SQLSTATE classes of errors in the query itself (answered 400 with the database's
 # message): 21 cardinality, 22 data exception (division by zero, bad cast), 42 syntax
-# or access rule (ambiguous column, no such column, type mismatch).
-QUERY_ERROR_CLASSES = ("21", "22", "42")
+# or access rule (ambiguous column, no such column, type mismatch), 54 program limit
+# (stack depth, too many columns).
+QUERY_ERROR_CLASSES = ("21", "22", "42", "54")
 
 
 def _database_error(error, timeout_ms):
@@ -297,6 +299,9 @@ def _database_error(error, timeout_ms):
     if isinstance(error, DBAPIError) and sqlstate[:2] in QUERY_ERROR_CLASSES:
         message = getattr(getattr(original, "diag", None), "message_primary", None)
         return tap_error(f"the query failed in the database: {message or original}")
+    if isinstance(error, DBAPIError) and sqlstate[:2] == "53":
+        return tap_error("the database ran out of resources (memory, temporary disk) for "
+                         "this query; narrow it", status=503)
     status, message = database_error_response(error)
     if status == 503 and "statement timeout" in message:
         message = (f"the query ran past the TAP timeout of {timeout_ms} ms; narrow it "
