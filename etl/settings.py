@@ -123,6 +123,12 @@ class Settings:
     tap_sync_timeout_ms: int = setting(
         "LAMOST_VAC_TAP_SYNC_TIMEOUT_MS",
         "a `/tap/sync` ADQL query is cancelled after this long", 30000)
+    tap_upload_max_rows: int = setting(
+        "LAMOST_VAC_TAP_UPLOAD_MAX_ROWS", "most rows of a table uploaded to `/tap` (UPLOAD)",
+        10000)
+    tap_upload_max_bytes: int = setting(
+        "LAMOST_VAC_TAP_UPLOAD_MAX_BYTES", "largest VOTable uploaded to `/tap`, bytes",
+        5000000)
     tap_async_timeout_ms: int = setting(
         "LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS",
         "a `/tap/async` job's query is cancelled after this long", 600000)

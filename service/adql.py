@@ -67,6 +67,7 @@ GEOMETRY_FUNCTIONS = {"POINT", "CIRCLE", "POLYGON", "BOX", "CONTAINS", "INTERSEC
                       "REGION"}
 ALLOWED_ANONYMOUS = {"LOG10"} | GEOMETRY_FUNCTIONS
 COORDINATE_SYSTEMS = {"", "ICRS"}
+UPLOAD_SCHEMA = "TAP_UPLOAD"
 
 
 class AdqlError(ValueError):
@@ -79,10 +80,15 @@ class Translation:
     tree: exp.Expression    # the translated tree (for the output columns' metadata)
 
 
-def translate(query: str, maxrows: Optional[int] = None) -> Translation:
+def translate(query: str, maxrows: Optional[int] = None, uploads=None) -> Translation:
+    """``uploads``: {name: :class:`service.tap_upload.UploadedTable`} reachable as
+    ``TAP_UPLOAD.name``."""
+    uploads = {name.lower(): table for name, table in (uploads or {}).items()}
     tree = parse(query)
-    check(tree)
-    tree = rewrite_tap_schema(tree)
+    check(tree, uploads)
+    generated = {tap_schema.TAP_SCHEMA.lower(): dict(tap_schema.tap_schema_ctes()),
+                 UPLOAD_SCHEMA.lower(): {name: t.cte for name, t in uploads.items()}}
+    tree = rewrite_generated_tables(tree, generated)
     tree = rewrite_geometry(tree)
     if maxrows is not None:
         tree = cap_rows(tree, maxrows)
@@ -142,7 +148,7 @@ def function_name(node) -> str:
     return node.name.upper() if isinstance(node, exp.Anonymous) else node.sql_name()
 
 
-def check(tree: exp.Expression):
+def check(tree: exp.Expression, uploads=None):
     """Raise :class:`AdqlError` unless ``tree`` only reads published tables and columns
     through allowed syntax and functions."""
     if not isinstance(tree, (exp.Select, exp.SetOperation)):
@@ -176,9 +182,11 @@ def check(tree: exp.Expression):
     catalogue = {name.lower() for name, t in published.items()
                  if t.schema_name == tap_schema.CATALOGUE_SCHEMA}
     tap_tables = {name.lower() for name in tap_schema.TAP_SCHEMA_TABLES}
+    uploads = uploads or {}
     for table in tree.find_all(exp.Table):
-        _check_table(table, catalogue, tap_tables, query_names)
+        _check_table(table, catalogue, tap_tables, query_names, uploads)
     columns = {c.description.name.lower() for t in published.values() for c in t.columns}
+    columns.update(c.lower() for t in uploads.values() for c in t.column_names)
     for column in tree.find_all(exp.Column):
         if isinstance(column.this, exp.Star):
             continue
@@ -188,7 +196,7 @@ def check(tree: exp.Expression):
                             "service has it (see /tap/tables)")
 
 
-def _check_table(table, catalogue, tap_tables, query_names):
+def _check_table(table, catalogue, tap_tables, query_names, uploads):
     shown = table.sql(dialect="postgres")
     if table.args.get("catalog") is not None or not isinstance(table.this, exp.Identifier):
         raise AdqlError(f"table {shown} is not published (see /tap/tables)")
@@ -197,6 +205,11 @@ def _check_table(table, catalogue, tap_tables, query_names):
         if name not in tap_tables:
             raise AdqlError(f"TAP_SCHEMA has no table {table.name}; it has "
                             + ", ".join(sorted(tap_tables)))
+        return
+    if schema_name == UPLOAD_SCHEMA.lower():
+        if name not in uploads:
+            raise AdqlError(f"no table {table.name} was uploaded with this query "
+                            "(UPLOAD=name,param:part)")
         return
     if schema_name in ("", tap_schema.CATALOGUE_SCHEMA) and name in catalogue:
         return
@@ -213,25 +226,26 @@ def _snippet(node, length=60) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Rewrites
-def rewrite_tap_schema(tree):
-    """``TAP_SCHEMA.x`` -> the generated table ``x`` (a CTE put in front of the query)."""
+def rewrite_generated_tables(tree, generated):
+    """``TAP_SCHEMA.x`` and ``TAP_UPLOAD.x`` -> common table expressions put in front
+    of the query (``generated``: {schema: {table: CTE}}, names in lower case)."""
     used = []
     for table in list(tree.find_all(exp.Table)):
-        if table.db.lower() != tap_schema.TAP_SCHEMA.lower():
+        schema_name, name = table.db.lower(), table.name.lower()
+        if schema_name not in generated:
             continue
-        name = table.name.lower()
-        if name not in used:
-            used.append(name)
+        cte = generated[schema_name][name]
+        if all(c is not cte for c in used):
+            used.append(cte)
         alias = table.alias or table.name
-        table.replace(exp.Table(this=exp.to_identifier(tap_schema.cte_name(name)),
+        table.replace(exp.Table(this=exp.to_identifier(cte.alias),
                                 alias=exp.TableAlias(this=exp.to_identifier(alias))))
     for column in tree.find_all(exp.Column):
-        if column.args.get("db") is not None and \
-                column.args["db"].name.lower() == tap_schema.TAP_SCHEMA.lower():
+        if column.args.get("db") is not None and column.args["db"].name.lower() in generated:
             column.set("db", None)
     if not used:
         return tree
-    ctes = [tap_schema.tap_schema_ctes()[name].copy() for name in used]
+    ctes = [cte.copy() for cte in used]
     existing = tree.args.get("with_")
     if existing is not None:
         ctes.extend(existing.expressions)

@@ -44,6 +44,8 @@ class Limits:
     tap_default_maxrec: int
     tap_max_records: int
     tap_sync_timeout_ms: int
+    tap_upload_max_rows: int
+    tap_upload_max_bytes: int
     tap_async_timeout_ms: int
     tap_retention_s: int
 

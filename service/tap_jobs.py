@@ -57,6 +57,7 @@ class Job:
     end_time: Optional[str] = None
     error: Optional[str] = None
     result_mime: Optional[str] = None
+    uploads: dict = field(default_factory=dict)     # multipart part name -> document
 
 
 class JobStore:
@@ -112,6 +113,22 @@ class JobStore:
     def write_document(self, job_id, name, data: bytes):
         self._write(self._folder(job_id) / name, data)
 
+    def store_uploads(self, job: Job, parts: dict):
+        """Keep the uploaded parts ({part name: bytes}) for the run; document names are
+        ours, never the client's."""
+        for index, (part, data) in enumerate(parts.items()):
+            document = f"upload-{index}"
+            self.write_document(job.job_id, document, data)
+            job.uploads[part] = document
+        self.save(job)
+
+    def upload_files(self, job: Job) -> dict:
+        """{part name: file} of the job's uploads, as a request's files."""
+        import io
+
+        return {part: io.BytesIO(self.read_document(job.job_id, document) or b"")
+                for part, document in job.uploads.items()}
+
     def read_document(self, job_id, name) -> Optional[bytes]:
         try:
             return (self._folder(job_id) / name).read_bytes()
@@ -132,14 +149,14 @@ def error_message_of(votable: bytes) -> str:
 
 
 def run_job(store: JobStore, job_id: str, execute) -> None:
-    """Run a QUEUED job: ``execute(parameters)`` is the /tap/sync answer (a Flask
-    response). A job aborted or deleted meanwhile keeps that state."""
+    """Run a QUEUED job: ``execute(job)`` is the /tap/sync answer to its parameters (a
+    Flask response). A job aborted or deleted meanwhile keeps that state."""
     job = store.load(job_id)
     if job is None or job.phase != QUEUED:
         return
     job.phase, job.start_time = EXECUTING, iso(utc_now())
     store.save(job)
-    response = execute(job.parameters)
+    response = execute(job)
     body = response.get_data()
     current = store.load(job_id)
     if current is None or current.phase != EXECUTING:

@@ -18,6 +18,7 @@ B-tree index (primary keys, declared indexes) and for ``ra``/``dec`` of the tabl
 a Q3C index (``spectra``, ``reference_labels``); a view column is indexed when the
 table column it reads is.
 """
+import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Optional
@@ -305,24 +306,43 @@ def cte_name(tap_table: str) -> str:
     return f"lamost_vac_tap_schema_{tap_table}"
 
 
+def sql_literal(value) -> exp.Expression:
+    if value is None:
+        return exp.Null()
+    if isinstance(value, bool):
+        return exp.Boolean(this=value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return exp.Null()
+    if isinstance(value, (int, float)):
+        return exp.Literal.number(repr(value))
+    return exp.Literal.string(str(value))
+
+
+def values_cte(name, columns, rows) -> exp.CTE:
+    """``name AS (SELECT CAST(v.c0 AS type) AS "column", ... FROM (VALUES ...) AS v)``:
+    a table of ``rows`` that needs no storage (the reader role may not create any),
+    typed even where every value is NULL. ``columns``: [(name, SQL type)]."""
+    aliases = [f"c{i}" for i in range(len(columns))]
+    if rows:
+        values = exp.values([tuple(sql_literal(v) for v in row) for row in rows],
+                            alias="v", columns=aliases)
+        source = exp.select(*[exp.cast(exp.column(a, table="v"), t).as_(
+            exp.to_identifier(n, quoted=True)) for a, (n, t) in zip(aliases, columns)]
+        ).from_(values)
+    else:       # no rows: the columns only
+        source = exp.select(*[exp.cast(exp.Null(), t).as_(exp.to_identifier(n, quoted=True))
+                              for n, t in columns]).where(exp.false())
+    return exp.CTE(this=source, alias=exp.TableAlias(this=exp.to_identifier(name)))
+
+
 @lru_cache(maxsize=1)
 def tap_schema_ctes() -> dict:
-    """{TAP_SCHEMA table: sqlglot CTE} (``name AS (SELECT CAST(..) AS column ...
-    FROM (VALUES ...))``): typed columns even where every value is NULL."""
-    ctes = {}
-    for name, (_, columns) in TAP_SCHEMA_TABLES.items():
-        values = exp.values([tuple(exp.Null() if v is None else
-                                   exp.Literal.number(v) if isinstance(v, int) else
-                                   exp.Literal.string(v) for v in row)
-                             for row in tap_schema_rows()[name]],
-                            alias="v", columns=[f"c{i}" for i in range(len(columns))])
-        projections = [exp.cast(exp.column(f"c{i}", table="v"),
-                                "INTEGER" if c.description.kind == "int" else "TEXT")
-                       .as_(exp.to_identifier(c.description.name, quoted=True))
-                       for i, c in enumerate(columns)]
-        ctes[name] = exp.CTE(this=exp.select(*projections).from_(values),
-                             alias=exp.TableAlias(this=exp.to_identifier(cte_name(name))))
-    return ctes
+    """{TAP_SCHEMA table: sqlglot CTE} (:func:`values_cte` of :func:`tap_schema_rows`)."""
+    return {name: values_cte(cte_name(name),
+                             [(c.description.name,
+                               "INTEGER" if c.description.kind == "int" else "TEXT")
+                              for c in columns], tap_schema_rows()[name])
+            for name, (_, columns) in TAP_SCHEMA_TABLES.items()}
 
 
 # ---------------------------------------------------------------------------------------

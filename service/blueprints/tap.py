@@ -28,6 +28,7 @@ resource on such a deployment).
 """
 import datetime as dt
 import decimal
+import re
 from dataclasses import replace
 from functools import lru_cache
 
@@ -36,7 +37,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from werkzeug.exceptions import NotFound
 
 from etl.schema import ColumnDescription
-from service import adql, formats, tap_jobs, tap_schema
+from service import adql, formats, tap_jobs, tap_schema, tap_upload
 from service.blueprints.vosi import XML_MIME, availability as vosi_availability
 from service.errors import database_error_response, error_response
 from service.openapi import Param, content, operation
@@ -203,14 +204,10 @@ def _parameters() -> dict:
     for source in (request.args, request.form):
         for name in source:
             out.setdefault(name.upper(), source.get(name))
-    if request.files:
-        raise TapRequestError("UPLOAD is not supported by this service yet")
     return out
 
 
 def _sync_request(params, limits):
-    if "UPLOAD" in params:
-        raise TapRequestError("UPLOAD is not supported by this service yet")
     if params.get("REQUEST", "doQuery").strip().lower() != "doquery":
         raise TapRequestError(f"REQUEST={params['REQUEST']!r} is not supported; "
                               "use REQUEST=doQuery or leave it out")
@@ -249,13 +246,19 @@ def sync():
     return run_query(params, service.tap_engine, service.limits.tap_sync_timeout_ms)
 
 
-def run_query(params, engine, timeout_ms):
+def run_query(params, engine, timeout_ms, files=None):
     """The TAP answer to the request parameters ``params`` (upper-case names), the query
-    run on ``engine`` (sync, or an async job's engine with its longer timeout)."""
+    run on ``engine`` (sync, or an async job's engine with its longer timeout);
+    ``files``: the uploaded parts (default: the request's)."""
+    limits = state().limits
     try:
-        query, maxrec, (fmt, serialization) = _sync_request(params, state().limits)
-        translation = adql.translate(query, maxrows=maxrec + 1)
-    except (TapRequestError, adql.AdqlError) as error:
+        query, maxrec, (fmt, serialization) = _sync_request(params, limits)
+        uploads = (tap_upload.read_uploads(
+            params["UPLOAD"], request.files if files is None else files,
+            limits.tap_upload_max_rows, limits.tap_upload_max_bytes, _own_result)
+            if params.get("UPLOAD") else {})
+        translation = adql.translate(query, maxrows=maxrec + 1, uploads=uploads)
+    except (TapRequestError, adql.AdqlError, tap_upload.UploadError) as error:
         return tap_error(str(error))
     try:
         with engine.connect() as connection:
@@ -387,7 +390,7 @@ UWS_NS = ('xmlns:uws="http://www.ivoa.net/xml/UWS/v1.0" '
           'xmlns:xlink="http://www.w3.org/1999/xlink" '
           'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"')
 JOB_PARAMETERS = ("REQUEST", "LANG", "QUERY", "MAXREC", "RESPONSEFORMAT", "FORMAT",
-                  "RUNID")
+                  "RUNID", "UPLOAD")
 
 
 def _store():
@@ -468,9 +471,29 @@ def _start(job):
 def run_async_job(job_id):
     """Run a QUEUED job in this process (no broker; or in the worker, within a request
     context of its app): the /tap/sync answer with the async engine and timeout."""
-    service = state()
-    tap_jobs.run_job(_store(), job_id, lambda parameters: run_query(
-        parameters, service.tap_async_engine, service.limits.tap_async_timeout_ms))
+    service, store = state(), _store()
+    tap_jobs.run_job(store, job_id, lambda job: run_query(
+        job.parameters, service.tap_async_engine, service.limits.tap_async_timeout_ms,
+        files=store.upload_files(job)))
+
+
+_OWN_RESULT = re.compile(r"/tap/async/([0-9a-f]{32})/results/result")
+
+
+def _own_result(url: str):
+    """The bytes of a result of this service's jobs named by ``url`` (an UPLOAD by
+    URL), or None: the service never fetches other URLs (no requests on a client's
+    behalf)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    match = _OWN_RESULT.fullmatch(parts.path)
+    if match is None or parts.query or parts.fragment:
+        return None
+    job = _store().load(match.group(1))
+    if job is None or job.phase != tap_jobs.COMPLETED:
+        return None
+    return _store().read_document(job.job_id, "result")
 
 
 @blueprint.get("/async")
@@ -491,13 +514,20 @@ def job_list():
 
 @blueprint.post("/async")
 def create_job():
-    try:
-        parameters = _job_parameters()
-    except TapRequestError as error:
-        return tap_error(str(error))
+    parameters = _job_parameters()
     limits = state().limits
+    parts = {}
+    if parameters.get("UPLOAD"):
+        for name in request.files:
+            data = request.files[name].read(limits.tap_upload_max_bytes + 1)
+            if len(data) > limits.tap_upload_max_bytes:
+                return tap_error(f"UPLOAD part {name[:40]!r}: more than "
+                                 f"{limits.tap_upload_max_bytes} bytes")
+            parts[name] = data
     job = _store().create(parameters, max(1, limits.tap_async_timeout_ms // 1000),
                           limits.tap_retention_s)
+    if parts:
+        _store().store_uploads(job, parts)
     if _parameters().get("PHASE", "").upper() == "RUN":
         _start(job)
     return _see_other(_job_path(job))
@@ -582,10 +612,7 @@ def job_parameters(job_id):
         if job.phase != tap_jobs.PENDING:
             return tap_error(f"the job is {job.phase}; parameters change only while "
                              "it is PENDING")
-        try:
-            job.parameters.update(_job_parameters())
-        except TapRequestError as error:
-            return tap_error(str(error))
+        job.parameters.update(_job_parameters())
         _store().save(job)
         return _see_other(_job_path(job))
     return Response('<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -671,6 +698,8 @@ def _capabilities_body(base, limits):
         f"{features}"
         "    </language>\n"
         f"{outputs}"
+        '    <uploadMethod ivo-id="ivo://ivoa.net/std/TAPRegExt#upload-inline"/>\n'
+        '    <uploadMethod ivo-id="ivo://ivoa.net/std/TAPRegExt#upload-http"/>\n'
         "    <retentionPeriod>\n"
         f"      <default>{limits.tap_retention_s}</default>\n"
         f"      <hard>{limits.tap_retention_s}</hard>\n"
@@ -682,6 +711,9 @@ def _capabilities_body(base, limits):
         f'      <default unit="row">{limits.tap_default_maxrec}</default>\n'
         f'      <hard unit="row">{limits.tap_max_records}</hard>\n'
         "    </outputLimit>\n"
+        "    <uploadLimit>\n"
+        f'      <hard unit="byte">{limits.tap_upload_max_bytes}</hard>\n'
+        "    </uploadLimit>\n"
         "  </capability>\n"
         + simple("ivo://ivoa.net/std/VOSI#capabilities", "/tap/capabilities")
         + simple("ivo://ivoa.net/std/VOSI#availability", "/tap/availability")
