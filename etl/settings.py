@@ -132,6 +132,9 @@ class Settings:
     tap_async_timeout_ms: int = setting(
         "LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS",
         "a `/tap/async` job's query is cancelled after this long", 600000)
+    tap_async_jobs_per_client: int = setting(
+        "LAMOST_VAC_TAP_ASYNC_JOBS_PER_CLIENT",
+        "`/tap/async` jobs one client address may have queued or executing at once", 2)
     tap_job_dir: str = setting(
         "LAMOST_VAC_TAP_JOB_DIR",
         "where `/tap/async` jobs and their results are kept (shared by the API and the "

@@ -47,6 +47,7 @@ class Limits:
     tap_upload_max_rows: int
     tap_upload_max_bytes: int
     tap_async_timeout_ms: int
+    tap_async_jobs_per_client: int
     tap_retention_s: int
 
     @classmethod

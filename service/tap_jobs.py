@@ -58,6 +58,7 @@ class Job:
     error: Optional[str] = None
     result_mime: Optional[str] = None
     uploads: dict = field(default_factory=dict)     # multipart part name -> document
+    client: Optional[str] = None                    # address that created it (limits)
 
 
 class JobStore:
@@ -69,10 +70,11 @@ class JobStore:
             return None                 # never a path from the request
         return self.directory / job_id
 
-    def create(self, parameters, execution_duration, retention_s) -> Job:
+    def create(self, parameters, execution_duration, retention_s, client=None) -> Job:
         now = utc_now()
         job = Job(uuid.uuid4().hex, PENDING, iso(now), execution_duration,
-                  iso(now + dt.timedelta(seconds=retention_s)), dict(parameters))
+                  iso(now + dt.timedelta(seconds=retention_s)), dict(parameters),
+                  client=client)
         self._folder(job.job_id).mkdir(parents=True)
         self.save(job)
         return job

@@ -486,7 +486,8 @@ def worker_tap_url(tap_db, tmp_path_factory):
          "--pool", "solo", "--hostname", f"tap{os.getpid()}@%h", "--loglevel", "INFO"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     app = create_app(tap_settings(tap_db[0], tap_db[1], broker_url=broker,
-                                  tap_job_dir=str(jobs), tap_async_timeout_ms=4000))
+                                  tap_job_dir=str(jobs), tap_async_timeout_ms=4000,
+                                  tap_async_jobs_per_client=1))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -518,6 +519,15 @@ def test_celery_worker_runs_async_jobs_and_an_abort_holds(worker_tap_url, tap_db
                               "spectra AS c WHERE a.snrg + b.snrg > c.snrg")
     slow.run().wait(phases={"EXECUTING", "COMPLETED", "ERROR"}, timeout=120)
     assert slow.phase == "EXECUTING"
+    # One job at a time per client here: a second one stays PENDING, with a message.
+    import requests
+
+    waiting = service.submit_job("SELECT TOP 1 obsid FROM spectra")
+    refused = requests.post(f"{waiting.url}/phase", data={"PHASE": "RUN"}, timeout=30,
+                            allow_redirects=False)
+    assert refused.status_code == 429
+    assert "already has 1 jobs queued or executing" in error_message(refused)
+    assert waiting.phase == "PENDING"
     slow.abort()
     assert slow.phase == "ABORTED"
     follow = service.submit_job("SELECT TOP 1 obsid FROM spectra")

@@ -140,6 +140,8 @@ def _job_id_parameter(limits):
 _VOTABLE_ERROR = {"content": content(formats.VOTABLE_MIME)}
 _TAP_ERRORS = {"400": {"description": "bad request or refused query (VOTable error)",
                        **_VOTABLE_ERROR},
+               "429": {"description": "too many async jobs of this client at once "
+                              "(VOTable error)", **_VOTABLE_ERROR},
                "404": {"description": "no such job, or no TAP on this deployment (it "
                               "needs PostgreSQL) (VOTable error)", **_VOTABLE_ERROR},
                "503": {"description": "timeout or database unavailable (VOTable error)",
@@ -461,8 +463,20 @@ def _job_parameters():
     return {k: v for k, v in _parameters().items() if k in JOB_PARAMETERS}
 
 
+class TooManyJobs(Exception):
+    pass
+
+
 def _start(job):
-    """PENDING -> QUEUED, then to a worker (or run here without a broker)."""
+    """PENDING -> QUEUED, then to a worker (or run here without a broker); refused
+    when the client already has its maximum of jobs queued or executing."""
+    limit = state().limits.tap_async_jobs_per_client
+    active = [j for j in _store().jobs()
+              if j.client == job.client and j.phase in tap_jobs.ACTIVE_PHASES]
+    if len(active) >= limit:
+        raise TooManyJobs(f"this client already has {len(active)} jobs queued or "
+                          f"executing, the most it may have at once ({limit}); run this "
+                          "one when one of them has finished")
     job.phase = tap_jobs.QUEUED
     _store().save(job)
     tap_jobs.dispatch(state().settings, job.job_id, run_async_job)
@@ -525,11 +539,14 @@ def create_job():
                                  f"{limits.tap_upload_max_bytes} bytes")
             parts[name] = data
     job = _store().create(parameters, max(1, limits.tap_async_timeout_ms // 1000),
-                          limits.tap_retention_s)
+                          limits.tap_retention_s, client=request.remote_addr)
     if parts:
         _store().store_uploads(job, parts)
     if _parameters().get("PHASE", "").upper() == "RUN":
-        _start(job)
+        try:
+            _start(job)
+        except TooManyJobs as error:    # the job stays PENDING: run it later
+            return tap_error(str(error), status=429)
     return _see_other(_job_path(job))
 
 
@@ -554,7 +571,10 @@ def job_phase(job_id):
     if phase == "RUN":
         if job.phase != tap_jobs.PENDING:
             return tap_error(f"the job is {job.phase}; only a PENDING job can be run")
-        _start(job)
+        try:
+            _start(job)
+        except TooManyJobs as error:
+            return tap_error(str(error), status=429)
     elif phase == "ABORT":
         if job.phase in (tap_jobs.PENDING,) + tap_jobs.ACTIVE_PHASES:
             job.phase, job.end_time = tap_jobs.ABORTED, tap_jobs.iso(tap_jobs.utc_now())
