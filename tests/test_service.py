@@ -5,6 +5,7 @@ import datetime as dt
 import io
 import math
 import re
+import tempfile
 import warnings
 
 import numpy as np
@@ -134,8 +135,10 @@ def service_db(request, make_database):
 
 
 def service_settings(url, reader_url, timeout_ms=10000):
+    # /tap/async jobs (the fuzzer creates some) go to a temporary folder, not the checkout.
     return Settings(database_url=url, reader_database_url=reader_url,
-                    statement_timeout_ms=timeout_ms)
+                    statement_timeout_ms=timeout_ms,
+                    tap_job_dir=tempfile.mkdtemp(prefix="lamost-vac-tap-jobs-"))
 
 
 def with_test_limits(settings, **changes):
