@@ -114,6 +114,34 @@ class Settings:
         "LAMOST_VAC_TRUSTED_PROXIES",
         "reverse proxies in front of the API whose `X-Forwarded-For` names the client", 0,
         minimum=0)
+    tap_default_maxrec: int = setting(
+        "LAMOST_VAC_TAP_MAXREC_DEFAULT", "rows `/tap/sync` returns when MAXREC is not given",
+        10000)
+    tap_max_records: int = setting(
+        "LAMOST_VAC_TAP_MAXREC_MAX",
+        "hard row cap of `/tap/sync` (a larger MAXREC is reduced to it)", 100000)
+    tap_sync_timeout_ms: int = setting(
+        "LAMOST_VAC_TAP_SYNC_TIMEOUT_MS",
+        "a `/tap/sync` ADQL query is cancelled after this long", 30000)
+    tap_upload_max_rows: int = setting(
+        "LAMOST_VAC_TAP_UPLOAD_MAX_ROWS", "most rows of a table uploaded to `/tap` (UPLOAD)",
+        10000)
+    tap_upload_max_bytes: int = setting(
+        "LAMOST_VAC_TAP_UPLOAD_MAX_BYTES", "largest VOTable uploaded to `/tap`, bytes",
+        5000000)
+    tap_async_timeout_ms: int = setting(
+        "LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS",
+        "a `/tap/async` job's query is cancelled after this long", 600000)
+    tap_async_jobs_per_client: int = setting(
+        "LAMOST_VAC_TAP_ASYNC_JOBS_PER_CLIENT",
+        "`/tap/async` jobs one client address may have queued or executing at once", 2)
+    tap_job_dir: str = setting(
+        "LAMOST_VAC_TAP_JOB_DIR",
+        "where `/tap/async` jobs and their results are kept (shared by the API and the "
+        "workers that run them)", "runs/tap-jobs")
+    tap_retention_s: int = setting(
+        "LAMOST_VAC_TAP_RETENTION_S",
+        "a `/tap/async` job and its result are destroyed this long after creation", 86400)
     # -- passwords of the PostgreSQL roles, for the role set-up only (never printed)
     writer_password: Optional[str] = setting(
         "LAMOST_VAC_WRITER_PASSWORD", "password `lamost-vac db upgrade` gives the "
@@ -215,6 +243,8 @@ def _check(s: Settings):
         raise ValueError("LAMOST_VAC_SCS_MAXREC_DEFAULT exceeds LAMOST_VAC_SCS_MAXREC_MAX")
     if s.api_default_limit > s.api_max_limit:
         raise ValueError("LAMOST_VAC_API_LIMIT_DEFAULT exceeds LAMOST_VAC_API_LIMIT_MAX")
+    if s.tap_default_maxrec > s.tap_max_records:
+        raise ValueError("LAMOST_VAC_TAP_MAXREC_DEFAULT exceeds LAMOST_VAC_TAP_MAXREC_MAX")
     if not 0 < s.scs_max_sr_deg <= 180:
         raise ValueError("LAMOST_VAC_SCS_MAX_SR_DEG must be in (0, 180]")
 

@@ -21,7 +21,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from service import errors
-from service.blueprints import estimates, models, pages, scs, spectra, vosi
+from service.blueprints import estimates, models, pages, scs, spectra, tap, vosi
 from service.db import make_service_engine
 from service.limiter import LargeQueryLimiter, lock_directory
 from service.state import EXTENSION, RETRY_AFTER_S, Limits, ServiceState
@@ -55,18 +55,24 @@ def create_app(settings=None, engine=None) -> Flask:
         # Its own small pool: the checks never wait behind connections held by queries.
         health_engine = make_service_engine(settings, pool_size=1,
                                             timeout_ms=limits.health_timeout_ms)
+        tap_engine = tap_async_engine = None
+        if engine.dialect.name == "postgresql":
+            tap_engine = make_service_engine(settings, timeout_ms=limits.tap_sync_timeout_ms)
+            tap_async_engine = make_service_engine(settings, pool_size=2,
+                                                   timeout_ms=limits.tap_async_timeout_ms)
     else:
-        cone_engine = health_engine = engine
+        cone_engine = health_engine = tap_engine = tap_async_engine = engine
     limiter = LargeQueryLimiter(lock_directory(settings.reader_url),
                                 per_client=limits.large_queries_per_client,
                                 total=limits.large_queries_max, retry_after_s=RETRY_AFTER_S)
     app.extensions[EXTENSION] = ServiceState(
         settings=settings, limits=limits, engine=engine, cone_engine=cone_engine,
-        health_engine=health_engine, limiter=limiter, version=_version())
+        health_engine=health_engine, limiter=limiter, version=_version(),
+        tap_engine=tap_engine, tap_async_engine=tap_async_engine)
     if limits.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=limits.trusted_proxies)
 
-    for module in (scs, estimates, spectra, models, vosi, pages):
+    for module in (scs, estimates, spectra, models, vosi, pages, tap):
         app.register_blueprint(module.blueprint)
     app.before_request(errors.refuse_oversize_request)
     errors.register_error_handlers(app)

@@ -23,14 +23,18 @@ MAX_HEADER_FIELDS = 100
 MAX_HEADER_FIELD_BYTES = 8190
 
 
+# IVOA protocols whose clients read errors as a VOTable with QUERY_STATUS=ERROR.
+VOTABLE_ERROR_BLUEPRINTS = ("scs", "tap")
+
+
 def error_response(status: int, message: str, parameter: str = None, headers=None):
-    """The service's error answer: a VOTable error document on /scs (what cone-search
+    """The service's error answer: a VOTable error document on /scs and /tap (what IVOA
     clients read), an HTML page on the pages for people, JSON ``{"error", "status"[,
     "parameter"]}`` everywhere else."""
     if g.get("html_errors"):
         return Response(render_template("error.html", status=status, message=message),
                         status=status, mimetype="text/html", headers=headers)
-    if request.blueprint == "scs":
+    if request.blueprint in VOTABLE_ERROR_BLUEPRINTS:
         return Response(formats.votable_error(message), status=status,
                         mimetype=formats.VOTABLE_MIME, headers=headers)
     document = {"error": message, "status": status}

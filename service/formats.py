@@ -139,8 +139,14 @@ def _info_xml(info: Info, indent="  ") -> str:
     return f"{indent}<INFO {attrs}/>\n"
 
 
+def xml_id(name: str) -> str:
+    """``name`` as an XML ID (an NCName): other characters become ``_``."""
+    text = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return text if re.match(r"[A-Za-z_]", text) else "_" + text
+
+
 def field_xml(column: ColumnDescription) -> str:
-    attrs = [f"name={_xml_attr(column.name)}", f"ID={_xml_attr(column.name)}",
+    attrs = [f"name={_xml_attr(column.name)}", f"ID={_xml_attr(xml_id(column.name))}",
              f'datatype="{column.votable_datatype}"']
     if column.votable_datatype == "char":
         attrs.append('arraysize="*"')
@@ -162,8 +168,9 @@ def fields_xml(columns) -> str:
 
 
 def votable_header(columns, *, table_name="results", description=None, infos=(),
-                   status_infos=(), fields=None) -> str:
-    """Everything up to ``<TABLEDATA>``; ``fields``: pre-rendered :func:`fields_xml`."""
+                   status_infos=(), fields=None, serialization="tabledata") -> str:
+    """Everything up to ``<TABLEDATA>`` (or BINARY2's ``<STREAM>``); ``fields``:
+    pre-rendered :func:`fields_xml`."""
     parts = [VOTABLE_HEAD]
     parts.extend(_info_xml(i) for i in infos)
     parts.append('  <RESOURCE type="results">\n')
@@ -172,8 +179,14 @@ def votable_header(columns, *, table_name="results", description=None, infos=(),
     if description:
         parts.append(f"    <DESCRIPTION>{_xml_text(description)}</DESCRIPTION>\n")
     parts.append(fields if fields is not None else fields_xml(columns))
-    parts.append("    <DATA><TABLEDATA>\n")
+    parts.append(_DATA_OPEN[serialization])
     return "".join(parts)
+
+
+_DATA_OPEN = {"tabledata": "    <DATA><TABLEDATA>\n",
+              "binary2": '    <DATA><BINARY2><STREAM encoding="base64">\n'}
+_DATA_CLOSE = {"tabledata": "    </TABLEDATA></DATA>\n",
+               "binary2": "\n    </STREAM></BINARY2></DATA>\n"}
 
 
 def _td_int(value):
@@ -206,19 +219,59 @@ def votable_rows(rows: Iterable[Sequence], columns=None) -> str:
         + "</TD></TR>\n" for row in rows)
 
 
+def binary2_rows(rows: Iterable[Sequence], columns) -> str:
+    """BINARY2 stream of ``rows``, base64 (VOTable 1.3 section 5.5): per row a null-flag
+    bit mask, then each cell big-endian (long, double, boolean ``T``/``F``/``?``, char
+    arrays as a byte count and UTF-8 bytes). Null numbers are written as 0 / NaN and
+    flagged."""
+    import base64
+    import struct
+
+    packers = []
+    for column in columns:
+        if column.kind == "int":
+            packers.append(lambda v: struct.pack(">q", 0 if v is None else int(v)))
+        elif column.kind == "float":
+            packers.append(lambda v: struct.pack(">d", math.nan if v is None else float(v)))
+        elif column.kind == "bool":
+            packers.append(lambda v: b"?" if v is None else (b"T" if v else b"F"))
+        else:
+            def pack_text(v):
+                data = _text(v).encode("utf-8")
+                return struct.pack(">i", len(data)) + data
+            packers.append(pack_text)
+    mask_bytes = (len(columns) + 7) // 8
+    stream = bytearray()
+    for row in rows:
+        mask = bytearray(mask_bytes)
+        cells = bytearray()
+        for index, (pack, value) in enumerate(zip(packers, row)):
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                mask[index // 8] |= 0x80 >> (index % 8)
+                value = None
+            cells += pack(value)
+        stream += mask + cells
+    return base64.encodebytes(bytes(stream)).decode("ascii").rstrip("\n")
+
+
 def votable_document(columns, rows, *, table_name="results", description=None, infos=(),
-                     status_infos=(), post_infos=(), fields=None) -> str:
+                     status_infos=(), post_infos=(), fields=None,
+                     serialization="tabledata") -> str:
     """A VOTable 1.4 document with one RESOURCE type="results" holding one TABLE.
 
     ``infos`` go under VOTABLE; ``status_infos`` in the RESOURCE before the TABLE
     (QUERY_STATUS OK); ``post_infos`` after it (the DALI overflow INFO).
+    ``serialization``: ``tabledata`` or ``binary2``.
     """
     header = votable_header(columns, table_name=table_name, description=description,
-                            infos=infos, status_infos=status_infos, fields=fields)
-    tail = ["    </TABLEDATA></DATA>\n    </TABLE>\n"]
+                            infos=infos, status_infos=status_infos, fields=fields,
+                            serialization=serialization)
+    tail = [_DATA_CLOSE[serialization], "    </TABLE>\n"]
     tail.extend(_info_xml(i, "    ") for i in post_infos)
     tail.append("  </RESOURCE>\n</VOTABLE>\n")
-    return header + votable_rows(rows, columns) + "".join(tail)
+    body = (votable_rows(rows, columns) if serialization == "tabledata"
+            else binary2_rows(rows, columns))
+    return header + body + "".join(tail)
 
 
 def votable_error(message: str, *, infos=()) -> str:

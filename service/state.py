@@ -41,6 +41,14 @@ class Limits:
     large_queries_max: int
     health_timeout_ms: int
     trusted_proxies: int
+    tap_default_maxrec: int
+    tap_max_records: int
+    tap_sync_timeout_ms: int
+    tap_upload_max_rows: int
+    tap_upload_max_bytes: int
+    tap_async_timeout_ms: int
+    tap_async_jobs_per_client: int
+    tap_retention_s: int
 
     @classmethod
     def from_settings(cls, settings) -> "Limits":
@@ -59,10 +67,14 @@ class ServiceState:
     health_engine: object   # /health, /availability, /capabilities: short timeout, own pool
     limiter: LargeQueryLimiter
     version: str
+    tap_engine: object = None   # /tap ADQL queries: the TAP timeout (PostgreSQL only)
+    tap_async_engine: object = None     # /tap/async jobs: the async timeout
 
     def dispose(self):
         for engine in {id(e): e for e in (self.engine, self.cone_engine,
-                                           self.health_engine)}.values():
+                                           self.health_engine, self.tap_engine,
+                                           self.tap_async_engine)
+                       if e is not None}.values():
             engine.dispose()
 
 
