@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -32,8 +33,12 @@ def click_and_load(browser, by, value):
     WebDriverWait(browser, 60).until(
         lambda b: b.execute_script("return document.readyState") == "complete")
 
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
+import screenshots  # noqa: E402  (docs/screenshots.py: the README's pictures)
+
 PAGE_SIZE = 20
 
 
@@ -42,9 +47,6 @@ def demo_catalogue(tmp_path_factory):
     """The demo's catalogue (SQLite), spectra and model, without its server."""
     out = tmp_path_factory.mktemp("browser-demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}
-    # The demo's own example queries follow each other faster than the development
-    # server releases a large-query slot (released on close, after the bytes are sent).
-    env["LAMOST_VAC_LARGE_QUERIES_PER_CLIENT"] = "4"
     result = subprocess.run(
         [sys.executable, "-m", "etl.cli", "demo", "--no-serve", "--out", str(out), "--stars",
          "40", "--ensemble", "1"], cwd=out, env=env, capture_output=True, text=True,
@@ -87,20 +89,18 @@ def server(demo_catalogue):
 def browser(tmp_path_factory):
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("apt-get install chromium chromium-driver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(120)
+    driver = screenshots.chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
+
+
+def test_readme_screenshots_script_draws_both_pages(server, tmp_path):
+    """docs/screenshots.py (what regenerates the README's pictures) on the same demo."""
+    paths = screenshots.take(server, str(tmp_path), str(tmp_path / "profile"))
+    for path in paths:
+        with open(path, "rb") as png:
+            assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(path) > 20_000, path      # a rendered page, not a blank one
 
 
 def console_errors(driver, allowed=()):

@@ -73,6 +73,13 @@ def _render(template, status=200, **context):
                     mimetype="text/html")
 
 
+@blueprint.app_template_filter("significant")
+def significant(value, digits=3) -> str:
+    """``value`` to ``digits`` significant figures, without an exponent for the sizes the
+    catalogue holds (an uncertainty of 170 K reads 170, not 1.7e+02)."""
+    return f"{float(f'{value:.{digits}g}'):.12g}"
+
+
 @blueprint.before_request
 def _html_errors():
     g.html_errors = True
