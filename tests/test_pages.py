@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from etl import db
-from test_service import (CURRENT, RETIRED, load_catalogue, make_catalogue, service_settings,
-                          with_test_limits)
+from conftest import (CURRENT, RETIRED, load_catalogue, make_catalogue, service_settings,
+                      with_test_limits)
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

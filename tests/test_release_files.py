@@ -10,7 +10,7 @@ from sqlalchemy import insert, update
 from etl import schema
 from etl.cli import main as cli_main
 from release_validators import assert_valid_fits, assert_valid_votable
-from test_service import CURRENT, NOW, service_db, service_settings  # noqa: F401
+from conftest import CURRENT, NOW, service_settings
 
 # Two preprocessing configurations among the current estimates: their hashes (64
 # characters each) do not fit on one FITS card.

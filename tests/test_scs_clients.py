@@ -5,12 +5,11 @@ import csv
 import io
 import shutil
 import subprocess
-import threading
 
 import numpy as np
 import pytest
 
-from test_service import CURRENT, expected_cone, service_db, service_settings  # noqa: F401
+from conftest import CURRENT, expected_cone, service_settings, serving
 
 STILTS = shutil.which("stilts")
 needs_stilts = pytest.mark.skipif(
@@ -19,18 +18,12 @@ needs_stilts = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def live_url(service_db):
-    from werkzeug.serving import make_server
-
     from service.app import create_app
 
     url, reader_url, _ = service_db
     app = create_app(service_settings(url, reader_url))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
+    with serving(app) as base:
+        yield base
     app.extensions["lamost_vac"].dispose()
 
 

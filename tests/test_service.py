@@ -1,158 +1,23 @@
 """The read-only query service (service/): cone search, range queries, formats, limits,
 read-only access, OpenAPI (schemathesis), on SQLite and PostgreSQL (Q3C)."""
 import base64
-import datetime as dt
 import io
 import math
 import re
-import tempfile
-import warnings
 
 import numpy as np
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import text
 
-from etl import db, schema
+from conftest import (CURRENT, N_SPECTRA, RETIRED, expected_cone, parse_votable,
+                      service_settings, with_test_limits)
+from etl import db
 from etl.settings import Settings
 
 try:
     import schemathesis
 except ImportError:         # test-only tool: pip install schemathesis
     schemathesis = None
-
-N_SPECTRA = 3000
-CURRENT, RETIRED = "v2.0", "v1.0"
-NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
-
-
-# ---------------------------------------------------------------------------------------
-# Test catalogue: jittered positions, dense near the poles, across RA = 0/360 and in a
-# cluster; two model versions (current, retired).
-def make_catalogue(seed=5):
-    rng = np.random.default_rng(seed)
-    parts = []
-
-    def uniform(n):
-        ra = rng.uniform(0, 360, n)
-        dec = np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
-        return ra, dec
-
-    parts.append(uniform(1200))
-    for pole in (90.0, -90.0):                          # within 0.5 deg of each pole
-        ra = rng.uniform(0, 360, 300)
-        dec = pole - np.sign(pole) * rng.uniform(0, 0.5, 300)
-        parts.append((ra, dec))
-    for dec0 in (0.0, 60.0):                            # straddling RA = 0/360
-        ra = rng.normal(0, 0.3, 300) % 360.0
-        dec = dec0 + rng.normal(0, 0.3, 300)
-        parts.append((ra, dec))
-    parts.append((rng.normal(150, 0.05, 600), rng.normal(30, 0.05, 600)))   # dense cluster
-    ra = np.concatenate([p[0] for p in parts]) % 360.0
-    dec = np.clip(np.concatenate([p[1] for p in parts]), -90.0, 90.0)
-    ra[ra >= 360.0] = 0.0
-    n = len(ra)
-    assert n == N_SPECTRA
-    obsid = np.arange(100001, 100001 + n)
-    teff = rng.uniform(3800, 7500, n)
-    logg = rng.uniform(0.5, 5.0, n)
-    feh = rng.uniform(-2.5, 0.5, n)
-    snrg = rng.uniform(5, 300, n)
-    flags = rng.choice([0, 0, 0, 1, 2, 4, 5], n)
-    teff_null = rng.random(n) < 0.02                    # a few estimates without Teff
-    return dict(obsid=obsid, ra=ra, dec=dec, teff=teff, logg=logg, feh=feh, snrg=snrg,
-                flags=flags, teff_null=teff_null)
-
-
-def load_catalogue(url, cat):
-    engine = db.make_engine(url)
-    spectra_rows, current_rows, retired_rows = [], [], []
-    for i in range(len(cat["obsid"])):
-        obsid, ra, dec = int(cat["obsid"][i]), float(cat["ra"][i]), float(cat["dec"][i])
-        spectra_rows.append(dict(
-            obsid=obsid, designation=f"J{i:06d}", ra=ra, dec=dec, zone=db.zone_of(dec),
-            lmjd=56000 + i % 50, mjd=56000 + i % 50, planid=f"plan{i % 7}", spid=1 + i % 16,
-            fiberid=1 + i % 250, snrg=float(cat["snrg"][i]), snrr=float(cat["snrg"][i]) * 1.2,
-            class_="STAR", subclass="G2", z=0.0001, data_version="LAMOST DR8",
-            file_path=f"spec-{obsid}.fits.gz", layout="dr8-image"))
-        teff = None if cat["teff_null"][i] else float(cat["teff"][i])
-        common = dict(obsid=obsid, code_version="0.1.0", preprocessing_hash="p" * 64,
-                      run_id="run-1", created_at=NOW, flags=int(cat["flags"][i]))
-        current_rows.append(dict(
-            common, model_version=CURRENT, teff=teff, teff_err=teff and 80.0 + i % 50,
-            teff_err_model=teff and 40.0, logg=float(cat["logg"][i]),
-            logg_err=0.1 + (i % 10) / 100, logg_err_model=0.05, feh=float(cat["feh"][i]),
-            feh_err=0.08, feh_err_model=0.04))
-        if i % 2 == 0:
-            retired_rows.append(dict(
-                common, model_version=RETIRED, teff=float(cat["teff"][i]) + 30,
-                teff_err=120.0, teff_err_model=60.0, logg=float(cat["logg"][i]), logg_err=0.2,
-                logg_err_model=0.1, feh=float(cat["feh"][i]), feh_err=0.1, feh_err_model=0.05))
-    model_common = dict(artifact_path="/models/x.joblib", artifact_sha256="a" * 64,
-                        code_version="0.1.0")
-    with engine.begin() as connection:
-        connection.execute(insert(schema.models), [
-            dict(model_common, version=RETIRED, created_at=NOW - dt.timedelta(days=30),
-                 status="retired", training_set={"n_stars": 1000, "labels": "apogee-payne"},
-                 metrics={"teff": {"bias": 5.0, "scatter": 110.0}}),
-            dict(model_common, version=CURRENT, created_at=NOW, status="current",
-                 training_set={"n_stars": 2000, "labels": "apogee-payne"},
-                 metrics={"teff": {"bias": 1.0, "scatter": 90.0}}, notes="current model")])
-        connection.execute(insert(schema.spectra), spectra_rows)
-        connection.execute(insert(schema.estimates), current_rows + retired_rows)
-        connection.execute(insert(schema.estimate_failures), [dict(
-            obsid=int(cat["obsid"][1]), model_version=RETIRED, stage="read",
-            reason="truncated file", created_at=NOW)])
-        db.analyze(connection, ["spectra", "estimates", "models"])
-    engine.dispose()
-
-
-def separation_deg(ra1, dec1, ra2, dec2):
-    """Vincenty great-circle distance (numpy), independent of the service code."""
-    lon1, lat1, lon2, lat2 = map(np.radians, (ra1, dec1, ra2, dec2))
-    dlon = lon2 - lon1
-    num1 = np.cos(lat2) * np.sin(dlon)
-    num2 = np.cos(lat1) * np.sin(lat2) - np.sin(lat1) * np.cos(lat2) * np.cos(dlon)
-    den = np.sin(lat1) * np.sin(lat2) + np.cos(lat1) * np.cos(lat2) * np.cos(dlon)
-    return np.degrees(np.arctan2(np.hypot(num1, num2), den))
-
-
-def expected_cone(cat, ra, dec, radius):
-    """obsids within ``radius`` sorted by (distance, obsid), and their distances."""
-    distance = separation_deg(cat["ra"], cat["dec"], ra, dec)
-    inside = np.nonzero(distance <= radius)[0]
-    order = sorted(inside, key=lambda i: (distance[i], cat["obsid"][i]))
-    return [int(cat["obsid"][i]) for i in order], distance[order]
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def service_db(request, make_database):
-    """A migrated catalogue with the test rows: (writer URL, reader URL, catalogue)."""
-    url = make_database(request.param)
-    db.upgrade(url)
-    cat = make_catalogue()
-    load_catalogue(url, cat)
-    return url, db.reader_url_for(url), cat
-
-
-def service_settings(url, reader_url, timeout_ms=10000):
-    # /tap/async jobs (the fuzzer creates some) go to a temporary folder, not the checkout.
-    return Settings(database_url=url, reader_database_url=reader_url,
-                    statement_timeout_ms=timeout_ms,
-                    tap_job_dir=tempfile.mkdtemp(prefix="lamost-vac-tap-jobs-"))
-
-
-def with_test_limits(settings, **changes):
-    """``settings`` with the default limits, but cones up to 10 deg and pages of 10,000
-    rows (the tests reach a 9.9-deg cone and read the whole test catalogue in one page)
-    and no practical concurrency limit: the Flask test client never closes a response, so
-    a large query it made would hold its slot while the test keeps the response. The
-    limits as shipped are tested on a real gunicorn (test_service_availability.py)."""
-    import dataclasses
-
-    defaults = dict(scs_max_sr_deg=10.0, api_max_limit=10000, large_queries_per_client=1000,
-                    large_queries_max=1000)
-    return dataclasses.replace(settings, **{**defaults, **changes})
-
 
 @pytest.fixture(scope="module")
 def app(service_db):
@@ -174,27 +39,6 @@ def client(app):
 @pytest.fixture
 def cat(service_db):
     return service_db[2]
-
-
-SCS_UCD1 = ("ID_MAIN", "POS_EQ_RA_MAIN", "POS_EQ_DEC_MAIN")
-
-
-def parse_votable(data):
-    """Parse with astropy; any VOTable warning fails, except W06 for the three UCD1 words
-    that SCS requires (and pyvo looks for) although VOTable >= 1.2 expects UCD1+."""
-    from astropy.io.votable import parse
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        votable = parse(io.BytesIO(data), verify="warn")
-    unexpected = [str(w.message) for w in caught
-                  if not ("W06" in str(w.message)
-                          and any(f"'{word}'" in str(w.message) for word in SCS_UCD1))
-                  # log(cm.s**-2) is the VOUnits spec's own example; astropy cannot parse
-                  # unit functions.
-                  and not ("W50" in str(w.message) and "log(cm.s**-2)" in str(w.message))]
-    assert not unexpected, unexpected
-    return votable
 
 
 def scs(client, **params):

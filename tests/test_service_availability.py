@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from etl import db
-from test_service import CURRENT, load_catalogue, make_catalogue
+from conftest import CURRENT, load_catalogue, make_catalogue
 
 REPO = Path(__file__).resolve().parent.parent
 VOTABLE_NS = {"v": "http://www.ivoa.net/xml/VOTable/v1.3"}

@@ -17,8 +17,8 @@ from sqlalchemy import insert
 
 from etl import db, schema
 from service import adql, tap_schema
-from test_service import (CURRENT, expected_cone, load_catalogue, make_catalogue,
-                          parse_votable, service_settings)
+from conftest import (CURRENT, expected_cone, load_catalogue, make_catalogue, parse_votable,
+                      service_settings, serving)
 
 STILTS = shutil.which("stilts")
 needs_stilts = pytest.mark.skipif(
@@ -87,14 +87,8 @@ def client(tap_app):
 
 @pytest.fixture(scope="module")
 def tap_url(tap_app):
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, tap_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/tap"
-    server.shutdown()
-    thread.join(10)
+    with serving(tap_app) as base:
+        yield base + "/tap"
 
 
 def cone_adql(table, ra, dec, radius, columns="obsid"):
@@ -466,8 +460,6 @@ REPO = Path(__file__).resolve().parent.parent
 def worker_tap_url(tap_db, tmp_path_factory):
     """A live /tap whose async jobs go to a Celery worker subprocess through Redis."""
     import redis
-    from werkzeug.serving import make_server
-
     from service.app import create_app
 
     broker = f"{REDIS_URL}/{REDIS_DB}"
@@ -488,12 +480,8 @@ def worker_tap_url(tap_db, tmp_path_factory):
     app = create_app(tap_settings(tap_db[0], tap_db[1], broker_url=broker,
                                   tap_job_dir=str(jobs), tap_async_timeout_ms=4000,
                                   tap_async_jobs_per_client=1))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/tap"
-    server.shutdown()
-    thread.join(10)
+    with serving(app) as base:
+        yield base + "/tap"
     app.extensions["lamost_vac"].dispose()
     os.killpg(worker.pid, signal.SIGTERM)
     try:
