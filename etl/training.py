@@ -5,7 +5,8 @@ the nearest reference star of the label set within the cross-match radius, as TO
 best-match mode) is a star with a good label (``good_flag = 1`` and Teff, log g, [Fe/H]
 present). As in ``train-files``, the nearest star is chosen among *all* reference stars
 before bad labels are dropped, so a spectrum whose own star has a bad label never
-borrows a neighbour's labels.
+borrows a neighbour's labels. Of those, only the labels inside ``label_domain`` (by
+default the method's valid domain, :mod:`etl.label_domain`) train the model.
 
 The recipe (featurise, star hold-out, LASSO + MLP ensembles, calibration) is the one of
 ``train-files`` (:func:`models.training.train_lasso_mlpnet`). The artifact goes to
@@ -23,6 +24,8 @@ from sqlalchemy import and_, func, insert, select, update
 
 from etl import schema
 from etl.inference import spectra_for, star_condition
+from etl.label_domain import (DEFAULT_LABEL_DOMAIN, describe_label_domain, format_label_domain,
+                              parse_label_domain, select_label_domain)
 from etl.ingest import utcnow
 from models.artifact import code_version, new_model_version, save_model
 from models.lasso_mlpnet import LABELS
@@ -45,6 +48,8 @@ class TrainOptions:
     jobs: int = -1
     model_params: dict = field(default_factory=dict)    # e.g. max_epochs, cv (quick trials)
     notes: Optional[str] = None
+    # label -> (low, high), None = open side; {} = every label (etl.label_domain)
+    label_domain: dict = field(default_factory=lambda: parse_label_domain(DEFAULT_LABEL_DOMAIN))
 
 
 def label_sets_matched(connection):
@@ -155,8 +160,16 @@ def _train(engine, options, log):
     with engine.connect() as connection:
         data, label_set = reference_set(connection, options.label_set, options.spectra_root)
         radius = crossmatch_radius(connection, label_set)
-    print(f"reference set: {len(data['obsid'])} spectra of {len(set(data['apogee_id']))} "
-          f"stars best-matched to good {label_set} labels", file=log)
+    n_reference, n_reference_stars = len(data["obsid"]), len(set(data["apogee_id"]))
+    inside, domain_record = select_label_domain(data, options.label_domain)
+    data = {k: ([v[i] for i in np.flatnonzero(inside)] if isinstance(v, list) else v[inside])
+            for k, v in data.items()}
+    print(f"reference set: {n_reference} spectra of {n_reference_stars} "
+          f"stars best-matched to good {label_set} labels; training on "
+          f"{describe_label_domain(domain_record)}", file=log)
+    if not len(data["obsid"]):
+        raise ValueError(f"no reference spectrum has labels inside the label domain "
+                         f"{format_label_domain(options.label_domain)} (--label-domain)")
     features, _, errors = featurise_files(
         data["path"], data["z"], config, n_jobs=options.jobs,
         progress=lambda it, total: progress(it, total, "preprocessing"))
@@ -171,7 +184,7 @@ def _train(engine, options, log):
         progress=lambda labels: progress(labels, len(labels), "training"),
         **options.model_params)
     training.update(source="database", label_set=label_set, radius_arcsec=radius,
-                    reference_spectra=int(len(data["obsid"])), unreadable=len(errors),
+                    reference_spectra=n_reference, unreadable=len(errors), **domain_record,
                     seed=options.seed, n_members=options.ensemble,
                     model_params=dict(options.model_params),
                     wave_range=list(options.wave_range))

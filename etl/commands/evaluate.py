@@ -24,6 +24,7 @@ from etl.commands import markdown
 from etl.commands.files import _add_catalogue_arguments, predict_catalogue, write_table
 from etl.commands.markdown import LABEL_HEADINGS, fmt
 from etl.filesets import best_match, read_catalogue, read_labels, read_truth
+from etl.label_domain import describe_label_domain
 from models.artifact import load_model
 from models.baselines import BASELINE_NAMES, MODEL_NAME
 from models.lasso_mlpnet import LABELS, SNR_BINS
@@ -150,7 +151,7 @@ def report_markdown(report):
         f"# Evaluation of model {model['version']}",
         "",
         f"- Model: `{model['artifact']}`, trained on {training.get('n_spectra', '?')} spectra "
-        f"with SNRg in {training.get('snr_range', '?')}.",
+        f"with SNRg in {training.get('snr_range', '?')}, {describe_label_domain(training)}.",
         f"- Reference: {source}.",
         f"- Spectra: {counts['catalogue_rows']} catalogue rows with a file ({counts['without_file']} without), "
         f"{counts['with_reference']} with a reference, {counts['estimated']} estimated, "
@@ -231,7 +232,8 @@ def write_report(out_dir, artifact, artifact_path, reference_info, counts, estim
     training = artifact.get("training", {})
     report = {
         "model": {"artifact": os.path.abspath(artifact_path), "version": artifact["version"],
-                  "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range", "obsid_sha256")}},
+                  "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range", "obsid_sha256",
+                                                                "label_domain", "n_outside_label_domain")}},
         "reference": reference_info,
         "counts": counts,
         "snr_bins": snr_bin_names(SNR_BINS),

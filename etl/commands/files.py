@@ -11,6 +11,8 @@ import numpy as np
 from astropy.table import Table
 
 from etl.filesets import best_match, read_catalogue, read_labels
+from etl.label_domain import (add_label_domain_argument, describe_label_domain,
+                              parse_label_domain, select_label_domain)
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.lasso_mlpnet import LABELS
@@ -49,6 +51,7 @@ def add_training_arguments(parser):
                         help="std of the Gaussian noise added to the networks' standardised "
                              "training inputs (default 1.0, chosen by CV; 0 = none)")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+    add_label_domain_argument(parser)
 
 
 # LassoMLPNet parameter <- command-line option (argparse dest) of the tuning options
@@ -113,12 +116,16 @@ def register(subparsers):
 def run_train_files(args):
     wave = parse_range(args.wave_range, "--wave-range")
     snr_range = parse_range(args.snr_range, "--snr-range")
+    label_domain = parse_label_domain(args.label_domain)
     config = PreprocessConfig(wave_min=wave[0], wave_max=wave[1])
     catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
     labels = read_labels(args.labels, args.label_columns)
     matched = best_match(catalogue, labels, args.radius)
+    inside, domain_record = select_label_domain(matched, label_domain)
+    matched = matched[inside]
     print(f"{len(catalogue)} catalogue spectra with files ({len(missing)} without), "
-          f"{int(labels['good'].sum())} good labels, {len(matched)} matched within {args.radius}\"",
+          f"{int(labels['good'].sum())} good labels, {len(matched) + int((~inside).sum())} matched "
+          f"within {args.radius}\"; training on {describe_label_domain(domain_record)}",
           file=sys.stderr)
     features, _, errors = featurise_files(matched["path"], matched["z"], config, n_jobs=args.jobs,
                                           progress=lambda it, total: progress(it, total, "preprocessing"))
@@ -130,7 +137,7 @@ def run_train_files(args):
         random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
         progress=lambda labels: progress(labels, len(labels), "training"), **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
-                    radius_arcsec=args.radius)
+                    radius_arcsec=args.radius, **domain_record)
     extra = {}
     if args.baselines:
         from models.baselines import fit_baselines_on_training_set

@@ -13,6 +13,7 @@ import time
 from etl import db
 from etl.commands.files import add_training_arguments, model_parameters, parse_range, print_held_out
 from etl.commands import add_url_argument, database_url, display_url
+from etl.label_domain import parse_label_domain
 from etl.settings import settings
 
 
@@ -54,7 +55,7 @@ def run_train(args):
         wave_range=parse_range(args.wave_range, "--wave-range"), ensemble=args.ensemble,
         holdout=args.holdout, seed=args.seed, label_set=args.label_set,
         model_dir=args.model_dir, spectra_root=args.spectra_root, jobs=args.jobs,
-        model_params=params, notes=args.notes)
+        model_params=params, notes=args.notes, label_domain=parse_label_domain(args.label_domain))
     engine = db.make_engine(database_url(args))
     try:
         result = train_from_database(engine, options)

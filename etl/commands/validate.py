@@ -28,6 +28,7 @@ from astropy.table import Table
 
 from etl.commands.files import write_table
 from etl.commands.markdown import LABEL_HEADINGS, accuracy_table, fmt, label_head, table
+from etl.label_domain import describe_label_domain
 from models.artifact import load_model
 from models.flags import NOT_A_STAR, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
 from models.lasso_mlpnet import LABELS, SNR_BINS
@@ -505,7 +506,8 @@ def report_markdown(report):
         f"# Validation of model {model['version']} on real LAMOST spectra",
         "",
         f"- Model: `{model['artifact']}`, trained on {training.get('n_spectra', '?')} spectra with "
-        f"SNRg in {training.get('snr_range', '?')}; wavelength range {model.get('wave_range')} A.",
+        f"SNRg in {training.get('snr_range', '?')}, {describe_label_domain(training)}; "
+        f"wavelength range {model.get('wave_range')} A.",
         f"- Real spectra: `{report['real_dir']}`" +
         (f", first {report['limit_per_folder']} files per folder (subset)" if report["limit_per_folder"] else
          ", every spectrum file") + ".",
@@ -649,7 +651,8 @@ def write_report(args, artifact, rows, repeats, lasp_rows):
     report = {
         "model": {"artifact": os.path.abspath(args.model), "version": artifact["version"],
                   "wave_range": [getattr(config, "wave_min", None), getattr(config, "wave_max", None)],
-                  "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range")}},
+                  "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range", "label_domain",
+                                                            "n_outside_label_domain")}},
         "real_dir": os.path.abspath(args.real_dir),
         "limit_per_folder": args.limit_per_folder,
         "min_snrg": args.min_snrg,
