@@ -46,6 +46,7 @@ class TrainOptions:
     jobs: int = -1
     model_params: dict = field(default_factory=dict)    # e.g. max_epochs, cv (quick trials)
     notes: Optional[str] = None
+    preprocess: Optional[PreprocessConfig] = None       # default: the defaults over wave_range
 
 
 def label_sets_matched(connection):
@@ -152,7 +153,8 @@ def train_from_database(engine, options: TrainOptions, log=None):
 
 
 def _train(engine, options, log):
-    config = PreprocessConfig(wave_min=options.wave_range[0], wave_max=options.wave_range[1])
+    config = options.preprocess or PreprocessConfig(wave_min=options.wave_range[0],
+                                                    wave_max=options.wave_range[1])
     with engine.connect() as connection:
         data, label_set = reference_set(connection, options.label_set, options.spectra_root)
         radius = crossmatch_radius(connection, label_set)

@@ -16,7 +16,7 @@ import sklearn
 
 from .preprocess import PreprocessConfig
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2       # 2: PreprocessConfig masked_regions/continuum; out-of-distribution state
 
 
 class IncompatibleArtifactError(RuntimeError):

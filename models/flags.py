@@ -43,10 +43,10 @@ MAX_MASKED_SELECTED_FRACTION = 0.10
 FLAG_DESCRIPTIONS = {
     TEFF_OUT_OF_DOMAIN: "predicted Teff outside 3500-6500 K",
     FEH_OUT_OF_DOMAIN: "predicted [Fe/H] below -1.5 dex",
-    SNR_OUT_OF_DOMAIN: "SNRg outside (5, 80] or unknown; integrated uncertainty NaN at SNRg <= 5",
-    NOT_A_STAR: "catalogue class is not STAR; not estimated",
-    UNUSABLE_SPECTRUM: "too few usable pixels after preprocessing; not estimated",
-    NO_USABLE_REDSHIFT: "no usable redshift (missing, -9999 or <= -1); not estimated",
+    SNR_OUT_OF_DOMAIN: "SNRg outside (5, 80] or unknown (integrated uncertainty NaN at SNRg <= 5)",
+    NOT_A_STAR: "catalogue class is not STAR: not estimated",
+    UNUSABLE_SPECTRUM: "too few usable pixels after preprocessing: not estimated",
+    NO_USABLE_REDSHIFT: "no usable redshift (missing, -9999 or <= -1): not estimated",
     SUSPICIOUS_REDSHIFT: f"|c z| above {MAX_STELLAR_CZ_KMS:g} km/s: redshift suspicious",
     MASKED_SELECTED_PIXELS: (f"more than {MAX_MASKED_SELECTED_FRACTION:.0%} of a label's "
                              "LASSO-selected pixels masked (filled by interpolation)"),
