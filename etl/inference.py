@@ -20,8 +20,9 @@ Spectrum files
 One batch (:func:`infer_obsids`)
     read every file, preprocess all of them in one vectorised pass, predict in one pass
     with every quality flag (``models.pipeline.predict_features``: the model's, the
-    redshift's and the LASP subclass's), then write in ONE transaction: estimates upserted on (obsid, model_version) -- a
-    redelivered batch overwrites its own rows, never duplicates them -- and failures
+    redshift's and the LASP subclass's), then write in ONE transaction: estimates upserted
+    on (obsid, model_version) -- a redelivered batch overwrites its own rows, never
+    duplicates them -- and failures
     (stage ``read``, ``preprocess`` -- no usable redshift, too few usable pixels -- or
     ``predict``, with the reason) upserted with
     ``attempts + 1``; a success deletes the spectrum's failure row of that version. A

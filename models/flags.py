@@ -95,16 +95,14 @@ def missing_value(values):
 
 
 def redshift_flags(z):
-    """(flags, reasons) per redshift: NO_USABLE_REDSHIFT (missing or <= -1: no rest frame)
-    or SUSPICIOUS_REDSHIFT (|c z| > MAX_STELLAR_CZ_KMS); ``reasons`` maps row -> text."""
+    """Per redshift: NO_USABLE_REDSHIFT (missing or <= -1: no rest frame) or
+    SUSPICIOUS_REDSHIFT (|c z| > MAX_STELLAR_CZ_KMS), else 0."""
     z = np.asarray(z, dtype=float)
     with np.errstate(invalid="ignore"):
         unusable = missing_value(z) | (z <= -1.0)
         suspicious = ~unusable & (np.abs(z) * SPEED_OF_LIGHT_KMS > MAX_STELLAR_CZ_KMS)
-    flags = np.where(unusable, NO_USABLE_REDSHIFT, 0) | np.where(suspicious, SUSPICIOUS_REDSHIFT, 0)
-    reasons = {int(i): f"no usable redshift (z = {z[i]:g}): not estimated"
-               for i in np.flatnonzero(unusable)}
-    return flags.astype(np.int64), reasons
+    return (np.where(unusable, NO_USABLE_REDSHIFT, 0)
+            | np.where(suspicious, SUSPICIOUS_REDSHIFT, 0)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- catalogue

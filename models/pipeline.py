@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from joblib import Parallel, delayed
 
-from .flags import NO_USABLE_REDSHIFT, UNUSABLE_SPECTRUM, catalogue_flags, redshift_flags
+from .flags import (NO_USABLE_REDSHIFT, UNUSABLE_SPECTRUM, catalogue_flags, missing_value,
+                    redshift_flags)
 from .preprocess import INSTRUMENT_REGIONS, PreprocessConfig, preprocess_spectra
 from .readers import SpectrumReadError, read_spectrum
 
@@ -50,10 +51,15 @@ class FeatureSet:
         return iter((self.features, self.good_fraction, self.errors))
 
 
+def _shown(value):
+    return "missing" if value is None or missing_value(value) else f"= {value:g}"
+
+
 def _featurise_chunk(paths, z, config):
     n = len(paths)
     spectra, z_used, rows, errors, problems = [], np.full(n, np.nan), [], {}, {}
-    catalogue_missing = redshift_flags(z)[0] & NO_USABLE_REDSHIFT != 0
+    catalogue_missing = redshift_flags(z) & NO_USABLE_REDSHIFT != 0
+    flags = np.zeros(n, dtype=np.int64)
     for i, path in enumerate(paths):
         try:
             spectrum = read_spectrum(path)
@@ -61,15 +67,15 @@ def _featurise_chunk(paths, z, config):
             errors[i] = problems[i] = error.reason
             continue
         z_used[i] = z[i]
-        if catalogue_missing[i] and spectrum.meta.get("z") is not None:
-            z_used[i] = spectrum.meta["z"]            # header Z only when the catalogue has none
+        header_z = spectrum.meta.get("z")
+        if catalogue_missing[i] and header_z is not None:
+            z_used[i] = header_z                     # header Z only when the catalogue has none
+        flags[i] = redshift_flags(z_used[i])
+        if flags[i] & NO_USABLE_REDSHIFT:
+            problems[i] = (f"no usable redshift (catalogue z {_shown(z[i])}, header Z "
+                           f"{_shown(header_z)}): not estimated")
         spectra.append(spectrum)
         rows.append(i)
-    flags, reasons = redshift_flags(z_used)
-    flags[list(errors)] = 0
-    for i, reason in reasons.items():
-        if i not in errors:
-            problems[i] = reason
     keep = [k for k, i in enumerate(rows) if not flags[i] & NO_USABLE_REDSHIFT]
     rows = [rows[k] for k in keep]
     features = np.full((n, config.loglam.size), np.nan, dtype=np.float32)

@@ -119,11 +119,12 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
         del self._fold_residuals
         self.interior_minimum_ = 0 < best < self.n_alphas - 1
         if not self.interior_minimum_:
-            where = "largest (no pixel selected)" if best == 0 else "smallest of the complete path"
+            where = ("the largest alpha of the grid (next to no pixel selected)" if best == 0 else
+                     "the smallest alpha of the complete path (an unregularised fit)")
             warnings.warn(LassoPathWarning(
                 f"LASSO {self.label or 'selection'}: the cross-validated alpha {self.alpha_:.3g} is "
-                f"the {where} alpha of the grid, not an interior minimum of the CV curve; the "
-                f"selection is not what cross-validation would choose on a wider grid"), stacklevel=2)
+                f"{where}, not an interior minimum of the CV curve: too few training spectra "
+                f"for this many pixels, or labels the pixels do not predict"), stacklevel=2)
 
         gram, xy = _centred(gram_all, xy_all, x_sum, y_sum, n)
         # LARS stops at alpha_min = alpha_: the step budget only has to be large enough to
