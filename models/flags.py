@@ -47,11 +47,11 @@ FLAG_DESCRIPTIONS = {
     NOT_A_STAR: "catalogue class is not STAR: not estimated",
     UNUSABLE_SPECTRUM: "too few usable pixels after preprocessing: not estimated",
     NO_USABLE_REDSHIFT: "no usable redshift (missing, -9999 or <= -1): not estimated",
-    SUSPICIOUS_REDSHIFT: f"|c z| above {MAX_STELLAR_CZ_KMS:g} km/s: redshift suspicious",
+    SUSPICIOUS_REDSHIFT: f"c z beyond +-{MAX_STELLAR_CZ_KMS:g} km/s: redshift suspicious",
     MASKED_SELECTED_PIXELS: (f"more than {MAX_MASKED_SELECTED_FRACTION:.0%} of a label's "
                              "LASSO-selected pixels masked (filled by interpolation)"),
-    CATALOGUE_OUT_OF_DOMAIN: ("catalogue (LASP subclass, Teff or [Fe/H]) outside "
-                              "3500-6500 K or [Fe/H] >= -1.5"),
+    CATALOGUE_OUT_OF_DOMAIN: ("catalogue (LASP subclass, Teff or [Fe/H]) outside the domain "
+                              "(3500-6500 K, [Fe/H] >= -1.5)"),
     OUT_OF_DISTRIBUTION: "spectrum unlike the training spectra (out-of-distribution score)",
 }
 # Bits whose spectra get no estimate.

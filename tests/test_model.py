@@ -4,6 +4,8 @@ uncertainties and flags, and the model artifact.
 Synthetic data with a known answer throughout; scikit-learn's coordinate-descent Lasso is
 the independent reference for the LARS-based selection.
 """
+from pathlib import Path
+
 import joblib
 import numpy as np
 import pytest
@@ -491,8 +493,11 @@ def test_flag_bits_are_distinct_and_all_described():
     assert list(flags.FLAG_DESCRIPTIONS) == [1 << k for k in range(10)]
     assert flags.NOT_ESTIMATED == NOT_A_STAR | UNUSABLE_SPECTRUM | NO_USABLE_REDSHIFT
     text = flags.flag_table_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for bit, description in flags.FLAG_DESCRIPTIONS.items():
         assert f"{bit} = {description}" in text
+        assert f"| {bit} | {description} |" in readme, "README flag table out of date"
+        assert "|" not in description                # would break markdown tables
 
 
 @pytest.mark.parametrize("z, expected", [
