@@ -21,8 +21,8 @@ spectra predicted out of fold (star-grouped folds of the LASSO cross-validation)
 stars the linear model had not seen. On the reference set (README, "Out-of-distribution
 flag") it flags ~1% of held-out in-domain spectra and ~80% of the stars hotter than 7,000 K;
 generic novelty scores (Mahalanobis distance, PCA reconstruction residual, nearest
-training neighbour in the LASSO-pixel space) flagged 0-18% of those hot stars at the same
-false-alarm rate, since noise, not the star, dominates those distances at SNRg < 40.
+training neighbour in the LASSO-pixel space), thresholds chosen the same way, flagged 0-18%
+of those hot stars: noise, not the star, dominates those distances at SNRg < 40.
 """
 import numpy as np
 from joblib import Parallel, delayed
@@ -181,7 +181,7 @@ class LassoMLPNet(BaseEstimator):
         target = np.column_stack([targets[label] for label in self.estimators_])
         out_of_fold = np.column_stack([e.selector_.cv_predictions_ for e in self.estimators_.values()])
         self.ood_range_ = np.array([target.min(axis=0), target.max(axis=0)])
-        self.ood_scale_ = np.std(out_of_fold - target, axis=0)
+        self.ood_scale_ = np.maximum(np.std(out_of_fold - target, axis=0), 1e-12)
         self.ood_threshold_ = float(np.quantile(self._ood_from_linear(out_of_fold), OOD_QUANTILE))
 
     def _ood_from_linear(self, linear):
