@@ -12,16 +12,32 @@ from astropy.table import Table
 
 from etl.ingest import (LabelsIngestOptions, SpectrumIndex, UnsafePathError, label_arrays,
                         parse_column_mapping, read_label_table)
+from models.flags import missing_value
 
 CATALOGUE_COLUMNS = ("obsid", "ra", "dec", "snrg", "z")
+# LASP's own parameters (catalogue column -> column here), used where present to flag stars
+# outside the method's domain; renamed so that reference labels joined later never mix in
+LASP_NUMBERS = {"teff": "lasp_teff", "feh": "lasp_feh"}
+
+
+def _numbers(column):
+    """A catalogue column as float, with empty cells, NaN and the -9999 sentinel as NaN.
+
+    (``np.asarray`` of a masked column returns whatever the empty cells hold -- 0 for an
+    empty CSV cell -- so a missing redshift became z = 0.)
+    """
+    values = np.ma.MaskedArray(column).astype(float).filled(np.nan)
+    return np.where(missing_value(values), np.nan, values)
 
 
 def read_catalogue(path, spectra_root):
     """Catalogue rows (CSV or FITS, gz ok) whose spectrum file exists under ``spectra_root``.
 
-    Returns ``(table, missing)``: an astropy Table with obsid, ra, dec, snrg, z, class
-    (STAR when absent) and ``path`` (absolute), and the list of rows without a file (a
-    file path that leads outside the root counts as no file).
+    Returns ``(table, missing)``: an astropy Table with obsid, ra, dec, snrg, z (NaN where
+    missing: empty, NaN or -9999), class (STAR when absent), subclass, lasp_teff and
+    lasp_feh (the catalogue's teff and feh when it has them: empty / NaN otherwise) and
+    ``path`` (absolute), and the list of rows without a file (a file path that leads
+    outside the root counts as no file).
     """
     fmt = "ascii.csv" if ".csv" in os.path.basename(path).lower() else None
     table = Table.read(path, format=fmt) if fmt else Table.read(path)
@@ -29,11 +45,15 @@ def read_catalogue(path, spectra_root):
     missing_columns = [c for c in CATALOGUE_COLUMNS if c not in lower]
     if missing_columns:
         raise ValueError(f"{path}: catalogue lacks column(s) {', '.join(missing_columns)}")
-    out = Table({c: np.asarray(table[lower[c]], dtype=float if c != "obsid" else np.int64)
+    out = Table({c: np.asarray(table[lower[c]], dtype=np.int64) if c == "obsid" else _numbers(table[lower[c]])
                  for c in CATALOGUE_COLUMNS})
     out["ra"].unit = out["dec"].unit = u.deg
     out["class"] = (np.asarray(table[lower["class"]], dtype=str) if "class" in lower
                     else np.full(len(table), "STAR"))
+    out["subclass"] = (np.ma.MaskedArray(table[lower["subclass"]]).astype(str).filled("")
+                       if "subclass" in lower else np.full(len(table), ""))
+    for name, column in LASP_NUMBERS.items():
+        out[column] = _numbers(table[lower[name]]) if name in lower else np.full(len(table), np.nan)
     index = SpectrumIndex(spectra_root)
     paths, missing = [], []
     for i, row in enumerate(table):
@@ -50,6 +70,13 @@ def read_catalogue(path, spectra_root):
     keep = np.ones(len(out), dtype=bool)
     keep[missing] = False
     return out[keep], [int(out["obsid"][i]) for i in missing]
+
+
+def catalogue_evidence(table):
+    """Keyword arguments of ``models.pipeline.predict_features`` from a catalogue table:
+    the LASP subclass, Teff and [Fe/H] columns it has (see ``read_catalogue``)."""
+    names = {"subclass": "subclass", "teff": LASP_NUMBERS["teff"], "feh": LASP_NUMBERS["feh"]}
+    return {key: np.asarray(table[column]) for key, column in names.items() if column in table.colnames}
 
 
 def read_labels(path, columns=None):

@@ -25,10 +25,13 @@ Model artifacts
     (:func:`registered_artifact`).
 
 One batch (:func:`infer_obsids`)
-    read every file, preprocess all of them in one vectorised pass, predict in one pass,
-    then write in ONE transaction: estimates upserted on (obsid, model_version) -- a
-    redelivered batch overwrites its own rows, never duplicates them -- and failures
-    (stage ``read``, ``preprocess`` or ``predict`` with the reason) upserted with
+    read every file, preprocess all of them in one vectorised pass, predict in one pass
+    with every quality flag (``models.pipeline.predict_features``: the model's, the
+    redshift's and the LASP subclass's), then write in ONE transaction: estimates upserted
+    on (obsid, model_version) -- a redelivered batch overwrites its own rows, never
+    duplicates them -- and failures
+    (stage ``read``, ``preprocess`` -- no usable redshift, too few usable pixels -- or
+    ``predict``, with the reason) upserted with
     ``attempts + 1``; a success deletes the spectrum's failure row of that version. A
     failure never deletes an estimate already stored for the version (a file that became
     unreadable does not erase a value computed from it when it was readable).
@@ -53,9 +56,9 @@ from etl.ingest import utcnow
 from etl.spectrum_files import UnsafePathError, resolve_under_root
 from etl.settings import settings as default_settings
 from models.artifact import UntrustedArtifactError, artifact_under, code_version, load_model
-from models.flags import UNUSABLE_SPECTRUM
+from models.flags import NOT_ESTIMATED
 from models.lasso_mlpnet import LABELS
-from models.pipeline import featurise_files
+from models.pipeline import featurise_files, predict_features
 
 MODES = ("stale", "all")
 S, E, F = schema.spectra, schema.estimates, schema.estimate_failures
@@ -265,6 +268,13 @@ def spectra_for(connection, obsids, spectra_root=None, settings=None, refused=No
     return out
 
 
+def subclasses_for(connection, obsids):
+    """LASP subclass (None when unknown) of each obsid, in the order given."""
+    rows = dict(connection.execute(select(S.c.obsid, S.c.subclass)
+                                   .where(S.c.obsid.in_([int(o) for o in obsids]))).all())
+    return [rows.get(int(o)) for o in obsids]
+
+
 def reason_class(reason: str) -> str:
     """A failure reason without its file- or value-specific detail, for summaries."""
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip()[:80] or reason[:80]
@@ -307,28 +317,29 @@ def _infer_obsids(engine, artifact, model_version, obsids, run_id, settings, n_j
         paths = [r[1] for r in readable]
         z = np.array([np.nan if r[2] is None else r[2] for r in readable], dtype=float)
         snrg = np.array([np.nan if r[3] is None else r[3] for r in readable], dtype=float)
-        config = artifact["preprocess"]
-        features, good_fraction, errors = featurise_files(paths, z, config, n_jobs=n_jobs,
-                                                          chunk_size=max(len(paths), 1))
-        for index, reason in errors.items():
+        feature_set = featurise_files(paths, z, artifact["preprocess"], n_jobs=n_jobs,
+                                      chunk_size=max(len(paths), 1))
+        for index, reason in feature_set.errors.items():
             failures[readable[index][0]] = ("read", reason)
-        usable = np.isfinite(features).all(axis=1)
-        for index in np.flatnonzero(~usable).tolist():
-            if index not in errors:
-                failures[readable[index][0]] = (
-                    "preprocess", f"too few usable pixels after preprocessing (good fraction "
-                    f"{good_fraction[index]:.2f} < {config.min_good_fraction})")
-        keep = np.flatnonzero(usable)
-        if keep.size:
-            try:
-                predicted = artifact["model"].predict(features[keep], snrg[keep])
-            except Exception as error:  # noqa: BLE001 -- recorded per spectrum, batch goes on
-                for index in keep.tolist():
+        with engine.connect() as connection:
+            subclass = subclasses_for(connection, [r[0] for r in readable])
+        try:
+            predicted = predict_features(artifact["model"], feature_set, snrg, subclass=subclass)
+        except Exception as error:  # noqa: BLE001 -- recorded per spectrum, batch goes on
+            for index in range(len(readable)):
+                if index not in feature_set.errors:
                     failures[readable[index][0]] = ("predict", f"{type(error).__name__}: {error}")
-                predicted = None
-            if predicted is not None:
-                estimates = _estimate_rows(predicted, [readable[i][0] for i in keep.tolist()],
-                                           model_version, artifact, run_id, failures)
+            predicted = None
+        if predicted is not None:
+            # not estimated: no usable redshift, too few usable pixels (unreadable: above)
+            for index, reason in predicted["problem"].items():
+                if index not in feature_set.errors:
+                    failures[readable[index][0]] = ("preprocess", reason)
+            keep = [i for i in range(len(readable)) if i not in predicted["problem"]]
+            if keep:
+                estimates = _estimate_rows({k: v[keep] for k, v in predicted.items() if k != "problem"},
+                                           [readable[i][0] for i in keep], model_version,
+                                           artifact, run_id, failures)
     write_batch(engine, model_version, run_id, estimates, failures)
     result.done = len(estimates)
     result.flagged = sum(1 for row in estimates if row["flags"])
@@ -345,7 +356,7 @@ def _estimate_rows(predicted, obsids, model_version, artifact, run_id, failures)
     rows = []
     for k, obsid in enumerate(obsids):
         values = {label: _none_if_nan(predicted[label][k]) for label in LABELS}
-        if any(v is None for v in values.values()) or int(predicted["flags"][k]) & UNUSABLE_SPECTRUM:
+        if any(v is None for v in values.values()) or int(predicted["flags"][k]) & NOT_ESTIMATED:
             failures[obsid] = ("predict", "model returned no value")
             continue
         row = {"obsid": obsid, "model_version": model_version, **values,

@@ -50,6 +50,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
+from models.flags import flag_table_text
+
 # Declination zone height for the SQLite cone index (the "zones" algorithm of
 # Gray, Nieto-Santisteban & Szalay 2006): 2 arcmin keeps an arcmin cone in 1-3 zones.
 ZONE_HEIGHT_DEG = 1.0 / 30.0
@@ -71,13 +73,16 @@ JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
 Timestamp = DateTime(timezone=True)
 
 
-def col(name, type_, *args, unit=None, ucd=None, description="", valid_range=None, **kwargs):
+def col(name, type_, *args, unit=None, ucd=None, description="", details=None,
+        valid_range=None, **kwargs):
     """A Column with its science metadata (unit, UCD, description) in ``info``.
 
+    ``details`` extends the description in the documentation and output formats but not the
+    database comment (e.g. the flag bits, defined by the model code, which grow).
     ``valid_range``: (minimum, maximum), inclusive, None for an open end -- the physical
     range of the quantity, when it is narrower than what the SQL type holds.
     """
-    info = {"unit": unit, "ucd": ucd, "description": description}
+    info = {"unit": unit, "ucd": ucd, "description": description, "details": details}
     if valid_range is not None:
         info["valid_range"] = valid_range
     return Column(name, type_, *args, info=info, comment=description or None, **kwargs)
@@ -298,7 +303,8 @@ estimates = Table(
     *_estimate("logg", "log(cm.s**-2)", "phys.gravity", "surface gravity"),
     *_estimate("feh", "dex", "phys.abund.Fe", "[Fe/H]"),
     col("flags", Integer, nullable=False, server_default="0", ucd="meta.code.qual",
-        description="quality flag bitmask (0 = no warning); bits defined by the model code"),
+        description="quality flag bitmask (0 = no warning); bits defined by the model code",
+        details=f"bits: {flag_table_text()}"),
     col("code_version", String(64), nullable=False, ucd="meta.version",
         description="lamost-vac version that ran the inference"),
     col("preprocessing_hash", String(64), nullable=False, ucd="meta.checksum",
@@ -447,9 +453,12 @@ def _kind_of(column) -> str:
 
 def describe_column(column) -> ColumnDescription:
     info = column.info or {}
+    description = info.get("description", "")
+    if info.get("details"):
+        description = f"{description}; {info['details']}"
     return ColumnDescription(
         name=column.name, kind=_kind_of(column), unit=info.get("unit"), ucd=info.get("ucd"),
-        description=info.get("description", ""), nullable=bool(column.nullable),
+        description=description, nullable=bool(column.nullable),
     )
 
 

@@ -50,6 +50,7 @@ class TrainOptions:
     notes: Optional[str] = None
     # label -> (low, high), None = open side; {} = every label (etl.label_domain)
     label_domain: dict = field(default_factory=lambda: parse_label_domain(DEFAULT_LABEL_DOMAIN))
+    preprocess: Optional[PreprocessConfig] = None       # default: the defaults over wave_range
 
 
 def label_sets_matched(connection):
@@ -156,7 +157,8 @@ def train_from_database(engine, options: TrainOptions, log=None):
 
 
 def _train(engine, options, log):
-    config = PreprocessConfig(wave_min=options.wave_range[0], wave_max=options.wave_range[1])
+    config = options.preprocess or PreprocessConfig(wave_min=options.wave_range[0],
+                                                    wave_max=options.wave_range[1])
     with engine.connect() as connection:
         data, label_set = reference_set(connection, options.label_set, options.spectra_root)
         radius = crossmatch_radius(connection, label_set)

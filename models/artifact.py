@@ -32,7 +32,7 @@ import sklearn
 
 from .preprocess import PreprocessConfig
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2       # 2: PreprocessConfig masked_regions/continuum; out-of-distribution state
 SIDECAR_SUFFIX = ".json"
 SIDECAR_KEYS = ("sha256", "format", "version", "preprocess_hash", "libraries")
 # How much of a library's version must match for its pickles to load (major.minor for

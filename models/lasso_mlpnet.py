@@ -10,13 +10,27 @@ Uncertainties, as in the paper:
   mini-batch order and early-stopping stars; the std of their predictions;
 - integrated uncertainty: the std of residuals against reference labels on stars held out
   from training, per SNRg bin (``calibrate``), looked up for every prediction.
+
+Out-of-distribution score (``ood_score``): a sigmoid network saturates at the edges of its
+training labels, so a hot or very metal-poor star comes out "inside" the domain. The
+LASSO's linear model, fitted on the same pixels, extrapolates instead. The score is how far
+the linear estimates lie beyond the training range of each label, in units of the linear
+model's own held-out error (max over the labels; 0 inside the range). The threshold
+(``ood_threshold_``) is the ``OOD_QUANTILE`` quantile of the scores of the training
+spectra predicted out of fold (star-grouped folds of the LASSO cross-validation), i.e. of
+stars the linear model had not seen. On the reference set (README, "Out-of-distribution
+flag") it flags ~1% of held-out in-domain spectra and ~80% of the stars hotter than 7,000 K;
+generic novelty scores (Mahalanobis distance, PCA reconstruction residual, nearest
+training neighbour in the LASSO-pixel space), thresholds chosen the same way, flagged 0-18%
+of those hot stars: noise, not the star, dominates those distances at SNRg < 40.
 """
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.preprocessing import StandardScaler
 
-from .flags import domain_flags
+from .flags import (MASKED_SELECTED_PIXELS, MAX_MASKED_SELECTED_FRACTION, OUT_OF_DISTRIBUTION,
+                    domain_flags)
 from .networks import SigmoidMLPRegressor
 from .selection import LassoFeatureSelector
 
@@ -34,6 +48,7 @@ SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
+OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DISTRIBUTION threshold
 
 
 def _fit_member(X, y, groups, params, seed):
@@ -111,6 +126,8 @@ class LassoMLPNet(BaseEstimator):
     cv : int
         Folds of the LASSO cross-validation.
     max_lasso_steps : int
+        LARS steps of the first pass (extended while the CV minimum is cut off; see
+        ``selection``).
     n_jobs, random_state
 
     Attributes
@@ -118,10 +135,12 @@ class LassoMLPNet(BaseEstimator):
     scaler_ : StandardScaler fitted on the training features
     estimators_ : dict label -> LabelEnsemble
     integrated_uncertainty_ : dict label -> array over ``snr_bins_`` (NaN where no data)
+    ood_range_, ood_scale_, ood_threshold_ : the out-of-distribution score's training label
+        range and linear held-out error per label (target units) and its threshold
     """
 
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, input_noise=DEFAULT_INPUT_NOISE,
-                 max_epochs=400, cv=10, max_lasso_steps=600, n_jobs=-1, random_state=0):
+                 max_epochs=400, cv=10, max_lasso_steps=1000, n_jobs=-1, random_state=0):
         self.hidden = hidden
         self.n_members = n_members
         self.alpha = alpha
@@ -141,7 +160,7 @@ class LassoMLPNet(BaseEstimator):
         hidden = {**DEFAULT_HIDDEN, **(self.hidden or {})}
         self.estimators_ = {}
         for label in (progress or iter)(LABELS):
-            selector = LassoFeatureSelector(cv=self.cv, max_steps=self.max_lasso_steps,
+            selector = LassoFeatureSelector(cv=self.cv, max_steps=self.max_lasso_steps, label=label,
                                             n_jobs=self.n_jobs, random_state=self.random_state)
             self.estimators_[label] = LabelEnsemble(
                 log_target=(label == "teff"), hidden_layer_sizes=hidden[label], alpha=self.alpha,
@@ -151,13 +170,42 @@ class LassoMLPNet(BaseEstimator):
             ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)
         self.snr_bins_ = np.array(SNR_BINS)
         self.integrated_uncertainty_ = {label: np.full(len(SNR_BINS) - 1, np.nan) for label in LABELS}
+        self._fit_ood({label: e._target(np.asarray(labels[label], dtype=float))
+                       for label, e in self.estimators_.items()})
         return self
 
-    def predict(self, X, snrg=None):
+    # -- out-of-distribution score (module doc) ---------------------------------------------
+    def _fit_ood(self, targets):
+        """Training range and held-out error of each label's linear LASSO estimate, and the
+        threshold: a quantile of the out-of-fold scores of the training spectra."""
+        target = np.column_stack([targets[label] for label in self.estimators_])
+        out_of_fold = np.column_stack([e.selector_.cv_predictions_ for e in self.estimators_.values()])
+        self.ood_range_ = np.array([target.min(axis=0), target.max(axis=0)])
+        self.ood_scale_ = np.maximum(np.std(out_of_fold - target, axis=0), 1e-12)
+        self.ood_threshold_ = float(np.quantile(self._ood_from_linear(out_of_fold), OOD_QUANTILE))
+
+    def _ood_from_linear(self, linear):
+        low, high = self.ood_range_
+        beyond = np.maximum(linear - high, low - linear) / self.ood_scale_
+        return np.max(np.maximum(beyond, 0.0), axis=1)
+
+    def ood_score(self, X, scaled=False):
+        """Out-of-distribution score per spectrum (0: every linear estimate inside the
+        training range). ``scaled=True``: ``X`` is already standardised by ``scaler_``."""
+        X_scaled = X if scaled else self.scaler_.transform(np.asarray(X, dtype=np.float64))
+        linear = np.column_stack([X_scaled @ e.selector_.coef_ + e.selector_.intercept_
+                                  for e in self.estimators_.values()])
+        return self._ood_from_linear(linear)
+
+    def predict(self, X, snrg=None, masked=None):
         """Dict of arrays: ``label``, ``label_err`` (model std) and, once calibrated,
-        ``label_err_int`` (integrated uncertainty of the spectrum's SNRg bin), plus ``flags``.
+        ``label_err_int`` (integrated uncertainty of the spectrum's SNRg bin), plus ``flags``
+        and ``ood_score`` (see :meth:`ood_score`).
 
         Rows of ``X`` containing NaN (spectra that could not be preprocessed) give NaN.
+        ``masked`` (n, n_pixels) bool, the pixels preprocessing had to fill, sets
+        MASKED_SELECTED_PIXELS where more than ``MAX_MASKED_SELECTED_FRACTION`` of a label's
+        selected pixels are filled.
         """
         X = np.asarray(X, dtype=np.float64)
         usable = np.isfinite(X).all(axis=1)
@@ -169,13 +217,32 @@ class LassoMLPNet(BaseEstimator):
             out[label + "_err"] = np.where(usable, std, np.nan)
             if snrg is not None:
                 out[label + "_err_int"] = np.where(usable, self._integrated(label, snrg), np.nan)
-        out["flags"] = domain_flags(out["teff"], out["feh"], snrg, usable)
+        flags = domain_flags(out["teff"], out["feh"], snrg, usable)
+        if masked is not None:
+            flags |= np.where(usable & (self.masked_selected_fraction(masked) > MAX_MASKED_SELECTED_FRACTION),
+                              MASKED_SELECTED_PIXELS, 0)
+        out["ood_score"] = np.where(usable, self.ood_score(X_scaled, scaled=True), np.nan)
+        flags |= np.where(out["ood_score"] > self.ood_threshold_, OUT_OF_DISTRIBUTION, 0)
+        out["flags"] = flags
         return out
 
+    def masked_selected_fraction(self, masked):
+        """Per spectrum, the largest share of a label's LASSO-selected pixels that are masked."""
+        masked = np.asarray(masked, dtype=bool)
+        return np.max([masked[:, e.support_].mean(axis=1) for e in self.estimators_.values()], axis=0)
+
     def _integrated(self, label, snrg):
-        table = self.integrated_uncertainty_[label]
-        index = np.clip(np.searchsorted(self.snr_bins_, np.asarray(snrg, dtype=float), side="left") - 1,
-                        0, table.size - 1)
+        """The integrated uncertainty of each spectrum's SNRg bin (bins are (low, high]).
+
+        Outside the calibrated range: SNRg above the last bin takes the last bin's value,
+        conservative since the error falls with SNRg; SNRg at or below the first bin's low
+        edge, or unknown, gets NaN (nothing bounds it). Both are flagged SNR_OUT_OF_DOMAIN.
+        """
+        table = np.append(self.integrated_uncertainty_[label], np.nan)
+        snrg = np.asarray(snrg, dtype=float)
+        index = np.searchsorted(self.snr_bins_, snrg, side="left") - 1
+        index = np.where(snrg > self.snr_bins_[-1], table.size - 2, index)
+        index = np.where((index < 0) | np.isnan(snrg), table.size - 1, index)
         return table[index]
 
     def calibrate(self, X, labels, snrg):

@@ -10,7 +10,19 @@ The steps follow Li et al. (MNRAS), section 3:
 
 Every function takes 2-D arrays, one row per spectrum. Masked pixels (ivar = 0 or any
 and-mask bit set) never enter a fit or a neighbour's value: they are bridged by linear
-interpolation between the nearest good pixels and set to 1 in the normalised output.
+interpolation between the nearest good pixels, and their feature is that bridged flux
+over the continuum -- a masked line core reads as the depth of the line's wings, not as
+"no line" (which a fill of 1 would claim).
+
+Instrument regions: pixels whose *observed* wavelength lies in one of
+``PreprocessConfig.masked_regions`` are treated like masked pixels. By default these are
+the blue/red dichroic overlap and the two strongest telluric bands (O2 B and A);
+``INSTRUMENT_REGIONS`` lists the others that can be added (water bands, the sky-line
+forest). The list is part of the configuration, so of its hash and of every artifact.
+
+Continuum: one polynomial over the whole range, as in the paper (``continuum="single"``,
+the default), or one per spectrograph arm (``"per-arm"``, split at ``arm_split``); the
+measurement that chose the default is in the README ("Preprocessing options").
 """
 import hashlib
 import json
@@ -19,6 +31,35 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from numpy.polynomial import legendre
+
+
+# Observed-frame (vacuum, Angstrom) regions where LAMOST data are unreliable for reasons of
+# the instrument or the atmosphere, not of the star.
+INSTRUMENT_REGIONS = {
+    "dichroic": (5700.0, 5900.0),       # blue/red arm overlap: two calibrations meet
+    "O2 B": (6860.0, 6890.0),           # telluric oxygen bands
+    "O2 A": (7590.0, 7700.0),
+    "H2O 7200": (7160.0, 7340.0),       # telluric water bands
+    "H2O 8200": (8130.0, 8350.0),
+    "sky forest": (8300.0, 9100.0),     # OH sky-line residuals
+}
+DEFAULT_MASKED_REGIONS = tuple((name, *INSTRUMENT_REGIONS[name])
+                               for name in ("dichroic", "O2 B", "O2 A"))
+CONTINUUM_MODES = ("single", "per-arm")
+
+
+def masked_regions_from_names(names):
+    """``"dichroic,O2 A"`` or a list of names -> a ``masked_regions`` tuple; "" or "none" -> ()."""
+    if isinstance(names, str):
+        names = [] if names.strip().lower() in ("", "none") else names.split(",")
+    out = []
+    for name in names:
+        name = name.strip()
+        if name not in INSTRUMENT_REGIONS:
+            raise ValueError(f"unknown instrument region {name!r}; known: "
+                             f"{', '.join(INSTRUMENT_REGIONS)}")
+        out.append((name, *INSTRUMENT_REGIONS[name]))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -34,6 +75,17 @@ class PreprocessConfig:
     clip_low: float = 1.5             # absorption lines lie below the continuum: clip them harder
     clip_high: float = 3.0
     min_good_fraction: float = 0.5    # below this the spectrum is not usable
+    # (name, low, high) in observed-frame Angstrom, treated as masked pixels
+    masked_regions: tuple = DEFAULT_MASKED_REGIONS
+    continuum: str = "single"         # or "per-arm": one polynomial per spectrograph arm
+    arm_split: float = 5800.0         # rest-frame Angstrom between the arms (inside the dichroic)
+
+    def __post_init__(self):
+        if self.continuum not in CONTINUUM_MODES:
+            raise ValueError(f"continuum must be one of {CONTINUUM_MODES}, got {self.continuum!r}")
+        # stored as nested tuples whatever came in (lists from JSON), so equal configs hash equal
+        object.__setattr__(self, "masked_regions", tuple(
+            (str(name), float(low), float(high)) for name, low, high in self.masked_regions))
 
     @property
     def loglam(self):
@@ -188,13 +240,45 @@ def fit_pseudo_continuum(flux, good, order=6, iterations=5, clip_low=1.5, clip_h
     return continuum
 
 
-def continuum_normalise(stack, z, config=PreprocessConfig()):
+def region_mask(observed_loglam, regions, margin=0.0):
+    """True where log10(observed wavelength) lies in one of ``regions`` ((name, low, high)
+    in Angstrom), widened by ``margin`` (log10 units, scalar or broadcastable) on each side."""
+    inside = np.zeros(np.shape(observed_loglam), dtype=bool)
+    for _, low, high in regions:
+        inside |= (observed_loglam >= np.log10(low) - margin) & (observed_loglam <= np.log10(high) + margin)
+    return inside
+
+
+def _continuum(flux, good, config):
+    """The pseudo-continuum: one polynomial, or one per arm (``config.continuum``)."""
+    fit = lambda f, g: fit_pseudo_continuum(f, g, config.continuum_order,  # noqa: E731
+                                            config.continuum_iterations, config.clip_low,
+                                            config.clip_high)
+    if config.continuum == "single":
+        return fit(flux, good)
+    blue = config.wavelength < config.arm_split
+    continuum = np.empty_like(flux)
+    for arm in (blue, ~blue):
+        if arm.any():
+            continuum[:, arm] = fit(flux[:, arm], good[:, arm])
+    return continuum
+
+
+def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False):
     """Full preprocessing: rest frame, resample, median filter, pseudo-continuum division.
 
     Returns ``(features, good_fraction)``: features of shape (n, n_pixels) as float32, and
-    the fraction of usable pixels per row; rows below ``config.min_good_fraction`` are NaN.
+    the fraction of pixels with usable data per row; rows below ``config.min_good_fraction``
+    are NaN. ``return_masked=True`` adds ``masked`` (n, n_pixels) bool: the pixels whose feature is
+    a fill because the *data* were masked (ivar, and-mask, no coverage, continuum ~0); the
+    configured instrument regions are filled in every spectrum alike and are not counted.
     """
-    flux, good = resample_rest_frame(stack, z, config.loglam)
+    z = np.asarray(z, dtype=float)
+    flux, data_good = resample_rest_frame(stack, z, config.loglam)
+    # a rest pixel is interpolated from the observed pixels within one step of it: widen the
+    # regions by that step, so that no value from inside a region leaks out
+    observed = config.loglam[None, :] + np.log10(1.0 + z)[:, None]
+    good = data_good & ~region_mask(observed, config.masked_regions, stack.dloglam[:, None])
     # scale each row to order unity so the polynomial fit is equally conditioned for all
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)      # rows with no good pixel
@@ -206,19 +290,24 @@ def continuum_normalise(stack, z, config=PreprocessConfig()):
     elif config.median_width > 1:
         from scipy.ndimage import median_filter
         flux = median_filter(flux, size=(1, config.median_width), mode="nearest")
-    continuum = fit_pseudo_continuum(flux, good, config.continuum_order, config.continuum_iterations,
-                                     config.clip_low, config.clip_high)
+    continuum = _continuum(flux, good, config)
     # where a polynomial dips to ~0 (deep molecular bands at the blue end of cool stars) the
-    # ratio is meaningless: treat those pixels like masked ones
-    good &= continuum > 0.01
+    # ratio is meaningless: those pixels are masked, their ratio bridged from the neighbours
+    divisible = continuum > 0.01
     with np.errstate(divide="ignore", invalid="ignore"):
-        features = np.where(good, flux / continuum, 1.0)
-    good_fraction = good.mean(axis=1)
+        features = bridge_masked(np.where(divisible, flux / continuum, 1.0), divisible)
+    # the share of pixels with usable data; the instrument regions, masked in every
+    # spectrum alike, say nothing about this one
+    usable = data_good & divisible
+    good_fraction = usable.mean(axis=1)
     features[good_fraction < config.min_good_fraction] = np.nan
-    return features.astype(np.float32), good_fraction
+    features = features.astype(np.float32)
+    if return_masked:
+        return features, good_fraction, ~usable
+    return features, good_fraction
 
 
-def preprocess_spectra(spectra, z, config=PreprocessConfig(), chunk_size=128):
+def preprocess_spectra(spectra, z, config=PreprocessConfig(), chunk_size=128, return_masked=False):
     """``continuum_normalise`` over any number of spectra, in chunks.
 
     Chunks of ~100-250 spectra keep the temporaries in cache and in memory the allocator
@@ -227,8 +316,10 @@ def preprocess_spectra(spectra, z, config=PreprocessConfig(), chunk_size=128):
     z = np.asarray(z, dtype=float)
     features = np.empty((len(spectra), config.loglam.size), dtype=np.float32)
     good_fraction = np.empty(len(spectra))
+    masked = np.empty(features.shape, dtype=bool)
     for start in range(0, len(spectra), chunk_size):
         stop = start + chunk_size
         stack = SpectrumStack.from_spectra(spectra[start:stop])
-        features[start:stop], good_fraction[start:stop] = continuum_normalise(stack, z[start:stop], config)
-    return features, good_fraction
+        features[start:stop], good_fraction[start:stop], masked[start:stop] = continuum_normalise(
+            stack, z[start:stop], config, return_masked=True)
+    return (features, good_fraction, masked) if return_masked else (features, good_fraction)

@@ -14,8 +14,8 @@ Three layouts are understood, told apart by structure (never by file name):
 ``dr8-image`` (DR7/DR8 v1)
     Primary image (5, N): flux, ivar, wavelength, andmask, ormask.
 ``dr8-v2-table`` (DR8 v2.0)
-    Header-only primary HDU, then a one-row BINTABLE with vector columns FLUX, IVAR,
-    WAVELENGTH, ANDMASK, ORMASK (and others, ignored).
+    Header-only primary HDU, then a one-row BINTABLE named ``COADD`` (checked) with vector
+    columns FLUX, IVAR, WAVELENGTH, ANDMASK, ORMASK (and others, ignored).
 
 Every failure -- missing file, empty file, corrupt gzip, not FITS, truncated data,
 unexpected shape, bad wavelengths -- is raised as :class:`SpectrumReadError`, so a bulk
@@ -51,6 +51,7 @@ TFORM_TYPES = {"L": (1, None), "X": (1, None), "B": (1, ">u1"), "I": (2, ">i2"),
                "D": (8, ">f8"), "C": (8, None), "M": (16, None), "P": (8, None), "Q": (16, None)}
 TFORM_PATTERN = re.compile(r"\s*(\d*)\s*([LXBIJKAEDCMPQ])")
 TABLE_COLUMNS = ("FLUX", "IVAR", "WAVELENGTH", "ANDMASK", "ORMASK")
+COADD_EXTNAME = "COADD"     # DR8 v2.0: the extension holding the co-added spectrum
 IMAGE_ROWS = 5
 # A DR8-style wavelength row holds Angstroms (3700-9100); DR1's normalised-flux row is ~1.
 MIN_PLAUSIBLE_WAVELENGTH = 1000.0
@@ -465,12 +466,21 @@ class _TableColumn:
 
 
 def _read_table_arrays(buf: bytes, ext_start: int):
-    """(wavelength, flux, ivar, andmask, ormask) from the first row of a BINTABLE."""
+    """(wavelength, flux, ivar, andmask, ormask) from the first row of the COADD BINTABLE.
+
+    DR8 v2.0 puts the co-added spectrum in the first extension, ``EXTNAME = 'COADD'``; an
+    extension of another name (e.g. a single exposure) is refused rather than read as if it
+    were the co-add.
+    """
     if ext_start >= len(buf):
         raise _Unreadable("no data: primary HDU is empty and no extension follows")
     header, data_start = _parse_header(buf, ext_start, expect_primary=False)
     if header.get("XTENSION") != "BINTABLE":
         raise _Unreadable(f"first extension is {header.get('XTENSION')!r}, not BINTABLE")
+    extname = header.get("EXTNAME")
+    if not isinstance(extname, str) or extname.strip().upper() != COADD_EXTNAME:
+        raise _Unreadable(f"first extension is EXTNAME = {extname!r}, expected "
+                          f"{COADD_EXTNAME!r} (the DR8 v2.0 co-added spectrum)")
     row_bytes = _header_int(header, "NAXIS1")
     nrows = _header_int(header, "NAXIS2")
     if nrows != 1:

@@ -5,13 +5,19 @@ scikit-learn's LassoCV runs coordinate descent on every fold and alpha from scra
 and is most of the published recipe's 15 minutes. Here:
 
 - the LASSO path is computed exactly with LARS (``lars_path_gram``), one pass per fold,
-  stopping after ``max_steps`` steps (the paper kept 643-930 pixels, so ~1,000 steps
-  cover every alpha worth choosing);
+  stopping after ``max_steps`` steps; when the cross-validated minimum falls at the end of
+  the path that was computed (the path was cut before the best alpha), the path is
+  extended (steps doubled) until the minimum is inside it or the path is complete. So
+  ``max_steps`` (default 1,000: the paper kept 643-930 pixels) only sets where the search
+  starts, never what it finds; a minimum still at an end of the alpha grid (no pixel at
+  all, or the smallest alpha of a complete path) raises a :class:`LassoPathWarning`;
 - the Gram matrix X'X is computed once; each fold's centred Gram matrix is obtained by
   subtracting the held-out rows' contribution;
 - folds are formed by star (``groups``), so a star's repeat spectra never validate its
   own fit.
 """
+import warnings
+
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator
@@ -26,9 +32,8 @@ def _centred(gram, xy, x_sum, y_sum, n):
     return gram - np.outer(x_sum, x_sum) / n, xy - x_sum * (y_sum / n)
 
 
-def _lasso_path(gram, xy, n, max_steps, alpha_min=0.0):
-    alphas, _, coefs = lars_path_gram(xy, gram, n_samples=n, max_iter=max_steps,
-                                      alpha_min=alpha_min, method="lasso")
+def _lasso_path(gram, xy, n, max_steps):
+    alphas, _, coefs = lars_path_gram(xy, gram, n_samples=n, max_iter=max_steps, method="lasso")
     return alphas, coefs
 
 
@@ -43,6 +48,10 @@ def _fold_path(X_test, y_test, n, gram_all, xy_all, x_sum, y_sum, max_steps):
     return alphas, residuals
 
 
+class LassoPathWarning(UserWarning):
+    """The cross-validated alpha is at an end of the alpha grid, not an interior minimum."""
+
+
 class LassoFeatureSelector(SelectorMixin, BaseEstimator):
     """Keep the pixels with a non-zero LASSO coefficient at the cross-validated alpha.
 
@@ -53,7 +62,10 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
     n_alphas : int
         Size of the alpha grid on which the folds' validation errors are compared.
     max_steps : int
-        LARS steps per path; bounds the number of selected pixels.
+        LARS steps of the first pass per fold; doubled while the CV minimum sits at the end
+        of the computed path (see the module doc), so it does not bound the selection.
+    label : str
+        Name used in warnings (e.g. "teff").
     n_jobs : int or None
         Folds run in parallel processes (LARS is partly pure Python).
     random_state : int
@@ -62,12 +74,16 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
     Attributes
     ----------
     alphas_, mse_path_ (n_alphas, cv), alpha_, coef_, intercept_, n_selected_
+    n_steps_ : int, LARS steps per fold path that the search needed
+    interior_minimum_ : bool, whether ``alpha_`` is an interior minimum of the CV curve
+    cv_predictions_ : (n_samples,) out-of-fold predictions of the linear LASSO at ``alpha_``
     """
 
-    def __init__(self, cv=10, n_alphas=100, max_steps=600, n_jobs=-1, random_state=0):
+    def __init__(self, cv=10, n_alphas=100, max_steps=1000, label=None, n_jobs=-1, random_state=0):
         self.cv = cv
         self.n_alphas = n_alphas
         self.max_steps = max_steps
+        self.label = label
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -82,28 +98,60 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
         rng = np.random.default_rng(self.random_state)
         folds = list(group_kfold_indices(groups, self.cv, rng))
 
-        paths = Parallel(n_jobs=self.n_jobs)(
-            delayed(_fold_path)(X[test], y[test], n, gram_all, xy_all, x_sum, y_sum, self.max_steps)
-            for _, test in folds)
-        # compare folds on a common grid, inside the range every fold's path reached;
-        # residuals are linear in alpha between LARS knots, so interpolating them is exact
+        steps = max(int(self.max_steps), 1)
+        while True:
+            paths = Parallel(n_jobs=self.n_jobs)(
+                delayed(_fold_path)(X[test], y[test], n, gram_all, xy_all, x_sum, y_sum, steps)
+                for _, test in folds)
+            best = self._cv_curve(paths)
+            # a path shorter than the step budget ran to its end (alpha 0 or no variable left)
+            cut = any(alphas.size > steps for alphas, _ in paths)
+            if best < self.n_alphas - 1 or not cut:
+                break
+            steps *= 2          # the minimum may lie beyond where the paths were cut
+        self.n_steps_ = steps
+        self.alpha_ = float(self.alphas_[best])
+        # out-of-fold linear predictions at alpha_: every row predicted by a fit that never
+        # saw its star (used to choose thresholds on held-out stars, see lasso_mlpnet)
+        self.cv_predictions_ = np.empty(n)
+        for (_, test), residuals in zip(folds, self._fold_residuals):
+            self.cv_predictions_[test] = y[test] - residuals[:, best]
+        del self._fold_residuals
+        self.interior_minimum_ = 0 < best < self.n_alphas - 1
+        if not self.interior_minimum_:
+            where = ("the largest alpha of the grid (next to no pixel selected)" if best == 0 else
+                     "the smallest alpha of the complete path (an unregularised fit)")
+            warnings.warn(LassoPathWarning(
+                f"LASSO {self.label or 'selection'}: the cross-validated alpha {self.alpha_:.3g} is "
+                f"{where}, not an interior minimum of the CV curve: too few training spectra "
+                f"for this many pixels, or labels the pixels do not predict"), stacklevel=2)
+
+        gram, xy = _centred(gram_all, xy_all, x_sum, y_sum, n)
+        # LARS stops at alpha_min = alpha_: the step budget only has to be large enough to
+        # get there, and only the end point is kept
+        _, _, self.coef_ = lars_path_gram(xy, gram, n_samples=n, max_iter=10 * (gram.shape[0] + steps),
+                                          alpha_min=self.alpha_, method="lasso", return_path=False)
+        self.intercept_ = float(y_sum / n - (x_sum / n) @ self.coef_)
+        self.n_selected_ = int(np.count_nonzero(self.coef_))
+        return self
+
+    def _cv_curve(self, paths):
+        """Set ``alphas_`` and ``mse_path_`` from the folds' paths; the index of the minimum.
+
+        Folds are compared on a common grid inside the range every fold's path reached;
+        residuals are linear in alpha between LARS knots, so interpolating them is exact.
+        """
         top = min(a[0] for a, _ in paths)
         bottom = max(a[-1] for a, _ in paths)
         self.alphas_ = np.geomspace(top, max(bottom, top * 1e-6), self.n_alphas)
         mse = []
+        self._fold_residuals = []
         for alphas, residuals in paths:
             at_grid = np.array([np.interp(self.alphas_, alphas[::-1], r[::-1]) for r in residuals])
             mse.append(np.mean(at_grid**2, axis=0))
+            self._fold_residuals.append(at_grid)
         self.mse_path_ = np.array(mse).T
-        best = int(np.argmin(self.mse_path_.mean(axis=1)))
-        self.alpha_ = float(self.alphas_[best])
-
-        gram, xy = _centred(gram_all, xy_all, x_sum, y_sum, n)
-        _, coefs = _lasso_path(gram, xy, n, self.max_steps, alpha_min=self.alpha_)
-        self.coef_ = coefs[:, -1]
-        self.intercept_ = float(y_sum / n - (x_sum / n) @ self.coef_)
-        self.n_selected_ = int(np.count_nonzero(self.coef_))
-        return self
+        return int(np.argmin(self.mse_path_.mean(axis=1)))
 
     def _get_support_mask(self):
         return self.coef_ != 0

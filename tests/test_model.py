@@ -5,6 +5,7 @@ Synthetic data with a known answer throughout; scikit-learn's coordinate-descent
 the independent reference for the LARS-based selection.
 """
 import json
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -15,8 +16,11 @@ from sklearn.linear_model import Lasso
 from models.artifact import (ARTIFACT_FORMAT, ArtifactVersionWarning, IncompatibleArtifactError,
                              file_sha256, library_versions, load_model, save_model,
                              sidecar_path, training_set_description, write_sidecar)
-from models.flags import (FEH_OUT_OF_DOMAIN, NOT_A_STAR, SNR_OUT_OF_DOMAIN, TEFF_OUT_OF_DOMAIN,
-                          UNUSABLE_SPECTRUM, describe_flags, domain_flags)
+from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, MASKED_SELECTED_PIXELS,
+                          MAX_MASKED_SELECTED_FRACTION, NO_USABLE_REDSHIFT, NOT_A_STAR,
+                          OUT_OF_DISTRIBUTION, SNR_OUT_OF_DOMAIN, SUSPICIOUS_REDSHIFT,
+                          TEFF_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, catalogue_flags, describe_flags,
+                          domain_flags, redshift_flags)
 from models.lasso_mlpnet import LABELS, SNR_BINS, LassoMLPNet
 from models.networks import SigmoidMLPRegressor
 from models.preprocess import PreprocessConfig
@@ -131,6 +135,63 @@ def test_lasso_cv_errors_are_the_held_out_group_fold_errors(sparse_problem):
             assert selector.mse_path_[a, k] == pytest.approx(mse, rel=1e-6)
     # the chosen alpha is not at either end of the grid on this problem
     assert selector.alphas_[-1] < selector.alpha_ < selector.alphas_[0]
+
+
+@pytest.fixture(scope="module")
+def dense_problem():
+    """~70% of 200 correlated columns matter: the CV-best LASSO keeps well over 100 of them
+    (the paper's selections, 643-930 pixels, are dense like this)."""
+    rng = np.random.default_rng(0)
+    n, p = 400, 200
+    z = rng.standard_normal((n, p))
+    X = np.empty_like(z)
+    X[:, 0] = z[:, 0]
+    for j in range(1, p):
+        X[:, j] = 0.5 * X[:, j - 1] + np.sqrt(0.75) * z[:, j]
+    beta = rng.normal(0, 1, p) * (rng.random(p) < 0.7)
+    y = X @ beta + 3.0 * rng.standard_normal(n)
+    return X, y, np.repeat(np.arange(n // 2), 2)
+
+
+def test_lasso_step_budget_does_not_bind(dense_problem):
+    """A first pass of 30 LARS steps used to cut the path and pick ~30 pixels at the edge
+    of the alpha grid; the path is now extended until the CV minimum is interior, giving
+    the selection of an uncapped path and of scikit-learn's LassoCV on the same folds."""
+    from sklearn.linear_model import LassoCV
+
+    X, y, groups = dense_problem
+    capped = LassoFeatureSelector(cv=5, max_steps=30, n_jobs=1, random_state=0).fit(X, y, groups=groups)
+    uncapped = LassoFeatureSelector(cv=5, max_steps=5000, n_jobs=1, random_state=0).fit(X, y, groups=groups)
+    assert capped.n_steps_ > 30 and capped.interior_minimum_
+    assert uncapped.n_steps_ == 5000 and uncapped.interior_minimum_
+    folds = list(group_kfold_indices(groups, 5, np.random.default_rng(0)))
+    reference = LassoCV(cv=folds, alphas=100, max_iter=100_000, tol=1e-8).fit(X, y)
+    n_reference = np.count_nonzero(reference.coef_)
+    assert n_reference > 100
+    for selector in (capped, uncapped):
+        assert abs(selector.n_selected_ - n_reference) <= 0.1 * n_reference
+        assert selector.alpha_ == pytest.approx(reference.alpha_, rel=0.25)
+    # the final coefficients are the exact LASSO solution at the chosen alpha
+    exact = Lasso(alpha=capped.alpha_, tol=1e-12, max_iter=100_000).fit(X, y)
+    np.testing.assert_allclose(capped.coef_, exact.coef_, rtol=0, atol=1e-6)
+
+
+def test_lasso_warns_when_the_cv_minimum_is_at_an_end_of_the_grid():
+    from models.selection import LassoPathWarning
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((200, 20))
+    # noiseless: every step down in alpha helps, the minimum is the grid's smallest alpha
+    exact = X @ rng.normal(0, 1, 20)
+    with pytest.warns(LassoPathWarning, match="LASSO feh: .* smallest alpha of the complete path"):
+        selector = LassoFeatureSelector(cv=4, label="feh", n_jobs=1).fit(X, exact)
+    assert not selector.interior_minimum_
+    # pure noise and more columns than rows: nothing beats the mean, the minimum is the
+    # largest alpha (true for this seed; some noise draws favour a pixel or two)
+    rng = np.random.default_rng(0)
+    X, noise = rng.standard_normal((60, 100)), rng.standard_normal(60)
+    with pytest.warns(LassoPathWarning, match="largest alpha of the grid"):
+        LassoFeatureSelector(cv=4, n_jobs=1).fit(X, noise)
 
 
 # --------------------------------------------------------------------------- the network
@@ -251,13 +312,13 @@ def test_mlp_refuses_invalid_parameters_by_name(param, value):
 
 # --------------------------------------------------------------------------- LASSO-MLPNet
 
-def synthetic_spectra(rng, n_stars, per_star, n_pixels=150):
+def synthetic_spectra(rng, n_stars, per_star, n_pixels=150, teff_range=(3800, 6500)):
     """Features from three latent labels through fixed random smooth nonlinear maps + noise.
 
     Each pixel responds (through tanh curves) to a random subset of the labels, like
     spectral lines that depend on temperature, gravity and metallicity.
     """
-    teff = rng.uniform(3800, 6500, n_stars)
+    teff = rng.uniform(*teff_range, n_stars)
     logg = rng.uniform(1.0, 5.0, n_stars)
     feh = rng.uniform(-1.5, 0.4, n_stars)
     latent = np.column_stack([(teff - 5150) / 1350, (logg - 3) / 2, (feh + 0.55) / 0.95])
@@ -328,6 +389,47 @@ def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained):
     assert predicted["flags"].dtype.kind == "i"
 
 
+def test_out_of_distribution_flag_catches_stars_hotter_than_the_training_set(trained):
+    """Stars at 7000-9000 K (training: 3800-6500 K) come out of the networks at ~6200 K,
+    inside the domain, with no Teff flag; the out-of-distribution score flags them, and
+    not the held-out stars of the training range. The threshold was chosen on the
+    training spectra predicted out of fold."""
+    model, _, _, X_test, _ = trained
+    rng = np.random.default_rng(7)
+    X_hot, labels_hot, _ = synthetic_spectra(rng, 60, 1, teff_range=(7000, 9000))
+    hot = model.predict(X_hot, np.full(len(X_hot), 15.0))
+    assert np.median(hot["teff"]) < 6500                        # the network saturates...
+    assert np.mean(hot["flags"] & TEFF_OUT_OF_DOMAIN > 0) < 0.5  # ...so its own flag misses them
+    assert np.mean(hot["flags"] & OUT_OF_DISTRIBUTION > 0) > 0.8
+    held_out = model.predict(X_test, np.full(len(X_test), 15.0))
+    assert np.mean(held_out["flags"] & OUT_OF_DISTRIBUTION > 0) < 0.05
+    assert np.all(held_out["ood_score"] >= 0) and np.all(np.isfinite(held_out["ood_score"]))
+    # the threshold is a quantile of out-of-fold scores, one per training spectrum
+    for estimator in model.estimators_.values():
+        assert estimator.selector_.cv_predictions_.shape == (300,)
+    assert np.isfinite(model.ood_threshold_) and model.ood_threshold_ >= 0
+
+
+def test_masked_selected_pixels_flag(trained):
+    """A spectrum is flagged when more than MAX_MASKED_SELECTED_FRACTION of one label's
+    LASSO-selected pixels were masked (filled); masked pixels no label selected do not count."""
+    model, _, _, X_test, _ = trained
+    n, p = 4, X_test.shape[1]
+    support = model.estimators_["feh"].support_
+    selected = np.flatnonzero(support)
+    unselected = np.flatnonzero(~np.any([e.support_ for e in model.estimators_.values()], axis=0))
+    masked = np.zeros((n, p), dtype=bool)
+    just_below = int(np.floor(MAX_MASKED_SELECTED_FRACTION * selected.size))
+    masked[1, selected[:just_below]] = True                         # at most the limit: fine
+    masked[2, selected[:just_below + 1]] = True                     # above it: flagged
+    masked[3, unselected] = True                                    # many, none selected
+    out = model.predict(X_test[:n], np.full(n, 15.0), masked=masked)
+    assert [bool(f & MASKED_SELECTED_PIXELS) for f in out["flags"]] == [False, False, True, False]
+    np.testing.assert_allclose(model.masked_selected_fraction(masked)[2],
+                               max((just_below + 1) / selected.size,
+                                   *(masked[2, e.support_].mean() for e in model.estimators_.values())))
+
+
 def test_calibrate_stores_residual_std_per_snr_bin(trained):
     model, _, _, X_test, labels_test = trained
     n = len(X_test)
@@ -349,12 +451,37 @@ def test_calibrate_stores_residual_std_per_snr_bin(trained):
         low, high = np.std(resid[:35], ddof=1), np.std(resid[35:78], ddof=1)
         # empty bins take the nearest bin's value: 10-20 from 5-10, 20-40 from 40-80
         np.testing.assert_allclose(table, [low, low, high, high], rtol=1e-12)
-    # each prediction reports its SNRg bin's value; out-of-range SNRg use the end bins
-    query = np.array([2.0, 5.0, 7.0, 10.0, 10.0001, 20.0, 39.0, 40.0, 40.5, 80.0, 80.5, 500.0])
-    bin_of_query = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    # each prediction reports its SNRg bin's value
+    query = np.array([5.0001, 7.0, 10.0, 10.0001, 20.0, 39.0, 40.0, 40.5, 80.0])
+    bin_of_query = [0, 0, 0, 1, 1, 2, 2, 3, 3]
     out = model.predict(X_test[:query.size], query)
     for label in LABELS:
         np.testing.assert_array_equal(out[label + "_err_int"], model.integrated_uncertainty_[label][bin_of_query])
+
+
+@pytest.mark.parametrize("snrg", [np.nan, -9999.0, 0.0, 2.0, 5.0])
+def test_integrated_uncertainty_below_or_without_snr_is_nan_and_flagged(trained, snrg):
+    """Not the smallest (40-80) value as before: at or below SNRg 5, or without SNRg, nothing
+    bounds the error, so none is quoted."""
+    model, _, _, X_test, labels_test = trained
+    model.calibrate(X_test, labels_test, np.linspace(5.5, 80.0, len(X_test)))
+    out = model.predict(X_test[:3], np.full(3, snrg))
+    for label in LABELS:
+        assert np.all(np.isnan(out[label + "_err_int"]))
+        assert np.all(np.isfinite(out[label]))                 # the estimate itself is kept
+    assert np.all(out["flags"] & SNR_OUT_OF_DOMAIN)
+
+
+@pytest.mark.parametrize("snrg", [80.5, 500.0])
+def test_integrated_uncertainty_above_80_is_never_below_the_last_bin(trained, snrg):
+    """Above the calibrated range the last bin's value is quoted: errors fall with SNRg, so it
+    is an upper bound (conservative), and the spectrum is flagged."""
+    model, _, _, X_test, labels_test = trained
+    model.calibrate(X_test, labels_test, np.linspace(5.5, 80.0, len(X_test)))
+    out = model.predict(X_test[:3], np.full(3, snrg))
+    for label in LABELS:
+        np.testing.assert_array_equal(out[label + "_err_int"], model.integrated_uncertainty_[label][-1])
+    assert np.all(out["flags"] & SNR_OUT_OF_DOMAIN)
 
 
 def test_calibrate_with_no_held_out_spectra_in_a_bin_uses_nearest(trained):
@@ -399,6 +526,48 @@ def test_flags_combine_and_describe():
     assert len({TEFF_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, SNR_OUT_OF_DOMAIN, NOT_A_STAR, UNUSABLE_SPECTRUM}) == 5
     assert len(describe_flags(int(flags[0]))) == 3
     assert describe_flags(0) == []
+
+
+def test_flag_bits_are_distinct_and_all_described():
+    from models import flags
+
+    assert list(flags.FLAG_DESCRIPTIONS) == [1 << k for k in range(10)]
+    assert flags.NOT_ESTIMATED == NOT_A_STAR | UNUSABLE_SPECTRUM | NO_USABLE_REDSHIFT
+    text = flags.flag_table_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for bit, description in flags.FLAG_DESCRIPTIONS.items():
+        assert f"{bit} = {description}" in text
+        assert f"| {bit} | {description} |" in readme, "README flag table out of date"
+        assert "|" not in description                # would break markdown tables
+
+
+@pytest.mark.parametrize("z, expected", [
+    (np.nan, NO_USABLE_REDSHIFT), (-9999.0, NO_USABLE_REDSHIFT), (np.inf, NO_USABLE_REDSHIFT),
+    (-1.0, NO_USABLE_REDSHIFT), (-2.0, NO_USABLE_REDSHIFT), (0.0, 0), (1e-4, 0),
+    (599.0 / 299792.458, 0), (-599.0 / 299792.458, 0), (601.0 / 299792.458, SUSPICIOUS_REDSHIFT),
+    (-1205.0 / 299792.458, SUSPICIOUS_REDSHIFT), (0.15, SUSPICIOUS_REDSHIFT)])
+def test_redshift_flags(z, expected):
+    flags = redshift_flags([0.0, z])
+    assert flags[0] == 0 and flags[1] == expected
+    assert redshift_flags(z) == expected
+
+
+@pytest.mark.parametrize("subclass, outside", [
+    ("A1", True), ("A0 V", True), ("B9", True), ("O", True), ("F0", True), ("WD", True),
+    ("DA", True), ("Carbon", True), ("dM4", True), ("gM3", True), ("M5 III", True),
+    ("F2", False), ("F5 V", False), ("G8", False), ("K3", False), ("dM0", False), ("gM2", False),
+    ("Non", False), ("", False), (None, False)])
+def test_subclass_domain(subclass, outside):
+    assert bool(catalogue_flags(1, subclass=[subclass])[0]) is outside
+
+
+def test_catalogue_flags_from_lasp_teff_and_feh_where_present():
+    teff = [5000.0, 7200.0, 3400.0, np.nan, -9999.0, 5000.0, 5000.0]
+    feh = [0.0, 0.0, 0.0, 0.0, 0.0, -2.0, -9999.0]
+    flags = catalogue_flags(7, teff=teff, feh=feh)
+    assert [bool(f) for f in flags] == [False, True, True, False, False, True, False]
+    assert set(flags) <= {0, CATALOGUE_OUT_OF_DOMAIN}
+    assert not catalogue_flags(3).any()
 
 
 # --------------------------------------------------------------------------- artifact

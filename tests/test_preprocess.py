@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from scipy.ndimage import median_filter
 
-from models.preprocess import (PreprocessConfig, SpectrumStack, bridge_masked, continuum_normalise,
-                               fit_pseudo_continuum, median_filter3, preprocess_spectra,
-                               resample_rest_frame)
+from models.preprocess import (DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS, PreprocessConfig,
+                               SpectrumStack, bridge_masked, continuum_normalise,
+                               fit_pseudo_continuum, masked_regions_from_names, median_filter3,
+                               preprocess_spectra, resample_rest_frame)
 
 LAMOST_LOGLAM0 = 3.5682
 LAMOST_NPIX = 3909
@@ -74,9 +75,14 @@ def test_digest_is_stable_and_changes_with_every_parameter():
     base = PreprocessConfig()
     assert base.digest() == PreprocessConfig().digest()
     digests = {base.digest()}
+    other = {"masked_regions": (), "continuum": "per-arm"}        # the non-numeric fields
     for field in dataclasses.fields(PreprocessConfig):
         value = getattr(base, field.name)
-        changed = dataclasses.replace(base, **{field.name: value + (1 if isinstance(value, int) else 0.5 * value)})
+        if field.name in other:
+            value = other[field.name]
+        else:
+            value = value + (1 if isinstance(value, int) else 0.5 * value)
+        changed = dataclasses.replace(base, **{field.name: value})
         assert changed.digest() != base.digest(), field.name
         digests.add(changed.digest())
     assert len(digests) == len(dataclasses.fields(PreprocessConfig)) + 1
@@ -115,7 +121,7 @@ def test_lines_return_to_their_rest_wavelength(z):
     At these redshifts the lines move by 1.7-13 pixels in the observed frame, so an
     ignored or wrong-signed shift is caught.
     """
-    rest_lines = (4226.7, 4861.3, 5183.6, 5895.9, 6562.8, 8542.1)
+    rest_lines = (4226.7, 4861.3, 5183.6, 6162.2, 6562.8, 8542.1)    # none in a masked region
     wavelength = lamost_wavelength()
     flux = planck(wavelength / (1 + z), 6000.0) * absorption(wavelength / (1 + z), rest_lines, depth=0.6)
     features, _ = preprocess_spectra([make_spectrum(flux, wavelength)], [z], CONFIG)
@@ -194,9 +200,90 @@ def test_masked_pixels_are_ignored_not_fitted():
     far = (rest < 4990) | (rest > 5110)
     # the continuum is fitted without those pixels (slightly different), nowhere near 50x
     assert np.max(np.abs(features[1][far] - features[0][far])) < 0.02
-    # masked output pixels are set to 1
-    assert np.all(features[1][(rest > 5002) & (rest < 5098)] == 1.0)
+    # masked output pixels hold the bridged flux over the continuum: close to the clean
+    # spectrum's (a line-free stretch), nothing of the garbage
+    inside = (rest > 5002) & (rest < 5098)
+    assert np.max(np.abs(features[1][inside] - features[0][inside])) < 0.05
     assert good_fraction[1] < good_fraction[0]
+
+
+@pytest.mark.parametrize("how", ["ivar", "andmask"])
+def test_masked_line_core_reads_as_a_line_not_as_continuum(how):
+    """A masked line core is filled with the bridged flux over the continuum: the feature
+    stays as deep as the line's wings, never 1 ("no line", what a fill of 1 would claim)."""
+    wavelength = lamost_wavelength()
+    flux = planck(wavelength, 5500.0) * absorption(wavelength, [5183.6], depth=0.7, sigma_pixels=3.0)
+    core = np.abs(wavelength - 5183.6) < 5.183 * 2.5 * 1e-3 * np.log(10) * 1e3 * 0.1   # ~3 pixels
+    assert 2 <= core.sum() <= 5
+    ivar = np.where(core, 0.0, 1.0) if how == "ivar" else None
+    andmask = np.where(core, 1 << 1, 0) if how == "andmask" else None
+    spectra = [make_spectrum(flux, wavelength), make_spectrum(flux, wavelength, ivar, andmask)]
+    features, _ = preprocess_spectra(spectra, [0.0, 0.0], CONFIG)
+    centre = np.argmin(np.abs(CONFIG.wavelength - 5183.6))
+    assert features[0, centre] < 0.45                     # the line, unmasked
+    # bridged between the good pixels next to the core: deeper than 0.7, shallower than the core
+    assert features[0, centre] <= features[1, centre] < 0.7
+    # and reported as filled, for the masked-selected-pixels flag
+    again, _, masked = preprocess_spectra(spectra, [0.0, 0.0], CONFIG, return_masked=True)
+    np.testing.assert_array_equal(again, features)
+    assert masked[1, centre] and not masked[0].any()
+
+
+def test_instrument_regions_are_filled_in_the_observed_frame():
+    """Pixels whose observed wavelength is in a masked region (default: the dichroic and the
+    O2 bands) do not depend on the flux there, and the region moves with the redshift."""
+    rng = np.random.default_rng(4)
+    wavelength = lamost_wavelength()
+    z = 1.5e-3                                            # 450 km/s: ~8.6 A at 5800 A
+    clean = star_like(rng, wavelength, z=z, noise=0.0)
+    spoiled = clean * np.where((wavelength > 5700) & (wavelength < 5900), 3.0, 1.0)   # a bad overlap
+    spoiled = spoiled * np.where((wavelength > 7590) & (wavelength < 7700), 0.2, 1.0)  # O2 A band
+    features, good_fraction, masked = preprocess_spectra(
+        [make_spectrum(clean, wavelength), make_spectrum(spoiled, wavelength)], [z, z], CONFIG,
+        return_masked=True)
+    np.testing.assert_allclose(features[1], features[0], rtol=0, atol=1e-5)
+    # the regions are masked in every spectrum alike: not counted as masked data
+    assert good_fraction[0] == good_fraction[1] == pytest.approx(1.0)
+    assert not masked.any()
+    # without the regions the damage shows, and it sits where the observed frame puts it
+    bare = dataclasses.replace(CONFIG, masked_regions=())
+    unmasked, _ = preprocess_spectra([make_spectrum(clean, wavelength), make_spectrum(spoiled, wavelength)],
+                                     [z, z], bare)
+    rest = CONFIG.wavelength
+    damaged = np.abs(unmasked[1] - unmasked[0]) > 0.5
+    assert damaged[(rest * (1 + z) > 5705) & (rest * (1 + z) < 5895)].all()
+    assert not damaged[(rest > 5900) & (rest * (1 + z) > 5905) & (rest < 7500)].any()
+    # the O2 A band, observed 7590-7700 A, is rest 7578.6-7688.5 A at this z
+    assert np.abs(unmasked[1] - unmasked[0])[(rest > 7580) & (rest < 7686)].min() > 0.3
+
+
+def test_masked_regions_by_name():
+    regions = masked_regions_from_names("dichroic, H2O 8200")
+    assert regions == (("dichroic", 5700.0, 5900.0), ("H2O 8200", 8130.0, 8350.0))
+    assert masked_regions_from_names("none") == ()
+    assert set(INSTRUMENT_REGIONS) >= {"dichroic", "O2 B", "O2 A", "H2O 7200", "H2O 8200", "sky forest"}
+    assert [name for name, _, _ in PreprocessConfig().masked_regions] == ["dichroic", "O2 B", "O2 A"]
+    with pytest.raises(ValueError, match="unknown instrument region 'O3'"):
+        masked_regions_from_names("O3")
+    # a list (as from JSON) gives the same configuration and hash as tuples
+    as_lists = PreprocessConfig(masked_regions=[list(r) for r in DEFAULT_MASKED_REGIONS])
+    assert as_lists == PreprocessConfig() and as_lists.digest() == PreprocessConfig().digest()
+    with pytest.raises(ValueError, match="continuum"):
+        PreprocessConfig(continuum="spline")
+
+
+def test_per_arm_continuum_follows_a_jump_between_the_arms():
+    """A flux-calibration step between the arms (red arm 30% high) defeats one polynomial;
+    one polynomial per arm normalises both sides (the paper's single fit stays an option)."""
+    wavelength = lamost_wavelength()
+    flux = planck(wavelength, 5800.0) * np.where(wavelength < 5800.0, 1.0, 1.3)
+    spectrum = make_spectrum(flux, wavelength)
+    single, _ = preprocess_spectra([spectrum], [0.0], CONFIG)
+    per_arm, _ = preprocess_spectra([spectrum], [0.0], dataclasses.replace(CONFIG, continuum="per-arm"))
+    rest = CONFIG.wavelength
+    away = (np.abs(rest - 5800.0) > 150.0)
+    assert np.max(np.abs(per_arm[0, away] - 1.0)) < 5e-3
+    assert np.max(np.abs(single[0, away] - 1.0)) > 0.05
 
 
 def test_spectrum_with_too_few_good_pixels_gives_nan_row():

@@ -378,7 +378,7 @@ def test_v2_table_missing_column(tmp_path):
     columns = [fits.Column(name=name, format=f"{npix}E", array=np.ones((1, npix), np.float32))
                for name in ("FLUX", "IVAR", "ANDMASK", "ORMASK")]
     path = tmp_path / "no-wavelength.fits"
-    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(columns)]).writeto(path)
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(columns, name="COADD")]).writeto(path)
     assert_read_error(path, "WAVELENGTH")
 
 
@@ -393,10 +393,34 @@ def test_v2_table_with_mixed_column_types(tmp_path):
                fits.Column(name="ANDMASK", format=f"{npix}J", array=np.arange(npix)[None]),
                fits.Column(name="ORMASK", format=f"{npix}I", array=np.arange(npix)[None] % 3)]
     path = tmp_path / "mixed.fits"
-    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(columns)]).writeto(path)
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(columns, name="COADD")]).writeto(path)
     spectrum = read_spectrum(path)
     assert spectrum.layout == LAYOUT_DR8_V2_TABLE
     assert_matches_astropy(spectrum, path)
+
+
+def v2_spectrum_columns(npix=40):
+    wavelength = 4000.0 * 10.0 ** (1e-4 * np.arange(npix))
+    arrays = {"FLUX": np.linspace(1, 2, npix), "IVAR": np.ones(npix), "WAVELENGTH": wavelength,
+              "ANDMASK": np.zeros(npix), "ORMASK": np.zeros(npix)}
+    return [fits.Column(name=name, format=f"{npix}E" if name != "WAVELENGTH" else f"{npix}D",
+                        array=values[None]) for name, values in arrays.items()]
+
+
+@pytest.mark.parametrize("extname", ["FLUX_EXP1", None])
+def test_v2_table_must_be_the_coadd_extension(tmp_path, extname):
+    """DR8 v2.0 keeps the co-added spectrum in EXTNAME = 'COADD'; a first table of another
+    name (a single exposure, an unnamed table) is refused with the extension named."""
+    table = fits.BinTableHDU.from_columns(v2_spectrum_columns())
+    if extname:
+        table.header["EXTNAME"] = extname
+    path = tmp_path / "not-coadd.fits"
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(path)
+    assert_read_error(path, f"EXTNAME = {extname!r}", "'COADD'")
+    # the same table named COADD (any case, FITS pads strings) reads
+    table.header["EXTNAME"] = "coadd "
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(tmp_path / "coadd.fits")
+    assert read_spectrum(tmp_path / "coadd.fits").layout == LAYOUT_DR8_V2_TABLE
 
 
 def test_error_is_a_value_error_and_picklable(tmp_path):

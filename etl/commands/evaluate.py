@@ -4,8 +4,10 @@ Predicts every catalogue spectrum that has a reference (labels cross-matched lik
 ``train-files``, or a truth CSV joined by obsid), then writes into the report folder:
 
 - ``report.json``: MAE, mu, sigma per label overall and per SNRg bin, uncertainties per
-  bin, and (when the artifact was trained with ``--baselines``) the comparison with the
-  paper's six baselines in the layout of its Table 4;
+  bin, the LASSO-selected pixels in each instrument region (dichroic, telluric bands, sky
+  lines; whether the model's preprocessing masks it), the count of spectra carrying each
+  flag bit, and (when the artifact was trained with ``--baselines``) the comparison with
+  the paper's six baselines in the layout of its Table 4;
 - ``report.md``: the same as readable tables;
 - ``estimates.csv`` (and ``baseline_estimates.csv``): per spectrum estimates and references;
 - PNG figures: estimate vs reference with residual histograms (Fig. 5), MAE and sigma vs
@@ -27,8 +29,10 @@ from etl.filesets import best_match, read_catalogue, read_labels, read_truth
 from etl.label_domain import describe_label_domain
 from models.artifact import load_model
 from models.baselines import BASELINE_NAMES, MODEL_NAME
+from models.flags import FLAG_DESCRIPTIONS
 from models.lasso_mlpnet import LABELS, SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
+from models.pipeline import selected_pixels_by_region
 from models.plots import accuracy_vs_snr, kiel_diagram, predicted_vs_reference, uncertainty_vs_snr
 
 PLOT_FILES = {"predicted_vs_reference": "predicted_vs_reference.png",
@@ -118,6 +122,26 @@ def evaluate_rows(artifact, rows, n_jobs=-1):
 
 
 # -- report ------------------------------------------------------------------------------
+def flag_counts(flags):
+    """Spectra carrying each flag bit (every bit listed, zeros included)."""
+    flags = np.asarray(flags, dtype=np.int64)
+    return {str(bit): {"meaning": text, "n": int(np.sum(flags & bit > 0))}
+            for bit, text in FLAG_DESCRIPTIONS.items()}
+
+
+def region_table_md(regions):
+    rows = [[name, f"{r['range'][0]:g}-{r['range'][1]:g}", "yes" if r["masked"] else "no",
+             str(r["pixels"]), *(str(r[label]) for label in LABELS)]
+            for name, r in regions.items()]
+    return markdown.table(["region", "observed A", "masked", "pixels", *(LABEL_HEADINGS[label][0]
+                                                                        for label in LABELS)], rows)
+
+
+def flag_table_md(counts):
+    return markdown.table(["bit", "meaning", "spectra"],
+                          [[bit, c["meaning"], str(c["n"])] for bit, c in counts.items()])
+
+
 def accuracy_table_md(accuracy, bins=SNR_BINS):
     return markdown.accuracy_table(accuracy, ["all"] + snr_bin_names(bins))
 
@@ -172,6 +196,21 @@ def report_markdown(report):
         "integrated: residual standard deviation on held-out stars stored in the model.",
         "",
         uncertainty_table_md(report["uncertainty"]),
+        "",
+    ]
+    parts += [
+        "## Instrument regions",
+        "",
+        "LASSO-selected pixels of each label whose rest wavelength lies in a region where the "
+        "instrument or the atmosphere spoils the data (limits in the observed frame; a star's "
+        "redshift moves them by < 20 A). Masked regions are filled from their edges in every "
+        "spectrum before the continuum fit (`PreprocessConfig.masked_regions`).",
+        "",
+        region_table_md(report["instrument_regions"]),
+        "",
+        "## Quality flags",
+        "",
+        flag_table_md(report["flags"]),
         "",
     ]
     comparison = report.get("comparison")
@@ -239,6 +278,8 @@ def write_report(out_dir, artifact, artifact_path, reference_info, counts, estim
         "snr_bins": snr_bin_names(SNR_BINS),
         "accuracy": accuracy,
         "uncertainty": uncertainty_by_snr(estimates, snrg, model),
+        "instrument_regions": selected_pixels_by_region(model, artifact["preprocess"]),
+        "flags": flag_counts(estimates["flags"]),
         "baselines": None if baselines is None else {
             "n_train": baselines.n_train_, "fit_seconds": baselines.fit_seconds_},
         "comparison": comparison,

@@ -10,14 +10,15 @@ import sys
 import numpy as np
 from astropy.table import Table
 
-from etl.filesets import best_match, read_catalogue, read_labels
+from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
 from etl.label_domain import (add_label_domain_argument, describe_label_domain,
                               parse_label_domain, select_label_domain)
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.lasso_mlpnet import LABELS
-from models.pipeline import featurise_files
-from models.preprocess import PreprocessConfig
+from models.pipeline import featurise_files, predict_features
+from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
+                               PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
 from models.training import train_lasso_mlpnet
 
@@ -39,6 +40,13 @@ def add_training_arguments(parser):
                         "(LOW < SNRg <= HIGH; default 10,20 as in the paper)")
     parser.add_argument("--wave-range", default="3881,8890", help="rest-frame wavelength range in "
                         "Angstrom (use 3881,7400 for MILES-based simulated data)")
+    parser.add_argument("--mask-regions", default=",".join(n for n, _, _ in DEFAULT_MASKED_REGIONS),
+                        help="observed-frame instrument regions filled like masked pixels, comma-"
+                             f"separated, or 'none' (known: {', '.join(INSTRUMENT_REGIONS)}; "
+                             "default %(default)s)")
+    parser.add_argument("--continuum", choices=CONTINUUM_MODES, default="single",
+                        help="one pseudo-continuum polynomial (the paper's, default) or one per "
+                             "spectrograph arm")
     parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
     parser.add_argument("--holdout", type=float, default=0.15,
                         help="fraction of stars held out for uncertainty calibration (default 0.15)")
@@ -52,6 +60,17 @@ def add_training_arguments(parser):
                              "training inputs (default 1.0, chosen by CV; 0 = none)")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
     add_label_domain_argument(parser)
+
+
+def preprocess_config(args):
+    """The PreprocessConfig of the training options (--wave-range, --mask-regions, --continuum)."""
+    wave = parse_range(args.wave_range, "--wave-range")
+    try:
+        regions = masked_regions_from_names(args.mask_regions)
+    except ValueError as error:
+        raise SystemExit(f"--mask-regions: {error}") from None
+    return PreprocessConfig(wave_min=wave[0], wave_max=wave[1], masked_regions=regions,
+                            continuum=args.continuum)
 
 
 # LassoMLPNet parameter <- command-line option (argparse dest) of the tuning options
@@ -114,10 +133,9 @@ def register(subparsers):
 
 
 def run_train_files(args):
-    wave = parse_range(args.wave_range, "--wave-range")
+    config = preprocess_config(args)
     snr_range = parse_range(args.snr_range, "--snr-range")
     label_domain = parse_label_domain(args.label_domain)
-    config = PreprocessConfig(wave_min=wave[0], wave_max=wave[1])
     catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
     labels = read_labels(args.labels, args.label_columns)
     matched = best_match(catalogue, labels, args.radius)
@@ -162,11 +180,12 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1, return_features=False):
     """
     model = artifact["model"]
     is_star = np.char.upper(np.char.strip(np.asarray(catalogue["class"], dtype=str))) == "STAR"
-    features, _, errors = featurise_files(catalogue["path"], catalogue["z"], artifact["preprocess"],
-                                          n_jobs=n_jobs,
-                                          progress=lambda it, total: progress(it, total, "preprocessing"))
+    feature_set = featurise_files(catalogue["path"], catalogue["z"], artifact["preprocess"],
+                                  n_jobs=n_jobs,
+                                  progress=lambda it, total: progress(it, total, "preprocessing"))
+    features, errors = feature_set.features, feature_set.errors
     features[~is_star] = np.nan            # galaxies and QSOs are not estimated as stars
-    estimates = model.predict(features, catalogue["snrg"])
+    estimates = predict_features(model, feature_set, catalogue["snrg"], **catalogue_evidence(catalogue))
     out = Table()
     out["obsid"] = catalogue["obsid"]
     for label in LABELS:
@@ -175,7 +194,8 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1, return_features=False):
     flags = estimates["flags"]
     flags = np.where(is_star, flags, (flags & ~UNUSABLE_SPECTRUM) | NOT_A_STAR)
     out["flags"] = flags
-    problems = [errors.get(i, "" if star else "class is not STAR") for i, star in enumerate(is_star)]
+    problems = [errors.get(i) or ("class is not STAR" if not star else estimates["problem"].get(i, ""))
+                for i, star in enumerate(is_star)]
     out["problem"] = np.array(problems, dtype=f"U{max([80, *map(len, problems)])}")
     out["model_version"] = artifact["version"]
     return (out, features) if return_features else out
@@ -205,6 +225,7 @@ def run_predict_files(args):
     write_table(table, args.out)
     n_estimated = int(np.isfinite(table["teff"]).sum())
     print(f"{len(table)} spectra: {n_estimated} estimated, {len(table) - n_estimated} not "
-          f"(unreadable, unusable or not STAR), {len(missing)} catalogue rows without a file "
+          f"(unreadable, unusable, no usable redshift or not STAR), {len(missing)} catalogue rows "
+          f"without a file "
           f"-> {args.out}", file=sys.stderr)
     return 0

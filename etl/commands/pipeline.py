@@ -11,7 +11,8 @@ import sys
 import time
 
 from etl import db
-from etl.commands.files import add_training_arguments, model_parameters, parse_range, print_held_out
+from etl.commands.files import (add_training_arguments, model_parameters, parse_range,
+                                preprocess_config, print_held_out)
 from etl.commands import add_url_argument, database_url, display_url
 from etl.label_domain import parse_label_domain
 from etl.settings import settings
@@ -50,9 +51,10 @@ def run_train(args):
     from etl.training import TrainOptions, train_from_database
 
     params = model_parameters(args)
+    config = preprocess_config(args)
     options = TrainOptions(
         snr_range=parse_range(args.snr_range, "--snr-range"),
-        wave_range=parse_range(args.wave_range, "--wave-range"), ensemble=args.ensemble,
+        wave_range=(config.wave_min, config.wave_max), preprocess=config, ensemble=args.ensemble,
         holdout=args.holdout, seed=args.seed, label_set=args.label_set,
         model_dir=args.model_dir, spectra_root=args.spectra_root, jobs=args.jobs,
         model_params=params, notes=args.notes, label_domain=parse_label_domain(args.label_domain))

@@ -6,7 +6,7 @@ writes a report folder:
 
 - robustness: every spectrum file of every folder is read and either estimated or
   flagged with a reason (unreadable with the reader's reason; class not STAR; near-zero
-  SNRg; too few usable pixels); counts per outcome per folder;
+  SNRg; no usable redshift or too few usable pixels); counts per outcome per folder;
 - repeatability: stars observed several times (``repeat_groups.csv``: GroupID per
   ``combined_file``, matched to the FITS files by base name): the scatter of their
   estimates against SNRg and the pairwise z-scores with the model (ensemble) and the
@@ -30,10 +30,10 @@ from etl.commands.files import write_table
 from etl.commands.markdown import LABEL_HEADINGS, accuracy_table, fmt, label_head, table
 from etl.label_domain import describe_label_domain
 from models.artifact import load_model
-from models.flags import NOT_A_STAR, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
+from models.flags import NOT_A_STAR, NOT_ESTIMATED, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
 from models.lasso_mlpnet import LABELS, SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
-from models.pipeline import featurise_files
+from models.pipeline import featurise_files, predict_features
 from models.plots import (AXIS_LABELS, new_figure, save_figure, snr_axis, kiel_diagram,
                           predicted_vs_reference)
 from models.progress import progress
@@ -52,7 +52,7 @@ ESTIMATED = "estimated"                  # estimated, no quality flag
 ESTIMATED_FLAGGED = "estimated_flagged"  # estimated, outside the method's domain (flags say why)
 NOT_STAR = "not_a_star"                  # header class is not STAR: not estimated
 LOW_SNR = "low_snr"                      # SNRg missing or near zero: not estimated
-UNUSABLE = "unusable"                    # read, but too few usable pixels after preprocessing
+UNUSABLE = "unusable"                    # read, but no usable redshift or too few usable pixels
 UNREADABLE = "unreadable"                # the reader refused the file
 ESTIMATE_SUFFIXES = ("", "_err", "_err_int")
 OUTCOMES = (ESTIMATED, ESTIMATED_FLAGGED, NOT_STAR, LOW_SNR, UNUSABLE, UNREADABLE)
@@ -212,20 +212,20 @@ def estimate_files(artifact, folders, n_jobs=-1, min_snrg=DEFAULT_MIN_SNRG):
     estimates = {}
     if todo:
         model = artifact["model"]
-        features, good_fraction, errors = featurise_files(
+        feature_set = featurise_files(
             [rows[i]["path"] for i in todo], [rows[i]["z"] for i in todo], artifact["preprocess"],
             n_jobs=n_jobs, progress=lambda it, total: progress(it, total, "preprocessing"))
+        errors = feature_set.errors
         snrg = np.array([rows[i]["snrg"] for i in todo], dtype=float)
-        estimates = model.predict(features, snrg)
+        estimates = predict_features(model, feature_set, snrg,
+                                     subclass=[rows[i]["subclass"] for i in todo])
         for k, i in enumerate(todo):
             row = rows[i]
             flags = int(estimates["flags"][k])
             if k in errors:
                 row.update(outcome=UNREADABLE, reason=errors[k], flags=UNUSABLE_SPECTRUM)
-            elif flags & UNUSABLE_SPECTRUM:
-                row.update(outcome=UNUSABLE, flags=flags,
-                           reason=f"too few usable pixels after preprocessing ({good_fraction[k]:.0%} "
-                                  "good in the wavelength range): not estimated")
+            elif flags & NOT_ESTIMATED:      # too few usable pixels, no usable redshift
+                row.update(outcome=UNUSABLE, flags=flags, reason=estimates["problem"][k])
             else:
                 row.update(outcome=ESTIMATED if flags == 0 else ESTIMATED_FLAGGED, flags=flags,
                            reason="; ".join(describe_flags(flags)))
@@ -518,8 +518,8 @@ def report_markdown(report):
         f"Outcomes: `{ESTIMATED}` (no quality flag), `{ESTIMATED_FLAGGED}` (estimated, outside the "
         f"method's domain: Teff 3500-6500 K, [Fe/H] >= -1.5, 5 < SNRg <= 80), `{NOT_STAR}` (header "
         f"CLASS is not STAR), `{LOW_SNR}` (SNRg <= {report['min_snrg']:g} or missing), `{UNUSABLE}` "
-        f"(too few usable pixels), `{UNREADABLE}` (the reader's reason below). Every file is in "
-        "`estimates.csv` with its outcome, reason and flags.",
+        f"(no usable redshift, or too few usable pixels), `{UNREADABLE}` (the reader's reason below). "
+        "Every file is in `estimates.csv` with its outcome, reason and flags.",
         "",
         counts_table_md(counts),
         "",
