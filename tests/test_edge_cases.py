@@ -24,7 +24,7 @@ from astropy.io import fits
 
 from conftest import miles_ids
 from etl.cli import main
-from models.artifact import file_sha256, load_model
+from models.artifact import file_sha256, load_model, sidecar_path
 from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FLAG_DESCRIPTIONS, MASKED_SELECTED_PIXELS,
                           NO_USABLE_REDSHIFT, NOT_ESTIMATED, OUT_OF_DISTRIBUTION, SNR_OUT_OF_DOMAIN,
                           SUSPICIOUS_REDSHIFT, UNUSABLE_SPECTRUM)
@@ -245,6 +245,7 @@ def database_estimates(catalogue_engine, edge_model, edge_set, tmp_path):
                                                          show_progress=False), log=io.StringIO())
     model_path = tmp_path / "model.joblib"
     shutil.copy(edge_model[0], model_path)
+    shutil.copy(sidecar_path(edge_model[0]), sidecar_path(model_path))    # its SHA-256 record
     artifact = load_model(model_path)
     version = artifact["version"]
     register_model(catalogue_engine, version, model_path, file_sha256(model_path), {}, {})
