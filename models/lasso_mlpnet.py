@@ -5,22 +5,31 @@ each label a cross-validated LASSO keeps the informative pixels, and a two-hidde
 sigmoid MLP with an L2 penalty and early stopping maps them to the label. Teff is learnt
 as log10(Teff).
 
-Uncertainties, as in the paper:
-- model uncertainty: ``n_members`` networks differing in their random initialisation,
-  mini-batch order and early-stopping stars; the std of their predictions;
-- integrated uncertainty: the std of residuals against reference labels on stars held out
-  from training, per SNRg bin (``calibrate``), looked up for every prediction.
+Uncertainties (the names are the catalogue's, ``etl/schema.py``):
+- ``<label>_err_model``, the model uncertainty: ``n_members`` networks differing in their
+  random initialisation, mini-batch order and early-stopping stars; the std of their
+  predictions times a per-label factor fitted so that repeated observations of one star
+  differ by what it says (``calibrate``: z-scores of repeat pairs with unit rms);
+- ``<label>_err``, the 1-sigma uncertainty to quote: a per-spectrum error model
+  (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff and [Fe/H])
+  fitted on out-of-sample residuals against reference labels so that 68% / 95% of
+  residuals fall within +-1 / +-2 of it in every SNRg bin. NaN outside the calibrated
+  SNRg bins and in bins with fewer than 30 calibration spectra.
 """
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.preprocessing import StandardScaler
 
+from .calibration import ErrorModel, repeat_scale
 from .flags import domain_flags
 from .networks import SigmoidMLPRegressor
 from .selection import LassoFeatureSelector
 
 LABELS = ("teff", "logg", "feh")
+# the columns of one label, as everywhere in lamost-vac (files, database, export, API):
+# the estimate, its calibrated 1-sigma uncertainty, the (scaled) ensemble std
+ESTIMATE_SUFFIXES = ("", "_err", "_err_model")
 SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 
 # Hidden-layer sizes published in the paper, and the ones this project uses by default.
@@ -34,6 +43,8 @@ SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
+# repeat pairs needed to fit the factor that makes the ensemble std honest against repeats
+MIN_REPEAT_PAIRS = 30
 
 
 def _fit_member(X, y, groups, params, seed):
@@ -101,7 +112,8 @@ class LassoMLPNet(BaseEstimator):
     ----------
     hidden : dict label -> (h1, h2)
     n_members : int
-        Ensemble size (the paper: 10).
+        Ensemble size (the paper: 10); at least 2, since the spread of the members is the
+        model uncertainty (a single network has none to report: refused).
     alpha : float
         L2 penalty of the networks.
     input_noise : float
@@ -117,7 +129,9 @@ class LassoMLPNet(BaseEstimator):
     ----------
     scaler_ : StandardScaler fitted on the training features
     estimators_ : dict label -> LabelEnsemble
-    integrated_uncertainty_ : dict label -> array over ``snr_bins_`` (NaN where no data)
+    error_models_ : dict label -> fitted ``ErrorModel`` (None until ``calibrate``)
+    model_err_scale_ : dict label -> factor on the ensemble std (1.0 until ``calibrate``)
+    calibration_counts_ : calibration spectra per SNRg bin (zeros until ``calibrate``)
     """
 
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, input_noise=DEFAULT_INPUT_NOISE,
@@ -134,6 +148,9 @@ class LassoMLPNet(BaseEstimator):
 
     def fit(self, X, labels, groups=None, progress=None):
         """``labels``: dict label -> array (or a structured/astropy table with those columns)."""
+        if self.n_members < 2:
+            raise ValueError(f"n_members={self.n_members}: the model uncertainty is the spread of "
+                             "the ensemble's networks, so at least 2 are needed")
         X = np.asarray(X, dtype=np.float64)
         self.scaler_ = StandardScaler().fit(X)
         X_scaled = self.scaler_.transform(X)
@@ -150,15 +167,31 @@ class LassoMLPNet(BaseEstimator):
                 random_state=self.random_state,
             ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)
         self.snr_bins_ = np.array(SNR_BINS)
-        self.integrated_uncertainty_ = {label: np.full(len(SNR_BINS) - 1, np.nan) for label in LABELS}
+        self.error_models_ = {label: None for label in LABELS}
+        self.model_err_scale_ = {label: 1.0 for label in LABELS}
+        self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
         return self
 
     def predict(self, X, snrg=None):
-        """Dict of arrays: ``label``, ``label_err`` (model std) and, once calibrated,
-        ``label_err_int`` (integrated uncertainty of the spectrum's SNRg bin), plus ``flags``.
+        """Dict of arrays: ``label``, ``label_err`` (calibrated 1-sigma uncertainty; NaN
+        before ``calibrate`` or without SNRg), ``label_err_model`` (scaled ensemble std),
+        plus ``flags``.
 
         Rows of ``X`` containing NaN (spectra that could not be preprocessed) give NaN.
         """
+        raw = self.predict_raw(X)
+        usable = np.isfinite(raw[LABELS[0]])
+        out = {}
+        for label in self.estimators_:
+            out[label] = raw[label]
+            out[label + "_err"] = np.where(usable, self._integrated(label, snrg, raw), np.nan)
+            out[label + "_err_model"] = raw[label + "_spread"] * self.model_err_scale_[label]
+        out["flags"] = domain_flags(out["teff"], out["feh"], snrg, usable)
+        return out
+
+    def predict_raw(self, X):
+        """Dict of arrays: ``label`` (ensemble mean) and ``label_spread`` (the members' std,
+        unscaled), NaN for rows of ``X`` containing NaN: what ``calibrate`` is fitted on."""
         X = np.asarray(X, dtype=np.float64)
         usable = np.isfinite(X).all(axis=1)
         X_scaled = self.scaler_.transform(np.where(usable[:, None], X, 0.0))
@@ -166,33 +199,42 @@ class LassoMLPNet(BaseEstimator):
         for label, estimator in self.estimators_.items():
             mean, std = estimator.predict(X_scaled, return_std=True)
             out[label] = np.where(usable, mean, np.nan)
-            out[label + "_err"] = np.where(usable, std, np.nan)
-            if snrg is not None:
-                out[label + "_err_int"] = np.where(usable, self._integrated(label, snrg), np.nan)
-        out["flags"] = domain_flags(out["teff"], out["feh"], snrg, usable)
+            out[label + "_spread"] = np.where(usable, std, np.nan)
         return out
 
-    def _integrated(self, label, snrg):
-        table = self.integrated_uncertainty_[label]
-        index = np.clip(np.searchsorted(self.snr_bins_, np.asarray(snrg, dtype=float), side="left") - 1,
-                        0, table.size - 1)
-        return table[index]
+    def _integrated(self, label, snrg, raw):
+        """The calibrated uncertainty of ``label`` for every spectrum (NaN when uncalibrated)."""
+        error_model = self.error_models_.get(label)
+        if error_model is None or snrg is None:
+            return np.full(raw[label].shape, np.nan)
+        return error_model.predict(snrg, raw[label + "_spread"], raw["teff"], raw["feh"])
 
-    def calibrate(self, X, labels, snrg):
-        """Integrated uncertainty: residual std per SNRg bin on held-out reference stars.
+    def calibrate(self, X, labels, snrg, groups=None):
+        """Calibrate the uncertainties on spectra of stars held out from training (``X``):
+        see ``calibrate_predictions``."""
+        return self.calibrate_predictions(self.predict_raw(X), labels, snrg, groups)
 
-        Bins without held-out spectra take the value of the nearest bin that has some.
+    def calibrate_predictions(self, raw, labels, snrg, groups=None):
+        """Fit the uncertainties on out-of-sample predictions.
+
+        ``raw``: ``predict_raw`` output for spectra whose stars the predicting model never
+        saw (held-out stars, or cross-fitted predictions of the training stars, each from
+        the fold model trained without its star); ``labels``: their reference labels;
+        ``groups``: the star of each spectrum.
+
+        - ``<label>_err``: an ``ErrorModel`` per label (form chosen by star-grouped CV on
+          these residuals; NaN for SNRg bins with fewer than 30 spectra, with a warning);
+        - ``<label>_err_model``: the ensemble std times ``model_err_scale_``, the rms
+          z-score of the pairs of spectra of one star (needs ``groups`` and at least
+          ``MIN_REPEAT_PAIRS`` pairs; otherwise the factor stays 1).
         """
-        pred = self.predict(X)
         snrg = np.asarray(snrg, dtype=float)
-        which = np.searchsorted(self.snr_bins_, snrg, side="left") - 1
-        self.calibration_counts_ = np.array([np.sum(which == k) for k in range(len(SNR_BINS) - 1)])
         for label in LABELS:
-            resid = pred[label] - np.asarray(labels[label], dtype=float)
-            table = np.array([np.nanstd(resid[which == k], ddof=1) if np.sum(which == k) > 1 else np.nan
-                              for k in range(len(SNR_BINS) - 1)])
-            known = np.flatnonzero(np.isfinite(table))
-            if known.size:
-                table = table[known[np.abs(np.arange(table.size)[:, None] - known[None, :]).argmin(axis=1)]]
-            self.integrated_uncertainty_[label] = table
+            residuals = raw[label] - np.asarray(labels[label], dtype=float)
+            self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(
+                residuals, snrg, raw[label + "_spread"], raw["teff"], raw["feh"], groups=groups)
+            if groups is not None:
+                scale, n_pairs = repeat_scale(raw[label], raw[label + "_spread"], groups)
+                self.model_err_scale_[label] = scale if n_pairs >= MIN_REPEAT_PAIRS else 1.0
+        self.calibration_counts_ = self.error_models_[LABELS[0]].counts_
         return self
