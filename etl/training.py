@@ -7,7 +7,7 @@ present). As in ``train-files``, the nearest star is chosen among *all* referenc
 before bad labels are dropped, so a spectrum whose own star has a bad label never
 borrows a neighbour's labels.
 
-The recipe (featurise, star hold-out, LASSO + MLP ensembles, calibration) is the one of
+The recipe (featurise, LASSO + MLP ensembles, calibration on cross-fitted predictions) is the one of
 ``train-files`` (:func:`models.training.train_lasso_mlpnet`). The artifact goes to
 ``LAMOST_VAC_MODEL_DIR/<version>.joblib``; the models row is registered as ``current`` and
 the previous current model becomes ``retired`` in the same transaction (its estimates
@@ -38,7 +38,7 @@ class TrainOptions:
     snr_range: Tuple[float, float] = (10.0, 20.0)
     wave_range: Tuple[float, float] = (3881.0, 8890.0)
     ensemble: int = 10
-    holdout: float = 0.15
+    holdout: float = 0.0            # 0: calibrate on cross-fitted predictions (models.training)
     seed: int = 0
     label_set: Optional[str] = None
     model_dir: str = "runs/models"

@@ -87,7 +87,8 @@ def run_demo(args):
 
     _step("accuracy report and plots (all stars, training ones included: a demo, not a validation)")
     _run(["evaluate", "--model", artifact, "--catalog", catalogue, "--spectra-root", out,
-          "--truth", os.path.join(out, "truth.csv"), "--out", os.path.join(out, "report")])
+          "--truth", os.path.join(out, "truth.csv"), "--out", os.path.join(out, "report"),
+          "--include-training"])
 
     queries = example_queries(settings, args.port)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; files in {out}:", file=sys.stderr)
