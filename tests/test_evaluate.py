@@ -15,7 +15,8 @@ from etl.cli import main
 from models.baselines import BASELINE_NAMES, METHOD_NAMES, MODEL_NAME, LassoWeightedSVR
 from models.lasso_mlpnet import LABELS
 from models.metrics import accuracy_by_snr, snr_bin_names
-from models.plots import accuracy_vs_snr, kiel_diagram, predicted_vs_reference, uncertainty_vs_snr
+from models.plots import (accuracy_vs_snr, kiel_diagram, predicted_vs_reference, reliability_diagram,
+                          uncertainty_vs_snr)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("predicted_vs_reference.png", "accuracy_vs_snr.png", "uncertainty_vs_snr.png", "reliability.png",
@@ -279,11 +280,13 @@ def test_plots_write_pngs(synthetic_estimates, tmp_path):
     predicted, reference, snrg, errors = synthetic_estimates
     accuracy = accuracy_by_snr(predicted, reference, snrg)
     other = accuracy_by_snr({k: v + 0.01 for k, v in predicted.items()}, reference, snrg)
-    integrated = {k: np.array([np.nan, 2.0, 1.0, 0.5]) * errors[k].mean() for k in LABELS}
+    calibrated = {k: 1.5 * v for k, v in errors.items()}
+    residuals = {k: predicted[k] - reference[k] for k in LABELS}
     paths = [
         predicted_vs_reference(str(tmp_path / "a.png"), predicted, reference, snrg),
         accuracy_vs_snr(str(tmp_path / "b.png"), accuracy, methods={"LR": other}),
-        uncertainty_vs_snr(str(tmp_path / "c.png"), snrg, errors, integrated),
+        uncertainty_vs_snr(str(tmp_path / "c.png"), snrg, errors, calibrated),
+        reliability_diagram(str(tmp_path / "e.png"), residuals, calibrated, snrg),
         kiel_diagram(str(tmp_path / "sub" / "d.png"), predicted["teff"], predicted["logg"], predicted["feh"],
                      reference=reference),
     ]
@@ -308,3 +311,28 @@ def test_figure_axes_and_labels(synthetic_estimates, tmp_path, monkeypatch):
     assert len(figures[1].axes) == 2 * len(LABELS)
     assert [ax.get_xlabel() for ax in figures[1].axes[:2]] == [
         "reference " + plots.AXIS_LABELS["teff"], r"$\Delta$" + plots.SHORT_NAMES["teff"] + " (estimate - reference, K)"]
+
+
+def test_reliability_diagram_follows_the_diagonal_for_honest_errors(tmp_path, monkeypatch):
+    import models.plots as plots
+
+    rng = np.random.default_rng(3)
+    n = 4000
+    snrg = rng.uniform(5.5, 80, n)
+    errors = {k: rng.uniform(0.5, 2.0, n) for k in LABELS}
+    honest = {k: errors[k] * rng.standard_normal(n) for k in LABELS}
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: figures.append(figure) or path)
+    plots.reliability_diagram(str(tmp_path / "r.png"), honest, errors, snrg)
+    plots.reliability_diagram(str(tmp_path / "r2.png"), honest, {k: v / 2 for k, v in errors.items()}, snrg)
+    for figure, expected_gap in zip(figures, ("honest", "too small")):
+        ax = figure.axes[0]
+        curves = [line for line in ax.get_lines() if line.get_label().startswith("SNRg")]
+        assert [line.get_label().split(" (")[0] for line in curves] == [f"SNRg {n}" for n in snr_bin_names()]
+        for line in curves:
+            nominal, observed = line.get_data()
+            gap = np.max(np.abs(observed - nominal))
+            if expected_gap == "honest":
+                assert gap < 0.07
+            else:                                  # errors too small: coverage far below nominal
+                assert np.all(observed <= nominal + 0.03) and gap > 0.25
