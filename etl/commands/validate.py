@@ -273,12 +273,15 @@ def repeatability(rows, repeats):
         err = _column(members, label + "_err") if members else np.array([])
         # "rms_err" of the scatter: the model uncertainty; "rms_err_calibrated": the quoted one
         scatter = repeat_scatter(values, groups, snrg, errors=err_model)
-        scatter_cal = repeat_scatter(values, groups, snrg, errors=err)
-        scatter["rms_err_calibrated"] = scatter_cal["rms_err"]
+        # per star of ``scatter``: rms of its finite _err (NaN outside the calibrated SNRg range)
+        group_array = np.array(groups, dtype=object)
+        scatter["rms_err_calibrated"] = np.array([
+            np.sqrt(np.mean(e[np.isfinite(e)] ** 2)) if np.isfinite(e).any() else np.nan
+            for e in (err[group_array == g] for g in scatter["group"])])
         z_model, _ = pairwise_z(values, err_model, groups)
         z_cal, _ = pairwise_z(values, err, groups)
         summary = scatter_summary(scatter, REPEAT_SNR_BINS)
-        summary_cal = scatter_summary(scatter_cal, REPEAT_SNR_BINS)
+        summary_cal = scatter_summary({**scatter, "rms_err": scatter["rms_err_calibrated"]}, REPEAT_SNR_BINS)
         for name in summary:
             summary[name]["median_rms_err_calibrated"] = summary_cal[name]["median_rms_err"]
         result["labels"][label] = {
