@@ -89,7 +89,9 @@ def main():
     parser.add_argument("--folds", type=int, default=DEFAULT_CALIBRATION_FOLDS,
                         help="cross-fitting folds (default %(default)s)")
     parser.add_argument("--save-model", default=None, metavar="PATH",
-                        help="also write the trained LassoMLPNet (joblib) for further checks")
+                        help="also write the trained LassoMLPNet (joblib; it keeps its calibration "
+                             "predictions) and, beside it, PATH.test.npz: its raw predictions, "
+                             "references, SNRg and stars of the held-out spectra, for further checks")
     args = parser.parse_args()
     snr_range = tuple(float(v) for v in args.snr_range.split(","))
 
@@ -115,6 +117,9 @@ def main():
     if args.save_model:
         import joblib
         joblib.dump(model, args.save_model, compress=3)
+        test_raw = model.predict_raw(features[test])
+        np.savez(args.save_model + ".test.npz", snrg=snrg[test], stars=stars[test],
+                 **{"raw_" + k: v for k, v in test_raw.items()}, **{"ref_" + k: labels[k][test] for k in LABELS})
 
     predicted = model.predict(features[test], snrg[test])
     reference = {k: v[test] for k, v in labels.items()}

@@ -3,7 +3,7 @@ ensemble spread.
 
 ``ErrorModel`` (one per label) predicts a per-spectrum standard deviation of the residual
 ``estimate - reference`` from what is known at prediction time: the spectrum's SNRg, the
-ensemble spread of the estimate and the estimated Teff and [Fe/H] (cool and metal-poor
+ensemble spread of the estimate and the star's estimated parameters (cool and metal-poor
 stars are harder). It is fitted on *out-of-sample* residuals: cross-fitted predictions of
 the training stars (``models.training``) or the predictions for held-out stars.
 
@@ -39,7 +39,8 @@ from .validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2, pairwise_z
 
 # candidate inputs of the log-sigma shape, simplest first: "bin" is a constant per SNRg
 # bin (the paper's integrated uncertainty); "snr" adds log SNRg inside the bins; "spread"
-# the log ensemble std; "stars" piecewise-linear terms in the estimated log Teff and [Fe/H]
+# the log ensemble std; "stars" piecewise-linear terms in each of the star's estimated
+# parameters (``LassoMLPNet`` passes log10 Teff, log g and [Fe/H])
 FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars")
 MIN_COUNT = 30
 RIDGE = 1.0                       # on standardised inputs; n is in the hundreds or more
@@ -113,14 +114,12 @@ class ErrorModel(BaseEstimator):
         self.random_state = random_state
 
     # -- inputs ---------------------------------------------------------------------------
-    def _learn_knots(self, teff, feh):
-        self.knots_ = {}
-        for name, x in (("log_teff", np.log10(teff)), ("feh", feh)):
-            x = x[np.isfinite(x)]
-            self.knots_[name] = (float(x.min()), float(x.max()),
-                                 np.quantile(x, [0.1, 0.3, 0.5]) if x.size else np.zeros(3))
+    def _learn_knots(self, stars):
+        # low-side knots: errors grow towards cool, metal-poor (and extreme-gravity) stars
+        self.knots_ = [(float(x.min()), float(x.max()), np.quantile(x, [0.1, 0.3, 0.5]),
+                        np.quantile(x, [0.7, 0.9])) for x in stars.T]
 
-    def _design(self, form, snrg, spread, teff, feh):
+    def _design(self, form, snrg, spread, stars):
         n_bins = len(self.bins) - 1
         which = snr_bin_index(snrg, self.bins)
         columns = [(which == k).astype(float) for k in range(n_bins)]
@@ -133,16 +132,16 @@ class ErrorModel(BaseEstimator):
         if "spread" in parts:
             columns.append(np.log(np.maximum(spread, self.spread_floor_)))
         if "stars" in parts:
-            for name, x in (("log_teff", np.log10(teff)), ("feh", feh)):
-                low, high, knots = self.knots_[name]
+            for x, (low, high, low_knots, high_knots) in zip(stars.T, self.knots_):
                 x = np.clip(x, low, high)
                 columns.append(x)
-                columns += [np.maximum(knot - x, 0.0) for knot in knots]
+                columns += [np.maximum(knot - x, 0.0) for knot in low_knots]
+                columns += [np.maximum(x - knot, 0.0) for knot in high_knots]
         return np.column_stack(columns)
 
-    def _fit_shape(self, form, residuals, snrg, spread, teff, feh):
+    def _fit_shape(self, form, residuals, snrg, spread, stars):
         """Ridge coefficients of log|r| on the standardised non-bin inputs (bins unpenalised)."""
-        design = self._design(form, snrg, spread, teff, feh)
+        design = self._design(form, snrg, spread, stars)
         n_bins = len(self.bins) - 1
         extra = design[:, n_bins:]
         mean, std = extra.mean(axis=0), extra.std(axis=0)
@@ -153,25 +152,26 @@ class ErrorModel(BaseEstimator):
         coef = np.linalg.solve(design.T @ design + penalty, design.T @ target)
         return {"form": form, "coef": coef, "mean": mean, "std": std}
 
-    def _shape(self, shape, snrg, spread, teff, feh):
-        design = self._design(shape["form"], snrg, spread, teff, feh)
+    def _shape(self, shape, snrg, spread, stars):
+        design = self._design(shape["form"], snrg, spread, stars)
         n_bins = len(self.bins) - 1
         design[:, n_bins:] = (design[:, n_bins:] - shape["mean"]) / shape["std"]
         return np.exp(design @ shape["coef"])
 
-    def _fit_scales(self, shape, residuals, snrg, spread, teff, feh):
+    def _fit_scales(self, shape, residuals, snrg, spread, stars):
         which = snr_bin_index(snrg, self.bins)
-        z = residuals / self._shape(shape, snrg, spread, teff, feh)
+        z = residuals / self._shape(shape, snrg, spread, stars)
         return np.array([_coverage_scale(z[which == k]) if np.sum(which == k) >= max(self.min_count, 1)
                          else np.nan for k in range(len(self.bins) - 1)])
 
     # -- scikit-learn API ---------------------------------------------------------------------
-    def fit(self, residuals, snrg, spread, teff, feh, groups=None):
+    def fit(self, residuals, snrg, spread, stars, groups=None):
         """``residuals``: estimate - reference of out-of-sample predictions; ``spread``: the
-        raw ensemble std; ``teff``, ``feh``: the *estimated* Teff and [Fe/H] of the spectra;
-        ``groups``: star of each spectrum (cross-validation folds by star)."""
-        residuals, snrg, spread, teff, feh = (np.asarray(a, dtype=float)
-                                              for a in (residuals, snrg, spread, teff, feh))
+        raw ensemble std; ``stars``: (n, k) the star parameters *estimated* from each
+        spectrum (e.g. log10 Teff, log g, [Fe/H]); ``groups``: star of each spectrum
+        (cross-validation folds by star)."""
+        residuals, snrg, spread = (np.asarray(a, dtype=float) for a in (residuals, snrg, spread))
+        stars = np.asarray(stars, dtype=float).reshape(residuals.size, -1)
         groups = np.arange(residuals.size) if groups is None else np.asarray(groups)
         which = snr_bin_index(snrg, self.bins)
         self.counts_ = np.array([int(np.sum((which == k) & np.isfinite(residuals)))
@@ -179,11 +179,10 @@ class ErrorModel(BaseEstimator):
         forms = tuple(self.forms)
         if not np.isfinite(spread[np.isfinite(residuals)]).all():
             forms = tuple(f for f in forms if "spread" not in f.split("+")) or ("bin",)
-        keep = (which >= 0) & np.isfinite(residuals) & np.isfinite(teff) & np.isfinite(feh)
+        keep = (which >= 0) & np.isfinite(residuals) & np.isfinite(stars).all(axis=1)
         if any("spread" in f.split("+") for f in forms):
             keep &= np.isfinite(spread)
-        residuals, snrg, spread, teff, feh, groups = (a[keep] for a in (residuals, snrg, spread, teff,
-                                                                          feh, groups))
+        residuals, snrg, spread, stars, groups = (a[keep] for a in (residuals, snrg, spread, stars, groups))
         few = [f"{lo:g}-{hi:g} ({n})" for lo, hi, n in zip(self.bins[:-1], self.bins[1:], self.counts_)
                if n < self.min_count]
         if few:
@@ -195,7 +194,7 @@ class ErrorModel(BaseEstimator):
         self.residual_floor_ = float(1e-3 * np.median(positive)) if positive.size else 1e-12
         finite_spread = spread[np.isfinite(spread) & (spread > 0)]
         self.spread_floor_ = float(1e-3 * np.median(finite_spread)) if finite_spread.size else 1e-12
-        self._learn_knots(teff, feh)
+        self._learn_knots(stars)
 
         self.cv_scores_ = {}
         if len(forms) > 1 and np.unique(groups).size >= self.cv:
@@ -203,37 +202,38 @@ class ErrorModel(BaseEstimator):
             for form in forms:
                 predicted = np.empty(residuals.size)
                 for fit_rows, test_rows in folds:
-                    args = [a[fit_rows] for a in (residuals, snrg, spread, teff, feh)]
+                    args = [a[fit_rows] for a in (residuals, snrg, spread, stars)]
                     shape = self._fit_shape(form, *args)
                     scale = self._fit_scales(shape, *args)
                     # a fold may lack a bin's minimum: score the form with the other bins' median level
                     scale = np.where(np.isfinite(scale), scale, np.nanmedian(scale))
-                    test_args = [a[test_rows] for a in (snrg, spread, teff, feh)]
+                    test_args = [a[test_rows] for a in (snrg, spread, stars)]
                     which_test = snr_bin_index(snrg[test_rows], self.bins)
                     predicted[test_rows] = self._shape(shape, *test_args) * scale[which_test]
                 self.cv_scores_[form] = interval_score(residuals, predicted)
             self.form_ = min(self.cv_scores_, key=self.cv_scores_.get)
         else:
             self.form_ = forms[0] if len(forms) == 1 else forms[-1]
-        args = (residuals, snrg, spread, teff, feh)
+        args = (residuals, snrg, spread, stars)
         self.shape_ = self._fit_shape(self.form_, *args)
         self.scale_ = np.where(self.counts_ >= self.min_count, self._fit_scales(self.shape_, *args), np.nan)
-        sigma = self.predict(snrg, spread, teff, feh)
+        sigma = self.predict(snrg, spread, stars)
         which = snr_bin_index(snrg, self.bins)
         self.coverage_ = {name: [coverage(residuals[which == k], sigma[which == k], k_sigma)
                                  if np.any(which == k) else None for k in range(len(self.bins) - 1)]
                           for name, k_sigma in (("within_1", 1.0), ("within_2", 2.0))}
         return self
 
-    def predict(self, snrg, spread, teff, feh):
+    def predict(self, snrg, spread, stars):
         """1-sigma uncertainty per spectrum; NaN outside the calibrated SNRg bins, in bins
         with too few calibration spectra, and where an input the form uses is NaN."""
-        snrg, spread, teff, feh = (np.asarray(a, dtype=float) for a in (snrg, spread, teff, feh))
-        snrg, spread, teff, feh = np.broadcast_arrays(snrg, spread, teff, feh)
+        snrg, spread = np.broadcast_arrays(np.asarray(snrg, dtype=float), np.asarray(spread, dtype=float))
+        stars = np.broadcast_to(np.asarray(stars, dtype=float).reshape(-1, len(self.knots_)),
+                                (snrg.size, len(self.knots_)))
         which = snr_bin_index(snrg, self.bins)
         with np.errstate(invalid="ignore", over="ignore"):
             sigma = self._shape(self.shape_, np.where(which >= 0, snrg, self.bins[1]),
-                                spread, teff, feh) * self.scale_[np.clip(which, 0, None)]
+                                spread, stars) * self.scale_[np.clip(which, 0, None)]
         return np.where(which >= 0, sigma, np.nan)
 
 

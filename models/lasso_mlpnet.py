@@ -47,6 +47,13 @@ DEFAULT_INPUT_NOISE = 1.0
 MIN_REPEAT_PAIRS = 30
 
 
+def star_parameters(raw):
+    """(n, 3) log10 Teff, log g and [Fe/H] estimated from each spectrum: what the error
+    model may use to know hard stars (cool, metal-poor) from easy ones."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.column_stack([np.log10(raw["teff"]), raw["logg"], raw["feh"]])
+
+
 def _fit_member(X, y, groups, params, seed):
     return SigmoidMLPRegressor(random_state=seed, **params).fit(X, y, groups=groups)
 
@@ -207,7 +214,7 @@ class LassoMLPNet(BaseEstimator):
         error_model = self.error_models_.get(label)
         if error_model is None or snrg is None:
             return np.full(raw[label].shape, np.nan)
-        return error_model.predict(snrg, raw[label + "_spread"], raw["teff"], raw["feh"])
+        return error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw))
 
     def calibrate(self, X, labels, snrg, groups=None):
         """Calibrate the uncertainties on spectra of stars held out from training (``X``):
@@ -232,9 +239,13 @@ class LassoMLPNet(BaseEstimator):
         for label in LABELS:
             residuals = raw[label] - np.asarray(labels[label], dtype=float)
             self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(
-                residuals, snrg, raw[label + "_spread"], raw["teff"], raw["feh"], groups=groups)
+                residuals, snrg, raw[label + "_spread"], star_parameters(raw), groups=groups)
             if groups is not None:
                 scale, n_pairs = repeat_scale(raw[label], raw[label + "_spread"], groups)
                 self.model_err_scale_[label] = scale if n_pairs >= MIN_REPEAT_PAIRS else 1.0
         self.calibration_counts_ = self.error_models_[LABELS[0]].counts_
+        # kept so that the uncertainties can be re-fitted and checked without retraining
+        self.calibration_set_ = {"raw": {k: np.asarray(v, dtype=float) for k, v in raw.items()},
+                                 "reference": {k: np.asarray(labels[k], dtype=float) for k in LABELS},
+                                 "snrg": snrg, "groups": None if groups is None else np.asarray(groups)}
         return self

@@ -29,7 +29,7 @@ def heteroscedastic(rng, n_stars, per_bin=1):
         10.0 * np.exp(rng.normal(0, 0.5, stars.size))
     sigma = (1500.0 / snrg + 3.0 * spread) * np.where(feh < -1.0, 2.5, 1.0)
     residuals = sigma * rng.standard_normal(stars.size)
-    return residuals, snrg, spread, teff, feh, stars, sigma
+    return residuals, snrg, spread, np.column_stack([np.log10(teff), feh]), stars, sigma
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def fitted():
     rng = np.random.default_rng(0)
     train = heteroscedastic(rng, 800)
     test = heteroscedastic(rng, 800)
-    model = ErrorModel(bins=SNR_BINS, random_state=0).fit(*train[:5], groups=train[5])
+    model = ErrorModel(bins=SNR_BINS, random_state=0).fit(*train[:4], groups=train[4])
     return model, train, test
 
 
@@ -48,8 +48,8 @@ def test_snr_bin_index_uses_low_high_bins_and_rejects_the_outside():
 
 def test_error_model_covers_68_and_95_percent_in_every_bin_on_other_stars(fitted):
     model, _, test = fitted
-    residuals, snrg, spread, teff, feh, _, _ = test
-    sigma = model.predict(snrg, spread, teff, feh)
+    residuals, snrg, spread, stars, _, _ = test
+    sigma = model.predict(snrg, spread, stars)
     assert np.all(np.isfinite(sigma)) and np.all(sigma > 0)
     which = snr_bin_index(snrg, SNR_BINS)
     for k in range(len(SNR_BINS) - 1):
@@ -65,11 +65,11 @@ def test_error_model_follows_the_spread_and_the_star(fitted):
     model, train, test = fitted
     assert model.form_ == "bin+snr+spread+stars"
     assert model.cv_scores_[model.form_] < model.cv_scores_["bin"]
-    residuals, snrg, spread, teff, feh, _, true_sigma = test
-    sigma = model.predict(snrg, spread, teff, feh)
-    per_bin = ErrorModel(bins=SNR_BINS, forms=("bin",)).fit(*train[:5], groups=train[5])
-    constant = per_bin.predict(snrg, spread, teff, feh)
-    metal_poor = feh < -1.0
+    residuals, snrg, spread, stars, _, true_sigma = test
+    sigma = model.predict(snrg, spread, stars)
+    per_bin = ErrorModel(bins=SNR_BINS, forms=("bin",)).fit(*train[:4], groups=train[4])
+    constant = per_bin.predict(snrg, spread, stars)
+    metal_poor = stars[:, 1] < -1.0
     for subset in (metal_poor, ~metal_poor):
         assert 0.62 <= coverage(residuals[subset], sigma[subset], 1) <= 0.74
     assert coverage(residuals[metal_poor], constant[metal_poor], 1) < 0.55
@@ -80,26 +80,26 @@ def test_error_model_follows_the_spread_and_the_star(fitted):
 
 def test_error_model_gives_nan_and_warns_for_sparse_bins_and_outside():
     rng = np.random.default_rng(1)
-    residuals, snrg, spread, teff, feh, stars, _ = heteroscedastic(rng, 200)
+    residuals, snrg, spread, params, stars, _ = heteroscedastic(rng, 200)
     keep = ~((snrg > 40) & (stars >= 25))             # 25 spectra left in 40-80
     with pytest.warns(UserWarning, match=r"fewer than 30 .* 40-80 \(25\)"):
-        model = ErrorModel(bins=SNR_BINS).fit(residuals[keep], snrg[keep], spread[keep], teff[keep],
-                                              feh[keep], groups=stars[keep])
+        model = ErrorModel(bins=SNR_BINS).fit(residuals[keep], snrg[keep], spread[keep], params[keep],
+                                              groups=stars[keep])
     assert list(model.counts_) == [200, 200, 200, 25]
     assert np.isnan(model.scale_[3]) and np.all(np.isfinite(model.scale_[:3]))
-    sigma = model.predict([7.0, 60.0, 4.0, 120.0, np.nan], 10.0, 5000.0, 0.0)
+    sigma = model.predict([7.0, 60.0, 4.0, 120.0, np.nan], 10.0, [np.log10(5000.0), 0.0])
     assert np.isfinite(sigma[0]) and np.all(np.isnan(sigma[1:]))
 
 
 def test_error_model_without_a_spread_uses_the_other_forms():
     rng = np.random.default_rng(2)
-    residuals, snrg, _, teff, feh, stars, _ = heteroscedastic(rng, 100)
+    residuals, snrg, _, params, stars, _ = heteroscedastic(rng, 100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = ErrorModel(bins=SNR_BINS).fit(residuals, snrg, np.full(residuals.size, np.nan), teff, feh,
+        model = ErrorModel(bins=SNR_BINS).fit(residuals, snrg, np.full(residuals.size, np.nan), params,
                                               groups=stars)
     assert "spread" not in model.form_
-    assert np.all(np.isfinite(model.predict(snrg, np.nan, teff, feh)))
+    assert np.all(np.isfinite(model.predict(snrg, np.nan, params)))
 
 
 def test_repeat_scale_makes_pair_z_scores_unit():

@@ -16,7 +16,7 @@ from models.artifact import (ARTIFACT_FORMAT, IncompatibleArtifactError, file_sh
                              save_model, training_set_description)
 from models.flags import (FEH_OUT_OF_DOMAIN, NOT_A_STAR, SNR_OUT_OF_DOMAIN, TEFF_OUT_OF_DOMAIN,
                           UNUSABLE_SPECTRUM, describe_flags, domain_flags)
-from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS, LassoMLPNet
+from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS, LassoMLPNet, star_parameters
 from models.networks import SigmoidMLPRegressor
 from models.preprocess import PreprocessConfig
 from models.selection import LassoFeatureSelector
@@ -325,7 +325,7 @@ def test_calibrate_fits_an_error_model_and_the_repeat_scale(trained, calibrated)
     for label in LABELS:
         error_model = model.error_models_[label]
         np.testing.assert_allclose(predicted[label + "_err"],
-                                   error_model.predict(snrg, raw[label + "_spread"], raw["teff"], raw["feh"]))
+                                   error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw)))
         # the ensemble std is scaled so that repeat pairs of one star have unit rms z-score
         scale, n_pairs = repeat_scale(raw[label], raw[label + "_spread"], stars)
         assert n_pairs == 150 * 6
