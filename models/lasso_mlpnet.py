@@ -8,8 +8,8 @@ as log10(Teff).
 Uncertainties (the names are the catalogue's, ``etl/schema.py``):
 - ``<label>_err_model``, the model uncertainty: ``n_members`` networks differing in their
   random initialisation, mini-batch order and early-stopping stars; the std of their
-  predictions times a per-label factor fitted so that repeated observations of one star
-  differ by what it says (``calibrate``: z-scores of repeat pairs with unit rms);
+  predictions times a per-label factor k(SNRg) fitted so that repeated observations of one
+  star differ by what it says (``calibrate``, ``models.calibration.RepeatScale``);
 - ``<label>_err``, the 1-sigma uncertainty to quote: a per-spectrum error model
   (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff and [Fe/H])
   fitted on out-of-sample residuals against reference labels so that 68% / 95% of
@@ -21,7 +21,7 @@ from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.preprocessing import StandardScaler
 
-from .calibration import ErrorModel, repeat_scale
+from .calibration import ErrorModel, RepeatScale
 from .flags import domain_flags
 from .networks import SigmoidMLPRegressor
 from .selection import LassoFeatureSelector
@@ -43,8 +43,6 @@ SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
-# repeat pairs needed to fit the factor that makes the ensemble std honest against repeats
-MIN_REPEAT_PAIRS = 30
 
 
 def star_parameters(raw):
@@ -137,7 +135,8 @@ class LassoMLPNet(BaseEstimator):
     scaler_ : StandardScaler fitted on the training features
     estimators_ : dict label -> LabelEnsemble
     error_models_ : dict label -> fitted ``ErrorModel`` (None until ``calibrate``)
-    model_err_scale_ : dict label -> factor on the ensemble std (1.0 until ``calibrate``)
+    repeat_scales_ : dict label -> fitted ``RepeatScale``, the factor k(SNRg) on the ensemble
+        std (None until ``calibrate``: k = 1)
     calibration_counts_ : calibration spectra per SNRg bin (zeros until ``calibrate``)
     """
 
@@ -175,7 +174,7 @@ class LassoMLPNet(BaseEstimator):
             ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)
         self.snr_bins_ = np.array(SNR_BINS)
         self.error_models_ = {label: None for label in LABELS}
-        self.model_err_scale_ = {label: 1.0 for label in LABELS}
+        self.repeat_scales_ = {label: None for label in LABELS}
         self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
         return self
 
@@ -188,12 +187,18 @@ class LassoMLPNet(BaseEstimator):
         """
         raw = self.predict_raw(X)
         usable = np.isfinite(raw[LABELS[0]])
+        out = {label: raw[label] for label in self.estimators_}
+        out.update(self.uncertainties(raw, snrg))
+        out["flags"] = domain_flags(out["teff"], out["feh"], snrg, usable)
+        return out
+
+    def uncertainties(self, raw, snrg=None):
+        """``label_err`` and ``label_err_model`` of every label from ``predict_raw`` output."""
+        usable = np.isfinite(raw[LABELS[0]])
         out = {}
         for label in self.estimators_:
-            out[label] = raw[label]
             out[label + "_err"] = np.where(usable, self._integrated(label, snrg, raw), np.nan)
-            out[label + "_err_model"] = raw[label + "_spread"] * self.model_err_scale_[label]
-        out["flags"] = domain_flags(out["teff"], out["feh"], snrg, usable)
+            out[label + "_err_model"] = raw[label + "_spread"] * self._model_err_scale(label, snrg)
         return out
 
     def predict_raw(self, X):
@@ -208,6 +213,12 @@ class LassoMLPNet(BaseEstimator):
             out[label] = np.where(usable, mean, np.nan)
             out[label + "_spread"] = np.where(usable, std, np.nan)
         return out
+
+    def _model_err_scale(self, label, snrg):
+        scale = self.repeat_scales_.get(label)
+        if scale is None:
+            return 1.0
+        return scale.predict(np.nan if snrg is None else snrg)
 
     def _integrated(self, label, snrg, raw):
         """The calibrated uncertainty of ``label`` for every spectrum (NaN when uncalibrated)."""
@@ -231,18 +242,18 @@ class LassoMLPNet(BaseEstimator):
 
         - ``<label>_err``: an ``ErrorModel`` per label (form chosen by star-grouped CV on
           these residuals; NaN for SNRg bins with fewer than 30 spectra, with a warning);
-        - ``<label>_err_model``: the ensemble std times ``model_err_scale_``, the rms
-          z-score of the pairs of spectra of one star (needs ``groups`` and at least
-          ``MIN_REPEAT_PAIRS`` pairs; otherwise the factor stays 1).
+        - ``<label>_err_model``: the ensemble std times k(SNRg) (``repeat_scales_``), fitted
+          so that the pairs of spectra of one star differ by what it says (needs ``groups``;
+          with fewer than 30 pairs k = 1).
         """
         snrg = np.asarray(snrg, dtype=float)
+        self.error_models_, self.repeat_scales_ = {}, {label: None for label in LABELS}
         for label in LABELS:
             residuals = raw[label] - np.asarray(labels[label], dtype=float)
             self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(
                 residuals, snrg, raw[label + "_spread"], star_parameters(raw), groups=groups)
             if groups is not None:
-                scale, n_pairs = repeat_scale(raw[label], raw[label + "_spread"], groups)
-                self.model_err_scale_[label] = scale if n_pairs >= MIN_REPEAT_PAIRS else 1.0
+                self.repeat_scales_[label] = RepeatScale().fit(raw[label], raw[label + "_spread"], snrg, groups)
         self.calibration_counts_ = self.error_models_[LABELS[0]].counts_
         # kept so that the uncertainties can be re-fitted and checked without retraining
         self.calibration_set_ = {"raw": {k: np.asarray(v, dtype=float) for k, v in raw.items()},

@@ -146,6 +146,14 @@ def calibration_summary(model):
             "cv_interval_score": {k: float(v) for k, v in error_model.cv_scores_.items()},
             "bin_scale": [None if not np.isfinite(s) else float(s) for s in error_model.scale_],
             "coverage": error_model.coverage_,
-            "model_err_scale": float(model.model_err_scale_[label]),
+            "model_err_scale": _repeat_scale_summary(model.repeat_scales_[label]),
         }
     return out
+
+
+def _repeat_scale_summary(scale):
+    if scale is None:
+        return None
+    return {"k_at_snrg": {f"{snr:g}": float(scale.predict(snr)) for snr in (7.0, 15.0, 30.0, 60.0, 150.0)},
+            "intercept": scale.intercept_, "slope": scale.slope_, "snr_range": list(scale.snr_range_),
+            "n_pairs": scale.n_pairs_, "z_rms": None if not np.isfinite(scale.z_rms_) else scale.z_rms_}

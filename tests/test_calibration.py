@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from models.calibration import ErrorModel, coverage, repeat_scale, snr_bin_index
+from models.calibration import ErrorModel, RepeatScale, coverage, snr_bin_index
 from models.lasso_mlpnet import LABELS, SNR_BINS, LassoMLPNet
 from models.splits import group_kfold_indices
 from models.training import DEFAULT_CALIBRATION_FOLDS, cross_fitted_predictions, train_lasso_mlpnet
@@ -102,15 +102,32 @@ def test_error_model_without_a_spread_uses_the_other_forms():
     assert np.all(np.isfinite(model.predict(snrg, np.nan, params)))
 
 
-def test_repeat_scale_makes_pair_z_scores_unit():
+def test_repeat_scale_recovers_an_snr_dependent_factor():
+    """Repeats differ by k(SNRg) times the spread, k = exp(0.8 - 0.5 ln(SNRg / 15)): the fit
+    finds k, keeps it flat outside the fitted SNRg range and is conservative without SNRg."""
     rng = np.random.default_rng(3)
-    stars = np.repeat(np.arange(300), 3)
+    stars = np.repeat(np.arange(400), 6)
+    snrg = np.exp(rng.uniform(np.log(5), np.log(80), stars.size))
     spread = rng.uniform(0.5, 2.0, stars.size)
-    values = rng.normal(0, 10, 300)[stars] + 1.7 * spread * rng.standard_normal(stars.size)
-    scale, pairs = repeat_scale(values, spread, stars)
-    assert pairs == 900
-    assert scale == pytest.approx(1.7, rel=0.08)
-    assert repeat_scale(values[::3], spread[::3], stars[::3]) == (pytest.approx(np.nan, nan_ok=True), 0)
+    k = np.exp(0.8 - 0.5 * np.log(snrg / 15))
+    values = rng.normal(0, 10, 400)[stars] + k * spread * rng.standard_normal(stars.size)
+    scale = RepeatScale().fit(values, spread, snrg, stars)
+    assert scale.n_pairs_ == 400 * 15
+    assert scale.intercept_ == pytest.approx(0.8, abs=0.05) and scale.slope_ == pytest.approx(-0.5, abs=0.05)
+    assert scale.z_rms_ == pytest.approx(1.0, abs=1e-3)
+    low, high = scale.snr_range_
+    assert 5 <= low < 5.1 and 79 < high <= 80
+    np.testing.assert_allclose(scale.predict([2.0, 200.0]), scale.predict([low, high]))
+    assert scale.predict([np.nan])[0] == pytest.approx(scale.predict([low])[0])      # the largest k
+
+
+def test_repeat_scale_needs_pairs():
+    rng = np.random.default_rng(4)
+    values, spread, snrg = rng.normal(size=40), np.ones(40), np.full(40, 15.0)
+    scale = RepeatScale().fit(values, spread, snrg, np.arange(40))        # one spectrum per star
+    assert scale.n_pairs_ == 0 and np.all(scale.predict([7.0, 50.0]) == 1.0)
+    scale = RepeatScale().fit(values, spread, snrg, np.arange(40) // 2)   # 20 pairs < 30
+    assert scale.n_pairs_ == 20 and np.all(scale.predict([7.0, 50.0]) == 1.0)
 
 
 # -- cross-fitted calibration in the training recipe ---------------------------------------
@@ -164,7 +181,7 @@ def test_training_calibrates_on_cross_fitted_predictions_and_keeps_every_star(sy
     for label in LABELS:
         summary = metrics["calibration"][label]
         assert summary["form"] in summary["cv_interval_score"]
-        assert summary["model_err_scale"] == model.model_err_scale_[label] > 0
+        assert summary["model_err_scale"]["n_pairs"] == model.repeat_scales_[label].n_pairs_ > 0
 
 
 def test_training_with_a_hold_out_keeps_those_stars_out(synthetic_set):

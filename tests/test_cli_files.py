@@ -176,7 +176,7 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     assert len(model.training_obsids_) == training["n_spectra"]
     for label in LABELS:
         assert model.error_models_[label].counts_.tolist() == model.calibration_counts_.tolist()
-        assert model.model_err_scale_[label] > 0
+        assert model.repeat_scales_[label].n_pairs_ > 30
 
 
 def test_predict_files_estimates_every_spectrum_once(sim_set, trained_model, predictions):

@@ -313,8 +313,6 @@ def calibrated(trained):
 
 
 def test_calibrate_fits_an_error_model_and_the_repeat_scale(trained, calibrated):
-    from models.calibration import repeat_scale
-
     model = calibrated
     assert list(model.calibration_counts_) == [150, 150, 150, 150]
     rng = np.random.default_rng(11)
@@ -327,15 +325,14 @@ def test_calibrate_fits_an_error_model_and_the_repeat_scale(trained, calibrated)
         np.testing.assert_allclose(predicted[label + "_err"],
                                    error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw)))
         # the ensemble std is scaled so that repeat pairs of one star have unit rms z-score
-        scale, n_pairs = repeat_scale(raw[label], raw[label + "_spread"], stars)
-        assert n_pairs == 150 * 6
-        assert model.model_err_scale_[label] == pytest.approx(scale)
-        np.testing.assert_allclose(predicted[label + "_err_model"], raw[label + "_spread"] * scale)
+        scale = model.repeat_scales_[label]
+        assert scale.n_pairs_ == 150 * 6
+        np.testing.assert_allclose(predicted[label + "_err_model"], raw[label + "_spread"] * scale.predict(snrg))
         value, err = predicted[label], predicted[label + "_err_model"]
         z = [(value[i] - value[j]) / np.hypot(err[i], err[j])
              for first in range(0, len(X), 4) for i, j in itertools.combinations(range(first, first + 4), 2)]
-        assert np.sqrt(np.mean(np.square(z))) == pytest.approx(1.0, rel=1e-9)
-    # SNRg outside the calibrated bins, or unknown: no uncertainty is quoted
+        assert np.sqrt(np.mean(np.square(z))) == pytest.approx(1.0, rel=1e-3)
+    # SNRg outside the calibrated bins, or unknown: no calibrated uncertainty is quoted
     out = model.predict(X[:3], np.array([4.0, np.nan, 120.0]))
     for label in LABELS:
         assert np.all(np.isnan(out[label + "_err"])) and np.all(np.isfinite(out[label + "_err_model"]))
