@@ -11,7 +11,7 @@ Uncertainties (the names are the catalogue's, ``etl/schema.py``):
   predictions times a per-label factor k(SNRg) fitted so that repeated observations of one
   star differ by what it says (``calibrate``, ``models.calibration.RepeatScale``);
 - ``<label>_err``, the 1-sigma uncertainty to quote: a per-spectrum error model
-  (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff and [Fe/H])
+  (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff, log g, [Fe/H])
   fitted on out-of-sample residuals against reference labels so that 68% / 95% of
   residuals fall within +-1 / +-2 of it in every SNRg bin. NaN outside the calibrated
   SNRg bins and in bins with fewer than 30 calibration spectra.
