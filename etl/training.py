@@ -68,7 +68,7 @@ def reference_set(connection, label_set=None, spectra_root=None):
         label_set = sets[0]
     x, labels, s = schema.crossmatch, schema.reference_labels, schema.spectra
     rows = connection.execute(
-        select(x.c.obsid, x.c.apogee_id, labels.c.teff, labels.c.logg, labels.c.feh)
+        select(x.c.obsid, x.c.apogee_id, labels.c.teff, labels.c.logg, labels.c.feh, s.c.ra, s.c.dec)
         .select_from(x.join(labels, labels.c.label_id == x.c.label_id)
                      .join(s, s.c.obsid == x.c.obsid))
         .where(and_(x.c.match_rank == 1, x.c.label_set == label_set, labels.c.good_flag == 1,
@@ -86,6 +86,7 @@ def reference_set(connection, label_set=None, spectra_root=None):
         "teff": np.array([r[2] for r in rows], dtype=float),
         "logg": np.array([r[3] for r in rows], dtype=float),
         "feh": np.array([r[4] for r in rows], dtype=float),
+        "radec": np.array([(r[5], r[6]) for r in rows], dtype=float),
     }
     data["path"] = [files[int(o)][0] for o in data["obsid"]]
     data["z"] = np.array([np.nan if files[int(o)][1] is None else files[int(o)][1]
@@ -170,7 +171,7 @@ def _train(engine, options, log):
         snr_range=options.snr_range, holdout_fraction=options.holdout,
         random_state=options.seed, n_members=options.ensemble, n_jobs=options.jobs,
         progress=lambda labels: progress(labels, len(labels), "training"),
-        **options.model_params)
+        positions=data["radec"], **options.model_params)
     training.update(source="database", label_set=label_set, radius_arcsec=radius,
                     reference_spectra=int(len(data["obsid"])), unreadable=len(errors),
                     seed=options.seed, n_members=options.ensemble,

@@ -79,7 +79,7 @@ def cross_fitted_predictions(features, labels, stars, train, usable, n_folds, ra
 
 def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=(10.0, 20.0),
                        holdout_fraction=0.0, calibration_folds=DEFAULT_CALIBRATION_FOLDS,
-                       random_state=0, progress=None, **model_params):
+                       random_state=0, progress=None, positions=None, **model_params):
     """Fit, calibrate and assess a ``LassoMLPNet``.
 
     ``features``: (n, n_pixels) with NaN rows for unusable spectra (dropped here);
@@ -87,8 +87,9 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=(10.0, 2
     ``holdout_fraction=0`` calibrates by cross-fitting with ``calibration_folds`` folds,
     otherwise on that fraction of the stars held out from training (see the module).
     Returns ``(model, training_description, metrics)``; the model keeps the training
-    spectra's obsids and stars (``training_obsids_``, ``training_stars_``) so that an
-    evaluation can detect them.
+    spectra's obsids and stars (``training_obsids_``, ``training_stars_``) and, given
+    ``positions`` ((n, 2) RA, Dec in degrees), where those stars are
+    (``training_positions_``), so that an evaluation can detect them.
     """
     features = np.asarray(features)
     snrg = np.asarray(snrg, dtype=float)
@@ -114,6 +115,7 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=(10.0, 2
               progress=progress)
     model.training_obsids_ = np.unique(obsids[train])
     model.training_stars_ = np.unique(stars[train])
+    model.training_positions_ = None if positions is None else np.asarray(positions, dtype=float)[train]
     metrics = {}
     reference = {k: v[calibration_rows] for k, v in labels.items()}
     if calibration_rows.sum() > 1:

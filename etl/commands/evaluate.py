@@ -42,8 +42,12 @@ PLOT_FILES = {"predicted_vs_reference": "predicted_vs_reference.png",
               "uncertainty_vs_snr": "uncertainty_vs_snr.png",
               "reliability": "reliability.png",
               "kiel": "kiel_diagram.png"}
-HELD_OUT_NOTE = ("Spectra of the model's training stars (by obsid, and by star when the reference "
-                 "is a cross-matched label catalogue) are left out of these statistics.")
+# a spectrum this close to a training spectrum is taken as the same star (LAMOST fibre
+# positions of one star agree to well under an arcsecond; the label cross-match uses 3")
+TRAINING_STAR_RADIUS_ARCSEC = 3.0
+HELD_OUT_NOTE = ("Spectra of the model's training stars (by obsid, by position within "
+                 f"{TRAINING_STAR_RADIUS_ARCSEC:g}\" and, with cross-matched labels, by star id) are "
+                 "left out of these statistics.")
 TRAINING_INCLUDED_NOTE = ("**Not a validation:** {n} of these spectra belong to the model's training "
                           "stars (--include-training); their residuals and coverages are optimistic.")
 UNKNOWN_TRAINING_NOTE = ("This artifact does not record its training spectra: overlap with the "
@@ -86,9 +90,10 @@ def join_truth(catalogue, truth):
 
 
 def training_overlap(model, rows):
-    """Boolean per row: the spectrum (obsid) or its star (``apogee_id``, when the rows were
-    cross-matched to labels) was in the model's training set; None when the model does not
-    record its training set (artifacts from before it did)."""
+    """Boolean per row: the spectrum (obsid) or its star was in the model's training set --
+    the star by ``apogee_id`` when the rows were cross-matched to labels, and by position
+    (within ``TRAINING_STAR_RADIUS_ARCSEC`` of a training spectrum) when the model records
+    where its stars are; None when the model does not record its training set."""
     obsids = getattr(model, "training_obsids_", None)
     if obsids is None:
         return None
@@ -96,6 +101,15 @@ def training_overlap(model, rows):
     stars = getattr(model, "training_stars_", None)
     if stars is not None and "apogee_id" in rows.colnames:
         overlap |= np.isin(np.asarray(rows["apogee_id"], dtype=str), np.asarray(stars, dtype=str))
+    positions = getattr(model, "training_positions_", None)
+    if positions is not None and len(positions) and len(rows):
+        from astropy import units as u
+        from astropy.coordinates import SkyCoord
+
+        here = SkyCoord(np.asarray(rows["ra"], dtype=float), np.asarray(rows["dec"], dtype=float), unit="deg")
+        trained = SkyCoord(positions[:, 0], positions[:, 1], unit="deg")
+        _, separation, _ = here.match_to_catalog_sky(trained)
+        overlap |= separation < TRAINING_STAR_RADIUS_ARCSEC * u.arcsec
     return overlap
 
 

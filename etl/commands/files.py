@@ -139,7 +139,8 @@ def run_train_files(args):
         features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
         matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
         random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
-        progress=lambda labels: progress(labels, len(labels), "training"), **model_parameters(args))
+        progress=lambda labels: progress(labels, len(labels), "training"),
+        positions=np.column_stack([matched["ra"], matched["dec"]]), **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
                     radius_arcsec=args.radius)
     extra = {}
