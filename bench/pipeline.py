@@ -122,10 +122,10 @@ def naive_loop(engine, artifact, version, rows, root):
 
         with engine.begin() as connection:
             connection.execute(insert, {
-                "obsid": obsid, "v": version, "teff": f("teff"), "teff_e": f("teff_err"),
-                "teff_i": f("teff_err_int"), "logg": f("logg"), "logg_e": f("logg_err"),
-                "logg_i": f("logg_err_int"), "feh": f("feh"), "feh_e": f("feh_err"),
-                "feh_i": f("feh_err_int"), "flags": int(p["flags"][0]),
+                "obsid": obsid, "v": version, "teff": f("teff"), "teff_e": f("teff_err_model"),
+                "teff_i": f("teff_err"), "logg": f("logg"), "logg_e": f("logg_err_model"),
+                "logg_i": f("logg_err"), "feh": f("feh"), "feh_e": f("feh_err_model"),
+                "feh_i": f("feh_err"), "flags": int(p["flags"][0]),
                 "h": artifact["preprocess_hash"], "run": run})
         written += 1
     seconds = time.perf_counter() - started

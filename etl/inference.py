@@ -364,10 +364,8 @@ def _estimate_rows(predicted, obsids, model_version, artifact, run_id, failures)
                "preprocessing_hash": artifact["preprocess_hash"], "run_id": run_id,
                "created_at": now}
         for label in LABELS:
-            # Schema names: <label>_err_model = ensemble std, <label>_err = integrated.
-            row[f"{label}_err_model"] = _none_if_nan(predicted[f"{label}_err"][k])
-            integrated = predicted.get(f"{label}_err_int")
-            row[f"{label}_err"] = None if integrated is None else _none_if_nan(integrated[k])
+            for suffix in ("_err", "_err_model"):       # the model speaks the schema's names
+                row[label + suffix] = _none_if_nan(predicted[label + suffix][k])
         rows.append(row)
     return rows
 

@@ -8,7 +8,7 @@ before bad labels are dropped, so a spectrum whose own star has a bad label neve
 borrows a neighbour's labels. Of those, only the labels inside ``label_domain`` (by
 default the method's valid domain, :mod:`etl.label_domain`) train the model.
 
-The recipe (featurise, star hold-out, LASSO + MLP ensembles, calibration) is the one of
+The recipe (featurise, LASSO + MLP ensembles, calibration on cross-fitted predictions) is the one of
 ``train-files`` (:func:`models.training.train_lasso_mlpnet`). The artifact goes to
 ``LAMOST_VAC_MODEL_DIR/<version>.joblib``; the models row is registered as ``current`` and
 the previous current model becomes ``retired`` in the same transaction (its estimates
@@ -40,7 +40,7 @@ class TrainOptions:
     snr_range: Tuple[float, float] = (10.0, 20.0)
     wave_range: Tuple[float, float] = (3881.0, 8890.0)
     ensemble: int = 10
-    holdout: float = 0.15
+    holdout: float = 0.0            # 0: calibrate on cross-fitted predictions (models.training)
     seed: int = 0
     label_set: Optional[str] = None
     model_dir: str = "runs/models"
@@ -73,7 +73,7 @@ def reference_set(connection, label_set=None, spectra_root=None):
         label_set = sets[0]
     x, labels, s = schema.crossmatch, schema.reference_labels, schema.spectra
     rows = connection.execute(
-        select(x.c.obsid, x.c.apogee_id, labels.c.teff, labels.c.logg, labels.c.feh)
+        select(x.c.obsid, x.c.apogee_id, labels.c.teff, labels.c.logg, labels.c.feh, s.c.ra, s.c.dec)
         .select_from(x.join(labels, labels.c.label_id == x.c.label_id)
                      .join(s, s.c.obsid == x.c.obsid))
         .where(and_(x.c.match_rank == 1, x.c.label_set == label_set, labels.c.good_flag == 1,
@@ -91,6 +91,7 @@ def reference_set(connection, label_set=None, spectra_root=None):
         "teff": np.array([r[2] for r in rows], dtype=float),
         "logg": np.array([r[3] for r in rows], dtype=float),
         "feh": np.array([r[4] for r in rows], dtype=float),
+        "radec": np.array([(r[5], r[6]) for r in rows], dtype=float),
     }
     data["path"] = [files[int(o)][0] for o in data["obsid"]]
     data["z"] = np.array([np.nan if files[int(o)][1] is None else files[int(o)][1]
@@ -184,7 +185,7 @@ def _train(engine, options, log):
         snr_range=options.snr_range, holdout_fraction=options.holdout,
         random_state=options.seed, n_members=options.ensemble, n_jobs=options.jobs,
         progress=lambda labels: progress(labels, len(labels), "training"),
-        **options.model_params)
+        positions=data["radec"], **options.model_params)
     training.update(source="database", label_set=label_set, radius_arcsec=radius,
                     reference_spectra=n_reference, unreadable=len(errors), **domain_record,
                     seed=options.seed, n_members=options.ensemble,

@@ -5,11 +5,16 @@ each label a cross-validated LASSO keeps the informative pixels, and a two-hidde
 sigmoid MLP with an L2 penalty and early stopping maps them to the label. Teff is learnt
 as log10(Teff).
 
-Uncertainties, as in the paper:
-- model uncertainty: ``n_members`` networks differing in their random initialisation,
-  mini-batch order and early-stopping stars; the std of their predictions;
-- integrated uncertainty: the std of residuals against reference labels on stars held out
-  from training, per SNRg bin (``calibrate``), looked up for every prediction.
+Uncertainties (the names are the catalogue's, ``etl/schema.py``):
+- ``<label>_err_model``, the model uncertainty: ``n_members`` networks differing in their
+  random initialisation, mini-batch order and early-stopping stars; the std of their
+  predictions times a per-label factor k(SNRg) fitted so that repeated observations of one
+  star differ by what it says (``calibrate``, ``models.calibration.RepeatScale``);
+- ``<label>_err``, the 1-sigma uncertainty to quote: a per-spectrum error model
+  (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff, log g, [Fe/H])
+  fitted on out-of-sample residuals against reference labels so that 68% / 95% of
+  residuals fall within +-1 / +-2 of it in every SNRg bin. NaN outside the calibrated
+  SNRg bins and in bins with fewer than 30 calibration spectra.
 
 Out-of-distribution score (``ood_score``): a sigmoid network saturates at the edges of its
 training labels, so a hot or very metal-poor star comes out "inside" the domain. The
@@ -29,12 +34,16 @@ from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.preprocessing import StandardScaler
 
+from .calibration import ErrorModel, RepeatScale
 from .flags import (MASKED_SELECTED_PIXELS, MAX_MASKED_SELECTED_FRACTION, OUT_OF_DISTRIBUTION,
                     domain_flags)
 from .networks import SigmoidMLPRegressor
 from .selection import LassoFeatureSelector
 
 LABELS = ("teff", "logg", "feh")
+# the columns of one label, as everywhere in lamost-vac (files, database, export, API):
+# the estimate, its calibrated 1-sigma uncertainty, the (scaled) ensemble std
+ESTIMATE_SUFFIXES = ("", "_err", "_err_model")
 SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 
 # Hidden-layer sizes published in the paper, and the ones this project uses by default.
@@ -49,6 +58,13 @@ PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
 OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DISTRIBUTION threshold
+
+
+def star_parameters(raw):
+    """(n, 3) log10 Teff, log g and [Fe/H] estimated from each spectrum: what the error
+    model may use to know hard stars (cool, metal-poor) from easy ones."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.column_stack([np.log10(raw["teff"]), raw["logg"], raw["feh"]])
 
 
 def _fit_member(X, y, groups, params, seed):
@@ -106,7 +122,11 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
     def predict(self, X, return_std=False):
         members = self.predict_members(X)
         mean = members.mean(axis=0)
-        return (mean, members.std(axis=0, ddof=1)) if return_std else mean
+        if not return_std:
+            return mean
+        # one network has no spread: NaN, not 0 (which would claim a perfect model)
+        spread = members.std(axis=0, ddof=1) if len(members) > 1 else np.full(mean.shape, np.nan)
+        return mean, spread
 
 
 class LassoMLPNet(BaseEstimator):
@@ -116,7 +136,9 @@ class LassoMLPNet(BaseEstimator):
     ----------
     hidden : dict label -> (h1, h2)
     n_members : int
-        Ensemble size (the paper: 10).
+        Ensemble size (the paper: 10). With 1 network there is no spread: ``_err_model``
+        is NaN (and so is ``_err``, whose error model needs the spread); the estimates are
+        those of the one network (what ``bench/train_vs_recipe.py`` reports as one member).
     alpha : float
         L2 penalty of the networks.
     input_noise : float
@@ -134,7 +156,10 @@ class LassoMLPNet(BaseEstimator):
     ----------
     scaler_ : StandardScaler fitted on the training features
     estimators_ : dict label -> LabelEnsemble
-    integrated_uncertainty_ : dict label -> array over ``snr_bins_`` (NaN where no data)
+    error_models_ : dict label -> fitted ``ErrorModel`` (None until ``calibrate``)
+    repeat_scales_ : dict label -> fitted ``RepeatScale``, the factor k(SNRg) on the ensemble
+        std (None until ``calibrate``: k = 1)
+    calibration_counts_ : calibration spectra per SNRg bin (zeros until ``calibrate``)
     ood_range_, ood_scale_, ood_threshold_ : the out-of-distribution score's training label
         range and linear held-out error per label (target units) and its threshold
     """
@@ -153,6 +178,8 @@ class LassoMLPNet(BaseEstimator):
 
     def fit(self, X, labels, groups=None, progress=None):
         """``labels``: dict label -> array (or a structured/astropy table with those columns)."""
+        if int(self.n_members) != self.n_members or self.n_members < 1:
+            raise ValueError(f"n_members must be a positive integer, got {self.n_members!r}")
         X = np.asarray(X, dtype=np.float64)
         self.scaler_ = StandardScaler().fit(X)
         X_scaled = self.scaler_.transform(X)
@@ -169,7 +196,9 @@ class LassoMLPNet(BaseEstimator):
                 random_state=self.random_state,
             ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)
         self.snr_bins_ = np.array(SNR_BINS)
-        self.integrated_uncertainty_ = {label: np.full(len(SNR_BINS) - 1, np.nan) for label in LABELS}
+        self.error_models_ = {label: None for label in LABELS}
+        self.repeat_scales_ = {label: None for label in LABELS}
+        self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
         self._fit_ood({label: e._target(np.asarray(labels[label], dtype=float))
                        for label, e in self.estimators_.items()})
         return self
@@ -198,9 +227,9 @@ class LassoMLPNet(BaseEstimator):
         return self._ood_from_linear(linear)
 
     def predict(self, X, snrg=None, masked=None):
-        """Dict of arrays: ``label``, ``label_err`` (model std) and, once calibrated,
-        ``label_err_int`` (integrated uncertainty of the spectrum's SNRg bin), plus ``flags``
-        and ``ood_score`` (see :meth:`ood_score`).
+        """Dict of arrays: ``label``, ``label_err`` (calibrated 1-sigma uncertainty; NaN
+        before ``calibrate`` or without SNRg), ``label_err_model`` (scaled ensemble std),
+        ``flags`` and ``ood_score`` (see :meth:`ood_score`).
 
         Rows of ``X`` containing NaN (spectra that could not be preprocessed) give NaN.
         ``masked`` (n, n_pixels) bool, the pixels preprocessing had to fill, sets
@@ -208,20 +237,15 @@ class LassoMLPNet(BaseEstimator):
         selected pixels are filled.
         """
         X = np.asarray(X, dtype=np.float64)
-        usable = np.isfinite(X).all(axis=1)
-        X_scaled = self.scaler_.transform(np.where(usable[:, None], X, 0.0))
-        out = {}
-        for label, estimator in self.estimators_.items():
-            mean, std = estimator.predict(X_scaled, return_std=True)
-            out[label] = np.where(usable, mean, np.nan)
-            out[label + "_err"] = np.where(usable, std, np.nan)
-            if snrg is not None:
-                out[label + "_err_int"] = np.where(usable, self._integrated(label, snrg), np.nan)
+        raw = self.predict_raw(X)
+        usable = np.isfinite(raw[LABELS[0]])
+        out = {label: raw[label] for label in self.estimators_}
+        out.update(self.uncertainties(raw, snrg))
         flags = domain_flags(out["teff"], out["feh"], snrg, usable)
         if masked is not None:
             flags |= np.where(usable & (self.masked_selected_fraction(masked) > MAX_MASKED_SELECTED_FRACTION),
                               MASKED_SELECTED_PIXELS, 0)
-        out["ood_score"] = np.where(usable, self.ood_score(X_scaled, scaled=True), np.nan)
+        out["ood_score"] = np.where(usable, self.ood_score(np.where(usable[:, None], X, 0.0)), np.nan)
         flags |= np.where(out["ood_score"] > self.ood_threshold_, OUT_OF_DISTRIBUTION, 0)
         out["flags"] = flags
         return out
@@ -231,35 +255,71 @@ class LassoMLPNet(BaseEstimator):
         masked = np.asarray(masked, dtype=bool)
         return np.max([masked[:, e.support_].mean(axis=1) for e in self.estimators_.values()], axis=0)
 
-    def _integrated(self, label, snrg):
-        """The integrated uncertainty of each spectrum's SNRg bin (bins are (low, high]).
+    def uncertainties(self, raw, snrg=None):
+        """``label_err`` and ``label_err_model`` of every label from ``predict_raw`` output."""
+        usable = np.isfinite(raw[LABELS[0]])
+        out = {}
+        for label in self.estimators_:
+            out[label + "_err"] = np.where(usable, self._integrated(label, snrg, raw), np.nan)
+            out[label + "_err_model"] = raw[label + "_spread"] * self._model_err_scale(label, snrg)
+        return out
 
-        Outside the calibrated range: SNRg above the last bin takes the last bin's value,
-        conservative since the error falls with SNRg; SNRg at or below the first bin's low
-        edge, or unknown, gets NaN (nothing bounds it). Both are flagged SNR_OUT_OF_DOMAIN.
+    def predict_raw(self, X):
+        """Dict of arrays: ``label`` (ensemble mean) and ``label_spread`` (the members' std,
+        unscaled), NaN for rows of ``X`` containing NaN: what ``calibrate`` is fitted on."""
+        X = np.asarray(X, dtype=np.float64)
+        usable = np.isfinite(X).all(axis=1)
+        X_scaled = self.scaler_.transform(np.where(usable[:, None], X, 0.0))
+        out = {}
+        for label, estimator in self.estimators_.items():
+            mean, std = estimator.predict(X_scaled, return_std=True)
+            out[label] = np.where(usable, mean, np.nan)
+            out[label + "_spread"] = np.where(usable, std, np.nan)
+        return out
+
+    def _model_err_scale(self, label, snrg):
+        scale = self.repeat_scales_.get(label)
+        if scale is None:
+            return 1.0
+        return scale.predict(np.nan if snrg is None else snrg)
+
+    def _integrated(self, label, snrg, raw):
+        """The calibrated uncertainty of ``label`` for every spectrum (NaN when uncalibrated)."""
+        error_model = self.error_models_.get(label)
+        if error_model is None or snrg is None:
+            return np.full(raw[label].shape, np.nan)
+        return error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw))
+
+    def calibrate(self, X, labels, snrg, groups=None):
+        """Calibrate the uncertainties on spectra of stars held out from training (``X``):
+        see ``calibrate_predictions``."""
+        return self.calibrate_predictions(self.predict_raw(X), labels, snrg, groups)
+
+    def calibrate_predictions(self, raw, labels, snrg, groups=None):
+        """Fit the uncertainties on out-of-sample predictions.
+
+        ``raw``: ``predict_raw`` output for spectra whose stars the predicting model never
+        saw (held-out stars, or cross-fitted predictions of the training stars, each from
+        the fold model trained without its star); ``labels``: their reference labels;
+        ``groups``: the star of each spectrum.
+
+        - ``<label>_err``: an ``ErrorModel`` per label (form chosen by star-grouped CV on
+          these residuals; NaN for SNRg bins with fewer than 30 spectra, with a warning);
+        - ``<label>_err_model``: the ensemble std times k(SNRg) (``repeat_scales_``), fitted
+          so that the pairs of spectra of one star differ by what it says (needs ``groups``;
+          with fewer than 30 pairs k = 1).
         """
-        table = np.append(self.integrated_uncertainty_[label], np.nan)
         snrg = np.asarray(snrg, dtype=float)
-        index = np.searchsorted(self.snr_bins_, snrg, side="left") - 1
-        index = np.where(snrg > self.snr_bins_[-1], table.size - 2, index)
-        index = np.where((index < 0) | np.isnan(snrg), table.size - 1, index)
-        return table[index]
-
-    def calibrate(self, X, labels, snrg):
-        """Integrated uncertainty: residual std per SNRg bin on held-out reference stars.
-
-        Bins without held-out spectra take the value of the nearest bin that has some.
-        """
-        pred = self.predict(X)
-        snrg = np.asarray(snrg, dtype=float)
-        which = np.searchsorted(self.snr_bins_, snrg, side="left") - 1
-        self.calibration_counts_ = np.array([np.sum(which == k) for k in range(len(SNR_BINS) - 1)])
+        self.error_models_, self.repeat_scales_ = {}, {label: None for label in LABELS}
         for label in LABELS:
-            resid = pred[label] - np.asarray(labels[label], dtype=float)
-            table = np.array([np.nanstd(resid[which == k], ddof=1) if np.sum(which == k) > 1 else np.nan
-                              for k in range(len(SNR_BINS) - 1)])
-            known = np.flatnonzero(np.isfinite(table))
-            if known.size:
-                table = table[known[np.abs(np.arange(table.size)[:, None] - known[None, :]).argmin(axis=1)]]
-            self.integrated_uncertainty_[label] = table
+            residuals = raw[label] - np.asarray(labels[label], dtype=float)
+            self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(
+                residuals, snrg, raw[label + "_spread"], star_parameters(raw), groups=groups)
+            if groups is not None:
+                self.repeat_scales_[label] = RepeatScale().fit(raw[label], raw[label + "_spread"], snrg, groups)
+        self.calibration_counts_ = self.error_models_[LABELS[0]].counts_
+        # kept so that the uncertainties can be re-fitted and checked without retraining
+        self.calibration_set_ = {"raw": {k: np.asarray(v, dtype=float) for k, v in raw.items()},
+                                 "reference": {k: np.asarray(labels[k], dtype=float) for k in LABELS},
+                                 "snrg": snrg, "groups": None if groups is None else np.asarray(groups)}
         return self

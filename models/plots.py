@@ -127,23 +127,27 @@ def accuracy_vs_snr(path, accuracy, bins=SNR_BINS, labels=LABELS, methods=None):
     return save_figure(figure, path)
 
 
-def uncertainty_vs_snr(path, snrg, model_err, integrated_err=None, bins=SNR_BINS, labels=LABELS):
-    """Paper Fig. 10: the ensemble (model) uncertainty of every spectrum against SNRg with
-    its median per bin, and the integrated uncertainty of each bin as steps."""
+def uncertainty_vs_snr(path, snrg, model_err, calibrated_err=None, bins=SNR_BINS, labels=LABELS):
+    """Paper Fig. 10: the model uncertainty (``_err_model``) of every spectrum against SNRg
+    with its median per bin, and the median calibrated uncertainty (``_err``) of each bin as
+    steps."""
     bins = np.asarray(bins, dtype=float)
     figure = new_figure(4.2 * len(labels), 3.8)
     axes = figure.subplots(1, len(labels), squeeze=False)[0]
     for ax, label in zip(axes, labels):
         snr, err = _finite(snrg, model_err[label])
-        ax.scatter(snr, err, s=5, alpha=0.4, color="tab:blue", linewidths=0, label="model (ensemble std)")
+        ax.scatter(snr, err, s=5, alpha=0.4, color="tab:blue", linewidths=0, label="model (_err_model)")
         which = np.searchsorted(bins, snr, side="left") - 1
         medians = np.array([np.median(err[which == k]) if np.any(which == k) else np.nan
                             for k in range(bins.size - 1)])
         ax.plot(_bin_centres(bins), medians, "o-", color="tab:blue", lw=1.5, label="model, bin median")
-        if integrated_err is not None:
-            table = np.asarray(integrated_err[label], dtype=float)
-            if table.size == bins.size - 1 and np.isfinite(table).any():
-                ax.stairs(table, bins, color="tab:red", lw=1.8, label="integrated")
+        if calibrated_err is not None:
+            snr, err = _finite(snrg, calibrated_err[label])
+            which = np.searchsorted(bins, snr, side="left") - 1
+            table = np.array([np.median(err[which == k]) if np.any(which == k) else np.nan
+                              for k in range(bins.size - 1)])
+            if np.isfinite(table).any():
+                ax.stairs(table, bins, color="tab:red", lw=1.8, label="calibrated (_err), bin median")
         snr_axis(ax, bins)
         ax.set_xlim(bins[0] * 0.9, bins[-1] * 1.1)
         ax.set_xlabel("SNRg")
@@ -151,6 +155,41 @@ def uncertainty_vs_snr(path, snrg, model_err, integrated_err=None, bins=SNR_BINS
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     figure.legend(handles, names, loc="outside upper center", ncols=len(handles), fontsize=8)
+    return save_figure(figure, path)
+
+
+def reliability_diagram(path, residuals, errors, snrg, bins=SNR_BINS, labels=LABELS):
+    """Coverage against nominal level: for each nominal probability p of a central Gaussian
+    interval (+-k err, k = Phi^-1((1 + p) / 2)), the fraction of residuals inside it, per
+    label (panel) and SNRg bin (line). Honest uncertainties follow the diagonal; the
+    +-1 and +-2 sigma levels (68.3%, 95.4%) are marked."""
+    from scipy.stats import norm
+
+    bins = np.asarray(bins, dtype=float)
+    nominal = np.linspace(0.02, 0.99, 60)
+    k = norm.ppf((1 + nominal) / 2)
+    figure = new_figure(4.0 * len(labels), 4.0)
+    axes = figure.subplots(1, len(labels), squeeze=False)[0]
+    colours = ("tab:purple", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:brown")
+    for ax, label in zip(axes, labels):
+        snr, resid, err = _finite(snrg, residuals[label], errors[label])
+        z = np.abs(resid / err)
+        for index, (lo, hi) in enumerate(zip(bins[:-1], bins[1:])):
+            inside = z[(snr > lo) & (snr <= hi)]
+            if inside.size:
+                observed = np.mean(inside[:, None] < k[None, :], axis=0)
+                ax.plot(nominal, observed, color=colours[index % len(colours)], lw=1.5,
+                        label=f"SNRg {lo:g}-{hi:g} (N={inside.size})")
+        ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="honest")
+        for level in (0.6827, 0.9545):
+            ax.axvline(level, color="gray", lw=0.6, ls=":")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("nominal coverage (Gaussian)")
+        ax.set_ylabel(f"observed coverage, {SHORT_NAMES[label]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
     return save_figure(figure, path)
 
 

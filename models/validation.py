@@ -98,7 +98,7 @@ def scatter_summary(scatter, bins):
     def summary(mask):
         return {"n_groups": int(mask.sum()),
                 "median_std": float(np.median(std[mask])) if mask.any() else None,
-                "median_rms_err": (float(np.median(rms[mask])) if mask.any() and np.isfinite(rms[mask]).any()
+                "median_rms_err": (float(np.nanmedian(rms[mask])) if mask.any() and np.isfinite(rms[mask]).any()
                                    else None)}
 
     out = {"all": summary(np.ones(std.shape, dtype=bool))}

@@ -193,21 +193,23 @@ def miles_ids(miles, count, teff=(3800.0, 6500.0), logg=(-1.0, 6.0), feh=(-5.0, 
 
 @pytest.fixture(scope="session")
 def make_simulated_set(shared_dir, tmp_path_factory):
-    """Factory: ``make_simulated_set(name, ids, per_star, seed, decoys=None)`` -> folder
-    written by lamost_sim (``decoys``: the chance per star of a neighbour 2-6 arcsec away
-    in apogee_payne.fits; None: the tool's default)."""
+    """Factory: ``make_simulated_set(name, ids, per_star, seed, decoys=None,
+    obsid_start=None)`` -> folder written by lamost_sim (``decoys``: the chance per star of
+    a neighbour 2-6 arcsec away in apogee_payne.fits, None: the tool's default; sets meant
+    to be used together need distinct ``obsid_start``)."""
     miles = shared_dir / "data" / "miles"
     tool = shared_dir / "tools" / "lamost_sim.py"
     if not tool.is_file() or not (miles / "MILES_params.db").is_file():
         pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
 
-    def make(name, ids, per_star, seed, decoys=None):
+    def make(name, ids, per_star, seed, decoys=None, obsid_start=None):
         out = tmp_path_factory.mktemp(name)
         stars = out / "stars.txt"
         stars.write_text("\n".join(map(str, ids)) + "\n")
+        extra = [] if obsid_start is None else ["--obsid-start", str(obsid_start)]
         subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
                         "--stars", str(stars), "--per-star", per_star, "--seed", str(seed),
-                        *(["--decoys", str(decoys)] if decoys is not None else [])],
+                        *(["--decoys", str(decoys)] if decoys is not None else []), *extra],
                        check=True, capture_output=True, timeout=300)
         return out
 

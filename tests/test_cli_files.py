@@ -17,7 +17,9 @@ import pytest
 from conftest import miles_ids
 from etl.cli import build_parser, main
 from models.artifact import load_model
+from models.calibration import snr_bin_index
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
+from models.lasso_mlpnet import LABELS
 
 N_STARS = 40
 ENSEMBLE = 2
@@ -122,7 +124,7 @@ def trained_model(sim_set, tmp_path_factory):
         "train-files", "--catalog", str(sim_set / "lamost_catalog.csv"), "--spectra-root", str(sim_set),
         "--labels", str(sim_set / "apogee_payne.fits"), "--out", str(model_path),
         "--ensemble", str(ENSEMBLE), "--wave-range", "3881,7400", "--input-noise", "0.8",
-        "--jobs", "1"])
+        "--calibration-folds", "3", "--jobs", "1"])
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     return model_path, summary
@@ -165,10 +167,16 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     for estimator in model.estimators_.values():
         assert len(estimator.members_) == ENSEMBLE
         assert {m.input_noise for m in estimator.members_} == {0.8}
-    # the held-out stars calibrated the integrated uncertainty of every SNRg bin
-    for table in model.integrated_uncertainty_.values():
-        assert np.all(np.isfinite(table)) and np.all(table > 0)
-    assert artifact["metrics"]["held_out"]["teff"]["all"]["n"] > 0
+    # every star trained the model; cross-fitted predictions of all of their spectra (every
+    # SNRg) calibrated the uncertainties: 3 x 40 at 10-20, the 40 at 20-80 split in two bins
+    assert training["calibration"] == "cross-fitting" and training["calibration_folds"] == 3
+    assert training["n_stars"] == N_STARS
+    assert model.calibration_counts_[1] >= 110 and sum(model.calibration_counts_) >= 155
+    assert artifact["metrics"]["cross_fitted"]["teff"]["all"]["n"] == 4 * N_STARS
+    assert len(model.training_obsids_) == training["n_spectra"]
+    for label in LABELS:
+        assert model.error_models_[label].counts_.tolist() == model.calibration_counts_.tolist()
+        assert model.repeat_scales_[label].n_pairs_ > 30
 
 
 def test_predict_files_estimates_every_spectrum_once(sim_set, trained_model, predictions):
@@ -178,7 +186,8 @@ def test_predict_files_estimates_every_spectrum_once(sim_set, trained_model, pre
     assert len(set(obsids)) == len(obsids)
     columns = set(estimates[0])
     for label in ("teff", "logg", "feh"):
-        assert {label, label + "_err", label + "_err_int"} <= columns
+        assert {label, label + "_err", label + "_err_model"} <= columns
+        assert label + "_err_int" not in columns
     assert {"obsid", "flags", "problem", "model_version"} <= columns
 
     version = load_model(trained_model[0])["version"]
@@ -188,9 +197,16 @@ def test_predict_files_estimates_every_spectrum_once(sim_set, trained_model, pre
 
     readable = [row for row in estimates if int(row["obsid"]) not in (CORRUPT_OBSID, GALAXY_OBSID)]
     assert len(readable) == 4 * N_STARS
+    model = load_model(trained_model[0])["model"]
+    snrg_of = {int(row["obsid"]): float(row["snrg"]) for row in catalogue}
     for row in readable:
-        values = [float(row[k + s]) for k in ("teff", "logg", "feh") for s in ("", "_err", "_err_int")]
+        values = [float(row[k + s]) for k in ("teff", "logg", "feh") for s in ("", "_err_model")]
         assert np.all(np.isfinite(values)), row
+        # the calibrated uncertainty exists exactly in the SNRg bins with >= 30 calibration spectra
+        which = snr_bin_index([snrg_of[int(row["obsid"])]], model.snr_bins_)[0]
+        calibrated = which >= 0 and model.calibration_counts_[which] >= 30
+        for k in ("teff", "logg", "feh"):
+            assert np.isfinite(float(row[k + "_err"])) == calibrated, row
         assert row["problem"] == ""
         assert not int(row["flags"]) & (UNUSABLE_SPECTRUM | NOT_A_STAR)
 

@@ -4,6 +4,7 @@ uncertainties and flags, and the model artifact.
 Synthetic data with a known answer throughout; scikit-learn's coordinate-descent Lasso is
 the independent reference for the LARS-based selection.
 """
+import itertools
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, MASKED_SEL
                           OUT_OF_DISTRIBUTION, SNR_OUT_OF_DOMAIN, SUSPICIOUS_REDSHIFT,
                           TEFF_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, catalogue_flags, describe_flags,
                           domain_flags, redshift_flags)
-from models.lasso_mlpnet import LABELS, SNR_BINS, LassoMLPNet
+from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS, LassoMLPNet, star_parameters
 from models.networks import SigmoidMLPRegressor
 from models.preprocess import PreprocessConfig
 from models.selection import LassoFeatureSelector
@@ -359,20 +360,30 @@ def test_lasso_mlpnet_recovers_the_labels(trained):
 
 
 def test_model_uncertainty_is_the_std_of_the_members(trained):
-    model, _, _, X_test, _ = trained
-    predicted = model.predict(X_test)
+    model, _, _, X_test, _ = trained                 # not calibrated (``calibrated`` is a copy)
+    predicted = model.predict(X_test, snrg=np.full(len(X_test), 15.0))
     scaled = model.scaler_.transform(X_test)
     for label in LABELS:
         members = model.estimators_[label].predict_members(scaled)
         assert members.shape == (3, len(X_test))
         np.testing.assert_allclose(predicted[label], members.mean(axis=0))
-        np.testing.assert_allclose(predicted[label + "_err"], members.std(axis=0, ddof=1))
-        assert np.median(predicted[label + "_err"]) > 0          # the members differ
-    assert "teff_err_int" not in predicted                     # no SNRg given
+        np.testing.assert_allclose(predicted[label + "_err_model"], members.std(axis=0, ddof=1))
+        assert np.median(predicted[label + "_err_model"]) > 0          # the members differ
+        # the calibrated uncertainty exists only once calibrated
+        assert np.all(np.isnan(predicted[label + "_err"]))
+    assert set(predicted) == {label + suffix for label in LABELS for suffix in ESTIMATE_SUFFIXES} | {"flags"}
 
 
-def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained):
-    model, _, _, X_test, _ = trained
+def test_a_one_network_ensemble_is_refused():
+    rng = np.random.default_rng(5)
+    X, labels, stars = synthetic_spectra(rng, 20, 2)
+    with pytest.raises(ValueError, match="n_members=1.*at least 2"):
+        LassoMLPNet(hidden=SMALL_HIDDEN, n_members=1, n_jobs=1).fit(X, labels, groups=stars)
+
+
+def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained, calibrated):
+    model = calibrated
+    _, _, _, X_test, _ = trained
     X = X_test[:12].copy()
     X[[3, 7]] = np.nan
     X[9, 5] = np.nan                                           # one NaN pixel is enough
@@ -381,8 +392,9 @@ def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained):
     reference = model.predict(X_test[:12], snrg)
     unusable = np.zeros(len(X), dtype=bool)
     unusable[[3, 7, 9]] = True
-    for key in ("teff", "teff_err", "teff_err_int", "logg", "logg_err", "feh", "feh_err"):
+    for key in ("teff", "teff_err", "teff_err_model", "logg", "logg_err", "feh", "feh_err_model"):
         assert np.all(np.isnan(predicted[key][unusable])), key
+        assert np.all(np.isfinite(predicted[key][~unusable])), key
         np.testing.assert_array_equal(predicted[key][~unusable], reference[key][~unusable])
     assert np.all(predicted["flags"][unusable] & UNUSABLE_SPECTRUM)
     assert not np.any(predicted["flags"][~unusable] & UNUSABLE_SPECTRUM)
@@ -430,67 +442,71 @@ def test_masked_selected_pixels_flag(trained):
                                    *(masked[2, e.support_].mean() for e in model.estimators_.values())))
 
 
-def test_calibrate_stores_residual_std_per_snr_bin(trained):
-    model, _, _, X_test, labels_test = trained
-    n = len(X_test)
-    assert n == 80
-    snrg = np.empty(n)
-    snrg[:35] = np.linspace(5.5, 10.0, 35)                     # (5, 10], 10.0 included
-    snrg[35:78] = np.linspace(40.01, 80.0, 43)                 # (40, 80], 80.0 included
-    snrg[78:] = [3.0, 120.0]                                   # outside every bin
-    reference = {k: v.copy() for k, v in labels_test.items()}
-    for label in LABELS:
-        reference[label][78:] += 1e4                           # would dominate any bin they entered
-    model.calibrate(X_test, reference, snrg)
-    predicted = model.predict(X_test)
-    assert list(model.calibration_counts_) == [35, 0, 0, 43]
-    for label in LABELS:
-        resid = predicted[label] - reference[label]
-        table = model.integrated_uncertainty_[label]
-        assert table.shape == (len(SNR_BINS) - 1,)
-        low, high = np.std(resid[:35], ddof=1), np.std(resid[35:78], ddof=1)
-        # empty bins take the nearest bin's value: 10-20 from 5-10, 20-40 from 40-80
-        np.testing.assert_allclose(table, [low, low, high, high], rtol=1e-12)
-    # each prediction reports its SNRg bin's value
-    query = np.array([5.0001, 7.0, 10.0, 10.0001, 20.0, 39.0, 40.0, 40.5, 80.0])
-    bin_of_query = [0, 0, 0, 1, 1, 2, 2, 3, 3]
-    out = model.predict(X_test[:query.size], query)
-    for label in LABELS:
-        np.testing.assert_array_equal(out[label + "_err_int"], model.integrated_uncertainty_[label][bin_of_query])
+@pytest.fixture(scope="module")
+def calibrated(trained):
+    """The trained model calibrated on 150 other stars, four spectra each, at SNRg 6-70."""
+    import copy
+
+    model = copy.deepcopy(trained[0])
+    rng = np.random.default_rng(11)
+    X, labels, stars = synthetic_spectra(rng, 150, 4)
+    snrg = np.tile([7.0, 15.0, 30.0, 60.0], 150)
+    model.calibrate(X, labels, snrg, groups=stars)
+    return model
 
 
-@pytest.mark.parametrize("snrg", [np.nan, -9999.0, 0.0, 2.0, 5.0])
-def test_integrated_uncertainty_below_or_without_snr_is_nan_and_flagged(trained, snrg):
+def test_calibrate_fits_an_error_model_and_the_repeat_scale(trained, calibrated):
+    model = calibrated
+    assert list(model.calibration_counts_) == [150, 150, 150, 150]
+    rng = np.random.default_rng(11)
+    X, labels, stars = synthetic_spectra(rng, 150, 4)
+    snrg = np.tile([7.0, 15.0, 30.0, 60.0], 150)
+    raw = model.predict_raw(X)
+    predicted = model.predict(X, snrg)
+
+
+    for label in LABELS:
+        error_model = model.error_models_[label]
+        np.testing.assert_allclose(predicted[label + "_err"],
+                                   error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw)))
+        # the ensemble std is scaled so that repeat pairs of one star have unit rms z-score
+        scale = model.repeat_scales_[label]
+        assert scale.n_pairs_ == 150 * 6
+        np.testing.assert_allclose(predicted[label + "_err_model"], raw[label + "_spread"] * scale.predict(snrg))
+        value, err = predicted[label], predicted[label + "_err_model"]
+        z = [(value[i] - value[j]) / np.hypot(err[i], err[j])
+             for first in range(0, len(X), 4) for i, j in itertools.combinations(range(first, first + 4), 2)]
+        assert np.sqrt(np.mean(np.square(z))) == pytest.approx(1.0, rel=1e-3)
+    # SNRg below the calibrated bins, or unknown: no calibrated uncertainty is quoted
+    out = model.predict(X[:2], np.array([4.0, np.nan]))
+    for label in LABELS:
+        assert np.all(np.isnan(out[label + "_err"])) and np.all(np.isfinite(out[label + "_err_model"]))
+
+
+@pytest.mark.parametrize("snrg", [5.0, 2.0, np.nan])
+def test_uncertainty_below_or_without_snr_is_nan_and_flagged(calibrated, snrg):
     """Not the smallest (40-80) value as before: at or below SNRg 5, or without SNRg, nothing
-    bounds the error, so none is quoted."""
-    model, _, _, X_test, labels_test = trained
-    model.calibrate(X_test, labels_test, np.linspace(5.5, 80.0, len(X_test)))
-    out = model.predict(X_test[:3], np.full(3, snrg))
+    bounds the error, so none is quoted; the estimate itself is kept, and flagged."""
+    rng = np.random.default_rng(12)
+    X, _, _ = synthetic_spectra(rng, 3, 1)
+    out = calibrated.predict(X, np.full(3, snrg))
     for label in LABELS:
-        assert np.all(np.isnan(out[label + "_err_int"]))
-        assert np.all(np.isfinite(out[label]))                 # the estimate itself is kept
+        assert np.all(np.isnan(out[label + "_err"]))
+        assert np.all(np.isfinite(out[label]))
     assert np.all(out["flags"] & SNR_OUT_OF_DOMAIN)
 
 
 @pytest.mark.parametrize("snrg", [80.5, 500.0])
-def test_integrated_uncertainty_above_80_is_never_below_the_last_bin(trained, snrg):
-    """Above the calibrated range the last bin's value is quoted: errors fall with SNRg, so it
-    is an upper bound (conservative), and the spectrum is flagged."""
-    model, _, _, X_test, labels_test = trained
-    model.calibrate(X_test, labels_test, np.linspace(5.5, 80.0, len(X_test)))
-    out = model.predict(X_test[:3], np.full(3, snrg))
+def test_uncertainty_above_80_is_the_error_at_the_calibrated_edge(calibrated, snrg):
+    """Above the calibrated range the error model is evaluated at SNRg 80: errors fall with
+    SNRg, so it bounds the error from above (conservative); the spectrum is flagged."""
+    rng = np.random.default_rng(12)
+    X, _, _ = synthetic_spectra(rng, 3, 1)
+    above, edge = calibrated.predict(X, np.full(3, snrg)), calibrated.predict(X, np.full(3, 80.0))
     for label in LABELS:
-        np.testing.assert_array_equal(out[label + "_err_int"], model.integrated_uncertainty_[label][-1])
-    assert np.all(out["flags"] & SNR_OUT_OF_DOMAIN)
-
-
-def test_calibrate_with_no_held_out_spectra_in_a_bin_uses_nearest(trained):
-    model, _, _, X_test, labels_test = trained
-    snrg = np.full(len(X_test), 25.0)                         # only 20-40
-    model.calibrate(X_test, labels_test, snrg)
-    for label in LABELS:
-        table = model.integrated_uncertainty_[label]
-        assert np.all(table == table[2]) and np.isfinite(table[2]) and table[2] > 0
+        assert np.all(np.isfinite(above[label + "_err"]))
+        np.testing.assert_allclose(above[label + "_err"], edge[label + "_err"])
+    assert np.all(above["flags"] & SNR_OUT_OF_DOMAIN)
 
 
 # --------------------------------------------------------------------------- flags

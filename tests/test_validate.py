@@ -36,7 +36,8 @@ def small_model(make_simulated_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("validate_model") / "model.joblib"
     assert main(["train-files", "--catalog", str(sim / "lamost_catalog.csv"), "--spectra-root", str(sim),
                  "--labels", str(sim / "apogee_payne.fits"), "--out", str(path), "--ensemble", "2",
-                 "--wave-range", "3881,7400", "--lasso-folds", "3", "--jobs", "2"]) == 0
+                 "--wave-range", "3881,7400", "--lasso-folds", "3", "--calibration-folds", "3",
+                 "--jobs", "2"]) == 0
     return path
 
 
@@ -53,8 +54,13 @@ def read_rows(path):
         return list(csv.DictReader(handle))
 
 
-def test_every_file_of_the_subset_has_an_outcome_and_reason(subset_report):
+def test_every_file_of_the_subset_has_an_outcome_and_reason(subset_report, small_model):
     out, report = subset_report
+    from models.artifact import load_model
+    from models.calibration import snr_bin_index
+
+    model = load_model(small_model)["model"]
+    calibrated_bins = {k for k, n in enumerate(model.calibration_counts_) if n >= 30}
     rows = read_rows(out / "estimates.csv")
     assert len(rows) == 3 * LIMIT
     counts = report["counts"]
@@ -70,8 +76,12 @@ def test_every_file_of_the_subset_has_an_outcome_and_reason(subset_report):
         if row["outcome"] != "estimated":
             assert row["reason"], row          # everything not cleanly estimated says why
         if estimated:
+            # the model uncertainty always; the calibrated one only in the SNRg bins that had
+            # 30 calibration spectra (real spectra reach SNRg 375: mostly outside)
+            in_calibrated_bin = int(snr_bin_index([float(row["snrg"])], model.snr_bins_)[0]) in calibrated_bins
             for label in LABELS:
-                assert np.isfinite(float(row[label + "_err"])) and np.isfinite(float(row[label + "_err_int"]))
+                assert np.isfinite(float(row[label + "_err_model"])) and float(row[label + "_err_model"]) > 0
+                assert np.isfinite(float(row[label + "_err"])) == in_calibrated_bin, row
 
 
 def test_outcome_follows_the_header(subset_report, real_dir):
@@ -122,9 +132,12 @@ def test_repeatability_section(subset_report, real_dir):
         r = rep["labels"][label]
         assert r["n_stars"] == rep["n_stars"]
         assert r["median_scatter"] >= 0
-        for kind in ("z_model", "z_integrated"):
-            assert r[kind]["n"] >= rep["n_stars"]
-            assert r[kind]["std"] > 0 and r[kind]["robust_std"] > 0
+        assert r["z_model"]["n"] >= rep["n_stars"]
+        assert r["z_model"]["std"] > 0 and r["z_model"]["robust_std"] > 0
+        # the calibrated _err is NaN above the calibrated SNRg range: fewer pairs, maybe none
+        assert r["z_calibrated"]["n"] <= r["z_model"]["n"]
+        if r["z_calibrated"]["n"]:
+            assert r["z_calibrated"]["std"] > 0
     groups = {spectrum_key(r["combined_file"]): r["GroupID"]
               for r in read_rows(real_dir / "dr8-repeats" / "repeat_groups.csv")}
     rows = [r for r in read_rows(out / "estimates.csv") if r["folder"] == "dr8-repeats"]

@@ -95,7 +95,8 @@ def run_demo(args):
 
     _step("accuracy report and plots (all stars, training ones included: a demo, not a validation)")
     _run(["evaluate", "--model", artifact, "--catalog", catalogue, "--spectra-root", out,
-          "--truth", os.path.join(out, "truth.csv"), "--out", os.path.join(out, "report")])
+          "--truth", os.path.join(out, "truth.csv"), "--out", os.path.join(out, "report"),
+          "--include-training"])
 
     # --no-serve: check the queries on a free port, then stop; else serve on --port.
     port = _free_port() if args.no_serve else args.port

@@ -4,17 +4,22 @@ Predicts every catalogue spectrum that has a reference (labels cross-matched lik
 ``train-files``, or a truth CSV joined by obsid), then writes into the report folder:
 
 - ``report.json``: MAE, mu, sigma per label overall and per SNRg bin, uncertainties per
-  bin, the LASSO-selected pixels in each instrument region (dichroic, telluric bands, sky
-  lines; whether the model's preprocessing masks it), the count of spectra carrying each
-  flag bit, and (when the artifact was trained with ``--baselines``) the comparison with
-  the paper's six baselines in the layout of its Table 4;
+  bin; how the calibrated uncertainty ``<label>_err`` covers the residuals (rms z-score,
+  fractions within +-1 and +-2 err) per bin; the model's calibration counts; the
+  LASSO-selected pixels in each instrument region (dichroic, telluric bands, sky lines;
+  whether the model's preprocessing masks it), the count of spectra carrying each flag
+  bit, and (when the artifact was trained with ``--baselines``) the comparison with the
+  paper's six baselines in the layout of its Table 4;
 - ``report.md``: the same as readable tables;
 - ``estimates.csv`` (and ``baseline_estimates.csv``): per spectrum estimates and references;
 - PNG figures: estimate vs reference with residual histograms (Fig. 5), MAE and sigma vs
-  SNRg (Figs. 8-9), uncertainty vs SNRg (Fig. 10) and the Kiel diagram.
+  SNRg (Figs. 8-9), uncertainty vs SNRg (Fig. 10), the reliability diagram (coverage
+  against nominal level) and the Kiel diagram.
 
-Evaluate on stars held out from training: the artifact keeps only a hash of its training
-obsids, so overlap with the evaluated spectra cannot be detected here.
+Spectra of the model's training stars (the artifact stores their obsids and star ids) are
+left out of every statistic, and the command refuses to run when nothing else is left;
+``--include-training`` keeps them, marks them (``in_training`` column) and says so at the
+top of the report.
 """
 import json
 import os
@@ -32,15 +37,26 @@ from models.baselines import BASELINE_NAMES, MODEL_NAME
 from models.flags import FLAG_DESCRIPTIONS
 from models.lasso_mlpnet import LABELS, SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
+from models.metrics import coverage_by_snr
 from models.pipeline import selected_pixels_by_region
-from models.plots import accuracy_vs_snr, kiel_diagram, predicted_vs_reference, uncertainty_vs_snr
+from models.plots import (accuracy_vs_snr, kiel_diagram, predicted_vs_reference, reliability_diagram,
+                          uncertainty_vs_snr)
 
 PLOT_FILES = {"predicted_vs_reference": "predicted_vs_reference.png",
               "accuracy_vs_snr": "accuracy_vs_snr.png",
               "uncertainty_vs_snr": "uncertainty_vs_snr.png",
+              "reliability": "reliability.png",
               "kiel": "kiel_diagram.png"}
-HELD_OUT_NOTE = ("Run evaluate on stars held out from training: the artifact stores only a hash "
-                 "of its training obsids, so overlap with these spectra is not detected.")
+# a spectrum this close to a training spectrum is taken as the same star (LAMOST fibre
+# positions of one star agree to well under an arcsecond; the label cross-match uses 3")
+TRAINING_STAR_RADIUS_ARCSEC = 3.0
+HELD_OUT_NOTE = ("Spectra of the model's training stars (by obsid, by position within "
+                 f"{TRAINING_STAR_RADIUS_ARCSEC:g}\" and, with cross-matched labels, by star id) are "
+                 "left out of these statistics.")
+TRAINING_INCLUDED_NOTE = ("**Not a validation:** {n} of these spectra belong to the model's training "
+                          "stars (--include-training); their residuals and coverages are optimistic.")
+UNKNOWN_TRAINING_NOTE = ("This artifact does not record its training spectra: overlap with the "
+                         "training set cannot be detected. Use spectra of stars held out from training.")
 
 
 def register(subparsers):
@@ -60,6 +76,9 @@ def register(subparsers):
                         help="explicit column mapping for --labels, e.g. 'teff=TEFF,logg=LOGG,feh=PARAM_M_H'")
     parser.add_argument("--radius", type=float, default=3.0, help="cross-match radius for --labels, arcsec")
     parser.add_argument("--out", required=True, help="report folder (created; files are overwritten)")
+    parser.add_argument("--include-training", action="store_true",
+                        help="keep spectra of the model's training stars in the statistics (marked; "
+                             "by default they are left out, and evaluate refuses when nothing else is left)")
     parser.set_defaults(func=run_evaluate)
 
 
@@ -75,26 +94,56 @@ def join_truth(catalogue, truth):
     return matched
 
 
+def training_overlap(model, rows):
+    """Boolean per row: the spectrum (obsid) or its star was in the model's training set --
+    the star by ``apogee_id`` when the rows were cross-matched to labels, and by position
+    (within ``TRAINING_STAR_RADIUS_ARCSEC`` of a training spectrum) when the model records
+    where its stars are; None when the model does not record its training set."""
+    obsids = getattr(model, "training_obsids_", None)
+    if obsids is None:
+        return None
+    overlap = np.isin(np.asarray(rows["obsid"], dtype=np.int64), np.asarray(obsids, dtype=np.int64))
+    stars = getattr(model, "training_stars_", None)
+    if stars is not None and "apogee_id" in rows.colnames:
+        overlap |= np.isin(np.asarray(rows["apogee_id"], dtype=str), np.asarray(stars, dtype=str))
+    positions = getattr(model, "training_positions_", None)
+    if positions is not None and len(positions) and len(rows):
+        from astropy import units as u
+        from astropy.coordinates import SkyCoord
+
+        here = SkyCoord(np.asarray(rows["ra"], dtype=float), np.asarray(rows["dec"], dtype=float), unit="deg")
+        trained = SkyCoord(positions[:, 0], positions[:, 1], unit="deg")
+        _, separation, _ = here.match_to_catalog_sky(trained)
+        overlap |= separation < TRAINING_STAR_RADIUS_ARCSEC * u.arcsec
+    return overlap
+
+
 # -- numbers -----------------------------------------------------------------------------
 def _number(value):
     value = float(value)
     return value if np.isfinite(value) else None
 
 
+def _median(values):
+    values = values[np.isfinite(values)]
+    return _number(np.median(values)) if values.size else None
+
+
 def uncertainty_by_snr(estimates, snrg, model, bins=SNR_BINS):
-    """Per label and SNRg bin: count, median model (ensemble) uncertainty, integrated one."""
+    """Per label and SNRg bin: count, median model uncertainty (``_err_model``), median
+    calibrated one (``_err``) and the number of spectra the model's calibration had there."""
     snrg = np.asarray(snrg, dtype=float)
-    integrated = getattr(model, "integrated_uncertainty_", {})
+    counts = np.asarray(getattr(model, "calibration_counts_", np.zeros(len(bins) - 1)), dtype=int)
     out = {}
     for label in LABELS:
+        err_model = np.asarray(estimates[label + "_err_model"], dtype=float)
         err = np.asarray(estimates[label + "_err"], dtype=float)
-        table = np.asarray(integrated.get(label, np.full(len(bins) - 1, np.nan)), dtype=float)
         per = {}
         for k, (name, lo, hi) in enumerate(zip(snr_bin_names(bins), bins[:-1], bins[1:])):
-            values = err[(snrg > lo) & (snrg <= hi) & np.isfinite(err)]
-            per[name] = {"n": int(values.size),
-                         "median_model_err": _number(np.median(values)) if values.size else None,
-                         "integrated_err": _number(table[k]) if k < table.size else None}
+            inside = (snrg > lo) & (snrg <= hi) & np.isfinite(np.asarray(estimates[label], dtype=float))
+            per[name] = {"n": int(inside.sum()), "median_model_err": _median(err_model[inside]),
+                         "median_err": _median(err[inside]),
+                         "calibration_spectra": int(counts[k]) if k < counts.size else 0}
         out[label] = per
     return out
 
@@ -106,6 +155,10 @@ def evaluate_rows(artifact, rows, n_jobs=-1):
     reference = {label: np.asarray(rows[label], dtype=float) for label in LABELS}
     snrg = np.asarray(rows["snrg"], dtype=float)
     accuracy = accuracy_by_snr(estimates, reference, snrg)
+    for label in LABELS:     # how the quoted uncertainty covers the residuals, bin by bin
+        coverage = coverage_by_snr(estimates, reference, snrg, labels=(label,))[label]
+        for name, summary in coverage.items():
+            accuracy[label][name].update({k: summary[k] for k in ("z_std", "within_1", "within_2")})
     baselines = (artifact.get("extra") or {}).get("baselines")
     baseline_predictions, comparison = None, None
     if baselines is not None:
@@ -156,14 +209,28 @@ def comparison_table_md(comparison, snr_bin="all"):
 def uncertainty_table_md(uncertainty, bins=SNR_BINS):
     rows = []
     for name in snr_bin_names(bins):
-        cells = [name, str(uncertainty[LABELS[0]][name]["n"])]
+        cells = [name, str(uncertainty[LABELS[0]][name]["n"]),
+                 str(uncertainty[LABELS[0]][name]["calibration_spectra"])]
         for label in LABELS:
             spec = LABEL_HEADINGS[label][2]
             u = uncertainty[label][name]
-            cells += [fmt(u["median_model_err"], spec), fmt(u["integrated_err"], spec)]
+            cells += [fmt(u["median_model_err"], spec), fmt(u["median_err"], spec)]
         rows.append(cells)
-    return markdown.table(["SNRg", "N"] + markdown.label_head(("model, median", "integrated")),
-                          rows)
+    return markdown.table(["SNRg", "N", "N calibration"] +
+                          markdown.label_head(("_err_model, median", "_err, median")), rows)
+
+
+def coverage_table_md(accuracy, bins=SNR_BINS):
+    """Per SNRg bin: rms z-score and the fractions within +-1 and +-2 ``_err`` per label."""
+    rows = []
+    for name in ["all"] + snr_bin_names(bins):
+        cells = [name, str(accuracy[LABELS[0]][name]["n"])]
+        for label in LABELS:
+            s = accuracy[label][name]
+            cells += [fmt(s.get("z_std"), ".2f"), fmt(s.get("within_1"), ".0%"), fmt(s.get("within_2"), ".0%")]
+        rows.append(cells)
+    return markdown.table(["SNRg", "N"] + [f"{LABEL_HEADINGS[label][0]} {kind}" for label in LABELS
+                                           for kind in ("z std", "within 1 err", "within 2 err")], rows)
 
 
 def report_markdown(report):
@@ -179,9 +246,10 @@ def report_markdown(report):
         f"- Reference: {source}.",
         f"- Spectra: {counts['catalogue_rows']} catalogue rows with a file ({counts['without_file']} without), "
         f"{counts['with_reference']} with a reference, {counts['estimated']} estimated, "
-        f"{counts['in_domain']} of them without quality flags.",
+        f"{counts['in_domain']} of them without quality flags; "
+        f"{counts['training_left_out']} spectra of training stars left out.",
         "",
-        f"> {HELD_OUT_NOTE}",
+        f"> {report['note']}",
         "",
         "Residuals are estimate - reference; mu is their mean, sigma their standard deviation; "
         "SNRg bins are (low, high].",
@@ -192,10 +260,20 @@ def report_markdown(report):
         "",
         "## Uncertainties by SNRg",
         "",
-        "Model: standard deviation of the ensemble members (median over the bin's spectra); "
-        "integrated: residual standard deviation on held-out stars stored in the model.",
+        "`_err_model`: the ensemble members' standard deviation, scaled to match repeat "
+        "observations; `_err`: the calibrated 1-sigma uncertainty to quote (medians over the bin's "
+        "spectra). N calibration: out-of-sample spectra the model's calibration had in the bin "
+        "(fewer than 30: `_err` is NaN there).",
         "",
         uncertainty_table_md(report["uncertainty"]),
+        "",
+        "## Do the uncertainties cover the residuals?",
+        "",
+        "z = (estimate - reference) / `_err`; z std is its root mean square (1 when honest); the "
+        "fractions of residuals within +-1 and +-2 `_err` should be about 68% and 95% "
+        "(acceptance: 62-74% and 92-98% in every bin with at least 30 spectra).",
+        "",
+        coverage_table_md(report["accuracy"]),
         "",
     ]
     parts += [
@@ -230,7 +308,8 @@ def report_markdown(report):
     parts += ["## Figures", ""]
     titles = {"predicted_vs_reference": "Estimates against references, with residual histograms",
               "accuracy_vs_snr": "MAE and sigma against SNRg",
-              "uncertainty_vs_snr": "Model and integrated uncertainty against SNRg",
+              "uncertainty_vs_snr": "Model and calibrated uncertainty against SNRg",
+              "reliability": "Reliability: coverage of the calibrated uncertainty against nominal level",
               "kiel": "Kiel diagram"}
     for key, filename in report["files"]["plots"].items():
         parts += [f"### {titles[key]}", "", f"![{titles[key]}]({filename})", ""]
@@ -238,11 +317,19 @@ def report_markdown(report):
 
 
 def write_report(out_dir, artifact, artifact_path, reference_info, counts, estimates, reference, snrg,
-                 accuracy, baseline_predictions, comparison):
+                 accuracy, baseline_predictions, comparison, in_training=None):
     os.makedirs(out_dir, exist_ok=True)
     model = artifact["model"]
     table = estimates.copy()
     table["snrg"] = snrg
+    if in_training is not None:
+        table["in_training"] = np.asarray(in_training, dtype=bool)
+    if in_training is None:
+        note = UNKNOWN_TRAINING_NOTE
+    elif np.any(in_training):
+        note = TRAINING_INCLUDED_NOTE.format(n=int(np.sum(in_training)))
+    else:
+        note = HELD_OUT_NOTE
     for label in LABELS:
         table[label + "_ref"] = reference[label]
     write_table(table, os.path.join(out_dir, "estimates.csv"))
@@ -260,9 +347,12 @@ def write_report(out_dir, artifact, artifact_path, reference_info, counts, estim
     predicted_vs_reference(os.path.join(out_dir, plots["predicted_vs_reference"]), predicted, reference, snrg)
     accuracy_vs_snr(os.path.join(out_dir, plots["accuracy_vs_snr"]), accuracy,
                     methods={k: v for k, v in (comparison or {}).items() if k != MODEL_NAME})
-    uncertainty_vs_snr(os.path.join(out_dir, plots["uncertainty_vs_snr"]), snrg,
-                       {label: np.asarray(estimates[label + "_err"], dtype=float) for label in LABELS},
-                       getattr(model, "integrated_uncertainty_", None))
+    errors = {suffix: {label: np.asarray(estimates[label + suffix], dtype=float) for label in LABELS}
+              for suffix in ("_err", "_err_model")}
+    uncertainty_vs_snr(os.path.join(out_dir, plots["uncertainty_vs_snr"]), snrg, errors["_err_model"],
+                       errors["_err"])
+    reliability_diagram(os.path.join(out_dir, plots["reliability"]),
+                        {label: predicted[label] - reference[label] for label in LABELS}, errors["_err"], snrg)
     kiel_diagram(os.path.join(out_dir, plots["kiel"]), predicted["teff"], predicted["logg"], predicted["feh"],
                  reference=reference)
     files["plots"] = dict(plots)
@@ -284,7 +374,7 @@ def write_report(out_dir, artifact, artifact_path, reference_info, counts, estim
             "n_train": baselines.n_train_, "fit_seconds": baselines.fit_seconds_},
         "comparison": comparison,
         "files": files,
-        "note": HELD_OUT_NOTE,
+        "note": note,
     }
     with open(os.path.join(out_dir, "report.json"), "w") as handle:
         json.dump(report, handle, indent=2)
@@ -308,20 +398,35 @@ def run_evaluate(args):
                          "(check --truth obsids, or --labels positions and --radius)")
     print(f"{len(catalogue)} catalogue spectra with files ({len(missing)} without), "
           f"{len(rows)} with a reference", file=sys.stderr)
+    with_reference = len(rows)
+    in_training = training_overlap(artifact["model"], rows)
+    left_out = 0
+    if in_training is None:
+        print(f"evaluate: {UNKNOWN_TRAINING_NOTE}", file=sys.stderr)
+    elif in_training.any() and not args.include_training:
+        left_out = int(in_training.sum())
+        if left_out == len(rows):
+            raise SystemExit(f"evaluate: all {left_out} spectra with a reference belong to the model's "
+                             "training stars; evaluate on held-out stars (or pass --include-training "
+                             "for a report that is not a validation)")
+        print(f"evaluate: {left_out} spectra of the model's training stars left out", file=sys.stderr)
+        rows, in_training = rows[~in_training], in_training[~in_training]
     estimates, reference, snrg, accuracy, baseline_predictions, comparison = evaluate_rows(
         artifact, rows, n_jobs=args.jobs)
     estimated = np.isfinite(np.asarray(estimates["teff"], dtype=float))
-    counts = {"catalogue_rows": len(catalogue), "without_file": len(missing), "with_reference": len(rows),
+    counts = {"catalogue_rows": len(catalogue), "without_file": len(missing), "with_reference": with_reference,
+              "training_left_out": left_out, "evaluated": len(rows),
               "estimated": int(estimated.sum()),
               "in_domain": int((estimated & (np.asarray(estimates["flags"]) == 0)).sum())}
     write_report(args.out, artifact, args.model, reference_info, counts, estimates, reference,
-                          snrg, accuracy, baseline_predictions, comparison)
+                 snrg, accuracy, baseline_predictions, comparison, in_training)
     print(f"model {artifact['version']}: {counts['estimated']} of {len(rows)} spectra with references estimated")
     for label in LABELS:
         name, unit, spec = LABEL_HEADINGS[label]
         s = accuracy[label]["all"]
         if s["n"]:
-            print(f"{name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  (n={s['n']})")
+            print(f"{name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  "
+                  f"within 1/2 err {fmt(s['within_1'], '.0%')}/{fmt(s['within_2'], '.0%')}  (n={s['n']})")
     if comparison:
         print("MAE by method: " + "; ".join(
             f"{method} " + "/".join(fmt(acc[label]["all"]["mae"], LABEL_HEADINGS[label][2]) for label in LABELS)

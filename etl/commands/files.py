@@ -15,12 +15,12 @@ from etl.label_domain import (add_label_domain_argument, describe_label_domain,
                               parse_label_domain, select_label_domain)
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
-from models.lasso_mlpnet import LABELS
+from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS
 from models.pipeline import featurise_files, predict_features
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
-from models.training import train_lasso_mlpnet
+from models.training import DEFAULT_CALIBRATION_FOLDS, train_lasso_mlpnet
 
 
 def parse_range(text, what):
@@ -48,8 +48,13 @@ def add_training_arguments(parser):
                         help="one pseudo-continuum polynomial (the paper's, default) or one per "
                              "spectrograph arm")
     parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
-    parser.add_argument("--holdout", type=float, default=0.15,
-                        help="fraction of stars held out for uncertainty calibration (default 0.15)")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="fraction of the stars held out of training to calibrate the "
+                             "uncertainties on; 0 (default): every star trains the model and the "
+                             "uncertainties are calibrated on cross-fitted predictions")
+    parser.add_argument("--calibration-folds", type=int, default=None,
+                        help="star-grouped folds of the cross-fitting (default "
+                             f"{DEFAULT_CALIBRATION_FOLDS}; each costs one more training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=int, default=None,
                         help="MLP epoch limit (default: the model's; lower for quick trials)")
@@ -73,22 +78,27 @@ def preprocess_config(args):
                             continuum=args.continuum)
 
 
-# LassoMLPNet parameter <- command-line option (argparse dest) of the tuning options
-TUNING_OPTIONS = {"max_epochs": "max_epochs", "cv": "lasso_folds", "input_noise": "input_noise"}
+# train_lasso_mlpnet keyword (a LassoMLPNet parameter, or calibration_folds) <- command-line
+# option (argparse dest) of the tuning options
+TUNING_OPTIONS = {"max_epochs": "max_epochs", "cv": "lasso_folds", "input_noise": "input_noise",
+                  "calibration_folds": "calibration_folds"}
 
 
 def model_parameters(args):
-    """LassoMLPNet keyword arguments of the tuning options given (beyond --ensemble, --jobs)."""
+    """train_lasso_mlpnet keyword arguments of the tuning options given (beyond --ensemble,
+    --jobs, --holdout)."""
     return {param: getattr(args, option) for param, option in TUNING_OPTIONS.items()
             if getattr(args, option) is not None}
 
 
 def print_held_out(metrics):
-    for label, per in metrics.get("held_out", {}).items():
-        s = per["all"]
-        if s["n"]:
-            print(f"held-out {label}: MAE {s['mae']:.4g}  mu {s['mu']:+.3g}  sigma {s['sigma']:.4g} "
-                  f"(n={s['n']})", file=sys.stderr)
+    """Out-of-sample accuracy of the calibration predictions (held-out or cross-fitted)."""
+    for key, name in (("held_out", "held-out"), ("cross_fitted", "cross-fitted")):
+        for label, per in metrics.get(key, {}).items():
+            s = per["all"]
+            if s["n"]:
+                print(f"{name} {label}: MAE {s['mae']:.4g}  mu {s['mu']:+.3g}  sigma {s['sigma']:.4g} "
+                      f"(n={s['n']})", file=sys.stderr)
 
 
 def _add_catalogue_arguments(parser, jobs=True):
@@ -105,9 +115,9 @@ def register(subparsers):
     train = subparsers.add_parser(
         "train-files", help="train LASSO-MLPNet from a catalogue, spectra and a label file",
         description="Cross-match catalogue rows to reference labels (best match within the "
-                    "radius, good_flag == 1 only), hold out a fraction of the stars to calibrate "
-                    "the integrated uncertainty, train one LASSO selection and an ensemble of "
-                    "sigmoid MLPs per label, and write the model artifact.")
+                    "radius, good_flag == 1 only), train one LASSO selection and an ensemble of "
+                    "sigmoid MLPs per label, calibrate the uncertainties on cross-fitted (or "
+                    "held-out) predictions, and write the model artifact.")
     _add_catalogue_arguments(train, jobs=False)
     add_training_arguments(train)
     train.add_argument("--labels", required=True,
@@ -124,7 +134,8 @@ def register(subparsers):
     predict = subparsers.add_parser(
         "predict-files", help="estimate Teff, log g, [Fe/H] for the spectra of a catalogue",
         description="Read every catalogue spectrum, preprocess and predict with a model artifact; "
-                    "write obsid, estimates, model and integrated uncertainties, flags and the "
+                    "write obsid, each label with <label>_err (the calibrated 1-sigma uncertainty "
+                    "to quote) and <label>_err_model (the ensemble spread), flags and the "
                     "model version (CSV, FITS or VOTable by the output's extension).")
     _add_catalogue_arguments(predict)
     predict.add_argument("--model", required=True, help="model artifact from train-files or train")
@@ -153,7 +164,8 @@ def run_train_files(args):
         features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
         matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
         random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
-        progress=lambda labels: progress(labels, len(labels), "training"), **model_parameters(args))
+        progress=lambda labels: progress(labels, len(labels), "training"),
+        positions=np.column_stack([matched["ra"], matched["dec"]]), **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
                     radius_arcsec=args.radius, **domain_record)
     extra = {}
@@ -165,7 +177,7 @@ def run_train_files(args):
             progress=lambda labels: progress(labels, len(labels), "baselines"))
     version, sha = save_model(args.out, model, config, training, metrics, extra=extra)
     summary = {"version": version, "artifact": os.path.abspath(args.out), "sha256": sha,
-               "n_train": training["n_spectra"], "held_out": metrics.get("held_out", {})}
+               "n_train": training["n_spectra"]}
     print(json.dumps({k: summary[k] for k in ("version", "artifact", "n_train")}))
     print_held_out(metrics)
     return 0
@@ -189,7 +201,7 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1, return_features=False):
     out = Table()
     out["obsid"] = catalogue["obsid"]
     for label in LABELS:
-        for suffix in ("", "_err", "_err_int"):
+        for suffix in ESTIMATE_SUFFIXES:
             out[label + suffix] = estimates[label + suffix]
     flags = estimates["flags"]
     flags = np.where(is_star, flags, (flags & ~UNUSABLE_SPECTRUM) | NOT_A_STAR)

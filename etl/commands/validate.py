@@ -9,8 +9,9 @@ writes a report folder:
   SNRg; no usable redshift or too few usable pixels); counts per outcome per folder;
 - repeatability: stars observed several times (``repeat_groups.csv``: GroupID per
   ``combined_file``, matched to the FITS files by base name): the scatter of their
-  estimates against SNRg and the pairwise z-scores with the model (ensemble) and the
-  integrated uncertainties -- a z-score std of ~1 means honest uncertainties;
+  estimates against SNRg and the pairwise z-scores with the model uncertainty
+  (``<label>_err_model``, the scaled ensemble std) and the calibrated one (``<label>_err``)
+  -- a z-score std of ~1 means honest uncertainties;
 - agreement with LASP: spectra with rows in ``dr1_afgk_catalog_rows.csv`` (joined by its
   ``filename`` column): MAE, mu, sigma of ours - LASP by SNRg, with scatter plots;
 - the Kiel diagram of all real estimates.
@@ -31,7 +32,7 @@ from etl.commands.markdown import LABEL_HEADINGS, accuracy_table, fmt, label_hea
 from etl.label_domain import describe_label_domain
 from models.artifact import load_model
 from models.flags import NOT_A_STAR, NOT_ESTIMATED, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
-from models.lasso_mlpnet import LABELS, SNR_BINS
+from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS, SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
 from models.pipeline import featurise_files, predict_features
 from models.plots import (AXIS_LABELS, new_figure, save_figure, snr_axis, kiel_diagram,
@@ -54,7 +55,6 @@ NOT_STAR = "not_a_star"                  # header class is not STAR: not estimat
 LOW_SNR = "low_snr"                      # SNRg missing or near zero: not estimated
 UNUSABLE = "unusable"                    # read, but no usable redshift or too few usable pixels
 UNREADABLE = "unreadable"                # the reader refused the file
-ESTIMATE_SUFFIXES = ("", "_err", "_err_int")
 OUTCOMES = (ESTIMATED, ESTIMATED_FLAGGED, NOT_STAR, LOW_SNR, UNUSABLE, UNREADABLE)
 
 # LASP comparison: the paper's SNRg bins plus below 5 and above 80 (real spectra reach 200+)
@@ -232,9 +232,7 @@ def estimate_files(artifact, folders, n_jobs=-1, min_snrg=DEFAULT_MIN_SNRG):
             if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED):
                 for label in LABELS:
                     for suffix in ESTIMATE_SUFFIXES:
-                        values = estimates.get(label + suffix)     # _err_int: calibrated models only
-                        if values is not None:
-                            row[label + suffix] = float(values[k])
+                        row[label + suffix] = float(estimates[label + suffix][k])
     return rows
 
 
@@ -272,26 +270,30 @@ def repeatability(rows, repeats):
     arrays = {}
     for label in LABELS:
         values = _column(members, label) if members else np.array([])
+        err_model = _column(members, label + "_err_model") if members else np.array([])
         err = _column(members, label + "_err") if members else np.array([])
-        err_int = _column(members, label + "_err_int") if members else np.array([])
-        scatter = repeat_scatter(values, groups, snrg, errors=err)
-        scatter_int = repeat_scatter(values, groups, snrg, errors=err_int)
-        scatter["rms_err_int"] = scatter_int["rms_err"]
-        z_model, _ = pairwise_z(values, err, groups)
-        z_int, _ = pairwise_z(values, err_int, groups)
+        # "rms_err" of the scatter: the model uncertainty; "rms_err_calibrated": the quoted one
+        scatter = repeat_scatter(values, groups, snrg, errors=err_model)
+        # per star of ``scatter``: rms of its finite _err (NaN outside the calibrated SNRg range)
+        group_array = np.array(groups, dtype=object)
+        scatter["rms_err_calibrated"] = np.array([
+            np.sqrt(np.mean(e[np.isfinite(e)] ** 2)) if np.isfinite(e).any() else np.nan
+            for e in (err[group_array == g] for g in scatter["group"])])
+        z_model, _ = pairwise_z(values, err_model, groups)
+        z_cal, _ = pairwise_z(values, err, groups)
         summary = scatter_summary(scatter, REPEAT_SNR_BINS)
-        summary_int = scatter_summary(scatter_int, REPEAT_SNR_BINS)
+        summary_cal = scatter_summary({**scatter, "rms_err": scatter["rms_err_calibrated"]}, REPEAT_SNR_BINS)
         for name in summary:
-            summary[name]["median_rms_err_int"] = summary_int[name]["median_rms_err"]
+            summary[name]["median_rms_err_calibrated"] = summary_cal[name]["median_rms_err"]
         result["labels"][label] = {
             "n_stars": int(len(scatter["std"])),
             "median_scatter": _number(np.median(scatter["std"])) if len(scatter["std"]) else None,
             "rms_scatter": _number(np.sqrt(np.mean(scatter["std"] ** 2))) if len(scatter["std"]) else None,
             "scatter_by_snrg": summary,
             "z_model": z_summary(z_model),
-            "z_integrated": z_summary(z_int),
+            "z_calibrated": z_summary(z_cal),
         }
-        arrays[label] = {"scatter": scatter, "z_model": z_model, "z_int": z_int}
+        arrays[label] = {"scatter": scatter, "z_model": z_model, "z_cal": z_cal}
     result["n_stars"] = result["labels"][LABELS[0]]["n_stars"]
     return result, arrays
 
@@ -369,8 +371,8 @@ def plot_repeat_scatter(path, arrays):
             ax.scatter(snr, s["std"], s=12, color="k", label="scatter of repeats (std)", zorder=3)
             ax.scatter(snr, s["rms_err"], s=10, marker="v", color="tab:blue", alpha=0.7,
                        label="model uncertainty (rms)")
-            ax.scatter(snr, s["rms_err_int"], s=10, marker="^", color="tab:red", alpha=0.7,
-                       label="integrated uncertainty (rms)")
+            ax.scatter(snr, s["rms_err_calibrated"], s=10, marker="^", color="tab:red", alpha=0.7,
+                       label="calibrated uncertainty _err (rms)")
             lo, hi = np.nanmin(snr) / 1.15, np.nanmax(snr) * 1.15
             ticks = [t for t in (5, 10, 20, 30, 50, 100, 200, 300, 500) if lo <= t <= hi] or [round(lo)]
             snr_axis(ax, ticks)
@@ -393,7 +395,7 @@ def plot_zscores(path, arrays):
     grid = np.linspace(-5, 5, 201)
     gauss = np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi)
     for column, label in enumerate(LABELS):
-        for row, (key, name) in enumerate((("z_model", "model (ensemble)"), ("z_int", "integrated"))):
+        for row, (key, name) in enumerate((("z_model", "model (_err_model)"), ("z_cal", "calibrated (_err)"))):
             ax = axes[row, column]
             z = np.asarray(arrays[label][key], dtype=float)
             z = z[np.isfinite(z)]
@@ -446,12 +448,12 @@ def teff_offset_table_md(by_teff):
 
 def repeat_table_md(rep):
     head = ["label", "stars", "median scatter", "rms scatter", "z std (model)", "robust (model)",
-            "|z|<1 (model)", "z std (integrated)", "robust (integrated)", "|z|<1 (integrated)", "pairs"]
+            "|z|<1 (model)", "z std (calibrated)", "robust (calibrated)", "|z|<1 (calibrated)", "pairs"]
     rows = []
     for label in LABELS:
         r = rep["labels"][label]
         name, unit, spec = LABEL_HEADINGS[label]
-        zm, zi = r["z_model"], r["z_integrated"]
+        zm, zi = r["z_model"], r["z_calibrated"]
         rows.append([
             f"{name} ({unit})", str(r["n_stars"]), fmt(r["median_scatter"], spec), fmt(r["rms_scatter"], spec),
             fmt(zm["std"], ".2f"), fmt(zm["robust_std"], ".2f"), fmt(zm["within_1"], ".2f"),
@@ -471,20 +473,25 @@ def repeat_snr_table_md(rep):
         for label in LABELS:
             s, spec = rep["labels"][label]["scatter_by_snrg"][name], LABEL_HEADINGS[label][2]
             cells += [fmt(s["median_std"], spec), fmt(s["median_rms_err"], spec),
-                      fmt(s["median_rms_err_int"], spec)]
+                      fmt(s["median_rms_err_calibrated"], spec)]
         rows.append(cells)
-    return table(["mean SNRg", "stars"] + label_head(("scatter", "model err", "integrated err")),
+    return table(["mean SNRg", "stars"] + label_head(("scatter", "_err_model", "_err")),
                  rows)
 
 
+# z std of honest uncertainties, allowing for the sampling noise of ~100 repeat pairs
+HONEST_Z_STD = (0.8, 1.25)
+
+
 def _honesty(std):
+    low, high = HONEST_Z_STD
     if std is None:
         return "not measurable"
-    if std > 1.3:
-        return "too small (z std > 1.3)"
-    if std < 0.7:
-        return "too large (z std < 0.7)"
-    return "about right (z std 0.7-1.3)"
+    if std > high:
+        return f"too small (z std > {high:g})"
+    if std < low:
+        return f"too large (z std < {low:g})"
+    return f"about right (z std {low:g}-{high:g})"
 
 
 def offsets_sentence(lasp):
@@ -542,8 +549,10 @@ def report_markdown(report):
         "estimates. z = (x_i - x_j) / sqrt(err_i^2 + err_j^2) over every pair of a star's spectra; "
         "std about zero, robust std = 1.4826 x median|z|; a unit Gaussian gives 1, 1 and "
         f"|z|<1 for {GAUSS_WITHIN_1:.2f} of pairs. Repeats test only the random part of the "
-        "uncertainty: the integrated uncertainty also contains systematic error (residual against "
-        "reference labels) and so should give z std below 1.",
+        "uncertainty, which `_err_model` (the ensemble std scaled on cross-fitted repeat pairs of "
+        "the training stars) describes: its z std should be 0.8-1.25. The calibrated `_err` also "
+        "contains the systematic error against reference labels (shared by a star's repeats) and "
+        "so should give z std below 1.",
         "",
         repeat_table_md(rep),
         "",
@@ -551,7 +560,7 @@ def report_markdown(report):
     for label in LABELS:
         r = rep["labels"][label]
         parts.append(f"- {LABEL_HEADINGS[label][0]}: model uncertainties {_honesty(r['z_model']['std'])}, "
-                     f"integrated uncertainties {_honesty(r['z_integrated']['std'])}.")
+                     f"calibrated uncertainties {_honesty(r['z_calibrated']['std'])}.")
     parts += ["", "Median scatter and median rms uncertainties by the star's mean SNRg:", "",
               repeat_snr_table_md(rep), ""]
     parts += [
@@ -702,7 +711,7 @@ def run_validate(args):
         r = rep["labels"][label]
         name, unit, spec = LABEL_HEADINGS[label]
         print(f"  {name:7s} median scatter {fmt(r['median_scatter'], spec)} {unit}  z std model "
-              f"{fmt(r['z_model']['std'], '.2f')} integrated {fmt(r['z_integrated']['std'], '.2f')} "
+              f"{fmt(r['z_model']['std'], '.2f')} calibrated {fmt(r['z_calibrated']['std'], '.2f')} "
               f"(pairs {r['z_model']['n']})")
     lasp = report["lasp"]
     print(f"LASP: {lasp['n_estimated']} of {lasp['n_with_lasp_row']} DR1 spectra with LASP rows estimated")

@@ -1,0 +1,209 @@
+"""Are the quoted uncertainties honest? Coverage of ``<label>_err`` on held-out stars.
+
+The reference set (../shared/data/README.md) is restricted and split by star exactly as in
+``bench/train_vs_recipe.py`` (3500 <= Teff <= 6500 K, 20% of the stars held out with seed
+1). The model is trained with ``models.training.train_lasso_mlpnet`` -- the recipe of
+``train-files`` -- on the other stars' spectra with 10 < SNRg <= 20 (the paper's training
+range, ``--snr-range``); its uncertainties are calibrated on out-of-sample predictions of
+those training stars at every SNRg (cross-fitting by default, ``--holdout 0.15`` for the
+older hold-out calibration). The held-out stars are then predicted at every SNRg and, per
+label and SNRg bin, the bench reports MAE, mu, sigma, the rms z-score and the fractions of
+residuals within +-1 and +-2 ``_err``. Criteria, for every label and every bin with at
+least 30 held-out spectra: 62-74% within +-1, 92-98% within +-2.
+
+"before" is the per-bin residual std of the same calibration predictions (the integrated
+uncertainty this project quoted until now) applied to the same held-out residuals.
+
+Repeats: the held-out stars have four spectra at 10 < SNRg <= 20; the rms z-score of their
+pairs with ``_err_model`` (and with the unscaled ensemble std, "before") tests the model
+uncertainty the way ``lamost-vac validate`` does on real repeats.
+
+    python ../shared/tools/lamost_sim.py --miles ../shared/data/miles --out /tmp/sim-ref \\
+        --per-star "4x10-20,1x5-10,1x20-80" --seed 1
+    python bench/calibration.py --reference /tmp/sim-ref > bench-calibration.json
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from models.lasso_mlpnet import LABELS, SNR_BINS  # noqa: E402
+from models.calibration import snr_bin_index  # noqa: E402
+from models.metrics import accuracy_by_snr, coverage_by_snr, snr_bin_names  # noqa: E402
+from models.pipeline import featurise_files  # noqa: E402
+from models.training import DEFAULT_CALIBRATION_FOLDS, calibration_summary, train_lasso_mlpnet  # noqa: E402
+from models.validation import pairwise_z, z_summary  # noqa: E402
+
+from train_vs_recipe import MILES_PREPROCESSING, load_reference, split_by_star, stars_in_range  # noqa: E402
+
+WITHIN_1 = (0.62, 0.74)
+WITHIN_2 = (0.92, 0.98)
+MIN_SPECTRA = 30
+
+
+def criteria(coverage):
+    """{label: {bin: True/False (None: fewer than MIN_SPECTRA spectra)}} and overall pass."""
+    verdict, passed = {}, True
+    for label in LABELS:
+        verdict[label] = {}
+        for name in snr_bin_names(SNR_BINS):
+            s = coverage[label][name]
+            n = s["n"] - s["n_without_error"]
+            if n < MIN_SPECTRA:
+                verdict[label][name] = None
+                continue
+            ok = (s["within_1"] is not None and WITHIN_1[0] <= s["within_1"] <= WITHIN_1[1]
+                  and WITHIN_2[0] <= s["within_2"] <= WITHIN_2[1])
+            verdict[label][name] = bool(ok)
+            passed &= bool(ok)
+    return verdict, passed
+
+
+def rounded(value, digits=4):
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, float):
+        return round(value, digits)
+    return value
+
+
+def train(args, snr_range):
+    """Train on the split's training stars; returns the model, its description, the seconds
+    it took, the warnings, and the held-out spectra's raw predictions, references, SNRg
+    and stars."""
+    table, _ = stars_in_range(load_reference(args.reference), args.teff_range)
+    features, _, _ = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
+    usable = np.isfinite(features).all(axis=1)
+    _, test = split_by_star(table, usable, args.seed)
+    stars = np.asarray(table["miles_id"])
+    pool = ~np.isin(stars, np.unique(stars[test]))       # every spectrum of the training stars
+    snrg = np.asarray(table["snrg"], dtype=float)
+    obsids = np.asarray(table["obsid"], dtype=np.int64)
+    labels = {k: np.asarray(table[k], dtype=float) for k in LABELS}
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, training, _ = train_lasso_mlpnet(
+            features[pool], {k: v[pool] for k, v in labels.items()}, snrg[pool], stars[pool], obsids[pool],
+            snr_range=snr_range, holdout_fraction=args.holdout, calibration_folds=args.folds,
+            random_state=0, n_members=args.ensemble)
+    seconds = time.perf_counter() - start
+    test_raw = model.predict_raw(features[test])
+    reference = {k: v[test] for k, v in labels.items()}
+    if args.save_model:
+        import joblib
+        joblib.dump(model, args.save_model, compress=3)
+        np.savez(args.save_model + ".test.npz", snrg=snrg[test], stars=stars[test],
+                 **{"raw_" + k: v for k, v in test_raw.items()}, **{"ref_" + k: v for k, v in reference.items()})
+    return model, training, seconds, list(caught), test_raw, reference, snrg[test], stars[test]
+
+
+def load_saved(path):
+    """A model saved with --save-model and its held-out predictions."""
+    import joblib
+    model = joblib.load(path)
+    saved = np.load(path + ".test.npz")
+    raw = {key[4:]: saved[key] for key in saved.files if key.startswith("raw_")}
+    reference = {key[4:]: saved[key] for key in saved.files if key.startswith("ref_")}
+    return model, raw, reference, saved["snrg"], saved["stars"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=os.environ.get("LAMOST_VAC_REFERENCE_SET", "/tmp/sim-ref"),
+                        help="output folder of lamost_sim.py (the reference set)")
+    parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the star split (as train_vs_recipe)")
+    parser.add_argument("--teff-range", default="3500,6500",
+                        help="keep the stars whose reference Teff (K) lies in this range")
+    parser.add_argument("--snr-range", default="10,20", help="SNRg range of the training spectra")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="fraction of the training stars held out for calibration; 0 (default) "
+                             "calibrates by cross-fitting instead")
+    parser.add_argument("--folds", type=int, default=DEFAULT_CALIBRATION_FOLDS,
+                        help="cross-fitting folds (default %(default)s)")
+    parser.add_argument("--save-model", default=None, metavar="PATH",
+                        help="also write the trained LassoMLPNet (joblib; it keeps its calibration "
+                             "predictions) and, beside it, PATH.test.npz: its raw predictions, "
+                             "references, SNRg and stars of the held-out spectra, for further checks")
+    parser.add_argument("--recalibrate", default=None, metavar="PATH",
+                        help="do not train: load a model saved with --save-model (and PATH.test.npz), "
+                             "re-fit its uncertainties on its stored calibration predictions with the "
+                             "current code, and report (the networks are those of the saved run)")
+    args = parser.parse_args()
+    snr_range = tuple(float(v) for v in args.snr_range.split(","))
+
+    caught = []
+    if args.recalibrate:
+        model, test_raw, reference, test_snrg, test_stars_of = load_saved(args.recalibrate)
+        calibration = model.calibration_set_
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.calibrate_predictions(calibration["raw"], calibration["reference"], calibration["snrg"],
+                                        groups=calibration["groups"])
+        training, train_seconds = {"calibration": "re-fitted on " + os.path.abspath(args.recalibrate),
+                                   "calibration_folds": None, "n_spectra": len(model.training_obsids_),
+                                   "n_stars": len(model.training_stars_)}, None
+    else:
+        model, training, train_seconds, caught, test_raw, reference, test_snrg, test_stars_of = train(args, snr_range)
+    calibration = model.calibration_set_
+    calibration_accuracy = accuracy_by_snr(calibration["raw"], calibration["reference"], calibration["snrg"])
+
+    predicted = {label: test_raw[label] for label in LABELS}
+    predicted.update(model.uncertainties(test_raw, test_snrg))
+    after = coverage_by_snr(predicted, reference, test_snrg)
+    # before: the per-bin residual std of the same calibration predictions, as quoted until now
+    before_errors = dict(predicted)
+    which = snr_bin_index(test_snrg, SNR_BINS)
+    for label in LABELS:
+        table_sigma = np.array([calibration_accuracy[label][name]["sigma"] or np.nan
+                                for name in snr_bin_names(SNR_BINS)], dtype=float)
+        before_errors[label + "_err"] = np.where(which >= 0, table_sigma[np.clip(which, 0, None)], np.nan)
+    before = coverage_by_snr(before_errors, reference, test_snrg)
+    verdict, passed = criteria(after)
+    verdict_before, passed_before = criteria(before)
+
+    # repeats of the held-out stars: pairs at 10 < SNRg <= 20 (four spectra per star)
+    in_range = (test_snrg > 10) & (test_snrg <= 20)
+    repeats = {}
+    for label in LABELS:
+        values, stars_in = test_raw[label][in_range], test_stars_of[in_range]
+        repeats[label] = {
+            "after": z_summary(pairwise_z(values, predicted[label + "_err_model"][in_range], stars_in)[0]),
+            "before": z_summary(pairwise_z(values, test_raw[label + "_spread"][in_range], stars_in)[0]),
+        }
+
+    result = {
+        "reference_set": os.path.abspath(args.reference),
+        "teff_range": [float(v) for v in args.teff_range.split(",")],
+        "split_seed": args.seed, "snr_range": list(snr_range),
+        "calibration": training["calibration"], "calibration_folds": training["calibration_folds"],
+        "holdout_fraction": args.holdout, "ensemble": args.ensemble,
+        "n_train_spectra": training["n_spectra"], "n_train_stars": training["n_stars"],
+        "n_calibration_spectra": int(np.isfinite(calibration["raw"]["teff"]).sum()),
+        "n_calibration_stars": int(np.unique(calibration["groups"]).size),
+        "n_test_spectra": int(test_snrg.size), "n_test_stars": int(np.unique(test_stars_of).size),
+        "train_seconds": None if train_seconds is None else round(train_seconds, 1),
+        "load_average": list(os.getloadavg()),
+        "criteria": {"within_1": WITHIN_1, "within_2": WITHIN_2, "min_spectra": MIN_SPECTRA},
+        "passed": passed, "passed_before": passed_before,
+        "verdict": verdict, "verdict_before": verdict_before,
+        "coverage": after, "coverage_before": before,
+        "repeat_z": repeats,
+        "calibration_model": calibration_summary(model),
+        "calibration_accuracy": calibration_accuracy,
+        "warnings": sorted({str(w.message) for w in caught}),
+    }
+    print(json.dumps(rounded(result), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Calibrated uncertainties: the 1-sigma error to quote with every estimate, and an honest
+ensemble spread.
+
+``ErrorModel`` (one per label) predicts a per-spectrum standard deviation of the residual
+``estimate - reference`` from what is known at prediction time: the spectrum's SNRg, the
+ensemble spread of the estimate and the star's estimated parameters (cool and metal-poor
+stars are harder). It is fitted on *out-of-sample* residuals: cross-fitted predictions of
+the training stars (``models.training``) or the predictions for held-out stars.
+
+Fitting, in two steps:
+
+1. the *shape*: log|residual| is regressed (least squares, a small ridge) on the chosen
+   inputs. For Gaussian residuals E[log|r|] = log(sigma) - 0.635, so the fit is log(sigma)
+   up to a constant; the logarithm keeps a few outliers from dominating;
+2. the *level*, per SNRg bin: a factor that puts the fraction of residuals within
+   +-1 sigma and +-2 sigma as close as possible to a Gaussian's 68.3% and 95.4%
+   (least squares over the two coverages, each in units of its binomial spread). A
+   heavy-tailed residual distribution cannot meet both exactly; this compromise is what
+   the catalogue's users read the numbers as.
+
+Which inputs the shape uses (``FORMS``, from the SNRg bin alone -- today's per-bin constant
+-- to SNRg, spread and the star's estimated parameters) is chosen by star-grouped
+cross-validation on the calibration residuals themselves, scored by the interval score
+of the +-1 and +-2 sigma intervals (Gneiting & Raftery 2007): it rewards narrow intervals
+and penalises residuals outside them, so it prefers informative errors that still cover.
+
+A bin with fewer than ``min_count`` calibration spectra gets NaN (no honest number can be
+given) and a warning; ``counts_`` keeps the counts.
+
+``RepeatScale`` fits the factor that makes the ensemble spread honest against repeated
+observations of one star (see ``LassoMLPNet.calibrate``).
+"""
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from .splits import group_kfold_indices
+from .validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2
+
+# candidate inputs of the log-sigma shape, simplest first: "bin" is a constant per SNRg
+# bin (the paper's integrated uncertainty); "snr" adds log SNRg inside the bins; "spread"
+# the log ensemble std; "stars" piecewise-linear terms in each of the star's estimated
+# parameters (``LassoMLPNet`` passes log10 Teff, log g and [Fe/H])
+FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars")
+MIN_COUNT = 30
+RIDGE = 1.0                       # on standardised inputs; n is in the hundreds or more
+SCALE_GRID = np.geomspace(0.2, 5.0, 801)
+
+
+def snr_bin_index(snrg, bins):
+    """Index of the (low, high] bin of every SNRg; -1 outside every bin or unknown."""
+    snrg = np.asarray(snrg, dtype=float)
+    index = np.searchsorted(np.asarray(bins), snrg, side="left") - 1
+    with np.errstate(invalid="ignore"):
+        inside = np.isfinite(snrg) & (snrg > bins[0]) & (snrg <= bins[-1])
+    return np.where(inside, index, -1)
+
+
+def coverage(residuals, sigma, k):
+    """Fraction of the finite (residual, sigma) pairs with |residual| < k sigma."""
+    residuals, sigma = np.asarray(residuals, dtype=float), np.asarray(sigma, dtype=float)
+    ok = np.isfinite(residuals) & np.isfinite(sigma)
+    return float(np.mean(np.abs(residuals[ok]) < k * sigma[ok])) if ok.any() else np.nan
+
+
+def interval_score(residuals, sigma):
+    """Mean interval score of the central +-1 and +-2 sigma intervals (lower is better)."""
+    score = 0.0
+    for k, level in ((1.0, GAUSS_WITHIN_1), (2.0, GAUSS_WITHIN_2)):
+        alpha = 1.0 - level
+        outside = np.maximum(np.abs(residuals) - k * sigma, 0.0)
+        score += np.mean(2 * k * sigma + (2.0 / alpha) * 2 * outside)
+    return float(score)
+
+
+def _coverage_scale(z):
+    """The factor s that brings the coverages of |z| < s and |z| < 2s closest to a Gaussian's,
+    each deviation measured in units of its binomial spread sqrt(p (1 - p)) (0.47 at 68%,
+    0.21 at 95%): a miss of the 95% level counts as much as a 2.2x larger miss of the 68% one."""
+    a = np.sort(np.abs(z))
+    within_1 = np.searchsorted(a, SCALE_GRID, side="left") / a.size
+    within_2 = np.searchsorted(a, 2 * SCALE_GRID, side="left") / a.size
+    loss = ((within_1 - GAUSS_WITHIN_1) ** 2 / (GAUSS_WITHIN_1 * (1 - GAUSS_WITHIN_1)) +
+            (within_2 - GAUSS_WITHIN_2) ** 2 / (GAUSS_WITHIN_2 * (1 - GAUSS_WITHIN_2)))
+    best = np.flatnonzero(loss == loss.min())
+    return float(np.sqrt(SCALE_GRID[best[0]] * SCALE_GRID[best[-1]]))   # middle of the flat optimum
+
+
+class ErrorModel(BaseEstimator):
+    """Per-spectrum 1-sigma uncertainty of one label, fitted on out-of-sample residuals.
+
+    Parameters
+    ----------
+    bins : SNRg bin edges of the (low, high] bins, e.g. ``lasso_mlpnet.SNR_BINS``.
+    forms : tuple of str
+        Candidate inputs (see ``FORMS``); the one with the best cross-validated interval
+        score is kept. One form: no choice.
+    min_count : int
+        Calibration spectra a bin needs; fewer gives NaN for that bin (and a warning).
+    cv : int
+        Star-grouped folds of the choice of form.
+    random_state : int
+
+    Attributes
+    ----------
+    form_ : the chosen form; ``cv_scores_``: {form: interval score}
+    counts_ : calibration spectra per bin
+    scale_ : per-bin level factor (NaN for bins below ``min_count``)
+    coverage_ : {"within_1": per bin, "within_2": per bin} on the calibration residuals
+    """
+
+    def __init__(self, bins, forms=FORMS, min_count=MIN_COUNT, cv=5, random_state=0):
+        self.forms = forms
+        self.bins = bins
+        self.min_count = min_count
+        self.cv = cv
+        self.random_state = random_state
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _learn_knots(self, stars):
+        # low-side knots: errors grow towards cool, metal-poor (and extreme-gravity) stars
+        self.knots_ = [(float(x.min()), float(x.max()), np.quantile(x, [0.1, 0.3, 0.5]),
+                        np.quantile(x, [0.7, 0.9])) for x in stars.T]
+
+    def _design(self, form, snrg, spread, stars):
+        n_bins = len(self.bins) - 1
+        which = snr_bin_index(snrg, self.bins)
+        columns = [(which == k).astype(float) for k in range(n_bins)]
+        parts = form.split("+")
+        if "snr" in parts:
+            log_snr = np.log(np.clip(snrg, self.bins[0], self.bins[-1]))
+            # log SNRg relative to its bin's centre, so the bin constants stay the levels
+            centre = np.log(np.sqrt(np.asarray(self.bins[:-1]) * np.asarray(self.bins[1:])))
+            columns.append(log_snr - centre[np.clip(which, 0, n_bins - 1)])
+        if "spread" in parts:
+            columns.append(np.log(np.maximum(spread, self.spread_floor_)))
+        if "stars" in parts:
+            for x, (low, high, low_knots, high_knots) in zip(stars.T, self.knots_):
+                x = np.clip(x, low, high)
+                columns.append(x)
+                columns += [np.maximum(knot - x, 0.0) for knot in low_knots]
+                columns += [np.maximum(x - knot, 0.0) for knot in high_knots]
+        return np.column_stack(columns)
+
+    def _fit_shape(self, form, residuals, snrg, spread, stars):
+        """Ridge coefficients of log|r| on the standardised non-bin inputs (bins unpenalised)."""
+        design = self._design(form, snrg, spread, stars)
+        n_bins = len(self.bins) - 1
+        extra = design[:, n_bins:]
+        mean, std = extra.mean(axis=0), extra.std(axis=0)
+        std[std == 0] = 1.0
+        design = np.column_stack([design[:, :n_bins], (extra - mean) / std])
+        target = np.log(np.maximum(np.abs(residuals), self.residual_floor_))
+        penalty = np.diag(np.r_[np.full(n_bins, 1e-8), np.full(extra.shape[1], RIDGE)])
+        coef = np.linalg.solve(design.T @ design + penalty, design.T @ target)
+        return {"form": form, "coef": coef, "mean": mean, "std": std}
+
+    def _shape(self, shape, snrg, spread, stars):
+        design = self._design(shape["form"], snrg, spread, stars)
+        n_bins = len(self.bins) - 1
+        design[:, n_bins:] = (design[:, n_bins:] - shape["mean"]) / shape["std"]
+        return np.exp(design @ shape["coef"])
+
+    def _fit_scales(self, shape, residuals, snrg, spread, stars):
+        which = snr_bin_index(snrg, self.bins)
+        z = residuals / self._shape(shape, snrg, spread, stars)
+        return np.array([_coverage_scale(z[which == k]) if np.sum(which == k) >= max(self.min_count, 1)
+                         else np.nan for k in range(len(self.bins) - 1)])
+
+    # -- scikit-learn API ---------------------------------------------------------------------
+    def fit(self, residuals, snrg, spread, stars, groups=None):
+        """``residuals``: estimate - reference of out-of-sample predictions; ``spread``: the
+        raw ensemble std; ``stars``: (n, k) the star parameters *estimated* from each
+        spectrum (e.g. log10 Teff, log g, [Fe/H]); ``groups``: star of each spectrum
+        (cross-validation folds by star)."""
+        residuals, snrg, spread = (np.asarray(a, dtype=float) for a in (residuals, snrg, spread))
+        stars = np.asarray(stars, dtype=float).reshape(residuals.size, -1)
+        groups = np.arange(residuals.size) if groups is None else np.asarray(groups)
+        which = snr_bin_index(snrg, self.bins)
+        self.counts_ = np.array([int(np.sum((which == k) & np.isfinite(residuals)))
+                                 for k in range(len(self.bins) - 1)])
+        forms = tuple(self.forms)
+        if not np.isfinite(spread[np.isfinite(residuals)]).all():
+            forms = tuple(f for f in forms if "spread" not in f.split("+")) or ("bin",)
+        keep = (which >= 0) & np.isfinite(residuals) & np.isfinite(stars).all(axis=1)
+        if any("spread" in f.split("+") for f in forms):
+            keep &= np.isfinite(spread)
+        residuals, snrg, spread, stars, groups = (a[keep] for a in (residuals, snrg, spread, stars, groups))
+        few = [f"{lo:g}-{hi:g} ({n})" for lo, hi, n in zip(self.bins[:-1], self.bins[1:], self.counts_)
+               if n < self.min_count]
+        if few:
+            warnings.warn(f"uncertainty calibration: fewer than {self.min_count} out-of-sample spectra "
+                          f"in SNRg bin(s) {', '.join(few)}: their uncertainty is NaN", stacklevel=2)
+        if residuals.size == 0:
+            raise ValueError("no finite out-of-sample residual inside the SNRg bins to calibrate on")
+        positive = np.abs(residuals[residuals != 0])
+        self.residual_floor_ = float(1e-3 * np.median(positive)) if positive.size else 1e-12
+        finite_spread = spread[np.isfinite(spread) & (spread > 0)]
+        self.spread_floor_ = float(1e-3 * np.median(finite_spread)) if finite_spread.size else 1e-12
+        self._learn_knots(stars)
+
+        self.cv_scores_ = {}
+        if len(forms) > 1 and np.unique(groups).size >= self.cv:
+            folds = list(group_kfold_indices(groups, self.cv, np.random.default_rng(self.random_state)))
+            for form in forms:
+                predicted = np.empty(residuals.size)
+                for fit_rows, test_rows in folds:
+                    args = [a[fit_rows] for a in (residuals, snrg, spread, stars)]
+                    shape = self._fit_shape(form, *args)
+                    scale = self._fit_scales(shape, *args)
+                    # a fold may lack a bin's minimum: score the form with the other bins' median level
+                    scale = np.where(np.isfinite(scale), scale, np.nanmedian(scale))
+                    test_args = [a[test_rows] for a in (snrg, spread, stars)]
+                    which_test = snr_bin_index(snrg[test_rows], self.bins)
+                    predicted[test_rows] = self._shape(shape, *test_args) * scale[which_test]
+                self.cv_scores_[form] = interval_score(residuals, predicted)
+            self.form_ = min(self.cv_scores_, key=self.cv_scores_.get)
+        else:
+            self.form_ = forms[0] if len(forms) == 1 else forms[-1]
+        args = (residuals, snrg, spread, stars)
+        self.shape_ = self._fit_shape(self.form_, *args)
+        self.scale_ = np.where(self.counts_ >= self.min_count, self._fit_scales(self.shape_, *args), np.nan)
+        sigma = self.predict(snrg, spread, stars)
+        which = snr_bin_index(snrg, self.bins)
+        self.coverage_ = {name: [coverage(residuals[which == k], sigma[which == k], k_sigma)
+                                 if np.any(which == k) else None for k in range(len(self.bins) - 1)]
+                          for name, k_sigma in (("within_1", 1.0), ("within_2", 2.0))}
+        return self
+
+    def predict(self, snrg, spread, stars):
+        """1-sigma uncertainty per spectrum; NaN at or below the first bin's low edge or
+        without SNRg, in bins with too few calibration spectra, and where an input the form
+        uses is NaN; above the last bin, the value at its upper edge."""
+        snrg, spread = np.broadcast_arrays(np.asarray(snrg, dtype=float), np.asarray(spread, dtype=float))
+        stars = np.broadcast_to(np.asarray(stars, dtype=float).reshape(-1, len(self.knots_)),
+                                (snrg.size, len(self.knots_)))
+        # Above the last bin: the error at its upper edge -- errors fall with SNRg, so this
+        # bounds them from above (conservative); at or below the first edge, or unknown: NaN.
+        snrg = np.where(snrg > self.bins[-1], self.bins[-1], snrg)
+        which = snr_bin_index(snrg, self.bins)
+        with np.errstate(invalid="ignore", over="ignore"):
+            sigma = self._shape(self.shape_, np.where(which >= 0, snrg, self.bins[1]),
+                                spread, stars) * self.scale_[np.clip(which, 0, None)]
+        return np.where(which >= 0, sigma, np.nan)
+
+
+def _pairs(values, spread, snrg, groups):
+    """Index pairs (i, j) of spectra of one star with finite values, spreads and SNRg."""
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(values) & np.isfinite(spread) & (spread > 0) & np.isfinite(snrg) & (snrg > 0)
+    first, second = [], []
+    order = np.argsort(np.asarray(groups), kind="stable")
+    sorted_groups = np.asarray(groups)[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    for rows in np.split(order, starts[1:]):
+        rows = rows[valid[rows]]
+        for a in range(rows.size):
+            first += [rows[a]] * (rows.size - a - 1)
+            second += list(rows[a + 1:])
+    return np.array(first, dtype=int), np.array(second, dtype=int)
+
+
+class RepeatScale(BaseEstimator):
+    """The factor k(SNRg) = exp(a + b ln(SNRg / 15)) that makes the ensemble spread ``s`` an
+    honest 1-sigma of the differences between repeated observations of one star:
+    x_i - x_j ~ N(0, k_i^2 s_i^2 + k_j^2 s_j^2), fitted by maximum likelihood on the pairs.
+
+    The members of an ensemble disagree about a star by roughly the same amount at any S/N,
+    while the noise that makes repeats differ shrinks with S/N: hence the SNRg slope ``b``.
+    Outside the SNRg range of the fitting pairs, k keeps the value at the nearest end
+    (no extrapolation). Fewer than ``min_pairs`` pairs: k = 1 (the raw spread).
+
+    Attributes: ``intercept_`` (a), ``slope_`` (b), ``snr_range_``, ``n_pairs_``,
+    ``z_rms_`` (rms pair z-score after the fit).
+    """
+
+    REFERENCE_SNR = 15.0
+
+    def __init__(self, min_pairs=30):
+        self.min_pairs = min_pairs
+
+    def fit(self, values, spread, snrg, groups):
+        from scipy.optimize import minimize
+
+        values, spread, snrg = (np.asarray(a, dtype=float) for a in (values, spread, snrg))
+        i, j = _pairs(values, spread, snrg, groups)
+        self.n_pairs_ = int(i.size)
+        self.intercept_, self.slope_ = 0.0, 0.0
+        self.snr_range_ = (float(np.min(snrg[np.r_[i, j]])), float(np.max(snrg[np.r_[i, j]]))) if i.size \
+            else (self.REFERENCE_SNR, self.REFERENCE_SNR)
+        if self.n_pairs_ < self.min_pairs:
+            self.z_rms_ = np.nan
+            return self
+        difference2 = (values[i] - values[j]) ** 2
+        log_snr = np.log(np.clip(snrg, *self.snr_range_) / self.REFERENCE_SNR)
+
+        def variance(params):
+            a, b = params
+            return (np.exp(2 * (a + b * log_snr[i])) * spread[i] ** 2 +
+                    np.exp(2 * (a + b * log_snr[j])) * spread[j] ** 2)
+
+        def negative_log_likelihood(params):
+            v = variance(params)
+            return 0.5 * np.sum(np.log(v) + difference2 / v)
+
+        start = np.log(np.sqrt(np.mean(difference2 / (spread[i] ** 2 + spread[j] ** 2))))
+        fitted = minimize(negative_log_likelihood, [start, 0.0], method="Nelder-Mead",
+                          options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 2000})
+        self.intercept_, self.slope_ = (float(v) for v in fitted.x)
+        self.z_rms_ = float(np.sqrt(np.mean(difference2 / variance(fitted.x))))
+        return self
+
+    def predict(self, snrg):
+        """k per spectrum; SNRg unknown: the largest k of the fitted range (conservative)."""
+        snrg = np.asarray(snrg, dtype=float)
+        ends = np.log(np.asarray(self.snr_range_) / self.REFERENCE_SNR)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log_snr = np.clip(np.log(snrg / self.REFERENCE_SNR), *ends)
+        k = np.exp(self.intercept_ + self.slope_ * log_snr)
+        return np.where(np.isfinite(snrg) & (snrg > 0), k,
+                        np.exp(self.intercept_ + np.max(self.slope_ * ends)))
