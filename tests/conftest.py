@@ -195,18 +195,26 @@ def miles_ids(miles, count, teff=(3800.0, 6500.0), logg=(-1.0, 6.0), feh=(-5.0, 
 def make_simulated_set(shared_dir, tmp_path_factory):
     """Factory: ``make_simulated_set(name, ids, per_star, seed, decoys=None,
     obsid_start=None)`` -> folder written by lamost_sim (``decoys``: the chance per star of
-    a neighbour 2-6 arcsec away in apogee_payne.fits, None: the tool's default; sets meant
-    to be used together need distinct ``obsid_start``)."""
+    a neighbour 2-6 arcsec away in apogee_payne.fits, None: the tool's default;
+    ``obsid_start``: default, a range of its own for every set of the session)."""
     miles = shared_dir / "data" / "miles"
     tool = shared_dir / "tools" / "lamost_sim.py"
     if not tool.is_file() or not (miles / "MILES_params.db").is_file():
         pytest.skip(f"lamost_sim.py or MILES not found under {shared_dir}")
 
+    made = []
+
     def make(name, ids, per_star, seed, decoys=None, obsid_start=None):
+        # Each set gets its own obsids unless told otherwise: a model trained on one set
+        # and evaluated on another must not see the same obsid twice (evaluate recognises
+        # training spectra by obsid).
+        if obsid_start is None:
+            obsid_start = 700_000_001 + 1_000_000 * len(made)
+        made.append(name)
         out = tmp_path_factory.mktemp(name)
         stars = out / "stars.txt"
         stars.write_text("\n".join(map(str, ids)) + "\n")
-        extra = [] if obsid_start is None else ["--obsid-start", str(obsid_start)]
+        extra = ["--obsid-start", str(obsid_start)]
         subprocess.run([sys.executable, str(tool), "--miles", str(miles), "--out", str(out),
                         "--stars", str(stars), "--per-star", per_star, "--seed", str(seed),
                         *(["--decoys", str(decoys)] if decoys is not None else []), *extra],

@@ -5,6 +5,7 @@ Synthetic data with a known answer throughout; scikit-learn's coordinate-descent
 the independent reference for the LARS-based selection.
 """
 import itertools
+import warnings
 import json
 from pathlib import Path
 
@@ -371,14 +372,26 @@ def test_model_uncertainty_is_the_std_of_the_members(trained):
         assert np.median(predicted[label + "_err_model"]) > 0          # the members differ
         # the calibrated uncertainty exists only once calibrated
         assert np.all(np.isnan(predicted[label + "_err"]))
-    assert set(predicted) == {label + suffix for label in LABELS for suffix in ESTIMATE_SUFFIXES} | {"flags"}
+    assert set(predicted) == {label + suffix for label in LABELS for suffix in ESTIMATE_SUFFIXES} \
+        | {"flags", "ood_score"}
 
 
-def test_a_one_network_ensemble_is_refused():
+def test_a_one_network_ensemble_has_no_spread_and_bad_sizes_are_refused():
+    """One network estimates (what bench/train_vs_recipe.py reports as one member) but has
+    no spread: its model uncertainty is NaN, never 0, which would claim a perfect model."""
     rng = np.random.default_rng(5)
     X, labels, stars = synthetic_spectra(rng, 20, 2)
-    with pytest.raises(ValueError, match="n_members=1.*at least 2"):
-        LassoMLPNet(hidden=SMALL_HIDDEN, n_members=1, n_jobs=1).fit(X, labels, groups=stars)
+    model = LassoMLPNet(hidden=SMALL_HIDDEN, n_members=1, n_jobs=1, max_epochs=20, cv=3).fit(
+        X, labels, groups=stars)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)         # no degrees-of-freedom warning
+        predicted = model.predict(X[:5], np.full(5, 15.0))
+    for label in LABELS:
+        assert np.all(np.isfinite(predicted[label]))
+        assert np.all(np.isnan(predicted[label + "_err_model"]))
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="n_members"):
+            LassoMLPNet(hidden=SMALL_HIDDEN, n_members=bad, n_jobs=1).fit(X, labels, groups=stars)
 
 
 def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained, calibrated):
