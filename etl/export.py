@@ -25,13 +25,12 @@ from sqlalchemy import func, select
 
 from etl import schema
 from etl.inference import model_row
+from models.labels import estimate_columns
 
 S, E = schema.spectra, schema.estimates
 EXPORT_COLUMNS = [
     ("obsid", E), ("ra", S), ("dec", S), ("snrg", S),
-    ("teff", E), ("teff_err", E), ("teff_err_model", E),
-    ("logg", E), ("logg_err", E), ("logg_err_model", E),
-    ("feh", E), ("feh_err", E), ("feh_err_model", E),
+    *((name, E) for name in estimate_columns()),
     ("flags", E), ("model_version", E),
 ]
 FORMATS = ("csv", "fits", "votable")

@@ -57,7 +57,7 @@ from etl.spectrum_files import UnsafePathError, resolve_under_root
 from etl.settings import settings as default_settings
 from models.artifact import UntrustedArtifactError, artifact_under, code_version, load_model
 from models.flags import NOT_ESTIMATED
-from models.lasso_mlpnet import LABELS
+from models.labels import LABELS, estimate_columns
 from models.pipeline import featurise_files, predict_features
 
 MODES = ("stale", "all")
@@ -355,18 +355,16 @@ def _estimate_rows(predicted, obsids, model_version, artifact, run_id, failures)
     version = code_version()
     rows = []
     for k, obsid in enumerate(obsids):
-        values = {label: _none_if_nan(predicted[label][k]) for label in LABELS}
-        if any(v is None for v in values.values()) or int(predicted["flags"][k]) & NOT_ESTIMATED:
+        if any(np.isnan(predicted[label][k]) for label in LABELS) \
+                or int(predicted["flags"][k]) & NOT_ESTIMATED:
             failures[obsid] = ("predict", "model returned no value")
             continue
-        row = {"obsid": obsid, "model_version": model_version, **values,
-               "flags": int(predicted["flags"][k]), "code_version": version,
-               "preprocessing_hash": artifact["preprocess_hash"], "run_id": run_id,
-               "created_at": now}
-        for label in LABELS:
-            for suffix in ("_err", "_err_model"):       # the model speaks the schema's names
-                row[label + suffix] = _none_if_nan(predicted[label + suffix][k])
-        rows.append(row)
+        # the model speaks the schema's names (models.labels)
+        rows.append({"obsid": obsid, "model_version": model_version,
+                     **{name: _none_if_nan(predicted[name][k]) for name in estimate_columns()},
+                     "flags": int(predicted["flags"][k]), "code_version": version,
+                     "preprocessing_hash": artifact["preprocess_hash"], "run_id": run_id,
+                     "created_at": now})
     return rows
 
 

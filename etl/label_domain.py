@@ -14,7 +14,7 @@ Syntax: comma-separated ``LABEL=LOW:HIGH`` with inclusive bounds, either side ma
 import numpy as np
 
 from models.flags import FEH_MIN, TEFF_RANGE
-from models.lasso_mlpnet import LABELS
+from models.labels import LABELS
 
 OPTION = "--label-domain"
 DEFAULT_LABEL_DOMAIN = f"teff={TEFF_RANGE[0]:g}:{TEFF_RANGE[1]:g},feh={FEH_MIN:g}:"

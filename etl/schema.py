@@ -51,6 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from models.flags import flag_table_text
+from models.labels import ESTIMATE_SUFFIXES, LABELS
 
 # Declination zone height for the SQLite cone index (the "zones" algorithm of
 # Gray, Nieto-Santisteban & Szalay 2006): 2 arcmin keeps an arcmin cone in 1-3 zones.
@@ -281,14 +282,23 @@ models = Table(
 )
 
 
+# unit, UCD and name of each label of models.labels.LABELS
+LABEL_METADATA = {"teff": ("K", "phys.temperature.effective", "effective temperature"),
+                  "logg": ("log(cm.s**-2)", "phys.gravity", "surface gravity"),
+                  "feh": ("dex", "phys.abund.Fe", "[Fe/H]")}
+
+
 def _estimate(name, unit, ucd, what):
-    return [
-        col(name, Float, unit=unit, ucd=ucd, description=f"estimated {what}"),
-        col(f"{name}_err_model", Float, unit=unit, ucd=f"stat.stdev;{ucd}",
-            description=f"model uncertainty of {what}: standard deviation of the ensemble"),
-        col(f"{name}_err", Float, unit=unit, ucd=f"stat.error;{ucd}",
-            description=f"integrated uncertainty of {what} (model and noise combined)"),
-    ]
+    """The columns of one label, in the order of ``models.labels.ESTIMATE_SUFFIXES``."""
+    columns = {
+        "": col(name, Float, unit=unit, ucd=ucd, description=f"estimated {what}"),
+        "_err": col(f"{name}_err", Float, unit=unit, ucd=f"stat.error;{ucd}",
+                    description=f"integrated uncertainty of {what} (model and noise combined)"),
+        "_err_model": col(f"{name}_err_model", Float, unit=unit, ucd=f"stat.stdev;{ucd}",
+                          description=f"model uncertainty of {what}: standard deviation of "
+                                      "the ensemble"),
+    }
+    return [columns[suffix] for suffix in ESTIMATE_SUFFIXES]
 
 
 estimates = Table(
@@ -299,9 +309,7 @@ estimates = Table(
         ucd="meta.id;meta.main", description="LAMOST spectrum"),
     col("model_version", String(64), ForeignKey("models.version"), nullable=False,
         ucd="meta.version", description="model version that produced the estimate"),
-    *_estimate("teff", "K", "phys.temperature.effective", "effective temperature"),
-    *_estimate("logg", "log(cm.s**-2)", "phys.gravity", "surface gravity"),
-    *_estimate("feh", "dex", "phys.abund.Fe", "[Fe/H]"),
+    *(column for label in LABELS for column in _estimate(label, *LABEL_METADATA[label])),
     col("flags", Integer, nullable=False, server_default="0", ucd="meta.code.qual",
         description="quality flag bitmask (0 = no warning); bits defined by the model code",
         details=f"bits: {flag_table_text()}"),

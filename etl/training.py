@@ -28,7 +28,7 @@ from etl.label_domain import (DEFAULT_LABEL_DOMAIN, describe_label_domain, forma
                               parse_label_domain, select_label_domain)
 from etl.ingest import utcnow
 from models.artifact import code_version, new_model_version, save_model
-from models.lasso_mlpnet import LABELS
+from models.labels import LABELS
 from models.pipeline import featurise_files
 from models.preprocess import PreprocessConfig
 from models.progress import progress

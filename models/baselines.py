@@ -44,7 +44,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVR
 
-from .lasso_mlpnet import LABELS
+from .labels import LABELS
 from .training import split_rows
 
 BASELINE_NAMES = ("LR", "ElasticNet", "SVR", "LASSO-SVR", "RF", "ET")

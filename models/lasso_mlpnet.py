@@ -37,13 +37,10 @@ from sklearn.preprocessing import StandardScaler
 from .calibration import ErrorModel, RepeatScale
 from .flags import (MASKED_SELECTED_PIXELS, MAX_MASKED_SELECTED_FRACTION, OUT_OF_DISTRIBUTION,
                     domain_flags)
+from .labels import LABELS
 from .networks import SigmoidMLPRegressor
 from .selection import LassoFeatureSelector
 
-LABELS = ("teff", "logg", "feh")
-# the columns of one label, as everywhere in lamost-vac (files, database, export, API):
-# the estimate, its calibrated 1-sigma uncertainty, the (scaled) ensemble std
-ESTIMATE_SUFFIXES = ("", "_err", "_err_model")
 SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 
 # Hidden-layer sizes published in the paper, and the ones this project uses by default.

@@ -11,6 +11,7 @@ from sqlalchemy import and_, select
 
 from etl import db as etl_db
 from etl import schema
+from models.labels import estimate_columns
 
 spectra = schema.spectra
 estimates = schema.estimates
@@ -34,8 +35,7 @@ class CatalogueColumn:
 def _catalogue():
     sources = [
         (spectra, ["obsid", "designation", "ra", "dec", "snrg"]),
-        (estimates, ["model_version", "teff", "teff_err_model", "teff_err", "logg",
-                     "logg_err_model", "logg_err", "feh", "feh_err_model", "feh_err", "flags"]),
+        (estimates, ["model_version", *estimate_columns(), "flags"]),
         (spectra, ["snru", "snrr", "snri", "snrz", "lmjd", "mjd", "planid", "spid", "fiberid",
                    "class", "subclass", "z", "z_err"]),
         (estimates, ["code_version", "preprocessing_hash", "run_id", "created_at"]),

@@ -23,7 +23,8 @@ from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, MASKED_SEL
                           OUT_OF_DISTRIBUTION, SNR_OUT_OF_DOMAIN, SUSPICIOUS_REDSHIFT,
                           TEFF_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, catalogue_flags, describe_flags,
                           domain_flags, redshift_flags)
-from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS, LassoMLPNet, star_parameters
+from models.labels import ESTIMATE_SUFFIXES, LABELS
+from models.lasso_mlpnet import LassoMLPNet, star_parameters
 from models.networks import SigmoidMLPRegressor
 from models.preprocess import PreprocessConfig
 from models.selection import LassoFeatureSelector

@@ -15,7 +15,7 @@ from etl.label_domain import (add_label_domain_argument, describe_label_domain,
                               parse_label_domain, select_label_domain)
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
-from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS
+from models.labels import ESTIMATE_SUFFIXES, LABELS
 from models.pipeline import featurise_files, predict_features
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)

@@ -1,5 +1,5 @@
 """Markdown tables of the evaluate and validate reports: one layout, one number format."""
-from models.lasso_mlpnet import LABELS
+from models.labels import LABELS
 
 # label -> (heading, unit, format of its values)
 LABEL_HEADINGS = {"teff": ("Teff", "K", ".0f"), "logg": ("log g", "dex", ".3f"),

@@ -32,7 +32,8 @@ from etl.commands.markdown import LABEL_HEADINGS, accuracy_table, fmt, label_hea
 from etl.label_domain import describe_label_domain
 from models.artifact import load_model
 from models.flags import NOT_A_STAR, NOT_ESTIMATED, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
-from models.lasso_mlpnet import ESTIMATE_SUFFIXES, LABELS, SNR_BINS
+from models.labels import ESTIMATE_SUFFIXES, LABELS
+from models.lasso_mlpnet import SNR_BINS
 from models.metrics import accuracy_by_snr, snr_bin_names
 from models.pipeline import featurise_files, predict_features
 from models.plots import (AXIS_LABELS, new_figure, save_figure, snr_axis, kiel_diagram,

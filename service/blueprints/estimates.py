@@ -23,6 +23,7 @@ from sqlalchemy import and_, or_, select, true
 
 from etl import db as etl_db
 from etl import schema
+from models.labels import estimate_columns
 from service import formats
 from service.catalogue import CATALOGUE, cone_centre, cone_filter, current_model_version
 from service.openapi import JSON_ERROR, Param, ParamError, content, operation, parse
@@ -34,13 +35,9 @@ spectra = schema.spectra
 estimates = schema.estimates
 models = schema.models
 
-DEFAULT_COLUMNS = ["obsid", "ra", "dec", "snrg", "model_version", "teff", "teff_err_model",
-                   "teff_err", "logg", "logg_err_model", "logg_err", "feh", "feh_err_model",
-                   "feh_err", "flags"]
-RANGE_COLUMNS = ["teff", "teff_err", "teff_err_model", "logg", "logg_err", "logg_err_model",
-                 "feh", "feh_err", "feh_err_model", "snrg"]
-ORDER_COLUMNS = ["obsid", "ra", "dec", "snrg", "teff", "teff_err", "logg", "logg_err", "feh",
-                 "feh_err", "distance"]
+DEFAULT_COLUMNS = ["obsid", "ra", "dec", "snrg", "model_version", *estimate_columns(), "flags"]
+RANGE_COLUMNS = [*estimate_columns(), "snrg"]
+ORDER_COLUMNS = ["obsid", "ra", "dec", "snrg", *estimate_columns(suffixes=("", "_err")), "distance"]
 FLAG_MAX = 2 ** 31 - 1
 MODEL_VERSION_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,63}"
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl import db as etl_db
 from etl import schema
+from models.labels import estimate_columns
 from service import formats
 from service.catalogue import (CATALOGUE, MIN_INDEX_RADIUS_DEG, cone_centre, cone_filter,
                                current_model_version)
@@ -36,8 +37,8 @@ blueprint = Blueprint("scs", __name__)
 
 VERB_COLUMNS = {
     1: ["obsid", "ra", "dec", "distance"],
-    2: ["obsid", "ra", "dec", "distance", "designation", "snrg", "teff", "teff_err", "logg",
-        "logg_err", "feh", "feh_err", "flags", "model_version"],
+    2: ["obsid", "ra", "dec", "distance", "designation", "snrg",
+        *estimate_columns(suffixes=("", "_err")), "flags", "model_version"],
 }
 VERB_COLUMNS[3] = VERB_COLUMNS[2] + [
     name for name in CATALOGUE if name not in VERB_COLUMNS[2]]
