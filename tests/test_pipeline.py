@@ -29,7 +29,7 @@ from etl.cli import main as cli_main
 REDIS_URL = os.environ.get("LAMOST_VAC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("LAMOST_VAC_TEST_REDIS_DB", "11"))
 TRAIN_ARGS = ["--ensemble", "2", "--wave-range", "3881,7400", "--jobs", "1",
-              "--max-epochs", "50", "--lasso-folds", "3"]
+              "--max-epochs", "50", "--lasso-folds", "3", "--calibration-folds", "3"]
 BATCH = 8
 REPO = Path(__file__).resolve().parent.parent
 E = schema.estimates
@@ -304,9 +304,14 @@ def test_every_estimate_has_provenance(pipeline):
     assert {r[0] for r in rows} == {p.v1}
     assert {r[2] for r in rows} == {preprocess_hash}
     assert {r[3] for r in rows} == {run_id}
-    # estimates inside the simulated range have the integrated uncertainty too
-    assert p.scalar("SELECT count(*) FROM estimates WHERE teff_err IS NULL "
-                    "OR teff_err_model IS NULL") == 0
+    # every estimate has its model uncertainty; the calibrated one exactly where the
+    # model's calibration had >= 30 cross-fitted spectra in the SNRg bin (NULL elsewhere)
+    assert p.scalar("SELECT count(*) FROM estimates WHERE teff_err_model IS NULL") == 0
+    from models.calibration import snr_bin_index
+    model = load_model(artifact_path)["model"]
+    for snrg, teff_err in p.rows("SELECT s.snrg, e.teff_err FROM estimates e JOIN spectra s USING (obsid)"):
+        which = snr_bin_index([snrg], model.snr_bins_)[0]
+        assert (teff_err is not None) == bool(which >= 0 and model.calibration_counts_[which] >= 30)
 
 
 def test_export_release_files(pipeline):

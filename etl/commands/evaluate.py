@@ -227,7 +227,7 @@ def coverage_table_md(accuracy, bins=SNR_BINS):
         cells = [name, str(accuracy[LABELS[0]][name]["n"])]
         for label in LABELS:
             s = accuracy[label][name]
-            cells += [fmt(s.get("z_std"), ".2f"), fmt(s.get("within_1"), ".0%"), fmt(s.get("within_2"), ".0%")]
+            cells += [fmt(s.get("z_std"), ".2f"), fmt(s.get("within_1"), ".1%"), fmt(s.get("within_2"), ".1%")]
         rows.append(cells)
     return markdown.table(["SNRg", "N"] + [f"{LABEL_HEADINGS[label][0]} {kind}" for label in LABELS
                                            for kind in ("z std", "within 1 err", "within 2 err")], rows)
