@@ -55,27 +55,38 @@ def _shown(value):
     return "missing" if value is None or missing_value(value) else f"= {value:g}"
 
 
+def redshift_to_use(catalogue_z, header_z):
+    """The redshift each spectrum is shifted with: the catalogue's, or the file header's
+    ``Z`` where the catalogue has no usable one (README: which z is used). Arrays; NaN in
+    ``header_z`` means the header has none. Check the result with ``redshift_flags``."""
+    catalogue_z, header_z = np.asarray(catalogue_z, dtype=float), np.asarray(header_z, dtype=float)
+    from_header = (redshift_flags(catalogue_z) & NO_USABLE_REDSHIFT != 0) & ~np.isnan(header_z)
+    return np.where(from_header, header_z, catalogue_z)
+
+
 def _featurise_chunk(paths, z, config):
     n = len(paths)
-    spectra, z_used, rows, errors, problems = [], np.full(n, np.nan), [], {}, {}
-    catalogue_missing = redshift_flags(z) & NO_USABLE_REDSHIFT != 0
-    flags = np.zeros(n, dtype=np.int64)
+    z = np.asarray(z, dtype=float)
+    spectra, rows, errors, problems = [], [], {}, {}
+    header_z = np.full(n, np.nan)
     for i, path in enumerate(paths):
         try:
             spectrum = read_spectrum(path)
         except SpectrumReadError as error:
             errors[i] = problems[i] = error.reason
             continue
-        z_used[i] = z[i]
-        header_z = spectrum.meta.get("z")
-        if catalogue_missing[i] and header_z is not None:
-            z_used[i] = header_z                     # header Z only when the catalogue has none
-        flags[i] = redshift_flags(z_used[i])
-        if flags[i] & NO_USABLE_REDSHIFT:
-            problems[i] = (f"no usable redshift (catalogue z {_shown(z[i])}, header Z "
-                           f"{_shown(header_z)}): not estimated")
+        if spectrum.meta.get("z") is not None:
+            header_z[i] = spectrum.meta["z"]
         spectra.append(spectrum)
         rows.append(i)
+    z_used = np.full(n, np.nan)
+    z_used[rows] = redshift_to_use(z[rows], header_z[rows])
+    flags = np.zeros(n, dtype=np.int64)
+    flags[rows] = redshift_flags(z_used[rows])
+    for i in rows:
+        if flags[i] & NO_USABLE_REDSHIFT:
+            problems[i] = (f"no usable redshift (catalogue z {_shown(z[i])}, header Z "
+                           f"{_shown(header_z[i])}): not estimated")
     keep = [k for k, i in enumerate(rows) if not flags[i] & NO_USABLE_REDSHIFT]
     rows = [rows[k] for k in keep]
     features = np.full((n, config.loglam.size), np.nan, dtype=np.float32)

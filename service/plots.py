@@ -71,13 +71,19 @@ def histograms_png(rows, names) -> bytes:
 
 def spectrum_png(wavelength, flux, rest_wavelength, normalised, selected_pixels) -> bytes:
     """Observed flux (top) and the continuum-normalised rest-frame spectrum (bottom);
-    ``selected_pixels``: label -> boolean mask over ``rest_wavelength`` (may be empty)."""
+    ``selected_pixels``: label -> boolean mask over ``rest_wavelength`` (may be empty);
+    ``normalised`` None: no usable redshift, so no rest frame (said in the bottom panel)."""
     figure = Figure(figsize=(10, 6), dpi=100, layout="constrained")
     observed, features = figure.subplots(2, 1)
     observed.plot(wavelength, flux, lw=0.5, color="k")
     observed.set_xlabel("observed wavelength [Å]")
     observed.set_ylabel("flux")
     observed.set_title("Observed spectrum")
+    if normalised is None:
+        features.set_axis_off()
+        features.text(0.5, 0.5, "No usable redshift: no rest-frame spectrum (not estimated)",
+                      ha="center", va="center", transform=features.transAxes)
+        return _png(figure)
     features.plot(rest_wavelength, normalised, lw=0.5, color="k")
     features.set_xlabel("rest-frame wavelength [Å]")
     features.set_ylabel("normalised flux")

@@ -320,3 +320,16 @@ def test_training_options_set_the_preprocessing(edge_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(a) for a in argv] + ["--continuum", "spline"])
     assert "invalid choice: 'spline'" in capsys.readouterr().err
+
+
+def test_redshift_rule_is_one_function():
+    """The catalogue z, else the header's Z; never 0 for a missing value (the spectrum page
+    uses the same function as the pipeline)."""
+    from models.flags import redshift_flags
+    from models.pipeline import redshift_to_use
+
+    catalogue = np.array([0.002, -9999.0, np.nan, np.nan, -2.0])
+    header = np.array([0.005, 0.001, 0.0003, np.nan, np.nan])
+    z = redshift_to_use(catalogue, header)
+    np.testing.assert_array_equal(z[:3], [0.002, 0.001, 0.0003])
+    assert np.all(redshift_flags(z[3:]) & NO_USABLE_REDSHIFT)

@@ -407,6 +407,8 @@ def spectrum_page(obsid):
 
 @blueprint.get("/spectra/<obsid>/spectrum.png")
 def spectrum_plot(obsid):
+    from models.flags import NO_USABLE_REDSHIFT, redshift_flags
+    from models.pipeline import redshift_to_use
     from models.preprocess import PreprocessConfig, SpectrumStack, continuum_normalise
     from models.readers import SpectrumReadError, read_spectrum
 
@@ -423,9 +425,14 @@ def spectrum_plot(obsid):
     with state().engine.connect() as connection:
         artifact, _ = current_artifact(connection)
     config = artifact["preprocess"] if artifact else PreprocessConfig()
-    z = record["spectrum"].get("z") or 0.0
-    features, _ = continuum_normalise(SpectrumStack.from_spectra([spectrum]),
-                                      np.array([z], float), config)
+    # the rest frame of the estimate: the same redshift rule as the pipeline (a missing z
+    # is not 0); without a usable one there is no rest-frame spectrum to show
+    catalogue_z = record["spectrum"].get("z")
+    z = redshift_to_use([np.nan if catalogue_z is None else catalogue_z],
+                        [np.nan if spectrum.meta.get("z") is None else spectrum.meta["z"]])
+    normalised = None
+    if not redshift_flags(z)[0] & NO_USABLE_REDSHIFT:
+        normalised = continuum_normalise(SpectrumStack.from_spectra([spectrum]), z, config)[0][0]
     selected = {}
     if artifact:
         for label, estimator in artifact["model"].estimators_.items():
@@ -433,7 +440,7 @@ def spectrum_plot(obsid):
             if mask.shape == config.wavelength.shape:
                 selected[label] = mask
     png = plots.spectrum_png(spectrum.wavelength, spectrum.flux, config.wavelength,
-                             features[0], selected)
+                             normalised, selected)
     return Response(png, mimetype="image/png")
 
 
