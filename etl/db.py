@@ -361,23 +361,6 @@ def cluster_on_position(connection):
             connection.exec_driver_sql(f"ANALYZE {name}")
 
 
-def reader_grant_statements():
-    """SQL that creates the read-only role (if absent) and grants it SELECT only.
-
-    The role is cluster-wide, so creation is guarded; grants apply to this database.
-    """
-    role = schema.READER_ROLE
-    return [
-        f"DO $$ BEGIN CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE; "
-        f"EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-        f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO {role}', "
-        f"current_database()); END $$",
-        f"GRANT USAGE ON SCHEMA public TO {role}",
-        f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
-        f"ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {role}",
-    ]
-
-
 # ---------------------------------------------------------------------------------------
 # Migrations (Alembic; configuration in migrations/alembic.ini)
 def _migrations_dir():
