@@ -9,7 +9,6 @@ and the ``test`` extra install them)."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -55,34 +54,14 @@ def demo_catalogue(tmp_path_factory):
     return out
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_catalogue):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}
-    env["LAMOST_VAC_MODEL_DIR"] = str(demo_catalogue / "models")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "etl.cli", "serve", "--url",
-         f"sqlite:///{demo_catalogue / 'lamost_vac.db'}", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5):
-                    break
-            except OSError:
-                assert process.poll() is None, process.stderr.read().decode()[-2000:]
-                time.sleep(0.5)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    """``lamost-vac serve`` on the demo catalogue, as docs/screenshots.py starts it."""
+    process, base = screenshots.serve(demo_catalogue / "lamost_vac.db",
+                                      str(demo_catalogue / "models"))
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
