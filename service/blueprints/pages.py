@@ -33,7 +33,6 @@ from werkzeug.datastructures import MultiDict
 from urllib.parse import urlencode
 
 from etl import schema
-from etl.spectrum_files import UnsafePathError, resolve_under_root
 from models.flags import FEH_MIN, FLAG_DESCRIPTIONS, SNR_RANGE, TEFF_RANGE, describe_flags
 from service import plots
 from service.blueprints import estimates as estimates_api
@@ -337,40 +336,6 @@ def current_artifact(connection):
     return artifact, None
 
 
-def _spectra_root(connection, run_id):
-    """settings.spectra_root, else the root of the ingest run that wrote the row, else the
-    latest ingest run's root (as the inference workers find files)."""
-    root = state().settings.spectra_root
-    if root:
-        return root
-    runs = schema.ingest_runs
-    if run_id is not None:
-        root = connection.execute(select(runs.c.spectra_root)
-                                  .where(runs.c.run_id == run_id)).scalar()
-    if not root:
-        root = connection.execute(
-            select(runs.c.spectra_root).where(runs.c.spectra_root.is_not(None))
-            .order_by(runs.c.started_at.desc()).limit(1)).scalar()
-    return root
-
-
-def _spectrum_file(connection, spectrum):
-    """(path, None) of the spectrum's file, or (None, why not)."""
-    relative = spectrum.get("file_path")
-    if not relative:
-        return None, "the catalogue records no file for this spectrum"
-    root = _spectra_root(connection, spectrum.get("ingest_run_id"))
-    if not root:
-        return None, "no spectra root is configured on this server (LAMOST_VAC_SPECTRA_ROOT)"
-    try:
-        path = resolve_under_root(root, relative)
-    except UnsafePathError:
-        return None, f"the file path {relative!r} does not lie under the spectra root"
-    if not os.path.isfile(path):
-        return None, f"the file {relative!r} is not available on this server"
-    return path, None
-
-
 def _spectrum_sources(obsid):
     service = state()
     args = parse(spectra_api.parameters(service.limits), request.args,
@@ -379,7 +344,7 @@ def _spectrum_sources(obsid):
         record = spectra_api.spectrum_record(connection, args["obsid"])
         if record is None:
             return None, None, None
-        path, file_problem = _spectrum_file(connection, record["spectrum"])
+        path, file_problem = spectra_api.spectrum_file(connection, record["spectrum"])
     return record, path, file_problem
 
 
@@ -451,7 +416,7 @@ def spectrum_file(obsid):
         return error_response(404, f"no spectrum with obsid {obsid}")
     if path is None:
         return error_response(404, file_problem)
-    return send_file(path, as_attachment=True,
+    return send_file(path, mimetype=spectra_api.spectrum_file_mime(path), as_attachment=True,
                      download_name=os.path.basename(record["spectrum"]["file_path"]))
 
 

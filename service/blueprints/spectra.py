@@ -1,10 +1,17 @@
 """``GET /api/v1/spectra/<obsid>``: one spectrum's metadata and every model version's
 estimate of it, with provenance (model status and artifact checksum, code version,
-preprocessing hash, inference run), plus the model versions that failed on it."""
+preprocessing hash, inference run), plus the model versions that failed on it.
+
+:func:`spectrum_file` is where the service finds a spectrum's FITS file (the spectrum
+page, its plot and download, the DataLink links): only under the spectra root, never a
+path that leads outside it (:func:`etl.spectrum_files.resolve_under_root`)."""
+import os
+
 from flask import Blueprint, request
 from sqlalchemy import select
 
 from etl import schema
+from etl.spectrum_files import UnsafePathError, resolve_under_root
 from service import formats
 from service.errors import error_response
 from service.openapi import INT64_MAX, JSON_ERROR, Param, content, operation, parse
@@ -69,6 +76,52 @@ def spectrum_record(connection, obsid):
         "columns": {"spectrum": _metadata(SPECTRUM_COLUMNS),
                     "estimates": _metadata(ESTIMATE_COLUMNS)},
     }
+
+
+def spectra_root(connection, run_id, roots=None):
+    """settings.spectra_root, else the root of the ingest run that wrote the row, else the
+    latest ingest run's root (as the inference workers find files). ``roots``: a dict
+    that keeps the answers per run for the caller (many spectra, one request)."""
+    root = state().settings.spectra_root
+    if root:
+        return root
+    if roots is not None and run_id in roots:
+        return roots[run_id]
+    runs = schema.ingest_runs
+    if run_id is not None:
+        root = connection.execute(select(runs.c.spectra_root)
+                                  .where(runs.c.run_id == run_id)).scalar()
+    if not root:
+        root = connection.execute(
+            select(runs.c.spectra_root).where(runs.c.spectra_root.is_not(None))
+            .order_by(runs.c.started_at.desc()).limit(1)).scalar()
+    if roots is not None:
+        roots[run_id] = root
+    return root
+
+
+def spectrum_file(connection, spectrum, roots=None):
+    """(path, None) of the file of ``spectrum`` (a mapping with ``file_path`` and
+    ``ingest_run_id``), or (None, why not)."""
+    relative = spectrum.get("file_path")
+    if not relative:
+        return None, "the catalogue records no file for this spectrum"
+    root = spectra_root(connection, spectrum.get("ingest_run_id"), roots)
+    if not root:
+        return None, "no spectra root is configured on this server (LAMOST_VAC_SPECTRA_ROOT)"
+    try:
+        path = resolve_under_root(root, relative)
+    except UnsafePathError:
+        return None, f"the file path {relative!r} does not lie under the spectra root"
+    if not os.path.isfile(path):
+        return None, f"the file {relative!r} is not available on this server"
+    return path, None
+
+
+def spectrum_file_mime(path) -> str:
+    """The media type a spectrum file is served with: FITS, or gzip for the compressed
+    ``.fits.gz`` files LAMOST distributes (sent as they are, not decompressed)."""
+    return "application/gzip" if path.lower().endswith(".gz") else "application/fits"
 
 
 @blueprint.get("/api/v1/spectra/<path:obsid>")
