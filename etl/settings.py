@@ -142,6 +142,10 @@ class Settings:
     tap_retention_s: int = setting(
         "LAMOST_VAC_TAP_RETENTION_S",
         "a `/tap/async` job and its result are destroyed this long after creation", 86400)
+    datalink_max_ids: int = setting(
+        "LAMOST_VAC_DATALINK_MAX_IDS",
+        "obsids one DataLink `/datalink/links` request answers (the rest: DALI overflow)",
+        1000)
     # -- passwords of the PostgreSQL roles, for the role set-up only (never printed)
     writer_password: Optional[str] = setting(
         "LAMOST_VAC_WRITER_PASSWORD", "password `lamost-vac db upgrade` gives the "

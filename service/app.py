@@ -21,7 +21,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from service import errors
-from service.blueprints import estimates, models, pages, scs, spectra, tap, vosi
+from service.blueprints import datalink, estimates, models, pages, scs, spectra, tap, vosi
 from service.db import make_service_engine
 from service.limiter import LargeQueryLimiter, lock_directory
 from service.state import EXTENSION, RETRY_AFTER_S, Limits, ServiceState
@@ -72,7 +72,7 @@ def create_app(settings=None, engine=None) -> Flask:
     if limits.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=limits.trusted_proxies)
 
-    for module in (scs, estimates, spectra, models, vosi, pages, tap):
+    for module in (scs, estimates, spectra, models, vosi, pages, tap, datalink):
         app.register_blueprint(module.blueprint)
     app.before_request(errors.refuse_oversize_request)
     errors.register_error_handlers(app)

@@ -1,6 +1,7 @@
-"""The service's error answers: a VOTable error document on ``/scs`` (what cone-search
-clients read), JSON ``{"error", "status"[, "parameter"]}`` everywhere else; what a
-database error becomes (timeouts and outages are 503); oversize requests (414, 431)."""
+"""The service's error answers: a VOTable error document on ``/scs``, ``/tap`` and
+``/datalink`` (what IVOA clients read), JSON ``{"error", "status"[, "parameter"]}``
+everywhere else; what a database error becomes (timeouts and outages are 503); oversize
+requests (414, 431)."""
 import logging
 
 from flask import Response, g, render_template, request
@@ -24,13 +25,13 @@ MAX_HEADER_FIELD_BYTES = 8190
 
 
 # IVOA protocols whose clients read errors as a VOTable with QUERY_STATUS=ERROR.
-VOTABLE_ERROR_BLUEPRINTS = ("scs", "tap")
+VOTABLE_ERROR_BLUEPRINTS = ("scs", "tap", "datalink")
 
 
 def error_response(status: int, message: str, parameter: str = None, headers=None):
-    """The service's error answer: a VOTable error document on /scs and /tap (what IVOA
-    clients read), an HTML page on the pages for people, JSON ``{"error", "status"[,
-    "parameter"]}`` everywhere else."""
+    """The service's error answer: a VOTable error document on /scs, /tap and /datalink
+    (what IVOA clients read), an HTML page on the pages for people, JSON ``{"error",
+    "status"[, "parameter"]}`` everywhere else."""
     if g.get("html_errors"):
         return Response(render_template("error.html", status=status, message=message),
                         status=status, mimetype="text/html", headers=headers)

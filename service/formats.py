@@ -148,7 +148,7 @@ def xml_id(name: str) -> str:
 def field_xml(column: ColumnDescription) -> str:
     attrs = [f"name={_xml_attr(column.name)}", f"ID={_xml_attr(xml_id(column.name))}",
              f'datatype="{column.votable_datatype}"']
-    if column.votable_datatype == "char":
+    if column.votable_datatype in ("char", "unicodeChar"):
         attrs.append('arraysize="*"')
     if column.kind == "datetime":
         attrs.append('xtype="timestamp"')
@@ -256,19 +256,22 @@ def binary2_rows(rows: Iterable[Sequence], columns) -> str:
 
 def votable_document(columns, rows, *, table_name="results", description=None, infos=(),
                      status_infos=(), post_infos=(), fields=None,
-                     serialization="tabledata") -> str:
+                     serialization="tabledata", resources=()) -> str:
     """A VOTable 1.4 document with one RESOURCE type="results" holding one TABLE.
 
     ``infos`` go under VOTABLE; ``status_infos`` in the RESOURCE before the TABLE
     (QUERY_STATUS OK); ``post_infos`` after it (the DALI overflow INFO).
-    ``serialization``: ``tabledata`` or ``binary2``.
+    ``serialization``: ``tabledata`` or ``binary2``. ``resources``: further RESOURCE
+    elements (XML text) after the results, e.g. DataLink service descriptors.
     """
     header = votable_header(columns, table_name=table_name, description=description,
                             infos=infos, status_infos=status_infos, fields=fields,
                             serialization=serialization)
     tail = [_DATA_CLOSE[serialization], "    </TABLE>\n"]
     tail.extend(_info_xml(i, "    ") for i in post_infos)
-    tail.append("  </RESOURCE>\n</VOTABLE>\n")
+    tail.append("  </RESOURCE>\n")
+    tail.extend(resources)
+    tail.append("</VOTABLE>\n")
     body = (votable_rows(rows, columns) if serialization == "tabledata"
             else binary2_rows(rows, columns))
     return header + body + "".join(tail)

@@ -49,6 +49,7 @@ class Limits:
     tap_async_timeout_ms: int
     tap_async_jobs_per_client: int
     tap_retention_s: int
+    datalink_max_ids: int
 
     @classmethod
     def from_settings(cls, settings) -> "Limits":
@@ -69,6 +70,11 @@ class ServiceState:
     version: str
     tap_engine: object = None   # /tap ADQL queries: the TAP timeout (PostgreSQL only)
     tap_async_engine: object = None     # /tap/async jobs: the async timeout
+
+    @property
+    def serves_tap(self) -> bool:
+        """TAP needs PostgreSQL (Q3C for the geometry, the read-only reader role)."""
+        return self.tap_engine is not None and self.tap_engine.dialect.name == "postgresql"
 
     def dispose(self):
         for engine in {id(e): e for e in (self.engine, self.cone_engine,

@@ -59,6 +59,7 @@ class Job:
     result_mime: Optional[str] = None
     uploads: dict = field(default_factory=dict)     # multipart part name -> document
     client: Optional[str] = None                    # address that created it (limits)
+    base_url: Optional[str] = None      # the service URL it was created at (its links)
 
 
 class JobStore:
@@ -70,11 +71,12 @@ class JobStore:
             return None                 # never a path from the request
         return self.directory / job_id
 
-    def create(self, parameters, execution_duration, retention_s, client=None) -> Job:
+    def create(self, parameters, execution_duration, retention_s, client=None,
+               base_url=None) -> Job:
         now = utc_now()
         job = Job(uuid.uuid4().hex, PENDING, iso(now), execution_duration,
                   iso(now + dt.timedelta(seconds=retention_s)), dict(parameters),
-                  client=client)
+                  client=client, base_url=base_url)
         self._folder(job.job_id).mkdir(parents=True)
         self.save(job)
         return job

@@ -3,8 +3,8 @@
 It reads the same settings as the API (LAMOST_VAC_BROKER_URL, the reader URL,
 LAMOST_VAC_TAP_JOB_DIR on a folder the API shares, LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS) and
 runs each job as the API's ``/tap/sync`` would, in a request context of a service app
-built from those settings: the same checks, the same read-only engine, the async
-statement timeout.
+built from those settings (at the URL the job was created at): the same checks, the same
+read-only engine, the async statement timeout.
 """
 from functools import lru_cache
 
@@ -12,6 +12,7 @@ from etl.settings import load_settings
 from service import tap_jobs
 from service.app import create_app
 from service.blueprints.tap import run_async_job
+from service.state import state
 
 celery = tap_jobs.celery_app(load_settings().broker_url or "memory://localhost/")
 
@@ -23,5 +24,9 @@ def service_app():
 
 @celery.task(name=tap_jobs.TASK_NAME)
 def run_job(job_id):
-    with service_app().test_request_context():
+    app = service_app()
+    job = tap_jobs.JobStore(state(app).settings.tap_job_dir).load(job_id)
+    # As a request to the URL the job was created at: the links in its result (the
+    # DataLink service descriptor) lead back to the service, not to this worker.
+    with app.test_request_context(base_url=job.base_url if job else None):
         run_async_job(job_id)

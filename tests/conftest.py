@@ -4,6 +4,7 @@ import dataclasses
 import datetime as dt
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,19 @@ def service_unavailable(reason):
     if REQUIRE_SERVICES:
         pytest.fail(f"required service unavailable: {reason}")
     pytest.skip(reason)
+
+
+STILTS = shutil.which("stilts")
+needs_stilts = pytest.mark.skipif(
+    STILTS is None, reason="STILTS not installed (Debian: apt-get install -y stilts)")
+
+
+def stilts(*args, timeout=300):
+    """Run a STILTS command (``tapquery``, ``taplint``, ``datalinklint``, ``cone``, ...);
+    its standard output, the command having succeeded."""
+    done = subprocess.run([STILTS, *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def psql(url, sql, user, password=None):

@@ -3,17 +3,11 @@ HTTP on 127.0.0.1 (werkzeug server in a thread). votlint and fitsverify check th
 documents in test_release_files.py."""
 import csv
 import io
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import CURRENT, expected_cone, service_settings, serving
-
-STILTS = shutil.which("stilts")
-needs_stilts = pytest.mark.skipif(
-    STILTS is None, reason="STILTS not installed (Debian: apt-get install -y stilts)")
+from conftest import CURRENT, expected_cone, needs_stilts, service_settings, serving, stilts
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +81,6 @@ def test_pyvo_reports_the_service_error_message(live_url):
 
 # ---------------------------------------------------------------------------------------
 # STILTS
-def stilts(*args, timeout=120):
-    result = subprocess.run([STILTS, *args], capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
 def csv_rows(text):
     return list(csv.DictReader(io.StringIO(text)))
 

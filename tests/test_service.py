@@ -80,7 +80,10 @@ def test_cone_search_votable_follows_scs(client, cat):
     response = scs(client, RA=150, DEC=30, SR=0.05)
     assert response.mimetype == "application/x-votable+xml"
     votable = parse_votable(response.data)
-    assert len(votable.resources) == 1 and votable.resources[0].type == "results"
+    # the results first, then the DataLink service descriptor of the rows' obsids (SCS
+    # 1.03 erratum 2 allows modern VOTables for this very use)
+    assert [(r.type, r.utype) for r in votable.resources] == [
+        ("results", None), ("meta", "adhoc:service")]
     resource = votable.resources[0]
     assert len(resource.tables) == 1
     statuses = [i.value for i in resource.infos if i.name == "QUERY_STATUS"]
@@ -435,7 +438,7 @@ def test_models(client):
 
 # ---------------------------------------------------------------------------------------
 # VOSI, health, OpenAPI
-def test_vosi_availability_and_capabilities_declare_the_limits(client, app):
+def test_vosi_availability_and_capabilities_declare_the_limits(client, app, service_db):
     import xml.etree.ElementTree as ET
 
     availability = ET.fromstring(client.get("/availability").data)
@@ -452,6 +455,13 @@ def test_vosi_availability_and_capabilities_declare_the_limits(client, app):
     assert cone.find("interface/accessURL").text.endswith("/scs?")
     test_query = cone.find("testQuery")
     assert test_query is not None
+    # DataLink everywhere; TAP only where it is served (PostgreSQL)
+    access = {c.get("standardID"): c.find("interface/accessURL").text
+              for c in capabilities.findall("capability")}
+    assert access["ivo://ivoa.net/std/DataLink#links-1.1"] == "http://localhost/datalink/links"
+    on_postgresql = service_db[0].startswith("postgresql")
+    assert ("ivo://ivoa.net/std/TAP" in access) == on_postgresql
+    assert ("tap" in client.get("/").get_json()["endpoints"]) == on_postgresql
     everything = response.data.decode()
     assert "10000 ms" in everything and "at most 10000" in everything
     assert (f"{limits.large_queries_per_client} at a time per client and "

@@ -4,7 +4,6 @@ ADQL refusals (service/adql.py) without a database; the embedded SQLite default.
 import dataclasses
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,12 +16,9 @@ from sqlalchemy import insert
 
 from etl import db, schema
 from service import adql, tap_schema
-from conftest import (CURRENT, expected_cone, load_catalogue, make_catalogue, parse_votable,
-                      service_settings, serving)
+from conftest import (CURRENT, expected_cone, load_catalogue, make_catalogue, needs_stilts,
+                      parse_votable, service_settings, serving, stilts)
 
-STILTS = shutil.which("stilts")
-needs_stilts = pytest.mark.skipif(
-    STILTS is None, reason="STILTS not installed (Debian: apt-get install -y stilts)")
 pyvo = pytest.importorskip("pyvo", reason="pyvo not installed (pip install pyvo)")
 
 TAP_TIMEOUT_MS = 3000
@@ -371,12 +367,6 @@ def test_pyvo_tap_cone_join_top_and_overflow(tap_url, tap_db):
     assert {"v_current_estimates", "TAP_SCHEMA.columns"} <= table_names
 
 
-def stilts(*args, timeout=300):
-    done = subprocess.run([STILTS, *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 @needs_stilts
 def test_stilts_tapquery(tap_url, tap_db):
     cat = tap_db[2]
@@ -498,8 +488,13 @@ def test_celery_worker_runs_async_jobs_and_an_abort_holds(worker_tap_url, tap_db
     job = service.submit_job(cone_adql("v_spectra", 0.0, 0.0, 0.3), maxrec=100000)
     job.run().wait(timeout=120)
     assert job.phase == "COMPLETED"
-    assert sorted(int(x) for x in job.fetch_result().to_table()["obsid"]) == \
-        sorted(expected_ids)
+    result = job.fetch_result()
+    assert sorted(int(x) for x in result.to_table()["obsid"]) == sorted(expected_ids)
+    # the worker wrote the result as the service would: its rows' DataLink descriptor
+    # leads to the service's URL, where the job was created
+    links = result.get_adhocservice_by_ivoid("ivo://ivoa.net/std/DataLink")
+    assert {p.name: p.value for p in links.params}["accessURL"] == \
+        worker_tap_url.removesuffix("/tap") + "/datalink/links"
 
     # A runaway query: aborted while the worker runs it, it stays ABORTED when the
     # worker's statement is cancelled by the async timeout.

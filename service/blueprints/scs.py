@@ -9,7 +9,9 @@ distance (column ``distance``, degrees) then obsid; the identifier and position 
 SCS UCDs ID_MAIN, POS_EQ_RA_MAIN, POS_EQ_DEC_MAIN, the other columns the UCDs of the
 schema. Only estimates of the current model are returned. SR=0 or MAXREC=0: metadata
 only (no rows). More rows than MAXREC (or than the service's hard cap): the first MAXREC
-and an ``INFO name="QUERY_STATUS" value="OVERFLOW"`` after the table.
+and an ``INFO name="QUERY_STATUS" value="OVERFLOW"`` after the table. A DataLink service
+descriptor after the results leads from each row's obsid to its spectrum's links
+(:mod:`service.blueprints.datalink`).
 
 Errors are a VOTable with ``INFO name="QUERY_STATUS" value="ERROR"``: a bad parameter is
 named and served with HTTP 200 as SCS clients (pyvo, TOPCAT, STILTS) expect, so they can
@@ -27,6 +29,7 @@ from etl import db as etl_db
 from etl import schema
 from models.labels import estimate_columns
 from service import formats
+from service.blueprints import datalink
 from service.catalogue import (CATALOGUE, MIN_INDEX_RADIUS_DEG, cone_centre, cone_filter,
                                current_model_version)
 from service.errors import database_error_response, error_response
@@ -228,7 +231,9 @@ def _answer(service, args):
                    formats.Info("MAXREC", str(maxrec))]
     post = [formats.Info("QUERY_STATUS", "OVERFLOW",
                          f"truncated to MAXREC={maxrec} rows")] if overflow else []
+    # Every row's obsid leads to its spectrum's DataLink links (FITS, preview, record).
     body = formats.votable_document(columns, rows, description=TABLE_DESCRIPTION,
                                     status_infos=query_infos, post_infos=post,
-                                    fields=scs_fields(verb))
+                                    fields=scs_fields(verb),
+                                    resources=[datalink.links_descriptor("obsid")])
     return Response(body, mimetype=formats.VOTABLE_MIME, headers=headers)

@@ -13,7 +13,13 @@
   API process when no broker is configured, with LAMOST_VAC_TAP_ASYNC_TIMEOUT_MS.
 * ``/tap/tables`` (VOSI tables), ``/tap/capabilities`` (VOSI + TAPRegExt: ADQL 2.0 / 2.1
   with the geometry features, output formats, row limits, execution duration,
-  retention), ``/tap/availability``, ``/tap/examples`` (DALI examples).
+  retention; and the DataLink endpoint), ``/tap/availability``, ``/tap/examples`` (DALI
+  examples).
+* A VOTable result with a column read from a published ``obsid`` column carries a
+  DataLink service descriptor referring to it (the first such column): TOPCAT and pyvo
+  reach each row's FITS file, preview and record through
+  :mod:`service.blueprints.datalink`. An async job keeps the URL it was created at, so
+  that a worker writes the same descriptor.
 
 The query is checked and translated by :mod:`service.adql` (refusals never reach the
 database) and run on the read-only engine with the TAP statement timeout
@@ -38,6 +44,7 @@ from werkzeug.exceptions import NotFound
 
 from etl.schema import ColumnDescription
 from service import adql, formats, tap_jobs, tap_schema, tap_upload
+from service.blueprints import datalink
 from service.blueprints.vosi import XML_MIME, availability as vosi_availability
 from service.errors import database_error_response, error_response
 from service.openapi import Param, content, operation
@@ -190,7 +197,7 @@ def tap_error(message, status=400):
 
 @blueprint.before_request
 def needs_postgresql():
-    if state().tap_engine is None or state().tap_engine.dialect.name != "postgresql":
+    if not state().serves_tap:
         return tap_error("TAP needs PostgreSQL (with Q3C): this service runs on the "
                          "embedded SQLite database; set LAMOST_VAC_DATABASE_URL (and "
                          "LAMOST_VAC_READER_DATABASE_URL) to a PostgreSQL catalogue",
@@ -270,7 +277,7 @@ def run_query(params, engine, timeout_ms, files=None):
             rows = result.fetchall()
     except SQLAlchemyError as error:
         return _database_error(error, timeout_ms)
-    columns = output_columns(translation.tree, description)
+    columns, obsid_columns = output_columns(translation.tree, description)
     rows = [tuple(float(v) if isinstance(v, decimal.Decimal) else v for v in row)
             for row in rows]
     overflow = len(rows) > maxrec
@@ -284,8 +291,11 @@ def run_query(params, engine, timeout_ms, files=None):
                     formats.Info("MAXREC", str(maxrec))]
     post_infos = [formats.Info("QUERY_STATUS", "OVERFLOW",
                                f"truncated to MAXREC={maxrec} rows")] if overflow else []
+    # Every row with an obsid leads to its spectrum's DataLink links.
+    descriptors = [datalink.links_descriptor(obsid_columns[0])] if obsid_columns else []
     body = formats.votable_document(columns, rows, status_infos=status_infos,
-                                    post_infos=post_infos, serialization=serialization)
+                                    post_infos=post_infos, serialization=serialization,
+                                    resources=descriptors)
     mimetype = formats.VOTABLE_MIME + (";serialization=BINARY2"
                                        if serialization == "binary2" else "")
     return Response(body, mimetype=mimetype, headers=headers)
@@ -314,15 +324,16 @@ def _database_error(error, timeout_ms):
     return tap_error(message, status=status)
 
 
-def output_columns(tree, description) -> list:
-    """Column descriptions of a result: a column read from a published table keeps its
-    metadata (unit, UCD, description, datatype); others get the type the database
-    reports. Names are made unique (VOTable FIELD IDs)."""
+def output_columns(tree, description) -> tuple:
+    """(column descriptions, names of the columns holding a spectrum's obsid) of a
+    result: a column read from a published table keeps its metadata (unit, UCD,
+    description, datatype); others get the type the database reports. Names are made
+    unique (VOTable FIELD IDs). Every published ``obsid`` column is a spectrum's."""
     scope = _tables_in_scope(tree)
     projections = list(tree.expressions) if hasattr(tree, "expressions") else []
     by_position = len(projections) == len(description) and not any(
         p.is_star for p in projections)
-    out, seen = [], set()
+    out, obsids, seen = [], [], set()
     for index, item in enumerate(description):
         name = item.name if item.name and item.name != "?column?" else f"col{index + 1}"
         kind, datatype = PG_TYPES.get(item.type_code, ("text", None))
@@ -341,7 +352,9 @@ def output_columns(tree, description) -> list:
             unique = f"{name}_{number}"
         seen.add(unique.lower())
         out.append(replace(column, name=unique))
-    return out
+        if known is not None and known.name == "obsid" and column.kind == "int":
+            obsids.append(unique)
+    return out, obsids
 
 
 def _tables_in_scope(tree) -> dict:
@@ -539,7 +552,8 @@ def create_job():
                                  f"{limits.tap_upload_max_bytes} bytes")
             parts[name] = data
     job = _store().create(parameters, max(1, limits.tap_async_timeout_ms // 1000),
-                          limits.tap_retention_s, client=request.remote_addr)
+                          limits.tap_retention_s, client=request.remote_addr,
+                          base_url=request.host_url)
     if parts:
         _store().store_uploads(job, parts)
     if _parameters().get("PHASE", "").upper() == "RUN":
@@ -735,6 +749,7 @@ def _capabilities_body(base, limits):
         f'      <hard unit="byte">{limits.tap_upload_max_bytes}</hard>\n'
         "    </uploadLimit>\n"
         "  </capability>\n"
+        + datalink.capability(base, limits)
         + simple("ivo://ivoa.net/std/VOSI#capabilities", "/tap/capabilities")
         + simple("ivo://ivoa.net/std/VOSI#availability", "/tap/availability")
         + simple("ivo://ivoa.net/std/VOSI#tables", "/tap/tables")

@@ -1,8 +1,9 @@
 """Service description endpoints: VOSI ``/availability`` and ``/capabilities``,
 ``/health``, the OpenAPI document ``/openapi.json`` and the index ``/``.
 
-``/capabilities`` declares the cone search (maxSR, maxRecords, verbosity, a test query)
-and the REST API, each with the service limits (row caps, statement timeout) in its
+``/capabilities`` declares the cone search (maxSR, maxRecords, verbosity, a test query),
+TAP (on PostgreSQL; its TAPRegExt details are at ``/tap/capabilities``), DataLink and
+the REST API, each with the service limits (row caps, statement timeout) in its
 description.
 """
 import datetime as dt
@@ -14,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl import schema
 from service import formats
-from service.blueprints import pages
+from service.blueprints import datalink, pages
 from service.catalogue import current_model_version
 from service.openapi import build_document, content, operation, parse
 from service.state import LIMITS_DESCRIPTION, state
@@ -121,11 +122,12 @@ def capabilities():
                               ("DEC", "declination (ICRS)", "deg"),
                               ("SR", "cone radius", "deg")])
 
-    def simple(standard_id, path, description):
+    def simple(standard_id, path, description, use="full", version=None):
+        role = f' role="std" version="{version}"' if version else ""
         return (f'  <capability standardID="{standard_id}">\n'
                 f"    <description>{formats.escape(description)}</description>\n"
-                '    <interface xsi:type="vs:ParamHTTP">\n'
-                f'      <accessURL use="full">{formats.escape(base + path)}</accessURL>\n'
+                f'    <interface xsi:type="vs:ParamHTTP"{role}>\n'
+                f'      <accessURL use="{use}">{formats.escape(base + path)}</accessURL>\n'
                 "    </interface>\n  </capability>\n")
 
     body = (
@@ -148,6 +150,11 @@ def capabilities():
         "    <verbosity>true</verbosity>\n"
         f"{test_query}"
         "  </capability>\n"
+        + (simple("ivo://ivoa.net/std/TAP", "/tap",
+                  "TAP 1.1 with ADQL 2.0/2.1; its own capabilities (TAPRegExt: languages, "
+                  f"formats, limits) at {base}/tap/capabilities", use="base", version="1.1")
+           if service.serves_tap else "")
+        + datalink.capability(base, limits)
         + simple("ivo://ivoa.net/std/VOSI#capabilities", "/capabilities",
                  "VOSI capabilities (this document)")
         + simple("ivo://ivoa.net/std/VOSI#availability", "/availability", "VOSI availability")
@@ -190,12 +197,14 @@ def index():
         return pages.search_page()
     parse(no_parameters(None), request.args)
     base = request.host_url.rstrip("/")
+    endpoints = {
+        "cone_search": f"{base}/scs?", "estimates": f"{base}/api/v1/estimates",
+        "spectrum": f"{base}/api/v1/spectra/{{obsid}}", "models": f"{base}/api/v1/models",
+        "datalink": f"{base}{datalink.LINKS_PATH}", "browser": f"{base}/",
+        "availability": f"{base}/availability", "capabilities": f"{base}/capabilities",
+        "health": f"{base}/health", "openapi": f"{base}/openapi.json"}
+    if state().serves_tap:
+        endpoints["tap"] = f"{base}/tap"
     return formats.json_response({
         "service": "LAMOST LRS value-added catalogue (Teff, log g, [Fe/H])",
-        "version": state().version,
-        "endpoints": {
-            "cone_search": f"{base}/scs?", "estimates": f"{base}/api/v1/estimates",
-            "spectrum": f"{base}/api/v1/spectra/{{obsid}}", "models": f"{base}/api/v1/models",
-            "browser": f"{base}/",
-            "availability": f"{base}/availability", "capabilities": f"{base}/capabilities",
-            "health": f"{base}/health", "openapi": f"{base}/openapi.json"}})
+        "version": state().version, "endpoints": endpoints})
