@@ -20,15 +20,33 @@ REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def run_demo(out, *options, check=True):
+    """``lamost-vac demo --no-serve`` in ``out`` with no LAMOST_VAC_ setting (the embedded
+    default unless ``options`` say otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "etl.cli", "demo", "--no-serve", "--out", str(out), *options],
+        cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def printed_queries(result):
+    """(browser URL line, {description: (rows, URL)}) of the demo's printed queries."""
+    lines = [line.strip() for line in result.stdout.splitlines() if "http://127.0.0.1" in line]
+    queries = {}
+    for line in lines[1:]:
+        found = re.fullmatch(r"(.+) \((\d+) rows\): (http://\S+)", line)
+        assert found, line
+        queries[found.group(1)] = (int(found.group(2)), found.group(3))
+    return lines[0], queries
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}   # embedded default
-    result = subprocess.run(
-        [sys.executable, "-m", "etl.cli", "demo", "--no-serve", "--out", str(out), "--stars", "60",
-         "--ensemble", "2"], cwd=out, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    return out, run_demo(out, "--stars", "60", "--ensemble", "2")
 
 
 def test_demo_exports_a_sensible_catalogue(demo_run):
@@ -65,13 +83,68 @@ def test_demo_writes_the_report_and_plots(demo_run):
 
 def test_demo_prints_queries_that_return_rows(demo_run):
     _, result = demo_run
-    urls = [line for line in result.stdout.splitlines() if "http://127.0.0.1" in line]
-    browser, urls = urls[0], urls[1:]          # the browser URL comes first
-    assert browser.strip().startswith("browse the catalogue:") and browser.endswith("/")
-    assert len(urls) == 2 and any("/scs?" in u for u in urls) and any("/api/v1/estimates?" in u for u in urls)
-    for line in urls:
-        rows = int(line.split("(")[-1].split(" rows")[0])
-        assert rows > 0, line
+    browser, queries = printed_queries(result)          # the browser URL comes first
+    assert browser.startswith("browse the catalogue:") and browser.endswith("/")
+    paths = sorted(url.split("/", 3)[3].split("?")[0] for _, url in queries.values())
+    assert paths == ["api/v1/estimates", "datalink/links", "scs"]     # no TAP on SQLite
+    for description, (rows, _) in queries.items():
+        assert rows > 0, description
+
+
+@pytest.fixture(scope="module")
+def demo_pg_run(make_database, tmp_path_factory):
+    """The demo on an empty PostgreSQL database, with the browser tests' small settings:
+    what is checked here is the database, TAP and DataLink, not the accuracy."""
+    url = make_database("postgresql")
+    out = tmp_path_factory.mktemp("demo-pg")
+    return url, out, run_demo(out, "--stars", "40", "--ensemble", "1", "--database-url", url)
+
+
+def test_demo_runs_on_postgresql_and_serves_tap_and_datalink(demo_pg_run, tmp_path):
+    import pyvo
+    import requests
+
+    from conftest import serving
+    from etl.settings import Settings
+    from service.app import create_app
+
+    url, out, result = demo_pg_run
+    # the demo checked its queries against its own 'lamost-vac serve': the ADQL cone
+    # through TAP returns the rows of the same cone through /scs
+    _, queries = printed_queries(result)
+    by_path = {u.split("/", 3)[3].split("?")[0]: rows for rows, u in queries.values()}
+    assert by_path["tap/sync"] == by_path["scs"] > 0 and by_path["datalink/links"] == 3
+
+    # the catalogue it built, through pyvo: the exported estimates, and each row's files
+    exported = {int(r["obsid"]): float(r["teff"])
+                for r in csv.DictReader(open(out / "catalogue.csv"))}
+    settings = Settings(database_url=url, model_dir=str(out / "models"),
+                        tap_job_dir=str(tmp_path / "tap-jobs"))
+    app = create_app(settings)
+    try:
+        with serving(app) as base:
+            tap = pyvo.dal.TAPService(f"{base}/tap")
+            table = tap.run_sync("SELECT obsid, teff FROM v_current_estimates",
+                                 maxrec=100000)
+            assert {int(o): float(t) for o, t in zip(table["obsid"], table["teff"])} == \
+                pytest.approx(exported)
+            first = tap.run_sync("SELECT TOP 1 s.obsid, s.file_path FROM spectra AS s "
+                                 "ORDER BY s.obsid")
+            links = first[0].getdatalink()
+            this = next(links.bysemantics("#this", include_narrower=False))
+            fits = requests.get(this.access_url, timeout=60).content
+            assert fits == (out / str(first[0]["file_path"])).read_bytes()
+            preview = next(links.bysemantics("#preview", include_narrower=False))
+            assert requests.get(preview.access_url, timeout=60).content.startswith(PNG_MAGIC)
+    finally:
+        app.extensions["lamost_vac"].dispose()
+
+
+def test_demo_refuses_a_database_that_holds_a_catalogue(demo_pg_run, tmp_path):
+    url, _, _ = demo_pg_run
+    again = run_demo(tmp_path, "--database-url", url, check=False)
+    assert again.returncode != 0
+    assert "already holds a catalogue" in again.stderr and "new one" in again.stderr
 
 
 def test_compose_file_runs_every_part_with_the_same_settings():

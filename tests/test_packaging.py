@@ -124,5 +124,6 @@ def test_installed_package_migrates_postgresql_and_runs_the_demo(venv, make_data
     for name in ("catalogue.vot", "catalogue.csv", "report/report.md", "lamost_vac.db"):
         assert (out / name).is_file(), name
     urls = [line for line in demo.stdout.splitlines() if "http://127.0.0.1" in line]
-    assert len(urls) == 3 and "browse the catalogue" in urls[0]    # the browser URL first
+    assert len(urls) == 4 and "browse the catalogue" in urls[0]    # the browser URL first
+    assert any("/datalink/links?ID=" in url for url in urls)
     assert_valid_votable(out / "catalogue.vot")

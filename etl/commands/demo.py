@@ -7,9 +7,14 @@ commands an operator would, against a SQLite file with Celery tasks run in-proce
     db upgrade -> ingest spectra -> ingest labels -> crossmatch -> train -> infer
     -> export (VOTable) -> evaluate (report + plots) -> serve
 
-and prints the URLs of a cone search and a parameter-range query that return rows. The
-API is started with ``lamost-vac serve`` in its own process, as an operator would, and the
-example queries are checked over HTTP against it.
+and prints the URLs of a cone search, a parameter-range query and the DataLink links of
+a spectrum that return rows. The API is started with ``lamost-vac serve`` in its own
+process, as an operator would, and the example queries are checked over HTTP against it.
+
+``--database-url postgresql://...`` runs the same on an empty PostgreSQL database (with
+the q3c extension available), which also serves TAP: an ADQL cone through ``/tap/sync``
+is among the checked queries. The server reads with that URL (its sessions read-only);
+tasks still run in-process.
 """
 import glob
 import os
@@ -37,6 +42,9 @@ def register(subparsers):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=DEMO_PORT)
     parser.add_argument("--no-serve", action="store_true", help="stop after the report; do not start the API")
+    parser.add_argument("--database-url", default=None,
+                        help="an empty PostgreSQL database to run on instead of a SQLite file in "
+                             "--out, e.g. postgresql://USER@127.0.0.1/lamost_vac_demo (TAP needs it)")
     parser.set_defaults(func=run_demo)
 
 
@@ -62,11 +70,17 @@ def run_demo(args):
     started = time.perf_counter()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    database = os.path.join(out, "lamost_vac.db")
-    if os.path.exists(database):
-        os.remove(database)             # a demo starts from an empty catalogue
-    url = f"sqlite:///{database}"
-    settings = Settings(database_url=url, model_dir=os.path.join(out, "models"), spectra_root=out)
+    if args.database_url:
+        url = args.database_url
+        _require_empty_catalogue(url)
+    else:
+        database = os.path.join(out, "lamost_vac.db")
+        if os.path.exists(database):
+            os.remove(database)             # a demo starts from an empty catalogue
+        url = f"sqlite:///{database}"
+    postgresql = url.startswith("postgres")
+    settings = Settings(database_url=url, model_dir=os.path.join(out, "models"), spectra_root=out,
+                        tap_job_dir=os.path.join(out, "tap-jobs"))
     tasks.configure(tasks.app, settings)       # no broker: tasks run in this process
 
     _step(f"generating {args.stars} stars x {args.spectra_per_star} LAMOST-like spectra in {out}")
@@ -75,7 +89,7 @@ def run_demo(args):
     catalogue = os.path.join(out, "lamost_catalog.csv")
     labels = os.path.join(out, "apogee_payne.fits")
 
-    _step("catalogue database (SQLite) and ETL")
+    _step(f"catalogue database ({'PostgreSQL' if postgresql else 'SQLite'}) and ETL")
     _run(["db", "upgrade", "--url", url])
     _run(["ingest", "spectra", catalogue, "--spectra-root", out, "--url", url])
     _run(["ingest", "labels", labels, "--url", url])
@@ -100,7 +114,7 @@ def run_demo(args):
 
     # --no-serve: check the queries on a free port, then stop; else serve on --port.
     port = _free_port() if args.no_serve else args.port
-    server = _start_server(url, port)
+    server = _start_server(settings, port)
     try:
         queries = example_queries(settings, port)
         print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; files in {out}:",
@@ -127,11 +141,16 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def _start_server(url, port, timeout_s=60):
-    """``lamost-vac serve`` on ``url`` in its own process, once it answers ``/health``."""
-    command = [sys.executable, "-m", "etl.cli", "serve", "--url", url, "--port", str(port)]
+def _start_server(settings, port, timeout_s=60):
+    """``lamost-vac serve`` on the demo's catalogue in its own process, once it answers
+    ``/health``; with the demo's model folder (the spectrum pages mark the model's
+    pixels) and a TAP job folder of its own."""
+    command = [sys.executable, "-m", "etl.cli", "serve", "--url", settings.database_url,
+               "--port", str(port)]
     print("$ lamost-vac " + " ".join(command[3:]), file=sys.stderr, flush=True)
-    server = subprocess.Popen(command)
+    env = dict(os.environ, LAMOST_VAC_MODEL_DIR=settings.model_dir,
+               LAMOST_VAC_TAP_JOB_DIR=settings.tap_job_dir)
+    server = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + timeout_s
     while True:
         if server.poll() is not None:
@@ -162,25 +181,65 @@ def _get(url, attempts=5):
 
 
 def example_queries(settings, port):
-    """A cone search and a range query that return rows, checked against the running API."""
+    """A cone search, a range query and a spectrum's DataLink links (and on PostgreSQL an
+    ADQL cone through TAP) that return rows, checked against the running API."""
+    from urllib.parse import quote
+
     from sqlalchemy import select
 
     from etl import db, schema
 
     engine = db.make_engine(settings.database_url)
     with engine.connect() as connection:
-        ra, dec = connection.execute(select(schema.spectra.c.ra, schema.spectra.c.dec)
-                                     .order_by(schema.spectra.c.obsid).limit(1)).one()
+        obsid, ra, dec = connection.execute(
+            select(schema.spectra.c.obsid, schema.spectra.c.ra, schema.spectra.c.dec)
+            .order_by(schema.spectra.c.obsid).limit(1)).one()
+        postgresql = db.is_postgres(connection)
     engine.dispose()
     queries = [
         ("IVOA cone search, 1 deg around a demo star",
          f"/scs?RA={ra:.5f}&DEC={dec:.5f}&SR=1"),
         ("G dwarfs with [Fe/H] > -0.5, as CSV",
          "/api/v1/estimates?teff_min=5300&teff_max=6000&logg_min=4&feh_min=-0.5&format=csv&limit=20"),
+        ("DataLink links of a demo spectrum: its FITS file, a preview, its record",
+         f"/datalink/links?ID={obsid}"),
     ]
+    if postgresql:
+        adql = ("SELECT obsid, ra, dec, teff, logg, feh FROM v_current_estimates WHERE 1 = "
+                f"CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {ra:.5f}, {dec:.5f}, 1))")
+        queries.append(("ADQL through TAP, the same cone",
+                        f"/tap/sync?LANG=ADQL&QUERY={quote(adql)}"))
     checked = []
     for description, path in queries:
         text = _get(f"http://127.0.0.1:{port}{path}")
-        rows = text.count("<TR>") if path.startswith("/scs") else max(text.count("\n") - 1, 0)
+        rows = (max(text.count("\n") - 1, 0) if "format=csv" in path
+                else text.count("<TR>"))
         checked.append((description, path, rows))
     return checked
+
+
+def _require_empty_catalogue(url):
+    """The demo fills a catalogue from nothing: it stops rather than add its generated
+    spectra to a database that already holds one."""
+    from sqlalchemy import func, select
+    from sqlalchemy.engine import make_url
+
+    from etl import db, schema
+
+    try:
+        revision = db.current_revision(url)
+        if revision is None:
+            return
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as connection:
+                count = connection.execute(select(func.count()).select_from(schema.spectra)).scalar()
+        finally:
+            engine.dispose()
+    except Exception as error:  # noqa: BLE001 -- unreachable, wrong password, no such database
+        raise SystemExit(f"demo stopped: cannot use {make_url(url)!r}: "
+                         f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+    if count:
+        raise SystemExit(f"demo stopped: {make_url(url)!r} already holds a catalogue ({count} "
+                         "spectra); the demo starts from an empty database: give it a new one "
+                         "(e.g. createdb lamost_vac_demo)")
