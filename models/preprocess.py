@@ -264,7 +264,8 @@ def _continuum(flux, good, config):
     return continuum
 
 
-def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False):
+def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False,
+                        return_continuum=False):
     """Full preprocessing: rest frame, resample, median filter, pseudo-continuum division.
 
     Returns ``(features, good_fraction)``: features of shape (n, n_pixels) as float32, and
@@ -272,6 +273,8 @@ def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False
     are NaN. ``return_masked=True`` adds ``masked`` (n, n_pixels) bool: the pixels whose feature is
     a fill because the *data* were masked (ivar, and-mask, no coverage, continuum ~0); the
     configured instrument regions are filled in every spectrum alike and are not counted.
+    ``return_continuum=True`` adds the fitted pseudo-continuum (n, n_pixels) on the rest-frame
+    grid, in the units of the spectrum's flux (for plots).
     """
     z = np.asarray(z, dtype=float)
     flux, data_good = resample_rest_frame(stack, z, config.loglam)
@@ -302,9 +305,10 @@ def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False
     good_fraction = usable.mean(axis=1)
     features[good_fraction < config.min_good_fraction] = np.nan
     features = features.astype(np.float32)
-    if return_masked:
-        return features, good_fraction, ~usable
-    return features, good_fraction
+    extra = (~usable,) if return_masked else ()
+    if return_continuum:
+        extra += (continuum * scale[:, None],)
+    return (features, good_fraction) + extra
 
 
 def preprocess_spectra(spectra, z, config=PreprocessConfig(), chunk_size=128, return_masked=False):

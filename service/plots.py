@@ -75,7 +75,11 @@ def spectrum_png(wavelength, flux, rest_wavelength, normalised, selected_pixels)
     ``normalised`` None: no usable redshift, so no rest frame (said in the bottom panel)."""
     figure = Figure(figsize=(10, 6), dpi=100, layout="constrained")
     observed, features = figure.subplots(2, 1)
-    observed.plot(wavelength, flux, lw=0.5, color="k")
+    observed.plot(wavelength, flux, lw=0.5, color="k", label="observed flux")
+    if continuum is not None:
+        observed.plot(rest_wavelength * (1.0 + z), continuum, lw=1.2, color="tab:red",
+                      label="pseudo-continuum")
+        observed.legend(loc="upper right", fontsize="small")
     observed.set_xlabel("observed wavelength [Å]")
     observed.set_ylabel("flux")
     observed.set_title("Observed spectrum")

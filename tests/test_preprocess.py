@@ -364,6 +364,22 @@ def test_continuum_normalise_recovers_the_line_profile():
         assert features[0, core] == pytest.approx(1.0 - depth, abs=0.03)
 
 
+def test_the_returned_continuum_is_the_star_continuum_in_flux_units():
+    """What the spectrum plot draws over the observed flux: for a black body with a few lines,
+    the pseudo-continuum at z is the black body itself (in the file's flux units)."""
+    wavelength = lamost_wavelength()
+    z = 2e-4
+    rest = wavelength / (1 + z)
+    flux = 3e-16 * planck(rest, 5000.0) / planck(np.array([5500.0]), 5000.0) * \
+        absorption(rest, [4500.0, 6300.0], depth=0.4, sigma_pixels=3.0)
+    stack = SpectrumStack.from_spectra([make_spectrum(flux, wavelength)])
+    features, _, continuum = continuum_normalise(stack, [z], CONFIG, return_continuum=True)
+    expected = 3e-16 * planck(CONFIG.wavelength, 5000.0) / planck(np.array([5500.0]), 5000.0)
+    np.testing.assert_allclose(continuum[0], expected, rtol=2e-3)
+    same, _ = continuum_normalise(stack, [z], CONFIG)
+    np.testing.assert_array_equal(features, same)
+
+
 # --------------------------------------------------------------------------- building blocks
 
 def test_median_filter3_matches_scipy():

@@ -395,9 +395,11 @@ def spectrum_plot(obsid):
     catalogue_z = record["spectrum"].get("z")
     z = redshift_to_use([np.nan if catalogue_z is None else catalogue_z],
                         [np.nan if spectrum.meta.get("z") is None else spectrum.meta["z"]])
-    normalised = None
+    normalised = continuum = None
     if not redshift_flags(z)[0] & NO_USABLE_REDSHIFT:
-        normalised = continuum_normalise(SpectrumStack.from_spectra([spectrum]), z, config)[0][0]
+        features, _, fitted = continuum_normalise(SpectrumStack.from_spectra([spectrum]), z, config,
+                                                  return_continuum=True)
+        normalised, continuum = features[0], fitted[0]
     selected = {}
     if artifact:
         for label, estimator in artifact["model"].estimators_.items():
@@ -405,7 +407,7 @@ def spectrum_plot(obsid):
             if mask.shape == config.wavelength.shape:
                 selected[label] = mask
     png = plots.spectrum_png(spectrum.wavelength, spectrum.flux, config.wavelength,
-                             normalised, selected)
+                             normalised, selected, continuum=continuum, z=float(z[0]))
     return Response(png, mimetype="image/png")
 
 
