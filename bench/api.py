@@ -44,11 +44,10 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.throwaway_db import throwaway_database  # noqa: E402
 from etl import db, schema  # noqa: E402
 from etl.settings import settings  # noqa: E402
 
-PG_URL = os.environ.get("LAMOST_VAC_TEST_PG_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MODEL = "bench-1.0"
 FIRST_OBSID = 1_000_000_000     # the spectra loaded have obsids FIRST_OBSID, FIRST_OBSID + 1, ...
 RADII_ARCMIN = (1.0, 10.0)
@@ -287,11 +286,7 @@ def stop(process):
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def _holds_rows(admin, url, name, rows):
-    with admin.connect() as connection:
-        if not connection.exec_driver_sql(
-                "SELECT 1 FROM pg_database WHERE datname = %(n)s", {"n": name}).scalar():
-            return False
+def _holds_rows(url, rows):
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
@@ -327,28 +322,17 @@ def bench_catalogue(rows, rng, shared, keep=False):
     """Yield a :class:`BenchCatalogue` in the database lamost_vac_bench_api_<pid>,
     dropped on exit; with ``keep``, in lamost_vac_bench_api, kept and reused by the next
     run when it already holds ``rows`` estimates."""
-    admin = create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
     name = "lamost_vac_bench_api" if keep else f"lamost_vac_bench_api_{os.getpid()}"
-    url = make_url(db.normalise_url(PG_URL)).set(database=name) \
-        .render_as_string(hide_password=False)
-    reuse = keep and _holds_rows(admin, url, name, rows)
-    if not reuse:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        if reuse:
+    with throwaway_database(name, keep=keep, reuse=(lambda url: _holds_rows(url, rows))
+                            if keep else None) as database:
+        url = database.url
+        if database.reused:
             ra, dec = _positions(url)
             load_report = "reused"
         else:
             db.upgrade(url)
             ra, dec, load_report = load(url, rows, rng, shared)
         yield BenchCatalogue(url, db.reader_url_for(url), ra, dec, load_report)
-    finally:
-        if not keep:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
 
 
 def main():
