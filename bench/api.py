@@ -116,19 +116,24 @@ def percentiles(samples_s):
             "n": int(len(ms))}
 
 
+def psycopg_connection(url, generic=False):
+    """A plain psycopg connection (autocommit) to the database at ``url``, JIT off as in
+    the service (a generic Q3C plan's cost estimate would trigger a JIT compilation
+    costing seconds); ``generic``: prepared statements get a generic plan."""
+    import psycopg
+
+    parsed = make_url(url)
+    options = "-c jit=off" + (" -c plan_cache_mode=force_generic_plan" if generic else "")
+    return psycopg.connect(host=parsed.host, port=parsed.port or 5432,
+                           user=parsed.username, dbname=parsed.database,
+                           autocommit=True, options=options)
+
+
 def raw_sql_latency(url, centres, radius_deg, statement_sql, generic=False, warmup=20):
     """Client-side latency (execute + fetch) through psycopg. ``generic=False``: a plain
     parameterised query, planned for each call (what psql or a simple client gets);
     ``generic=True``: a prepared statement with a generic plan (what the service does)."""
-    import psycopg
-
-    parsed = make_url(url)
-    # JIT off as in the service (a generic Q3C plan's cost estimate would trigger a JIT
-    # compilation costing seconds).
-    options = "-c jit=off" + (" -c plan_cache_mode=force_generic_plan" if generic else "")
-    connection = psycopg.connect(host=parsed.host, port=parsed.port or 5432,
-                                 user=parsed.username, dbname=parsed.database,
-                                 autocommit=True, options=options)
+    connection = psycopg_connection(url, generic)
     timings, rows = [], []
     with connection.cursor() as cursor:
         for i, (ra, dec) in enumerate(list(centres[:warmup]) + list(centres)):
