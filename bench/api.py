@@ -60,14 +60,22 @@ def real_positions(shared):
     return rows
 
 
-def load(url, n, rng, shared):
-    rows = real_positions(shared)
+def footprint_positions(rows, n, rng):
+    """(pick, ra, dec) of n positions following the LAMOST footprint: each jittered
+    (Gaussian, 0.5 deg) around the position of a random row of ``rows``
+    (:func:`real_positions`), the index of which is ``pick``."""
     pick = rng.integers(0, len(rows), n)
-    ra0 = np.array([float(rows[i]["ra"]) for i in pick])
-    dec0 = np.array([float(rows[i]["dec"]) for i in pick])
+    ra0 = np.array([float(row["ra"]) for row in rows])[pick]
+    dec0 = np.array([float(row["dec"]) for row in rows])[pick]
     dec = np.clip(dec0 + rng.normal(0, 0.5, n), -89.99, 89.99)
     ra = (ra0 + rng.normal(0, 0.5, n) / np.cos(np.radians(dec))) % 360.0
     ra[ra >= 360.0] = 0.0
+    return pick, ra, dec
+
+
+def load(url, n, rng, shared):
+    rows = real_positions(shared)
+    pick, ra, dec = footprint_positions(rows, n, rng)
     teff = np.array([float(rows[i]["teff"] or 5000) for i in pick]) + rng.normal(0, 50, n)
     logg = np.array([float(rows[i]["logg"] or 4) for i in pick]) + rng.normal(0, 0.1, n)
     feh = np.array([float(rows[i]["feh"] or 0) for i in pick]) + rng.normal(0, 0.05, n)
