@@ -44,11 +44,10 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.throwaway_db import throwaway_database  # noqa: E402
 from etl import db, schema  # noqa: E402
 from etl.settings import settings  # noqa: E402
 
-PG_URL = os.environ.get("LAMOST_VAC_TEST_PG_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 MODEL = "bench-1.0"
 FIRST_OBSID = 1_000_000_000     # the spectra loaded have obsids FIRST_OBSID, FIRST_OBSID + 1, ...
 RADII_ARCMIN = (1.0, 10.0)
@@ -61,14 +60,22 @@ def real_positions(shared):
     return rows
 
 
-def load(url, n, rng, shared):
-    rows = real_positions(shared)
+def footprint_positions(rows, n, rng):
+    """(pick, ra, dec) of n positions following the LAMOST footprint: each jittered
+    (Gaussian, 0.5 deg) around the position of a random row of ``rows``
+    (:func:`real_positions`), the index of which is ``pick``."""
     pick = rng.integers(0, len(rows), n)
-    ra0 = np.array([float(rows[i]["ra"]) for i in pick])
-    dec0 = np.array([float(rows[i]["dec"]) for i in pick])
+    ra0 = np.array([float(row["ra"]) for row in rows])[pick]
+    dec0 = np.array([float(row["dec"]) for row in rows])[pick]
     dec = np.clip(dec0 + rng.normal(0, 0.5, n), -89.99, 89.99)
     ra = (ra0 + rng.normal(0, 0.5, n) / np.cos(np.radians(dec))) % 360.0
     ra[ra >= 360.0] = 0.0
+    return pick, ra, dec
+
+
+def load(url, n, rng, shared):
+    rows = real_positions(shared)
+    pick, ra, dec = footprint_positions(rows, n, rng)
     teff = np.array([float(rows[i]["teff"] or 5000) for i in pick]) + rng.normal(0, 50, n)
     logg = np.array([float(rows[i]["logg"] or 4) for i in pick]) + rng.normal(0, 0.1, n)
     feh = np.array([float(rows[i]["feh"] or 0) for i in pick]) + rng.normal(0, 0.05, n)
@@ -117,19 +124,24 @@ def percentiles(samples_s):
             "n": int(len(ms))}
 
 
+def psycopg_connection(url, generic=False):
+    """A plain psycopg connection (autocommit) to the database at ``url``, JIT off as in
+    the service (a generic Q3C plan's cost estimate would trigger a JIT compilation
+    costing seconds); ``generic``: prepared statements get a generic plan."""
+    import psycopg
+
+    parsed = make_url(url)
+    options = "-c jit=off" + (" -c plan_cache_mode=force_generic_plan" if generic else "")
+    return psycopg.connect(host=parsed.host, port=parsed.port or 5432,
+                           user=parsed.username, dbname=parsed.database,
+                           autocommit=True, options=options)
+
+
 def raw_sql_latency(url, centres, radius_deg, statement_sql, generic=False, warmup=20):
     """Client-side latency (execute + fetch) through psycopg. ``generic=False``: a plain
     parameterised query, planned for each call (what psql or a simple client gets);
     ``generic=True``: a prepared statement with a generic plan (what the service does)."""
-    import psycopg
-
-    parsed = make_url(url)
-    # JIT off as in the service (a generic Q3C plan's cost estimate would trigger a JIT
-    # compilation costing seconds).
-    options = "-c jit=off" + (" -c plan_cache_mode=force_generic_plan" if generic else "")
-    connection = psycopg.connect(host=parsed.host, port=parsed.port or 5432,
-                                 user=parsed.username, dbname=parsed.database,
-                                 autocommit=True, options=options)
+    connection = psycopg_connection(url, generic)
     timings, rows = [], []
     with connection.cursor() as cursor:
         for i, (ra, dec) in enumerate(list(centres[:warmup]) + list(centres)):
@@ -287,11 +299,7 @@ def stop(process):
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def _holds_rows(admin, url, name, rows):
-    with admin.connect() as connection:
-        if not connection.exec_driver_sql(
-                "SELECT 1 FROM pg_database WHERE datname = %(n)s", {"n": name}).scalar():
-            return False
+def _holds_rows(url, rows):
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
@@ -327,28 +335,17 @@ def bench_catalogue(rows, rng, shared, keep=False):
     """Yield a :class:`BenchCatalogue` in the database lamost_vac_bench_api_<pid>,
     dropped on exit; with ``keep``, in lamost_vac_bench_api, kept and reused by the next
     run when it already holds ``rows`` estimates."""
-    admin = create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
     name = "lamost_vac_bench_api" if keep else f"lamost_vac_bench_api_{os.getpid()}"
-    url = make_url(db.normalise_url(PG_URL)).set(database=name) \
-        .render_as_string(hide_password=False)
-    reuse = keep and _holds_rows(admin, url, name, rows)
-    if not reuse:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        if reuse:
+    with throwaway_database(name, keep=keep, reuse=(lambda url: _holds_rows(url, rows))
+                            if keep else None) as database:
+        url = database.url
+        if database.reused:
             ra, dec = _positions(url)
             load_report = "reused"
         else:
             db.upgrade(url)
             ra, dec, load_report = load(url, rows, rng, shared)
         yield BenchCatalogue(url, db.reader_url_for(url), ra, dec, load_report)
-    finally:
-        if not keep:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
 
 
 def main():

@@ -22,19 +22,16 @@ import tempfile
 import time
 
 import numpy as np
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, registry
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.throwaway_db import throwaway_database  # noqa: E402
 from etl import db, schema  # noqa: E402
 from etl.crossmatch import CrossmatchOptions, crossmatch  # noqa: E402
 from etl.ingest import SpectraIngestOptions, ingest_spectra, spectra_row  # noqa: E402
 from etl.settings import settings  # noqa: E402
 
-PG_URL = os.environ.get("LAMOST_VAC_TEST_PG_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 CATALOGUE_FIELDS = ["obsid", "designation", "lmjd", "mjd", "planid", "spid", "fiberid", "ra",
                     "dec", "snru", "snrg", "snrr", "snri", "snrz", "class", "subclass", "z",
                     "z_err"]
@@ -144,13 +141,9 @@ def main():
     rng = np.random.default_rng(args.seed)
     rows = real_rows(args.shared)
     pick, ra, dec = jittered_catalogue(rows, args.rows, rng)
-    name = f"lamost_vac_bench_{os.getpid()}"
-    admin = create_engine(db.normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    url = make_url(db.normalise_url(PG_URL)).set(database=name).render_as_string(False)
     result = {"database": "postgresql", "rows": args.rows, "labels": args.labels}
-    try:
+    with throwaway_database(f"lamost_vac_bench_{os.getpid()}") as database:
+        url = database.url
         db.upgrade(url)
         orm_rate, orm_seconds = orm_insert_rate(url, rows, pick, ra, dec, args.orm_rows)
         result.update(orm_rows=args.orm_rows, orm_seconds=round(orm_seconds, 2),
@@ -184,10 +177,6 @@ def main():
         again = crossmatch(engine, CrossmatchOptions(radius_arcsec=3.0))
         result["crossmatch_rerun_seconds"] = round(again.seconds, 2)
         engine.dispose()
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
     print(json.dumps(result, indent=2))
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.throwaway_db import throwaway_database  # noqa: E402
+
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
@@ -49,22 +51,6 @@ def cli(*argv):
     if code:
         raise SystemExit(f"lamost-vac {' '.join(map(str, argv))} failed:\n{err.getvalue()}")
     return out.getvalue(), err.getvalue()
-
-
-def create_database(admin_url):
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    from etl.db import normalise_url
-
-    name = f"lamost_vac_bench_{os.getpid()}"
-    admin = create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    url = make_url(normalise_url(admin_url)).set(database=name).render_as_string(
-        hide_password=False)
-    return admin, name, url
 
 
 def astropy_read(path):
@@ -156,32 +142,8 @@ def stop(process):
     process.log_file.close()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sim", default="/tmp/sim-ref",
-                        help="lamost_sim.py output (lamost_catalog.csv, apogee_payne.fits, spectra/)")
-    parser.add_argument("--pg", default=os.environ.get(
-        "LAMOST_VAC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-        help="admin URL of the PostgreSQL server (a bench database is created and dropped)")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/12",
-                        help="broker (its database is flushed)")
-    parser.add_argument("--workers", default="1,2", help="worker process counts to time")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--naive-limit", type=int, default=500,
-                        help="spectra for the naive loop (it is slow; rate is per spectrum)")
-    parser.add_argument("--artifact", default=None, help="use this model file instead of training")
-    parser.add_argument("--ensemble", type=int, default=10)
-    parser.add_argument("--max-epochs", type=int, default=30,
-                        help="training epochs (inference cost does not depend on it)")
-    parser.add_argument("--keep", action="store_true", help="keep the bench database")
-    args = parser.parse_args(argv)
-
-    sim = Path(args.sim)
-    if not (sim / "lamost_catalog.csv").is_file():
-        raise SystemExit(f"{sim}: no lamost_catalog.csv (generate with lamost_sim.py)")
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"lamost-vac-bench-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    admin, name, url = create_database(args.pg)
+def measure(args, sim, tmp, name, url):
+    """The naive loop and the Celery workers on database ``name`` at ``url``: a dict."""
     env = dict(os.environ, LAMOST_VAC_DATABASE_URL=url, LAMOST_VAC_BROKER_URL=args.redis,
                LAMOST_VAC_MODEL_DIR=str(tmp / "models"), OMP_NUM_THREADS="1",
                OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -285,13 +247,43 @@ def main(argv=None):
         result["load_average_at_end"] = os.getloadavg()
     finally:
         engine.dispose()
-        if not args.keep:
-            with admin.connect() as connection:
-                connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            shutil.rmtree(tmp, ignore_errors=True)
-        admin.dispose()
         with contextlib.suppress(Exception):
             redis.Redis.from_url(args.redis).flushdb()
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sim", default="/tmp/sim-ref",
+                        help="lamost_sim.py output (lamost_catalog.csv, apogee_payne.fits, spectra/)")
+    parser.add_argument("--pg", default=os.environ.get(
+        "LAMOST_VAC_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="admin URL of the PostgreSQL server (a bench database is created and dropped)")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/12",
+                        help="broker (its database is flushed)")
+    parser.add_argument("--workers", default="1,2", help="worker process counts to time")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--naive-limit", type=int, default=500,
+                        help="spectra for the naive loop (it is slow; rate is per spectrum)")
+    parser.add_argument("--artifact", default=None, help="use this model file instead of training")
+    parser.add_argument("--ensemble", type=int, default=10)
+    parser.add_argument("--max-epochs", type=int, default=30,
+                        help="training epochs (inference cost does not depend on it)")
+    parser.add_argument("--keep", action="store_true", help="keep the bench database")
+    args = parser.parse_args(argv)
+
+    sim = Path(args.sim)
+    if not (sim / "lamost_catalog.csv").is_file():
+        raise SystemExit(f"{sim}: no lamost_catalog.csv (generate with lamost_sim.py)")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"lamost-vac-bench-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with throwaway_database(f"lamost_vac_bench_{os.getpid()}", keep=args.keep,
+                                admin_url=args.pg) as database:
+            result = measure(args, sim, tmp, database.name, database.url)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=2))
     return 0
 

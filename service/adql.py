@@ -20,11 +20,23 @@ ADQL's ``TOP n``; ADQL's ``LOG`` is the natural logarithm there too), then:
    ``COORD1``/``COORD2`` of a point -> its coordinates; ``TAP_SCHEMA.<table>`` -> the
    generated ``VALUES`` tables (:func:`service.tap_schema.tap_schema_ctes`).
 3. caps the rows: the outermost ``LIMIT`` (ADQL ``TOP``) becomes at most ``maxrows``.
+4. **binds** the numbers given to the Q3C functions (a cone's centre and radius, a
+   polygon's vertices, a DISTANCE's point) as statement parameters instead of literals:
+   every cone of one query shape is then the same statement, so that its translation is
+   reused (:class:`QueryShapes`) and psycopg prepares it once per connection. PostgreSQL
+   still plans each execution for its values: a generic plan cannot know that a cone is
+   small and joins it to the estimates by scanning them all (unlike /scs's statement,
+   which is built for a generic plan).
 
 The SQL is generated from the checked tree by sqlglot's PostgreSQL dialect (literals
-quoted by it); the service runs it as the read-only reader role with a statement timeout.
+quoted by it) for psycopg; the service runs it as the read-only reader role with a
+statement timeout.
 """
-from dataclasses import dataclass
+import math
+import re
+import secrets
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import sqlglot
@@ -76,13 +88,24 @@ class AdqlError(ValueError):
 
 @dataclass
 class Translation:
-    sql: str                # PostgreSQL
+    sql: str                # PostgreSQL for psycopg: % doubled, Q3C numbers %(name)s
     tree: exp.Expression    # the translated tree (for the output columns' metadata)
+    parameters: dict = field(default_factory=dict)   # name -> value of the placeholders
 
 
 def translate(query: str, maxrows: Optional[int] = None, uploads=None) -> Translation:
     """``uploads``: {name: :class:`service.tap_upload.UploadedTable`} reachable as
-    ``TAP_UPLOAD.name``."""
+    ``TAP_UPLOAD.name``. A query without uploads whose shape was translated before (the
+    same text but for the numbers bound as parameters) is not parsed again
+    (:class:`QueryShapes`)."""
+    if uploads:
+        return _translate(query, maxrows, uploads)[0]
+    return QUERY_SHAPES.translate(query, maxrows)
+
+
+def _translate(query, maxrows, uploads=None):
+    """(:class:`Translation`, where its parameters are in ``query``: see
+    :func:`driver_statement`)."""
     uploads = {name.lower(): table for name, table in (uploads or {}).items()}
     tree = parse(query)
     check(tree, uploads)
@@ -93,7 +116,77 @@ def translate(query: str, maxrows: Optional[int] = None, uploads=None) -> Transl
     if maxrows is not None:
         tree = cap_rows(tree, maxrows)
     _default_null_order(tree)
-    return Translation(tree.sql(dialect="postgres"), tree)
+    return driver_statement(tree)
+
+
+# A number as query shapes see it: digits with an optional fraction and exponent, with
+# no letter, digit, underscore or dot on either side (those make it part of a name, or
+# sqlglot reads it otherwise).
+NUMBER_TEXT = re.compile(r"(?<![\w.])(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?![\w.])")
+
+
+class QueryShapes:
+    """Translations by query shape, so that a client sending the same query with other
+    cone centres (the common case: a list of targets) does not pay for parsing, checking
+    and rewriting each time (sqlglot is pure Python: ~10 ms per query, more than the
+    database takes for a small cone).
+
+    The shape of a query is its text with the numbers (:data:`NUMBER_TEXT`) cut out.
+    An entry keeps the translation of the first query of a shape and, for each of its
+    numbers, either which Q3C parameter it became (its value is the parameter's) or its
+    text. A later query of the same shape whose other numbers have the same text gets
+    the same SQL with its own parameters; anything else is translated and checked in
+    full. A shape is kept only when every parameter's literal is exactly one of the
+    numbers cut out, so a number is never swapped for something sqlglot reads otherwise.
+    """
+
+    def __init__(self, size=256):
+        self.size = size
+        self._entries = {}      # (maxrows, texts between numbers) -> (Translation, slots)
+        self._lock = threading.Lock()
+
+    def translate(self, query, maxrows):
+        if not query or len(query) > MAX_QUERY_CHARS:   # the full path says why
+            return _translate(query, maxrows)[0]
+        pieces = NUMBER_TEXT.split(query)
+        key, numbers = (maxrows, tuple(pieces[0::2])), pieces[1::2]
+        entry = self._entries.get(key)
+        if entry is not None:
+            translation, slots = entry
+            parameters = _parameter_values(numbers, slots)
+            if parameters is not None:
+                return replace(translation, parameters=parameters)
+        translation, literals = _translate(query, maxrows)
+        spans = [match.span(1) for match in NUMBER_TEXT.finditer(query)]
+        parameter_of = {span: (f"q3c_{n}", sign) for n, (span, sign) in enumerate(literals)}
+        if set(parameter_of) <= set(spans):
+            slots = tuple(parameter_of.get(span, text) for span, text in zip(spans, numbers))
+            with self._lock:
+                if len(self._entries) >= self.size:
+                    self._entries.pop(next(iter(self._entries)))
+                self._entries[key] = (translation, slots)
+        return translation
+
+
+def _parameter_values(numbers, slots):
+    """{q3c_<n>: value} of a query's ``numbers`` in a shape's ``slots`` (a (parameter
+    name, sign) pair, or the text the number must have), or None when a number differs
+    from its text or a parameter is not a finite number."""
+    parameters = {}
+    for text, slot in zip(numbers, slots):
+        if isinstance(slot, str):
+            if text != slot:
+                return None
+            continue
+        name, sign = slot
+        value = _number(text)
+        if value is None:
+            return None
+        parameters[name] = sign * value
+    return parameters
+
+
+QUERY_SHAPES = QueryShapes()
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,6 +474,67 @@ def _default_null_order(tree):
     would spell out T-SQL's, which stops an index from serving the order)."""
     for ordered in tree.find_all(exp.Ordered):
         ordered.set("nulls_first", bool(ordered.args.get("desc")))
+
+
+Q3C_FUNCTIONS = {"Q3C_RADIAL_QUERY", "Q3C_POLY_QUERY", "Q3C_DIST"}
+# Nodes between a Q3C function and a number that becomes a parameter: arithmetic on
+# numbers and the polygon's array. Not a sub-query, where a number can be a position
+# (ORDER BY 1), nor a type (DECIMAL(10, 2)).
+NUMBER_CONTEXT = (exp.Neg, exp.Paren, exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Array,
+                  exp.Cast)
+
+
+def driver_statement(tree):
+    """The psycopg statement of a translated tree: the numbers given to the Q3C
+    functions become placeholders ``%(q3c_0)s``, ... with their values in
+    ``parameters``; every other ``%`` (a LIKE pattern, a string) is doubled, so that
+    psycopg reads it as text. The placeholders are generated with a random marker in
+    their names, which no query can contain, so that escaping tells them from the
+    query's own text; the final names depend only on their order, so that every query
+    of one shape gives the same statement.
+
+    Returns the :class:`Translation` and, per parameter, (the span of its number in the
+    query text, or None; its sign: a unary minus is taken into the value)."""
+    marker = secrets.token_hex(8)
+    parameters, literals = {}, []
+    for function in list(tree.find_all(exp.Anonymous, bfs=False)):
+        if function.name.upper() not in Q3C_FUNCTIONS:
+            continue
+        for literal in list(function.find_all(exp.Literal, bfs=False)):
+            value = _number_argument(literal, function)
+            if value is None:
+                continue
+            negated = isinstance(literal.parent, exp.Neg)
+            name = f"q3c_{len(parameters)}"
+            parameters[name] = -value if negated else value
+            start, end = literal.meta.get("start"), literal.meta.get("end")
+            span = (start, end + 1) if start is not None and end is not None else None
+            literals.append((span, -1 if negated else 1))
+            (literal.parent if negated else literal).replace(
+                exp.Placeholder(this=marker + name))
+    sql = tree.sql(dialect="postgres").replace("%", "%%")
+    for name in parameters:
+        sql = sql.replace(f"%%({marker}{name})s", f"%({name})s")
+    return Translation(sql, tree, parameters), literals
+
+
+def _number_argument(literal, function):
+    """The value of a finite number literal that reaches ``function`` through arithmetic
+    only, else None."""
+    if literal.is_string:
+        return None
+    node = literal.parent
+    while node is not function:
+        if not isinstance(node, NUMBER_CONTEXT):
+            return None
+        node = node.parent
+    return _number(literal.this)
+
+
+def _number(text):
+    """The value of a number's text (int when it has only digits), None if not finite."""
+    value = int(text) if text.isdigit() else float(text)
+    return value if math.isfinite(value) else None
 
 
 def top_value(tree) -> Optional[int]:

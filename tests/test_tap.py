@@ -145,17 +145,61 @@ def test_hostile_adql_is_refused_before_the_database(query, message):
 
 
 def test_adql_translation_to_q3c():
-    sql = adql.translate(cone_adql("v_spectra", 150.0, 30.0, 0.1) + " ORDER BY obsid",
-                         maxrows=None).sql
-    assert sql == ("SELECT obsid FROM v_spectra WHERE Q3C_RADIAL_QUERY(ra, dec, 150.0, 30.0, "
-                   "0.1) ORDER BY obsid")
+    cone = adql.translate(cone_adql("v_spectra", 150.0, 30.0, 0.1) + " ORDER BY obsid",
+                          maxrows=None)
+    assert cone.sql == ("SELECT obsid FROM v_spectra WHERE Q3C_RADIAL_QUERY(ra, dec, "
+                        "%(q3c_0)s, %(q3c_1)s, %(q3c_2)s) ORDER BY obsid")
+    assert cone.parameters == {"q3c_0": 150.0, "q3c_1": 30.0, "q3c_2": 0.1}
     polygon = adql.translate("SELECT obsid FROM spectra WHERE CONTAINS(POINT(ra, dec), "
-                             "POLYGON('ICRS', 1, 2, 3, 2, 2, 4)) = 0", maxrows=5).sql
-    assert polygon == ("SELECT obsid FROM spectra WHERE NOT Q3C_POLY_QUERY(ra, dec, "
-                       "CAST(ARRAY[1, 2, 3, 2, 2, 4] AS DOUBLE PRECISION[])) LIMIT 5")
+                             "POLYGON('ICRS', 1, -2, 3, 2, 2, 4)) = 0", maxrows=5)
+    assert polygon.sql == ("SELECT obsid FROM spectra WHERE NOT Q3C_POLY_QUERY(ra, dec, "
+                           "CAST(ARRAY[%(q3c_0)s, %(q3c_1)s, %(q3c_2)s, %(q3c_3)s, "
+                           "%(q3c_4)s, %(q3c_5)s] AS DOUBLE PRECISION[])) LIMIT 5")
+    assert list(polygon.parameters.values()) == [1, -2, 3, 2, 2, 4]
     distance = adql.translate("SELECT TOP 50 DISTANCE(POINT('ICRS', ra, dec), "
-                              "POINT('ICRS', 1, 2)) AS d FROM spectra", maxrows=11).sql
-    assert distance == "SELECT Q3C_DIST(ra, dec, 1, 2) AS d FROM spectra LIMIT 11"
+                              "POINT('ICRS', 1, 2)) AS d FROM spectra", maxrows=11)
+    assert distance.sql == ("SELECT Q3C_DIST(ra, dec, %(q3c_0)s, %(q3c_1)s) AS d FROM spectra "
+                            "LIMIT 11")
+
+
+def test_cones_of_one_shape_are_one_statement():
+    """The numbers of the Q3C functions are parameters, so that every cone of a query
+    shape is one statement (its translation reused, prepared once per connection);
+    numbers elsewhere, a sub-query's positional ORDER BY 1 included, stay in the text."""
+    first, second = (adql.translate(cone_adql("v_current_estimates", ra, dec, 1 / 60,
+                                              columns="obsid, teff")
+                                    + " AND teff > 5000", maxrows=101)
+                     for ra, dec in ((150.0, 30.0), (10.5, -2.25)))
+    assert first.sql == second.sql and "5000" in first.sql
+    assert second.parameters == {"q3c_0": 10.5, "q3c_1": -2.25, "q3c_2": 1 / 60}
+    nested = adql.translate("SELECT obsid FROM spectra WHERE 1 = CONTAINS(POINT(ra, dec), "
+                            "CIRCLE((SELECT TOP 1 ra FROM spectra ORDER BY 1), 0, 1/60.))",
+                            maxrows=5)
+    assert "ORDER BY 1 LIMIT 1" in nested.sql
+    assert nested.parameters == {"q3c_0": 0, "q3c_1": 1, "q3c_2": 60.0}
+
+
+def test_a_reused_query_shape_translates_as_a_fresh_translation():
+    """adql.translate reuses the translation of a query of the same shape; every query
+    below, translated after the one before it, gets what a first translation gives,
+    including where a number outside the Q3C functions changes the translation."""
+    cone = "SELECT TOP {} obsid FROM v_spectra WHERE {} = CONTAINS(POINT(ra, dec), " \
+           "CIRCLE('ICRS', {}, {}, {}))"
+    queries = [cone.format(10, 1, 150.0, 30.0, 0.1), cone.format(10, 1, 10.5, -2.0, 0.2),
+               cone.format(10, 1, 10.5, 2, "1e999"), cone.format(3, 1, 1, 2, 3),
+               cone.format(3, 0, 1, 2, 3), cone.format(3, 0, -1, 2.5, 0.01),
+               cone.format(3, 0, -1, 2.5, 0.01) + " -- a comment",
+               cone.format(3, 0, 1, 2, 3) + " AND designation LIKE 'J 1%'",
+               cone.format(3, 0, 1, 2, 3) + " AND designation LIKE 'J 2%'",
+               cone.format(3, 0, 1, 2, 3) + " AND designation LIKE 'J2%'",
+               cone.format(3, 0, "1.5e-3", "2.", "3E+1")]
+    for query in queries:
+        reused = adql.translate(query, maxrows=5)
+        fresh = adql.QueryShapes().translate(query, maxrows=5)
+        assert (reused.sql, reused.parameters) == (fresh.sql, fresh.parameters), query
+    assert adql.translate(queries[1], maxrows=5).parameters == {
+        "q3c_0": 10.5, "q3c_1": -2.0, "q3c_2": 0.2}
+    assert "NOT Q3C_RADIAL_QUERY" in adql.translate(queries[4], maxrows=5).sql
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,9 +305,10 @@ def test_cone_uses_the_q3c_index(tap_app):
     view joining the estimates."""
     engine = tap_app.extensions["lamost_vac"].tap_engine
     for table in ("v_spectra", "v_current_estimates"):
-        sql = adql.translate(cone_adql(table, 150.1, 30.1, 1 / 60), maxrows=101).sql
+        cone = adql.translate(cone_adql(table, 150.1, 30.1, 1 / 60), maxrows=101)
         with engine.connect() as connection:
-            plan = "\n".join(r[0] for r in connection.exec_driver_sql("EXPLAIN " + sql))
+            plan = "\n".join(r[0] for r in connection.exec_driver_sql(
+                "EXPLAIN " + cone.sql, cone.parameters))
         assert "spectra_q3c_idx" in plan, plan
 
 
@@ -581,7 +626,7 @@ def test_upload_crossmatch_uses_the_q3c_index(tap_app, tap_db):
     buffer = io.BytesIO()
     targets.write(buffer, format="votable")
     uploaded = tap_upload.read_votable("targets", buffer.getvalue(), 1000)
-    sql = adql.translate(CROSSMATCH, maxrows=100, uploads={"targets": uploaded}).sql
+    crossmatch = adql.translate(CROSSMATCH, maxrows=100, uploads={"targets": uploaded})
     engine = tap_app.extensions["lamost_vac"].tap_engine
     with engine.connect() as connection:
         # 3,000 spectra are few enough for the planner to prefer a scan; what is shown
@@ -590,7 +635,7 @@ def test_upload_crossmatch_uses_the_q3c_index(tap_app, tap_db):
         connection.exec_driver_sql("SET enable_seqscan = off")
         try:
             plan = "\n".join(r[0] for r in connection.exec_driver_sql(
-                "EXPLAIN " + sql.replace("%", "%%"), ()))
+                "EXPLAIN " + crossmatch.sql, crossmatch.parameters))
         finally:
             connection.exec_driver_sql("RESET enable_seqscan")
     assert "spectra_q3c_idx" in plan, plan[:500]

@@ -271,8 +271,7 @@ def run_query(params, engine, timeout_ms, files=None):
         return tap_error(str(error))
     try:
         with engine.connect() as connection:
-            # No parameters, but the driver still reads % as a placeholder: double it.
-            result = connection.exec_driver_sql(translation.sql.replace("%", "%%"), ())
+            result = connection.exec_driver_sql(translation.sql, translation.parameters)
             description = result.cursor.description
             rows = result.fetchall()
     except SQLAlchemyError as error:
