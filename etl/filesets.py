@@ -13,6 +13,7 @@ from astropy.table import Table
 from etl.ingest import (LabelsIngestOptions, SpectrumIndex, UnsafePathError, label_arrays,
                         parse_column_mapping, read_label_table)
 from models.flags import missing_value
+from models.labels import LABELS
 
 CATALOGUE_COLUMNS = ("obsid", "ra", "dec", "snrg", "z")
 # LASP's own parameters (catalogue column -> column here), used where present to flag stars
@@ -122,3 +123,14 @@ def read_truth(path):
     """A CSV of obsid, teff, logg, feh (e.g. lamost_sim's truth.csv)."""
     table = Table.read(path, format="ascii.csv")
     return table[["obsid", "teff", "logg", "feh"]]
+
+
+def join_truth(catalogue, truth):
+    """Catalogue rows whose obsid is in the truth table, with its teff, logg, feh added."""
+    row_of_obsid = {int(o): i for i, o in enumerate(truth["obsid"])}
+    rows = [i for i, o in enumerate(catalogue["obsid"]) if int(o) in row_of_obsid]
+    matched = catalogue[rows]
+    truth_rows = [row_of_obsid[int(o)] for o in matched["obsid"]]
+    for label in LABELS:
+        matched[label] = np.asarray(truth[label], dtype=float)[truth_rows]
+    return matched

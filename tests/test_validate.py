@@ -11,10 +11,10 @@ import pytest
 
 from conftest import miles_ids
 from etl.cli import main
-from etl.commands.validate import OUTCOMES, PLOT_FILES, spectrum_key
 from models.lasso_mlpnet import LABELS
 from models.readers import read_meta
 from models.validation import pairwise_z, repeat_scatter, scatter_summary, z_summary
+from models.validation_report import OUTCOMES, PLOT_FILES, spectrum_key
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LIMIT = 15
