@@ -2,26 +2,32 @@
 
 Simulated spectra measure accuracy against known truth; real spectra check the method
 where there is no truth. From folders of real spectra (``lamost-vac validate`` finds the
-files and reads the side tables) this module estimates every file and writes a report
-folder:
+files and reads the tables) this module estimates every file (:func:`validate_files`) and
+writes a report folder (:func:`write_validation_report`):
 
 - robustness: every spectrum file of every folder is read and either estimated or
   flagged with a reason (unreadable with the reader's reason; class not STAR; near-zero
   SNRg; no usable redshift or too few usable pixels); counts per outcome per folder;
-- repeatability: stars observed several times: the scatter of their estimates against
-  SNRg and the pairwise z-scores with the model uncertainty (``<label>_err_model``, the
-  scaled ensemble std) and the calibrated one (``<label>_err``) -- a z-score std of ~1
-  means honest uncertainties (statistics in :mod:`models.validation`);
-- agreement with LASP: spectra with LASP rows: MAE, mu, sigma of ours - LASP by SNRg,
-  with scatter plots;
+- repeatability: stars observed several times (repeat groups from a table, or spectra
+  within a radius of each other): the scatter of their estimates against SNRg and the
+  pairwise z-scores with the model uncertainty (``<label>_err_model``, the scaled
+  ensemble std) and the calibrated one (``<label>_err``) -- a z-score std of ~1 means
+  honest uncertainties (statistics in :mod:`models.validation`);
+- agreement with reference labels (LASP, APOGEE, GALAH: :class:`ReferenceLabels`): MAE,
+  mu, sigma of ours - reference by SNRg, the median offset by reference Teff, scatter
+  plots;
 - the Kiel diagram of all real estimates.
 
 Files: ``report.md``, ``report.json``, ``estimates.csv`` (one row per file, with outcome
 and reason) and PNG figures.
 """
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 from .flags import NOT_A_STAR, NOT_ESTIMATED, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
@@ -34,7 +40,8 @@ from .progress import progress
 from .readers import SpectrumReadError, read_meta
 from .report import (LABEL_HEADINGS, accuracy_table, describe_label_domain, fmt, label_head, table,
                      write_report_files, write_table)
-from .validation import GAUSS_WITHIN_1, pairwise_z, repeat_scatter, scatter_summary, z_summary
+from .validation import (GAUSS_WITHIN_1, group_by_position, pairwise_z, repeat_scatter, scatter_summary,
+                         z_summary)
 
 DEFAULT_MIN_SNRG = 2.0
 
@@ -47,29 +54,69 @@ UNUSABLE = "unusable"                    # read, but no usable redshift or too f
 UNREADABLE = "unreadable"                # the reader refused the file
 OUTCOMES = (ESTIMATED, ESTIMATED_FLAGGED, NOT_STAR, LOW_SNR, UNUSABLE, UNREADABLE)
 
-# LASP comparison: the paper's SNRg bins plus below 5 and above 80 (real spectra reach 200+)
-LASP_SNR_BINS = (0.0, *SNR_BINS, np.inf)
+# reference comparison: the paper's SNRg bins plus below 5 and above 80 (real spectra reach 200+)
+REFERENCE_SNR_BINS = (0.0, *SNR_BINS, np.inf)
 # repeat observations have SNRg 30-375
 REPEAT_SNR_BINS = (0.0, 20.0, 40.0, 80.0, 160.0, np.inf)
-# offsets from LASP by LASP Teff: where a disagreement comes from
-LASP_TEFF_BINS = (0.0, 5000.0, 6000.0, 7000.0, np.inf)
+# offsets from the reference by reference Teff: where a disagreement comes from
+REFERENCE_TEFF_BINS = (0.0, 5000.0, 6000.0, 7000.0, np.inf)
 PLOT_FILES = {"outcomes": "outcomes.png", "repeat_scatter": "repeat_scatter.png",
-              "repeat_zscores": "repeat_zscores.png", "lasp": "lasp_comparison.png",
-              "kiel": "kiel_diagram.png", "kiel_lasp": "kiel_lasp.png"}
-OFFSET_DISCUSSION = (
-    "Possible causes of the offsets from LASP: (1) the model is trained on simulated spectra "
-    "of MILES stars (an empirical library observed through a model of LAMOST), not on real "
-    "LAMOST spectra, so any mismatch between simulated and real spectra (noise, flux "
-    "calibration, sky residuals, instrumental profile) and between MILES labels and the "
-    "APOGEE/LASP scales propagates into the estimates; (2) the DR1 spectra come from the "
-    "oldest pipeline (v2.6.4), whose flux calibration and sky subtraction are poorer than "
-    "DR7/DR8's, which changes the continuum shape the normalisation sees; (3) the model uses "
-    "3881-7400 A only (MILES' coverage) while LASP fits the whole spectrum, and LASP's own "
-    "labels carry their own systematics (LASP is ULySS with the ELODIE library), so part of "
-    "the offset is LASP's. (4) Found and fixed here: the DR1 pipeline sets ivar = 0 in the cores "
-    "of the strongest lines (Ca II H and K, G band); masking them made Teff ~1,100 K too hot, "
-    "so preprocessing keeps those DR1 pixels (models/preprocess.py, _good_pixels).")
+              "repeat_zscores": "repeat_zscores.png", "reference": "reference_comparison.png",
+              "kiel": "kiel_diagram.png", "kiel_reference": "kiel_reference.png"}
+# the figures drawn only when there is a reference table
+REFERENCE_PLOTS = ("reference", "kiel_reference")
 
+
+@dataclass
+class ReferenceLabels:
+    """Labels to compare the estimates with (LASP, APOGEE, GALAH, ...), one entry per row of
+    their table. A spectrum finds its row by ``join``: "file name" (``keys`` are
+    :func:`spectrum_key` of the table's file names; a name given twice: the last row),
+    "obsid" (``keys`` are obsids, compared with the header's OBSID) or "position" (the
+    nearest row within ``radius_arcsec`` of the header's RA, Dec)."""
+    name: str                     # what the report calls them, e.g. "LASP"
+    source: str                   # the table they come from
+    labels: dict                  # label -> float array, NaN where missing
+    join: str
+    keys: Optional[list] = None
+    ra: Optional[np.ndarray] = None
+    dec: Optional[np.ndarray] = None
+    radius_arcsec: float = 3.0
+
+    JOINS = ("file name", "obsid", "position")
+
+    def __post_init__(self):
+        if self.join not in self.JOINS:
+            raise ValueError(f"join must be one of {', '.join(self.JOINS)}, not {self.join!r}")
+
+    def rows_of(self, spectra):
+        """Per spectrum (dicts with ``file``, ``obsid``, ``ra``, ``dec``): the index of its
+        reference row, or None."""
+        if self.join == "position":
+            return _nearest_within(spectra, self.ra, self.dec, self.radius_arcsec)
+        index = {}
+        for row, key in enumerate(self.keys):
+            if key is not None:
+                index[key] = row
+        if self.join == "file name":
+            return [index.get(spectrum_key(spectrum["file"])) for spectrum in spectra]
+        return [index.get(spectrum["obsid"]) if spectrum["obsid"] is not None else None
+                for spectrum in spectra]
+
+
+def _nearest_within(spectra, ra, dec, radius_arcsec):
+    """Per spectrum: the index of the nearest (ra, dec) within the radius, or None."""
+    found = [None] * len(spectra)
+    here = [k for k, s in enumerate(spectra) if np.isfinite(s["ra"]) and np.isfinite(s["dec"])]
+    there = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+    if not here or not there.size:
+        return found
+    spectra_at = SkyCoord([spectra[k]["ra"] for k in here], [spectra[k]["dec"] for k in here], unit="deg")
+    nearest, separation, _ = spectra_at.match_to_catalog_sky(SkyCoord(ra[there], dec[there], unit="deg"))
+    for k, row, within in zip(here, there[nearest], separation <= radius_arcsec * u.arcsec):
+        if within:
+            found[k] = int(row)
+    return found
 
 
 # -- spectra -------------------------------------------------------------------------------
@@ -83,14 +130,17 @@ def _is_star(klass):
     return klass is not None and str(klass).strip().upper() == "STAR"
 
 
-def estimate_files(artifact, folders, n_jobs=-1, min_snrg=DEFAULT_MIN_SNRG):
-    """One row per file: folder, file, header metadata, outcome, reason, flags, estimates."""
+def read_headers(folders, min_snrg=DEFAULT_MIN_SNRG):
+    """One row per file of ``folders`` ([(folder name, [(file, path)])]): folder, file,
+    header metadata and, for the files that will not be estimated, the outcome and reason
+    (unreadable, not a star, SNRg missing or at most ``min_snrg``); None for the others."""
     rows = []
-    for folder, paths in folders:
-        for path in paths:
-            row = {"folder": folder, "file": os.path.basename(path), "path": path, "obsid": None,
-                   "class": None, "subclass": None, "snrg": np.nan, "z": np.nan,
-                   "outcome": None, "reason": "", "flags": 0,
+    for folder, files in folders:
+        for name, path in files:
+            row = {"folder": folder, "file": name, "path": path, "obsid": None,
+                   "class": None, "subclass": None, "snrg": np.nan, "z": np.nan, "ra": np.nan,
+                   "dec": np.nan, "outcome": None, "reason": "", "flags": 0,
+                   "reference_row": None, "repeat_group": None,
                    **{label + suffix: np.nan for label in LABELS for suffix in ESTIMATE_SUFFIXES}}
             try:
                 meta = read_meta(path)
@@ -98,9 +148,8 @@ def estimate_files(artifact, folders, n_jobs=-1, min_snrg=DEFAULT_MIN_SNRG):
                 row.update(outcome=UNREADABLE, reason=error.reason, flags=UNUSABLE_SPECTRUM)
                 rows.append(row)
                 continue
-            row.update(obsid=meta["obsid"], subclass=meta["subclass"],
-                       snrg=np.nan if meta["snrg"] is None else meta["snrg"],
-                       z=np.nan if meta["z"] is None else meta["z"])
+            row.update({key: np.nan if meta[key] is None else meta[key] for key in ("snrg", "z", "ra", "dec")})
+            row.update(obsid=meta["obsid"], subclass=meta["subclass"])
             row["class"] = meta["class"]
             if not _is_star(meta["class"]):
                 row.update(outcome=NOT_STAR, flags=NOT_A_STAR,
@@ -110,32 +159,82 @@ def estimate_files(artifact, folders, n_jobs=-1, min_snrg=DEFAULT_MIN_SNRG):
                            reason=("no SNRG in header" if not np.isfinite(row["snrg"]) else
                                    f"SNRg {row['snrg']:g} <= {min_snrg:g}") + ": not estimated")
             rows.append(row)
-    todo = [i for i, row in enumerate(rows) if row["outcome"] is None]
-    estimates = {}
-    if todo:
-        model = artifact["model"]
-        feature_set = featurise_files(
-            [rows[i]["path"] for i in todo], [rows[i]["z"] for i in todo], artifact["preprocess"],
-            n_jobs=n_jobs, progress=lambda it, total: progress(it, total, "preprocessing"))
-        errors = feature_set.errors
-        snrg = np.array([rows[i]["snrg"] for i in todo], dtype=float)
-        estimates = predict_features(model, feature_set, snrg,
-                                     subclass=[rows[i]["subclass"] for i in todo])
-        for k, i in enumerate(todo):
-            row = rows[i]
-            flags = int(estimates["flags"][k])
-            if k in errors:
-                row.update(outcome=UNREADABLE, reason=errors[k], flags=UNUSABLE_SPECTRUM)
-            elif flags & NOT_ESTIMATED:      # too few usable pixels, no usable redshift
-                row.update(outcome=UNUSABLE, flags=flags, reason=estimates["problem"][k])
-            else:
-                row.update(outcome=ESTIMATED if flags == 0 else ESTIMATED_FLAGGED, flags=flags,
-                           reason="; ".join(describe_flags(flags)))
-            if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED):
-                for label in LABELS:
-                    for suffix in ESTIMATE_SUFFIXES:
-                        row[label + suffix] = float(estimates[label + suffix][k])
     return rows
+
+
+def assign_repeat_groups(rows, groups=None, radius_arcsec=None):
+    """Set each row's ``repeat_group``: from ``groups`` ({spectrum key: group id}, a
+    repeat-groups table), or, with ``radius_arcsec``, numbered groups of the spectra within
+    that radius of each other (:func:`models.validation.group_by_position` on the header
+    positions); None for a spectrum in no group."""
+    if groups is not None:
+        for row in rows:
+            row["repeat_group"] = groups.get(spectrum_key(row["file"]))
+    elif radius_arcsec is not None:
+        found = group_by_position(_column(rows, "ra"), _column(rows, "dec"), radius_arcsec)
+        for row, group in zip(rows, found):
+            row["repeat_group"] = int(group) if group > 0 else None
+
+
+def first_per_folder(rows, limit):
+    """The first ``limit`` rows of each folder, spectra with a reference row or in a repeat
+    group first and a group's members next to each other: a quick subset that still
+    has repeats and reference labels."""
+    def order(row):
+        side = row["repeat_group"] is not None or row["reference_row"] is not None
+        return (not side, row["repeat_group"] or 0, row["file"])
+
+    kept = []
+    for folder in dict.fromkeys(row["folder"] for row in rows):
+        kept += sorted((row for row in rows if row["folder"] == folder), key=order)[:limit]
+    return kept
+
+
+def estimate_rows(artifact, rows, n_jobs=-1):
+    """Estimate the rows without an outcome yet (:func:`read_headers`) and set their outcome
+    (estimated, estimated_flagged, unusable or unreadable), reason, flags and estimates."""
+    todo = [i for i, row in enumerate(rows) if row["outcome"] is None]
+    if not todo:
+        return rows
+    model = artifact["model"]
+    feature_set = featurise_files(
+        [rows[i]["path"] for i in todo], [rows[i]["z"] for i in todo], artifact["preprocess"],
+        n_jobs=n_jobs, progress=lambda it, total: progress(it, total, "preprocessing"))
+    errors = feature_set.errors
+    snrg = np.array([rows[i]["snrg"] for i in todo], dtype=float)
+    estimates = predict_features(model, feature_set, snrg, subclass=[rows[i]["subclass"] for i in todo])
+    for k, i in enumerate(todo):
+        row = rows[i]
+        flags = int(estimates["flags"][k])
+        if k in errors:
+            row.update(outcome=UNREADABLE, reason=errors[k], flags=UNUSABLE_SPECTRUM)
+        elif flags & NOT_ESTIMATED:      # too few usable pixels, no usable redshift
+            row.update(outcome=UNUSABLE, flags=flags, reason=estimates["problem"][k])
+        else:
+            row.update(outcome=ESTIMATED if flags == 0 else ESTIMATED_FLAGGED, flags=flags,
+                       reason="; ".join(describe_flags(flags)))
+        if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED):
+            for label in LABELS:
+                for suffix in ESTIMATE_SUFFIXES:
+                    row[label + suffix] = float(estimates[label + suffix][k])
+    return rows
+
+
+def validate_files(artifact, folders, reference=None, repeat_groups=None, repeat_radius_arcsec=None,
+                   limit_per_folder=None, min_snrg=DEFAULT_MIN_SNRG, n_jobs=-1):
+    """One row per spectrum file of ``folders`` ([(folder name, [(file, path)])]) with its
+    outcome, reason, flags, estimates, ``reference_row`` (index into ``reference``, a
+    :class:`ReferenceLabels`, or None) and ``repeat_group`` (from the ``repeat_groups``
+    table {spectrum key: group id}, or found within ``repeat_radius_arcsec``);
+    ``limit_per_folder``: only that many files per folder (:func:`first_per_folder`)."""
+    rows = read_headers(folders, min_snrg)
+    if reference is not None:
+        for row, found in zip(rows, reference.rows_of(rows)):
+            row["reference_row"] = found
+    assign_repeat_groups(rows, repeat_groups, repeat_radius_arcsec)
+    if limit_per_folder is not None:
+        rows = first_per_folder(rows, limit_per_folder)
+    return estimate_rows(artifact, rows, n_jobs)
 
 
 def outcome_counts(rows):
@@ -161,13 +260,13 @@ def _number(value):
 
 
 # -- analyses ---------------------------------------------------------------------------------
-def repeatability(rows, repeats):
+def repeatability(rows):
     """Scatter and pairwise z-scores of the estimated spectra that belong to repeat groups."""
-    members = [row for row in rows if spectrum_key(row["file"]) in repeats
+    members = [row for row in rows if row["repeat_group"] is not None
                and row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
-    groups = [repeats[spectrum_key(row["file"])] for row in members]
+    groups = [row["repeat_group"] for row in members]
     snrg = _column(members, "snrg") if members else np.array([])
-    result = {"n_files_in_groups": sum(1 for row in rows if spectrum_key(row["file"]) in repeats),
+    result = {"n_files_in_groups": sum(1 for row in rows if row["repeat_group"] is not None),
               "n_estimated_in_groups": len(members), "labels": {}}
     arrays = {}
     for label in LABELS:
@@ -200,31 +299,34 @@ def repeatability(rows, repeats):
     return result, arrays
 
 
-def lasp_agreement(rows, lasp):
-    """Ours - LASP for every estimated spectrum with a LASP row: accuracy by SNRg bin for all
-    of them and for the method's domain (no quality flag)."""
-    matched = [row for row in rows if spectrum_key(row["file"]) in lasp]
+def reference_agreement(rows, reference):
+    """Ours - reference for every estimated spectrum with a reference row: accuracy by
+    SNRg bin for all of them and for the method's domain (no quality flag), and the median
+    offset by reference Teff."""
+    matched = [row for row in rows if row["reference_row"] is not None]
     estimated = [row for row in matched if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
     ours = {label: _column(estimated, label) if estimated else np.array([]) for label in LABELS}
-    ref = {label: np.array([lasp[spectrum_key(row["file"])][label] for row in estimated], dtype=float)
+    ref = {label: np.array([reference.labels[label][row["reference_row"]] for row in estimated], dtype=float)
            for label in LABELS}
     snrg = _column(estimated, "snrg") if estimated else np.array([])
     in_domain = np.array([row["flags"] == 0 for row in estimated], dtype=bool)
-    result = {"n_with_lasp_row": len(matched), "n_estimated": len(estimated),
+    result = {"name": reference.name, "table": reference.source, "join": reference.join,
+              **({"radius_arcsec": reference.radius_arcsec} if reference.join == "position" else {}),
+              "n_with_row": len(matched), "n_estimated": len(estimated),
               "n_in_domain": int(in_domain.sum()),
-              "snr_bins": snr_bin_names(LASP_SNR_BINS),
-              "all": accuracy_by_snr(ours, ref, snrg, bins=LASP_SNR_BINS),
+              "snr_bins": snr_bin_names(REFERENCE_SNR_BINS),
+              "all": accuracy_by_snr(ours, ref, snrg, bins=REFERENCE_SNR_BINS),
               "in_domain": accuracy_by_snr({k: v[in_domain] for k, v in ours.items()},
                                            {k: v[in_domain] for k, v in ref.items()},
-                                           snrg[in_domain], bins=LASP_SNR_BINS)}
+                                           snrg[in_domain], bins=REFERENCE_SNR_BINS)}
     by_teff = {}
-    for lo, hi in zip(LASP_TEFF_BINS[:-1], LASP_TEFF_BINS[1:]):
+    for lo, hi in zip(REFERENCE_TEFF_BINS[:-1], REFERENCE_TEFF_BINS[1:]):
         mask = (ref["teff"] > lo) & (ref["teff"] <= hi)
         by_teff[f"{lo:g}-{hi:g}"] = {
             "n": int(mask.sum()),
             **{label: _number(np.nanmedian(ours[label][mask] - ref[label][mask])) if mask.any() else None
                for label in LABELS}}
-    result["median_offset_by_lasp_teff"] = by_teff
+    result["median_offset_by_reference_teff"] = by_teff
     return result, (ours, ref, snrg)
 
 
@@ -341,9 +443,9 @@ def distribution_table_md(distribution):
     return table(["folder", "N"] + label_head(("median (5-95%)",)), rows)
 
 
-def teff_offset_table_md(by_teff):
-    head = ["LASP Teff (K)", "N"] + [f"median {LABEL_HEADINGS[l][0]} offset ({LABEL_HEADINGS[l][1]})"
-                                      for l in LABELS]
+def teff_offset_table_md(by_teff, reference_name):
+    head = [f"{reference_name} Teff (K)", "N"] + [f"median {LABEL_HEADINGS[l][0]} offset ({LABEL_HEADINGS[l][1]})"
+                                                  for l in LABELS]
     return table(head, [[name, str(per["n"])] + [fmt(per[l], "+" + LABEL_HEADINGS[l][2]) for l in LABELS]
                         for name, per in by_teff.items() if per["n"]])
 
@@ -396,20 +498,66 @@ def _honesty(std):
     return f"about right (z std {low:g}-{high:g})"
 
 
-def offsets_sentence(lasp):
+def offsets_sentence(reference):
     parts = []
     for label in LABELS:
-        s = lasp["all"][label]["all"]
+        s = reference["all"][label]["all"]
         name, unit, spec = LABEL_HEADINGS[label]
         if s["n"]:
             parts.append(f"{name} {s['mu']:+{spec}} {unit} (sigma {s['sigma']:{spec}}, MAE {s['mae']:{spec}})")
     if not parts:
-        return "No DR1 spectrum with a LASP row was estimated."
-    return (f"Mean offsets ours - LASP over {lasp['n_estimated']} spectra: " + "; ".join(parts) + ".")
+        return f"No spectrum with a {reference['name']} row was estimated."
+    return (f"Mean offsets ours - {reference['name']} over {reference['n_estimated']} spectra: " +
+            "; ".join(parts) + ".")
+
+
+def repeat_source_sentence(repeat_groups):
+    """Where the repeat groups come from, for the report (``repeat_groups``: the report's)."""
+    if repeat_groups is None:
+        return "No repeat groups given (`--repeat-groups` or `--repeat-radius`)."
+    if "table" in repeat_groups:
+        return f"Repeat groups from `{os.path.basename(repeat_groups['table'])}`."
+    return (f"Repeat groups: spectra within {repeat_groups['radius_arcsec']:g}\" of each other "
+            "(header positions, linked friends of friends).")
+
+
+def reference_section_md(reference):
+    """The comparison with the reference labels (the report's ``reference``, or None)."""
+    if reference is None:
+        return ["## Agreement with reference labels", "", "No reference table given (`--reference`).", ""]
+    name = reference["name"]
+    joined = {"file name": "by file name", "obsid": "by obsid",
+              "position": f"by position within {reference.get('radius_arcsec', 0):g}\""}[reference["join"]]
+    parts = [
+        f"## Agreement with {name}",
+        "",
+        f"{reference['n_with_row']} spectra have a row in `{os.path.basename(reference['table'])}` "
+        f"(joined {joined}), {reference['n_estimated']} estimated ({reference['n_in_domain']} without "
+        f"quality flags). Residual = ours - {name}; mu is their mean, sigma their std; SNRg (header) "
+        "bins are (low, high].",
+        "",
+        offsets_sentence(reference),
+        "",
+        "### All estimated",
+        "",
+        accuracy_table(reference["all"], ["all", *reference["snr_bins"]], skip_empty=True),
+        "",
+        "### Without quality flags (inside the method's domain)",
+        "",
+        accuracy_table(reference["in_domain"], ["all", *reference["snr_bins"]], skip_empty=True),
+        "",
+        f"### Median offset by {name} Teff",
+        "",
+        teff_offset_table_md(reference["median_offset_by_reference_teff"], name),
+        "",
+    ]
+    if reference.get("notes"):
+        parts += [reference["notes"].strip(), ""]
+    return parts
 
 
 def report_markdown(report):
-    model, counts, rep, lasp = report["model"], report["counts"], report["repeatability"], report["lasp"]
+    model, counts, rep = report["model"], report["counts"], report["repeatability"]
     training = model.get("training") or {}
     parts = [
         f"# Validation of model {model['version']} on real LAMOST spectra",
@@ -417,7 +565,7 @@ def report_markdown(report):
         f"- Model: `{model['artifact']}`, trained on {training.get('n_spectra', '?')} spectra with "
         f"SNRg in {training.get('snr_range', '?')}, {describe_label_domain(training)}; "
         f"wavelength range {model.get('wave_range')} A.",
-        f"- Real spectra: `{report['real_dir']}`" +
+        "- Real spectra: " + ", ".join(f"`{folder}`" for folder in report["spectra"]) +
         (f", first {report['limit_per_folder']} files per folder (subset)" if report["limit_per_folder"] else
          ", every spectrum file") + ".",
         f"- Regenerate: `{report['command']}`",
@@ -446,6 +594,7 @@ def report_markdown(report):
     parts += [
         "## Repeatability: stars observed several times",
         "",
+        f"{repeat_source_sentence(report['repeat_groups'])} "
         f"{rep['n_estimated_in_groups']} estimated spectra of {rep['n_stars']} stars with >= 2 estimated "
         f"spectra ({rep['n_files_in_groups']} files in repeat groups). Scatter: sample std of a star's "
         "estimates. z = (x_i - x_j) / sqrt(err_i^2 + err_j^2) over every pair of a star's spectra; "
@@ -465,54 +614,36 @@ def report_markdown(report):
                      f"calibrated uncertainties {_honesty(r['z_calibrated']['std'])}.")
     parts += ["", "Median scatter and median rms uncertainties by the star's mean SNRg:", "",
               repeat_snr_table_md(rep), ""]
-    parts += [
-        "## Agreement with LASP (DR1)",
-        "",
-        f"{lasp['n_with_lasp_row']} spectra have a row in the DR1 A/F/G/K catalogue, "
-        f"{lasp['n_estimated']} estimated ({lasp['n_in_domain']} without quality flags). "
-        "Residual = ours - LASP; mu is their mean, sigma their std; SNRg (header) bins are (low, high].",
-        "",
-        offsets_sentence(lasp),
-        "",
-        "### All estimated",
-        "",
-        accuracy_table(lasp["all"], ["all", *lasp["snr_bins"]], skip_empty=True),
-        "",
-        "### Without quality flags (inside the method's domain)",
-        "",
-        accuracy_table(lasp["in_domain"], ["all", *lasp["snr_bins"]], skip_empty=True),
-        "",
-        "### Median offset by LASP Teff",
-        "",
-        teff_offset_table_md(lasp["median_offset_by_lasp_teff"]),
-        "",
-        OFFSET_DISCUSSION,
-        "",
-        "## Figures",
-        "",
-    ]
+    parts += reference_section_md(report["reference"])
+    parts += ["## Figures", ""]
+    name = (report["reference"] or {}).get("name")
     titles = {"outcomes": "Outcome of every file per folder",
               "repeat_scatter": "Scatter of repeated estimates and reported uncertainties vs SNRg",
               "repeat_zscores": "Pairwise z-scores of repeats against a unit Gaussian",
-              "lasp": "Ours against LASP (DR1), with residual histograms",
+              "reference": f"Ours against {name}, with residual histograms",
               "kiel": "Kiel diagram of all real estimates",
-              "kiel_lasp": "Kiel diagram of the DR1 spectra: ours and LASP"}
+              "kiel_reference": f"Kiel diagram of the spectra with {name} labels: ours and {name}"}
     for key, filename in report["files"]["plots"].items():
         parts += [f"### {titles[key]}", "", f"![{titles[key]}]({filename})", ""]
     return "\n".join(parts)
 
 
-def write_validation_report(out, artifact, artifact_path, rows, repeats, lasp_rows, inputs):
+def write_validation_report(out, artifact, artifact_path, rows, inputs, reference=None, reference_notes=None):
     """Write the report folder (see the module docstring) and return the report.
 
-    ``rows``: :func:`estimate_files` output; ``repeats``: {spectrum key: repeat group};
-    ``lasp_rows``: {spectrum key: LASP labels}; ``inputs``: what the report records of how
-    it was made (real_dir, limit_per_folder, min_snrg and the command that regenerates it).
+    ``rows``: :func:`validate_files` output; ``inputs``: what the report records of how it
+    was made (spectra: the folders; repeat_groups: {"table": path} or {"radius_arcsec": r}
+    or None; limit_per_folder; min_snrg; command: the command that regenerates it);
+    ``reference``: the :class:`ReferenceLabels` the rows were joined to, and
+    ``reference_notes``: markdown printed after the comparison (why they may disagree).
     """
     os.makedirs(out, exist_ok=True)
     counts = outcome_counts(rows)
-    rep, rep_arrays = repeatability(rows, repeats)
-    lasp, (ours, ref, lasp_snrg) = lasp_agreement(rows, lasp_rows)
+    rep, rep_arrays = repeatability(rows)
+    agreement = None
+    if reference is not None:
+        agreement, (ours, ref, ref_snrg) = reference_agreement(rows, reference)
+        agreement["notes"] = reference_notes
 
     estimates = Table()
     for key in ("folder", "file"):
@@ -527,27 +658,29 @@ def write_validation_report(out, artifact, artifact_path, rows, repeats, lasp_ro
     for label in LABELS:
         for suffix in ESTIMATE_SUFFIXES:
             estimates[label + suffix] = _column(rows, label + suffix)
-    estimates["repeat_group"] = np.array([repeats.get(spectrum_key(row["file"]), -1) for row in rows],
-                                         dtype=np.int64)
+    estimates["repeat_group"] = np.array([-1 if row["repeat_group"] is None else row["repeat_group"]
+                                          for row in rows], dtype=np.int64)
     for label in LABELS:
-        estimates[label + "_lasp"] = np.array([lasp_rows.get(spectrum_key(row["file"]), {}).get(label, np.nan)
-                                             for row in rows], dtype=float)
+        estimates[label + "_ref"] = np.array(
+            [np.nan if row["reference_row"] is None else reference.labels[label][row["reference_row"]]
+             for row in rows], dtype=float)
     estimates["reason"] = [row["reason"] for row in rows]
     estimates["model_version"] = artifact["version"]
     write_table(estimates, os.path.join(out, "estimates.csv"))
 
     estimated = [row for row in rows if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
-    plots = dict(PLOT_FILES)
+    plots = {key: name for key, name in PLOT_FILES.items() if reference is not None or key not in REFERENCE_PLOTS}
     plot_outcomes(os.path.join(out, plots["outcomes"]), counts)
     plot_repeat_scatter(os.path.join(out, plots["repeat_scatter"]), rep_arrays)
     plot_zscores(os.path.join(out, plots["repeat_zscores"]), rep_arrays)
-    predicted_vs_reference(os.path.join(out, plots["lasp"]), ours, ref, lasp_snrg,
-                           title="LASSO-MLPNet against LASP (reference = LASP, LAMOST DR1)")
     kiel_diagram(os.path.join(out, plots["kiel"]),
                  *(_column(estimated, label) if estimated else np.array([]) for label in LABELS),
                  title=f"LASSO-MLPNet, {len(estimated)} real LAMOST spectra")
-    kiel_diagram(os.path.join(out, plots["kiel_lasp"]), ours["teff"], ours["logg"], ours["feh"],
-                 reference=ref, title="LASSO-MLPNet (DR1)")
+    if reference is not None:
+        predicted_vs_reference(os.path.join(out, plots["reference"]), ours, ref, ref_snrg,
+                               title=f"LASSO-MLPNet against {reference.name} (reference = {reference.name})")
+        kiel_diagram(os.path.join(out, plots["kiel_reference"]), ours["teff"], ours["logg"], ours["feh"],
+                     reference=ref, title=f"LASSO-MLPNet (spectra with {reference.name} labels)")
 
     flag_counts = {}
     for row in estimated:
@@ -568,9 +701,8 @@ def write_validation_report(out, artifact, artifact_path, rows, repeats, lasp_ro
         "flag_counts": flag_counts,
         "label_distribution": label_distribution(rows),
         "repeatability": rep,
-        "lasp": lasp,
+        "reference": agreement,
         "files": {"estimates": "estimates.csv", "plots": plots},
-        "offset_discussion": OFFSET_DISCUSSION,
     }
     write_report_files(out, report, report_markdown(report))
     return report

@@ -1,143 +1,154 @@
 """``lamost-vac validate``: how a model behaves on real LAMOST spectra.
 
-Estimates every spectrum file of the real spectra in ``../shared/data/lamost-real`` (one
-folder per data set), with the side tables found there (``repeat_groups.csv``: GroupID
-per ``combined_file``; ``dr1_afgk_catalog_rows.csv``: LASP labels per ``filename``), and
-writes the report folder that :mod:`models.validation_report` builds: the outcome of
-every file, the repeatability of stars observed several times, the agreement with LASP
-and the Kiel diagram. One command regenerates everything.
+Estimates every spectrum file of the folders given, joins them to an optional table of
+reference labels (LASP, APOGEE, GALAH, ...) and to repeat groups (a table, or spectra
+within a radius of each other), and writes the report folder that
+:mod:`models.validation_report` builds: the outcome of every file, the repeatability of
+stars observed several times, the agreement with the reference labels and the Kiel
+diagram. One command regenerates everything.
 """
-import csv
+import argparse
 import os
+import shlex
 import sys
+import textwrap
 
-import numpy as np
+from astropy import units as u
 
+from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from models.artifact import load_model
 from models.labels import LABELS
 from models.report import LABEL_HEADINGS, fmt
-from models.validation_report import (DEFAULT_MIN_SNRG, OUTCOMES, estimate_files, spectrum_key,
+from models.validation_report import (DEFAULT_MIN_SNRG, OUTCOMES, validate_files,
                                       write_validation_report)
 
-DEFAULT_REAL_DIR = os.path.join("..", "shared", "data", "lamost-real")
-SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fts", ".fts.gz")
-REPEAT_TABLE = "repeat_groups.csv"
-LASP_TABLE = "dr1_afgk_catalog_rows.csv"
+DEFAULT_REFERENCE_RADIUS = "3arcsec"
+# the report of the README, on the real spectra of ../shared/data (run from the repository)
+SHARED_DATA_COMMAND = (
+    "lamost-vac validate --model MODEL --spectra ../shared/data/lamost-real/*/ \\\n"
+    "    --reference ../shared/data/lamost-real/dr1-plate-B6212/dr1_afgk_catalog_rows.csv "
+    "--reference-name LASP \\\n"
+    "    --reference-notes docs/lasp-dr1-offsets.md \\\n"
+    "    --repeat-groups ../shared/data/lamost-real/dr8-repeats/repeat_groups.csv --out report/")
 
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "validate", help="check a model on real LAMOST spectra: robustness, repeatability, LASP",
-        description="Estimate every spectrum file under --real-dir (one folder per data set) and "
-                    "write a report (report.md, report.json, estimates.csv, PNG figures): outcome "
-                    "of every file, scatter and z-scores of repeat observations (repeat_groups.csv), "
-                    "agreement with LASP (dr1_afgk_catalog_rows.csv) and the Kiel diagram.")
+        "validate", help="check a model on real LAMOST spectra: robustness, repeatability, "
+                         "agreement with reference labels",
+        description=textwrap.fill(
+            "Estimate every spectrum file (spec-*.fits[.gz], at any depth) of the --spectra folders "
+            "and write a report (report.md, report.json, estimates.csv, PNG figures): the outcome of "
+            "every file, the scatter and z-scores of repeat observations (--repeat-groups or "
+            "--repeat-radius), the agreement with reference labels (--reference) and the Kiel diagram.",
+            88),
+        epilog="The report on the shared real spectra (LASP labels of the DR1 plate, the DR8 "
+               "repeat groups):\n\n  " + SHARED_DATA_COMMAND.replace("\n", "\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model artifact from train-files or train")
-    parser.add_argument("--real-dir", default=os.environ.get("LAMOST_VAC_REAL_DIR", DEFAULT_REAL_DIR),
-                        help="folder of real-spectrum folders (default $LAMOST_VAC_REAL_DIR or "
-                             f"{DEFAULT_REAL_DIR})")
+    parser.add_argument("--spectra", required=True, nargs="+", metavar="FOLDER",
+                        help="folders of spectrum files; the report counts outcomes per folder")
     parser.add_argument("--out", required=True, help="report folder (created; files are overwritten)")
+    reference = parser.add_argument_group("reference labels")
+    reference.add_argument("--reference", metavar="TABLE",
+                           help="CSV or FITS table of reference labels (teff, logg, feh) to compare with; "
+                                "a spectrum finds its row by file name (a filename column), else obsid, "
+                                "else position (ra, dec)")
+    reference.add_argument("--reference-columns", metavar="NAME=COLUMN,...",
+                           help="column mapping as for 'ingest labels --columns', names teff, logg, feh "
+                                "and one of filename, obsid or ra and dec (which also picks the join), "
+                                "e.g. 'teff=TEFF,logg=LOGG,feh=FE_H,ra=RA,dec=DEC'")
+    reference.add_argument("--reference-name", default="reference", metavar="NAME",
+                           help="what the report calls the labels, e.g. LASP, APOGEE, GALAH "
+                                "(default %(default)s)")
+    reference.add_argument("--reference-radius", default=DEFAULT_REFERENCE_RADIUS, metavar="ANGLE",
+                           help="match radius when joining by position (default %(default)s; "
+                                "a bare number is arcsec)")
+    reference.add_argument("--reference-notes", metavar="FILE",
+                           help="markdown printed after the comparison (why the labels may disagree)")
+    repeat_options = parser.add_argument_group("repeat observations")
+    repeats = repeat_options.add_mutually_exclusive_group()
+    repeats.add_argument("--repeat-groups", metavar="TABLE",
+                         help="CSV or FITS table of repeat observations: a file-name column "
+                              "(combined_file, filename, file) and a group column (GroupID, group)")
+    repeats.add_argument("--repeat-radius", metavar="ANGLE",
+                         help="instead of a table: spectra within this angle of each other are one "
+                              "star (header RA, Dec; e.g. 3arcsec, a bare number is arcsec)")
+    repeat_options.add_argument("--repeat-columns", metavar="NAME=COLUMN,...",
+                                help="column mapping of --repeat-groups, names file and group, "
+                                     "e.g. 'file=combined_file,group=GroupID'")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
     parser.add_argument("--limit-per-folder", type=int, default=None, metavar="N",
                         help="only the first N files of each folder (files in a repeat group or "
-                             "the LASP table first, repeat groups kept together): a quick subset")
+                             "the reference table first, repeat groups kept together): a quick subset")
     parser.add_argument("--min-snrg", type=float, default=DEFAULT_MIN_SNRG,
                         help=f"spectra with SNRg at or below this are not estimated (default "
                              f"{DEFAULT_MIN_SNRG:g}; 2 < SNRg <= 5 is estimated but flagged)")
     parser.set_defaults(func=run_validate)
 
 
-# -- side tables ------------------------------------------------------------------------
-def _float(text):
+def parse_angle_arcsec(text, option):
+    """``"3arcsec"``, ``"0.05 arcmin"``, ``"3"`` (arcsec) -> arcsec, > 0."""
     try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return np.nan
-    return value if np.isfinite(value) and value > -9000 else np.nan   # -9999: missing
+        angle = u.Quantity(text)
+        if angle.unit == u.dimensionless_unscaled:
+            angle = angle.value * u.arcsec
+        arcsec = float(angle.to_value(u.arcsec))
+    except (TypeError, ValueError, u.UnitsError):
+        raise ValueError(f"{option}: expected an angle such as 3arcsec, got {text!r}") from None
+    if not arcsec > 0:
+        raise ValueError(f"{option}: the angle must be positive, got {text!r}")
+    return arcsec
 
 
-def read_repeat_groups(path):
-    """{spectrum key: group id} from a repeat_groups.csv (combined_file, GroupID)."""
-    groups = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            name, group = row.get("combined_file"), _float(row.get("GroupID"))
-            if name and np.isfinite(group):
-                groups[spectrum_key(name)] = int(group)
-    return groups
-
-
-def read_lasp(path):
-    """{spectrum key: {teff, logg, feh, snrg, obsid}} from LAMOST catalogue rows (filename column)."""
-    rows = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("filename"):
-                rows[spectrum_key(row["filename"])] = {
-                    **{label: _float(row.get(label)) for label in LABELS},
-                    **{label + "_err": _float(row.get(label + "_err")) for label in LABELS},
-                    "snrg": _float(row.get("snrg")), "obsid": row.get("obsid")}
-    return rows
-
-
-# -- files --------------------------------------------------------------------------------
-def is_spectrum_file(name):
-    return name.lower().endswith(SPECTRUM_SUFFIXES)
-
-
-def collect_files(real_dir, limit=None):
-    """[(folder name, [paths])] of every sub-folder holding spectrum files, plus the side
-    tables found: (folders, repeat_groups {key: group}, lasp {key: row})."""
-    if not os.path.isdir(real_dir):
-        raise ValueError(f"--real-dir {real_dir}: no such folder")
-    repeats, lasp, folders = {}, {}, []
-    subdirs = sorted(entry.path for entry in os.scandir(real_dir) if entry.is_dir())
-    for folder in subdirs:
-        names = sorted(os.listdir(folder))
-        if REPEAT_TABLE in names:
-            repeats.update(read_repeat_groups(os.path.join(folder, REPEAT_TABLE)))
-        if LASP_TABLE in names:
-            lasp.update(read_lasp(os.path.join(folder, LASP_TABLE)))
-    for folder in subdirs:
-        names = sorted(n for n in os.listdir(folder) if is_spectrum_file(n)
-                       and os.path.isfile(os.path.join(folder, n)))
-        if not names:
-            continue
-        if limit is not None:
-            # side-table spectra first, a repeat group's members next to each other
-            def order(name):
-                key = spectrum_key(name)
-                return (key not in repeats and key not in lasp, repeats.get(key, 0), name)
-            names = sorted(names, key=order)[:max(limit, 0)]
-        folders.append((os.path.basename(folder), [os.path.join(folder, n) for n in names]))
-    if not folders:
-        raise ValueError(f"--real-dir {real_dir}: no folder with spectrum files (*.fits, *.fits.gz)")
-    return folders, repeats, lasp
-
-
-# -- the command -------------------------------------------------------------------------------
 def _command_line(args):
-    line = f"lamost-vac validate --model {args.model} --real-dir {args.real_dir} --out {args.out}"
+    """The command that regenerates the report, as given."""
+    words = ["lamost-vac", "validate", "--model", args.model, "--spectra", *args.spectra]
+    for option in ("reference", "reference_columns", "reference_name", "reference_notes",
+                   "repeat_groups", "repeat_columns", "repeat_radius"):
+        value = getattr(args, option)
+        if value is not None and (option != "reference_name" or args.reference):
+            words += ["--" + option.replace("_", "-"), value]
+    if args.reference and args.reference_radius != DEFAULT_REFERENCE_RADIUS:
+        words += ["--reference-radius", args.reference_radius]
+    words += ["--out", args.out]
     if args.limit_per_folder is not None:
-        line += f" --limit-per-folder {args.limit_per_folder}"
+        words += ["--limit-per-folder", str(args.limit_per_folder)]
     if args.min_snrg != DEFAULT_MIN_SNRG:
-        line += f" --min-snrg {args.min_snrg:g}"
-    return line
+        words += ["--min-snrg", f"{args.min_snrg:g}"]
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 def run_validate(args):
     if args.limit_per_folder is not None and args.limit_per_folder < 1:
         raise ValueError("--limit-per-folder must be at least 1")
+    if args.repeat_columns and not args.repeat_groups:
+        raise ValueError("--repeat-columns maps the columns of --repeat-groups: give the table too")
+    repeat_radius = parse_angle_arcsec(args.repeat_radius, "--repeat-radius") if args.repeat_radius else None
     artifact = load_model(args.model)
-    folders, repeats, lasp_rows = collect_files(args.real_dir, args.limit_per_folder)
-    n_files = sum(len(paths) for _, paths in folders)
-    print(f"{n_files} spectrum files in {len(folders)} folders under {args.real_dir}", file=sys.stderr)
-    rows = estimate_files(artifact, folders, n_jobs=args.jobs, min_snrg=args.min_snrg)
-    inputs = {"real_dir": os.path.abspath(args.real_dir), "limit_per_folder": args.limit_per_folder,
-              "min_snrg": args.min_snrg, "command": _command_line(args)}
-    report = write_validation_report(args.out, artifact, args.model, rows, repeats, lasp_rows, inputs)
+    folders = spectrum_folders(args.spectra)
+    reference = notes = repeat_groups = None
+    if args.reference:
+        reference = read_reference_labels(
+            args.reference, args.reference_columns, name=args.reference_name,
+            radius_arcsec=parse_angle_arcsec(args.reference_radius, "--reference-radius"))
+        if args.reference_notes:
+            with open(args.reference_notes) as handle:
+                notes = handle.read()
+    if args.repeat_groups:
+        repeat_groups = read_repeat_groups(args.repeat_groups, args.repeat_columns)
+    n_files = sum(len(files) for _, files in folders)
+    print(f"{n_files} spectrum files in {len(folders)} folders", file=sys.stderr)
+    rows = validate_files(artifact, folders, reference, repeat_groups, repeat_radius,
+                          limit_per_folder=args.limit_per_folder, min_snrg=args.min_snrg, n_jobs=args.jobs)
+    inputs = {"spectra": [os.path.abspath(folder) for folder in args.spectra],
+              "repeat_groups": ({"table": os.path.abspath(args.repeat_groups)} if args.repeat_groups else
+                                {"radius_arcsec": repeat_radius} if repeat_radius else None),
+              "limit_per_folder": args.limit_per_folder, "min_snrg": args.min_snrg,
+              "command": _command_line(args)}
+    report = write_validation_report(args.out, artifact, args.model, rows, inputs, reference, notes)
 
-    print(f"model {artifact['version']}: {n_files} files")
+    print(f"model {artifact['version']}: {len(rows)} files")
     for folder, per in report["counts"].items():
         print(f"  {folder}: " + ", ".join(f"{o} {per[o]}" for o in OUTCOMES if per[o]) + f" (total {per['total']})")
     rep = report["repeatability"]
@@ -148,12 +159,15 @@ def run_validate(args):
         print(f"  {name:7s} median scatter {fmt(r['median_scatter'], spec)} {unit}  z std model "
               f"{fmt(r['z_model']['std'], '.2f')} calibrated {fmt(r['z_calibrated']['std'], '.2f')} "
               f"(pairs {r['z_model']['n']})")
-    lasp = report["lasp"]
-    print(f"LASP: {lasp['n_estimated']} of {lasp['n_with_lasp_row']} DR1 spectra with LASP rows estimated")
-    for label in LABELS:
-        s = lasp["all"][label]["all"]
-        name, unit, spec = LABEL_HEADINGS[label]
-        if s["n"]:
-            print(f"  {name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  (n={s['n']})")
+    agreement = report["reference"]
+    if agreement is not None:
+        print(f"{agreement['name']}: {agreement['n_estimated']} of {agreement['n_with_row']} spectra with "
+              f"{agreement['name']} rows estimated")
+        for label in LABELS:
+            s = agreement["all"][label]["all"]
+            name, unit, spec = LABEL_HEADINGS[label]
+            if s["n"]:
+                print(f"  {name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  "
+                      f"(n={s['n']})")
     print(f"report -> {os.path.join(os.path.abspath(args.out), 'report.md')}")
     return 0
