@@ -652,51 +652,60 @@ class LabelsIngestOptions:
     batch_rows: int = 50000
 
 
-def parse_column_mapping(text: Optional[str]) -> Dict[str, str]:
-    """``"teff=TEFF,logg=LOGG,feh=PARAM_M_H"`` -> dict."""
+LABEL_MAPPING_NAMES = ("teff", "logg", "feh", "apogee_id", "ra", "dec", "good_flag")
+
+
+def parse_column_mapping(text: Optional[str], allowed=LABEL_MAPPING_NAMES,
+                         option: str = "--columns") -> Dict[str, str]:
+    """``"teff=TEFF,logg=LOGG,feh=PARAM_M_H"`` -> dict; ``allowed``: the names that may be
+    mapped, ``option``: the option that errors name."""
     mapping = {}
     for part in (text or "").split(","):
         if not part.strip():
             continue
         key, sep, value = part.partition("=")
         if not sep or not value.strip():
-            raise ValueError(f"bad column mapping {part!r}: expected NAME=COLUMN")
+            raise ValueError(f"{option}: bad column mapping {part!r}: expected NAME=COLUMN")
         mapping[key.strip().lower()] = value.strip()
-    allowed = {"teff", "logg", "feh", "apogee_id", "ra", "dec", "good_flag"}
-    unknown = set(mapping) - allowed
+    unknown = set(mapping) - set(allowed)
     if unknown:
-        raise ValueError(f"unknown label(s) in mapping: {', '.join(sorted(unknown))}; "
+        raise ValueError(f"{option}: unknown name(s) in mapping: {', '.join(sorted(unknown))}; "
                          f"use {', '.join(sorted(allowed))}")
     return mapping
 
 
-def _find_column(columns, explicit, candidates, what, required=True):
+def find_column(columns, explicit, candidates, what, required=True, option="--columns", source=None):
+    """The column of ``columns`` (names) that holds ``what``: the ``explicit`` name mapped
+    with ``option`` (any case), else the first of ``candidates`` (lower case) present;
+    None when absent and not ``required``. Errors name the file (``source``) and the column."""
+    where = f"{source}: " if source else ""
     by_lower = {name.lower(): name for name in columns}
     if explicit:
         if explicit.lower() not in by_lower:
-            raise ValueError(f"column {explicit!r} (for {what}) not in the file; columns: "
+            raise ValueError(f"{where}column {explicit!r} (for {what}) not in the file; columns: "
                              f"{', '.join(columns)}")
         return by_lower[explicit.lower()]
     for candidate in candidates:
         if candidate in by_lower:
             return by_lower[candidate]
     if required:
-        raise ValueError(f"no {what} column found (tried {', '.join(candidates)}); "
-                         f"map one with --columns {what}=NAME")
+        raise ValueError(f"{where}no {what} column found (tried {', '.join(candidates)}); "
+                         f"map one with {option} {what}=NAME")
     return None
 
 
 def label_arrays(columns, options: LabelsIngestOptions):
     """(layout, dict of apogee_id/ra/dec/teff/logg/feh/good_flag raw arrays)."""
-    mapping = options.columns
+    mapping, source = options.columns, options.path
     out = {
-        "apogee_id": columns[_find_column(columns, mapping.get("apogee_id"), ID_NAMES,
-                                          "apogee_id")],
-        "ra": columns[_find_column(columns, mapping.get("ra"), ["ra", "ra_deg"], "ra")],
-        "dec": columns[_find_column(columns, mapping.get("dec"), ["dec", "dec_deg", "de"],
-                                    "dec")],
+        "apogee_id": columns[find_column(columns, mapping.get("apogee_id"), ID_NAMES,
+                                         "apogee_id", source=source)],
+        "ra": columns[find_column(columns, mapping.get("ra"), ["ra", "ra_deg"], "ra",
+                                  source=source)],
+        "dec": columns[find_column(columns, mapping.get("dec"), ["dec", "dec_deg", "de"],
+                                   "dec", source=source)],
     }
-    payne_name = _find_column(columns, None, ["payne"], "payne", required=False)
+    payne_name = find_column(columns, None, ["payne"], "payne", required=False)
     explicit_labels = any(k in mapping for k in ("teff", "logg", "feh"))
     if payne_name is not None and not explicit_labels:
         layout = "payne-2d"
@@ -708,10 +717,10 @@ def label_arrays(columns, options: LabelsIngestOptions):
     else:
         layout = "flat"
         for label in ("teff", "logg", "feh"):
-            out[label] = columns[_find_column(columns, mapping.get(label),
-                                              FLAT_LABEL_NAMES[label], label)]
-    flag_name = _find_column(columns, mapping.get("good_flag"), GOOD_FLAG_NAMES, "good_flag",
-                             required=False)
+            out[label] = columns[find_column(columns, mapping.get(label),
+                                             FLAT_LABEL_NAMES[label], label, source=source)]
+    flag_name = find_column(columns, mapping.get("good_flag"), GOOD_FLAG_NAMES, "good_flag",
+                            required=False, source=source)
     out["good_flag"] = columns[flag_name] if flag_name else None
     return layout, out
 

@@ -99,26 +99,6 @@ def select_label_domain(labels, domain):
     return inside, record
 
 
-def describe_label_domain(record):
-    """One line for reports from a training-set description (``record``)."""
-    if record.get("label_domain") is None:           # artifacts from before the option
-        return "label domain not recorded"
-    domain = record["label_domain"]
-    if not domain:
-        return "labels of every value (no label-domain restriction)"
-    parts = []
-    for label, (low, high) in domain.items():
-        if low is not None and high is not None:
-            parts.append(f"{low:g} <= {label} <= {high:g}")
-        elif low is not None:
-            parts.append(f"{label} >= {low:g}")
-        else:
-            parts.append(f"{label} <= {high:g}")
-    outside = record.get("n_outside_label_domain")
-    return ("labels inside " + ", ".join(parts) +
-            (f" ({outside} matched spectra outside left out)" if outside is not None else ""))
-
-
 def add_label_domain_argument(parser):
     parser.add_argument(OPTION, default=DEFAULT_LABEL_DOMAIN, metavar="LABEL=LOW:HIGH,...",
                         help="train only on reference labels inside these inclusive bounds "

@@ -24,14 +24,15 @@ from sqlalchemy import and_, func, insert, select, update
 
 from etl import schema
 from etl.inference import spectra_for, star_condition
-from etl.label_domain import (DEFAULT_LABEL_DOMAIN, describe_label_domain, format_label_domain,
-                              parse_label_domain, select_label_domain)
+from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_label_domain,
+                              select_label_domain)
 from etl.ingest import utcnow
 from models.artifact import code_version, new_model_version, save_model
 from models.labels import LABELS
 from models.pipeline import featurise_files
 from models.preprocess import PreprocessConfig
 from models.progress import progress
+from models.report import describe_label_domain
 from models.training import train_lasso_mlpnet
 
 

@@ -10,6 +10,8 @@ Plain arrays in, plain dicts out; no I/O.
 import itertools
 
 import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
 
 # expected fraction of a unit Gaussian inside |z| < 1 and |z| < 2
 GAUSS_WITHIN_1 = 0.6826894921370859
@@ -105,3 +107,39 @@ def scatter_summary(scatter, bins):
     for lo, hi in zip(bins[:-1], bins[1:]):
         out[f"{lo:g}-{hi:g}"] = summary((snr > lo) & (snr <= hi))
     return out
+
+
+def group_by_position(ra, dec, radius_arcsec):
+    """Repeat groups from positions: spectra within ``radius_arcsec`` of each other belong
+    to one group, linked transitively (friends of friends), as repeat observations of one
+    star are (LAMOST fibre positions of a star agree to well under an arcsecond).
+
+    Returns one group id per spectrum: 1, 2, ... numbered in order of each group's first
+    spectrum, 0 for a spectrum alone within the radius or without a finite position.
+    """
+    ra, dec = np.asarray(ra, dtype=float), np.asarray(dec, dtype=float)
+    groups = np.zeros(ra.shape, dtype=int)
+    placed = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+    if placed.size < 2:
+        return groups
+    coords = SkyCoord(ra[placed], dec[placed], unit="deg")
+    first, second, _, _ = coords.search_around_sky(coords, radius_arcsec * u.arcsec)
+    parent = np.arange(placed.size)            # union-find over the pairs within the radius
+
+    def root(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for i, j in zip(first, second):
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    roots = np.array([root(k) for k in range(placed.size)])
+    sizes = np.bincount(roots, minlength=placed.size)
+    number = {}
+    for k, r in enumerate(roots):
+        if sizes[r] >= 2:
+            groups[placed[k]] = number.setdefault(r, len(number) + 1)
+    return groups

@@ -192,7 +192,7 @@ def file_commands(model, tmp_path):
                           "--spectra-root", tmp_path, "--out", tmp_path / "est.csv"],
         "evaluate": ["evaluate", "--model", model, "--catalog", catalogue, "--spectra-root",
                      tmp_path, "--truth", tmp_path / "truth.csv", "--out", tmp_path / "report"],
-        "validate": ["validate", "--model", model, "--real-dir", tmp_path, "--out",
+        "validate": ["validate", "--model", model, "--spectra", tmp_path, "--out",
                      tmp_path / "validation"],
     }
 

@@ -13,10 +13,11 @@ import pytest
 
 from conftest import miles_ids
 from etl.cli import main
-from etl.label_domain import (DEFAULT_LABEL_DOMAIN, describe_label_domain, format_label_domain,
-                              in_label_domain, parse_label_domain, select_label_domain)
+from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, in_label_domain,
+                              parse_label_domain, select_label_domain)
 from etl.training import TrainOptions
 from models.artifact import load_model
+from models.report import describe_label_domain
 
 
 def test_default_domain_is_the_methods_valid_domain():

@@ -1,24 +1,34 @@
-"""``lamost-vac validate`` on a subset of the real LAMOST spectra, and its statistics.
+"""``lamost-vac validate`` on a subset of the real LAMOST spectra, its inputs and its statistics.
 
 A small model (30 FGK MILES stars, 3 simulated spectra each, 2 networks per label) is
-trained once; validate then runs on the first 15 files of each real folder.
+trained once; validate then runs on the first 15 files of each real folder, with the
+LASP labels of the DR1 plate and the repeat groups of the DR8 stars -- the README's
+command on a subset -- and on tables of other columns, other joins and bad inputs.
 """
 import csv
+import glob
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import miles_ids
 from etl.cli import main
-from etl.commands.validate import OUTCOMES, PLOT_FILES, spectrum_key
+from etl.commands.validate import SHARED_DATA_COMMAND
+from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from models.lasso_mlpnet import LABELS
 from models.readers import read_meta
-from models.validation import pairwise_z, repeat_scatter, scatter_summary, z_summary
+from models.validation import group_by_position, pairwise_z, repeat_scatter, scatter_summary, z_summary
+from models.validation_report import OUTCOMES, PLOT_FILES, ReferenceLabels, read_headers, spectrum_key
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LIMIT = 15
 FOLDERS = ("dr1-plate-B6212", "dr7-plate-HD103621N361936B01", "dr8-repeats")
+LASP_TABLE = ("dr1-plate-B6212", "dr1_afgk_catalog_rows.csv")
+REPEAT_TABLE = ("dr8-repeats", "repeat_groups.csv")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -41,11 +51,25 @@ def small_model(make_simulated_set, tmp_path_factory):
     return path
 
 
+def documented_command(shared_dir, model, out):
+    """The arguments of the README's command (SHARED_DATA_COMMAND) as the shell passes them
+    when run from the repository, with this model and report folder."""
+    words = shlex.split(SHARED_DATA_COMMAND.replace("\\\n", " "))
+    assert words[:2] == ["lamost-vac", "validate"]
+    argv = []
+    for word in words[2:]:
+        word = {"MODEL": str(model), "report/": str(out)}.get(word, word)
+        word = word.replace("../shared/", f"{shared_dir}/").replace("docs/", f"{REPO / 'docs'}/")
+        argv += sorted(glob.glob(word)) if "*" in word else [word]
+    return argv
+
+
 @pytest.fixture(scope="session")
-def subset_report(small_model, real_dir, tmp_path_factory):
+def subset_report(small_model, real_dir, shared_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("validate_report")
-    assert main(["validate", "--model", str(small_model), "--real-dir", str(real_dir), "--out", str(out),
-                 "--jobs", "2", "--limit-per-folder", str(LIMIT)]) == 0
+    argv = documented_command(shared_dir, small_model, out)
+    assert [Path(word).name for word in argv if Path(word).parent == real_dir] == list(FOLDERS)
+    assert main(["validate", *argv, "--jobs", "2", "--limit-per-folder", str(LIMIT)]) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -108,7 +132,7 @@ def test_galaxies_and_near_zero_snr_are_flagged_not_estimated(small_model, real_
         (sub / path.name).symlink_to(path)
     (sub / "spec-broken.fits").write_bytes(b"SIMPLE  = not really a FITS file")
     out = tmp_path / "report"
-    assert main(["validate", "--model", str(small_model), "--real-dir", str(tmp_path / "real"),
+    assert main(["validate", "--model", str(small_model), "--spectra", str(sub),
                  "--out", str(out), "--jobs", "1"]) == 0
     rows = {r["file"]: r for r in read_rows(out / "estimates.csv")}
     assert rows["spec-broken.fits"]["outcome"] == "unreadable"
@@ -118,8 +142,10 @@ def test_galaxies_and_near_zero_snr_are_flagged_not_estimated(small_model, real_
         assert not np.isfinite(float(rows[path.name]["teff"]))      # not estimated
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["all"]["total"] == 5
-    assert report["repeatability"]["n_stars"] == 0 and report["lasp"]["n_estimated"] == 0
-    assert "unreadable" in (out / "report.md").read_text()
+    assert report["repeatability"]["n_stars"] == 0 and report["reference"] is None
+    text = (out / "report.md").read_text()
+    assert "unreadable" in text and "No reference table given" in text and "No repeat groups given" in text
+    assert not (out / PLOT_FILES["reference"]).exists()
 
 
 def test_repeatability_section(subset_report, real_dir):
@@ -146,15 +172,16 @@ def test_repeatability_section(subset_report, real_dir):
 
 def test_lasp_section_and_report_files(subset_report):
     out, report = subset_report
-    lasp = report["lasp"]
-    assert lasp["n_with_lasp_row"] == LIMIT           # LASP-matched DR1 files come first
+    lasp = report["reference"]
+    assert lasp["name"] == "LASP" and lasp["join"] == "file name"
+    assert lasp["n_with_row"] == LIMIT                # LASP-matched DR1 files come first
     assert lasp["n_estimated"] >= LIMIT - 2
     for label in LABELS:
         s = lasp["all"][label]["all"]
         assert s["n"] == lasp["n_estimated"]
         for key in ("mae", "mu", "sigma"):
             assert np.isfinite(s[key])
-    rows = [r for r in read_rows(out / "estimates.csv") if np.isfinite(float(r["teff_lasp"]))]
+    rows = [r for r in read_rows(out / "estimates.csv") if np.isfinite(float(r["teff_ref"]))]
     assert len(rows) == LIMIT and all(r["folder"] == FOLDERS[0] for r in rows)
     text = (out / "report.md").read_text()
     for heading in ("## Robustness", "## Repeatability", "## Agreement with LASP", "Kiel diagram",
@@ -167,10 +194,199 @@ def test_lasp_section_and_report_files(subset_report):
 
 
 def test_limit_must_be_positive(small_model, real_dir, tmp_path, capsys):
-    assert main(["validate", "--model", str(small_model), "--real-dir", str(real_dir),
+    assert main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[0]),
                  "--out", str(tmp_path), "--limit-per-folder", "0"]) == 2
     assert "--limit-per-folder" in capsys.readouterr().err
 
+
+
+# -- anyone's data: reference tables of other columns, repeats by position, bad inputs --------
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def assert_close(ours, theirs, tolerance=1e-4):
+    """Equal nested dicts, numbers to ``tolerance`` (relative or absolute)."""
+    if isinstance(ours, dict):
+        assert list(ours) == list(theirs)
+        for key in ours:
+            assert_close(ours[key], theirs[key], tolerance)
+    elif isinstance(ours, float):
+        assert ours == pytest.approx(theirs, rel=tolerance, abs=tolerance)
+    else:
+        assert ours == theirs
+
+
+def test_reference_table_with_other_column_names(small_model, real_dir, subset_report, tmp_path):
+    # the LASP rows under other names and without their file names: joined by position
+    lasp = read_rows(real_dir.joinpath(*LASP_TABLE))
+    renamed = write_csv(tmp_path / "renamed.csv", ["OBJ_RA", "OBJ_DEC", "T_EFF", "LOG_G", "M_H"],
+                        [[r["ra"], r["dec"], r["teff"], r["logg"], r["feh"]] for r in lasp])
+    out = tmp_path / "report"
+    assert main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[0]),
+                 "--reference", str(renamed), "--reference-name", "LASP DR1",
+                 "--reference-columns", "teff=T_EFF,logg=LOG_G,feh=M_H,ra=OBJ_RA,dec=OBJ_DEC",
+                 "--out", str(out), "--jobs", "2", "--limit-per-folder", str(LIMIT)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    agreement, by_file_name = report["reference"], subset_report[1]["reference"]
+    assert agreement["join"] == "position" and agreement["radius_arcsec"] == 3
+    # the same 15 spectra find the same LASP rows as by file name: the same statistics (up to
+    # rounding: the networks' matrix products round differently in a batch of another size)
+    assert agreement["n_with_row"] == by_file_name["n_with_row"] == LIMIT
+    for key in ("n_estimated", "n_in_domain", "all", "in_domain", "median_offset_by_reference_teff"):
+        assert_close(agreement[key], by_file_name[key])
+    ours = {r["file"]: r for r in read_rows(out / "estimates.csv")}
+    theirs = [r for r in read_rows(subset_report[0] / "estimates.csv") if r["folder"] == FOLDERS[0]]
+    assert sorted(ours) == sorted(r["file"] for r in theirs)
+    for row in theirs:
+        assert all(ours[row["file"]][label + "_ref"] == row[label + "_ref"] for label in LABELS)
+    text = (out / "report.md").read_text()
+    assert "## Agreement with LASP DR1" in text and 'joined by position within 3"' in text
+    assert "--reference-columns teff=T_EFF,logg=LOG_G,feh=M_H,ra=OBJ_RA,dec=OBJ_DEC" in text
+
+
+def test_a_spectrum_finds_its_reference_row_by_file_name_obsid_or_position():
+    arcsec = 1 / 3600
+    spectra = [{"file": "night/spec-1.fits.gz", "obsid": 11, "ra": 10.0, "dec": 0.0},
+               {"file": "spec-2.fits", "obsid": None, "ra": np.nan, "dec": np.nan},
+               {"file": "spec-3.fits", "obsid": 33, "ra": 20.0, "dec": 5.0}]
+    labels = {label: np.array([1.0, 2.0]) for label in LABELS}
+    assert ReferenceLabels("x", "t", labels, "file name", keys=["spec-1.fits", "spec-3.fits"]).rows_of(spectra) \
+        == [0, None, 1]
+    assert ReferenceLabels("x", "t", labels, "obsid", keys=[33, 11]).rows_of(spectra) == [1, None, 0]
+    near = ReferenceLabels("x", "t", labels, "position", ra=np.array([10.0 + 10 * arcsec, 20.0 + 2 * arcsec]),
+                           dec=np.array([0.0, 5.0]), radius_arcsec=3.0)
+    assert near.rows_of(spectra) == [None, None, 1]          # 10" is too far; no position: no row
+    with pytest.raises(ValueError, match="join"):
+        ReferenceLabels("x", "t", labels, "name")
+
+
+def test_the_join_is_the_first_found_or_the_one_mapped(tmp_path):
+    table = write_csv(tmp_path / "labels.csv", ["FILENAME", "OBSID", "RA", "DEC", "TEFF", "LOGG", "FE_H"],
+                      [["spec-1.fits.gz", "11", "10.0", "0.0", "5000", "4.5", "-0.1"],
+                       ["", "x", "", "", "-9999", "", "nan"]])
+    by_name = read_reference_labels(str(table))
+    assert by_name.join == "file name" and by_name.keys == ["spec-1.fits", None]
+    assert np.allclose(by_name.labels["teff"], [5000, np.nan], equal_nan=True)   # -9999 is missing
+    assert np.isnan(by_name.labels["feh"][1]) and np.isnan(by_name.labels["logg"][1])
+    by_obsid = read_reference_labels(str(table), "obsid=OBSID")
+    assert by_obsid.join == "obsid" and by_obsid.keys == [11, None]
+    by_position = read_reference_labels(str(table), "ra=RA,dec=DEC", radius_arcsec=1.5)
+    assert by_position.join == "position" and by_position.radius_arcsec == 1.5
+    assert np.allclose(by_position.ra, [10.0, np.nan], equal_nan=True)
+
+
+def test_group_by_position_links_friends_of_friends():
+    arcsec = 1 / 3600
+    ra = np.array([50.0, 10.0, 10.0 + 2 * arcsec, 10.0 + 4 * arcsec, 30.0, np.nan, 50.0 + arcsec])
+    dec = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    # 1-2-3 are a chain 2" apart (1 and 3 are 4" apart), 0 and 6 1" apart, 4 alone, 5 nowhere
+    assert group_by_position(ra, dec, 3.0).tolist() == [1, 2, 2, 2, 0, 0, 1]
+    assert group_by_position(ra, dec, 1.5).tolist() == [1, 0, 0, 0, 0, 0, 1]
+
+
+def partition(groups):
+    """{spectrum key: group} -> the set of groups, each a frozenset of keys."""
+    members = {}
+    for key, group in groups.items():
+        members.setdefault(group, set()).add(key)
+    return {frozenset(keys) for keys in members.values()}
+
+
+def test_repeats_by_radius_are_the_repeat_groups_table(real_dir):
+    # every real spectrum, three folders: the positions in the headers group the DR8
+    # repeats exactly as repeat_groups.csv does, and nothing else
+    rows = read_headers(spectrum_folders([str(real_dir / folder) for folder in FOLDERS]))
+    table = read_repeat_groups(str(real_dir.joinpath(*REPEAT_TABLE)))
+    ra, dec = (np.array([row[key] for row in rows]) for key in ("ra", "dec"))
+    by_radius = group_by_position(ra, dec, 3.0)
+    found = {spectrum_key(row["file"]): group for row, group in zip(rows, by_radius) if group}
+    assert len(partition(table)) == 99
+    assert partition(found) == partition(table)
+    # a star's repeats lie up to 1.45" apart: 1" splits three of the 99 stars
+    closer = group_by_position(ra, dec, 1.0)
+    found = {spectrum_key(row["file"]): group for row, group in zip(rows, closer) if group}
+    assert len(partition(found) & partition(table)) == 96
+
+
+def test_validate_with_repeats_by_radius(small_model, real_dir, tmp_path):
+    out = tmp_path / "report"
+    assert main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[2]),
+                 "--repeat-radius", "3arcsec", "--out", str(out), "--jobs", "2",
+                 "--limit-per-folder", str(LIMIT)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["repeat_groups"] == {"radius_arcsec": 3.0}
+    assert report["repeatability"]["n_files_in_groups"] == LIMIT and report["repeatability"]["n_stars"] >= 5
+    table = read_repeat_groups(str(real_dir.joinpath(*REPEAT_TABLE)))
+    found = {spectrum_key(r["file"]): int(r["repeat_group"]) for r in read_rows(out / "estimates.csv")}
+    # each group found lies inside one of the table's groups (the subset may cut the last one)
+    for group in partition(found):
+        assert len({table[key] for key in group}) == 1
+    assert 'Repeat groups: spectra within 3" of each other' in (out / "report.md").read_text()
+
+
+@pytest.fixture
+def bad_tables(tmp_path):
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    return {
+        "labels": write_csv(tmp_path / "labels.csv", ["filename", "T", "LOGG", "FEH"],
+                            [["spec-1.fits", "5000", "4", "0"]]),
+        "no_join": write_csv(tmp_path / "no_join.csv", ["TEFF", "LOGG", "FEH"], [["5000", "4", "0"]]),
+        "repeats": write_csv(tmp_path / "repeats.csv", ["combined_file", "star"], [["spec-1.fits", "1"]]),
+        "truncated": truncated,
+        "missing": tmp_path / "no-such-table.csv",
+    }
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--reference", "{labels}"], ["{labels}: no teff column found", "--reference-columns teff=NAME"]),
+    (["--reference", "{labels}", "--reference-columns", "teff=TEFF_X"],
+     ["{labels}: column 'TEFF_X' (for teff) not in the file", "columns: filename, T, LOGG, FEH"]),
+    (["--reference", "{labels}", "--reference-columns", "teff"], ["--reference-columns: bad column mapping 'teff'"]),
+    (["--reference", "{labels}", "--reference-columns", "mass=T"], ["--reference-columns: unknown name(s)", "mass"]),
+    (["--reference", "{no_join}"], ["{no_join}: no column to find a spectrum's row by"]),
+    (["--reference", "{truncated}"], ["--reference {truncated}: unreadable table"]),
+    (["--reference", "{missing}"], ["--reference {missing}: unreadable table", "No such file"]),
+    (["--repeat-groups", "{repeats}"], ["{repeats}: no group column found", "--repeat-columns group=NAME"]),
+    (["--repeat-groups", "{missing}"], ["--repeat-groups {missing}: unreadable table"]),
+    (["--repeat-columns", "group=star"], ["--repeat-columns maps the columns of --repeat-groups"]),
+    (["--repeat-radius", "three"], ["--repeat-radius: expected an angle such as 3arcsec, got 'three'"]),
+    (["--repeat-radius", "3 kg"], ["--repeat-radius: expected an angle"]),
+    (["--repeat-radius", "-1"], ["--repeat-radius: the angle must be positive"]),
+    (["--reference", "{labels}", "--reference-columns", "teff=T", "--reference-radius", "1 m"],
+     ["--reference-radius: expected an angle"]),
+])
+def test_bad_inputs_name_the_file_and_column(small_model, real_dir, bad_tables, tmp_path, capsys,
+                                              arguments, expected):
+    arguments = [word.format(**bad_tables) for word in arguments]
+    assert main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[0]),
+                 *arguments, "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lamost-vac validate: error: ") and len(err.strip().splitlines()) == 1, err
+    for text in expected:
+        assert text.format(**bad_tables) in err, err
+    assert not (tmp_path / "report").exists()          # refused before anything was estimated
+
+
+def test_spectra_folders_must_hold_spectra(small_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder, expected in ((tmp_path / "nowhere", "no such folder"), (tmp_path / "empty", "no spectrum files")):
+        assert main(["validate", "--model", str(small_model), "--spectra", str(folder),
+                     "--out", str(tmp_path / "report")]) == 2
+        assert f"--spectra {folder}: {expected}" in capsys.readouterr().err
+
+
+def test_repeat_table_and_radius_exclude_each_other(small_model, real_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[2]),
+              "--repeat-groups", str(real_dir.joinpath(*REPEAT_TABLE)), "--repeat-radius", "3",
+              "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 # -- statistics --------------------------------------------------------------------------
 def test_honest_uncertainties_give_unit_z():

@@ -202,7 +202,7 @@ def run_ingest_labels(args):
         columns = parse_column_mapping(args.columns)
         payne_index = dict(PAYNE_INDEX)
         payne_index.update({k: int(v) for k, v in parse_column_mapping(
-            args.payne_index).items()} if args.payne_index else {})
+            args.payne_index, option="--payne-index").items()} if args.payne_index else {})
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2

@@ -11,8 +11,7 @@ import numpy as np
 from astropy.table import Table
 
 from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
-from etl.label_domain import (add_label_domain_argument, describe_label_domain,
-                              parse_label_domain, select_label_domain)
+from etl.label_domain import add_label_domain_argument, parse_label_domain, select_label_domain
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.labels import ESTIMATE_SUFFIXES, LABELS
@@ -20,6 +19,7 @@ from models.pipeline import featurise_files, predict_features
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
+from models.report import describe_label_domain, write_table
 from models.training import DEFAULT_CALIBRATION_FOLDS, train_lasso_mlpnet
 
 
@@ -211,19 +211,6 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1, return_features=False):
     out["problem"] = np.array(problems, dtype=f"U{max([80, *map(len, problems)])}")
     out["model_version"] = artifact["version"]
     return (out, features) if return_features else out
-
-
-def write_table(table, path):
-    """Write by extension: .csv, .fits/.fit, .xml/.vot/.votable."""
-    lower = path.lower()
-    if lower.endswith((".fits", ".fit", ".fits.gz")):
-        fmt = "fits"
-    elif lower.endswith((".xml", ".vot", ".votable")):
-        fmt = "votable"
-    else:
-        fmt = "ascii.csv"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    table.write(path, format=fmt, overwrite=True)
 
 
 def run_predict_files(args):

@@ -1,709 +1,154 @@
 """``lamost-vac validate``: how a model behaves on real LAMOST spectra.
 
-Simulated spectra measure accuracy against known truth; this command checks the method
-on the real spectra in ``../shared/data/lamost-real`` (one folder per data set) and
-writes a report folder:
-
-- robustness: every spectrum file of every folder is read and either estimated or
-  flagged with a reason (unreadable with the reader's reason; class not STAR; near-zero
-  SNRg; no usable redshift or too few usable pixels); counts per outcome per folder;
-- repeatability: stars observed several times (``repeat_groups.csv``: GroupID per
-  ``combined_file``, matched to the FITS files by base name): the scatter of their
-  estimates against SNRg and the pairwise z-scores with the model uncertainty
-  (``<label>_err_model``, the scaled ensemble std) and the calibrated one (``<label>_err``)
-  -- a z-score std of ~1 means honest uncertainties;
-- agreement with LASP: spectra with rows in ``dr1_afgk_catalog_rows.csv`` (joined by its
-  ``filename`` column): MAE, mu, sigma of ours - LASP by SNRg, with scatter plots;
-- the Kiel diagram of all real estimates.
-
-Files: ``report.md``, ``report.json``, ``estimates.csv`` (one row per file, with outcome
-and reason) and PNG figures.  One command regenerates everything.
+Estimates every spectrum file of the folders given, joins them to an optional table of
+reference labels (LASP, APOGEE, GALAH, ...) and to repeat groups (a table, or spectra
+within a radius of each other), and writes the report folder that
+:mod:`models.validation_report` builds: the outcome of every file, the repeatability of
+stars observed several times, the agreement with the reference labels and the Kiel
+diagram. One command regenerates everything.
 """
-import csv
-import json
+import argparse
 import os
+import shlex
 import sys
+import textwrap
 
-import numpy as np
-from astropy.table import Table
+from astropy import units as u
 
-from etl.commands.files import write_table
-from etl.commands.markdown import LABEL_HEADINGS, accuracy_table, fmt, label_head, table
-from etl.label_domain import describe_label_domain
+from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from models.artifact import load_model
-from models.flags import NOT_A_STAR, NOT_ESTIMATED, SNR_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, describe_flags
-from models.labels import ESTIMATE_SUFFIXES, LABELS
-from models.lasso_mlpnet import SNR_BINS
-from models.metrics import accuracy_by_snr, snr_bin_names
-from models.pipeline import featurise_files, predict_features
-from models.plots import (AXIS_LABELS, new_figure, save_figure, snr_axis, kiel_diagram,
-                          predicted_vs_reference)
-from models.progress import progress
-from models.readers import SpectrumReadError, read_meta
-from models.validation import (GAUSS_WITHIN_1, pairwise_z, repeat_scatter,
-                               scatter_summary, z_summary)
+from models.labels import LABELS
+from models.report import LABEL_HEADINGS, fmt
+from models.validation_report import (DEFAULT_MIN_SNRG, OUTCOMES, validate_files,
+                                      write_validation_report)
 
-DEFAULT_REAL_DIR = os.path.join("..", "shared", "data", "lamost-real")
-SPECTRUM_SUFFIXES = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fts", ".fts.gz")
-REPEAT_TABLE = "repeat_groups.csv"
-LASP_TABLE = "dr1_afgk_catalog_rows.csv"
-DEFAULT_MIN_SNRG = 2.0
-
-# outcomes, in report order
-ESTIMATED = "estimated"                  # estimated, no quality flag
-ESTIMATED_FLAGGED = "estimated_flagged"  # estimated, outside the method's domain (flags say why)
-NOT_STAR = "not_a_star"                  # header class is not STAR: not estimated
-LOW_SNR = "low_snr"                      # SNRg missing or near zero: not estimated
-UNUSABLE = "unusable"                    # read, but no usable redshift or too few usable pixels
-UNREADABLE = "unreadable"                # the reader refused the file
-OUTCOMES = (ESTIMATED, ESTIMATED_FLAGGED, NOT_STAR, LOW_SNR, UNUSABLE, UNREADABLE)
-
-# LASP comparison: the paper's SNRg bins plus below 5 and above 80 (real spectra reach 200+)
-LASP_SNR_BINS = (0.0, *SNR_BINS, np.inf)
-# repeat observations have SNRg 30-375
-REPEAT_SNR_BINS = (0.0, 20.0, 40.0, 80.0, 160.0, np.inf)
-# offsets from LASP by LASP Teff: where a disagreement comes from
-LASP_TEFF_BINS = (0.0, 5000.0, 6000.0, 7000.0, np.inf)
-PLOT_FILES = {"outcomes": "outcomes.png", "repeat_scatter": "repeat_scatter.png",
-              "repeat_zscores": "repeat_zscores.png", "lasp": "lasp_comparison.png",
-              "kiel": "kiel_diagram.png", "kiel_lasp": "kiel_lasp.png"}
-OFFSET_DISCUSSION = (
-    "Possible causes of the offsets from LASP: (1) the model is trained on simulated spectra "
-    "of MILES stars (an empirical library observed through a model of LAMOST), not on real "
-    "LAMOST spectra, so any mismatch between simulated and real spectra (noise, flux "
-    "calibration, sky residuals, instrumental profile) and between MILES labels and the "
-    "APOGEE/LASP scales propagates into the estimates; (2) the DR1 spectra come from the "
-    "oldest pipeline (v2.6.4), whose flux calibration and sky subtraction are poorer than "
-    "DR7/DR8's, which changes the continuum shape the normalisation sees; (3) the model uses "
-    "3881-7400 A only (MILES' coverage) while LASP fits the whole spectrum, and LASP's own "
-    "labels carry their own systematics (LASP is ULySS with the ELODIE library), so part of "
-    "the offset is LASP's. (4) Found and fixed here: the DR1 pipeline sets ivar = 0 in the cores "
-    "of the strongest lines (Ca II H and K, G band); masking them made Teff ~1,100 K too hot, "
-    "so preprocessing keeps those DR1 pixels (models/preprocess.py, _good_pixels).")
+DEFAULT_REFERENCE_RADIUS = "3arcsec"
+# the report of the README, on the real spectra of ../shared/data (run from the repository)
+SHARED_DATA_COMMAND = (
+    "lamost-vac validate --model MODEL --spectra ../shared/data/lamost-real/*/ \\\n"
+    "    --reference ../shared/data/lamost-real/dr1-plate-B6212/dr1_afgk_catalog_rows.csv "
+    "--reference-name LASP \\\n"
+    "    --reference-notes docs/lasp-dr1-offsets.md \\\n"
+    "    --repeat-groups ../shared/data/lamost-real/dr8-repeats/repeat_groups.csv --out report/")
 
 
 def register(subparsers):
     parser = subparsers.add_parser(
-        "validate", help="check a model on real LAMOST spectra: robustness, repeatability, LASP",
-        description="Estimate every spectrum file under --real-dir (one folder per data set) and "
-                    "write a report (report.md, report.json, estimates.csv, PNG figures): outcome "
-                    "of every file, scatter and z-scores of repeat observations (repeat_groups.csv), "
-                    "agreement with LASP (dr1_afgk_catalog_rows.csv) and the Kiel diagram.")
+        "validate", help="check a model on real LAMOST spectra: robustness, repeatability, "
+                         "agreement with reference labels",
+        description=textwrap.fill(
+            "Estimate every spectrum file (spec-*.fits[.gz], at any depth) of the --spectra folders "
+            "and write a report (report.md, report.json, estimates.csv, PNG figures): the outcome of "
+            "every file, the scatter and z-scores of repeat observations (--repeat-groups or "
+            "--repeat-radius), the agreement with reference labels (--reference) and the Kiel diagram.",
+            88),
+        epilog="The report on the shared real spectra (LASP labels of the DR1 plate, the DR8 "
+               "repeat groups):\n\n  " + SHARED_DATA_COMMAND.replace("\n", "\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model artifact from train-files or train")
-    parser.add_argument("--real-dir", default=os.environ.get("LAMOST_VAC_REAL_DIR", DEFAULT_REAL_DIR),
-                        help="folder of real-spectrum folders (default $LAMOST_VAC_REAL_DIR or "
-                             f"{DEFAULT_REAL_DIR})")
+    parser.add_argument("--spectra", required=True, nargs="+", metavar="FOLDER",
+                        help="folders of spectrum files; the report counts outcomes per folder")
     parser.add_argument("--out", required=True, help="report folder (created; files are overwritten)")
+    reference = parser.add_argument_group("reference labels")
+    reference.add_argument("--reference", metavar="TABLE",
+                           help="CSV or FITS table of reference labels (teff, logg, feh) to compare with; "
+                                "a spectrum finds its row by file name (a filename column), else obsid, "
+                                "else position (ra, dec)")
+    reference.add_argument("--reference-columns", metavar="NAME=COLUMN,...",
+                           help="column mapping as for 'ingest labels --columns', names teff, logg, feh "
+                                "and one of filename, obsid or ra and dec (which also picks the join), "
+                                "e.g. 'teff=TEFF,logg=LOGG,feh=FE_H,ra=RA,dec=DEC'")
+    reference.add_argument("--reference-name", default="reference", metavar="NAME",
+                           help="what the report calls the labels, e.g. LASP, APOGEE, GALAH "
+                                "(default %(default)s)")
+    reference.add_argument("--reference-radius", default=DEFAULT_REFERENCE_RADIUS, metavar="ANGLE",
+                           help="match radius when joining by position (default %(default)s; "
+                                "a bare number is arcsec)")
+    reference.add_argument("--reference-notes", metavar="FILE",
+                           help="markdown printed after the comparison (why the labels may disagree)")
+    repeat_options = parser.add_argument_group("repeat observations")
+    repeats = repeat_options.add_mutually_exclusive_group()
+    repeats.add_argument("--repeat-groups", metavar="TABLE",
+                         help="CSV or FITS table of repeat observations: a file-name column "
+                              "(combined_file, filename, file) and a group column (GroupID, group)")
+    repeats.add_argument("--repeat-radius", metavar="ANGLE",
+                         help="instead of a table: spectra within this angle of each other are one "
+                              "star (header RA, Dec; e.g. 3arcsec, a bare number is arcsec)")
+    repeat_options.add_argument("--repeat-columns", metavar="NAME=COLUMN,...",
+                                help="column mapping of --repeat-groups, names file and group, "
+                                     "e.g. 'file=combined_file,group=GroupID'")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
     parser.add_argument("--limit-per-folder", type=int, default=None, metavar="N",
                         help="only the first N files of each folder (files in a repeat group or "
-                             "the LASP table first, repeat groups kept together): a quick subset")
+                             "the reference table first, repeat groups kept together): a quick subset")
     parser.add_argument("--min-snrg", type=float, default=DEFAULT_MIN_SNRG,
                         help=f"spectra with SNRg at or below this are not estimated (default "
                              f"{DEFAULT_MIN_SNRG:g}; 2 < SNRg <= 5 is estimated but flagged)")
     parser.set_defaults(func=run_validate)
 
 
-# -- side tables ------------------------------------------------------------------------
-def spectrum_key(name):
-    """File base name without .gz: how the side tables name a spectrum."""
-    base = os.path.basename(str(name).strip())
-    return base[:-3] if base.endswith(".gz") else base
-
-
-def _float(text):
+def parse_angle_arcsec(text, option):
+    """``"3arcsec"``, ``"0.05 arcmin"``, ``"3"`` (arcsec) -> arcsec, > 0."""
     try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return np.nan
-    return value if np.isfinite(value) and value > -9000 else np.nan   # -9999: missing
+        angle = u.Quantity(text)
+        if angle.unit == u.dimensionless_unscaled:
+            angle = angle.value * u.arcsec
+        arcsec = float(angle.to_value(u.arcsec))
+    except (TypeError, ValueError, u.UnitsError):
+        raise ValueError(f"{option}: expected an angle such as 3arcsec, got {text!r}") from None
+    if not arcsec > 0:
+        raise ValueError(f"{option}: the angle must be positive, got {text!r}")
+    return arcsec
 
 
-def read_repeat_groups(path):
-    """{spectrum key: group id} from a repeat_groups.csv (combined_file, GroupID)."""
-    groups = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            name, group = row.get("combined_file"), _float(row.get("GroupID"))
-            if name and np.isfinite(group):
-                groups[spectrum_key(name)] = int(group)
-    return groups
-
-
-def read_lasp(path):
-    """{spectrum key: {teff, logg, feh, snrg, obsid}} from LAMOST catalogue rows (filename column)."""
-    rows = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("filename"):
-                rows[spectrum_key(row["filename"])] = {
-                    **{label: _float(row.get(label)) for label in LABELS},
-                    **{label + "_err": _float(row.get(label + "_err")) for label in LABELS},
-                    "snrg": _float(row.get("snrg")), "obsid": row.get("obsid")}
-    return rows
-
-
-# -- files --------------------------------------------------------------------------------
-def is_spectrum_file(name):
-    return name.lower().endswith(SPECTRUM_SUFFIXES)
-
-
-def collect_files(real_dir, limit=None):
-    """[(folder name, [paths])] of every sub-folder holding spectrum files, plus the side
-    tables found: (folders, repeat_groups {key: group}, lasp {key: row})."""
-    if not os.path.isdir(real_dir):
-        raise ValueError(f"--real-dir {real_dir}: no such folder")
-    repeats, lasp, folders = {}, {}, []
-    subdirs = sorted(entry.path for entry in os.scandir(real_dir) if entry.is_dir())
-    for folder in subdirs:
-        names = sorted(os.listdir(folder))
-        if REPEAT_TABLE in names:
-            repeats.update(read_repeat_groups(os.path.join(folder, REPEAT_TABLE)))
-        if LASP_TABLE in names:
-            lasp.update(read_lasp(os.path.join(folder, LASP_TABLE)))
-    for folder in subdirs:
-        names = sorted(n for n in os.listdir(folder) if is_spectrum_file(n)
-                       and os.path.isfile(os.path.join(folder, n)))
-        if not names:
-            continue
-        if limit is not None:
-            # side-table spectra first, a repeat group's members next to each other
-            def order(name):
-                key = spectrum_key(name)
-                return (key not in repeats and key not in lasp, repeats.get(key, 0), name)
-            names = sorted(names, key=order)[:max(limit, 0)]
-        folders.append((os.path.basename(folder), [os.path.join(folder, n) for n in names]))
-    if not folders:
-        raise ValueError(f"--real-dir {real_dir}: no folder with spectrum files (*.fits, *.fits.gz)")
-    return folders, repeats, lasp
-
-
-def _is_star(klass):
-    return klass is not None and str(klass).strip().upper() == "STAR"
-
-
-def estimate_files(artifact, folders, n_jobs=-1, min_snrg=DEFAULT_MIN_SNRG):
-    """One row per file: folder, file, header metadata, outcome, reason, flags, estimates."""
-    rows = []
-    for folder, paths in folders:
-        for path in paths:
-            row = {"folder": folder, "file": os.path.basename(path), "path": path, "obsid": None,
-                   "class": None, "subclass": None, "snrg": np.nan, "z": np.nan,
-                   "outcome": None, "reason": "", "flags": 0,
-                   **{label + suffix: np.nan for label in LABELS for suffix in ESTIMATE_SUFFIXES}}
-            try:
-                meta = read_meta(path)
-            except SpectrumReadError as error:
-                row.update(outcome=UNREADABLE, reason=error.reason, flags=UNUSABLE_SPECTRUM)
-                rows.append(row)
-                continue
-            row.update(obsid=meta["obsid"], subclass=meta["subclass"],
-                       snrg=np.nan if meta["snrg"] is None else meta["snrg"],
-                       z=np.nan if meta["z"] is None else meta["z"])
-            row["class"] = meta["class"]
-            if not _is_star(meta["class"]):
-                row.update(outcome=NOT_STAR, flags=NOT_A_STAR,
-                           reason=f"class is {meta['class']!r}, not STAR: not estimated")
-            elif not (row["snrg"] > min_snrg):
-                row.update(outcome=LOW_SNR, flags=SNR_OUT_OF_DOMAIN | UNUSABLE_SPECTRUM,
-                           reason=("no SNRG in header" if not np.isfinite(row["snrg"]) else
-                                   f"SNRg {row['snrg']:g} <= {min_snrg:g}") + ": not estimated")
-            rows.append(row)
-    todo = [i for i, row in enumerate(rows) if row["outcome"] is None]
-    estimates = {}
-    if todo:
-        model = artifact["model"]
-        feature_set = featurise_files(
-            [rows[i]["path"] for i in todo], [rows[i]["z"] for i in todo], artifact["preprocess"],
-            n_jobs=n_jobs, progress=lambda it, total: progress(it, total, "preprocessing"))
-        errors = feature_set.errors
-        snrg = np.array([rows[i]["snrg"] for i in todo], dtype=float)
-        estimates = predict_features(model, feature_set, snrg,
-                                     subclass=[rows[i]["subclass"] for i in todo])
-        for k, i in enumerate(todo):
-            row = rows[i]
-            flags = int(estimates["flags"][k])
-            if k in errors:
-                row.update(outcome=UNREADABLE, reason=errors[k], flags=UNUSABLE_SPECTRUM)
-            elif flags & NOT_ESTIMATED:      # too few usable pixels, no usable redshift
-                row.update(outcome=UNUSABLE, flags=flags, reason=estimates["problem"][k])
-            else:
-                row.update(outcome=ESTIMATED if flags == 0 else ESTIMATED_FLAGGED, flags=flags,
-                           reason="; ".join(describe_flags(flags)))
-            if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED):
-                for label in LABELS:
-                    for suffix in ESTIMATE_SUFFIXES:
-                        row[label + suffix] = float(estimates[label + suffix][k])
-    return rows
-
-
-def outcome_counts(rows):
-    """{folder: {outcome: n}, ..., "all": {...}}, every outcome present (zero when none)."""
-    counts = {}
-    for row in rows:
-        counts.setdefault(row["folder"], {o: 0 for o in OUTCOMES})[row["outcome"]] += 1
-    counts["all"] = {o: sum(per[o] for per in counts.values()) for o in OUTCOMES}
-    for per in counts.values():
-        per["total"] = sum(per[o] for o in OUTCOMES)
-    return counts
-
-
-def _column(rows, key):
-    return np.array([row[key] for row in rows], dtype=float)
-
-
-def _number(value):
-    if value is None:
-        return None
-    value = float(value)
-    return value if np.isfinite(value) else None
-
-
-# -- analyses ---------------------------------------------------------------------------------
-def repeatability(rows, repeats):
-    """Scatter and pairwise z-scores of the estimated spectra that belong to repeat groups."""
-    members = [row for row in rows if spectrum_key(row["file"]) in repeats
-               and row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
-    groups = [repeats[spectrum_key(row["file"])] for row in members]
-    snrg = _column(members, "snrg") if members else np.array([])
-    result = {"n_files_in_groups": sum(1 for row in rows if spectrum_key(row["file"]) in repeats),
-              "n_estimated_in_groups": len(members), "labels": {}}
-    arrays = {}
-    for label in LABELS:
-        values = _column(members, label) if members else np.array([])
-        err_model = _column(members, label + "_err_model") if members else np.array([])
-        err = _column(members, label + "_err") if members else np.array([])
-        # "rms_err" of the scatter: the model uncertainty; "rms_err_calibrated": the quoted one
-        scatter = repeat_scatter(values, groups, snrg, errors=err_model)
-        # per star of ``scatter``: rms of its finite _err (NaN outside the calibrated SNRg range)
-        group_array = np.array(groups, dtype=object)
-        scatter["rms_err_calibrated"] = np.array([
-            np.sqrt(np.mean(e[np.isfinite(e)] ** 2)) if np.isfinite(e).any() else np.nan
-            for e in (err[group_array == g] for g in scatter["group"])])
-        z_model, _ = pairwise_z(values, err_model, groups)
-        z_cal, _ = pairwise_z(values, err, groups)
-        summary = scatter_summary(scatter, REPEAT_SNR_BINS)
-        summary_cal = scatter_summary({**scatter, "rms_err": scatter["rms_err_calibrated"]}, REPEAT_SNR_BINS)
-        for name in summary:
-            summary[name]["median_rms_err_calibrated"] = summary_cal[name]["median_rms_err"]
-        result["labels"][label] = {
-            "n_stars": int(len(scatter["std"])),
-            "median_scatter": _number(np.median(scatter["std"])) if len(scatter["std"]) else None,
-            "rms_scatter": _number(np.sqrt(np.mean(scatter["std"] ** 2))) if len(scatter["std"]) else None,
-            "scatter_by_snrg": summary,
-            "z_model": z_summary(z_model),
-            "z_calibrated": z_summary(z_cal),
-        }
-        arrays[label] = {"scatter": scatter, "z_model": z_model, "z_cal": z_cal}
-    result["n_stars"] = result["labels"][LABELS[0]]["n_stars"]
-    return result, arrays
-
-
-def lasp_agreement(rows, lasp):
-    """Ours - LASP for every estimated spectrum with a LASP row: accuracy by SNRg bin for all
-    of them and for the method's domain (no quality flag)."""
-    matched = [row for row in rows if spectrum_key(row["file"]) in lasp]
-    estimated = [row for row in matched if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
-    ours = {label: _column(estimated, label) if estimated else np.array([]) for label in LABELS}
-    ref = {label: np.array([lasp[spectrum_key(row["file"])][label] for row in estimated], dtype=float)
-           for label in LABELS}
-    snrg = _column(estimated, "snrg") if estimated else np.array([])
-    in_domain = np.array([row["flags"] == 0 for row in estimated], dtype=bool)
-    result = {"n_with_lasp_row": len(matched), "n_estimated": len(estimated),
-              "n_in_domain": int(in_domain.sum()),
-              "snr_bins": snr_bin_names(LASP_SNR_BINS),
-              "all": accuracy_by_snr(ours, ref, snrg, bins=LASP_SNR_BINS),
-              "in_domain": accuracy_by_snr({k: v[in_domain] for k, v in ours.items()},
-                                           {k: v[in_domain] for k, v in ref.items()},
-                                           snrg[in_domain], bins=LASP_SNR_BINS)}
-    by_teff = {}
-    for lo, hi in zip(LASP_TEFF_BINS[:-1], LASP_TEFF_BINS[1:]):
-        mask = (ref["teff"] > lo) & (ref["teff"] <= hi)
-        by_teff[f"{lo:g}-{hi:g}"] = {
-            "n": int(mask.sum()),
-            **{label: _number(np.nanmedian(ours[label][mask] - ref[label][mask])) if mask.any() else None
-               for label in LABELS}}
-    result["median_offset_by_lasp_teff"] = by_teff
-    return result, (ours, ref, snrg)
-
-
-def label_distribution(rows):
-    """Per folder: median and 5-95 percentile range of every label of the estimated spectra."""
-    out = {}
-    for folder in dict.fromkeys(row["folder"] for row in rows):
-        estimated = [row for row in rows if row["folder"] == folder
-                     and row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
-        per = {"n": len(estimated)}
-        for label in LABELS:
-            values = _column(estimated, label) if estimated else np.array([])
-            values = values[np.isfinite(values)]
-            per[label] = ({"median": float(np.median(values)), "p05": float(np.percentile(values, 5)),
-                           "p95": float(np.percentile(values, 95))} if values.size else None)
-        out[folder] = per
-    return out
-
-
-# -- figures ------------------------------------------------------------------------------------
-def plot_outcomes(path, counts):
-    folders = [f for f in counts if f != "all"]
-    figure = new_figure(1.6 + 1.6 * len(folders), 3.8)
-    ax = figure.subplots()
-    bottom = np.zeros(len(folders))
-    colours = {ESTIMATED: "tab:green", ESTIMATED_FLAGGED: "tab:olive", NOT_STAR: "tab:purple",
-               LOW_SNR: "tab:orange", UNUSABLE: "tab:gray", UNREADABLE: "tab:red"}
-    for outcome in OUTCOMES:
-        values = np.array([counts[f][outcome] for f in folders], dtype=float)
-        ax.bar(np.arange(len(folders)), values, bottom=bottom, color=colours[outcome], label=outcome)
-        bottom += values
-    ax.set_xticks(np.arange(len(folders)))
-    ax.set_xticklabels([f if len(f) < 18 else f[:16] + "..." for f in folders], fontsize=7)
-    ax.set_ylabel("spectrum files")
-    figure.legend(loc="outside right upper", fontsize=7)
-    return save_figure(figure, path)
-
-
-def plot_repeat_scatter(path, arrays):
-    figure = new_figure(4.2 * len(LABELS), 3.9)
-    axes = figure.subplots(1, len(LABELS), squeeze=False)[0]
-    for ax, label in zip(axes, LABELS):
-        s = arrays[label]["scatter"]
-        snr = np.asarray(s["mean_snrg"], dtype=float)
-        if snr.size:
-            ax.scatter(snr, s["std"], s=12, color="k", label="scatter of repeats (std)", zorder=3)
-            ax.scatter(snr, s["rms_err"], s=10, marker="v", color="tab:blue", alpha=0.7,
-                       label="model uncertainty (rms)")
-            ax.scatter(snr, s["rms_err_calibrated"], s=10, marker="^", color="tab:red", alpha=0.7,
-                       label="calibrated uncertainty _err (rms)")
-            lo, hi = np.nanmin(snr) / 1.15, np.nanmax(snr) * 1.15
-            ticks = [t for t in (5, 10, 20, 30, 50, 100, 200, 300, 500) if lo <= t <= hi] or [round(lo)]
-            snr_axis(ax, ticks)
-            ax.set_xlim(lo, hi)
-            positive = np.asarray(s["std"])[np.asarray(s["std"]) > 0]
-            if positive.size:
-                ax.set_yscale("log")
-        ax.set_xlabel("mean SNRg of the star's spectra")
-        ax.set_ylabel(f"{AXIS_LABELS[label]}")
-        ax.grid(alpha=0.3, which="both")
-    handles, names = axes[0].get_legend_handles_labels()
-    if handles:
-        figure.legend(handles, names, loc="outside upper center", ncols=len(handles), fontsize=8)
-    return save_figure(figure, path)
-
-
-def plot_zscores(path, arrays):
-    figure = new_figure(4.2 * len(LABELS), 6.0)
-    axes = figure.subplots(2, len(LABELS), squeeze=False)
-    grid = np.linspace(-5, 5, 201)
-    gauss = np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi)
-    for column, label in enumerate(LABELS):
-        for row, (key, name) in enumerate((("z_model", "model (_err_model)"), ("z_cal", "calibrated (_err)"))):
-            ax = axes[row, column]
-            z = np.asarray(arrays[label][key], dtype=float)
-            z = z[np.isfinite(z)]
-            if z.size:
-                edges = np.linspace(-5, 5, 41)
-                ax.hist(np.clip(z, -4.99, 4.99), bins=edges, density=True, color="tab:gray",
-                        edgecolor="k", linewidth=0.3, label="pairs (clipped at |z| = 5)")
-                s = z_summary(z)
-                ax.text(0.03, 0.96, f"N = {s['n']}\nstd = {s['std']:.2f}\nrobust std = {s['robust_std']:.2f}",
-                        transform=ax.transAxes, va="top", fontsize=8)
-            ax.plot(grid, gauss, color="tab:red", lw=1.5, label="unit Gaussian")
-            ax.set_xlim(-5, 5)
-            ax.set_xlabel(r"$z$ of $\Delta$" + label_name(label) + f", {name} uncertainty")
-            ax.set_ylabel("density")
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="outside upper center", ncols=max(len(handles), 1), fontsize=8)
-    return save_figure(figure, path)
-
-
-def label_name(label):
-    return LABEL_HEADINGS[label][0]
-
-
-# -- markdown --------------------------------------------------------------------------------------
-def counts_table_md(counts):
-    return table(["folder", *OUTCOMES, "total"],
-                 [[f"**{folder}**" if folder == "all" else folder,
-                   *(str(per[o]) for o in OUTCOMES), str(per["total"])]
-                  for folder, per in counts.items()])
-
-
-def distribution_table_md(distribution):
-    rows = []
-    for folder, per in distribution.items():
-        cells = [folder, str(per["n"])]
-        for label in LABELS:
-            d, spec = per[label], LABEL_HEADINGS[label][2]
-            cells.append("-" if d is None else
-                         f"{d['median']:{spec}} ({d['p05']:{spec}} to {d['p95']:{spec}})")
-        rows.append(cells)
-    return table(["folder", "N"] + label_head(("median (5-95%)",)), rows)
-
-
-def teff_offset_table_md(by_teff):
-    head = ["LASP Teff (K)", "N"] + [f"median {LABEL_HEADINGS[l][0]} offset ({LABEL_HEADINGS[l][1]})"
-                                      for l in LABELS]
-    return table(head, [[name, str(per["n"])] + [fmt(per[l], "+" + LABEL_HEADINGS[l][2]) for l in LABELS]
-                        for name, per in by_teff.items() if per["n"]])
-
-
-def repeat_table_md(rep):
-    head = ["label", "stars", "median scatter", "rms scatter", "z std (model)", "robust (model)",
-            "|z|<1 (model)", "z std (calibrated)", "robust (calibrated)", "|z|<1 (calibrated)", "pairs"]
-    rows = []
-    for label in LABELS:
-        r = rep["labels"][label]
-        name, unit, spec = LABEL_HEADINGS[label]
-        zm, zi = r["z_model"], r["z_calibrated"]
-        rows.append([
-            f"{name} ({unit})", str(r["n_stars"]), fmt(r["median_scatter"], spec), fmt(r["rms_scatter"], spec),
-            fmt(zm["std"], ".2f"), fmt(zm["robust_std"], ".2f"), fmt(zm["within_1"], ".2f"),
-            fmt(zi["std"], ".2f"), fmt(zi["robust_std"], ".2f"), fmt(zi["within_1"], ".2f"),
-            str(zm["n"])])
-    return table(head, rows)
-
-
-def repeat_snr_table_md(rep):
-    bins = [n for n in rep["labels"][LABELS[0]]["scatter_by_snrg"] if n != "all"]
-    rows = []
-    for name in ["all", *bins]:
-        n = rep["labels"][LABELS[0]]["scatter_by_snrg"][name]["n_groups"]
-        if name != "all" and n == 0:
-            continue
-        cells = [name, str(n)]
-        for label in LABELS:
-            s, spec = rep["labels"][label]["scatter_by_snrg"][name], LABEL_HEADINGS[label][2]
-            cells += [fmt(s["median_std"], spec), fmt(s["median_rms_err"], spec),
-                      fmt(s["median_rms_err_calibrated"], spec)]
-        rows.append(cells)
-    return table(["mean SNRg", "stars"] + label_head(("scatter", "_err_model", "_err")),
-                 rows)
-
-
-# z std of honest uncertainties, allowing for the sampling noise of ~100 repeat pairs
-HONEST_Z_STD = (0.8, 1.25)
-
-
-def _honesty(std):
-    low, high = HONEST_Z_STD
-    if std is None:
-        return "not measurable"
-    if std > high:
-        return f"too small (z std > {high:g})"
-    if std < low:
-        return f"too large (z std < {low:g})"
-    return f"about right (z std {low:g}-{high:g})"
-
-
-def offsets_sentence(lasp):
-    parts = []
-    for label in LABELS:
-        s = lasp["all"][label]["all"]
-        name, unit, spec = LABEL_HEADINGS[label]
-        if s["n"]:
-            parts.append(f"{name} {s['mu']:+{spec}} {unit} (sigma {s['sigma']:{spec}}, MAE {s['mae']:{spec}})")
-    if not parts:
-        return "No DR1 spectrum with a LASP row was estimated."
-    return (f"Mean offsets ours - LASP over {lasp['n_estimated']} spectra: " + "; ".join(parts) + ".")
-
-
-def report_markdown(report):
-    model, counts, rep, lasp = report["model"], report["counts"], report["repeatability"], report["lasp"]
-    training = model.get("training") or {}
-    parts = [
-        f"# Validation of model {model['version']} on real LAMOST spectra",
-        "",
-        f"- Model: `{model['artifact']}`, trained on {training.get('n_spectra', '?')} spectra with "
-        f"SNRg in {training.get('snr_range', '?')}, {describe_label_domain(training)}; "
-        f"wavelength range {model.get('wave_range')} A.",
-        f"- Real spectra: `{report['real_dir']}`" +
-        (f", first {report['limit_per_folder']} files per folder (subset)" if report["limit_per_folder"] else
-         ", every spectrum file") + ".",
-        f"- Regenerate: `{report['command']}`",
-        "",
-        "## Robustness: outcome of every file",
-        "",
-        f"Outcomes: `{ESTIMATED}` (no quality flag), `{ESTIMATED_FLAGGED}` (estimated, outside the "
-        f"method's domain: Teff 3500-6500 K, [Fe/H] >= -1.5, 5 < SNRg <= 80), `{NOT_STAR}` (header "
-        f"CLASS is not STAR), `{LOW_SNR}` (SNRg <= {report['min_snrg']:g} or missing), `{UNUSABLE}` "
-        f"(no usable redshift, or too few usable pixels), `{UNREADABLE}` (the reader's reason below). "
-        "Every file is in `estimates.csv` with its outcome, reason and flags.",
-        "",
-        counts_table_md(counts),
-        "",
-    ]
-    problems = [r for r in report["not_estimated"]]
-    if problems:
-        parts += ["Files not estimated:", "", "| folder | file | outcome | reason |", "|---|---|---|---|"]
-        parts += [f"| {r['folder']} | {r['file']} | {r['outcome']} | {r['reason']} |" for r in problems]
-        parts += [""]
-    if report["flag_counts"]:
-        parts += ["Quality flags among the estimated spectra: " +
-                  "; ".join(f"{text}: {n}" for text, n in report["flag_counts"].items()) + ".", ""]
-    parts += ["Estimates per folder (all estimated spectra, flagged ones included):", "",
-              distribution_table_md(report["label_distribution"]), ""]
-    parts += [
-        "## Repeatability: stars observed several times",
-        "",
-        f"{rep['n_estimated_in_groups']} estimated spectra of {rep['n_stars']} stars with >= 2 estimated "
-        f"spectra ({rep['n_files_in_groups']} files in repeat groups). Scatter: sample std of a star's "
-        "estimates. z = (x_i - x_j) / sqrt(err_i^2 + err_j^2) over every pair of a star's spectra; "
-        "std about zero, robust std = 1.4826 x median|z|; a unit Gaussian gives 1, 1 and "
-        f"|z|<1 for {GAUSS_WITHIN_1:.2f} of pairs. Repeats test only the random part of the "
-        "uncertainty, which `_err_model` (the ensemble std scaled on cross-fitted repeat pairs of "
-        "the training stars) describes: its z std should be 0.8-1.25. The calibrated `_err` also "
-        "contains the systematic error against reference labels (shared by a star's repeats) and "
-        "so should give z std below 1.",
-        "",
-        repeat_table_md(rep),
-        "",
-    ]
-    for label in LABELS:
-        r = rep["labels"][label]
-        parts.append(f"- {LABEL_HEADINGS[label][0]}: model uncertainties {_honesty(r['z_model']['std'])}, "
-                     f"calibrated uncertainties {_honesty(r['z_calibrated']['std'])}.")
-    parts += ["", "Median scatter and median rms uncertainties by the star's mean SNRg:", "",
-              repeat_snr_table_md(rep), ""]
-    parts += [
-        "## Agreement with LASP (DR1)",
-        "",
-        f"{lasp['n_with_lasp_row']} spectra have a row in the DR1 A/F/G/K catalogue, "
-        f"{lasp['n_estimated']} estimated ({lasp['n_in_domain']} without quality flags). "
-        "Residual = ours - LASP; mu is their mean, sigma their std; SNRg (header) bins are (low, high].",
-        "",
-        offsets_sentence(lasp),
-        "",
-        "### All estimated",
-        "",
-        accuracy_table(lasp["all"], ["all", *lasp["snr_bins"]], skip_empty=True),
-        "",
-        "### Without quality flags (inside the method's domain)",
-        "",
-        accuracy_table(lasp["in_domain"], ["all", *lasp["snr_bins"]], skip_empty=True),
-        "",
-        "### Median offset by LASP Teff",
-        "",
-        teff_offset_table_md(lasp["median_offset_by_lasp_teff"]),
-        "",
-        OFFSET_DISCUSSION,
-        "",
-        "## Figures",
-        "",
-    ]
-    titles = {"outcomes": "Outcome of every file per folder",
-              "repeat_scatter": "Scatter of repeated estimates and reported uncertainties vs SNRg",
-              "repeat_zscores": "Pairwise z-scores of repeats against a unit Gaussian",
-              "lasp": "Ours against LASP (DR1), with residual histograms",
-              "kiel": "Kiel diagram of all real estimates",
-              "kiel_lasp": "Kiel diagram of the DR1 spectra: ours and LASP"}
-    for key, filename in report["files"]["plots"].items():
-        parts += [f"### {titles[key]}", "", f"![{titles[key]}]({filename})", ""]
-    return "\n".join(parts)
-
-
-# -- the command -------------------------------------------------------------------------------
 def _command_line(args):
-    line = f"lamost-vac validate --model {args.model} --real-dir {args.real_dir} --out {args.out}"
+    """The command that regenerates the report, as given."""
+    words = ["lamost-vac", "validate", "--model", args.model, "--spectra", *args.spectra]
+    for option in ("reference", "reference_columns", "reference_name", "reference_notes",
+                   "repeat_groups", "repeat_columns", "repeat_radius"):
+        value = getattr(args, option)
+        if value is not None and (option != "reference_name" or args.reference):
+            words += ["--" + option.replace("_", "-"), value]
+    if args.reference and args.reference_radius != DEFAULT_REFERENCE_RADIUS:
+        words += ["--reference-radius", args.reference_radius]
+    words += ["--out", args.out]
     if args.limit_per_folder is not None:
-        line += f" --limit-per-folder {args.limit_per_folder}"
+        words += ["--limit-per-folder", str(args.limit_per_folder)]
     if args.min_snrg != DEFAULT_MIN_SNRG:
-        line += f" --min-snrg {args.min_snrg:g}"
-    return line
-
-
-def write_report(args, artifact, rows, repeats, lasp_rows):
-    out = args.out
-    os.makedirs(out, exist_ok=True)
-    counts = outcome_counts(rows)
-    rep, rep_arrays = repeatability(rows, repeats)
-    lasp, (ours, ref, lasp_snrg) = lasp_agreement(rows, lasp_rows)
-
-    table = Table()
-    for key in ("folder", "file"):
-        table[key] = [row[key] for row in rows]
-    table["obsid"] = np.array([-1 if row["obsid"] is None else row["obsid"] for row in rows], dtype=np.int64)
-    table["class"] = [row["class"] or "" for row in rows]
-    table["subclass"] = [row["subclass"] or "" for row in rows]
-    table["snrg"] = _column(rows, "snrg")
-    table["z"] = _column(rows, "z")
-    table["outcome"] = [row["outcome"] for row in rows]
-    table["flags"] = np.array([row["flags"] for row in rows], dtype=np.int64)
-    for label in LABELS:
-        for suffix in ESTIMATE_SUFFIXES:
-            table[label + suffix] = _column(rows, label + suffix)
-    table["repeat_group"] = np.array([repeats.get(spectrum_key(row["file"]), -1) for row in rows], dtype=np.int64)
-    for label in LABELS:
-        table[label + "_lasp"] = np.array([lasp_rows.get(spectrum_key(row["file"]), {}).get(label, np.nan)
-                                           for row in rows], dtype=float)
-    table["reason"] = [row["reason"] for row in rows]
-    table["model_version"] = artifact["version"]
-    write_table(table, os.path.join(out, "estimates.csv"))
-
-    estimated = [row for row in rows if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
-    plots = dict(PLOT_FILES)
-    plot_outcomes(os.path.join(out, plots["outcomes"]), counts)
-    plot_repeat_scatter(os.path.join(out, plots["repeat_scatter"]), rep_arrays)
-    plot_zscores(os.path.join(out, plots["repeat_zscores"]), rep_arrays)
-    predicted_vs_reference(os.path.join(out, plots["lasp"]), ours, ref, lasp_snrg,
-                           title="LASSO-MLPNet against LASP (reference = LASP, LAMOST DR1)")
-    kiel_diagram(os.path.join(out, plots["kiel"]),
-                 *(_column(estimated, label) if estimated else np.array([]) for label in LABELS),
-                 title=f"LASSO-MLPNet, {len(estimated)} real LAMOST spectra")
-    kiel_diagram(os.path.join(out, plots["kiel_lasp"]), ours["teff"], ours["logg"], ours["feh"],
-                 reference=ref, title="LASSO-MLPNet (DR1)")
-
-    flag_counts = {}
-    for row in estimated:
-        for text in describe_flags(row["flags"]):
-            flag_counts[text] = flag_counts.get(text, 0) + 1
-    config = artifact["preprocess"]
-    training = artifact.get("training", {})
-    report = {
-        "model": {"artifact": os.path.abspath(args.model), "version": artifact["version"],
-                  "wave_range": [getattr(config, "wave_min", None), getattr(config, "wave_max", None)],
-                  "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range", "label_domain",
-                                                            "n_outside_label_domain")}},
-        "real_dir": os.path.abspath(args.real_dir),
-        "limit_per_folder": args.limit_per_folder,
-        "min_snrg": args.min_snrg,
-        "command": _command_line(args),
-        "outcomes": list(OUTCOMES),
-        "counts": counts,
-        "not_estimated": [{k: row[k] for k in ("folder", "file", "outcome", "reason")}
-                          for row in rows if row["outcome"] not in (ESTIMATED, ESTIMATED_FLAGGED)],
-        "flag_counts": flag_counts,
-        "label_distribution": label_distribution(rows),
-        "repeatability": rep,
-        "lasp": lasp,
-        "files": {"estimates": "estimates.csv", "plots": plots},
-        "offset_discussion": OFFSET_DISCUSSION,
-    }
-    with open(os.path.join(out, "report.json"), "w") as handle:
-        json.dump(report, handle, indent=2, default=_json_default)
-    with open(os.path.join(out, "report.md"), "w") as handle:
-        handle.write(report_markdown(report))
-    return report
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return _number(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        words += ["--min-snrg", f"{args.min_snrg:g}"]
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 def run_validate(args):
     if args.limit_per_folder is not None and args.limit_per_folder < 1:
         raise ValueError("--limit-per-folder must be at least 1")
+    if args.repeat_columns and not args.repeat_groups:
+        raise ValueError("--repeat-columns maps the columns of --repeat-groups: give the table too")
+    repeat_radius = parse_angle_arcsec(args.repeat_radius, "--repeat-radius") if args.repeat_radius else None
     artifact = load_model(args.model)
-    folders, repeats, lasp_rows = collect_files(args.real_dir, args.limit_per_folder)
-    n_files = sum(len(paths) for _, paths in folders)
-    print(f"{n_files} spectrum files in {len(folders)} folders under {args.real_dir}", file=sys.stderr)
-    rows = estimate_files(artifact, folders, n_jobs=args.jobs, min_snrg=args.min_snrg)
-    report = write_report(args, artifact, rows, repeats, lasp_rows)
+    folders = spectrum_folders(args.spectra)
+    reference = notes = repeat_groups = None
+    if args.reference:
+        reference = read_reference_labels(
+            args.reference, args.reference_columns, name=args.reference_name,
+            radius_arcsec=parse_angle_arcsec(args.reference_radius, "--reference-radius"))
+        if args.reference_notes:
+            with open(args.reference_notes) as handle:
+                notes = handle.read()
+    if args.repeat_groups:
+        repeat_groups = read_repeat_groups(args.repeat_groups, args.repeat_columns)
+    n_files = sum(len(files) for _, files in folders)
+    print(f"{n_files} spectrum files in {len(folders)} folders", file=sys.stderr)
+    rows = validate_files(artifact, folders, reference, repeat_groups, repeat_radius,
+                          limit_per_folder=args.limit_per_folder, min_snrg=args.min_snrg, n_jobs=args.jobs)
+    inputs = {"spectra": [os.path.abspath(folder) for folder in args.spectra],
+              "repeat_groups": ({"table": os.path.abspath(args.repeat_groups)} if args.repeat_groups else
+                                {"radius_arcsec": repeat_radius} if repeat_radius else None),
+              "limit_per_folder": args.limit_per_folder, "min_snrg": args.min_snrg,
+              "command": _command_line(args)}
+    report = write_validation_report(args.out, artifact, args.model, rows, inputs, reference, notes)
 
-    print(f"model {artifact['version']}: {n_files} files")
+    print(f"model {artifact['version']}: {len(rows)} files")
     for folder, per in report["counts"].items():
         print(f"  {folder}: " + ", ".join(f"{o} {per[o]}" for o in OUTCOMES if per[o]) + f" (total {per['total']})")
     rep = report["repeatability"]
@@ -714,12 +159,15 @@ def run_validate(args):
         print(f"  {name:7s} median scatter {fmt(r['median_scatter'], spec)} {unit}  z std model "
               f"{fmt(r['z_model']['std'], '.2f')} calibrated {fmt(r['z_calibrated']['std'], '.2f')} "
               f"(pairs {r['z_model']['n']})")
-    lasp = report["lasp"]
-    print(f"LASP: {lasp['n_estimated']} of {lasp['n_with_lasp_row']} DR1 spectra with LASP rows estimated")
-    for label in LABELS:
-        s = lasp["all"][label]["all"]
-        name, unit, spec = LABEL_HEADINGS[label]
-        if s["n"]:
-            print(f"  {name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  (n={s['n']})")
+    agreement = report["reference"]
+    if agreement is not None:
+        print(f"{agreement['name']}: {agreement['n_estimated']} of {agreement['n_with_row']} spectra with "
+              f"{agreement['name']} rows estimated")
+        for label in LABELS:
+            s = agreement["all"][label]["all"]
+            name, unit, spec = LABEL_HEADINGS[label]
+            if s["n"]:
+                print(f"  {name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  "
+                      f"(n={s['n']})")
     print(f"report -> {os.path.join(os.path.abspath(args.out), 'report.md')}")
     return 0
