@@ -1,17 +1,21 @@
 """Plots the pages show, drawn by the service as PNG (matplotlib, Agg canvas: no pyplot
 state, safe in a threaded worker).
 
-:func:`kiel_png` and :func:`histograms_png` draw a selection's rows; :func:`spectrum_png`
-one spectrum, observed and continuum-normalised, with the LASSO-selected pixels of each
-label marked.
+:func:`kiel_png` and :func:`histograms_png` draw a selection from the histograms the
+database counted on all its rows (:func:`service.catalogue.selection_histograms`);
+:func:`spectrum_png` one spectrum, observed and continuum-normalised, with the
+LASSO-selected pixels of each label marked.
 """
 import io
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from models.flags import FEH_MIN, TEFF_RANGE
+from service.catalogue import KIEL_AXES
 
 LABELS = (("teff", "Teff [K]"), ("logg", "log g [dex]"), ("feh", "[Fe/H] [dex]"))
 PIXEL_COLOURS = {"teff": "tab:red", "logg": "tab:green", "feh": "tab:blue"}
@@ -23,42 +27,67 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _column(rows, index):
-    return np.array([np.nan if row[index] is None else row[index] for row in rows], float)
+def _occupied(counts, edges, axis=None):
+    """(low, high) of the edges around the non-empty bins (all of them if none is)."""
+    filled = counts > 0 if axis is None else (counts > 0).any(axis=axis)
+    if not filled.any():
+        return edges[0], edges[-1]
+    where = np.flatnonzero(filled)
+    return edges[where[0]], edges[where[-1] + 1]
 
 
-def kiel_png(rows, names) -> bytes:
-    """Teff against log g (both axes reversed, as astronomers read them), coloured by
-    [Fe/H]; the valid Teff domain shaded."""
-    teff, logg, feh = (_column(rows, names.index(n)) for n in ("teff", "logg", "feh"))
-    figure = Figure(figsize=(6, 4.5), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    axes.axvspan(*TEFF_RANGE, color="0.93", zorder=0, label="valid Teff domain")
-    shown = np.isfinite(teff) & np.isfinite(logg)
-    points = axes.scatter(teff[shown], logg[shown], c=feh[shown], s=4, cmap="viridis",
-                          rasterized=True)
-    figure.colorbar(points, ax=axes, label="[Fe/H] [dex]")
-    if shown.any():
-        axes.invert_xaxis()
-        axes.invert_yaxis()
-    axes.set_xlabel("Teff [K]")
-    axes.set_ylabel("log g [dex]")
-    axes.set_title(f"Kiel diagram ({int(shown.sum())} stars)")
-    axes.legend(loc="lower left", fontsize="small")
+def kiel_png(counted) -> bytes:
+    """The Kiel diagram of a selection from its binned counts
+    (:class:`service.catalogue.SelectionHistograms`): Teff against log g (both axes
+    reversed, as astronomers read them), each cell coloured by its stars' mean [Fe/H]
+    (left) and by their number (right); the valid Teff domain marked."""
+    teff_bins, logg_bins = (counted.histograms[name].bins for name in KIEL_AXES)
+    teff_edges, logg_edges = teff_bins.edges, logg_bins.edges
+    counts = counted.kiel_counts
+    shown = int(counts.sum())
+    figure = Figure(figsize=(10, 4.5), dpi=100, layout="constrained")
+    by_feh, by_count = figure.subplots(1, 2, sharex=True, sharey=True)
+    # pcolormesh takes C[row = y bin, column = x bin]: log g rows, Teff columns
+    mean_feh = np.ma.masked_invalid(np.where(counts > 0, counted.kiel_mean_feh, np.nan).T)
+    cells = by_feh.pcolormesh(teff_edges, logg_edges, mean_feh, cmap="viridis")
+    figure.colorbar(cells, ax=by_feh, label="mean [Fe/H] of the cell [dex]")
+    number = np.ma.masked_equal(counts.T, 0)
+    cells = by_count.pcolormesh(teff_edges, logg_edges, number, cmap="magma_r",
+                                norm=LogNorm(vmin=1, vmax=max(1, int(counts.max()))))
+    figure.colorbar(cells, ax=by_count, label="stars in the cell",
+                    format=FuncFormatter(lambda value, _: f"{value:g}"))
+    for axes in (by_feh, by_count):
+        for edge in TEFF_RANGE:
+            axes.axvline(edge, color="0.5", ls="--", lw=0.8)
+        axes.set_xlabel("Teff [K]")
+        axes.grid(alpha=0.2)
+    by_feh.set_ylabel("log g [dex]")
+    low, high = _occupied(counts, teff_edges, axis=1)
+    by_feh.set_xlim(high, low)                       # reversed: hot stars left
+    low, high = _occupied(counts, logg_edges, axis=0)
+    by_feh.set_ylim(high, low)                       # reversed: giants at the top
+    left_out = counted.rows - shown
+    figure.suptitle(f"Kiel diagram of {shown} stars"
+                    + (f" ({left_out} more without Teff or log g in the plotted ranges)"
+                       if left_out else "") + "; dashed: the valid Teff domain")
     return _png(figure)
 
 
-def histograms_png(rows, names) -> bytes:
-    """Histograms of the three labels (top row) and of their uncertainties (bottom)."""
-    figure = Figure(figsize=(9, 5), dpi=100, layout="constrained")
+def histograms_png(counted) -> bytes:
+    """Histograms of the three labels (top row) and of their uncertainties (bottom) from
+    a selection's binned counts (:class:`service.catalogue.SelectionHistograms`), with the
+    rows outside the bins' range and without a value said under each."""
+    figure = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
     grid = figure.subplots(2, 3)
     for column, (label, title) in enumerate(LABELS):
         for row, name in enumerate((label, f"{label}_err")):
-            values = _column(rows, names.index(name))
-            values = values[np.isfinite(values)]
+            histogram = counted.histograms[name]
+            edges = histogram.bins.edges
             axes = grid[row, column]
-            if values.size:
-                axes.hist(values, bins=40, color="tab:blue" if row == 0 else "tab:orange")
+            axes.stairs(histogram.counts, edges, fill=True, alpha=0.35,
+                        color="tab:blue" if row == 0 else "tab:orange")
+            axes.stairs(histogram.counts, edges, color="tab:blue" if row == 0 else "tab:orange")
+            axes.set_xlim(*_occupied(histogram.counts, edges))
             if name == "teff":
                 axes.axvline(TEFF_RANGE[0], color="0.5", ls="--")
                 axes.axvline(TEFF_RANGE[1], color="0.5", ls="--")
@@ -66,6 +95,13 @@ def histograms_png(rows, names) -> bytes:
                 axes.axvline(FEH_MIN, color="0.5", ls="--")
             axes.set_xlabel(title if row == 0 else f"uncertainty of {title}")
             axes.set_ylabel("stars")
+            outside = [f"{n} {what}" for n, what in
+                       ((histogram.below, f"below {edges[0]:g}"),
+                        (histogram.above, f"above {edges[-1]:g}"),
+                        (histogram.missing, "without a value")) if n]
+            if outside:
+                axes.set_title("; ".join(outside), fontsize="small")
+    figure.suptitle(f"{counted.rows} stars; dashed: the valid domain")
     return _png(figure)
 
 

@@ -3,11 +3,13 @@ real catalogue (SQLite and PostgreSQL): content negotiation at /, the form trans
 the API's query (same rows, same pages), bad input next to its field (400), the plots,
 the spectrum, models and about pages, and spectrum files outside the root never opened.
 The same pages in a real browser: test_pages_browser.py."""
+import base64
 import dataclasses
 import html
 import re
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
@@ -161,6 +163,103 @@ def test_plots_of_the_selection_are_png(client, plot):
     assert bad.status_code == 400 and "teff_min" in bad.get_data(as_text=True)
 
 
+HISTOGRAM_COLUMNS = ["teff", "teff_err", "logg", "logg_err", "feh", "feh_err"]
+# obsid -> values put on the bins' edges and outside their ranges (restored afterwards);
+# the scaled value of 100015's puts each just below its bin (as numpy, the database must
+# compare it with the edges)
+EDGE_VALUES = {100015: dict(teff=5900.0, logg=0.3, feh=-2.7, teff_err=290.0, logg_err=0.58,
+                            feh_err=0.29),
+               100010: dict(teff=8000.0, logg=5.5, feh=-3.0, teff_err=500.0),
+               100011: dict(teff=3000.0, logg=-0.5, feh=1.0, teff_err=0.0),
+               100012: dict(teff=8000.5, logg=-0.6, feh=-3.2, teff_err=600.0),
+               100013: dict(teff=2999.0, logg=5.6, feh=1.5, feh_err=0.75),
+               100014: dict(teff=3050.0, logg=4.4, feh=None, logg_err=None)}
+
+
+@pytest.fixture
+def edge_values(pages_db):
+    """A few current estimates moved onto the histogram bins' edges, outside their
+    ranges and to NULL, for one test."""
+    engine = db.make_engine(pages_db)
+    names = sorted({name for values in EDGE_VALUES.values() for name in values})
+    where = f"model_version = '{CURRENT}' AND obsid = :obsid"
+    with engine.begin() as connection:
+        saved = {obsid: connection.execute(text(f"SELECT {', '.join(names)} FROM estimates "
+                                                f"WHERE {where}"), {"obsid": obsid})
+                 .mappings().one() for obsid in EDGE_VALUES}
+        for obsid, values in EDGE_VALUES.items():
+            connection.execute(text(f"UPDATE estimates SET "
+                                    f"{', '.join(f'{n} = :{n}' for n in values)} WHERE {where}"),
+                               {**values, "obsid": obsid})
+    yield
+    with engine.begin() as connection:
+        for obsid, values in saved.items():
+            connection.execute(text(f"UPDATE estimates SET "
+                                    f"{', '.join(f'{n} = :{n}' for n in names)} WHERE {where}"),
+                               {**values, "obsid": obsid})
+    engine.dispose()
+
+
+@pytest.mark.parametrize("selection", [
+    "", "teff_min=4000&teff_max=6500&feh_max=0", "ra=150&dec=30&radius=0.1",
+    "snrg_min=20&exclude_flags=5", f"model_version={RETIRED}&logg_min=2"])
+def test_histograms_count_every_row_of_the_selection_as_numpy_does(client, edge_values,
+                                                                   selection):
+    """/api/v1/estimates/histograms (counted by the database) equals numpy's histograms of
+    every row the same selection returns from /api/v1/estimates, values on bin edges,
+    outside the ranges and NULL included."""
+    from service.catalogue import HISTOGRAM_BINS
+
+    rows = client.get(f"/api/v1/estimates?{selection}&limit=10000&columns=obsid,"
+                      + ",".join(HISTOGRAM_COLUMNS)).json["rows"]
+    counted = client.get(f"/api/v1/estimates/histograms?{selection}").json
+    assert counted["rows"] == len(rows) > 0
+    values = {name: np.array([np.nan if r[name] is None else r[name] for r in rows])
+              for name in HISTOGRAM_COLUMNS}
+    for name in HISTOGRAM_COLUMNS:
+        bins, histogram = HISTOGRAM_BINS[name], counted["histograms"][name]
+        x = values[name]
+        expected, edges = np.histogram(x[np.isfinite(x)], bins.count, (bins.low, bins.high))
+        assert histogram["edges"] == edges.tolist()
+        assert histogram["counts"] == expected.tolist(), name
+        assert histogram["below"] == int(np.sum(x < bins.low))
+        assert histogram["above"] == int(np.sum(x > bins.high))
+        assert histogram["missing"] == int(np.sum(np.isnan(x)))
+    teff, logg, feh = values["teff"], values["logg"], values["feh"]
+    ranges = [(HISTOGRAM_BINS[n].low, HISTOGRAM_BINS[n].high) for n in ("teff", "logg")]
+    shape = [HISTOGRAM_BINS[n].count for n in ("teff", "logg")]
+    both = np.isfinite(teff) & np.isfinite(logg)
+    cells, _, _ = np.histogram2d(teff[both], logg[both], shape, ranges)
+    assert np.array(counted["kiel"]["counts"]).tolist() == cells.astype(int).tolist()
+    with_feh = both & np.isfinite(feh)
+    feh_sum, _, _ = np.histogram2d(teff[with_feh], logg[with_feh], shape, ranges,
+                                   weights=feh[with_feh])
+    feh_rows, _, _ = np.histogram2d(teff[with_feh], logg[with_feh], shape, ranges)
+    mean_feh = np.array([[np.nan if v is None else v for v in row]
+                         for row in counted["kiel"]["mean_feh"]])
+    with np.errstate(invalid="ignore"):
+        expected = feh_sum / feh_rows
+    np.testing.assert_allclose(mean_feh, expected, rtol=1e-9, atol=1e-12)
+    if not selection:       # the edge values are in this selection
+        assert sum(histogram["below"] + histogram["above"]
+                   for histogram in counted["histograms"].values()) > 0
+        assert counted["histograms"]["teff"]["counts"][-1] >= 1        # 8000 K: last bin
+
+
+def test_search_page_plots_every_row_of_the_selection(client):
+    selection = "teff_min=4000&feh_max=0"
+    total = len(client.get(f"/api/v1/estimates?{selection}&limit=10000").json["rows"])
+    assert total > 50
+    body = page(client, f"/?{selection}&limit=20")
+    summary = re.search(r'id="plot-summary">(.*?)</p>', body, re.S).group(1)
+    assert f"here {total} rows" in summary
+    counts = link(body, "histograms-api")
+    assert client.get(urlsplit(counts).path + "?" + urlsplit(counts).query).json["rows"] == total
+    for plot in ("kiel-plot", "histograms-plot"):
+        image = re.search(rf'<img id="{plot}" src="data:image/png;base64,([^"]+)"', body)
+        assert base64.b64decode(image.group(1)).startswith(PNG_MAGIC)
+
+
 def test_spectrum_page_shows_every_model_version_and_links_the_json(client, app):
     body = page(client, "/spectra/100001")           # in both model versions
     assert f"<td>{CURRENT}</td><td>current</td>" in body
@@ -211,5 +310,5 @@ def test_models_and_about_pages(client):
     assert "apogee-payne" in body and "scatter" in body
     body = page(client, "/about")
     for words in ("LASSO", "TOPCAT", "pyvo", "q3c_radial_query", "How to cite",
-                  "3500 &le; Teff &le; 6500 K"):
+                  "3500 &le; Teff &le; 6500 K", 'id="histogram-bins"'):
         assert words in body

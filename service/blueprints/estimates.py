@@ -6,8 +6,9 @@ ordering; keyset pagination (an opaque ``cursor``, with a ``next`` link in the J
 and an HTTP ``Link: <...>; rel="next"`` header for every format); ``limit`` up to a hard
 maximum; formats json (default), csv, votable, fits.
 
-Also defines :data:`CATALOGUE`, the catalogue's output columns (SQL expression and
-metadata from :mod:`etl.schema`), shared with the cone search.
+``GET /api/v1/estimates/histograms`` takes the same selection parameters and answers the
+histograms of every row selected (:func:`service.catalogue.selection_histograms`): what
+the search page plots.
 """
 import base64
 import binascii
@@ -25,7 +26,9 @@ from etl import db as etl_db
 from etl import schema
 from models.labels import estimate_columns
 from service import formats
-from service.catalogue import CATALOGUE, cone_centre, cone_filter, current_model_version
+from service.catalogue import (CATALOGUE, HISTOGRAM_BINS, KIEL_AXES, RANGE_COLUMNS,
+                               cone_centre, current_model_version, selection_conditions,
+                               selection_histograms, selection_needs_spectra)
 from service.openapi import JSON_ERROR, Param, ParamError, content, operation, parse
 from service.state import is_small_cone, large_query, state
 
@@ -36,7 +39,6 @@ estimates = schema.estimates
 models = schema.models
 
 DEFAULT_COLUMNS = ["obsid", "ra", "dec", "snrg", "model_version", *estimate_columns(), "flags"]
-RANGE_COLUMNS = [*estimate_columns(), "snrg"]
 ORDER_COLUMNS = ["obsid", "ra", "dec", "snrg", *estimate_columns(suffixes=("", "_err")), "distance"]
 FLAG_MAX = 2 ** 31 - 1
 MODEL_VERSION_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:+\-]{0,63}"
@@ -187,28 +189,16 @@ def build_query(bind, args, model_version, names):
         raise ParamError("columns", "the column 'distance' needs a cone (ra, dec, radius)")
 
     expressions = {name: CATALOGUE[name].expression for name in CATALOGUE}
-    conditions = [estimates.c.model_version == model_version]
     if cone is not None:
-        ra, dec, radius = cone
-        expressions["distance"] = etl_db.distance_deg(spectra, ra, dec, bind)
-        conditions.append(cone_filter(spectra, ra, dec, radius, bind))
-    for name in RANGE_COLUMNS:
-        expression = expressions[name]
-        if args[f"{name}_min"] is not None:
-            conditions.append(expression >= args[f"{name}_min"])
-        if args[f"{name}_max"] is not None:
-            conditions.append(expression <= args[f"{name}_max"])
-    if args["flags"] is not None:
-        conditions.append(estimates.c.flags == args["flags"])
-    if args["exclude_flags"]:
-        conditions.append(estimates.c.flags.op("&")(args["exclude_flags"]) == 0)
+        expressions["distance"] = etl_db.distance_deg(spectra, cone[0], cone[1], bind)
+    conditions = selection_conditions(bind, args, model_version, cone)
 
     sort = expressions[order_name]
     # Filtered and sorted on estimates alone (no cone, no snrg range, an estimates column
     # or obsid as the key): the page is cut from estimates and only its rows are joined
     # to spectra, instead of joining the whole catalogue before sorting it (4x faster
     # for an unindexed sort key on a million rows).
-    page_first = (cone is None and args["snrg_min"] is None and args["snrg_max"] is None
+    page_first = (not selection_needs_spectra(args, cone)
                   and (order_name == "obsid" or sort.table is estimates))
     obsid = estimates.c.obsid if page_first else spectra.c.obsid
     if order_name == "obsid":
@@ -321,3 +311,81 @@ def _page(service, args):
         json_extra={"model_version": model_version, "limit": limit, "next": next_url},
         votable_kwargs={"status_infos": [formats.Info("QUERY_STATUS", "OK")] + infos,
                         "description": "LAMOST LRS value-added catalogue estimates"})
+
+
+# ---------------------------------------------------------------------------------------
+# Histograms of the whole selection
+PAGE_PARAMETERS = ("columns", "order", "cursor", "limit", "format")
+
+
+@lru_cache(maxsize=8)
+def histogram_parameters(limits):
+    """The selection parameters of :func:`parameters`, without those of a page."""
+    return tuple(p for p in parameters(limits) if p.name not in PAGE_PARAMETERS)
+
+
+def _bins_text():
+    return "; ".join(f"{name} {bins.count} bins from {bins.low:g} to {bins.high:g}"
+                     f"{_unit(CATALOGUE[name].description)}"
+                     for name, bins in HISTOGRAM_BINS.items())
+
+
+operation(
+    path="/api/v1/estimates/histograms", operation_id="estimates_histograms",
+    tags=["catalogue"],
+    summary="Histograms of every row a range query selects",
+    description="The same selection parameters as /api/v1/estimates (ranges, flags, model "
+                "version, cone), counted by the database over the whole selection (not "
+                "one page): a histogram of each label and its uncertainty in fixed bins ("
+                + _bins_text() + "; 'edges' has count + 1 values, bin k holds edges[k] <= "
+                "x < edges[k+1] and the last bin also x = edges[-1], as numpy.histogram) "
+                "with the rows below, above and without a value; and the Kiel diagram: "
+                "rows and mean [Fe/H] per (Teff bin, log g bin) cell, on the same bins "
+                "(kiel.counts[i][j]: Teff bin i, log g bin j; mean_feh null where no row "
+                "has [Fe/H]).",
+    params=histogram_parameters,
+    responses={
+        "200": {"description": "the histograms", "content": content("application/json")},
+        "400": {"description": "invalid parameter", **JSON_ERROR},
+        "414": {"description": "request URI too long", **JSON_ERROR},
+        "429": {"description": "too many large queries at once (without a small cone); "
+                               "retry after the Retry-After header's seconds", **JSON_ERROR},
+        "503": {"description": "statement timeout or database unavailable", **JSON_ERROR},
+    })
+
+
+def query_histograms(service, args):
+    """:class:`service.catalogue.SelectionHistograms` of every row the validated
+    selection parameters ``args`` select (:func:`histogram_parameters`, or a page's)."""
+    with service.engine.connect() as connection:
+        model_version = resolve_model_version(connection, args["model_version"])
+        return selection_histograms(connection, args, model_version, _cone(args))
+
+
+def histograms_document(counted) -> dict:
+    """The JSON answer of ``/api/v1/estimates/histograms``."""
+    return {
+        "model_version": counted.model_version,
+        "rows": counted.rows,
+        "histograms": {
+            name: {"unit": CATALOGUE[name].description.unit,
+                   "edges": histogram.bins.edges.tolist(),
+                   "counts": histogram.counts.tolist(), "below": histogram.below,
+                   "above": histogram.above, "missing": histogram.missing}
+            for name, histogram in counted.histograms.items()},
+        "kiel": {"axes": list(KIEL_AXES), "counts": counted.kiel_counts.tolist(),
+                 "mean_feh": counted.kiel_mean_feh.tolist()},
+    }
+
+
+@blueprint.get("/api/v1/estimates/histograms")
+def get_histograms():
+    service = state()
+    args = parse(histogram_parameters(service.limits), request.args)
+    cone = check_query(args)
+
+    def respond():
+        return formats.json_response(histograms_document(query_histograms(service, args)))
+    if cone is not None and is_small_cone(cone[2]):
+        return respond()
+    return large_query(respond)

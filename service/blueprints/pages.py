@@ -6,9 +6,10 @@
 degrees or sexagesimal, parsed with astropy, the radius with its unit), validated by the
 same :class:`service.openapi.Param` objects and run by the same
 :func:`service.blueprints.estimates.query_page`, so the table, the download links and the
-``/api/v1`` URL shown always return the same rows. ``/plots/kiel.png`` and
-``/plots/histograms.png`` draw the first :data:`PLOT_MAX_ROWS` rows (by obsid) of the
-same query.
+``/api/v1`` URL shown always return the same rows. Its plots (also ``/plots/kiel.png``
+and ``/plots/histograms.png``) are drawn from the histograms the database counts on every
+row of the selection (``/api/v1/estimates/histograms``,
+:func:`service.blueprints.estimates.query_histograms`).
 
 ``/spectra/<obsid>`` shows what ``/api/v1/spectra/<obsid>`` answers (the same function)
 with the spectrum drawn from its file (``/spectra/<obsid>/spectrum.png``): the file is
@@ -38,21 +39,17 @@ from service import plots
 from service.blueprints import estimates as estimates_api
 from service.blueprints import spectra as spectra_api
 from service.blueprints.models import model_rows
-from service.catalogue import CATALOGUE
+from service.catalogue import CATALOGUE, HISTOGRAM_BINS
 from service.errors import error_response
 from service.openapi import ParamError, parse
 from service.state import is_small_cone, large_query, state
 
 blueprint = Blueprint("pages", __name__)
 
-PLOT_MAX_ROWS = 10_000
-"""The plots of a selection draw at most this many rows (its first, by obsid): a Kiel
-diagram of 10,000 stars is drawn in well under a second (``bench/pages.py``)."""
 PAGE_SIZES = (20, 50, 100, 500)
 DEFAULT_PAGE_SIZE = 50
 RANGE_FIELDS = [("teff", "Teff", "K"), ("logg", "log g", "dex"), ("feh", "[Fe/H]", "dex"),
                 ("snrg", "SNR g", None)]
-PLOT_COLUMNS = ["teff", "logg", "feh", "teff_err", "logg_err", "feh_err"]
 # What the form sends besides the range bounds; "exclude" is one checkbox per flag bit.
 FORM_FIELDS = (["ra", "dec", "radius", "flags", "exclude", "model_version", "limit", "cursor"]
                + [f"{name}_{end}" for name, _, _ in RANGE_FIELDS for end in ("min", "max")])
@@ -200,7 +197,7 @@ def _form_context(form, errors=None, **extra):
                 default_page_size=DEFAULT_PAGE_SIZE, model_versions=_model_versions(),
                 teff_range=TEFF_RANGE, feh_min=FEH_MIN, snr_range=SNR_RANGE,
                 max_radius_deg=limits.scs_max_sr_deg, small_cone_deg=limits.small_cone_deg,
-                plot_max_rows=PLOT_MAX_ROWS, describe=lambda name: CATALOGUE[name].description,
+                describe=lambda name: CATALOGUE[name].description,
                 **extra)
 
 
@@ -228,11 +225,12 @@ def search_page():
                            **_form_context(form, {_field(error): error.message}))
         # The plots are in the page (data: URIs), drawn in this request: one large query
         # per search, not three competing for the client's large-query slots.
-        rows, names = _plot_rows(service, args)
-        images = {"kiel": _data_uri(plots.kiel_png(rows, names)),
-                  "histograms": _data_uri(plots.histograms_png(rows, names))}
+        counted = estimates_api.query_histograms(service, args)
+        images = {"kiel": _data_uri(plots.kiel_png(counted)),
+                  "histograms": _data_uri(plots.histograms_png(counted))}
         return _render("search.html", **_form_context(
-            form, results=_results(form, api, page), images=images, plotted_rows=len(rows)))
+            form, results=_results(form, api, page), images=images, counted=counted,
+            histogram_bins=HISTOGRAM_BINS))
 
     if cone is not None and is_small_cone(cone[2]):
         return respond()
@@ -249,7 +247,7 @@ def _results(form, api, page):
     api_url = f"{base}/api/v1/estimates?{query}"
     kept = [(k, v) for k, v in form.items(multi=True) if k not in ("cursor", "search")]
     plot_query = urlencode([(k, v) for k, v in api.items(multi=True)
-                            if k not in ("cursor", "limit")])
+                            if k not in estimates_api.PAGE_PARAMETERS])
     next_url = (url_for("vosi.index") + "?" + urlencode(kept + [("cursor", page.next_cursor)])
                 if page.next_cursor else None)
     first_url = url_for("vosi.index") + "?" + urlencode(kept) if form.get("cursor") else None
@@ -261,6 +259,7 @@ def _results(form, api, page):
                     ("JSON", "json")]],
         kiel_url=url_for("pages.kiel_plot") + "?" + plot_query,
         histograms_url=url_for("pages.histograms_plot") + "?" + plot_query,
+        histograms_api_url=f"{base}/api/v1/estimates/histograms?{plot_query}",
         obsid_index=page.names.index("obsid") if "obsid" in page.names else None,
         flags_index=flags_index,
         flag_words=lambda value: "; ".join(describe_flags(value)) or "inside the valid domain")
@@ -268,23 +267,16 @@ def _results(form, api, page):
 
 # ---------------------------------------------------------------------------------------
 # Plots of a selection
-def _plot_rows(service, args):
-    """The first :data:`PLOT_MAX_ROWS` rows (by obsid) of the query of ``args``, with the
-    labels and their uncertainties."""
-    args = dict(args, limit=PLOT_MAX_ROWS, cursor=None, order="obsid", columns=None)
-    page = estimates_api.query_page(service, args, names=list(PLOT_COLUMNS))
-    return page.rows, page.names
-
-
 def _plot(draw):
     service = state()
     api = MultiDict([(k, v) for k, v in request.args.items(multi=True)
-                     if k not in ("limit", "cursor", "format", "order", "columns")])
-    args = parse(estimates_api.parameters(service.limits), api)
+                     if k not in estimates_api.PAGE_PARAMETERS])
+    args = parse(estimates_api.histogram_parameters(service.limits), api)
     cone = estimates_api.check_query(args)
 
     def respond():
-        return Response(draw(*_plot_rows(service, args)), mimetype="image/png")
+        return Response(draw(estimates_api.query_histograms(service, args)),
+                        mimetype="image/png")
     if cone is not None and is_small_cone(cone[2]):
         return respond()
     return large_query(respond)
@@ -438,4 +430,4 @@ def about_page():
     limits = state().limits
     return _render("about.html", base=request.host_url.rstrip("/"), teff_range=TEFF_RANGE,
                    feh_min=FEH_MIN, snr_range=SNR_RANGE, flag_bits=sorted(FLAG_DESCRIPTIONS.items()),
-                   limits=limits, plot_max_rows=PLOT_MAX_ROWS)
+                   limits=limits, histogram_bins=HISTOGRAM_BINS)
