@@ -18,6 +18,15 @@ def snr_bin_names(bins=SNR_BINS):
     return [f"{lo:g}-{hi:g}" for lo, hi in zip(bins[:-1], bins[1:])]
 
 
+def snr_bins_of(summary):
+    """The SNRg bin edges of an ``accuracy_by_snr`` entry of one label, from its keys
+    besides "all" (the bin names, in any order: a JSON document may sort them): a stored
+    summary keeps the bins it was computed with."""
+    bins = sorted(tuple(float(edge) for edge in name.split("-")) for name in summary
+                  if name != "all")
+    return [low for low, _ in bins] + [bins[-1][1]] if bins else []
+
+
 def accuracy_by_snr(predicted, reference, snrg, bins=SNR_BINS, labels=LABELS):
     """{label: {"all": summary, "5-10": summary, ...}} with (lo, hi] bins, like the paper."""
     snrg = np.asarray(snrg, dtype=float)

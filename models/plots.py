@@ -4,8 +4,8 @@ Matplotlib's object-oriented API with the Agg canvas is used directly (no ``pypl
 nothing here touches the global backend or opens a window, so the functions are safe in
 worker processes, tests and the web service.
 
-Each function takes plain arrays (one value per spectrum) and the output path, and
-returns the path.
+Each function takes plain arrays (one value per spectrum), or the summaries a model
+stores (``coverage_vs_snr``), and the output path or a binary file object, and returns it.
 """
 import os
 
@@ -28,7 +28,10 @@ def new_figure(width, height):
 
 
 def save_figure(figure, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    """PNG of ``figure`` into ``path``, a file name (its folder is made) or a binary file
+    object (the web service draws into memory)."""
+    if isinstance(path, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     figure.savefig(path, format="png", dpi=_DPI)     # constrained layout: no "tight" re-draw
     return path
 
@@ -190,6 +193,41 @@ def reliability_diagram(path, residuals, errors, snrg, bins=SNR_BINS, labels=LAB
         ax.set_ylabel(f"observed coverage, {SHORT_NAMES[label]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
+    return save_figure(figure, path)
+
+
+def coverage_vs_snr(path, calibration, labels=LABELS):
+    """How the calibrated uncertainties cover the calibration residuals: per label, the
+    fraction of residuals within +-1 and +-2 err in each SNRg bin against a Gaussian's
+    68.3% and 95.4%. ``calibration``: what a model stores
+    (``models.training.calibration_summary``: ``snr_bins``, ``counts`` and per label
+    ``coverage`` {"within_1": [per bin], "within_2": [...]}, None where a bin has none)."""
+    from .validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2
+
+    bins = np.asarray(calibration["snr_bins"], dtype=float)
+    centres = _bin_centres(bins)
+    figure = new_figure(4.0 * len(labels), 3.8)
+    axes = figure.subplots(1, len(labels), squeeze=False)[0]
+    for ax, label in zip(axes, labels):
+        for name, nominal, colour in (("within_1", GAUSS_WITHIN_1, "tab:blue"),
+                                      ("within_2", GAUSS_WITHIN_2, "tab:red")):
+            observed = np.array([np.nan if v is None else v
+                                 for v in calibration[label]["coverage"][name]], dtype=float)
+            sigmas = name[-1]
+            ax.plot(centres, observed, "o-", color=colour, label=f"within ±{sigmas} err")
+            ax.axhline(nominal, color=colour, ls="--", lw=0.8,
+                       label=f"Gaussian {100 * nominal:.1f}%")
+        snr_axis(ax, bins)
+        ax.set_xlim(bins[0] * 0.9, bins[-1] * 1.1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("SNRg")
+        ax.set_ylabel(f"fraction of residuals, {SHORT_NAMES[label]}")
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        for centre, n in zip(centres, calibration["counts"]):
+            ax.annotate(f"N={n}", (centre, 0.03), ha="center", fontsize=7, color="0.3")
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside upper center", ncols=len(handles), fontsize=8)
     return save_figure(figure, path)
 
 

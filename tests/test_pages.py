@@ -11,9 +11,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text, update
 
-from etl import db
+from etl import db, schema
 from conftest import (CURRENT, RETIRED, load_catalogue, make_catalogue, service_settings,
                       with_test_limits)
 
@@ -302,6 +302,75 @@ def test_spectrum_files_outside_the_root_are_never_opened(pages_db, tmp_path):
             connection.execute(text("UPDATE spectra SET file_path = 'spec-100003.fits.gz' "
                                     "WHERE obsid = 100003"))
         engine.dispose()
+
+
+@pytest.fixture
+def evaluated_model(pages_db):
+    """The retired model's metrics as training stores them (per-SNRg accuracy of
+    out-of-sample predictions, the uncertainty calibration), computed by the training's
+    own functions from simulated residuals; restored afterwards."""
+    from types import SimpleNamespace
+
+    from etl.training import _json_safe
+    from models.calibration import ErrorModel
+    from models.lasso_mlpnet import LABELS, SNR_BINS
+    from models.metrics import accuracy_by_snr
+    from models.training import calibration_summary
+
+    rng = np.random.default_rng(11)
+    n = 600
+    snrg = rng.uniform(5, 80, n)
+    reference = {"teff": rng.uniform(4000, 6500, n), "logg": rng.uniform(1, 5, n),
+                 "feh": rng.uniform(-1.5, 0.4, n)}
+    noise = {"teff": 2000.0, "logg": 3.0, "feh": 1.5}
+    predicted = {k: reference[k] + rng.normal(0, noise[k] / snrg) for k in LABELS}
+    stars = np.column_stack([predicted[k] for k in LABELS])
+    error_models = {k: ErrorModel(SNR_BINS, forms=("bin",)).fit(
+        predicted[k] - reference[k], snrg, np.full(n, np.nan), stars) for k in LABELS}
+    fitted = SimpleNamespace(snr_bins_=SNR_BINS, error_models_=error_models,
+                             calibration_counts_=error_models["teff"].counts_,
+                             repeat_scales_={k: None for k in LABELS})
+    metrics = _json_safe({"cross_fitted": accuracy_by_snr(predicted, reference, snrg),
+                          "cross_fitted_stars": n, "calibration": calibration_summary(fitted)})
+    engine = db.make_engine(pages_db)
+    models = schema.models
+    with engine.begin() as connection:
+        saved = connection.execute(select(models.c.metrics)
+                                   .where(models.c.version == RETIRED)).scalar()
+        connection.execute(update(models).where(models.c.version == RETIRED)
+                           .values(metrics=metrics))
+    yield metrics
+    with engine.begin() as connection:
+        connection.execute(update(models).where(models.c.version == RETIRED)
+                           .values(metrics=saved))
+    engine.dispose()
+
+
+def test_models_page_shows_the_stored_evaluation_with_its_plots(client, evaluated_model):
+    from service.blueprints.pages import significant
+
+    body = page(client, "/models")
+    retired = body[body.index(f'id="model-{RETIRED}"'):]
+    accuracy = evaluated_model["cross_fitted"]
+    for label, title in (("teff", "Teff"), ("logg", "log g"), ("feh", "[Fe/H]")):
+        for name in ("all", "5-10", "40-80"):
+            s = accuracy[label][name]
+            row = (f"<td>{name}</td><td>{s['n']}</td><td>{significant(s['mae'])}</td>"
+                   f"<td>{significant(s['mu'])}</td><td>{significant(s['sigma'])}</td>")
+            assert row in retired, (label, name)
+        coverage = evaluated_model["calibration"][label]["coverage"]["within_1"]
+        assert f"<td>{100 * coverage[-1]:.1f}%</td>" in html.unescape(retired)
+    plots = re.findall(r'<img class="model-plot" id="[^"]+" src="([^"]+)"', retired)
+    assert [p.rsplit("/", 1)[1] for p in plots] == ["accuracy.png", "coverage.png"]
+    for path in plots:
+        response = client.get(path)
+        assert response.status_code == 200 and response.mimetype == "image/png"
+        assert response.data.startswith(PNG_MAGIC) and len(response.data) > 20_000
+    # the current model of the test catalogue stores no per-SNRg summary: no plot, said
+    current = body[body.index(f'id="model-{CURRENT}"'):body.index(f'id="model-{RETIRED}"')]
+    assert "model-plot" not in current and "stores no per-SNRg accuracy" in current
+    assert page(client, f"/models/{CURRENT}/accuracy.png", status=404)
+    assert "no model version" in page(client, "/models/v9.9/coverage.png", status=404)
 
 
 def test_models_and_about_pages(client):

@@ -23,6 +23,7 @@ Bad form input gives the form back (HTTP 400) with the message next to the field
 other error of these pages is an HTML page (see :func:`service.errors.error_response`).
 """
 import base64
+import io
 import json
 import os
 import threading
@@ -416,13 +417,79 @@ def spectrum_file(obsid):
 
 # ---------------------------------------------------------------------------------------
 # Models and About
+# Out-of-sample accuracy a model stores (models.training.train_lasso_mlpnet): the key of
+# its metrics and what the predictions were.
+ACCURACY_KINDS = (("held_out", "predictions of stars held out from training"),
+                  ("cross_fitted", "cross-fitted predictions of the training stars (each "
+                                   "star predicted by networks trained without it)"))
+
+
+def model_evaluation(metrics) -> dict:
+    """What a model's stored ``metrics`` hold of its evaluation: ``accuracy`` (per label
+    and SNRg bin: n, MAE, mu, sigma of estimate - reference), ``accuracy_what`` and
+    ``accuracy_stars`` (how many stars), ``calibration`` (per SNRg bin: calibration
+    spectra, and per label the level factor and the coverages of +-1 and +-2 err), and
+    the plots they make (``plots``: "accuracy", "coverage"). Empty for metrics without
+    them."""
+    from models.metrics import snr_bin_names, snr_bins_of
+
+    metrics = metrics or {}
+    out = {"plots": []}
+    for key, what in ACCURACY_KINDS:
+        accuracy = {label: metrics[key][label] for label in LABEL_NAMES
+                    if label in (metrics.get(key) or {})}
+        if accuracy:
+            # "all", then the SNRg bins in order (a JSON column may have sorted the keys)
+            out.update(accuracy={label: [(name, per[name]) for name in
+                                         ["all", *snr_bin_names(snr_bins_of(per))]]
+                                 for label, per in accuracy.items()},
+                       accuracy_what=what, accuracy_stars=metrics.get(f"{key}_stars"))
+            out["plots"].append("accuracy")
+            break
+    calibration = metrics.get("calibration")
+    if calibration and calibration.get("snr_bins"):
+        out["calibration"] = calibration
+        out["calibration_bins"] = snr_bin_names(calibration["snr_bins"])
+        out["plots"].append("coverage")
+    return out
+
+
 @blueprint.get("/models")
 def models_page():
     with state().engine.connect() as connection:
         rows = model_rows(connection)
-    return _render("models.html", models=rows,
+    return _render("models.html", models=rows, evaluation=model_evaluation,
+                   labels=LABEL_NAMES,
                    as_json=lambda value: json.dumps(value, indent=2, sort_keys=True,
                                                     default=str))
+
+
+@blueprint.get("/models/<version>/<any(accuracy, coverage):plot>.png")
+def model_plot(version, plot):
+    """The evaluation plots of one model version, drawn from its stored metrics:
+    ``accuracy`` MAE and sigma per SNRg bin (:func:`models.plots.accuracy_vs_snr`),
+    ``coverage`` of the calibrated uncertainties (:func:`models.plots.coverage_vs_snr`)."""
+    from models.metrics import snr_bins_of
+    from models.plots import accuracy_vs_snr, coverage_vs_snr
+
+    with state().engine.connect() as connection:
+        metrics = connection.execute(select(schema.models.c.metrics)
+                                     .where(schema.models.c.version == version)).first()
+    if metrics is None:
+        return error_response(404, f"no model version {version!r}")
+    evaluation = model_evaluation(metrics[0])
+    if plot not in evaluation["plots"]:
+        return error_response(404, f"model {version} stores no {plot} summary to plot")
+    png = io.BytesIO()
+    if plot == "accuracy":
+        accuracy = {label: dict(rows) for label, rows in evaluation["accuracy"].items()}
+        labels = tuple(accuracy)
+        accuracy_vs_snr(png, accuracy, bins=snr_bins_of(accuracy[labels[0]]), labels=labels)
+    else:
+        calibration = evaluation["calibration"]
+        coverage_vs_snr(png, calibration,
+                        labels=tuple(label for label in LABEL_NAMES if label in calibration))
+    return Response(png.getvalue(), mimetype="image/png")
 
 
 @blueprint.get("/about")
