@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select, text, update
 
 from etl import db, schema
-from conftest import (CURRENT, RETIRED, load_catalogue, make_catalogue, service_settings,
-                      with_test_limits)
+from conftest import (CURRENT, RETIRED, load_catalogue, make_catalogue, parse_votable,
+                      service_settings, with_test_limits)
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,6 +126,38 @@ def test_next_links_walk_the_same_rows_as_the_api(client):
         if pages > 1:
             assert link(body, "first-page") == f"/?{query}"
     assert pages > 2 and seen == [row["obsid"] for row in api_rows]
+
+
+def adql_of(body):
+    return html.unescape(re.search(r'<textarea class="copy" id="adql"[^>]*>(.*?)</textarea>',
+                                   body, re.S).group(1))
+
+
+@pytest.mark.parametrize("form", [
+    "ra=10:00:00&dec=%2B30:00:00&radius=6+arcmin&teff_min=4000&exclude=1&exclude=4",
+    "teff_min=4500&teff_max=6000&logg_max=4.2&feh_min=-1&snrg_min=30",
+    f"model_version={RETIRED}&flags=0&feh_max=-0.5",
+    "exclude=2&exclude=512&snrg_max=100",
+])
+def test_adql_shown_selects_the_rows_of_the_api_query(client, pages_db, form):
+    """The ADQL on the page, run by /tap/sync (PostgreSQL), returns the rows of the
+    page's /api/v1 query, every page of them; on SQLite the page says TAP is not there."""
+    body = page(client, f"/?{form}&limit=20&search=1")
+    adql = adql_of(body)
+    assert adql.startswith("SELECT obsid, ra, dec") and "ORDER BY obsid" in adql
+    url = urlsplit(api_url(body))
+    every_page = url.query.replace("limit=20", "limit=10000")
+    expected = [row["obsid"] for row in client.get(f"{url.path}?{every_page}").json["rows"]]
+    assert len(expected) > 20
+    if pages_db.startswith("sqlite"):
+        assert 'id="no-tap"' in body and link(body, "tap-link") is None
+        return
+    tap = urlsplit(link(body, "tap-link"))
+    assert parse_qs(tap.query)["QUERY"] == [adql]
+    response = client.get(f"{tap.path}?{tap.query}")            # the link, as a browser
+    assert response.status_code == 200, response.get_data(as_text=True)[:2000]
+    table = parse_votable(response.data).get_first_table().to_table()
+    assert [int(obsid) for obsid in table["obsid"]] == expected
 
 
 @pytest.mark.parametrize("query, field, message", [

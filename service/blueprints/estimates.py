@@ -314,6 +314,52 @@ def _page(service, args):
 
 
 # ---------------------------------------------------------------------------------------
+# The same selection in ADQL
+def _adql_number(value) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def equivalent_adql(args, names) -> str:
+    """The ADQL query (for ``/tap/sync``) of the rows the validated ``args`` select, all
+    pages of them, ordered by obsid: ``names`` (columns of the catalogue views, plus
+    ``distance`` with a cone) from ``v_current_estimates``, or from ``v_estimates`` of
+    the ``model_version`` asked for; the cone as ``CONTAINS(POINT, CIRCLE)``, inclusive
+    ranges as ``BETWEEN``, ``>=`` or ``<=``, and each bit of ``exclude_flags`` as
+    ``MOD(FLOOR(flags / bit.0), 2) = 0`` (core ADQL has no bitwise operator; the
+    decimal divisor keeps the division exact where integer division would truncate)."""
+    cone = _cone(args)
+    columns = [n for n in names if n != "distance"]
+    conditions = []
+    if args["model_version"] is None:
+        table = "v_current_estimates"
+    else:
+        table = "v_estimates"
+        conditions.append("model_version = '" + args["model_version"].replace("'", "''") + "'")
+    if cone is not None:
+        ra, dec, radius = (_adql_number(v) for v in cone)
+        if "distance" in names:
+            columns.append(f"DISTANCE(POINT('ICRS', ra, dec), POINT('ICRS', {ra}, {dec})) "
+                           "AS distance")
+        conditions.append(f"CONTAINS(POINT('ICRS', ra, dec), "
+                          f"CIRCLE('ICRS', {ra}, {dec}, {radius})) = 1")
+    for name in RANGE_COLUMNS:
+        low, high = args[f"{name}_min"], args[f"{name}_max"]
+        if low is not None and high is not None:
+            conditions.append(f"{name} BETWEEN {_adql_number(low)} AND {_adql_number(high)}")
+        elif low is not None:
+            conditions.append(f"{name} >= {_adql_number(low)}")
+        elif high is not None:
+            conditions.append(f"{name} <= {_adql_number(high)}")
+    if args["flags"] is not None:
+        conditions.append(f"flags = {args['flags']}")
+    mask = args["exclude_flags"] or 0
+    conditions += [f"MOD(FLOOR(flags / {1 << bit}.0), 2) = 0"
+                   for bit in range(mask.bit_length()) if mask >> bit & 1]
+    where = "\nWHERE " + "\n  AND ".join(conditions) if conditions else ""
+    return f"SELECT {', '.join(columns)}\nFROM {table}{where}\nORDER BY obsid"
+
+
+# ---------------------------------------------------------------------------------------
 # Histograms of the whole selection
 PAGE_PARAMETERS = ("columns", "order", "cursor", "limit", "format")
 

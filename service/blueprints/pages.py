@@ -230,7 +230,7 @@ def search_page():
         images = {"kiel": _data_uri(plots.kiel_png(counted)),
                   "histograms": _data_uri(plots.histograms_png(counted))}
         return _render("search.html", **_form_context(
-            form, results=_results(form, api, page), images=images, counted=counted,
+            form, results=_results(form, api, args, page), images=images, counted=counted,
             histogram_bins=HISTOGRAM_BINS))
 
     if cone is not None and is_small_cone(cone[2]):
@@ -242,8 +242,15 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _results(form, api, page):
+def tap_runs_here() -> bool:
+    """Whether this server answers /tap (PostgreSQL only)."""
+    engine = state().tap_engine
+    return engine is not None and engine.dialect.name == "postgresql"
+
+
+def _results(form, api, args, page):
     base = request.host_url.rstrip("/")
+    adql = estimates_api.equivalent_adql(args, page.names)
     query = urlencode(list(api.items(multi=True)))
     api_url = f"{base}/api/v1/estimates?{query}"
     kept = [(k, v) for k, v in form.items(multi=True) if k not in ("cursor", "search")]
@@ -261,6 +268,10 @@ def _results(form, api, page):
         kiel_url=url_for("pages.kiel_plot") + "?" + plot_query,
         histograms_url=url_for("pages.histograms_plot") + "?" + plot_query,
         histograms_api_url=f"{base}/api/v1/estimates/histograms?{plot_query}",
+        adql=adql,
+        tap_url=(f"{base}/tap/sync?" + urlencode({"REQUEST": "doQuery", "LANG": "ADQL",
+                                                   "QUERY": adql})
+                 if tap_runs_here() else None),
         obsid_index=page.names.index("obsid") if "obsid" in page.names else None,
         flags_index=flags_index,
         flag_words=lambda value: "; ".join(describe_flags(value)) or "inside the valid domain")
