@@ -292,6 +292,27 @@ def test_search_page_plots_every_row_of_the_selection(client):
         assert base64.b64decode(image.group(1)).startswith(PNG_MAGIC)
 
 
+def test_plots_past_the_statement_timeout_leave_the_results(pages_db, monkeypatch):
+    """Counting a selection too large for the statement timeout: the page of rows is
+    shown with the reason there are no plots, not a 503 for the whole search."""
+    from service.blueprints import estimates
+
+    slow = ("SELECT pg_sleep(5)" if pages_db.startswith("postgresql") else
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+            "WHERE i < 1000000000) SELECT count(*) FROM n")
+    monkeypatch.setattr(estimates, "selection_histograms",
+                        lambda connection, *args: connection.execute(text(slow)).all())
+    application = make_app(pages_db, statement_timeout_ms=2000)
+    try:
+        body = page(application.test_client(), "/?teff_min=4000&limit=20")
+        assert len(table_obsids(body)) == 20
+        problem = re.search(r'id="plot-problem">([^<]*)<', body).group(1)
+        assert "statement timeout of 2000 ms" in problem
+        assert 'id="kiel-plot"' not in body
+    finally:
+        application.extensions["lamost_vac"].dispose()
+
+
 def test_spectrum_page_shows_every_model_version_and_links_the_json(client, app):
     body = page(client, "/spectra/100001")           # in both model versions
     assert f"<td>{CURRENT}</td><td>current</td>" in body

@@ -1,8 +1,9 @@
 """The pages for people in a real headless browser: Debian's chromium driven by Selenium
 (chromium-driver), against ``lamost-vac serve`` on the catalogue ``lamost-vac demo``
 builds (real spectrum files, a real model artifact). Submits the form, pages through the
-results, opens a spectrum page, checks that the plots are loaded images of non-zero size
-and that the browser logs no console error; screenshots go to the test's tmp folder.
+results, opens a spectrum page and the models page, checks that the plots are loaded
+images of non-zero size and that the browser logs no console error; screenshots go to the
+test's tmp folder.
 
 Needs ``apt-get install chromium chromium-driver`` and ``pip install selenium`` (.ci/run
 and the ``test`` extra install them)."""
@@ -118,6 +119,9 @@ def test_search_page_through_and_open_a_spectrum(server, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "search.png"))
     assert console_errors(browser) == []
 
+    # the ADQL of the same selection is shown; the embedded SQLite has no TAP to run it
+    assert browser.find_element(By.ID, "adql").get_attribute("value").startswith("SELECT obsid")
+    assert browser.find_element(By.ID, "no-tap").is_displayed()
     # the API URL on the page answers the same rows; the next links walk all of them
     api_url = browser.find_element(By.ID, "api-url").get_attribute("value")
     first_page = json.load(urllib.request.urlopen(api_url, timeout=60))
@@ -151,6 +155,13 @@ def test_search_page_through_and_open_a_spectrum(server, browser, tmp_path):
         browser.get(server + path)
         assert browser.find_element(By.TAG_NAME, "h1").text
         browser.save_screenshot(str(tmp_path / f"{path.strip('/')}.png"))
+        if path == "/models":
+            # the demo model's stored accuracy and calibration, drawn
+            plots = browser.find_elements(By.CSS_SELECTOR, "img.model-plot")
+            assert len(plots) == 2
+            for plot in plots:
+                width, height = image_size(browser, plot.get_attribute("id"))
+                assert width > 0 and height > 0
     assert console_errors(browser) == []
     for name in ("search", "spectrum", "models", "about"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0

@@ -31,6 +31,7 @@ import threading
 import numpy as np
 from flask import Blueprint, Response, g, render_template, request, send_file, url_for
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from werkzeug.datastructures import MultiDict
 from urllib.parse import urlencode
 
@@ -41,6 +42,7 @@ from service.blueprints import estimates as estimates_api
 from service.blueprints import spectra as spectra_api
 from service.blueprints.models import model_rows
 from service.catalogue import CATALOGUE, HISTOGRAM_BINS
+from service.db import is_statement_timeout
 from service.errors import error_response
 from service.openapi import ParamError, parse
 from service.state import is_small_cone, large_query, state
@@ -226,12 +228,23 @@ def search_page():
                            **_form_context(form, {_field(error): error.message}))
         # The plots are in the page (data: URIs), drawn in this request: one large query
         # per search, not three competing for the client's large-query slots.
-        counted = estimates_api.query_histograms(service, args)
-        images = {"kiel": _data_uri(plots.kiel_png(counted)),
-                  "histograms": _data_uri(plots.histograms_png(counted))}
+        images, plot_problem = {}, None
+        try:
+            counted = estimates_api.query_histograms(service, args)
+        except DBAPIError as error:
+            if not is_statement_timeout(error):
+                raise
+            # the page of rows is there: show it, and say why the plots are not
+            counted = None
+            plot_problem = (f"counting every row of this selection ran past the statement "
+                            f"timeout of {service.limits.statement_timeout_ms} ms; narrow "
+                            "it (a cone, tighter ranges) to see them")
+        else:
+            images = {"kiel": _data_uri(plots.kiel_png(counted)),
+                      "histograms": _data_uri(plots.histograms_png(counted))}
         return _render("search.html", **_form_context(
             form, results=_results(form, api, args, page), images=images, counted=counted,
-            histogram_bins=HISTOGRAM_BINS))
+            plot_problem=plot_problem, histogram_bins=HISTOGRAM_BINS))
 
     if cone is not None and is_small_cone(cone[2]):
         return respond()
