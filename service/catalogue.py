@@ -18,6 +18,7 @@ from sqlalchemy import (ARRAY, Float, Integer, and_, bindparam, case, cast, func
 from etl import db as etl_db
 from etl import schema
 from models.labels import estimate_columns
+from service.db import custom_plans
 
 spectra = schema.spectra
 estimates = schema.estimates
@@ -212,7 +213,8 @@ def selection_histograms(connection, args, model_version, cone) -> SelectionHist
         parts.append(select(literal(group), *bins, *[no_bin] * (width - len(bins)),
                             func.count(), mean_feh)
                      .select_from(source).where(*conditions).group_by(*bins))
-    counted = connection.execute(union_all(*parts)).all()
+    with custom_plans(connection):
+        counted = connection.execute(union_all(*parts)).all()
 
     kiel_shape = tuple(HISTOGRAM_BINS[name].count for name in KIEL_AXES)
     kiel_counts = np.zeros(kiel_shape, dtype=np.int64)

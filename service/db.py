@@ -10,6 +10,7 @@
 """
 import sqlite3
 import time
+from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
@@ -87,6 +88,23 @@ def _install_sqlite_guards(engine, timeout_ms):
         state = connection.info.get("lamost_vac_deadline")
         if state is not None and timeout_ms > 0:
             state["deadline"] = time.monotonic() + timeout_ms / 1000.0
+
+
+@contextmanager
+def custom_plans(connection):
+    """PostgreSQL plans the statements run inside for their bound values (a custom plan)
+    even once psycopg has prepared them: a generic plan, which the server picks after five
+    runs, assumes a narrow range for ``teff >= $1 AND teff <= $2`` and walks the index
+    where a large selection wants a sequential scan (4x slower for 440,000 of a million
+    rows, measured with helper B's 1M-row bench). Nothing changes on SQLite."""
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    connection.exec_driver_sql("SET plan_cache_mode = force_custom_plan")
+    try:
+        yield
+    finally:
+        connection.exec_driver_sql("RESET plan_cache_mode")
 
 
 def is_statement_timeout(error: BaseException) -> bool:

@@ -10,9 +10,9 @@ import io
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from models.flags import FEH_MIN, TEFF_RANGE
 from service.catalogue import KIEL_AXES
@@ -45,16 +45,21 @@ def kiel_png(counted) -> bytes:
     teff_edges, logg_edges = teff_bins.edges, logg_bins.edges
     counts = counted.kiel_counts
     shown = int(counts.sum())
-    figure = Figure(figsize=(10, 4.5), dpi=100, layout="constrained")
+    # fixed margins: a constrained layout would take more than half of the drawing time
+    figure = Figure(figsize=(10, 4.5), dpi=100)
+    figure.subplots_adjust(left=0.07, right=0.97, bottom=0.12, top=0.9, wspace=0.12)
     by_feh, by_count = figure.subplots(1, 2, sharex=True, sharey=True)
     # pcolormesh takes C[row = y bin, column = x bin]: log g rows, Teff columns
     mean_feh = np.ma.masked_invalid(np.where(counts > 0, counted.kiel_mean_feh, np.nan).T)
     cells = by_feh.pcolormesh(teff_edges, logg_edges, mean_feh, cmap="viridis")
     figure.colorbar(cells, ax=by_feh, label="mean [Fe/H] of the cell [dex]")
     number = np.ma.masked_equal(counts.T, 0)
-    cells = by_count.pcolormesh(teff_edges, logg_edges, number, cmap="magma_r",
-                                norm=LogNorm(vmin=1, vmax=max(1, int(counts.max()))))
+    most = int(counts.max())
+    # a logarithmic scale once counts span a decade (dense and sparse regions both show)
+    norm = LogNorm(vmin=1, vmax=most) if most >= 10 else Normalize(vmin=0, vmax=max(most, 1))
+    cells = by_count.pcolormesh(teff_edges, logg_edges, number, cmap="magma_r", norm=norm)
     figure.colorbar(cells, ax=by_count, label="stars in the cell",
+                    ticks=None if most >= 10 else MaxNLocator(integer=True),
                     format=FuncFormatter(lambda value, _: f"{value:g}"))
     for axes in (by_feh, by_count):
         for edge in TEFF_RANGE:
@@ -77,7 +82,9 @@ def histograms_png(counted) -> bytes:
     """Histograms of the three labels (top row) and of their uncertainties (bottom) from
     a selection's binned counts (:class:`service.catalogue.SelectionHistograms`), with the
     rows outside the bins' range and without a value said under each."""
-    figure = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
+    figure = Figure(figsize=(9, 5.5), dpi=100)       # fixed margins, as kiel_png
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.9, wspace=0.25,
+                           hspace=0.5)
     grid = figure.subplots(2, 3)
     for column, (label, title) in enumerate(LABELS):
         for row, name in enumerate((label, f"{label}_err")):
@@ -94,7 +101,9 @@ def histograms_png(counted) -> bytes:
             if name == "feh":
                 axes.axvline(FEH_MIN, color="0.5", ls="--")
             axes.set_xlabel(title if row == 0 else f"uncertainty of {title}")
-            axes.set_ylabel("stars")
+            axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))   # 4e5, not 400000
+            if column == 0:
+                axes.set_ylabel("stars")
             outside = [f"{n} {what}" for n, what in
                        ((histogram.below, f"below {edges[0]:g}"),
                         (histogram.above, f"above {edges[-1]:g}"),
