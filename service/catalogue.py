@@ -166,8 +166,8 @@ log g with the same bins."""
 KIEL_AXES = ("teff", "logg")
 # The histograms come from three GROUP BYs, each one scan of the selection: the Kiel
 # diagram's cells (summed over log g and over Teff they are the Teff and log g
-# histograms), [Fe/H], and the three uncertainties together (few combinations occur: they
-# all grow as SNRg falls). A GROUP BY per histogram would scan six times.
+# histograms), [Fe/H], and the three uncertainties together (few of the 52^3 combinations
+# occur: they all grow as SNRg falls). A GROUP BY per histogram would scan six times.
 HISTOGRAM_GROUPS = (KIEL_AXES, ("feh",), ("teff_err", "logg_err", "feh_err"))
 
 

@@ -95,8 +95,8 @@ def custom_plans(connection):
     """PostgreSQL plans the statements run inside for their bound values (a custom plan)
     even once psycopg has prepared them: a generic plan, which the server picks after five
     runs, assumes a narrow range for ``teff >= $1 AND teff <= $2`` and walks the index
-    where a large selection wants a sequential scan (4x slower for 440,000 of a million
-    rows, measured with helper B's 1M-row bench). Nothing changes on SQLite."""
+    where a large selection wants a sequential scan (the histograms of 440,000 of a
+    million estimates took 12.3 s instead of 3.0 s). Nothing changes on SQLite."""
     if connection.dialect.name != "postgresql":
         yield
         return
