@@ -114,10 +114,13 @@ def histograms_png(counted) -> bytes:
     return _png(figure)
 
 
-def spectrum_png(wavelength, flux, rest_wavelength, normalised, selected_pixels) -> bytes:
+def spectrum_png(wavelength, flux, rest_wavelength, normalised, selected_pixels,
+                 continuum=None, z=0.0) -> bytes:
     """Observed flux (top) and the continuum-normalised rest-frame spectrum (bottom);
     ``selected_pixels``: label -> boolean mask over ``rest_wavelength`` (may be empty);
-    ``normalised`` None: no usable redshift, so no rest frame (said in the bottom panel)."""
+    ``normalised`` None: no usable redshift, so no rest frame (said in the bottom panel);
+    ``continuum``: the fitted pseudo-continuum over ``rest_wavelength`` in the file's flux
+    units, drawn over the observed flux shifted by the redshift ``z``."""
     figure = Figure(figsize=(10, 6), dpi=100, layout="constrained")
     observed, features = figure.subplots(2, 1)
     observed.plot(wavelength, flux, lw=0.5, color="k", label="observed flux")
