@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.api import MODEL, bench_catalogue, percentiles  # noqa: E402
+from bench.api import MODEL, bench_catalogue, percentiles, psycopg_connection  # noqa: E402
 from bench.ingest import jittered_catalogue, real_rows, write_catalogue  # noqa: E402
 from etl import db, schema  # noqa: E402
 from etl.settings import Settings, settings  # noqa: E402
@@ -291,9 +291,6 @@ PAGE_READS = {
 
 def layout(url, rounds, repeats, rng):
     """One table against LIST partitions by model version (see the module doc)."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
     [[(versions,)]] = run_sql(url, "SELECT array_agg(DISTINCT model_version) FROM estimates")
     started = time.perf_counter()
     run_sql(url, "DROP TABLE IF EXISTS estimates_part",
@@ -309,9 +306,7 @@ def layout(url, rounds, repeats, rng):
               for name in schema.SORT_INDEX_COLUMNS["estimates"]],
             "VACUUM ANALYZE estimates_part")
     report = {"copy_and_index_s": round(time.perf_counter() - started, 1)}
-    parsed = make_url(url)
-    connection = psycopg.connect(host=parsed.host, port=parsed.port or 5432,
-                                 user=parsed.username, dbname=parsed.database, autocommit=True)
+    connection = psycopg_connection(url)
     try:
         cursor = connection.cursor()
         cursor.execute("SET max_parallel_workers_per_gather = 0")
