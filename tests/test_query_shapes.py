@@ -281,3 +281,12 @@ def test_read_path_raises_param_error_for_unindexed_orders(make_app):
         with pytest.raises(ParamError) as refused:
             api.read_path(connection, args, CURRENT, 300)
     assert refused.value.name == "order"
+
+
+def test_search_page_plots_read_their_rows_without_the_budget(make_app):
+    """The listing is a page of the API (read within the budget); the plots' 10,000 rows
+    of the selection are read as one statement, as before the budget existed."""
+    app = make_app(300)
+    response = app.test_client().get("/?feh_min=-2&search=1", headers={"Accept": "text/html"})
+    assert response.status_code == 200
+    assert response.data.decode().count("data:image/png;base64,") == 2

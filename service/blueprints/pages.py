@@ -270,9 +270,11 @@ def _results(form, api, page):
 # Plots of a selection
 def _plot_rows(service, args):
     """The first :data:`PLOT_MAX_ROWS` rows (by obsid) of the query of ``args``, with the
-    labels and their uncertainties."""
+    labels and their uncertainties (not refused like a page of the API: a page of 10,000
+    rows of a filtered selection would be, on a large catalogue)."""
     args = dict(args, limit=PLOT_MAX_ROWS, cursor=None, order="obsid", columns=None)
-    page = estimates_api.query_page(service, args, names=list(PLOT_COLUMNS))
+    page = estimates_api.query_page(service, args, names=list(PLOT_COLUMNS),
+                                    check_reads=False)
     return page.rows, page.names
 
 
