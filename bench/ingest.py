@@ -54,13 +54,13 @@ def jittered_catalogue(rows, n, rng):
     return pick, ra, dec
 
 
-def write_catalogue(path, rows, pick, ra, dec):
+def write_catalogue(path, rows, pick, ra, dec, first_obsid=1_000_000_000):
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CATALOGUE_FIELDS)
         for k, (i, r, d) in enumerate(zip(pick.tolist(), ra.tolist(), dec.tolist())):
             row = rows[i]
-            writer.writerow([1_000_000_000 + k, row["designation"], row["lmjd"], "",
+            writer.writerow([first_obsid + k, row["designation"], row["lmjd"], "",
                              row["planid"], row["spid"], row["fiberid"], f"{r:.7f}",
                              f"{d:.7f}", row["snru"], row["snrg"], row["snrr"], row["snri"],
                              row["snrz"], row["class"], row["subclass"], "", ""])

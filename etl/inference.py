@@ -381,31 +381,37 @@ def _dialect_insert(connection):
 
 def write_batch(engine, model_version, run_id, estimates: List[dict], failures: dict):
     """Write a batch's estimates and failures in one transaction (idempotent upserts)."""
-    now = utcnow()
     with engine.begin() as connection:
-        insert = _dialect_insert(connection)
-        if estimates:
-            statement = insert(E)
-            updates = {c: statement.excluded[c] for c in ESTIMATE_COLUMNS
-                       if c not in ("obsid", "model_version")}
-            connection.execute(statement.on_conflict_do_update(
-                index_elements=["obsid", "model_version"], set_=updates), estimates)
-            connection.execute(delete(F).where(
-                F.c.model_version == model_version,
-                F.c.obsid.in_([row["obsid"] for row in estimates])))
-        if failures:
-            version = code_version()
-            rows = [{"obsid": obsid, "model_version": model_version, "stage": stage,
-                     "reason": reason[:2000], "attempts": 1, "code_version": version,
-                     "run_id": run_id, "created_at": now}
-                    for obsid, (stage, reason) in sorted(failures.items())]
-            statement = insert(F)
-            connection.execute(statement.on_conflict_do_update(
-                index_elements=["obsid", "model_version"],
-                set_={"stage": statement.excluded.stage, "reason": statement.excluded.reason,
-                      "attempts": F.c.attempts + 1, "code_version": statement.excluded.code_version,
-                      "run_id": statement.excluded.run_id,
-                      "created_at": statement.excluded.created_at}), rows)
+        write_rows(connection, model_version, run_id, estimates, failures)
+
+
+def write_rows(connection, model_version, run_id, estimates: List[dict], failures: dict):
+    """Upsert ``estimates`` (rows of :data:`ESTIMATE_COLUMNS`) and ``failures`` (obsid ->
+    (stage, reason)) in the caller's transaction; a success clears the spectrum's failure."""
+    now = utcnow()
+    insert = _dialect_insert(connection)
+    if estimates:
+        statement = insert(E)
+        updates = {c: statement.excluded[c] for c in ESTIMATE_COLUMNS
+                   if c not in ("obsid", "model_version")}
+        connection.execute(statement.on_conflict_do_update(
+            index_elements=["obsid", "model_version"], set_=updates), estimates)
+        connection.execute(delete(F).where(
+            F.c.model_version == model_version,
+            F.c.obsid.in_([row["obsid"] for row in estimates])))
+    if failures:
+        version = code_version()
+        rows = [{"obsid": obsid, "model_version": model_version, "stage": stage,
+                 "reason": reason[:2000], "attempts": 1, "code_version": version,
+                 "run_id": run_id, "created_at": now}
+                for obsid, (stage, reason) in sorted(failures.items())]
+        statement = insert(F)
+        connection.execute(statement.on_conflict_do_update(
+            index_elements=["obsid", "model_version"],
+            set_={"stage": statement.excluded.stage, "reason": statement.excluded.reason,
+                  "attempts": F.c.attempts + 1, "code_version": statement.excluded.code_version,
+                  "run_id": statement.excluded.run_id,
+                  "created_at": statement.excluded.created_at}), rows)
 
 
 # ---------------------------------------------------------------------------------------

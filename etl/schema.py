@@ -26,6 +26,11 @@ Tables
 Positions: on PostgreSQL ``spectra`` and ``reference_labels`` have a Q3C index (created in
 the migration, table clustered on it). On SQLite the ``zone`` column (declination zone of
 :data:`ZONE_HEIGHT_DEG`) with an index on (zone, ra) serves cones: see ``etl.db``.
+
+Sorting: range queries (``/api/v1/estimates``) are ordered by a column and then by obsid,
+one page at a time; :data:`SORT_INDEX_COLUMNS` get a btree index on (column, obsid) --
+on ``estimates`` behind ``model_version``, which every such query fixes -- so that a page
+is read from the index in order and the scan stops when the page is full.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -87,6 +92,28 @@ def col(name, type_, *args, unit=None, ucd=None, description="", details=None,
     if valid_range is not None:
         info["valid_range"] = valid_range
     return Column(name, type_, *args, info=info, comment=description or None, **kwargs)
+
+
+# Columns a range query can be ordered by from an index (see the module doc), per table.
+# Ascending only: a descending page walks the same index backwards. The service reads a
+# nullable column's values and its NULLs (which sort last either way) as two parts, so
+# that neither part depends on where the index puts the NULLs. Each index costs writes
+# (bench/query_indexes.py measures it): the uncertainties, ra and dec are not indexed,
+# and ordering by them is answered only for selections small enough to sort.
+SORT_INDEX_COLUMNS = {"estimates": tuple(LABELS), "spectra": ("snrg",)}
+
+
+def sort_indexes(table_name, leading=()):
+    """The btree indexes of :data:`SORT_INDEX_COLUMNS` for ``table_name``: (``leading``
+    columns, column, obsid) each."""
+    return [Index(None, *leading, name, "obsid") for name in SORT_INDEX_COLUMNS[table_name]]
+
+
+def sort_index_column(table_name, column_name) -> bool:
+    """True when rows of ``table_name`` can be read in (``column_name``, obsid) order from
+    an index: the columns of :data:`SORT_INDEX_COLUMNS`, and obsid itself (primary key,
+    and the (obsid, model_version) key of estimates)."""
+    return column_name == "obsid" or column_name in SORT_INDEX_COLUMNS.get(table_name, ())
 
 
 # Ranges of the integer SQL types (the same on PostgreSQL; SQLite stores up to 64 bits).
@@ -202,6 +229,7 @@ spectra = Table(
     run_id_column(),
     CheckConstraint("ra >= 0 AND ra < 360 AND dec >= -90 AND dec <= 90", name="position"),
     Index(None, "zone", "ra"),
+    *sort_indexes("spectra"),
 )
 
 reference_labels = Table(
@@ -322,7 +350,7 @@ estimates = Table(
     col("created_at", Timestamp, nullable=False, ucd="time.creation",
         description="when the estimate was written (UTC)"),
     UniqueConstraint("obsid", "model_version"),
-    Index(None, "model_version", "teff"),
+    *sort_indexes("estimates", leading=("model_version",)),
 )
 
 estimate_failures = Table(

@@ -97,6 +97,10 @@ class Settings:
         "LAMOST_VAC_API_LIMIT_DEFAULT", "rows per page of `/api/v1/estimates` by default", 100)
     api_max_limit: int = setting(
         "LAMOST_VAC_API_LIMIT_MAX", "largest `limit` of `/api/v1/estimates`", 5000)
+    api_max_rows_read: int = setting(
+        "LAMOST_VAC_API_MAX_ROWS_READ", "most rows a page of `/api/v1/estimates` without a "
+        "cone reads (PostgreSQL): a selection is sorted up to this size, an index walked no "
+        "further; a page that needs more is refused (HTTP 400 saying what to narrow)", 10000)
     small_cone_deg: float = setting(
         "LAMOST_VAC_SMALL_CONE_DEG", "cones up to this radius (deg) are small queries; wider "
         "cones and range queries without one are large", 0.25)

@@ -10,6 +10,7 @@ as pyvo's protocols share ``dal/query.py``.
 """
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from sqlalchemy import (ARRAY, Float, Integer, and_, bindparam, case, cast, func, literal,
@@ -86,24 +87,54 @@ def current_model_version():
 
 # ---------------------------------------------------------------------------------------
 # The selection of a range query
+@dataclass(frozen=True)
+class Filter:
+    """One condition of a range query: the parameters it comes from, the catalogue column
+    it constrains (None for the cone) and its SQL."""
+    parameters: tuple
+    column: Optional[str]
+    condition: object
+
+
+def catalogue_expressions(bind, cone):
+    """{column name: SQL expression}, with ``distance`` from the centre of ``cone``."""
+    expressions = {name: CATALOGUE[name].expression for name in CATALOGUE}
+    if cone is not None:
+        expressions["distance"] = etl_db.distance_deg(spectra, cone[0], cone[1], bind)
+    return expressions
+
+
+def selection_filters(bind, args, cone, expressions):
+    """The :class:`Filter` of each constraint of the validated ``/api/v1/estimates``
+    parameters ``args`` (the model version apart), on the columns of ``expressions``; a
+    column's minimum and maximum make one."""
+    filters = []
+    if cone is not None:
+        ra, dec, radius = cone
+        filters.append(Filter(("ra", "dec", "radius"), None,
+                              cone_filter(spectra, ra, dec, radius, bind)))
+    for name in RANGE_COLUMNS:
+        expression = expressions[name]
+        low, high = args[f"{name}_min"], args[f"{name}_max"]
+        bounds = ([(f"{name}_min", expression >= low)] if low is not None else []) + \
+                 ([(f"{name}_max", expression <= high)] if high is not None else [])
+        if bounds:
+            filters.append(Filter(tuple(p for p, _ in bounds), name,
+                                  and_(*(condition for _, condition in bounds))))
+    if args["flags"] is not None:
+        filters.append(Filter(("flags",), "flags", expressions["flags"] == args["flags"]))
+    if args["exclude_flags"]:
+        filters.append(Filter(("exclude_flags",), "flags",
+                              expressions["flags"].op("&")(args["exclude_flags"]) == 0))
+    return filters
+
+
 def selection_conditions(bind, args, model_version, cone):
     """WHERE conditions of the rows the validated ``/api/v1/estimates`` parameters
     ``args`` select: ``model_version``'s estimates, in the ``cone`` (``(ra, dec, radius)``
     or None), within the inclusive ranges, with the flags asked for."""
-    conditions = [estimates.c.model_version == model_version]
-    if cone is not None:
-        conditions.append(cone_filter(spectra, *cone, bind))
-    for name in RANGE_COLUMNS:
-        expression = CATALOGUE[name].expression
-        if args[f"{name}_min"] is not None:
-            conditions.append(expression >= args[f"{name}_min"])
-        if args[f"{name}_max"] is not None:
-            conditions.append(expression <= args[f"{name}_max"])
-    if args["flags"] is not None:
-        conditions.append(estimates.c.flags == args["flags"])
-    if args["exclude_flags"]:
-        conditions.append(estimates.c.flags.op("&")(args["exclude_flags"]) == 0)
-    return conditions
+    filters = selection_filters(bind, args, cone, catalogue_expressions(bind, cone))
+    return [estimates.c.model_version == model_version, *(f.condition for f in filters)]
 
 
 def selection_needs_spectra(args, cone) -> bool:

@@ -18,7 +18,9 @@ LIMITS_DESCRIPTION = (
     "{scs_default_maxrec} rows unless MAXREC is given and never more than "
     "{scs_max_records} (DALI overflow INFO when truncated); /api/v1/estimates pages hold "
     "{api_default_limit} rows by default and at most {api_max_limit} (keyset pagination "
-    "with a next link); every database statement is cancelled after "
+    "with a next link), and a page without a cone reads at most {api_max_rows_read} rows "
+    "(a page that would need more is refused, HTTP 400, saying what to narrow); every "
+    "database statement is cancelled after "
     "{statement_timeout_ms} ms (HTTP 503). Large queries (a cone wider than "
     "{small_cone_deg:g} deg, or a range query without such a cone) run at most "
     "{large_queries_per_client} at a time per client and {large_queries_max} at a time on "
@@ -35,6 +37,7 @@ class Limits:
     scs_max_records: int
     api_default_limit: int
     api_max_limit: int
+    api_max_rows_read: int
     statement_timeout_ms: int
     small_cone_deg: float
     large_queries_per_client: int

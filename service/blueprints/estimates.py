@@ -9,6 +9,13 @@ maximum; formats json (default), csv, votable, fits.
 ``GET /api/v1/estimates/histograms`` takes the same selection parameters and answers the
 histograms of every row selected (:func:`service.catalogue.selection_histograms`): what
 the search page plots.
+
+Pages are read from the sort indexes of :data:`etl.schema.SORT_INDEX_COLUMNS` where the
+order allows it; a page that would read more rows than the service allows (by the
+planner's estimate) is refused before it runs, with a message saying what to narrow.
+
+Also defines :data:`CATALOGUE`, the catalogue's output columns (SQL expression and
+metadata from :mod:`etl.schema`), shared with the cone search.
 """
 import base64
 import binascii
@@ -20,15 +27,16 @@ from typing import Optional
 from urllib.parse import urlencode
 
 from flask import Blueprint, request
-from sqlalchemy import and_, or_, select, true
+from sqlalchemy import and_, false, func, literal, or_, select, true, tuple_
 
 from etl import db as etl_db
 from etl import schema
 from models.labels import estimate_columns
 from service import formats
 from service.catalogue import (CATALOGUE, HISTOGRAM_BINS, KIEL_AXES, RANGE_COLUMNS,
-                               cone_centre, current_model_version, selection_conditions,
-                               selection_histograms, selection_needs_spectra)
+                               catalogue_expressions, cone_centre, current_model_version,
+                               selection_conditions, selection_filters, selection_histograms,
+                               selection_needs_spectra)
 from service.openapi import JSON_ERROR, Param, ParamError, content, operation, parse
 from service.state import is_small_cone, large_query, state
 
@@ -80,7 +88,9 @@ def parameters(limits):
                           for c in CATALOGUE.values()) + ".",
               choices=tuple(CATALOGUE) + ("distance",), max_length=1000),
         Param("order", "enum", "Sort column; a leading '-' sorts descending. Nulls come "
-              "last; ties are broken by obsid.", default="obsid",
+              "last; ties are broken by obsid. " + ORDER_INDEXES.format(
+                  indexed=", ".join(SORT_INDEX_ORDERS), budget=limits.api_max_rows_read),
+              default="obsid",
               choices=tuple(o for name in ORDER_COLUMNS for o in (name, "-" + name))),
         Param("cursor", "string", "Opaque position from the 'next' link of the previous "
               "page (keyset pagination).", pattern=r"[A-Za-z0-9_\-]{1,400}", max_length=400),
@@ -92,18 +102,37 @@ def parameters(limits):
     return tuple(params)
 
 
+ORDER_INDEXES = (
+    "Without a cone, the orders {indexed} are read from an index, at any depth with the "
+    "cursor; a filter on another column is checked on at most {budget} rows of that index "
+    "for one page. Other orders, and filters that keep too few rows in the order, are "
+    "answered for selections whose narrowest range (teff, logg, feh, snrg) holds at most "
+    "{budget} rows, which are sorted; anything else is refused (400) with what to narrow.")
+
 operation(
     path="/api/v1/estimates", operation_id="estimates", tags=["catalogue"],
     summary="Estimates by parameter ranges, flags, model version and cone",
     description="Teff, log g, [Fe/H] estimates with uncertainties, filtered by ranges, "
                 "flags and an optional cone, one page at a time (keyset pagination: follow "
-                "'next' in the JSON body or the Link header).",
+                "'next' in the JSON body or the Link header). Accepted query shapes, on "
+                "PostgreSQL: any query with a cone; without one, a page is read either "
+                "from the index of its order (obsid, snrg, teff, logg, feh), walking at "
+                "most LAMOST_VAC_API_MAX_ROWS_READ rows when other columns are filtered, "
+                "or by sorting a selection whose narrowest range on teff, logg, feh or "
+                "snrg holds at most that many rows (the database's estimate). Anything "
+                "else -- an order without index (ra, dec, the uncertainties) on a larger "
+                "selection, or filters that keep too few rows in the order -- is refused "
+                "with HTTP 400 naming the parameter to narrow, before the catalogue is "
+                "read (or, when the filters turn out sparser in that order than the "
+                "estimate, after at most that many rows).",
     params=parameters,
     responses={
         "200": {"description": "one page of rows",
                 "content": content("application/json", formats.CSV_MIME,
                                    formats.VOTABLE_MIME, formats.FITS_MIME)},
-        "400": {"description": "invalid parameter", **JSON_ERROR},
+        "400": {"description": "invalid parameter, or a query shape that cannot be read "
+                               "within the rows budget (the error names the parameter "
+                               "to narrow and says how)", **JSON_ERROR},
         "414": {"description": "request URI too long", **JSON_ERROR},
         "429": {"description": "too many large queries at once (without a small cone); "
                                "retry after the Retry-After header's seconds", **JSON_ERROR},
@@ -135,12 +164,49 @@ def decode_cursor(token: str, order: str):
     return value, obsid
 
 
-def keyset_condition(sort_expression, obsid_expression, descending, value, obsid):
-    after = obsid_expression < obsid if descending else obsid_expression > obsid
-    if value is None:
-        return and_(sort_expression.is_(None), after)
-    beyond = sort_expression < value if descending else sort_expression > value
-    return or_(beyond, and_(sort_expression == value, after), sort_expression.is_(None))
+def sorts_nulls(order_name) -> bool:
+    """True when the sort column may be NULL: its NULLs come after every value, in either
+    direction, and are read as a part of their own (see :func:`query_page`)."""
+    return order_name != "distance" and CATALOGUE[order_name].description.nullable
+
+
+def page_parts(args):
+    """The parts of the order a page may read, in order: the rows with a sort value
+    (False), then those whose sort value is NULL (True). A cursor with a NULL value is
+    already in the second part."""
+    if not sorts_nulls(args["order"].lstrip("-")):
+        return (False,)
+    if args["cursor"] and decode_cursor(args["cursor"], args["order"])[0] is None:
+        return (True,)
+    return (False, True)
+
+
+def part_conditions(args, sort, obsid, nulls):
+    """Where the rows of one part of the order are and where the cursor left off in it.
+
+    Written so that the sort index serves them: ``sort IS [NOT] NULL`` and a row
+    comparison ``(sort, obsid) > (value, last obsid)`` are index conditions of the
+    (..., sort, obsid) btree, so a deep page starts where the previous one stopped
+    instead of reading every row before it.
+    """
+    order = args["order"]
+    descending, order_name = order.startswith("-"), order.lstrip("-")
+    cursor = decode_cursor(args["cursor"], order) if args["cursor"] else None
+
+    def after(left, right):
+        return left < right if descending else left > right
+
+    if order_name == "obsid":
+        return [after(obsid, cursor[1])] if cursor else []
+    if not sorts_nulls(order_name):
+        return [after(tuple_(sort, obsid), tuple_(*cursor))] if cursor else []
+    if nulls:
+        return [sort.is_(None)] + ([after(obsid, cursor[1])]
+                                   if cursor and cursor[0] is None else [])
+    if cursor and cursor[0] is None:
+        return [false()]                    # the cursor is past every value
+    return [sort.is_not(None)] + ([after(tuple_(sort, obsid), tuple_(*cursor))]
+                                  if cursor else [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,9 +242,35 @@ def resolve_model_version(connection, requested):
     return found
 
 
-def build_query(bind, args, model_version, names):
-    """The statement of one page for the validated ``args`` (its rows end with the sort
-    key and the obsid, for the cursor); parameterised throughout."""
+# How a page is read (see :func:`read_path`)
+PLAIN = "plain"     # one statement; the planner chooses
+WALK = "walk"       # the sort index, walked for at most the read budget's rows
+SORT = "sort"       # the whole selection (at most the read budget's rows), then sorted
+
+
+def _sort_table(name):
+    """The table whose sort index returns rows in (``name``, obsid) order, or None."""
+    if name not in CATALOGUE:
+        return None
+    table = CATALOGUE[name].expression.table
+    return table if schema.sort_index_column(table.name, name) else None
+
+
+SORT_INDEX_ORDERS = tuple(name for name in ORDER_COLUMNS if _sort_table(name) is not None)
+"""The orders a sort index serves: a page of them is read from the index."""
+INDEXED_RANGES = tuple(name for name in RANGE_COLUMNS if _sort_table(name) is not None)
+"""The columns whose ranges (``<name>_min``, ``<name>_max``) an index narrows."""
+
+
+def build_query(bind, args, model_version, names, nulls=False, rows=None, path=None):
+    """The statement of one part of one page for the validated ``args`` (its rows end
+    with the sort key and the obsid, for the cursor); parameterised throughout.
+
+    ``nulls``: the part of the order whose sort value is NULL (see :func:`page_parts`);
+    ``rows``: how many rows to read (default: the page's limit plus one, to know whether
+    there is a next page); ``path``: how (:class:`ReadPath`; default: one statement, the
+    planner chooses).
+    """
     cone = _cone(args)
     order = args["order"]
     descending = order.startswith("-")
@@ -187,12 +279,12 @@ def build_query(bind, args, model_version, names):
         raise ParamError("order", "ordering by distance needs a cone (ra, dec, radius)")
     if "distance" in names and cone is None:
         raise ParamError("columns", "the column 'distance' needs a cone (ra, dec, radius)")
+    rows = args["limit"] + 1 if rows is None else rows
+    if path is not None and path.kind != PLAIN:
+        return _driven_query(bind, args, model_version, names, nulls, rows, path)
 
-    expressions = {name: CATALOGUE[name].expression for name in CATALOGUE}
-    if cone is not None:
-        expressions["distance"] = etl_db.distance_deg(spectra, cone[0], cone[1], bind)
+    expressions = catalogue_expressions(bind, cone)
     conditions = selection_conditions(bind, args, model_version, cone)
-
     sort = expressions[order_name]
     # Filtered and sorted on estimates alone (no cone, no snrg range, an estimates column
     # or obsid as the key): the page is cut from estimates and only its rows are joined
@@ -203,21 +295,16 @@ def build_query(bind, args, model_version, names):
     obsid = estimates.c.obsid if page_first else spectra.c.obsid
     if order_name == "obsid":
         sort = obsid
-    if args["cursor"]:
-        value, last_obsid = decode_cursor(args["cursor"], order)
-        conditions.append(keyset_condition(sort, obsid, descending, value, last_obsid)
-                          if order_name != "obsid"
-                          else (obsid < last_obsid if descending else obsid > last_obsid))
-    rows = args["limit"] + 1
+    conditions += part_conditions(args, sort, obsid, nulls)
     if not page_first:
         return (select(*[expressions[n].label(n) for n in names], sort.label("_sort_key"),
                        obsid.label("_obsid_key"))
                 .select_from(estimates.join(spectra, spectra.c.obsid == estimates.c.obsid))
                 .where(and_(true(), *conditions))
-                .order_by(*_ordering(sort, obsid, order_name, descending))
+                .order_by(*_ordering(sort, obsid, order_name, descending, nulls))
                 .limit(rows))
     page = (select(estimates).where(and_(true(), *conditions))
-            .order_by(*_ordering(sort, obsid, order_name, descending))
+            .order_by(*_ordering(sort, obsid, order_name, descending, nulls))
             .limit(rows).subquery("page"))
 
     def on_page(expression):
@@ -226,15 +313,241 @@ def build_query(bind, args, model_version, names):
     return (select(*[on_page(expressions[n]).label(n) for n in names],
                    on_page(sort).label("_sort_key"), page.c.obsid.label("_obsid_key"))
             .select_from(page.join(spectra, spectra.c.obsid == page.c.obsid))
-            .order_by(*_ordering(on_page(sort), page.c.obsid, order_name, descending)))
+            .order_by(*_ordering(on_page(sort), page.c.obsid, order_name, descending,
+                                 nulls)))
 
 
-def _ordering(sort, obsid, order_name, descending):
-    """ORDER BY: the sort key (nulls last), ties broken by obsid."""
+def _ordering(sort, obsid, order_name, descending, nulls):
+    """ORDER BY of one part: the sort key, ties broken by obsid (NULL sort values are a
+    part of their own, in obsid order). No NULLS FIRST/LAST: a part holds no NULL sort
+    value, so the order is the sort index's, read forwards or backwards."""
     by_obsid = obsid.desc() if descending else obsid.asc()
-    if order_name == "obsid":
+    if order_name == "obsid" or nulls:
         return [by_obsid]
-    return [(sort.desc() if descending else sort.asc()).nulls_last(), by_obsid]
+    return [sort.desc() if descending else sort.asc(), by_obsid]
+
+
+def _named_columns(table):
+    return [column.label(column.name) for column in table.columns]
+
+
+def _driven_query(bind, args, model_version, names, nulls, rows, path):
+    """The WALK and SORT statements: rows of one table (``path.table``, the *driving*
+    table) are found first -- walked in index order or selected by their narrowest
+    range -- and the other table's row of each is then looked up by obsid (a LATERAL
+    subquery behind OFFSET 0, so the planner cannot turn it into a join that reads the
+    whole other table).
+
+    WALK: the driving table is read in index order for at most ``path.walk_rows`` rows
+    (within the order column's own range, after the cursor), each numbered; the other
+    filters then keep the page's rows. The last walked row is returned even when it does
+    not pass them, marked, so that :func:`query_page` knows the walk was cut.
+    SORT: the driving table's rows within its filters are materialised (so the planner
+    reads them through the range's index), the other filters applied, and sorted.
+    """
+    order_name = args["order"].lstrip("-")
+    descending = args["order"].startswith("-")
+    driving = path.table
+    other = spectra if driving is estimates else estimates
+    version = estimates.c.model_version == model_version
+    own = selection_filters(bind, args, None, catalogue_expressions(bind, None))
+
+    def on_driving(name):
+        return name == "obsid" or CATALOGUE[name].expression.table is driving
+
+    def own_column(name):
+        return driving.c.obsid if name == "obsid" else CATALOGUE[name].expression
+
+    sort_inside = on_driving(order_name)
+    inner_conditions = [version] if driving is estimates else []
+    if path.kind == WALK:
+        inner_conditions += [f.condition for f in own if f.column == order_name]
+    else:
+        inner_conditions += [f.condition for f in own if f.column and on_driving(f.column)]
+    if sort_inside:
+        inner_conditions += part_conditions(args, own_column(order_name), driving.c.obsid,
+                                            nulls)
+    inner = select(*_named_columns(driving)).where(and_(true(), *inner_conditions))
+    if path.kind == WALK:
+        ordering = _ordering(own_column(order_name), driving.c.obsid, order_name, descending,
+                             nulls)
+        driven = (inner.add_columns(func.row_number().over(order_by=ordering).label("_walked"))
+                  .order_by(*ordering).limit(path.walk_rows).subquery("walked"))
+    else:
+        driven = inner.cte("selection").prefix_with("MATERIALIZED")
+        if sort_inside and other is spectra and not any(
+                f.column and not on_driving(f.column) for f in own):
+            # Nothing of the other table is needed before sorting: cut the page first,
+            # look up only its rows.
+            ordering = _ordering(driven.c.obsid if order_name == "obsid"
+                                 else driven.c[order_name], driven.c.obsid, order_name,
+                                 descending, nulls)
+            driven = select(driven).order_by(*ordering).limit(rows).subquery("page")
+    probe_conditions = [other.c.obsid == driven.c.obsid] + ([version] if other is estimates
+                                                            else [])
+    probe = (select(*_named_columns(other)).where(*probe_conditions).offset(0)
+             .lateral("probe"))
+
+    def column(name):
+        return driven.c[name] if on_driving(name) else probe.c[name]
+
+    filters = selection_filters(bind, args, None, {name: column(name) for name in CATALOGUE})
+    sort = column(order_name)
+    outer_conditions = [] if sort_inside else \
+        part_conditions(args, sort, driven.c.obsid, nulls)
+    # A spectrum may have no estimate of the model version; an estimate always has its
+    # spectrum (foreign key), so then nothing has to be looked up before sorting.
+    found = [probe.c.obsid.is_not(None)] if other is estimates else []
+    if path.kind == WALK:
+        passes = and_(true(), *found,
+                      *(f.condition for f in filters if f.column != order_name))
+        outer_conditions.append(or_(passes, driven.c._walked == path.walk_rows))
+        marks = [passes.label("_passes"), driven.c._walked.label("_walked")]
+    else:
+        outer_conditions += [*found, *(f.condition for f in filters
+                                       if not (f.column and on_driving(f.column)))]
+        marks = []
+    return (select(*[column(n).label(n) for n in names], *marks, sort.label("_sort_key"),
+                   driven.c.obsid.label("_obsid_key"))
+            .select_from(driven.join(probe, true(), isouter=True))
+            .where(and_(true(), *outer_conditions))
+            .order_by(*_ordering(sort, driven.c.obsid, order_name, descending, nulls))
+            .limit(rows))
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing how a page is read, and refusing what cannot be read fast (PostgreSQL)
+def estimated_rows(connection, from_clause, conditions) -> float:
+    """PostgreSQL's planner estimate of the rows of ``from_clause`` meeting
+    ``conditions``: EXPLAIN plans the query and reads no row."""
+    statement = select(literal(1)).select_from(from_clause).where(and_(true(), *conditions))
+    compiled = statement.compile(connection)
+    plan = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled.string}",
+                                      compiled.construct_params()).scalar()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def narrowest_range(connection, args, model_version):
+    """(rows, table) the SORT path would read: the planner's estimate of the narrowest
+    range on an indexed column (:data:`INDEXED_RANGES`; one column's histogram, which it
+    knows well) and that column's table, or all the estimates of the model version when
+    there is no such range."""
+    filters = selection_filters(connection, args, None, catalogue_expressions(connection, None))
+    version = estimates.c.model_version == model_version
+    candidates = []
+    for name in dict.fromkeys(f.column for f in filters if f.column in INDEXED_RANGES):
+        table = _sort_table(name)
+        conditions = [f.condition for f in filters if f.column == name]
+        candidates.append((estimated_rows(connection, table, conditions + (
+            [version] if table is estimates else [])), table))
+    if not candidates:
+        return estimated_rows(connection, estimates, [version]), estimates
+    return min(candidates, key=lambda candidate: candidate[0])
+
+
+def walk_rows(connection, args, model_version, filters) -> float:
+    """The rows the WALK path is estimated to read for one page: the rows in the order
+    column's own range times the share of them that pass every filter, taking the
+    filters as independent of the order (often they are not: the walk is cut anyway)."""
+    order_name = args["order"].lstrip("-")
+    version = estimates.c.model_version == model_version
+    on_spectra = any(f.column and CATALOGUE[f.column].expression.table is spectra
+                     for f in filters)
+    selection = (estimates.join(spectra, spectra.c.obsid == estimates.c.obsid)
+                 if on_spectra else estimates)
+    # The planner cannot know how many rows a bitmask keeps (it assumes 0.5%): that
+    # filter is left to the walk's cut.
+    matching = estimated_rows(connection, selection, [
+        version, *(f.condition for f in filters if f.parameters != ("exclude_flags",))])
+    table = estimates if order_name == "obsid" else _sort_table(order_name)
+    walked = estimated_rows(connection, table, [
+        *(f.condition for f in filters if f.column == order_name),
+        *([version] if table is estimates else [])])
+    return walked * min(1.0, (args["limit"] + 1) / max(matching, 1.0))
+
+
+@dataclass(frozen=True)
+class ReadPath:
+    """How a page is read (:func:`read_path`): ``kind`` PLAIN, WALK or SORT; ``table``
+    the driving table of WALK and SORT; ``walk_rows`` how far WALK walks."""
+    kind: str
+    table: object = None
+    walk_rows: int = 0
+
+
+def read_path(connection, args, model_version, budget) -> ReadPath:
+    """How to read a page of the validated ``args`` so that it reads at most about
+    ``budget`` rows, decided before anything runs; :class:`ParamError` (HTTP 400) when
+    no way can.
+
+    * PLAIN where what the planner may choose is bounded anyway: a cone (its radius is
+      limited), SQLite (the embedded catalogue), or an order with a sort index and no
+      filter on another column (the index is read for one page);
+    * SORT when the narrowest range is estimated at ``budget`` rows or fewer
+      (:func:`narrowest_range`): they are read and sorted;
+    * WALK, for a larger selection in an order with a sort index: the index is read in
+      order for at most ``budget`` rows (:func:`query_page` refuses the page if they do
+      not fill it: the filters keep too few rows in that order);
+    * refused: an order without a sort index on a larger selection.
+    """
+    order_name = args["order"].lstrip("-")
+    filters = selection_filters(connection, args, None, catalogue_expressions(connection, None))
+    sort_table = _sort_table(order_name)
+    if _cone(args) is not None or order_name == "distance" or \
+            not etl_db.is_postgres(connection) or \
+            (sort_table is not None and all(f.column == order_name for f in filters)):
+        return ReadPath(PLAIN)      # (ordering by distance without a cone is refused later)
+    rows, table = narrowest_range(connection, args, model_version)
+    if rows <= budget:
+        return ReadPath(SORT, table)
+    if sort_table is not None:
+        if walk_rows(connection, args, model_version, filters) > budget:
+            refuse_sparse_walk(connection, args, budget, estimated=True)
+        # by obsid: estimates' (obsid, model_version) key holds the model version too
+        return ReadPath(WALK, estimates if order_name == "obsid" else sort_table, budget)
+    raise ParamError("order", f"order={args['order']} has no index, so the selection is "
+                              f"sorted, and it holds about {rows:,.0f} rows (the database's "
+                              f"estimate); at most {budget:,} are sorted for a page without "
+                              f"a cone. {_NARROW}, or order by one of "
+                              f"{', '.join(SORT_INDEX_ORDERS)}")
+
+
+_NARROW = (f"Narrow a range on {', '.join(INDEXED_RANGES)} (the narrowest one counts) or "
+           f"add a cone (ra, dec, radius)")
+
+
+def _walked_rows(connection, args, path, rows, wanted):
+    """The rows of a WALK part (without its marks), or the refusal when the walk was cut
+    before ``wanted`` rows passed the filters (:func:`_driven_query`)."""
+    cut = any(row._walked == path.walk_rows for row in rows)
+    rows = [row[:-4] + row[-2:] for row in rows if row._passes]
+    if cut and len(rows) < wanted:
+        refuse_sparse_walk(connection, args, path.walk_rows)
+    return rows
+
+
+def refuse_sparse_walk(connection, args, budget, estimated=False):
+    """The filters keep too few rows in the order to fill a page within ``budget`` rows of
+    the index -- as the WALK path found, or, with ``estimated``, as the planner's
+    estimate says before it runs: say which filters to narrow (:class:`ParamError`)."""
+    order = args["order"]
+    order_name = order.lstrip("-")
+    filters = selection_filters(connection, args, None, catalogue_expressions(connection, None))
+    others = [f for f in filters if f.column != order_name]
+    filtered = [name for name in dict.fromkeys(f.column for f in filters)
+                if name in SORT_INDEX_ORDERS]
+    by_filtered = f", order by a column you filter on ({', '.join(filtered)})" \
+        if filtered else ""
+    names = ", ".join(p for f in others for p in f.parameters)
+    found = "are estimated to pass" if estimated else "pass"
+    raise ParamError(others[0].parameters[0],
+                     f"in order={order}, fewer than a page ({args['limit']} rows) of the "
+                     f"first {budget:,} rows {found} {names}: the selection is too sparse "
+                     f"in that order to read a page from the index, and too large to sort "
+                     f"(more than {budget:,} rows). {_NARROW}{by_filtered}, or use "
+                     f"/tap/async for the whole selection")
 
 
 def output_columns(names):
@@ -275,16 +588,31 @@ def query_page(service, args, names=None) -> Page:
     """One page of the range query of the validated ``args`` (:func:`parameters`): what
     ``/api/v1/estimates`` answers and the catalogue pages show. ``names``: output
     columns (default: ``args["columns"]`` or :data:`DEFAULT_COLUMNS`, plus the distance
-    with a cone)."""
+    with a cone).
+
+    The way the page is read is chosen first (:func:`read_path`), which may refuse it.
+    Ordered by a column that may
+    be NULL, a page reads the rows with a value and then, if it is not full, the NULLs:
+    two statements that each follow the sort index.
+    """
     if names is None:
         names = list(args["columns"] or DEFAULT_COLUMNS)
         if args["columns"] is None and _cone(args) is not None:
             names.append("distance")
+    limit = args["limit"]
     with service.engine.connect() as connection:
         model_version = resolve_model_version(connection, args["model_version"])
-        statement = build_query(connection, args, model_version, names)
-        rows = connection.execute(statement).all()
-    limit = args["limit"]
+        path = read_path(connection, args, model_version, service.limits.api_max_rows_read)
+        rows = []
+        for nulls in page_parts(args):
+            wanted = limit + 1 - len(rows)
+            part = connection.execute(build_query(connection, args, model_version, names,
+                                                  nulls=nulls, rows=wanted, path=path)).all()
+            if path.kind == WALK:
+                part = _walked_rows(connection, args, path, part, wanted)
+            rows += part
+            if len(rows) > limit:
+                break
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
