@@ -9,8 +9,10 @@ One run:
    --gunicorn-args=2`` for the two sync workers the issue was measured with.
 3. The attack queries, built from the limits the service publishes in /health and
    /openapi.json: the largest cone (largest SR and MAXREC, VERB=3) at the densest position
-   as VOTable and as FITS; the largest page of every column over the whole catalogue sorted
-   on an unindexed column; the largest cone as a range query sorted by -distance, FITS.
+   as VOTable and as FITS; the largest page of every column in the order of an index
+   with a filter on another column (read by walking the index for up to
+   LAMOST_VAC_API_MAX_ROWS_READ rows; a whole catalogue sorted on an unindexed column is
+   refused since issue 15); the largest cone as a range query sorted by -distance, FITS.
    Each is first timed alone (``worst_queries``: how far below the statement timeout the
    worst accepted query stays).
 4. Phases of --seconds each: no attackers, then each count of --attackers (default 2 and
@@ -100,8 +102,10 @@ def attack_queries(limits, estimate_columns, centre):
     return {
         "scs_largest_cone_votable": "/scs?" + urlencode(cone),
         "scs_largest_cone_fits": "/scs?" + urlencode(dict(cone, RESPONSEFORMAT="fits")),
-        "estimates_whole_catalogue_unindexed_order": "/api/v1/estimates?" + urlencode(
-            dict(page, order="-feh_err", format="votable")),
+        # exclude_flags: a filter the planner cannot estimate, so the page is read by
+        # walking the feh index (for up to LAMOST_VAC_API_MAX_ROWS_READ rows)
+        "estimates_largest_page_index_walk": "/api/v1/estimates?" + urlencode(
+            dict(page, order="-feh", exclude_flags=4, format="votable")),
         "estimates_largest_cone_fits": "/api/v1/estimates?" + urlencode(
             dict(page, ra=ra, dec=dec, radius=limits["scs_max_sr_deg"], order="-distance",
                  format="fits")),

@@ -42,7 +42,7 @@ CLUSTER_ROWS = 25000
 # The largest cone answer the service gives, over the cluster: 20,000 rows, ~20 MB.
 LARGE_CONE = "/scs?" + urlencode({"RA": CLUSTER[0], "DEC": CLUSTER[1], "SR": 1,
                                   "MAXREC": 20000, "VERB": 3})
-LARGE_RANGE = "/api/v1/estimates?" + urlencode({"order": "-feh_err", "limit": 10})
+LARGE_RANGE = "/api/v1/estimates?" + urlencode({"order": "-feh", "limit": 10})
 SMALL_CONE = "/scs?" + urlencode({"RA": 150, "DEC": 30, "SR": 0.05})
 SMALL_RANGE = "/api/v1/estimates?" + urlencode({"ra": 150, "dec": 30, "radius": 0.05})
 
