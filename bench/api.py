@@ -348,6 +348,17 @@ def bench_catalogue(rows, rng, shared, keep=False):
         yield BenchCatalogue(url, db.reader_url_for(url), ra, dec, load_report)
 
 
+def add_catalogue_arguments(parser):
+    """--shared, --seed and --keep: the options of :func:`bench_catalogue` that every bench
+    on this catalogue (api, attack, tap) takes."""
+    parser.add_argument("--shared", default=os.environ.get("LAMOST_VAC_SHARED",
+                                                           settings.shared_dir))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the database lamost_vac_bench_api (and reuse it when it "
+                        "already holds --rows estimates) instead of a throwaway one")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -356,12 +367,7 @@ def main():
                         help="cones per latency measurement")
     parser.add_argument("--load-requests", type=int, default=6000,
                         help="requests in the throughput run")
-    parser.add_argument("--shared", default=os.environ.get("LAMOST_VAC_SHARED",
-                                                           settings.shared_dir))
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the database lamost_vac_bench_api (and reuse it when it "
-                        "already holds --rows estimates) instead of a throwaway one")
+    add_catalogue_arguments(parser)
     options = parser.parse_args()
     rng = np.random.default_rng(options.seed)
 

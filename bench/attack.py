@@ -53,9 +53,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.api import (FIRST_OBSID, bench_catalogue, free_port, percentiles,  # noqa: E402
-                       start_gunicorn, stop)
-from etl.settings import settings  # noqa: E402
+from bench.api import (FIRST_OBSID, add_catalogue_arguments, bench_catalogue,  # noqa: E402
+                       free_port, percentiles, start_gunicorn, stop)
 
 SHIPPED_CONFIG = ("-c", "python:service.gunicorn_conf")
 NORMAL_SOURCE = "127.0.0.1"
@@ -253,12 +252,7 @@ def main():
                         f"({' '.join(SHIPPED_CONFIG)}); repeat for each argument")
     parser.add_argument("--request-timeout", type=float, default=60.0,
                         help="client timeout of one request [s]")
-    parser.add_argument("--shared", default=os.environ.get("LAMOST_VAC_SHARED",
-                                                           settings.shared_dir))
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep and reuse the database lamost_vac_bench_api (as "
-                        "bench/api.py --keep)")
+    add_catalogue_arguments(parser)
     options = parser.parse_args()
     attacker_counts = [int(n) for n in options.attackers.split(",") if n.strip()]
     gunicorn_args = tuple(options.gunicorn_args or SHIPPED_CONFIG)

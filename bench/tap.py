@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.api import (RAW_Q3C, bench_catalogue, free_port, http_get,  # noqa: E402
+from bench.api import (RAW_Q3C, add_catalogue_arguments, bench_catalogue, free_port, http_get,  # noqa: E402
                        percentiles, psycopg_connection, scs_path, start_gunicorn, stop)
 from etl.settings import settings  # noqa: E402
 from service import adql  # noqa: E402
@@ -124,12 +124,7 @@ def main():
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=300, help="cones per path")
     parser.add_argument("--radius-arcmin", type=float, default=1.0)
-    parser.add_argument("--shared", default=os.environ.get("LAMOST_VAC_SHARED",
-                                                           settings.shared_dir))
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--keep", action="store_true",
-                        help="keep and reuse the database lamost_vac_bench_api (as "
-                        "bench/api.py --keep)")
+    add_catalogue_arguments(parser)
     options = parser.parse_args()
     rng = np.random.default_rng(options.seed)
     radius = options.radius_arcmin / 60.0
