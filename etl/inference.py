@@ -156,7 +156,7 @@ def iter_batches(engine, model_version, mode="stale", batch_size=500, retry_fail
 def dispatch_batches(engine, task, model_version, run_id, mode="stale", batch_size=500,
                      retry_failed=False, limit=None, eager=False):
     """Send the selected spectra to ``task`` in batches of obsids; yields
-    ``(async_result, batch size)`` per batch as it is sent.
+    ``(async_result, batch size, obsids)`` per batch as it is sent.
 
     Messages carry ids only (model version, obsids, run id). ``eager`` (tasks run in this
     process): the whole selection is read first, so that the same SQLite file is never
@@ -166,7 +166,7 @@ def dispatch_batches(engine, task, model_version, run_id, mode="stale", batch_si
     if eager:
         batches = list(batches)
     for obsids in batches:
-        yield task.apply_async((model_version, obsids, run_id)), len(obsids)
+        yield task.apply_async((model_version, obsids, run_id)), len(obsids), obsids
 
 
 # ---------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
     batches = spectra = 0
     totals = inference.BatchResult()
     eager = app.conf.task_always_eager
-    for async_result, size in inference.dispatch_batches(
+    for async_result, size, _ in inference.dispatch_batches(
             engine, infer_batch, version, run_id, "stale", batch_size,
             limit=batch_size * max_batches, eager=eager):
         if eager:

@@ -9,6 +9,7 @@ spectrum file is truncated after the ingest.
 """
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -418,3 +419,36 @@ def test_new_model_reprocesses_exactly_the_stale_spectra(pipeline):
     assert_no_duplicates(p)
     code, out, err = p.infer("--stale")
     assert code == 0 and "0 spectra" in out
+
+
+def test_a_batch_lost_in_the_broker_is_sent_again(pipeline):
+    """A message lost between Redis and a worker (kombu takes a message off the queue
+    before recording it as unacknowledged: a worker killed in between loses it) never
+    comes back by itself; ``infer`` sends the unfinished batches again when no batch has
+    finished for twice the visibility timeout (plus 10 s)."""
+    p = pipeline
+    if p.mode != "postgresql-worker":
+        pytest.skip("needs the Redis broker")
+    import redis
+
+    for worker in p.workers:                 # no worker: the messages wait in Redis
+        Pipeline.kill(worker, signal.SIGTERM)
+    queue = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    queue.delete("celery")
+    infer = p.infer_async("--all", "--limit", str(2 * BATCH), "--json")
+    try:
+        wait_for(lambda: queue.llen("celery") == 2, 60, "two queued batches")
+        queue.delete("celery")               # both messages are lost
+        p.start_worker()
+        out, err = infer.communicate(timeout=120)
+    finally:
+        if infer.poll() is None:
+            infer.kill()
+            infer.wait(timeout=10)
+    assert infer.returncode == 0, (out, err)
+    assert "sending the 2 unfinished batches again" in err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["done"] + summary["failed"] == summary["selected"] == 2 * BATCH
+    assert p.scalar("SELECT count(*) FROM estimates WHERE run_id = :r",
+                    r=summary["run_id"]) == summary["done"]
+    assert_no_duplicates(p)

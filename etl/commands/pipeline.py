@@ -177,7 +177,7 @@ def _infer(args, url, eager):
         progress = _Progress(n_batches, total)
         pending = []
         done_batches = 0
-        for async_result, size in inference.dispatch_batches(
+        for async_result, size, obsids in inference.dispatch_batches(
                 engine, tasks.infer_batch, version, run_id, args.mode, args.batch_size,
                 args.retry_failed, args.limit, eager=eager):
             if eager:
@@ -185,7 +185,7 @@ def _infer(args, url, eager):
                 done_batches += 1
                 progress.update(done_batches, totals)
             else:
-                pending.append((async_result, size))
+                pending.append((async_result, size, obsids))
         if not eager and (args.no_wait or not tasks.app.conf.result_backend):
             why = "--no-wait" if args.no_wait else "no result backend"
             inference.finish_inference_run(
@@ -198,7 +198,10 @@ def _infer(args, url, eager):
             return 0
         timed_out = False
         if pending:
-            done_batches, timed_out = _wait(pending, totals, errors, progress, args.timeout)
+            done_batches, timed_out = _wait(
+                pending, totals, errors, progress, args.timeout,
+                lambda obsids: tasks.infer_batch.apply_async((version, obsids, run_id)),
+                _stall_seconds(tasks.current_settings()))
         progress.update(done_batches, totals, final=True)
         totals.selected = total
         status = "failed" if (errors or timed_out) else "finished"
@@ -228,16 +231,33 @@ def _infer(args, url, eager):
     return 1 if (errors or timed_out) else 0
 
 
-def _wait(pending, totals, errors, progress, timeout):
-    """Collect task results as they finish; returns (batches finished, timed out)."""
+def _stall_seconds(settings):
+    """How long without a finished batch before the unfinished ones are sent again.
+
+    A worker killed between taking a message from Redis and recording it as unacknowledged
+    loses that message (kombu's Redis transport has no atomic hand-over): no visibility
+    timeout brings it back. A message held by a dead worker comes back after the
+    visibility timeout (which must exceed the longest batch); twice that with no progress
+    means a batch is lost, not slow. Sending it again is safe: a task rewrites the same
+    rows of the same spectra."""
+    return 2 * settings.visibility_timeout_s + 10
+
+
+def _wait(pending, totals, errors, progress, timeout, resend=None, stall_seconds=None):
+    """Collect task results as they finish; returns (batches finished, timed out).
+
+    ``pending``: (async result, size, obsids) per batch. After ``stall_seconds`` without a
+    finished batch, every unfinished one is sent again with ``resend(obsids)`` (see
+    ``_stall_seconds``)."""
     from etl.inference import BatchResult
 
     deadline = None if timeout is None else time.monotonic() + timeout
+    last_progress = time.monotonic()
     finished = 0
     while pending:
         still = []
         checked = 0
-        for async_result, size in pending:
+        for async_result, size, obsids in pending:
             # Check at most 500 results per sweep: a big run has thousands queued.
             if checked < 500 and async_result.ready():
                 try:
@@ -245,15 +265,23 @@ def _wait(pending, totals, errors, progress, timeout):
                 except Exception as error:  # noqa: BLE001 -- reported, the run goes on
                     errors.append(f"{type(error).__name__}: {error}")
                 finished += 1
+                last_progress = time.monotonic()
                 async_result.forget()
             else:
-                still.append((async_result, size))
+                still.append((async_result, size, obsids))
             checked += 1
         pending[:] = still
         progress.update(finished, totals)
         if pending:
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 return finished, True
+            if resend is not None and stall_seconds is not None and now - last_progress > stall_seconds:
+                print(f"infer: no batch finished for {stall_seconds:.0f} s; sending the "
+                      f"{len(pending)} unfinished batches again (a message lost with a "
+                      "killed worker)", file=sys.stderr)
+                pending[:] = [(resend(obsids), size, obsids) for _, size, obsids in pending]
+                last_progress = now
             time.sleep(0.25)
     return finished, False
 
