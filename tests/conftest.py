@@ -404,3 +404,95 @@ def parse_votable(data):
                   and not ("W50" in str(w.message) and "log(cm.s**-2)" in str(w.message))]
     assert not unexpected, unexpected
     return votable
+
+
+# --------------------------------------------------------------------------------------
+# The package as users get it, and the demo it runs. A demo trains six times (cross-fitted
+# calibration), so the suite runs it twice and shares each run: the checkout's demo on the
+# embedded SQLite default (test_demo, test_pages_browser) and the installed wheel's demo on
+# PostgreSQL (test_demo, test_packaging).
+# What the wheel is built from: the Dockerfile copies the same.
+WHEEL_SOURCE = ["pyproject.toml", "README.md", "etl", "models", "service", "migrations"]
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """The wheel of this checkout, built from a copy: an in-tree build would leave build/
+    and *.egg-info behind, and a stale build/ could hide a file missing from the sources."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    source.mkdir()
+    for name in WHEEL_SOURCE:
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(REPO_ROOT / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp / "dist"),
+         str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (path,) = (tmp / "dist").glob("lamost_vac-*.whl")
+    return path
+
+
+@pytest.fixture(scope="session")
+def venv(wheel, tmp_path_factory):
+    """A fresh virtual environment with the wheel installed; its dependencies come from the
+    system site-packages, so nothing is downloaded."""
+    folder = tmp_path_factory.mktemp("venv") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)],
+                   check=True, capture_output=True, timeout=300)
+    # --force-reinstall: an editable lamost-vac of the same version in the system
+    # site-packages must not count as "already installed".
+    installed = subprocess.run(
+        [str(folder / "bin" / "python"), "-m", "pip", "install", "--no-deps",
+         "--force-reinstall", str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    return folder
+
+
+def run_installed(venv, argv, cwd, timeout=900):
+    """Run a program of the virtual environment from ``cwd``, with PYTHONPATH unset and none
+    of the caller's LAMOST_VAC_* settings (the embedded defaults)."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "PYTHONHOME") and not key.startswith("LAMOST_VAC_")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_demo(out, *options, check=True):
+    """``lamost-vac demo --no-serve`` of the checkout in ``out`` with no LAMOST_VAC_ setting
+    (the embedded default unless ``options`` say otherwise)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "etl.cli", "demo", "--no-serve", "--out", str(out), *options],
+        cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def sqlite_demo(tmp_path_factory):
+    """(folder, completed process) of the checkout's demo on the embedded default."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, "--stars", "60", "--ensemble", "2")
+
+
+@pytest.fixture(scope="session")
+def installed_postgresql_demo(venv, make_database, tmp_path_factory):
+    """The installed wheel, run from a folder outside the repository: ``lamost-vac db
+    upgrade`` on an empty PostgreSQL database, then the demo on it (small settings: what is
+    checked on it is the package, the database, TAP and DataLink, not the accuracy).
+    Returns (database URL, demo folder, {step: completed process})."""
+    work = tmp_path_factory.mktemp("elsewhere")
+    url = make_database("postgresql")
+    steps = {"upgrade": run_installed(venv, ["lamost-vac", "db", "upgrade", "--url", url], cwd=work)}
+    assert steps["upgrade"].returncode == 0, steps["upgrade"].stderr[-3000:]
+    steps["demo"] = run_installed(venv, ["lamost-vac", "demo", "--no-serve", "--out", "demo",
+                                         "--stars", "40", "--ensemble", "1",
+                                         "--database-url", url], cwd=work)
+    assert steps["demo"].returncode == 0, steps["demo"].stderr[-3000:]
+    return url, work / "demo", steps

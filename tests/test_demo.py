@@ -1,9 +1,6 @@
 """The one-command demo (issue 6) and the production compose file."""
 import csv
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +12,10 @@ from sqlalchemy.engine import make_url
 from etl import schema
 from etl.cli import build_parser
 from etl.settings import load_settings
+from conftest import run_demo, serving
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run_demo(out, *options, check=True):
-    """``lamost-vac demo --no-serve`` in ``out`` with no LAMOST_VAC_ setting (the embedded
-    default unless ``options`` say otherwise)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "etl.cli", "demo", "--no-serve", "--out", str(out), *options],
-        cwd=out, env=env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def printed_queries(result):
@@ -43,14 +29,8 @@ def printed_queries(result):
     return lines[0], queries
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, "--stars", "60", "--ensemble", "2")
-
-
-def test_demo_exports_a_sensible_catalogue(demo_run):
-    out, _ = demo_run
+def test_demo_exports_a_sensible_catalogue(sqlite_demo):
+    out, _ = sqlite_demo
     truth = {int(r["obsid"]): r for r in csv.DictReader(open(out / "truth.csv"))}
     rows = list(csv.DictReader(open(out / "catalogue.csv")))
     assert sorted(int(r["obsid"]) for r in rows) == sorted(truth)        # every spectrum, once
@@ -73,16 +53,16 @@ def test_demo_exports_a_sensible_catalogue(demo_run):
     assert (out / "catalogue.vot").read_text().lstrip().startswith("<?xml")
 
 
-def test_demo_writes_the_report_and_plots(demo_run):
-    out, _ = demo_run
+def test_demo_writes_the_report_and_plots(sqlite_demo):
+    out, _ = sqlite_demo
     for name in ("predicted_vs_reference", "accuracy_vs_snr", "uncertainty_vs_snr", "kiel_diagram"):
         data = (out / "report" / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
     assert "MAE" in (out / "report" / "report.md").read_text()
 
 
-def test_demo_prints_queries_that_return_rows(demo_run):
-    _, result = demo_run
+def test_demo_prints_queries_that_return_rows(sqlite_demo):
+    _, result = sqlite_demo
     browser, queries = printed_queries(result)          # the browser URL comes first
     assert browser.startswith("browse the catalogue:") and browser.endswith("/")
     paths = sorted(url.split("/", 3)[3].split("?")[0] for _, url in queries.values())
@@ -91,24 +71,15 @@ def test_demo_prints_queries_that_return_rows(demo_run):
         assert rows > 0, description
 
 
-@pytest.fixture(scope="module")
-def demo_pg_run(make_database, tmp_path_factory):
-    """The demo on an empty PostgreSQL database, with the browser tests' small settings:
-    what is checked here is the database, TAP and DataLink, not the accuracy."""
-    url = make_database("postgresql")
-    out = tmp_path_factory.mktemp("demo-pg")
-    return url, out, run_demo(out, "--stars", "40", "--ensemble", "1", "--database-url", url)
-
-
-def test_demo_runs_on_postgresql_and_serves_tap_and_datalink(demo_pg_run, tmp_path):
+def test_demo_runs_on_postgresql_and_serves_tap_and_datalink(installed_postgresql_demo, tmp_path):
     import pyvo
     import requests
 
-    from conftest import serving
     from etl.settings import Settings
     from service.app import create_app
 
-    url, out, result = demo_pg_run
+    url, out, steps = installed_postgresql_demo
+    result = steps["demo"]
     # the demo checked its queries against its own 'lamost-vac serve': the ADQL cone
     # through TAP returns the rows of the same cone through /scs
     _, queries = printed_queries(result)
@@ -140,8 +111,8 @@ def test_demo_runs_on_postgresql_and_serves_tap_and_datalink(demo_pg_run, tmp_pa
         app.extensions["lamost_vac"].dispose()
 
 
-def test_demo_refuses_a_database_that_holds_a_catalogue(demo_pg_run, tmp_path):
-    url, _, _ = demo_pg_run
+def test_demo_refuses_a_database_that_holds_a_catalogue(installed_postgresql_demo, tmp_path):
+    url, _, _ = installed_postgresql_demo
     again = run_demo(tmp_path, "--database-url", url, check=False)
     assert again.returncode != 0
     assert "already holds a catalogue" in again.stderr and "new one" in again.stderr

@@ -6,7 +6,6 @@ records the domain and was trained on in-domain labels only.
 """
 import contextlib
 import io
-import json
 
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ and the ``test`` extra install them)."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -43,23 +42,11 @@ PAGE_SIZE = 20
 
 
 @pytest.fixture(scope="module")
-def demo_catalogue(tmp_path_factory):
-    """The demo's catalogue (SQLite), spectra and model, without its server."""
-    out = tmp_path_factory.mktemp("browser-demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMOST_VAC_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "etl.cli", "demo", "--no-serve", "--out", str(out), "--stars",
-         "40", "--ensemble", "1"], cwd=out, env=env, capture_output=True, text=True,
-        timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(demo_catalogue):
-    """``lamost-vac serve`` on the demo catalogue, as docs/screenshots.py starts it."""
-    process, base = screenshots.serve(demo_catalogue / "lamost_vac.db",
-                                      str(demo_catalogue / "models"))
+def server(sqlite_demo):
+    """``lamost-vac serve`` on the demo's catalogue (conftest), as docs/screenshots.py
+    starts it."""
+    out, _ = sqlite_demo
+    process, base = screenshots.serve(out / "lamost_vac.db", str(out / "models"))
     yield base
     process.terminate()
     process.wait(timeout=30)
