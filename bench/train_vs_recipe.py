@@ -55,7 +55,8 @@ from astropy.table import Table, join
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from models.lasso_mlpnet import LABELS, PUBLISHED_HIDDEN, LassoMLPNet  # noqa: E402
+from models.lasso_mlpnet import (LABELS, PAPER_SNR_RANGE, PUBLISHED_HIDDEN,  # noqa: E402
+                                 PUBLISHED_LEARNING_RATE, LassoMLPNet)
 from models.metrics import accuracy_by_snr  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
 from models.preprocess import PreprocessConfig  # noqa: E402
@@ -105,11 +106,6 @@ def limit_stars(table, max_stars, seed):
         return table
     keep = np.random.default_rng(seed).choice(stars, size=max_stars, replace=False)
     return table[np.isin(np.asarray(table["miles_id"]), keep)]
-
-
-# The authors' notebook's learning rates (Adam), per label.
-PUBLISHED_LEARNING_RATE = {"teff": 9e-4, "logg": 2e-5, "feh": 3e-4}
-PAPER_SNR = (10.0, 20.0)
 
 
 class PublishedRecipe:
@@ -197,7 +193,7 @@ class PublishedRecipe:
 def recipe_configurations():
     """name -> (training SNR range or None for all, PublishedRecipe keyword arguments)."""
     out = {}
-    for snr_name, snr in (("10-20", PAPER_SNR), ("all-snr", None)):
+    for snr_name, snr in (("10-20", PAPER_SNR_RANGE), ("all-snr", None)):
         for std in (False, True):
             for star_folds in (False, True):
                 name = snr_name + ("+std" if std else "") + ("+star-folds" if star_folds else "")
@@ -222,7 +218,7 @@ def cross_validated_mae(features, labels, snrg, stars, rows, snr_range, recipe_p
     errors = {k: [] for k in LABELS}
     for fit, score in group_kfold_indices(stars[rows], folds, np.random.default_rng(seed + 100)):
         fit_rows = rows[fit][in_snr(snrg[rows[fit]], snr_range)]
-        score_rows = rows[score][in_snr(snrg[rows[score]], PAPER_SNR)]
+        score_rows = rows[score][in_snr(snrg[rows[score]], PAPER_SNR_RANGE)]
         recipe = PublishedRecipe(**recipe_params).fit(
             features[fit_rows], {k: v[fit_rows] for k, v in labels.items()}, groups=stars[fit_rows])
         predicted = recipe.predict(features[score_rows])
@@ -304,7 +300,7 @@ def main(argv=None):
         "reference_set": os.path.abspath(args.reference), "teff_range": teff_range,
         "n_spectra": len(table), "n_unreadable": len(errors), "n_unusable": int((~usable).sum()),
         "n_train_stars": int(np.unique(stars[train_all]).size),
-        "n_train_10_20": int((train_all & in_snr(snrg, PAPER_SNR)).sum()),
+        "n_train_10_20": int((train_all & in_snr(snrg, PAPER_SNR_RANGE)).sum()),
         "n_train_all_snr": int(train_all.sum()),
         "n_test": int(test.sum()), "n_test_stars": int(np.unique(stars[test]).size),
         "cores": os.cpu_count(),
@@ -313,7 +309,7 @@ def main(argv=None):
         "shrunk": {k: getattr(args, k) for k in ("max_stars", "n_alphas", "cv", "max_iter")},
     }
 
-    ours_rows = train_all & in_snr(snrg, PAPER_SNR if args.ours_train_snr == "10-20" else None)
+    ours_rows = train_all & in_snr(snrg, PAPER_SNR_RANGE if args.ours_train_snr == "10-20" else None)
     result["ours_train_snr"] = args.ours_train_snr
     for key, members in (("ours", args.ensemble), ("ours_single", 1)):
         start = time.perf_counter()

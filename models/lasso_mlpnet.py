@@ -54,6 +54,16 @@ SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
+# The authors' notebook's Adam learning rates, per label.
+PUBLISHED_LEARNING_RATE = {"teff": 9e-4, "logg": 2e-5, "feh": 3e-4}
+# The paper's configuration (``train --paper``), to compare with: the published sizes, the
+# notebook's learning rates and the scikit-learn MLPRegressor defaults it ran with (L2
+# penalty 1e-4, batches of 200, stop after 10 epochs without improvement, at most 2000),
+# no input noise, ten networks. Its training spectra are 10 < SNRg <= 20 (``PAPER_SNR_RANGE``).
+PAPER_PARAMETERS = {"hidden": PUBLISHED_HIDDEN, "learning_rate": PUBLISHED_LEARNING_RATE,
+                    "alpha": 1e-4, "batch_size": 200, "n_iter_no_change": 10, "max_epochs": 2000,
+                    "input_noise": 0.0, "n_members": 10}
+PAPER_SNR_RANGE = (10.0, 20.0)
 OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DISTRIBUTION threshold
 
 
@@ -138,6 +148,10 @@ class LassoMLPNet(BaseEstimator):
         those of the one network (what ``bench/train_vs_recipe.py`` reports as one member).
     alpha : float
         L2 penalty of the networks.
+    learning_rate : float or dict label -> float
+        Adam's initial learning rate (one for every label, or per label).
+    batch_size, n_iter_no_change : mini-batch size; epochs without improvement of the
+        early-stopping loss before training stops.
     input_noise : float
         Gaussian noise (in units of each standardised pixel's std) added to the networks'
         training inputs (see ``networks``); chosen by star-grouped CV on training stars
@@ -161,11 +175,15 @@ class LassoMLPNet(BaseEstimator):
         range and linear held-out error per label (target units) and its threshold
     """
 
-    def __init__(self, hidden=None, n_members=10, alpha=1e-3, input_noise=DEFAULT_INPUT_NOISE,
-                 max_epochs=400, cv=10, max_lasso_steps=1000, n_jobs=-1, random_state=0):
+    def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
+                 n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, max_epochs=400, cv=10,
+                 max_lasso_steps=1000, n_jobs=-1, random_state=0):
         self.hidden = hidden
         self.n_members = n_members
         self.alpha = alpha
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
         self.max_epochs = max_epochs
         self.cv = cv
@@ -182,13 +200,17 @@ class LassoMLPNet(BaseEstimator):
         X_scaled = self.scaler_.transform(X)
         gram = X_scaled.T @ X_scaled          # shared by the three LASSO selections
         hidden = {**DEFAULT_HIDDEN, **(self.hidden or {})}
+        rates = (self.learning_rate if isinstance(self.learning_rate, dict)
+                 else dict.fromkeys(LABELS, self.learning_rate))
         self.estimators_ = {}
         for label in (progress or iter)(LABELS):
             selector = LassoFeatureSelector(cv=self.cv, max_steps=self.max_lasso_steps, label=label,
                                             n_jobs=self.n_jobs, random_state=self.random_state)
             self.estimators_[label] = LabelEnsemble(
                 log_target=(label == "teff"), hidden_layer_sizes=hidden[label], alpha=self.alpha,
-                input_noise=self.input_noise, max_epochs=self.max_epochs,
+                learning_rate_init=rates[label], batch_size=self.batch_size,
+                n_iter_no_change=self.n_iter_no_change, input_noise=self.input_noise,
+                max_epochs=self.max_epochs,
                 n_members=self.n_members, selector=selector, n_jobs=self.n_jobs,
                 random_state=self.random_state,
             ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)

@@ -131,7 +131,9 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=(10.0, 2
     description.update(snr_range=list(snr_range), n_stars=int(np.unique(stars[train]).size),
                        holdout_fraction=holdout_fraction,
                        calibration="hold-out" if holdout_fraction > 0 else "cross-fitting",
-                       calibration_folds=None if holdout_fraction > 0 else calibration_folds)
+                       calibration_folds=None if holdout_fraction > 0 else calibration_folds,
+                       network={k: v for k, v in model.get_params().items()
+                                if k not in ("n_jobs", "random_state")})
     return model, description, metrics
 
 

@@ -24,7 +24,8 @@ from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, MASKED_SEL
                           TEFF_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, catalogue_flags, describe_flags,
                           domain_flags, redshift_flags)
 from models.labels import ESTIMATE_SUFFIXES, LABELS
-from models.lasso_mlpnet import LassoMLPNet, star_parameters
+from models.lasso_mlpnet import (PAPER_PARAMETERS, PUBLISHED_HIDDEN, PUBLISHED_LEARNING_RATE, LassoMLPNet,
+                                 star_parameters)
 from models.networks import SigmoidMLPRegressor
 from models.preprocess import PreprocessConfig
 from models.selection import LassoFeatureSelector
@@ -393,6 +394,31 @@ def test_a_one_network_ensemble_has_no_spread_and_bad_sizes_are_refused():
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="n_members"):
             LassoMLPNet(hidden=SMALL_HIDDEN, n_members=bad, n_jobs=1).fit(X, labels, groups=stars)
+
+
+def test_paper_configuration_reaches_every_network():
+    """``train --paper``: the published sizes, the notebook's per-label learning rates and
+    the MLPRegressor defaults the authors ran with reach each label's networks."""
+    from etl.cli import build_parser
+    from etl.commands.files import model_parameters
+
+    args = build_parser().parse_args(["train", "--paper", "--max-epochs", "3"])
+    params = model_parameters(args)
+    assert params["max_epochs"] == 3                          # an explicit option still applies
+    assert {k: v for k, v in params.items() if k != "max_epochs"} == \
+        {k: v for k, v in PAPER_PARAMETERS.items() if k not in ("n_members", "max_epochs")}
+    assert model_parameters(build_parser().parse_args(["train"])) == {}    # the defaults
+    rng = np.random.default_rng(6)
+    X, labels, stars = synthetic_spectra(rng, 20, 2)
+    model = LassoMLPNet(**{**params, "n_members": 2}, cv=3, n_jobs=1).fit(X, labels, groups=stars)
+    for label, estimator in model.estimators_.items():
+        assert estimator.learning_rate_init == PUBLISHED_LEARNING_RATE[label]
+        assert tuple(estimator.hidden_layer_sizes) == PUBLISHED_HIDDEN[label]
+        assert (estimator.alpha, estimator.batch_size, estimator.n_iter_no_change,
+                estimator.input_noise) == (1e-4, 200, 10, 0.0)
+        for member in estimator.members_:
+            assert member.learning_rate_init == PUBLISHED_LEARNING_RATE[label]
+            assert [w.shape[1] for w in member.coefs_[:2]] == list(PUBLISHED_HIDDEN[label])
 
 
 def test_predict_gives_nan_and_unusable_flag_for_nan_rows(trained, calibrated):

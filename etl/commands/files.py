@@ -15,6 +15,7 @@ from etl.label_domain import add_label_domain_argument, parse_label_domain, sele
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.labels import ESTIMATE_SUFFIXES, LABELS
+from models.lasso_mlpnet import PAPER_PARAMETERS
 from models.pipeline import featurise_files, predict_features
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)
@@ -63,6 +64,14 @@ def add_training_arguments(parser):
     parser.add_argument("--input-noise", type=float, default=None,
                         help="std of the Gaussian noise added to the networks' standardised "
                              "training inputs (default 1.0, chosen by CV; 0 = none)")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's network configuration instead of this project's "
+                             "defaults, to compare with: published hidden sizes (400,50), "
+                             "(600,50), (600,100), the authors' per-label learning rates "
+                             "9e-4, 2e-5, 3e-4, L2 1e-4, batches of 200, early stopping "
+                             "after 10 epochs, at most 2000, no input noise (with the default "
+                             "--snr-range 10,20 and --ensemble 10; options given explicitly "
+                             "still apply)")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
     add_label_domain_argument(parser)
 
@@ -85,10 +94,12 @@ TUNING_OPTIONS = {"max_epochs": "max_epochs", "cv": "lasso_folds", "input_noise"
 
 
 def model_parameters(args):
-    """train_lasso_mlpnet keyword arguments of the tuning options given (beyond --ensemble,
-    --jobs, --holdout)."""
-    return {param: getattr(args, option) for param, option in TUNING_OPTIONS.items()
-            if getattr(args, option) is not None}
+    """train_lasso_mlpnet keyword arguments of --paper and of the tuning options given
+    (beyond --ensemble, --jobs, --holdout)."""
+    params = {k: v for k, v in PAPER_PARAMETERS.items() if k != "n_members"} if args.paper else {}
+    params.update({param: getattr(args, option) for param, option in TUNING_OPTIONS.items()
+                   if getattr(args, option) is not None})
+    return params
 
 
 def print_held_out(metrics):
