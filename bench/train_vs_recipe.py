@@ -24,7 +24,9 @@ all eight):
 
 The recipe's best configuration per label is chosen by star-grouped ``--select-folds``-fold
 cross-validation on the TRAINING stars only (MAE on the fold's 10 < SNRg <= 20 spectra);
-the held-out stars never take part in the choice. Every configuration is then trained on
+the held-out stars never take part in the choice. ``--select-folds 0`` skips that CV and
+compares with the configuration that is best on the held-out stars: a choice that favours
+the recipe, at a sixth of the cost. Every configuration is then trained on
 all training stars and scored on the held-out stars; the report gives the best-by-CV
 configuration per label and, for transparency, the best on the held-out stars.
 
@@ -244,9 +246,9 @@ def markdown_table(result):
 
     row(f"lamost-vac, {result['ours_ensemble']} networks per label", result["ours"], result["ours_train_seconds"])
     row("lamost-vac, 1 network per label", result["ours_single"], result["ours_single_train_seconds"])
-    if "recipe_best_by_cv" in result:
-        best = result["recipe_best_by_cv"]
-        row("recipe, best configuration per label by CV on training stars ("
+    if "recipe_best" in result:
+        best = result["recipe_best"]
+        row(f"recipe, best configuration per label by {best['chosen_by']} ("
             + ", ".join(f"{k}: {best['configuration'][k]}" for k in LABELS) + ")",
             best["held_out"], best["train_seconds"])
         for name, config in result["recipe_configurations"].items():
@@ -271,7 +273,9 @@ def main(argv=None):
                              + ", ".join(CONFIGURATIONS))
     parser.add_argument("--select-folds", type=int, default=5,
                         help="star-grouped CV folds on the training stars choosing the recipe's "
-                             "configuration per label (default 5)")
+                             "configuration per label (default 5); 0: no CV, the recipe is "
+                             "compared in its best configuration on the held-out stars (its "
+                             "most favourable pick, and select-folds times cheaper)")
     shrink = parser.add_argument_group("shrinking for a smoke run (defaults: as published)")
     shrink.add_argument("--max-stars", type=int, default=None, help="use at most this many stars")
     shrink.add_argument("--n-alphas", type=int, default=50, help="LassoCV alphas (published 50)")
@@ -331,7 +335,7 @@ def main(argv=None):
             params = {**params, **shrunk}
             start = time.perf_counter()
             cv_mae = cross_validated_mae(features, labels, snrg, stars, train_all, snr_range, params,
-                                         args.select_folds, args.seed)
+                                         args.select_folds, args.seed) if args.select_folds else None
             cv_seconds = time.perf_counter() - start
             rows = train_all & in_snr(snrg, snr_range)
             recipe = PublishedRecipe(**params).fit(
@@ -341,7 +345,8 @@ def main(argv=None):
                 "n_train": int(rows.sum()),
                 "train_seconds": round(sum(recipe.fit_seconds_.values()), 1),
                 "train_seconds_per_label": {k: round(v, 1) for k, v in recipe.fit_seconds_.items()},
-                "cv_seconds": round(cv_seconds, 1), "cv_mae_10_20": {k: round(v, 5) for k, v in cv_mae.items()},
+                "cv_seconds": round(cv_seconds, 1),
+                "cv_mae_10_20": cv_mae and {k: round(v, 5) for k, v in cv_mae.items()},
                 "selected_pixels": {k: int(s.sum()) for k, s in recipe.support_.items()},
                 "n_iter": recipe.n_iter_, "convergence_warnings": recipe.convergence_warnings_,
                 "learning_rate": {k: recipe.learning_rate(k) for k in LABELS},
@@ -350,20 +355,24 @@ def main(argv=None):
             print(json.dumps({name: {k: v for k, v in configs[name].items() if k != "held_out"}}),
                   file=sys.stderr, flush=True)
         result["recipe_configurations"] = configs
-        by_cv = {k: min(configs, key=lambda n: configs[n]["cv_mae_10_20"][k]) for k in LABELS}
-        result["recipe_best_by_cv"] = {
-            "configuration": by_cv,
-            "held_out": {k: configs[by_cv[k]]["held_out"][k] for k in LABELS},
-            "train_seconds": round(sum(configs[by_cv[k]]["train_seconds_per_label"][k] for k in LABELS), 1),
-        }
         result["recipe_best_on_held_out_10_20"] = {
             k: min(configs, key=lambda n: configs[n]["held_out"][k]["10-20"]["mae"] or np.inf) for k in LABELS}
-        best = result["recipe_best_by_cv"]
-        result["mae_change_vs_best_by_cv"] = {
+        if args.select_folds:
+            chosen_by = "star-grouped CV on the training stars"
+            choice = {k: min(configs, key=lambda n: configs[n]["cv_mae_10_20"][k]) for k in LABELS}
+        else:       # no CV: the recipe gets its most favourable pick, the best on the held-out stars
+            chosen_by = "held-out MAE at 10-20 (no CV: the recipe's most favourable pick)"
+            choice = result["recipe_best_on_held_out_10_20"]
+        result["recipe_best"] = best = {
+            "chosen_by": chosen_by, "configuration": choice,
+            "held_out": {k: configs[choice[k]]["held_out"][k] for k in LABELS},
+            "train_seconds": round(sum(configs[choice[k]]["train_seconds_per_label"][k] for k in LABELS), 1),
+        }
+        result["mae_change_vs_recipe_best"] = {
             b: {k: round(_mae(result["ours"], k, b) / _mae(best["held_out"], k, b) - 1, 4)
                 if _mae(result["ours"], k, b) and _mae(best["held_out"], k, b) else None for k in LABELS}
             for b in ("5-10", "10-20")}
-        result["speedup_vs_best_by_cv"] = round(best["train_seconds"] / result["ours_train_seconds"], 2)
+        result["speedup_vs_recipe_best"] = round(best["train_seconds"] / result["ours_train_seconds"], 2)
     print(json.dumps(result, indent=2))
     print("--- markdown ---")
     print(markdown_table(result))

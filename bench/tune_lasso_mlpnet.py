@@ -1,14 +1,18 @@
 """Choose LassoMLPNet hyperparameters by cross-validation on the training stars only.
 
 The reference set is restricted and split exactly as in ``bench/train_vs_recipe.py``
-(same Teff range, same star split, training spectra 10 < SNRg <= 20); the held-out stars
-of that split are never read here. The training stars are divided into ``--folds``
-star-grouped folds; for every point of ``--grid`` a ``LassoMLPNet`` is trained on the
-other folds and scored (MAE per label) on the fold's 10 < SNRg <= 20 spectra. Prints one
-JSON document: the mean CV MAE of every grid point and the best point per label.
+(same Teff range, same star split); the held-out stars of that split are never read here.
+The training stars are divided into ``--folds`` star-grouped folds; for every point of
+``--grid`` a ``LassoMLPNet`` is trained on the other folds and scored (MAE per label) on
+the fold's 10 < SNRg <= 20 spectra (``cv_mae``, what chooses) and 5 < SNRg <= 10 spectra
+(``cv_mae_5_10``). Grid keys are ``LassoMLPNet`` parameters, plus ``train_snr``: the
+training spectra, ``"10-20"`` (the paper's, the default) or ``"all"`` (every SNR of the
+fitting folds' stars). Prints one JSON document: the mean CV MAE of every grid point and
+the best point per label.
 
     python bench/tune_lasso_mlpnet.py --reference /tmp/sim-ref \\
         --grid '{"input_noise": [0, 0.5, 1, 1.5, 2, 3]}' > bench-tune.json
+    python bench/tune_lasso_mlpnet.py --reference /tmp/sim-ref --grid '{"train_snr": ["10-20", "all"]}'
 """
 import argparse
 import itertools
@@ -48,29 +52,40 @@ def main():
 
     table, teff_range = stars_in_range(load_reference(args.reference), args.teff_range)
     features, _, _ = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
-    train, _ = split_by_star(table, np.isfinite(features).all(axis=1), args.seed)
-    train_idx = np.flatnonzero(train)                 # the training spectra of train_vs_recipe
+    train, _ = split_by_star(table, np.isfinite(features).all(axis=1), args.seed, snr_range=None)
+    train_idx = np.flatnonzero(train)        # every usable spectrum of train_vs_recipe's training stars
     stars = np.asarray(table["miles_id"])
     X, groups = features[train_idx], stars[train_idx]
+    snrg = np.asarray(table["snrg"], dtype=float)[train_idx]
     labels = {k: np.asarray(table[k], dtype=float)[train_idx] for k in LABELS}
     folds = list(group_kfold_indices(groups, args.folds, np.random.default_rng(args.seed + 100)))
+    paper_snr = (snrg > 10) & (snrg <= 20)
+    low_snr = (snrg > 5) & (snrg <= 10)
 
     results = []
     for point in grid_points(grid):
         started = time.perf_counter()
+        params = {k: v for k, v in point.items() if k != "train_snr"}
+        trains_on = {"10-20": paper_snr, "all": np.ones(snrg.size, dtype=bool)}[point.get("train_snr", "10-20")]
         errors = {k: [] for k in LABELS}
+        errors_low = {k: [] for k in LABELS}
         for fit_rows, score_rows in folds:
-            model = LassoMLPNet(n_members=args.ensemble, random_state=0, **point).fit(
+            fit_rows = fit_rows[trains_on[fit_rows]]
+            model = LassoMLPNet(n_members=args.ensemble, random_state=0, **params).fit(
                 X[fit_rows], {k: v[fit_rows] for k, v in labels.items()}, groups=groups[fit_rows])
-            predicted = model.predict(X[score_rows])
-            for k in LABELS:
-                errors[k].append(np.abs(predicted[k] - labels[k][score_rows]))
+            for rows, into in ((score_rows[paper_snr[score_rows]], errors),
+                               (score_rows[low_snr[score_rows]], errors_low)):
+                predicted = model.predict(X[rows])
+                for k in LABELS:
+                    into[k].append(np.abs(predicted[k] - labels[k][rows]))
         mae = {k: round(float(np.mean(np.concatenate(v))), 4) for k, v in errors.items()}
-        results.append({"params": point, "cv_mae": mae, "seconds": round(time.perf_counter() - started, 1)})
+        mae_low = {k: round(float(np.mean(np.concatenate(v))), 4) for k, v in errors_low.items()}
+        results.append({"params": point, "cv_mae": mae, "cv_mae_5_10": mae_low,
+                        "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     best = {k: min(results, key=lambda r: r["cv_mae"][k])["params"] for k in LABELS}
     print(json.dumps({"reference_set": os.path.abspath(args.reference), "teff_range": teff_range,
-                      "n_train_spectra": len(train_idx), "n_train_stars": int(np.unique(groups).size),
+                      "n_train_spectra_10_20": int(paper_snr.sum()), "n_train_spectra_all": len(train_idx), "n_train_stars": int(np.unique(groups).size),
                       "folds": args.folds, "ensemble": args.ensemble, "grid": grid,
                       "results": results, "best_per_label": best}, indent=2))
 
