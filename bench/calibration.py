@@ -38,13 +38,32 @@ from models.calibration import snr_bin_index  # noqa: E402
 from models.metrics import accuracy_by_snr, coverage_by_snr, snr_bin_names  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
 from models.training import DEFAULT_CALIBRATION_FOLDS, calibration_summary, train_lasso_mlpnet  # noqa: E402
-from models.validation import pairwise_z, z_summary  # noqa: E402
+from models.validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2, pairwise_z, z_summary  # noqa: E402
 
 from train_vs_recipe import MILES_PREPROCESSING, load_reference, split_by_star, stars_in_range  # noqa: E402
 
 WITHIN_1 = (0.62, 0.74)
 WITHIN_2 = (0.92, 0.98)
 MIN_SPECTRA = 30
+
+
+def pass_probability(n):
+    """Probability that a perfectly calibrated Gaussian error passes the criteria in a bin of
+    ``n`` spectra: the counts within +-1 and within 1-2 sigma are multinomial
+    (0.683, 0.271, 0.046), so a bin of a few dozen spectra misses the windows by chance
+    alone. What the number of bins that pass should be compared with."""
+    from scipy.stats import binom
+
+    p1, p2 = GAUSS_WITHIN_1, GAUSS_WITHIN_2
+    k1 = np.arange(n + 1)
+    inside_1 = (k1 >= WITHIN_1[0] * n) & (k1 <= WITHIN_1[1] * n)
+    total = 0.0
+    for k in k1[inside_1]:
+        # within 2 sigma = k + those of the other n - k that fall between 1 and 2 sigma
+        low, high = np.ceil(WITHIN_2[0] * n - k), np.floor(WITHIN_2[1] * n - k)
+        between = binom(n - k, (p2 - p1) / (1 - p1))
+        total += binom.pmf(k, n, p1) * (between.cdf(high) - between.cdf(low - 1))
+    return float(total)
 
 
 def criteria(coverage):
@@ -170,6 +189,8 @@ def main():
     before = coverage_by_snr(before_errors, reference, test_snrg)
     verdict, passed = criteria(after)
     verdict_before, passed_before = criteria(before)
+    chance = {label: {name: round(pass_probability(after[label][name]["n"] - after[label][name]["n_without_error"]), 3)
+                      for name, ok in verdict[label].items() if ok is not None} for label in LABELS}
 
     # repeats of the held-out stars: pairs at 10 < SNRg <= 20 (four spectra per star)
     in_range = (test_snrg > 10) & (test_snrg <= 20)
@@ -196,6 +217,11 @@ def main():
         "criteria": {"within_1": WITHIN_1, "within_2": WITHIN_2, "min_spectra": MIN_SPECTRA},
         "passed": passed, "passed_before": passed_before,
         "verdict": verdict, "verdict_before": verdict_before,
+        "bins_passed": sum(bool(ok) for per in verdict.values() for ok in per.values()),
+        "bins_judged": sum(ok is not None for per in verdict.values() for ok in per.values()),
+        # what a perfectly calibrated Gaussian error would score on bins of these sizes
+        "pass_probability_if_calibrated": chance,
+        "bins_expected_to_pass_if_calibrated": round(sum(v for per in chance.values() for v in per.values()), 2),
         "coverage": after, "coverage_before": before,
         "repeat_z": repeats,
         "calibration_model": calibration_summary(model),

@@ -196,3 +196,22 @@ def test_training_with_a_hold_out_keeps_those_stars_out(synthetic_set):
     assert np.unique(stars[held]).size == 45
     assert not np.isin(obsids[held], model.training_obsids_).any()
     assert sum(model.calibration_counts_) == held.sum() == 180
+
+
+def test_pass_probability_of_a_calibrated_error_matches_simulation():
+    """bench/calibration.py's chance that a perfect Gaussian error passes a bin's windows
+    (62-74% within 1 sigma, 92-98% within 2) equals the fraction of simulated bins that do."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from calibration import WITHIN_1, WITHIN_2, pass_probability
+
+    rng = np.random.default_rng(3)
+    for n in (37, 120):
+        z = np.abs(rng.standard_normal((20000, n)))
+        within_1, within_2 = (z < 1).mean(axis=1), (z < 2).mean(axis=1)
+        simulated = np.mean((within_1 >= WITHIN_1[0]) & (within_1 <= WITHIN_1[1]) &
+                            (within_2 >= WITHIN_2[0]) & (within_2 <= WITHIN_2[1]))
+        assert pass_probability(n) == pytest.approx(simulated, abs=0.015)
+    assert pass_probability(2000) > 0.999
