@@ -9,7 +9,8 @@ held-out stars: the one to quote) and ``<label>_err_model`` the ensemble standar
 Formats: ``csv`` (streamed; missing values empty), ``fits`` (binary table, streamed
 chunk by chunk; TUNITn, TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER,
 ARTSHA whole in the header) and ``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements
-for the provenance; built in memory as numpy columns, ~130 bytes per row). The FITS and
+for the provenance; TABLEDATA streamed chunk by chunk by ``etl.votable``, the writer of
+the service's VOTables). The FITS and
 VOTable files pass fitsverify and STILTS votlint (tests/test_release_files.py). Only
 estimates are exported; spectra that failed are in ``estimate_failures``.
 """
@@ -17,7 +18,6 @@ import csv
 import itertools
 import math
 import os
-import warnings
 from datetime import datetime, timezone
 
 import numpy as np
@@ -80,7 +80,7 @@ def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000):
         elif fmt == "fits":
             _write_fits(result, path, info, chunk_rows)
         else:
-            _write_votable(_table(result.partitions(chunk_rows)), path, info)
+            _write_votable(result, path, info, chunk_rows)
     return info
 
 
@@ -192,39 +192,21 @@ def _write_fits(result, path, info, chunk_rows):
     os.replace(tmp, path)
 
 
-def _write_votable(table, path, info):
-    from astropy.io.votable import from_table
-    from astropy.io.votable.exceptions import W50
-    from astropy.io.votable.tree import Info
+def _write_votable(result, path, info, chunk_rows):
+    """TABLEDATA written chunk by chunk (constant memory, as the FITS writer), with the
+    FIELD metadata of the one schema and the provenance as INFO elements."""
+    from etl.votable import Info, votable_footer, votable_header, votable_rows
 
-    votable = from_table(table)
-    resource = votable.resources[0]
-    resource.description = ("LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by "
-                            "LASSO-MLPNet")
-    vtable = resource.tables[0]
-    vtable.name = "catalogue"
-    for key in ("model_version", "preprocessing_hash", "code_version", "artifact_sha256",
-                "exported_at"):
-        provenance_info = Info(name=key, value=str(info[key]))
-        # astropy gives an INFO its name as ID, and the model_version FIELD has that ID
-        # too: VOTable IDs must be unique in the document (votlint), and nothing refers
-        # to the INFOs by ID.
-        provenance_info.ID = None
-        resource.infos.append(provenance_info)
-    descriptions = {d.name: d for d in column_descriptions()}
-    with warnings.catch_warnings():
-        # VOUnit has no 'dex' or log(); the schema's strings are kept as they are.
-        warnings.simplefilter("ignore", W50)
-        for votable_field in vtable.fields:
-            desc = descriptions[votable_field.name]
-            votable_field.ucd = desc.ucd
-            votable_field.description = desc.description
-            if desc.unit:
-                votable_field.unit = desc.unit
-            if votable_field.datatype in ("char", "unicodeChar"):
-                # Variable length, as the service writes: astropy sizes a text column by
-                # its longest value, and an empty export's arraysize="1" is deprecated.
-                votable_field.arraysize = "*"
-        tmp = f"{path}.part"
-        votable.to_xml(tmp)
+    columns = column_descriptions()
+    provenance_infos = [Info(key, str(info[key])) for key in
+                        ("model_version", "preprocessing_hash", "code_version", "artifact_sha256",
+                         "exported_at")]
+    tmp = f"{path}.part"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(votable_header(
+            columns, table_name="catalogue", status_infos=provenance_infos,
+            description="LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by LASSO-MLPNet"))
+        for rows in result.partitions(chunk_rows):
+            handle.write(votable_rows(rows, columns))
+        handle.write(votable_footer())
     os.replace(tmp, path)

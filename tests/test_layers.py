@@ -10,8 +10,10 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "etl", "service")
 # What the read-only service may use of etl: the one schema, the settings, and the
 # database helpers (engines, positional SQL) that both sides share, and the one rule for
-# opening a spectrum file under the spectra root (the spectrum pages draw the file).
-SERVICE_MAY_IMPORT = {"etl", "etl.schema", "etl.settings", "etl.db", "etl.spectrum_files"}
+# opening a spectrum file under the spectra root (the spectrum pages draw the file), and
+# the VOTable writer of the schema's columns (the release export writes the same VOTable).
+SERVICE_MAY_IMPORT = {"etl", "etl.schema", "etl.settings", "etl.db", "etl.spectrum_files",
+                      "etl.votable"}
 
 
 def module_name(path):
