@@ -129,11 +129,11 @@ def register_model(engine, version, artifact_path, sha256, training, metrics, no
             code_version=code_version(), notes=notes))
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
@@ -196,7 +196,7 @@ def _train(engine, options, log):
         version = unique_version(connection, new_model_version(training))
     path = os.path.join(os.path.abspath(options.model_dir), f"{version}.joblib")
     version, sha = save_model(path, model, config, training, metrics, version=version)
-    register_model(engine, version, path, sha, _json_safe(training), _json_safe(metrics),
+    register_model(engine, version, path, sha, json_safe(training), json_safe(metrics),
                    options.notes)
     return {"version": version, "artifact": path, "sha256": sha,
             "n_train": training["n_spectra"], "metrics": metrics}

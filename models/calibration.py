@@ -28,7 +28,8 @@ A bin with fewer than ``min_count`` calibration spectra gets NaN (no honest numb
 given) and a warning; ``counts_`` keeps the counts.
 
 ``RepeatScale`` fits the factor that makes the ensemble spread honest against repeated
-observations of one star (see ``LassoMLPNet.calibrate``).
+observations of one star (see ``LassoMLPNet.calibrate``); ``repeat_level`` the one further
+factor that real repeat observations call for (``lamost-vac calibrate-repeats``).
 """
 import warnings
 
@@ -320,3 +321,35 @@ class RepeatScale(BaseEstimator):
         k = np.exp(self.intercept_ + self.slope_ * log_snr)
         return np.where(np.isfinite(snrg) & (snrg > 0), k,
                         np.exp(self.intercept_ + np.max(self.slope_ * ends)))
+
+
+def repeat_level(values, errors, groups):
+    """The factor c that makes ``errors`` honest on the pairs of spectra of one star:
+    the maximum-likelihood common scale of x_i - x_j ~ N(0, c^2 (err_i^2 + err_j^2)),
+    i.e. the rms pair z-score. Returns ``(c, number of pairs)`` (c NaN without pairs)."""
+    from .validation import pairwise_z
+
+    z, _ = pairwise_z(values, errors, groups)
+    z = z[np.isfinite(z)]
+    return (float(np.sqrt(np.mean(z ** 2))) if z.size else np.nan), int(z.size)
+
+
+def repeat_level_cross_validated(values, errors, groups, folds=2, seed=0):
+    """The rms pair z-score on stars *not* used to fit the level: the groups (stars) are
+    dealt into ``folds`` folds; each fold's pairs are scored with the level fitted on the
+    other folds' pairs. ~1 when one level carries over from star to star. Returns
+    ``(rms z, number of pairs scored)``."""
+    from .validation import pairwise_z
+
+    names = sorted({str(g) for g in groups if g is not None})
+    fold_of = dict(zip(names, np.random.default_rng(seed).permutation(len(names)) % folds))
+    fold = [None if g is None else fold_of[str(g)] for g in groups]
+    scored = []
+    for k in range(folds):
+        level, n = repeat_level(values, errors, [g if f not in (None, k) else None for g, f in zip(groups, fold)])
+        if n:
+            z, _ = pairwise_z(values, np.asarray(errors, dtype=float) * level,
+                              [g if f == k else None for g, f in zip(groups, fold)])
+            scored.append(z[np.isfinite(z)])
+    z = np.concatenate(scored) if scored else np.array([])
+    return (float(np.sqrt(np.mean(z ** 2))) if z.size else np.nan), int(z.size)

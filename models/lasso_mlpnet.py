@@ -170,6 +170,8 @@ class LassoMLPNet(BaseEstimator):
     error_models_ : dict label -> fitted ``ErrorModel`` (None until ``calibrate``)
     repeat_scales_ : dict label -> fitted ``RepeatScale``, the factor k(SNRg) on the ensemble
         std (None until ``calibrate``: k = 1)
+    repeat_levels_ : dict label -> one further factor on ``_err_model``, fitted on real repeat
+        observations (``set_repeat_levels``, ``lamost-vac calibrate-repeats``); 1 until then
     calibration_counts_ : calibration spectra per SNRg bin (zeros until ``calibrate``)
     ood_range_, ood_scale_, ood_threshold_ : the out-of-distribution score's training label
         range and linear held-out error per label (target units) and its threshold
@@ -217,6 +219,7 @@ class LassoMLPNet(BaseEstimator):
         self.snr_bins_ = np.array(SNR_BINS)
         self.error_models_ = {label: None for label in LABELS}
         self.repeat_scales_ = {label: None for label in LABELS}
+        self.repeat_levels_ = {}
         self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
         self._fit_ood({label: e._target(np.asarray(labels[label], dtype=float))
                        for label, e in self.estimators_.items()})
@@ -297,10 +300,20 @@ class LassoMLPNet(BaseEstimator):
         return out
 
     def _model_err_scale(self, label, snrg):
+        level = getattr(self, "repeat_levels_", {}).get(label, 1.0)
         scale = self.repeat_scales_.get(label)
         if scale is None:
-            return 1.0
-        return scale.predict(np.nan if snrg is None else snrg)
+            return level
+        return level * scale.predict(np.nan if snrg is None else snrg)
+
+    def set_repeat_levels(self, levels):
+        """Multiply ``_err_model`` of each label by ``levels[label]`` (on top of any earlier
+        level): the factor that real repeat observations call for, which simulated training
+        repeats cannot show (visit-to-visit flux calibration, sky residuals)."""
+        current = getattr(self, "repeat_levels_", {})
+        self.repeat_levels_ = {label: current.get(label, 1.0) * float(levels.get(label, 1.0))
+                               for label in LABELS}
+        return self
 
     def _integrated(self, label, snrg, raw):
         """The calibrated uncertainty of ``label`` for every spectrum (NaN when uncalibrated)."""
@@ -330,6 +343,7 @@ class LassoMLPNet(BaseEstimator):
         """
         snrg = np.asarray(snrg, dtype=float)
         self.error_models_, self.repeat_scales_ = {}, {label: None for label in LABELS}
+        self.repeat_levels_ = {}
         for label in LABELS:
             residuals = raw[label] - np.asarray(labels[label], dtype=float)
             self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(

@@ -511,6 +511,20 @@ def offsets_sentence(reference):
             "; ".join(parts) + ".")
 
 
+def repeat_levels_md(levels):
+    """Lines saying that ``_err_model`` was scaled on real repeats (``calibrate-repeats``),
+    with the factors and their check on stars left out of the fit."""
+    if not levels:
+        return []
+    per = ", ".join(f"{LABEL_HEADINGS[label][0]} {r['factor']:.3f} (rms z {r['z_rms_cross_validated']:.2f} on "
+                    f"stars left out of the fit)" for label, r in levels["labels"].items())
+    return [f"This model's `_err_model` is scaled by a factor per label fitted on {levels['n_spectra']} "
+            f"real spectra of {levels['n_stars']} stars observed several times (`lamost-vac "
+            f"calibrate-repeats`, from model {levels['from_version']}, repeat groups "
+            f"{levels['repeat_groups']}): {per}. On the repeats it was fitted on, its z std is 1 "
+            "by construction; the cross-validated rms z is the honest check.", ""]
+
+
 def repeat_source_sentence(repeat_groups):
     """Where the repeat groups come from, for the report (``repeat_groups``: the report's)."""
     if repeat_groups is None:
@@ -605,6 +619,7 @@ def report_markdown(report):
         "contains the systematic error against reference labels (shared by a star's repeats) and "
         "so should give z std below 1.",
         "",
+        *repeat_levels_md(report["model"].get("repeat_levels")),
         repeat_table_md(rep),
         "",
     ]
@@ -692,7 +707,8 @@ def write_validation_report(out, artifact, artifact_path, rows, inputs, referenc
         "model": {"artifact": os.path.abspath(artifact_path), "version": artifact["version"],
                   "wave_range": [getattr(config, "wave_min", None), getattr(config, "wave_max", None)],
                   "training": {k: training.get(k) for k in ("n_spectra", "n_stars", "snr_range", "label_domain",
-                                                            "n_outside_label_domain")}},
+                                                            "n_outside_label_domain")},
+                  "repeat_levels": (artifact.get("extra") or {}).get("repeat_levels")},
         **inputs,
         "outcomes": list(OUTCOMES),
         "counts": counts,

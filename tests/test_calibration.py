@@ -215,3 +215,19 @@ def test_pass_probability_of_a_calibrated_error_matches_simulation():
                             (within_2 >= WITHIN_2[0]) & (within_2 <= WITHIN_2[1]))
         assert pass_probability(n) == pytest.approx(simulated, abs=0.015)
     assert pass_probability(2000) > 0.999
+
+
+def test_repeat_level_recovers_an_underestimated_error_and_carries_over_to_other_stars():
+    from models.calibration import repeat_level, repeat_level_cross_validated
+
+    rng = np.random.default_rng(4)
+    stars = np.repeat(np.arange(400), 3)
+    quoted = rng.uniform(0.05, 0.2, stars.size)             # errors 1.5x too small
+    values = rng.normal(0, 1, 400)[stars] + rng.standard_normal(stars.size) * 1.5 * quoted
+    groups = list(stars)
+    level, n_pairs = repeat_level(values, quoted, groups)
+    assert n_pairs == 400 * 3 and level == pytest.approx(1.5, rel=0.05)
+    held_out, n_scored = repeat_level_cross_validated(values, quoted, groups)
+    assert n_scored == n_pairs and held_out == pytest.approx(1.0, abs=0.06)
+    # spectra in no group and non-finite values are left out
+    assert repeat_level(values, quoted, [None] * stars.size) == (pytest.approx(np.nan, nan_ok=True), 0)

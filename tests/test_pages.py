@@ -364,7 +364,7 @@ def evaluated_model(pages_db):
     own functions from simulated residuals; restored afterwards."""
     from types import SimpleNamespace
 
-    from etl.training import _json_safe
+    from etl.training import json_safe
     from models.calibration import ErrorModel
     from models.lasso_mlpnet import LABELS, SNR_BINS
     from models.metrics import accuracy_by_snr
@@ -383,7 +383,7 @@ def evaluated_model(pages_db):
     fitted = SimpleNamespace(snr_bins_=SNR_BINS, error_models_=error_models,
                              calibration_counts_=error_models["teff"].counts_,
                              repeat_scales_={k: None for k in LABELS})
-    metrics = _json_safe({"cross_fitted": accuracy_by_snr(predicted, reference, snrg),
+    metrics = json_safe({"cross_fitted": accuracy_by_snr(predicted, reference, snrg),
                           "cross_fitted_stars": n, "calibration": calibration_summary(fitted)})
     engine = db.make_engine(pages_db)
     models = schema.models

@@ -419,3 +419,65 @@ def test_repeat_scatter_skips_missing_and_singletons():
     assert summary["all"]["n_groups"] == 2 and summary["0-50"]["n_groups"] == 1
     assert summary["50-inf"]["median_rms_err"] == 2
     assert z_summary([])["n"] == 0 and z_summary([])["std"] is None
+
+
+# --------------------------------------------------------------------------------------
+# calibrate-repeats: _err_model scaled to real repeat observations
+def test_calibrate_repeats_makes_the_model_uncertainty_honest_on_real_repeats(
+        small_model, real_dir, make_database, tmp_path, capsys):
+    from etl import db
+    from models.artifact import load_model
+
+    repeats = real_dir / REPEAT_TABLE[0]
+    table = str(repeats / REPEAT_TABLE[1])
+    url = make_database("sqlite")
+    db.upgrade(url)
+    new = tmp_path / "model-repeats.joblib"
+    assert main(["calibrate-repeats", "--model", str(small_model), "--spectra", str(repeats),
+                 "--repeat-groups", table, "--out", str(new), "--register", "--url", url,
+                 "--jobs", "2"]) == 0
+    version = capsys.readouterr().out.split()[-1]
+    before, after = load_model(small_model), load_model(new)
+    assert after["version"] == version != before["version"]
+    levels = after["extra"]["repeat_levels"]
+    assert levels["from_version"] == before["version"] and levels["n_stars"] >= 50
+    # --register: the new version is the catalogue's current model
+    engine = db.make_engine(url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT version, status, artifact_path FROM models").all() == \
+            [(version, "current", str(new))]
+    engine.dispose()
+
+    reports = {}
+    for name, model in (("before", small_model), ("after", new)):
+        out = tmp_path / name
+        assert main(["validate", "--model", str(model), "--spectra", str(repeats),
+                     "--repeat-groups", table, "--out", str(out), "--jobs", "2"]) == 0
+        reports[name] = json.loads((out / "report.json").read_text())["repeatability"]["labels"]
+    for label in LABELS:
+        fitted = levels["labels"][label]
+        # the factor is the rms pair z-score of the model before, and brings it to 1 ...
+        assert fitted["factor"] == pytest.approx(reports["before"][label]["z_model"]["std"], rel=1e-6)
+        assert reports["after"][label]["z_model"]["std"] == pytest.approx(1.0, abs=1e-6)
+        # ... checked on stars left out of the fit; the calibrated _err is not touched
+        assert 0.5 < fitted["z_rms_cross_validated"] < 2.0
+        assert reports["after"][label]["z_calibrated"] == reports["before"][label]["z_calibrated"]
+    assert "calibrate-repeats" in (tmp_path / "after" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--min-pairs", "100000"], "pairs of estimates of one star"),
+    (["--repeat-columns", "file=x,group=y", "--repeat-radius", "3"], "--repeat-columns"),
+    (["--out", "SAME"], "--out must differ from --model"),
+])
+def test_calibrate_repeats_refuses_with_a_clear_message(small_model, real_dir, tmp_path, capsys,
+                                                        extra, message):
+    repeats = real_dir / REPEAT_TABLE[0]
+    argv = ["calibrate-repeats", "--model", str(small_model), "--spectra", str(repeats),
+            "--out", str(tmp_path / "new.joblib"), "--jobs", "1"]
+    if "--repeat-radius" not in extra:
+        argv += ["--repeat-groups", str(repeats / REPEAT_TABLE[1])]
+    argv += [str(small_model) if word == "SAME" else word for word in extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "new.joblib").exists()

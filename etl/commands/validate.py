@@ -15,6 +15,7 @@ import textwrap
 
 from astropy import units as u
 
+from etl.commands import add_url_argument, database_url, display_url
 from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from models.artifact import load_model
 from models.labels import LABELS
@@ -66,8 +67,21 @@ def register(subparsers):
                                 "a bare number is arcsec)")
     reference.add_argument("--reference-notes", metavar="FILE",
                            help="markdown printed after the comparison (why the labels may disagree)")
+    add_repeat_arguments(parser)
+    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+    parser.add_argument("--limit-per-folder", type=int, default=None, metavar="N",
+                        help="only the first N files of each folder (files in a repeat group or "
+                             "the reference table first, repeat groups kept together): a quick subset")
+    parser.add_argument("--min-snrg", type=float, default=DEFAULT_MIN_SNRG,
+                        help=f"spectra with SNRg at or below this are not estimated (default "
+                             f"{DEFAULT_MIN_SNRG:g}; 2 < SNRg <= 5 is estimated but flagged)")
+    parser.set_defaults(func=run_validate)
+    register_calibrate_repeats(subparsers)
+
+
+def add_repeat_arguments(parser, required=False):
     repeat_options = parser.add_argument_group("repeat observations")
-    repeats = repeat_options.add_mutually_exclusive_group()
+    repeats = repeat_options.add_mutually_exclusive_group(required=required)
     repeats.add_argument("--repeat-groups", metavar="TABLE",
                          help="CSV or FITS table of repeat observations: a file-name column "
                               "(combined_file, filename, file) and a group column (GroupID, group)")
@@ -77,14 +91,15 @@ def register(subparsers):
     repeat_options.add_argument("--repeat-columns", metavar="NAME=COLUMN,...",
                                 help="column mapping of --repeat-groups, names file and group, "
                                      "e.g. 'file=combined_file,group=GroupID'")
-    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
-    parser.add_argument("--limit-per-folder", type=int, default=None, metavar="N",
-                        help="only the first N files of each folder (files in a repeat group or "
-                             "the reference table first, repeat groups kept together): a quick subset")
-    parser.add_argument("--min-snrg", type=float, default=DEFAULT_MIN_SNRG,
-                        help=f"spectra with SNRg at or below this are not estimated (default "
-                             f"{DEFAULT_MIN_SNRG:g}; 2 < SNRg <= 5 is estimated but flagged)")
-    parser.set_defaults(func=run_validate)
+
+
+def repeat_inputs(args):
+    """(repeat-groups table {spectrum key: group} or None, radius in arcsec or None)."""
+    if args.repeat_columns and not args.repeat_groups:
+        raise ValueError("--repeat-columns maps the columns of --repeat-groups: give the table too")
+    radius = parse_angle_arcsec(args.repeat_radius, "--repeat-radius") if args.repeat_radius else None
+    groups = read_repeat_groups(args.repeat_groups, args.repeat_columns) if args.repeat_groups else None
+    return groups, radius
 
 
 def parse_angle_arcsec(text, option):
@@ -122,12 +137,10 @@ def _command_line(args):
 def run_validate(args):
     if args.limit_per_folder is not None and args.limit_per_folder < 1:
         raise ValueError("--limit-per-folder must be at least 1")
-    if args.repeat_columns and not args.repeat_groups:
-        raise ValueError("--repeat-columns maps the columns of --repeat-groups: give the table too")
-    repeat_radius = parse_angle_arcsec(args.repeat_radius, "--repeat-radius") if args.repeat_radius else None
+    repeat_groups, repeat_radius = repeat_inputs(args)
     artifact = load_model(args.model)
     folders = spectrum_folders(args.spectra)
-    reference = notes = repeat_groups = None
+    reference = notes = None
     if args.reference:
         reference = read_reference_labels(
             args.reference, args.reference_columns, name=args.reference_name,
@@ -135,8 +148,6 @@ def run_validate(args):
         if args.reference_notes:
             with open(args.reference_notes) as handle:
                 notes = handle.read()
-    if args.repeat_groups:
-        repeat_groups = read_repeat_groups(args.repeat_groups, args.repeat_columns)
     n_files = sum(len(files) for _, files in folders)
     print(f"{n_files} spectrum files in {len(folders)} folders", file=sys.stderr)
     rows = validate_files(artifact, folders, reference, repeat_groups, repeat_radius,
@@ -170,4 +181,96 @@ def run_validate(args):
                 print(f"  {name:7s} MAE {s['mae']:{spec}} {unit}  mu {s['mu']:+{spec}}  sigma {s['sigma']:{spec}}  "
                       f"(n={s['n']})")
     print(f"report -> {os.path.join(os.path.abspath(args.out), 'report.md')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+def register_calibrate_repeats(subparsers):
+    parser = subparsers.add_parser(
+        "calibrate-repeats", help="scale a model's _err_model to real repeat observations "
+                                  "(writes a new model version)",
+        description=textwrap.fill(
+            "The model uncertainty _err_model is the ensemble spread scaled on cross-fitted "
+            "repeats of the simulated or reference training spectra; real repeat observations "
+            "also differ by what the training spectra do not show (visit-to-visit flux "
+            "calibration, sky residuals). This estimates the --spectra, fits per label the one "
+            "factor c that makes the pairs of spectra of one star honest (maximum likelihood: "
+            "c = rms of the pair z-scores (x_i - x_j) / sqrt(err_i^2 + err_j^2)), checks it on "
+            "stars not used for the fit (2-fold star-grouped cross-validation: rms z ~ 1 when "
+            "the factor carries over), and writes the model with _err_model multiplied by c as a "
+            "new artifact and version (sidecar included). The calibrated _err is not changed.", 88),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model artifact from train-files or train")
+    parser.add_argument("--spectra", required=True, nargs="+", metavar="FOLDER",
+                        help="folders of real spectrum files (searched at any depth)")
+    parser.add_argument("--out", required=True, help="the new artifact to write (e.g. model-repeats.joblib)")
+    add_repeat_arguments(parser, required=True)
+    parser.add_argument("--min-pairs", type=int, default=30,
+                        help="refuse with fewer pairs of one star's spectra than this (default 30)")
+    parser.add_argument("--register", action="store_true",
+                        help="also register the new version as the current model of the catalogue "
+                             "database (--url), so that 'infer --stale' or the beat re-estimates "
+                             "with it; write --out under the workers' LAMOST_VAC_MODEL_DIR")
+    add_url_argument(parser)
+    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+    parser.set_defaults(func=run_calibrate_repeats)
+
+
+def run_calibrate_repeats(args):
+    from models.artifact import save_model
+    from models.calibration import repeat_level, repeat_level_cross_validated
+    from models.validation_report import ESTIMATED, ESTIMATED_FLAGGED
+
+    repeat_groups, repeat_radius = repeat_inputs(args)
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        raise ValueError("--out must differ from --model: the calibrated model is a new version")
+    artifact = load_model(args.model)
+    rows = validate_files(artifact, spectrum_folders(args.spectra), None, repeat_groups, repeat_radius,
+                          n_jobs=args.jobs)
+    # the estimates validate's repeatability uses (flagged ones too)
+    used = [row for row in rows if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)
+            and row["repeat_group"] is not None]
+    groups = [row["repeat_group"] for row in used]
+    levels, summary = {}, {}
+    for label in LABELS:
+        values = [row[label] for row in used]
+        errors = [row[label + "_err_model"] for row in used]
+        level, n_pairs = repeat_level(values, errors, groups)
+        if n_pairs < args.min_pairs:
+            raise ValueError(f"{label}: only {n_pairs} pairs of estimates of one star in "
+                             f"the repeat groups (--min-pairs {args.min_pairs}): no factor fitted")
+        cross_validated, n_scored = repeat_level_cross_validated(values, errors, groups)
+        levels[label] = level
+        summary[label] = {"factor": level, "n_pairs": n_pairs, "z_rms_before": level,
+                          "z_rms_cross_validated": cross_validated, "n_pairs_cross_validated": n_scored}
+    model = artifact["model"].set_repeat_levels(levels)
+    extra = dict(artifact.get("extra") or {})
+    extra["repeat_levels"] = {"from_version": artifact["version"], "labels": summary,
+                              "spectra": [os.path.abspath(f) for f in args.spectra],
+                              "repeat_groups": (os.path.abspath(args.repeat_groups) if args.repeat_groups
+                                                else f"within {repeat_radius:g} arcsec"),
+                              "n_spectra": len(used), "n_stars": len(set(map(str, groups)))}
+    version, sha256 = save_model(args.out, model, artifact["preprocess"], artifact["training"],
+                                 artifact.get("metrics"), extra=extra)
+    print(f"{len(used)} estimates of {extra['repeat_levels']['n_stars']} stars in repeat groups",
+          file=sys.stderr)
+    for label in LABELS:
+        r = summary[label]
+        print(f"  {LABEL_HEADINGS[label][0]:7s} factor {r['factor']:.3f} on _err_model ({r['n_pairs']} pairs); "
+              f"rms z on stars left out of the fit {r['z_rms_cross_validated']:.2f} "
+              f"({r['n_pairs_cross_validated']} pairs)", file=sys.stderr)
+    print(f"model {version} (from {artifact['version']}) -> {os.path.abspath(args.out)}", file=sys.stderr)
+    if args.register:
+        from etl import db
+        from etl.training import json_safe, register_model
+
+        engine = db.make_engine(database_url(args))
+        try:
+            register_model(engine, version, args.out, sha256, json_safe(artifact["training"]),
+                           json_safe({**(artifact.get("metrics") or {}), "repeat_levels": extra["repeat_levels"]}),
+                           notes=f"calibrate-repeats of {artifact['version']}")
+        finally:
+            engine.dispose()
+        print(f"registered {version} as current in {display_url(database_url(args))}", file=sys.stderr)
+    print(version)
     return 0
