@@ -106,6 +106,19 @@ def current_settings():
     return app.conf.get("lamost_vac_settings") or _settings
 
 
+def messages_in_broker():
+    """Messages of the task queue that the Redis broker still holds: waiting, or taken by a
+    worker and not yet acknowledged. None when the broker cannot tell (not Redis)."""
+    if not str(app.conf.broker_url).startswith(("redis://", "rediss://")):
+        return None
+    try:
+        with app.connection_for_read() as connection:
+            client = connection.default_channel.client
+            return int(client.llen(app.conf.task_default_queue)) + int(client.hlen("unacked"))
+    except Exception:  # noqa: BLE001 -- unknown is an answer here
+        return None
+
+
 # ---------------------------------------------------------------------------------------
 # Database engines, one per process (created after a prefork child starts).
 _ENGINES = {}

@@ -237,18 +237,26 @@ def _stall_seconds(settings):
     A worker killed between taking a message from Redis and recording it as unacknowledged
     loses that message (kombu's Redis transport has no atomic hand-over): no visibility
     timeout brings it back. A message held by a dead worker comes back after the
-    visibility timeout (which must exceed the longest batch); twice that with no progress
-    means a batch is lost, not slow. Sending it again is safe: a task rewrites the same
-    rows of the same spectra."""
+    visibility timeout (which must exceed the longest batch); twice that with no progress,
+    and nothing of the queue left in the broker (when it can tell), means a batch is lost,
+    not slow. Sending it again is safe: a task rewrites the same rows of the same spectra."""
     return 2 * settings.visibility_timeout_s + 10
+
+
+def lost_messages_may_be_queued():
+    """Whether the broker may still hold the unfinished batches (then they are slow, not
+    lost: all workers busy elsewhere or stopped)."""
+    from etl.tasks import messages_in_broker
+
+    return bool(messages_in_broker())
 
 
 def _wait(pending, totals, errors, progress, timeout, resend=None, stall_seconds=None):
     """Collect task results as they finish; returns (batches finished, timed out).
 
     ``pending``: (async result, size, obsids) per batch. After ``stall_seconds`` without a
-    finished batch, every unfinished one is sent again with ``resend(obsids)`` (see
-    ``_stall_seconds``)."""
+    finished batch, when the broker holds none of the queue's messages, every unfinished
+    one is sent again with ``resend(obsids)`` (see ``_stall_seconds``)."""
     from etl.inference import BatchResult
 
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -276,7 +284,8 @@ def _wait(pending, totals, errors, progress, timeout, resend=None, stall_seconds
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 return finished, True
-            if resend is not None and stall_seconds is not None and now - last_progress > stall_seconds:
+            if (resend is not None and stall_seconds is not None and now - last_progress > stall_seconds
+                    and not lost_messages_may_be_queued()):
                 print(f"infer: no batch finished for {stall_seconds:.0f} s; sending the "
                       f"{len(pending)} unfinished batches again (a message lost with a "
                       "killed worker)", file=sys.stderr)
