@@ -281,13 +281,15 @@ def main(argv=None):
                         help="star-grouped CV folds on the training stars choosing the recipe's "
                              "configuration per label (default 5); 0: no CV, the recipe is "
                              "compared in its best configuration on the held-out stars (its "
-                             "most favourable pick, and select-folds times cheaper)")
+                             "most favourable pick, at 1/(select-folds + 1) of the cost)")
     shrink = parser.add_argument_group("shrinking for a smoke run (defaults: as published)")
     shrink.add_argument("--max-stars", type=int, default=None, help="use at most this many stars")
     shrink.add_argument("--n-alphas", type=int, default=50, help="LassoCV alphas (published 50)")
     shrink.add_argument("--cv", type=int, default=10, help="LassoCV folds (published 10)")
     shrink.add_argument("--max-iter", type=int, default=2000, help="MLPRegressor max_iter (published 2000)")
     args = parser.parse_args(argv)
+    if args.select_folds < 0 or args.select_folds == 1:
+        parser.error("--select-folds: 0 (no CV) or at least 2 folds")
     names = [n.strip() for n in args.configurations.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGURATIONS]
     if unknown or not names:

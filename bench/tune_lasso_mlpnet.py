@@ -75,11 +75,13 @@ def main():
                 X[fit_rows], {k: v[fit_rows] for k, v in labels.items()}, groups=groups[fit_rows])
             for rows, into in ((score_rows[paper_snr[score_rows]], errors),
                                (score_rows[low_snr[score_rows]], errors_low)):
+                if rows.size == 0:
+                    continue
                 predicted = model.predict(X[rows])
                 for k in LABELS:
                     into[k].append(np.abs(predicted[k] - labels[k][rows]))
-        mae = {k: round(float(np.mean(np.concatenate(v))), 4) for k, v in errors.items()}
-        mae_low = {k: round(float(np.mean(np.concatenate(v))), 4) for k, v in errors_low.items()}
+        mae, mae_low = ({k: round(float(np.mean(np.concatenate(v))), 4) if v else None for k, v in e.items()}
+                        for e in (errors, errors_low))
         results.append({"params": point, "cv_mae": mae, "cv_mae_5_10": mae_low,
                         "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)

@@ -324,14 +324,14 @@ class RepeatScale(BaseEstimator):
 
 
 def repeat_level(values, errors, groups):
-    """The factor c that makes ``errors`` honest on the pairs of spectra of one star:
-    the maximum-likelihood common scale of x_i - x_j ~ N(0, c^2 (err_i^2 + err_j^2)),
-    i.e. the rms pair z-score. Returns ``(c, number of pairs)`` (c NaN without pairs)."""
-    from .validation import pairwise_z
+    """The factor c that makes ``errors`` honest on the pairs of spectra of one star: the
+    rms pair z-score (x_i - x_j) / sqrt(err_i^2 + err_j^2), the statistic ``validate``
+    reports (its maximum-likelihood scale if the pairs were independent; a star with m
+    spectra gives m(m-1)/2 pairs). Returns ``(c, number of pairs)`` (NaN without pairs)."""
+    from .validation import pairwise_z, z_summary
 
-    z, _ = pairwise_z(values, errors, groups)
-    z = z[np.isfinite(z)]
-    return (float(np.sqrt(np.mean(z ** 2))) if z.size else np.nan), int(z.size)
+    summary = z_summary(pairwise_z(values, errors, groups)[0])
+    return (np.nan if summary["std"] is None else summary["std"]), summary["n"]
 
 
 def repeat_level_cross_validated(values, errors, groups, folds=2, seed=0):
@@ -339,7 +339,7 @@ def repeat_level_cross_validated(values, errors, groups, folds=2, seed=0):
     dealt into ``folds`` folds; each fold's pairs are scored with the level fitted on the
     other folds' pairs. ~1 when one level carries over from star to star. Returns
     ``(rms z, number of pairs scored)``."""
-    from .validation import pairwise_z
+    from .validation import pairwise_z, z_summary
 
     names = sorted({str(g) for g in groups if g is not None})
     fold_of = dict(zip(names, np.random.default_rng(seed).permutation(len(names)) % folds))
@@ -351,5 +351,5 @@ def repeat_level_cross_validated(values, errors, groups, folds=2, seed=0):
             z, _ = pairwise_z(values, np.asarray(errors, dtype=float) * level,
                               [g if f == k else None for g, f in zip(groups, fold)])
             scored.append(z[np.isfinite(z)])
-    z = np.concatenate(scored) if scored else np.array([])
-    return (float(np.sqrt(np.mean(z ** 2))) if z.size else np.nan), int(z.size)
+    summary = z_summary(np.concatenate(scored) if scored else [])
+    return (np.nan if summary["std"] is None else summary["std"]), summary["n"]

@@ -177,6 +177,10 @@ class LassoMLPNet(BaseEstimator):
         range and linear held-out error per label (target units) and its threshold
     """
 
+    # defaults of the parameters added after artifacts were first saved: an older pickled
+    # model has no such attribute, and get_params() / repr() would fail on it
+    learning_rate, batch_size, n_iter_no_change = 1e-3, 128, 30
+
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
                  n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, max_epochs=400, cv=10,
                  max_lasso_steps=1000, n_jobs=-1, random_state=0):
@@ -202,7 +206,7 @@ class LassoMLPNet(BaseEstimator):
         X_scaled = self.scaler_.transform(X)
         gram = X_scaled.T @ X_scaled          # shared by the three LASSO selections
         hidden = {**DEFAULT_HIDDEN, **(self.hidden or {})}
-        rates = (self.learning_rate if isinstance(self.learning_rate, dict)
+        rates = ({**dict.fromkeys(LABELS, 1e-3), **self.learning_rate} if isinstance(self.learning_rate, dict)
                  else dict.fromkeys(LABELS, self.learning_rate))
         self.estimators_ = {}
         for label in (progress or iter)(LABELS):

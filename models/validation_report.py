@@ -260,10 +260,15 @@ def _number(value):
 
 
 # -- analyses ---------------------------------------------------------------------------------
+def repeat_members(rows):
+    """The estimated spectra (flagged ones too) that belong to repeat groups."""
+    return [row for row in rows if row["repeat_group"] is not None
+            and row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
+
+
 def repeatability(rows):
     """Scatter and pairwise z-scores of the estimated spectra that belong to repeat groups."""
-    members = [row for row in rows if row["repeat_group"] is not None
-               and row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)]
+    members = repeat_members(rows)
     groups = [row["repeat_group"] for row in members]
     snrg = _column(members, "snrg") if members else np.array([])
     result = {"n_files_in_groups": sum(1 for row in rows if row["repeat_group"] is not None),

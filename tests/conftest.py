@@ -482,13 +482,14 @@ def sqlite_demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def installed_postgresql_demo(venv, make_database, tmp_path_factory):
+def installed_postgresql_demo(make_database, tmp_path_factory, request):
     """The installed wheel, run from a folder outside the repository: ``lamost-vac db
     upgrade`` on an empty PostgreSQL database, then the demo on it (small settings: what is
     checked on it is the package, the database, TAP and DataLink, not the accuracy).
     Returns (database URL, demo folder, {step: completed process})."""
     work = tmp_path_factory.mktemp("elsewhere")
-    url = make_database("postgresql")
+    url = make_database("postgresql")          # skips without PostgreSQL, before the wheel is built
+    venv = request.getfixturevalue("venv")
     steps = {"upgrade": run_installed(venv, ["lamost-vac", "db", "upgrade", "--url", url], cwd=work)}
     assert steps["upgrade"].returncode == 0, steps["upgrade"].stderr[-3000:]
     steps["demo"] = run_installed(venv, ["lamost-vac", "demo", "--no-serve", "--out", "demo",

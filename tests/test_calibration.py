@@ -231,3 +231,6 @@ def test_repeat_level_recovers_an_underestimated_error_and_carries_over_to_other
     assert n_scored == n_pairs and held_out == pytest.approx(1.0, abs=0.06)
     # spectra in no group and non-finite values are left out
     assert repeat_level(values, quoted, [None] * stars.size) == (pytest.approx(np.nan, nan_ok=True), 0)
+    spoiled = values.copy()
+    spoiled[::3] = np.nan                                   # one spectrum of every star
+    assert repeat_level(spoiled, quoted, groups)[1] == 400

@@ -421,6 +421,26 @@ def test_new_model_reprocesses_exactly_the_stale_spectra(pipeline):
     assert code == 0 and "0 spectra" in out
 
 
+def test_batches_waiting_for_a_worker_are_not_sent_twice(pipeline):
+    """No worker for longer than the stall time: the batches are still in Redis, so they
+    are slow, not lost, and ``infer`` waits for them instead of sending them again."""
+    p = pipeline
+    if p.mode != "postgresql-worker":
+        pytest.skip("needs the Redis broker")
+    import redis
+
+    for worker in p.workers:
+        Pipeline.kill(worker, signal.SIGTERM)
+    queue = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    queue.delete("celery", "unacked", "unacked_index")
+    infer = p.infer_async("--all", "--limit", str(BATCH), "--timeout", "22")
+    out, err = infer.communicate(timeout=120)
+    assert infer.returncode == 1 and "TIMED OUT" in out       # stall time 16 s passed
+    assert "again" not in err and queue.llen("celery") == 1    # still queued, sent once
+    p.start_worker()
+    wait_for(lambda: queue.llen("celery") == 0, 60, "a worker to take the batch")
+
+
 def test_a_batch_lost_in_the_broker_is_sent_again(pipeline):
     """A message lost between Redis and a worker (kombu takes a message off the queue
     before recording it as unacknowledged: a worker killed in between loses it) never

@@ -435,7 +435,7 @@ def test_calibrate_repeats_makes_the_model_uncertainty_honest_on_real_repeats(
     new = tmp_path / "model-repeats.joblib"
     assert main(["calibrate-repeats", "--model", str(small_model), "--spectra", str(repeats),
                  "--repeat-groups", table, "--out", str(new), "--register", "--url", url,
-                 "--jobs", "2"]) == 0
+                 "--model-dir", str(tmp_path), "--jobs", "2"]) == 0
     version = capsys.readouterr().out.split()[-1]
     before, after = load_model(small_model), load_model(new)
     assert after["version"] == version != before["version"]
@@ -466,7 +466,8 @@ def test_calibrate_repeats_makes_the_model_uncertainty_honest_on_real_repeats(
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--min-pairs", "100000"], "pairs of estimates of one star"),
+    (["--min-stars", "100000"], "stars with two or more estimated spectra"),
+    (["--register", "--model-dir", "/nonexistent-model-dir"], "not under the model directory"),
     (["--repeat-columns", "file=x,group=y", "--repeat-radius", "3"], "--repeat-columns"),
     (["--out", "SAME"], "--out must differ from --model"),
 ])

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from array import array
 
 from etl import db
 from etl.commands.files import (add_training_arguments, model_parameters, parse_range,
@@ -185,7 +186,8 @@ def _infer(args, url, eager):
                 done_batches += 1
                 progress.update(done_batches, totals)
             else:
-                pending.append((async_result, size, obsids))
+                # obsids as 8-byte integers: a 10-million-spectrum run keeps them all
+                pending.append((async_result, size, array("q", obsids)))
         if not eager and (args.no_wait or not tasks.app.conf.result_backend):
             why = "--no-wait" if args.no_wait else "no result backend"
             inference.finish_inference_run(
@@ -244,11 +246,13 @@ def _stall_seconds(settings):
 
 
 def lost_messages_may_be_queued():
-    """Whether the broker may still hold the unfinished batches (then they are slow, not
-    lost: all workers busy elsewhere or stopped)."""
+    """Whether the broker may still hold the unfinished batches: then they are slow, not
+    lost (workers busy elsewhere or stopped). A broker that cannot tell (not Redis, whose
+    hand-over is the one that loses messages) is taken to hold them."""
     from etl.tasks import messages_in_broker
 
-    return bool(messages_in_broker())
+    held = messages_in_broker()
+    return held is None or held > 0
 
 
 def _wait(pending, totals, errors, progress, timeout, resend=None, stall_seconds=None):
@@ -284,13 +288,13 @@ def _wait(pending, totals, errors, progress, timeout, resend=None, stall_seconds
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 return finished, True
-            if (resend is not None and stall_seconds is not None and now - last_progress > stall_seconds
-                    and not lost_messages_may_be_queued()):
-                print(f"infer: no batch finished for {stall_seconds:.0f} s; sending the "
-                      f"{len(pending)} unfinished batches again (a message lost with a "
-                      "killed worker)", file=sys.stderr)
-                pending[:] = [(resend(obsids), size, obsids) for _, size, obsids in pending]
-                last_progress = now
+            if resend is not None and stall_seconds is not None and now - last_progress > stall_seconds:
+                if not lost_messages_may_be_queued():
+                    print(f"infer: no batch finished for {stall_seconds:.0f} s and the broker "
+                          f"holds none of them; sending the {len(pending)} unfinished batches "
+                          "again (messages lost with a killed worker)", file=sys.stderr)
+                    pending[:] = [(resend(list(obsids)), size, obsids) for _, size, obsids in pending]
+                last_progress = now            # look again after another stall, not at once
             time.sleep(0.25)
     return finished, False
 

@@ -13,10 +13,12 @@ import shlex
 import sys
 import textwrap
 
+import numpy as np
 from astropy import units as u
 
 from etl.commands import add_url_argument, database_url, display_url
 from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
+from etl.settings import settings
 from models.artifact import load_model
 from models.labels import LABELS
 from models.report import LABEL_HEADINGS, fmt
@@ -194,8 +196,8 @@ def register_calibrate_repeats(subparsers):
             "repeats of the simulated or reference training spectra; real repeat observations "
             "also differ by what the training spectra do not show (visit-to-visit flux "
             "calibration, sky residuals). This estimates the --spectra, fits per label the one "
-            "factor c that makes the pairs of spectra of one star honest (maximum likelihood: "
-            "c = rms of the pair z-scores (x_i - x_j) / sqrt(err_i^2 + err_j^2)), checks it on "
+            "factor c that makes the pairs of spectra of one star honest (c = the rms of the pair "
+            "z-scores (x_i - x_j) / sqrt(err_i^2 + err_j^2), the statistic validate reports), checks it on "
             "stars not used for the fit (2-fold star-grouped cross-validation: rms z ~ 1 when "
             "the factor carries over), and writes the model with _err_model multiplied by c as a "
             "new artifact and version (sidecar included). The calibrated _err is not changed.", 88),
@@ -205,58 +207,69 @@ def register_calibrate_repeats(subparsers):
                         help="folders of real spectrum files (searched at any depth)")
     parser.add_argument("--out", required=True, help="the new artifact to write (e.g. model-repeats.joblib)")
     add_repeat_arguments(parser, required=True)
-    parser.add_argument("--min-pairs", type=int, default=30,
-                        help="refuse with fewer pairs of one star's spectra than this (default 30)")
+    parser.add_argument("--min-stars", type=int, default=20,
+                        help="refuse with fewer stars having two or more estimated spectra "
+                             "(default 20)")
     parser.add_argument("--register", action="store_true",
                         help="also register the new version as the current model of the catalogue "
                              "database (--url), so that 'infer --stale' or the beat re-estimates "
-                             "with it; write --out under the workers' LAMOST_VAC_MODEL_DIR")
+                             "with it; --out must then lie under --model-dir")
+    parser.add_argument("--model-dir", default=settings.model_dir,
+                        help="with --register: the workers' model directory (default: "
+                             "LAMOST_VAC_MODEL_DIR, now %(default)s)")
     add_url_argument(parser)
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
     parser.set_defaults(func=run_calibrate_repeats)
 
 
 def run_calibrate_repeats(args):
-    from models.artifact import save_model
+    from collections import Counter
+
+    from models.artifact import artifact_under, save_model
     from models.calibration import repeat_level, repeat_level_cross_validated
-    from models.validation_report import ESTIMATED, ESTIMATED_FLAGGED
+    from models.validation_report import repeat_members
 
     repeat_groups, repeat_radius = repeat_inputs(args)
     if os.path.abspath(args.out) == os.path.abspath(args.model):
         raise ValueError("--out must differ from --model: the calibrated model is a new version")
+    if args.register:
+        artifact_under(args.model_dir, args.out)      # where the workers will load it from
     artifact = load_model(args.model)
     rows = validate_files(artifact, spectrum_folders(args.spectra), None, repeat_groups, repeat_radius,
                           n_jobs=args.jobs)
-    # the estimates validate's repeatability uses (flagged ones too)
-    used = [row for row in rows if row["outcome"] in (ESTIMATED, ESTIMATED_FLAGGED)
-            and row["repeat_group"] is not None]
+    used = repeat_members(rows)                       # what validate's repeatability uses
     groups = [row["repeat_group"] for row in used]
+    n_stars = sum(1 for n in Counter(map(str, groups)).values() if n >= 2)
+    if n_stars < max(args.min_stars, 2):
+        raise ValueError(f"only {n_stars} stars with two or more estimated spectra in the repeat "
+                         f"groups (--min-stars {args.min_stars}): no factor fitted")
+    model = artifact["model"]
     levels, summary = {}, {}
     for label in LABELS:
         values = [row[label] for row in used]
         errors = [row[label + "_err_model"] for row in used]
         level, n_pairs = repeat_level(values, errors, groups)
-        if n_pairs < args.min_pairs:
-            raise ValueError(f"{label}: only {n_pairs} pairs of estimates of one star in "
-                             f"the repeat groups (--min-pairs {args.min_pairs}): no factor fitted")
+        if not (np.isfinite(level) and level > 0):
+            raise ValueError(f"{label}: the repeats give no usable factor ({level!r} from {n_pairs} pairs)")
         cross_validated, n_scored = repeat_level_cross_validated(values, errors, groups)
         levels[label] = level
-        summary[label] = {"factor": level, "n_pairs": n_pairs, "z_rms_before": level,
+        summary[label] = {"factor": getattr(model, "repeat_levels_", {}).get(label, 1.0) * level,
+                          "fitted_now": level, "n_pairs": n_pairs,
                           "z_rms_cross_validated": cross_validated, "n_pairs_cross_validated": n_scored}
-    model = artifact["model"].set_repeat_levels(levels)
+    model.set_repeat_levels(levels)
     extra = dict(artifact.get("extra") or {})
     extra["repeat_levels"] = {"from_version": artifact["version"], "labels": summary,
                               "spectra": [os.path.abspath(f) for f in args.spectra],
                               "repeat_groups": (os.path.abspath(args.repeat_groups) if args.repeat_groups
                                                 else f"within {repeat_radius:g} arcsec"),
-                              "n_spectra": len(used), "n_stars": len(set(map(str, groups)))}
+                              "n_spectra": len(used), "n_stars": n_stars}
     version, sha256 = save_model(args.out, model, artifact["preprocess"], artifact["training"],
                                  artifact.get("metrics"), extra=extra)
     print(f"{len(used)} estimates of {extra['repeat_levels']['n_stars']} stars in repeat groups",
           file=sys.stderr)
     for label in LABELS:
         r = summary[label]
-        print(f"  {LABEL_HEADINGS[label][0]:7s} factor {r['factor']:.3f} on _err_model ({r['n_pairs']} pairs); "
+        print(f"  {LABEL_HEADINGS[label][0]:7s} factor {r['fitted_now']:.3f} on _err_model ({r['n_pairs']} pairs); "
               f"rms z on stars left out of the fit {r['z_rms_cross_validated']:.2f} "
               f"({r['n_pairs_cross_validated']} pairs)", file=sys.stderr)
     print(f"model {version} (from {artifact['version']}) -> {os.path.abspath(args.out)}", file=sys.stderr)
