@@ -368,7 +368,10 @@ def main(argv=None):
                 "learning_rate": {k: recipe.learning_rate(k) for k in LABELS},
                 "held_out": accuracy_by_snr(recipe.predict(features[test]), reference, snrg[test]),
             }
-            print(json.dumps({name: {k: v for k, v in configs[name].items() if k != "held_out"}}),
+            # held-out MAE too: a run stopped early still tells what it measured
+            print(json.dumps({name: {**{k: v for k, v in configs[name].items() if k != "held_out"},
+                                     "held_out_mae": {k: {b: _mae(configs[name]["held_out"], k, b)
+                                                          for b in ("5-10", "10-20", "all")} for k in LABELS}}}),
                   file=sys.stderr, flush=True)
         result["recipe_configurations"] = configs
         result["recipe_best_on_held_out_10_20"] = {

@@ -33,12 +33,12 @@ from models.pipeline import featurise_files
 from models.preprocess import PreprocessConfig
 from models.progress import progress
 from models.report import describe_label_domain
-from models.training import train_lasso_mlpnet
+from models.training import DEFAULT_TRAINING_SNR, train_lasso_mlpnet
 
 
 @dataclass
 class TrainOptions:
-    snr_range: Tuple[float, float] = (10.0, 20.0)
+    snr_range: Tuple[float, float] = DEFAULT_TRAINING_SNR
     wave_range: Tuple[float, float] = (3881.0, 8890.0)
     ensemble: int = 10
     holdout: float = 0.0            # 0: calibrate on cross-fitted predictions (models.training)

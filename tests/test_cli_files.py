@@ -162,8 +162,8 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     config = artifact["preprocess"]
     assert (config.wave_min, config.wave_max) == (3881.0, 7400.0)
     training = artifact["training"]
-    assert training["snr_range"] == [10.0, 20.0]
-    assert 10.0 < training["snrg_min"] and training["snrg_max"] <= 20.0
+    assert training["snr_range"] == [5.0, 80.0]                 # the default: the valid range
+    assert 5.0 < training["snrg_min"] and training["snrg_max"] <= 80.0
     model = artifact["model"]
     for estimator in model.estimators_.values():
         assert len(estimator.members_) == ENSEMBLE

@@ -400,9 +400,15 @@ def test_paper_configuration_reaches_every_network():
     """``train --paper``: the published sizes, the notebook's per-label learning rates and
     the MLPRegressor defaults the authors ran with reach each label's networks."""
     from etl.cli import build_parser
-    from etl.commands.files import model_parameters
+    from etl.commands.files import model_parameters, training_snr_range
 
-    args = build_parser().parse_args(["train", "--paper", "--max-epochs", "3"])
+    parse = build_parser().parse_args
+    assert training_snr_range(parse(["train", "--paper"])) == (10.0, 20.0)       # the paper's spectra
+    assert training_snr_range(parse(["train"])) == (5.0, 80.0)                   # the default
+    assert training_snr_range(parse(["train-files", "--catalog", "c", "--spectra-root", "s",
+                                     "--labels", "l", "--out", "o", "--paper",
+                                     "--snr-range", "8,30"])) == (8.0, 30.0)   # explicit wins
+    args = parse(["train", "--paper", "--max-epochs", "3"])
     params = model_parameters(args)
     assert params["max_epochs"] == 3                          # an explicit option still applies
     assert {k: v for k, v in params.items() if k != "max_epochs"} == \

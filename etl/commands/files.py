@@ -15,13 +15,13 @@ from etl.label_domain import add_label_domain_argument, parse_label_domain, sele
 from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.labels import ESTIMATE_SUFFIXES, LABELS
-from models.lasso_mlpnet import PAPER_PARAMETERS
+from models.lasso_mlpnet import PAPER_PARAMETERS, PAPER_SNR_RANGE
 from models.pipeline import featurise_files, predict_features
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
 from models.report import describe_label_domain, write_table
-from models.training import DEFAULT_CALIBRATION_FOLDS, train_lasso_mlpnet
+from models.training import DEFAULT_CALIBRATION_FOLDS, DEFAULT_TRAINING_SNR, train_lasso_mlpnet
 
 
 def parse_range(text, what):
@@ -37,8 +37,11 @@ def parse_range(text, what):
 
 def add_training_arguments(parser):
     """Options shared by ``train`` (database) and ``train-files``."""
-    parser.add_argument("--snr-range", default="10,20", help="SNRg range of training spectra, LOW,HIGH "
-                        "(LOW < SNRg <= HIGH; default 10,20 as in the paper)")
+    parser.add_argument("--snr-range", default=None,
+                        help="SNRg range of training spectra, LOW,HIGH (LOW < SNRg <= HIGH; default "
+                             f"{DEFAULT_TRAINING_SNR[0]:g},{DEFAULT_TRAINING_SNR[1]:g}, the method's valid "
+                             "range, chosen by cross-validation over 10,20, the paper's, which "
+                             "--paper keeps)")
     parser.add_argument("--wave-range", default="3881,8890", help="rest-frame wavelength range in "
                         "Angstrom (use 3881,7400 for MILES-based simulated data)")
     parser.add_argument("--mask-regions", default=",".join(n for n, _, _ in DEFAULT_MASKED_REGIONS),
@@ -69,8 +72,8 @@ def add_training_arguments(parser):
                              "defaults, to compare with: published hidden sizes (400,50), "
                              "(600,50), (600,100), the authors' per-label learning rates "
                              "9e-4, 2e-5, 3e-4, L2 1e-4, batches of 200, early stopping "
-                             "after 10 epochs, at most 2000, no input noise (with the default "
-                             "--snr-range 10,20 and --ensemble 10; options given explicitly "
+                             "after 10 epochs, at most 2000, no input noise, training spectra "
+                             "10 < SNRg <= 20 (with --ensemble 10; options given explicitly "
                              "still apply)")
     parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
     add_label_domain_argument(parser)
@@ -91,6 +94,14 @@ def preprocess_config(args):
 # option (argparse dest) of the tuning options
 TUNING_OPTIONS = {"max_epochs": "max_epochs", "cv": "lasso_folds", "input_noise": "input_noise",
                   "calibration_folds": "calibration_folds"}
+
+
+def training_snr_range(args):
+    """(LOW, HIGH) of the training spectra: --snr-range, else the paper's with --paper,
+    else the default."""
+    if args.snr_range is not None:
+        return parse_range(args.snr_range, "--snr-range")
+    return PAPER_SNR_RANGE if args.paper else DEFAULT_TRAINING_SNR
 
 
 def model_parameters(args):
@@ -156,7 +167,7 @@ def register(subparsers):
 
 def run_train_files(args):
     config = preprocess_config(args)
-    snr_range = parse_range(args.snr_range, "--snr-range")
+    snr_range = training_snr_range(args)
     label_domain = parse_label_domain(args.label_domain)
     catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
     labels = read_labels(args.labels, args.label_columns)

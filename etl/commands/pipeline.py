@@ -12,8 +12,8 @@ import time
 from array import array
 
 from etl import db
-from etl.commands.files import (add_training_arguments, model_parameters, parse_range,
-                                preprocess_config, print_held_out)
+from etl.commands.files import (add_training_arguments, model_parameters, preprocess_config,
+                                print_held_out, training_snr_range)
 from etl.commands import add_url_argument, database_url, display_url
 from etl.label_domain import parse_label_domain
 from etl.settings import settings
@@ -54,7 +54,7 @@ def run_train(args):
     params = model_parameters(args)
     config = preprocess_config(args)
     options = TrainOptions(
-        snr_range=parse_range(args.snr_range, "--snr-range"),
+        snr_range=training_snr_range(args),
         wave_range=(config.wave_min, config.wave_max), preprocess=config, ensemble=args.ensemble,
         holdout=args.holdout, seed=args.seed, label_set=args.label_set,
         model_dir=args.model_dir, spectra_root=args.spectra_root, jobs=args.jobs,
