@@ -167,8 +167,8 @@ def test_training_calibrates_on_cross_fitted_predictions_and_keeps_every_star(sy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # tiny set: bins below 30 spectra warn
         model, description, metrics = train_lasso_mlpnet(X, labels, snrg, stars, obsids, calibration_folds=3,
-                                                         **MODEL)
-    train = (snrg > 10) & (snrg <= 20)
+                                                         snr_range=(10.0, 20.0), **MODEL)
+    train = (snrg > 10) & (snrg <= 20)                  # training on part of the SNRg range
     assert description["calibration"] == "cross-fitting" and description["holdout_fraction"] == 0
     assert description["n_spectra"] == train.sum() and description["n_stars"] == 90   # every star trains
     np.testing.assert_array_equal(model.training_obsids_, np.sort(obsids[train]))
