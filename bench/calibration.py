@@ -3,8 +3,8 @@
 The reference set (../shared/data/README.md) is restricted and split by star exactly as in
 ``bench/train_vs_recipe.py`` (3500 <= Teff <= 6500 K, 20% of the stars held out with seed
 1). The model is trained with ``models.training.train_lasso_mlpnet`` -- the recipe of
-``train-files`` -- on the other stars' spectra with 10 < SNRg <= 20 (the paper's training
-range, ``--snr-range``); its uncertainties are calibrated on out-of-sample predictions of
+``train-files`` -- on the other stars' spectra in ``--snr-range`` (default: the project's
+default, every SNRg of the valid range; ``10,20`` is the paper's); its uncertainties are calibrated on out-of-sample predictions of
 those training stars at every SNRg (cross-fitting by default, ``--holdout 0.15`` for the
 older hold-out calibration). The held-out stars are then predicted at every SNRg and, per
 label and SNRg bin, the bench reports MAE, mu, sigma, the rms z-score and the fractions of
@@ -37,7 +37,8 @@ from models.lasso_mlpnet import LABELS, SNR_BINS  # noqa: E402
 from models.calibration import snr_bin_index  # noqa: E402
 from models.metrics import accuracy_by_snr, coverage_by_snr, snr_bin_names  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
-from models.training import DEFAULT_CALIBRATION_FOLDS, calibration_summary, train_lasso_mlpnet  # noqa: E402
+from models.training import (DEFAULT_CALIBRATION_FOLDS, DEFAULT_TRAINING_SNR,  # noqa: E402
+                             calibration_summary, train_lasso_mlpnet)
 from models.validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2, pairwise_z, z_summary  # noqa: E402
 
 from train_vs_recipe import MILES_PREPROCESSING, load_reference, split_by_star, stars_in_range  # noqa: E402
@@ -143,7 +144,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1, help="seed of the star split (as train_vs_recipe)")
     parser.add_argument("--teff-range", default="3500,6500",
                         help="keep the stars whose reference Teff (K) lies in this range")
-    parser.add_argument("--snr-range", default="10,20", help="SNRg range of the training spectra")
+    parser.add_argument("--snr-range", default=",".join(f"{v:g}" for v in DEFAULT_TRAINING_SNR),
+                        help="SNRg range of the training spectra (default: train's, %(default)s)")
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="fraction of the training stars held out for calibration; 0 (default) "
                              "calibrates by cross-fitting instead")
