@@ -125,7 +125,7 @@ def trained_model(sim_set, tmp_path_factory):
         "train-files", "--catalog", str(sim_set / "lamost_catalog.csv"), "--spectra-root", str(sim_set),
         "--labels", str(sim_set / "apogee_payne.fits"), "--out", str(model_path),
         "--ensemble", str(ENSEMBLE), "--wave-range", "3881,7400", "--input-noise", "0.8",
-        "--calibration-folds", "3", "--jobs", "1"])
+        "--calibration-folds", "3", "--lasso-folds", "3", "--jobs", "1"])
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     return model_path, summary
@@ -168,6 +168,7 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     for estimator in model.estimators_.values():
         assert len(estimator.members_) == ENSEMBLE
         assert {m.input_noise for m in estimator.members_} == {0.8}
+        assert estimator.selector_.cv == 3
     # every star trained the model; cross-fitted predictions of all of their spectra (every
     # SNRg) calibrated the uncertainties: 3 x 40 at 10-20, the 40 at 20-80 split in two bins
     assert training["calibration"] == "cross-fitting" and training["calibration_folds"] == 3
