@@ -121,6 +121,27 @@ class Pipeline:
                                 env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=self.tmp)
 
+    @staticmethod
+    def finish(infer, timeout=120):
+        """(stdout, stderr) of an ``infer_async`` process; killed if it does not end."""
+        try:
+            return infer.communicate(timeout=timeout)
+        finally:
+            if infer.poll() is None:
+                infer.kill()
+                infer.wait(timeout=10)
+
+    def without_workers(self):
+        """Stop every worker and empty the task queue in Redis (waiting and unacknowledged
+        messages); returns the Redis client of the broker database."""
+        import redis
+
+        for worker in self.workers:
+            Pipeline.kill(worker, signal.SIGTERM)
+        queue = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+        queue.delete("celery", "unacked", "unacked_index")
+        return queue
+
     def scalar(self, query, **params):
         with self.engine.connect() as connection:
             return connection.execute(text(query) if isinstance(query, str) else query,
@@ -247,11 +268,8 @@ def test_infer_writes_every_star_spectrum_once(pipeline):
             written_at_kill = p.scalar("SELECT count(*) FROM estimates")
             assert written_at_kill < p.n_star - 1, "the kill came after the run: not mid-run"
             p.start_worker()
-            out, err = infer.communicate(timeout=120)
         finally:
-            if infer.poll() is None:
-                infer.kill()
-                infer.wait(timeout=10)
+            out, err = Pipeline.finish(infer)
         code = infer.returncode
         # The batch the killed worker held was redelivered and finished by another one.
         first_log = task_states(p.tmp / "worker1.log")
@@ -427,14 +445,9 @@ def test_batches_waiting_for_a_worker_are_not_sent_twice(pipeline):
     p = pipeline
     if p.mode != "postgresql-worker":
         pytest.skip("needs the Redis broker")
-    import redis
-
-    for worker in p.workers:
-        Pipeline.kill(worker, signal.SIGTERM)
-    queue = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
-    queue.delete("celery", "unacked", "unacked_index")
+    queue = p.without_workers()
     infer = p.infer_async("--all", "--limit", str(BATCH), "--timeout", "22")
-    out, err = infer.communicate(timeout=120)
+    out, err = Pipeline.finish(infer)
     assert infer.returncode == 1 and "TIMED OUT" in out       # stall time 16 s passed
     assert "again" not in err and queue.llen("celery") == 1    # still queued, sent once
     p.start_worker()
@@ -450,22 +463,14 @@ def test_a_batch_lost_in_the_broker_is_sent_again(pipeline):
     p = pipeline
     if p.mode != "postgresql-worker":
         pytest.skip("needs the Redis broker")
-    import redis
-
-    for worker in p.workers:                 # no worker: the messages wait in Redis
-        Pipeline.kill(worker, signal.SIGTERM)
-    queue = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
-    queue.delete("celery", "unacked", "unacked_index")
+    queue = p.without_workers()              # no worker: the messages wait in Redis
     infer = p.infer_async("--all", "--limit", str(2 * BATCH), "--json")
     try:
         wait_for(lambda: queue.llen("celery") == 2, 60, "two queued batches")
         queue.delete("celery")               # both messages are lost
         p.start_worker()
-        out, err = infer.communicate(timeout=120)
     finally:
-        if infer.poll() is None:
-            infer.kill()
-            infer.wait(timeout=10)
+        out, err = Pipeline.finish(infer)
     assert infer.returncode == 0, (out, err)
     assert "sending the 2 unfinished batches again" in err
     summary = json.loads(out.splitlines()[-1])
