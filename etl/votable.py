@@ -56,7 +56,7 @@ def dali_timestamp(value) -> str:
     return value.isoformat()
 
 
-def _text(value) -> str:
+def cell_text(value) -> str:
     """A cell as text (VOTable TABLEDATA, CSV); None and NaN -> empty."""
     if value is None:
         return ""
@@ -152,7 +152,7 @@ def _td_float(value):
 
 
 def _td_text(value):
-    return "" if value is None else _xml_text(_text(value))
+    return "" if value is None else _xml_text(cell_text(value))
 
 
 def _cell_formatter(column):
@@ -191,7 +191,7 @@ def binary2_rows(rows: Iterable[Sequence], columns) -> str:
             packers.append(lambda v: b"?" if v is None else (b"T" if v else b"F"))
         else:
             def pack_text(v):
-                data = _text(v).encode("utf-8")
+                data = cell_text(v).encode("utf-8")
                 return struct.pack(">i", len(data)) + data
             packers.append(pack_text)
     mask_bytes = (len(columns) + 7) // 8

@@ -24,7 +24,7 @@ from flask import Response
 from etl.schema import ColumnDescription
 # The VOTable writer is shared with the release export (etl/votable.py); the service's
 # modules use it, and XML escaping, as ``formats.<name>``.
-from etl.votable import (Info, _text, fields_xml, json_value, votable_document,  # noqa: F401
+from etl.votable import (Info, cell_text, fields_xml, json_value, votable_document,  # noqa: F401
                          votable_error, xml_id)
 from xml.sax.saxutils import escape  # noqa: F401
 
@@ -73,7 +73,7 @@ def csv_document(columns, rows) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([c.name for c in columns])
     for row in rows:
-        writer.writerow([_text(v) for v in row])
+        writer.writerow([cell_text(v) for v in row])
     return buffer.getvalue()
 
 
@@ -134,7 +134,7 @@ def to_astropy_table(columns, rows, meta=None):
             table[column.name] = Column(np.array([bool(v) for v in values], dtype=bool),
                                         description=column.description)
         else:
-            text = [_text(v).encode("utf-8") for v in values]
+            text = [cell_text(v).encode("utf-8") for v in values]
             width = max([len(t) for t in text] + [1])
             table[column.name] = Column(np.array(text, dtype=f"S{width}"),
                                         description=column.description)
