@@ -407,19 +407,22 @@ def parse_votable(data):
 
 
 # --------------------------------------------------------------------------------------
-# The package as users get it, and the demo it runs. A demo trains six times (cross-fitted
-# calibration), so the suite runs it twice and shares each run: the checkout's demo on the
+# The package as users get it, and the demo it runs. A demo trains four times (3-fold
+# cross-fitted calibration and the final networks), so the suite runs it twice and shares each run: the checkout's demo on the
 # embedded SQLite default (test_demo, test_pages_browser) and the installed wheel's demo on
-# PostgreSQL (test_demo, test_packaging).
+# PostgreSQL (test_demo, test_packaging). Both start in background threads when the session
+# starts (if a collected test needs them): each is minutes of mostly one core, which the
+# other tests would otherwise wait for.
 # What the wheel is built from: the Dockerfile copies the same.
 WHEEL_SOURCE = ["pyproject.toml", "README.md", "etl", "models", "service", "migrations"]
+# fixture -> the fixture that starts it in the background, in the order they start
+DEMO_STARTERS = {"sqlite_demo": "_sqlite_demo_future", "installed_postgresql_demo": "_installed_demo_future",
+                 "venv": "_venv_future", "wheel": "_wheel_future"}
 
 
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory):
+def build_wheel(tmp):
     """The wheel of this checkout, built from a copy: an in-tree build would leave build/
     and *.egg-info behind, and a stale build/ could hide a file missing from the sources."""
-    tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
     source.mkdir()
     for name in WHEEL_SOURCE:
@@ -436,11 +439,9 @@ def wheel(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def venv(wheel, tmp_path_factory):
+def make_venv(wheel, folder):
     """A fresh virtual environment with the wheel installed; its dependencies come from the
     system site-packages, so nothing is downloaded."""
-    folder = tmp_path_factory.mktemp("venv") / "env"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)],
                    check=True, capture_output=True, timeout=300)
     # --force-reinstall: an editable lamost-vac of the same version in the system
@@ -474,26 +475,88 @@ def run_demo(out, *options, check=True):
     return result
 
 
-@pytest.fixture(scope="session")
-def sqlite_demo(tmp_path_factory):
-    """(folder, completed process) of the checkout's demo on the embedded default."""
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, "--stars", "60", "--ensemble", "2")
-
-
-@pytest.fixture(scope="session")
-def installed_postgresql_demo(make_database, tmp_path_factory, request):
-    """The installed wheel, run from a folder outside the repository: ``lamost-vac db
-    upgrade`` on an empty PostgreSQL database, then the demo on it (small settings: what is
-    checked on it is the package, the database, TAP and DataLink, not the accuracy).
-    Returns (database URL, demo folder, {step: completed process})."""
-    work = tmp_path_factory.mktemp("elsewhere")
-    url = make_database("postgresql")          # skips without PostgreSQL, before the wheel is built
-    venv = request.getfixturevalue("venv")
+def installed_demo(venv, url, work):
+    """``lamost-vac db upgrade`` of the installed wheel on an empty database, then its demo
+    (small settings: what is checked on it is the package, the database, TAP and DataLink,
+    not the accuracy). Returns {step: completed process}."""
     steps = {"upgrade": run_installed(venv, ["lamost-vac", "db", "upgrade", "--url", url], cwd=work)}
     assert steps["upgrade"].returncode == 0, steps["upgrade"].stderr[-3000:]
     steps["demo"] = run_installed(venv, ["lamost-vac", "demo", "--no-serve", "--out", "demo",
                                          "--stars", "40", "--ensemble", "1",
                                          "--database-url", url], cwd=work)
     assert steps["demo"].returncode == 0, steps["demo"].stderr[-3000:]
-    return url, work / "demo", steps
+    return steps
+
+
+@pytest.fixture(scope="session")
+def _background():
+    """Threads for the slow session fixtures; each waits on subprocesses, not on the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="demo") as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def _wheel_future(_background, tmp_path_factory):
+    return _background.submit(build_wheel, tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def _venv_future(_background, _wheel_future, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("venv") / "env"
+    return _background.submit(lambda: make_venv(_wheel_future.result(), folder))
+
+
+@pytest.fixture(scope="session")
+def _sqlite_demo_future(_background, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, _background.submit(run_demo, out, "--stars", "60", "--ensemble", "2")
+
+
+@pytest.fixture(scope="session")
+def _installed_demo_future(_background, _venv_future, make_database, tmp_path_factory):
+    url = make_database("postgresql")          # skips without PostgreSQL, before the wheel is built
+    work = tmp_path_factory.mktemp("elsewhere")
+    # the venv's thread finishes first (one pool, submitted in order): this one then waits on it
+    return url, work, _background.submit(lambda: installed_demo(_venv_future.result(), url, work))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_demos_early(request):
+    """Start the slow fixtures the collected tests use (``fixturenames`` is each test's
+    whole closure), without waiting for them. The pool runs jobs in the order submitted and a
+    job waits only on earlier ones, so the two threads cannot deadlock."""
+    used = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    for fixture, starter in DEMO_STARTERS.items():
+        if fixture in used:
+            try:
+                request.getfixturevalue(starter)
+            except (pytest.skip.Exception, pytest.fail.Exception):
+                pass                           # the tests that need it skip or fail themselves
+
+
+@pytest.fixture(scope="session")
+def wheel(_wheel_future):
+    return _wheel_future.result()
+
+
+@pytest.fixture(scope="session")
+def venv(_venv_future):
+    return _venv_future.result()
+
+
+@pytest.fixture(scope="session")
+def sqlite_demo(_sqlite_demo_future):
+    """(folder, completed process) of the checkout's demo on the embedded default."""
+    out, future = _sqlite_demo_future
+    return out, future.result()
+
+
+@pytest.fixture(scope="session")
+def installed_postgresql_demo(_installed_demo_future):
+    """The installed wheel, run from a folder outside the repository: ``lamost-vac db
+    upgrade`` on an empty PostgreSQL database, then the demo on it. Returns (database URL,
+    demo folder, {step: completed process})."""
+    url, work, future = _installed_demo_future
+    return url, work / "demo", future.result()

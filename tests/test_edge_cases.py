@@ -75,7 +75,8 @@ def edge_model(make_simulated_set, tmp_path_factory):
     code, _ = run_cli(["train-files", "--catalog", train_set / "lamost_catalog.csv",
                        "--spectra-root", train_set, "--labels", train_set / "apogee_payne.fits",
                        "--out", path, "--ensemble", "2", "--wave-range", "3881,7400",
-                       "--lasso-folds", "3", "--max-epochs", "80", "--jobs", "1"])
+                       "--lasso-folds", "3", "--calibration-folds", "3", "--max-epochs", "80",
+                       "--jobs", "1"])
     assert code == 0
     return path, fgk[1::2][:10], miles_ids(miles, 6, teff=(7500, 20000))
 
