@@ -353,3 +353,25 @@ def repeat_level_cross_validated(values, errors, groups, folds=2, seed=0):
             scored.append(z[np.isfinite(z)])
     summary = z_summary(np.concatenate(scored) if scored else [])
     return (np.nan if summary["std"] is None else summary["std"]), summary["n"]
+
+
+def cross_validated_sigma(error_model, residuals, snrg, spread, stars, groups, folds=5, seed=0):
+    """The 1-sigma of every spectrum from a clone of ``error_model`` fitted without its star:
+    the stars are dealt into ``folds`` folds and each fold is predicted by the error model fitted
+    on the others. On cross-fitted residuals (``LassoMLPNet.calibration_set_``) neither the
+    network nor the calibration of a spectrum has seen its star, so the coverage of these
+    sigmas is a held-out measurement on every training star, not only on a held-out split."""
+    from sklearn.base import clone
+
+    residuals, snrg, spread = (np.asarray(a, dtype=float) for a in (residuals, snrg, spread))
+    stars = np.asarray(stars, dtype=float).reshape(residuals.size, -1)
+    groups = np.asarray(groups)
+    sigma = np.full(residuals.size, np.nan)
+    for fit_rows, test_rows in group_kfold_indices(groups, folds, np.random.default_rng(seed)):
+        with warnings.catch_warnings():
+            # a fold's small bins are NaN by design; the full model's warning already said so
+            warnings.simplefilter("ignore", UserWarning)
+            fold_model = clone(error_model).fit(residuals[fit_rows], snrg[fit_rows], spread[fit_rows],
+                                                stars[fit_rows], groups=groups[fit_rows])
+        sigma[test_rows] = fold_model.predict(snrg[test_rows], spread[test_rows], stars[test_rows])
+    return sigma

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from models.calibration import ErrorModel, RepeatScale, coverage, snr_bin_index
+from models.calibration import ErrorModel, RepeatScale, coverage, cross_validated_sigma, snr_bin_index
 from models.lasso_mlpnet import LABELS, SNR_BINS, LassoMLPNet
 from models.splits import group_kfold_indices
 from models.training import DEFAULT_CALIBRATION_FOLDS, cross_fitted_predictions, train_lasso_mlpnet
@@ -56,6 +56,23 @@ def test_error_model_covers_68_and_95_percent_in_every_bin_on_other_stars(fitted
         inside = which == k
         assert 0.62 <= coverage(residuals[inside], sigma[inside], 1) <= 0.74, k
         assert 0.92 <= coverage(residuals[inside], sigma[inside], 2) <= 0.98, k
+
+
+def test_cross_validated_sigma_covers_and_never_sees_the_star(fitted):
+    """Each star's sigma comes from an error model fitted without it: the coverage on the
+    calibration set itself is that of new stars, and changing one star's residuals changes no
+    sigma of that star."""
+    model, train, _ = fitted
+    residuals, snrg, spread, stars, groups, _ = train
+    sigma = cross_validated_sigma(model, residuals, snrg, spread, stars, groups, folds=5)
+    assert np.all(np.isfinite(sigma))
+    assert 0.64 <= coverage(residuals, sigma, 1) <= 0.72
+    assert 0.93 <= coverage(residuals, sigma, 2) <= 0.97
+    star = groups == groups[0]
+    changed = np.where(star, residuals * 50.0, residuals)
+    again = cross_validated_sigma(model, changed, snrg, spread, stars, groups, folds=5)
+    assert np.allclose(again[star], sigma[star])
+    assert not np.allclose(again[~star], sigma[~star])
 
 
 def test_error_model_follows_the_spread_and_the_star(fitted):
