@@ -39,7 +39,7 @@ from .flags import (MASKED_SELECTED_PIXELS, MAX_MASKED_SELECTED_FRACTION, OUT_OF
                     domain_flags)
 from .labels import LABELS
 from .networks import SigmoidMLPRegressor
-from .selection import LassoFeatureSelector
+from .selection import LassoFeatureSelector, lasso_support_at
 
 SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -78,6 +78,22 @@ def _fit_member(X, y, groups, params, seed):
     return SigmoidMLPRegressor(random_state=seed, **params).fit(X, y, groups=groups)
 
 
+def _fit_bootstrap_member(X, y, groups, params, seed, alpha, max_steps):
+    """One member on a bootstrap sample of the stars (all spectra of each star drawn), with
+    its own LASSO selection at the full set's alpha. Returns (support, network)."""
+    rng = np.random.default_rng(seed)
+    stars, index = np.unique(groups, return_inverse=True)
+    rows_of = np.split(np.argsort(index, kind="stable"), np.cumsum(np.bincount(index))[:-1])
+    drawn = rng.integers(0, stars.size, stars.size)
+    rows = np.concatenate([rows_of[k] for k in drawn])
+    # a star drawn twice is two groups, so early stopping can validate one copy on the other;
+    # one group per draw keeps its copies together instead
+    draw_of_row = np.repeat(np.arange(drawn.size), [rows_of[k].size for k in drawn])
+    support = lasso_support_at(X[rows], y[rows], alpha, max_steps)
+    X_selected = np.ascontiguousarray(X[np.ix_(rows, support)], dtype=np.float32)
+    return support, _fit_member(X_selected, y[rows], drawn[draw_of_row], params, seed)
+
+
 class LabelEnsemble(RegressorMixin, BaseEstimator):
     """One label: LASSO selection then an ensemble of sigmoid MLPs on the selected pixels.
 
@@ -86,7 +102,8 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
 
     def __init__(self, log_target=False, hidden_layer_sizes=(100, 50), alpha=1e-3,
                  learning_rate_init=1e-3, batch_size=128, max_epochs=400, n_iter_no_change=30,
-                 input_noise=0.0, n_members=10, selector=None, n_jobs=-1, random_state=0):
+                 input_noise=0.0, n_members=10, member_selection="shared", selector=None,
+                 n_jobs=-1, random_state=0):
         self.log_target = log_target
         self.hidden_layer_sizes = hidden_layer_sizes
         self.alpha = alpha
@@ -96,6 +113,7 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
         self.n_members = n_members
+        self.member_selection = member_selection
         self.selector = selector
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -117,14 +135,27 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
                       max_epochs=self.max_epochs, n_iter_no_change=self.n_iter_no_change,
                       input_noise=self.input_noise)
         seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_members)
+        if self.member_selection == "bootstrap":
+            groups = np.arange(X.shape[0]) if groups is None else np.asarray(groups)
+            fitted = Parallel(n_jobs=self.n_jobs)(
+                delayed(_fit_bootstrap_member)(X, target, groups, params, int(seed), self.selector_.alpha_,
+                                               getattr(self.selector_, "n_steps_", 1000))
+                for seed in seeds)
+            self.member_supports_ = [support for support, _ in fitted]
+            self.members_ = [member for _, member in fitted]
+            return self
+        if self.member_selection != "shared":
+            raise ValueError(f"member_selection must be 'shared' or 'bootstrap', got {self.member_selection!r}")
+        self.member_supports_ = None
         self.members_ = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds)
         return self
 
     def predict_members(self, X):
         """Predictions of every member, shape (n_members, n_samples), in label units."""
-        X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
-        return np.array([self._untarget(m.predict(X_selected)) for m in self.members_])
+        supports = getattr(self, "member_supports_", None) or [self.support_] * len(self.members_)
+        return np.array([self._untarget(m.predict(np.ascontiguousarray(X[:, support], dtype=np.float32)))
+                         for m, support in zip(self.members_, supports)])
 
     def predict(self, X, return_std=False):
         members = self.predict_members(X)
@@ -142,6 +173,12 @@ class LassoMLPNet(BaseEstimator):
     Parameters
     ----------
     hidden : dict label -> (h1, h2)
+    member_selection : {"shared", "bootstrap"}
+        "shared": every member learns on the one LASSO selection of all training spectra
+        (members differ only by their initialisation); "bootstrap": each member learns on a
+        bootstrap sample of the training stars with its own LASSO selection at the
+        cross-validated alpha, so that the ensemble spread also holds the selection's
+        variance.
     n_members : int
         Ensemble size (the paper: 10). With 1 network there is no spread: ``_err_model``
         is NaN (and so is ``_err``, whose error model needs the spread); the estimates are
@@ -179,13 +216,14 @@ class LassoMLPNet(BaseEstimator):
 
     # defaults of the parameters added after artifacts were first saved: an older pickled
     # model has no such attribute, and get_params() / repr() would fail on it
-    learning_rate, batch_size, n_iter_no_change = 1e-3, 128, 30
+    learning_rate, batch_size, n_iter_no_change, member_selection = 1e-3, 128, 30, "shared"
 
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
                  n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, max_epochs=400, cv=10,
-                 max_lasso_steps=1000, n_jobs=-1, random_state=0):
+                 max_lasso_steps=1000, member_selection="shared", n_jobs=-1, random_state=0):
         self.hidden = hidden
         self.n_members = n_members
+        self.member_selection = member_selection
         self.alpha = alpha
         self.learning_rate = learning_rate
         self.batch_size = batch_size
@@ -217,7 +255,8 @@ class LassoMLPNet(BaseEstimator):
                 learning_rate_init=rates[label], batch_size=self.batch_size,
                 n_iter_no_change=self.n_iter_no_change, input_noise=self.input_noise,
                 max_epochs=self.max_epochs,
-                n_members=self.n_members, selector=selector, n_jobs=self.n_jobs,
+                n_members=self.n_members, member_selection=self.member_selection,
+                selector=selector, n_jobs=self.n_jobs,
                 random_state=self.random_state,
             ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)
         self.snr_bins_ = np.array(SNR_BINS)

@@ -48,6 +48,19 @@ def _fold_path(X_test, y_test, n, gram_all, xy_all, x_sum, y_sum, max_steps):
     return alphas, residuals
 
 
+def lasso_support_at(X, y, alpha, max_steps=1000):
+    """Pixels with a non-zero LASSO coefficient at a given ``alpha`` (no cross-validation):
+    the selection of one bootstrap member at the alpha the full training set chose."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = X.shape[0]
+    x_sum = X.sum(axis=0)
+    gram, xy = _centred(X.T @ X, X.T @ y, x_sum, y.sum(), n)
+    _, _, coef = lars_path_gram(xy, gram, n_samples=n, max_iter=10 * (gram.shape[0] + max_steps),
+                                alpha_min=alpha, method="lasso", return_path=False)
+    return coef != 0
+
+
 class LassoPathWarning(UserWarning):
     """The cross-validated alpha is at an end of the alpha grid, not an interior minimum."""
 
