@@ -125,11 +125,12 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         return 10.0**t if self.log_target else t
 
     def fit(self, X, y, groups=None, gram=None):
+        if self.member_selection not in ("shared", "bootstrap"):
+            raise ValueError(f"member_selection must be 'shared' or 'bootstrap', got {self.member_selection!r}")
         target = self._target(y)
         selector = self.selector if self.selector is not None else LassoFeatureSelector(n_jobs=self.n_jobs)
         self.selector_ = selector.fit(X, target, groups=groups, gram=gram)
         self.support_ = self.selector_.get_support()
-        X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
         params = dict(hidden_layer_sizes=tuple(self.hidden_layer_sizes), alpha=self.alpha,
                       learning_rate_init=self.learning_rate_init, batch_size=self.batch_size,
                       max_epochs=self.max_epochs, n_iter_no_change=self.n_iter_no_change,
@@ -144,16 +145,18 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
             self.member_supports_ = [support for support, _ in fitted]
             self.members_ = [member for _, member in fitted]
             return self
-        if self.member_selection != "shared":
-            raise ValueError(f"member_selection must be 'shared' or 'bootstrap', got {self.member_selection!r}")
         self.member_supports_ = None
+        X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
         self.members_ = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds)
         return self
 
     def predict_members(self, X):
         """Predictions of every member, shape (n_members, n_samples), in label units."""
-        supports = getattr(self, "member_supports_", None) or [self.support_] * len(self.members_)
+        supports = getattr(self, "member_supports_", None)
+        if supports is None:            # one shared selection: slice the pixels once
+            X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
+            return np.array([self._untarget(m.predict(X_selected)) for m in self.members_])
         return np.array([self._untarget(m.predict(np.ascontiguousarray(X[:, support], dtype=np.float32)))
                          for m, support in zip(self.members_, supports)])
 
