@@ -18,3 +18,20 @@ def test_bench_script_help(script):
                           text=True, timeout=120, cwd=BENCH.parent)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout.lower()
+
+
+def test_scale_bench_measures_the_child_peak_not_its_own():
+    """Linux carries a process's largest RSS over fork and exec, so wait4's ru_maxrss of a
+    child forked from a large bench is the bench's size; the export's peak must be its own."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.scale import peak_rss_while_running
+
+    ballast = bytearray(600 * 1024 * 1024)          # this process: > 600 MB resident
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; a = bytearray(200 * 2**20); a[::4096] = b'x' * len(a[::4096]); "
+                              "time.sleep(0.5)"])
+    peak_mib = peak_rss_while_running(child) / 1024
+    assert child.returncode == 0
+    assert 200 < peak_mib < 500, peak_mib
+    del ballast
