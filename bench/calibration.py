@@ -93,10 +93,17 @@ def criteria(coverage):
     return verdict, passed
 
 
-def pass_probabilities(coverage, verdict):
-    """{label: {bin: probability that a perfectly calibrated error passes}} of the judged bins."""
-    return {label: {name: round(pass_probability(coverage[label][name]["n"] - coverage[label][name]["n_without_error"]), 3)
-                    for name, ok in verdict[label].items() if ok is not None} for label in LABELS}
+def judged(coverage):
+    """The criteria applied to ``coverage_by_snr`` output: verdict per bin, bins passed and
+    judged, and what a perfectly calibrated Gaussian error would score on bins of these sizes."""
+    verdict, passed = criteria(coverage)
+    chance = {label: {name: round(pass_probability(coverage[label][name]["n"] - coverage[label][name]["n_without_error"]), 3)
+                      for name, ok in verdict[label].items() if ok is not None} for label in LABELS}
+    return {"passed": passed, "verdict": verdict,
+            "bins_passed": sum(bool(ok) for per in verdict.values() for ok in per.values()),
+            "bins_judged": sum(ok is not None for per in verdict.values() for ok in per.values()),
+            "pass_probability_if_calibrated": chance,
+            "bins_expected_to_pass_if_calibrated": round(sum(v for per in chance.values() for v in per.values()), 2)}
 
 
 def cross_validated_errors(model, folds=5):
@@ -249,9 +256,7 @@ def main():
                                 for name in snr_bin_names(SNR_BINS)], dtype=float)
         before_errors[label + "_err"] = np.where(which >= 0, table_sigma[np.clip(which, 0, None)], np.nan)
     before = coverage_by_snr(before_errors, reference, test_snrg)
-    verdict, passed = criteria(after)
     verdict_before, passed_before = criteria(before)
-    chance = pass_probabilities(after, verdict)
 
     # every star held out: the training stars' cross-fitted predictions with errors from an
     # error model fitted without their star, pooled with the held-out stars
@@ -261,8 +266,6 @@ def main():
     pooled_reference = {k: np.r_[calibration["reference"][k], reference[k]] for k in LABELS}
     every_star = coverage_by_snr(pooled, pooled_reference, pooled_snrg)
     training_stars = coverage_by_snr(cross, calibration["reference"], calibration["snrg"])
-    verdict_every, passed_every = criteria(every_star)
-    chance_every = pass_probabilities(every_star, verdict_every)
 
     # repeats of the held-out stars: pairs at 10 < SNRg <= 20 (four spectra per star)
     in_range = (test_snrg > 10) & (test_snrg <= 20)
@@ -287,26 +290,13 @@ def main():
         "train_seconds": None if train_seconds is None else round(train_seconds, 1),
         "load_average": list(os.getloadavg()),
         "criteria": {"within_1": WITHIN_1, "within_2": WITHIN_2, "min_spectra": MIN_SPECTRA},
-        "passed": passed, "passed_before": passed_before,
-        "verdict": verdict, "verdict_before": verdict_before,
-        "bins_passed": sum(bool(ok) for per in verdict.values() for ok in per.values()),
-        "bins_judged": sum(ok is not None for per in verdict.values() for ok in per.values()),
-        # what a perfectly calibrated Gaussian error would score on bins of these sizes
-        "pass_probability_if_calibrated": chance,
-        "bins_expected_to_pass_if_calibrated": round(sum(v for per in chance.values() for v in per.values()), 2),
+        **judged(after), "passed_before": passed_before, "verdict_before": verdict_before,
         "coverage": after, "coverage_before": before,
         # the same criteria on every star of the split (training stars cross-validated)
         "every_star": {
             "n_spectra": int(np.sum(np.isfinite(pooled_snrg))),
             "n_stars": int(np.unique(np.r_[calibration["groups"], test_stars_of]).size),
-            "passed": passed_every, "verdict": verdict_every,
-            "bins_passed": sum(bool(ok) for per in verdict_every.values() for ok in per.values()),
-            "bins_judged": sum(ok is not None for per in verdict_every.values() for ok in per.values()),
-            "pass_probability_if_calibrated": chance_every,
-            "bins_expected_to_pass_if_calibrated": round(sum(v for per in chance_every.values()
-                                                             for v in per.values()), 2),
-            "coverage": every_star,
-            "coverage_training_stars": training_stars,
+            **judged(every_star), "coverage": every_star, "coverage_training_stars": training_stars,
         },
         "repeat_z": repeats,
         "calibration_model": calibration_summary(model),

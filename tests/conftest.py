@@ -408,9 +408,10 @@ def parse_votable(data):
 
 # --------------------------------------------------------------------------------------
 # The package as users get it, and the demo it runs. A demo trains four times (3-fold
-# cross-fitted calibration and the final networks), so the suite runs it twice and shares each run: the checkout's demo on the
-# embedded SQLite default (test_demo, test_pages_browser) and the installed wheel's demo on
-# PostgreSQL (test_demo, test_packaging). Both start in background threads when the session
+# cross-fitted calibration and the final networks), so the suite runs it twice and shares
+# each run: the checkout's demo on the embedded SQLite default (test_demo,
+# test_pages_browser) and the installed wheel's demo on PostgreSQL (test_demo,
+# test_packaging). Both start in background threads when the session
 # starts (if a collected test needs them): each is minutes of mostly one core, which the
 # other tests would otherwise wait for.
 # What the wheel is built from: the Dockerfile copies the same.
