@@ -93,8 +93,11 @@ QUERY_SHAPES = [
     ("flags=0 by -teff", f"{ESTIMATES}&flags=0&order=-teff"),
     ("exclude_flags=7 by feh", f"{ESTIMATES}&exclude_flags=7&order=feh"),
     ("flags=512 (rare)", f"{ESTIMATES}&flags=512"),
-    # (the Kiel-diagram and histogram aggregates of issue 15 belong here once the API
-    # serves them)
+    # the aggregates the search page plots (Kiel diagram, 1-D histograms) over the whole
+    # selection, computed in SQL
+    ("histograms, every current estimate", "/api/v1/estimates/histograms?"),
+    ("histograms, teff 4000-6000", "/api/v1/estimates/histograms?teff_min=4000&teff_max=6000"),
+    ("histograms, giants with flags=0", "/api/v1/estimates/histograms?logg_max=3.5&flags=0"),
     # a model version that is not current
     ("old model", f"{ESTIMATES}&model_version={{old_version}}"),
     ("old model by -teff", f"{ESTIMATES}&model_version={{old_version}}&order=-teff"),
