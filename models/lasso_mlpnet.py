@@ -84,14 +84,12 @@ def _fit_bootstrap_member(X, y, groups, params, seed, alpha, max_steps):
     rng = np.random.default_rng(seed)
     stars, index = np.unique(groups, return_inverse=True)
     rows_of = np.split(np.argsort(index, kind="stable"), np.cumsum(np.bincount(index))[:-1])
-    drawn = rng.integers(0, stars.size, stars.size)
-    rows = np.concatenate([rows_of[k] for k in drawn])
-    # a star drawn twice is two groups, so early stopping can validate one copy on the other;
-    # one group per draw keeps its copies together instead
-    draw_of_row = np.repeat(np.arange(drawn.size), [rows_of[k].size for k in drawn])
+    rows = np.concatenate([rows_of[k] for k in rng.integers(0, stars.size, stars.size)])
     support = lasso_support_at(X[rows], y[rows], alpha, max_steps)
     X_selected = np.ascontiguousarray(X[np.ix_(rows, support)], dtype=np.float32)
-    return support, _fit_member(X_selected, y[rows], drawn[draw_of_row], params, seed)
+    # the copies of a star drawn twice keep its one group, so early stopping never
+    # validates a copy on its twin
+    return support, _fit_member(X_selected, y[rows], index[rows], params, seed)
 
 
 class LabelEnsemble(RegressorMixin, BaseEstimator):

@@ -48,17 +48,23 @@ def _fold_path(X_test, y_test, n, gram_all, xy_all, x_sum, y_sum, max_steps):
     return alphas, residuals
 
 
+def _lasso_coef_at(gram, xy, n, alpha, max_steps):
+    """LASSO coefficients at ``alpha`` from a centred Gram matrix: LARS stops at alpha_min =
+    alpha, so the step budget only has to be large enough to get there, and only the end
+    point is kept."""
+    _, _, coef = lars_path_gram(xy, gram, n_samples=n, max_iter=10 * (gram.shape[0] + max_steps),
+                                alpha_min=alpha, method="lasso", return_path=False)
+    return coef
+
+
 def lasso_support_at(X, y, alpha, max_steps=1000):
     """Pixels with a non-zero LASSO coefficient at a given ``alpha`` (no cross-validation):
     the selection of one bootstrap member at the alpha the full training set chose."""
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    n = X.shape[0]
     x_sum = X.sum(axis=0)
-    gram, xy = _centred(X.T @ X, X.T @ y, x_sum, y.sum(), n)
-    _, _, coef = lars_path_gram(xy, gram, n_samples=n, max_iter=10 * (gram.shape[0] + max_steps),
-                                alpha_min=alpha, method="lasso", return_path=False)
-    return coef != 0
+    gram, xy = _centred(X.T @ X, X.T @ y, x_sum, y.sum(), X.shape[0])
+    return _lasso_coef_at(gram, xy, X.shape[0], alpha, max_steps) != 0
 
 
 class LassoPathWarning(UserWarning):
@@ -140,10 +146,7 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
                 f"for this many pixels, or labels the pixels do not predict"), stacklevel=2)
 
         gram, xy = _centred(gram_all, xy_all, x_sum, y_sum, n)
-        # LARS stops at alpha_min = alpha_: the step budget only has to be large enough to
-        # get there, and only the end point is kept
-        _, _, self.coef_ = lars_path_gram(xy, gram, n_samples=n, max_iter=10 * (gram.shape[0] + steps),
-                                          alpha_min=self.alpha_, method="lasso", return_path=False)
+        self.coef_ = _lasso_coef_at(gram, xy, n, self.alpha_, steps)
         self.intercept_ = float(y_sum / n - (x_sum / n) @ self.coef_)
         self.n_selected_ = int(np.count_nonzero(self.coef_))
         return self
