@@ -6,25 +6,37 @@ logg_err, logg_err_model, feh, feh_err, feh_err_model, flags, model_version. Fol
 the schema, ``<label>_err`` is the integrated uncertainty (model and noise, calibrated on
 held-out stars: the one to quote) and ``<label>_err_model`` the ensemble standard deviation.
 
-Formats: ``csv`` (streamed; missing values empty), ``fits`` (binary table, streamed
+Formats: ``csv`` (missing and non-finite values empty), ``fits`` (binary table, streamed
 chunk by chunk; TUNITn, TCOMMn = description, TUCDn = UCD; MODELVER, PREPHASH, CODEVER,
-ARTSHA whole in the header) and ``votable`` (FIELD unit, ucd and DESCRIPTION; INFO elements
-for the provenance; TABLEDATA streamed chunk by chunk by ``etl.votable``, the writer of
-the service's VOTables). The FITS and
-VOTable files pass fitsverify and STILTS votlint (tests/test_release_files.py). Only
-estimates are exported; spectra that failed are in ``estimate_failures``.
+ARTSHA whole in the header) and ``votable`` (TABLEDATA; FIELD unit, ucd and DESCRIPTION
+from ``etl.votable``, the writer of the service's VOTables; INFO elements for the
+provenance). Every format streams in constant memory. The FITS and VOTable files pass
+fitsverify and STILTS votlint (tests/test_release_files.py). Only estimates are
+exported; spectra that failed are in ``estimate_failures``.
+
+Two ways to read the rows, one file format each way:
+
+* On PostgreSQL the server writes the rows through ``COPY ... TO STDOUT``: CSV and the
+  VOTable's ``<TR>`` lines as text, the FITS columns as binary COPY records that numpy
+  reads whole chunks at a time. Python never touches a single value, which is what makes
+  a ten-million-row export take minutes, not an hour (bench/scale.py).
+* Elsewhere (the embedded SQLite catalogue) the rows come through SQLAlchemy, chunk by
+  chunk, and Python formats them. tests/test_release_files.py checks that both give the
+  same table.
 """
 import csv
 import itertools
-import math
 import os
 from datetime import datetime, timezone
+from xml.sax.saxutils import escape
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, cast, func, literal, literal_column, select
 
-from etl import schema
+from etl import db, schema
 from etl.inference import model_row
+from etl.votable import (Info, cell_text, votable_footer, votable_header, votable_rows,
+                         xml_text)
 from models.labels import estimate_columns
 
 S, E = schema.spectra, schema.estimates
@@ -41,8 +53,11 @@ def column_descriptions():
         "estimates", [f"{table.name}.{name}" for name, table in EXPORT_COLUMNS])
 
 
-def export_query(model_version):
-    columns = [table.c[name] for name, table in EXPORT_COLUMNS]
+def export_query(model_version, columns=None):
+    """The rows of ``model_version`` in obsid order; ``columns`` (default: the table
+    columns of EXPORT_COLUMNS) are SQL expressions, e.g. the COPY writers' formatted ones."""
+    if columns is None:
+        columns = [table.c[name] for name, table in EXPORT_COLUMNS]
     return (select(*columns).select_from(E.join(S, S.c.obsid == E.c.obsid))
             .where(E.c.model_version == model_version).order_by(E.c.obsid))
 
@@ -63,64 +78,64 @@ def provenance(connection, model_version):
             "exported_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000):
+def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000, use_copy=None):
     """Write the catalogue of ``model_version`` (default: current) to ``path``; returns
-    the provenance dict (with ``rows``)."""
+    the provenance dict (with ``rows``). ``use_copy`` (default: on PostgreSQL) lets the
+    server format the rows (module docstring)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if use_copy is None:
+        use_copy = db.is_postgres(engine)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.part"
     with engine.connect() as connection:
         info = provenance(connection, model_version)
-        query = export_query(info["model_version"])
-        result = connection.execution_options(stream_results=True, yield_per=chunk_rows) \
-            .execute(query)
-        if fmt == "csv":
-            _write_csv(path, result, chunk_rows)
-        elif fmt == "fits":
-            _write_fits(result, path, info, chunk_rows)
+        if use_copy:
+            {"csv": _copy_csv, "fits": _copy_fits, "votable": _copy_votable}[fmt](
+                connection, tmp, info, chunk_rows)
         else:
-            _write_votable(result, path, info, chunk_rows)
+            result = connection.execution_options(stream_results=True, yield_per=chunk_rows) \
+                .execute(export_query(info["model_version"]))
+            partitions = result.partitions(chunk_rows)
+            if fmt == "csv":
+                _write_csv(tmp, partitions)
+            elif fmt == "fits":
+                _write_fits(tmp, info, (_row_columns(rows) for rows in partitions))
+            else:
+                _write_votable(tmp, info, (votable_rows(rows, column_descriptions())
+                                           for rows in partitions))
+    os.replace(tmp, path)
     return info
 
 
-def _write_csv(path, result, chunk_rows):
-    names = [d.name for d in column_descriptions()]
-    tmp = f"{path}.part"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(names)
-        for rows in result.partitions(chunk_rows):
-            writer.writerows([["" if v is None or (isinstance(v, float) and math.isnan(v))
-                               else v for v in row] for row in rows])
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------
+# The file formats: each writer takes chunks (of rows, columns or text)
+def _csv_header():
+    return ",".join(d.name for d in column_descriptions()) + "\n"
 
 
-def _table(partitions):
-    """Chunks of query rows as one astropy Table, built into numpy columns chunk by chunk
-    (a few tens of bytes per row, never the whole result as Python rows)."""
-    from astropy.table import Column, MaskedColumn, Table
+def _write_csv(path, partitions):
+    with open(path, "w", newline="") as handle:
+        handle.write(_csv_header())
+        writer = csv.writer(handle, lineterminator="\n")
+        for rows in partitions:
+            writer.writerows([[cell_text(v) for v in row] for row in rows])
 
-    descriptions = column_descriptions()
-    parts = [[] for _ in descriptions]
-    for rows in partitions:
-        for index, values in enumerate(zip(*rows)):
-            parts[index].append(_column_values(values, descriptions[index].kind))
-    table = Table()
-    for desc, chunks in zip(descriptions, parts):
-        data, mask = (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])) \
-            if chunks else _column_values((), desc.kind)
-        if desc.kind == "float" or mask.any():
-            column = MaskedColumn(data, name=desc.name, mask=mask)
-        else:
-            column = Column(data, name=desc.name)
-        # Units are written verbatim from the schema (FITS TUNITn, VOTable unit) by the
-        # writers: astropy cannot parse some (log(cm.s**-2)) and would warn or mangle them.
-        column.description = desc.description
-        if desc.ucd:
-            column.meta["ucd"] = desc.ucd
-        table.add_column(column)
-    return table
+
+def _write_votable(path, info, row_texts):
+    """TABLEDATA: the FIELD metadata of the one schema, the provenance as INFO elements,
+    then the ``<TR>`` lines chunk by chunk."""
+    provenance_infos = [Info(key, str(info[key])) for key in
+                        ("model_version", "preprocessing_hash", "code_version", "artifact_sha256",
+                         "exported_at")]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(votable_header(
+            column_descriptions(), table_name="catalogue", status_infos=provenance_infos,
+            description="LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by LASSO-MLPNet"))
+        for text in row_texts:
+            handle.write(text)
+        handle.write(votable_footer())
 
 
 def _column_values(values, kind):
@@ -135,15 +150,42 @@ def _column_values(values, kind):
             np.array([v is None for v in values], dtype=bool))
 
 
-def _write_fits(result, path, info, chunk_rows):
+def _row_columns(rows):
+    """One chunk of query rows as {column name: (data, mask)}."""
+    descriptions = column_descriptions()
+    values = list(zip(*rows)) if rows else [()] * len(descriptions)
+    return {d.name: _column_values(v, d.kind) for d, v in zip(descriptions, values)}
+
+
+def _table(columns):
+    """The astropy Table of one chunk of columns ({name: (data, mask)}), with the schema's
+    descriptions and UCDs: the FITS writer takes its header from it."""
+    from astropy.table import Column, MaskedColumn, Table
+
+    table = Table()
+    for desc in column_descriptions():
+        data, mask = columns[desc.name]
+        if desc.kind == "float" or mask.any():
+            column = MaskedColumn(data, name=desc.name, mask=mask)
+        else:
+            column = Column(data, name=desc.name)
+        # Units are written verbatim from the schema (FITS TUNITn) by the writer: astropy
+        # cannot parse some (log(cm.s**-2)) and would warn or mangle them.
+        column.description = desc.description
+        if desc.ucd:
+            column.meta["ucd"] = desc.ucd
+        table.add_column(column)
+    return table
+
+
+def _write_fits(path, info, column_chunks):
     """Stream a binary table: the header comes from the first chunk, every chunk is
     appended as big-endian records, and NAXIS2 is set to the rows written at the end."""
     from astropy.io import fits
 
     descriptions = column_descriptions()
-    partitions = result.partitions(chunk_rows)
-    first = next(partitions, [])
-    hdu = fits.table_to_hdu(_table([first]))
+    first = next(column_chunks, None) or _row_columns([])
+    hdu = fits.table_to_hdu(_table(first))
     hdu.name = "CATALOGUE"
     header = hdu.header
     for index, desc in enumerate(descriptions, start=1):
@@ -171,42 +213,165 @@ def _write_fits(result, path, info, chunk_rows):
     record = np.dtype([(name, hdu.data.dtype[name].newbyteorder(">")
                         if hdu.data.dtype[name].kind in "iuf" else hdu.data.dtype[name])
                        for name in hdu.data.dtype.names])
-    tmp = f"{path}.part"
     rows = 0
-    with open(tmp, "wb") as handle:
+    with open(path, "wb") as handle:
         handle.write(primary.header.tostring().encode("ascii"))
         header_at = handle.tell()
         handle.write(header.tostring().encode("ascii"))
-        for chunk in itertools.chain([first], partitions):
-            if not chunk:
-                continue
-            data = np.empty(len(chunk), dtype=record)
-            for name, desc, values in zip(record.names, descriptions, zip(*chunk)):
-                data[name] = _column_values(values, desc.kind)[0]     # NULL: NaN, 0 or ""
+        for columns in itertools.chain([first], column_chunks):
+            count = len(columns[descriptions[0].name][0])
+            data = np.empty(count, dtype=record)
+            for name in record.names:
+                values, mask = columns[name]
+                if values.dtype.kind == "f":                # NULL, NaN and +-inf: NaN
+                    values = np.where(mask, np.nan, values)
+                data[name] = values                             # NULL int: 0, text: ""
             handle.write(data.tobytes())
-            rows += len(chunk)
+            rows += count
         handle.write(b"\0" * (-(rows * record.itemsize) % 2880))    # FITS blocks of 2880
         header["NAXIS2"] = rows                                     # same card, same length
         handle.seek(header_at)
         handle.write(header.tostring().encode("ascii"))
-    os.replace(tmp, path)
 
 
-def _write_votable(result, path, info, chunk_rows):
-    """TABLEDATA written chunk by chunk (constant memory, as the FITS writer), with the
-    FIELD metadata of the one schema and the provenance as INFO elements."""
-    from etl.votable import Info, votable_footer, votable_header, votable_rows
+# ---------------------------------------------------------------------------------------
+# PostgreSQL: the server formats the rows (COPY ... TO STDOUT)
+NAN, INFINITY = literal_column("'NaN'::float8"), literal_column("'Infinity'::float8")
 
-    columns = column_descriptions()
-    provenance_infos = [Info(key, str(info[key])) for key in
-                        ("model_version", "preprocessing_hash", "code_version", "artifact_sha256",
-                         "exported_at")]
-    tmp = f"{path}.part"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(votable_header(
-            columns, table_name="catalogue", status_infos=provenance_infos,
-            description="LAMOST LRS value-added catalogue: Teff, log g, [Fe/H] by LASSO-MLPNet"))
-        for rows in result.partitions(chunk_rows):
-            handle.write(votable_rows(rows, columns))
-        handle.write(votable_footer())
-    os.replace(tmp, path)
+
+def _finite_or_null(column):
+    """NULL for NaN and +-Infinity, as the row writers leave them empty (PostgreSQL
+    compares NaN equal to NaN, so NULLIF finds it)."""
+    return func.nullif(func.nullif(func.nullif(column, NAN), INFINITY), -INFINITY)
+
+
+def _copy(connection, query, options):
+    """The data blocks of ``COPY (query) TO STDOUT (options)``; the query's parameters are
+    bound by psycopg (COPY takes no server-side parameters)."""
+    compiled = query.compile(dialect=connection.dialect)
+    raw = connection.connection.driver_connection
+    with raw.cursor() as cursor:
+        with cursor.copy(f"COPY ({compiled.string}) TO STDOUT ({options})",
+                         compiled.params) as copy:
+            yield from copy
+
+
+def _formatted_columns():
+    """Each export column as the SQL expression whose text is the cell."""
+    return [_finite_or_null(table.c[name]) if desc.kind == "float" else table.c[name]
+            for (name, table), desc in zip(EXPORT_COLUMNS, column_descriptions())]
+
+
+def _copy_csv(connection, path, info, chunk_rows):
+    # PostgreSQL writes float8 with the shortest text that reads back exactly
+    # (extra_float_digits 1, PostgreSQL >= 12), as Python's repr does.
+    with open(path, "wb") as handle:
+        handle.write(_csv_header().encode("utf-8"))
+        query = export_query(info["model_version"], _formatted_columns())
+        for block in _copy(connection, query, "FORMAT csv"):
+            handle.write(block)
+
+
+def _copy_votable(connection, path, info, chunk_rows):
+    """Each row is one ``<TR>`` line built by the server (``concat`` writes NULL as
+    nothing: an empty cell). The export's only text column, the model version, is the
+    same on every row: it is escaped here and bound as a parameter."""
+    cells = []
+    for (name, _), column, desc in zip(EXPORT_COLUMNS, _formatted_columns(),
+                                       column_descriptions()):
+        if desc.kind in ("int", "float"):
+            cells.append(column)
+        elif name == "model_version":
+            cells.append(literal(_line_safe_xml(info["model_version"])))
+        else:
+            raise NotImplementedError(f"VOTable COPY export of the text column {name}")
+    separators = ["<TR><TD>"] + ["</TD><TD>"] * (len(cells) - 1)
+    parts = [part for separator, cell in zip(separators, cells)
+             for part in (literal(separator), cell)] + [literal("</TD></TR>")]
+    query = export_query(info["model_version"], [func.concat(*parts)])
+    # CSV with one column: PostgreSQL writes the line as it is unless it holds the quote,
+    # the delimiter, CR or LF, which _line_safe_xml never leaves (the delimiter is \x01,
+    # not allowed in XML; text COPY would double every backslash instead).
+    blocks = _copy(connection, query, "FORMAT csv, DELIMITER E'\\x01'")
+    _write_votable(path, info, (bytes(block).decode("utf-8") for block in blocks))
+
+
+def _line_safe_xml(value):
+    """``value`` as XML text with quotes and line breaks as character references."""
+    text = xml_text(cell_text(value))
+    for char, reference in (('"', "&quot;"), ("\n", "&#10;"), ("\r", "&#13;")):
+        text = text.replace(char, reference)
+    return text
+
+
+def _copy_fits(connection, path, info, chunk_rows):
+    """Binary COPY records with a fixed layout (every cell 8 bytes, never NULL: NULL
+    floats come as NaN), read by numpy a chunk at a time."""
+    descriptions = column_descriptions()
+    numeric = [(name, table, desc) for (name, table), desc in zip(EXPORT_COLUMNS, descriptions)
+               if desc.kind in ("int", "float")]
+    for name, _, desc in numeric:
+        if desc.kind == "int" and desc.nullable:
+            raise NotImplementedError(f"COPY FITS export of nullable integer column {name}")
+    expressions = [cast(table.c[name], BigInteger) if desc.kind == "int"
+                   else func.coalesce(table.c[name], NAN) for name, table, desc in numeric]
+    record = np.dtype([("fields", ">i2")] + [
+        field for name, _, desc in numeric
+        for field in ((f"{name}__length", ">i4"), (name, ">i8" if desc.kind == "int" else ">f8"))])
+    blocks = _copy(connection, export_query(info["model_version"], expressions),
+                   "FORMAT binary")
+
+    def column_chunks():
+        for records in binary_copy_records(blocks, record, chunk_rows):
+            if (records["fields"] != len(numeric)).any() or any(
+                    (records[f"{name}__length"] != 8).any() for name, _, _ in numeric):
+                raise RuntimeError("unexpected record layout in the binary COPY stream")
+            columns = {}
+            for desc in descriptions:
+                if desc.kind == "int":
+                    data = records[desc.name]
+                    columns[desc.name] = (data, np.zeros(len(data), bool))
+                elif desc.kind == "float":
+                    data = records[desc.name]
+                    columns[desc.name] = (data, ~np.isfinite(data))
+                else:                                   # the constant model version
+                    columns[desc.name] = (np.full(len(records), str(info[desc.name])),
+                                          np.zeros(len(records), bool))
+            yield columns
+
+    _write_fits(path, info, column_chunks())
+
+
+PGCOPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+def binary_copy_records(blocks, record, chunk_rows):
+    """Structured arrays of ``record`` (one field per COPY tuple field, each with its
+    length word) from the blocks of a binary COPY stream whose tuples all have that
+    fixed layout, ``chunk_rows`` at a time (the last chunk may be shorter)."""
+    buffer = bytearray()
+    header = None                                      # bytes of header still to skip
+    for block in blocks:
+        buffer += block
+        if header is None:
+            if len(buffer) < 19:
+                continue
+            if bytes(buffer[:11]) != PGCOPY_SIGNATURE:
+                raise RuntimeError("not a binary COPY stream")
+            header = 19 + int.from_bytes(buffer[15:19], "big")
+        if header:
+            if len(buffer) < header:
+                continue
+            del buffer[:header]
+            header = 0
+        if len(buffer) >= chunk_rows * record.itemsize:
+            count = len(buffer) // record.itemsize
+            yield np.frombuffer(bytes(buffer[:count * record.itemsize]), dtype=record)
+            del buffer[:count * record.itemsize]
+    if not buffer.endswith(b"\xff\xff"):
+        raise RuntimeError("binary COPY stream ended without its trailer")
+    count = (len(buffer) - 2) // record.itemsize
+    if count * record.itemsize != len(buffer) - 2:
+        raise RuntimeError("binary COPY stream ended inside a tuple")
+    if count:
+        yield np.frombuffer(bytes(buffer[:-2]), dtype=record)

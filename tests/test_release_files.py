@@ -5,7 +5,7 @@ import datetime as dt
 from xml.etree import ElementTree
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import func, insert, select, update
 
 from etl import schema
 from etl.cli import main as cli_main
@@ -89,6 +89,115 @@ def test_exported_csv_has_every_current_estimate(release_db, tmp_path):
     table = Table.read(export(url, "csv", tmp_path / "catalogue.csv"), format="ascii.csv")
     assert len(table) == len(set(table["obsid"])) == 3000
     assert set(table["model_version"]) == {CURRENT}
+
+
+ODD_VERSION = 'v2.0 "a" & <b>, c\\d'
+
+
+@pytest.fixture(scope="module")
+def pg_release_db(make_database):
+    """The test catalogue on PostgreSQL with missing and non-finite estimates."""
+    from conftest import load_catalogue, make_catalogue
+    from etl import db
+
+    url = make_database("postgresql")
+    db.upgrade(url)
+    load_catalogue(url, make_catalogue())
+    engine = db.make_engine(url)
+    e = schema.estimates
+    with engine.begin() as connection:
+        connection.execute(update(e).where(e.c.obsid % 7 == 0).values(teff_err=None))
+        for value, modulus in ((float("nan"), 11), (float("inf"), 13), (float("-inf"), 17)):
+            connection.execute(update(e).where(e.c.obsid % modulus == 0).values(feh=value))
+        # a model version that needs escaping in every format holds some of the rows
+        connection.execute(insert(schema.models).values(
+            version=ODD_VERSION, created_at=NOW, status="retired",
+            artifact_path="/models/odd.joblib", artifact_sha256="c" * 64,
+            code_version="0.1.0", training_set={}, metrics={}))
+        connection.execute(update(e).where(e.c.obsid % 19 == 0, e.c.model_version == CURRENT)
+                           .values(model_version=ODD_VERSION))
+        counts = dict(connection.execute(select(e.c.model_version, func.count())
+                                         .group_by(e.c.model_version)).all())
+    engine.dispose()
+    return url, counts
+
+
+@pytest.mark.parametrize("fmt", ["csv", "fits", "votable"])
+def test_postgresql_copy_export_is_the_row_export(pg_release_db, tmp_path, fmt):
+    """On PostgreSQL the server formats the rows (COPY); the result is the table the
+    row-by-row writers (the SQLite path) give: same values, same missing cells."""
+    import numpy as np
+    from astropy.table import Table
+
+    from etl import db
+    from etl.export import export_catalogue
+
+    url, counts = pg_release_db
+    engine = db.make_engine(url)
+    suffix = {"csv": "csv", "fits": "fits", "votable": "vot"}[fmt]
+    tables = {}
+    for use_copy in (True, False):
+        path = tmp_path / f"{use_copy}.{suffix}"
+        info = export_catalogue(engine, str(path), fmt, use_copy=use_copy, chunk_rows=700)
+        if fmt == "fits":
+            assert_valid_fits(path)
+        elif fmt == "votable":
+            assert_valid_votable(path)
+        tables[use_copy] = read_table(path)
+    engine.dispose()
+    copied, rows = tables[True], tables[False]
+    assert len(copied) == info["rows"] == counts[CURRENT]
+    assert copied.colnames == rows.colnames
+    for name in copied.colnames:
+        a, b = copied[name], rows[name]
+        if a.dtype.kind == "f":
+            a, b = as_float(a), as_float(b)
+            np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=name)
+            np.testing.assert_array_equal(a[np.isfinite(a)], b[np.isfinite(b)], err_msg=name)
+        else:
+            assert list(a) == list(b), name
+    feh, obsid = as_float(copied["feh"]), np.asarray(copied["obsid"])
+    for modulus in (11, 13, 17):                               # NaN and +-inf: empty cells
+        assert np.isnan(feh[obsid % modulus == 0]).all()
+    assert np.isfinite(feh[(obsid % 11 != 0) & (obsid % 13 != 0) & (obsid % 17 != 0)]).all()
+
+
+def read_table(path):
+    """An exported file as an astropy Table (units it cannot parse stay strings)."""
+    from astropy.table import Table
+
+    if path.suffix == ".csv":
+        return Table.read(str(path), format="ascii.csv")
+    if path.suffix == ".fits":
+        return Table.read(str(path), unit_parse_strict="silent")
+    return Table.read(str(path))
+
+
+def as_float(column):
+    """A table column as a float array with NaN where the cell is empty."""
+    import numpy as np
+    return np.asarray(np.ma.filled(np.ma.asanyarray(column, dtype=float), np.nan))
+
+
+def test_copy_export_of_a_model_version_that_needs_escaping(pg_release_db, tmp_path):
+    """A model version with quotes, '&', '<', a comma and a backslash reaches every format
+    intact."""
+    from astropy.table import Table
+
+    from etl import db
+    from etl.export import export_catalogue
+
+    url, counts = pg_release_db
+    engine = db.make_engine(url)
+    for fmt, suffix in (("csv", "csv"), ("fits", "fits"), ("votable", "vot")):
+        path = tmp_path / f"odd.{suffix}"
+        export_catalogue(engine, str(path), fmt, model_version=ODD_VERSION)
+        table = read_table(path)
+        assert len(table) == counts[ODD_VERSION] > 0, fmt
+        assert set(table["model_version"]) == {ODD_VERSION}, fmt
+    engine.dispose()
+    assert_valid_votable(tmp_path / "odd.vot")
+    assert_valid_fits(tmp_path / "odd.fits")
 
 
 # The API's VOTable and FITS answers: results, metadata only, overflow, no rows, errors.
