@@ -317,9 +317,11 @@ def merge_staging(connection, table_name, staging, columns, key_columns, compare
         for c in compare_columns)
     assignments = ", ".join(f'"{c}" = {incoming(c, "excluded", table_name)}'
                             for c in update_columns)
+    order = insert_order(connection, columns)
     # "WHERE true" keeps SQLite's parser from reading ON CONFLICT as a join constraint.
     upsert = (f"INSERT INTO {table_name} ({_quoted(columns)}) "
               f"SELECT {_quoted(columns)} FROM {staging} WHERE true "
+              f"{f'ORDER BY {order} ' if order else ''}"
               f"ON CONFLICT ({_quoted(key_columns)}) DO UPDATE SET {assignments} "
               f"WHERE {excluded_differs}")
     if postgres:
@@ -337,6 +339,19 @@ def merge_staging(connection, table_name, staging, columns, key_columns, compare
         f"FROM {staging} s JOIN {table_name} t ON {key_match}").one()
     connection.exec_driver_sql(upsert)
     return UpsertCounts(inserted=total - existing, updated=changed, unchanged=existing - changed)
+
+
+def insert_order(connection, columns):
+    """The order a merge inserts rows with ``columns`` in: rows with a position by sky
+    position (Q3C pixel on PostgreSQL, zone and RA on SQLite), so that consecutive rows
+    land on neighbouring pages of the position index instead of anywhere in it (100,000
+    rows into 2 M spectra: 1.6 s instead of 2.0-2.5 s with the zone index gone, 1.9
+    instead of 2.2 with it). None: the staging order."""
+    if not {"ra", "dec"} <= set(columns):
+        return None
+    if is_postgres(connection):
+        return "q3c_ang2ipix(ra, dec)"
+    return '"zone", "ra"' if "zone" in columns else None
 
 
 @contextmanager
@@ -381,9 +396,11 @@ def migration_include_object(obj, name, type_, reflected, compare_to):
     """Alembic filter: what autogenerate compares.
 
     Q3C functional indexes and the views are made by hand in the migrations; the schema
-    cannot express them, so autogenerate must neither add nor drop them.
+    cannot express them, so autogenerate must neither add nor drop them. Nor the zone
+    indexes, which exist on SQLite only (``schema.zone_index``): autogenerate does not
+    read ``ddl_if`` and would add them to PostgreSQL.
     """
-    if type_ == "index" and name and name.endswith("_q3c_idx"):
+    if type_ == "index" and name and name.endswith(("_q3c_idx", "_zone_ra")):
         return False
     if type_ == "table" and name and name in schema.VIEWS:
         return False
