@@ -28,15 +28,14 @@ import csv
 import itertools
 import os
 from datetime import datetime, timezone
-from xml.sax.saxutils import escape
 
 import numpy as np
-from sqlalchemy import BigInteger, cast, func, literal, literal_column, select
+from sqlalchemy import BigInteger, cast, func, literal_column, select
 
 from etl import db, schema
 from etl.inference import model_row
-from etl.votable import (Info, cell_text, votable_footer, votable_header, votable_rows,
-                         xml_text)
+from etl.votable import (Info, cell_text, sql_finite_or_null, tabledata_row_sql,
+                         votable_footer, votable_header, votable_rows)
 from models.labels import estimate_columns
 
 S, E = schema.spectra, schema.estimates
@@ -236,13 +235,7 @@ def _write_fits(path, info, column_chunks):
 
 # ---------------------------------------------------------------------------------------
 # PostgreSQL: the server formats the rows (COPY ... TO STDOUT)
-NAN, INFINITY = literal_column("'NaN'::float8"), literal_column("'Infinity'::float8")
-
-
-def _finite_or_null(column):
-    """NULL for NaN and +-Infinity, as the row writers leave them empty (PostgreSQL
-    compares NaN equal to NaN, so NULLIF finds it)."""
-    return func.nullif(func.nullif(func.nullif(column, NAN), INFINITY), -INFINITY)
+NAN = literal_column("'NaN'::float8")
 
 
 def _copy(connection, query, options):
@@ -258,7 +251,7 @@ def _copy(connection, query, options):
 
 def _formatted_columns():
     """Each export column as the SQL expression whose text is the cell."""
-    return [_finite_or_null(table.c[name]) if desc.kind == "float" else table.c[name]
+    return [sql_finite_or_null(table.c[name]) if desc.kind == "float" else table.c[name]
             for (name, table), desc in zip(EXPORT_COLUMNS, column_descriptions())]
 
 
@@ -273,35 +266,15 @@ def _copy_csv(connection, path, info, chunk_rows):
 
 
 def _copy_votable(connection, path, info, chunk_rows):
-    """Each row is one ``<TR>`` line built by the server (``concat`` writes NULL as
-    nothing: an empty cell). The export's only text column, the model version, is the
-    same on every row: it is escaped here and bound as a parameter."""
-    cells = []
-    for (name, _), column, desc in zip(EXPORT_COLUMNS, _formatted_columns(),
-                                       column_descriptions()):
-        if desc.kind in ("int", "float"):
-            cells.append(column)
-        elif name == "model_version":
-            cells.append(literal(_line_safe_xml(info["model_version"])))
-        else:
-            raise NotImplementedError(f"VOTable COPY export of the text column {name}")
-    separators = ["<TR><TD>"] + ["</TD><TD>"] * (len(cells) - 1)
-    parts = [part for separator, cell in zip(separators, cells)
-             for part in (literal(separator), cell)] + [literal("</TD></TR>")]
-    query = export_query(info["model_version"], [func.concat(*parts)])
-    # CSV with one column: PostgreSQL writes the line as it is unless it holds the quote,
-    # the delimiter, CR or LF, which _line_safe_xml never leaves (the delimiter is \x01,
-    # not allowed in XML; text COPY would double every backslash instead).
-    blocks = _copy(connection, query, "FORMAT csv, DELIMITER E'\\x01'")
+    """Each row is one ``<TR>`` line written by the server (etl.votable.tabledata_row_sql)."""
+    line = tabledata_row_sql(list(zip(
+        [table.c[name] for name, table in EXPORT_COLUMNS], column_descriptions())))
+    # CSV with one column: PostgreSQL writes a line as it is unless it holds the quote,
+    # the delimiter, CR or LF, which tabledata_row_sql never leaves (the delimiter is
+    # \x01, which XML does not allow; text COPY would double every backslash instead).
+    blocks = _copy(connection, export_query(info["model_version"], [line]),
+                   "FORMAT csv, DELIMITER E'\\x01'")
     _write_votable(path, info, (bytes(block).decode("utf-8") for block in blocks))
-
-
-def _line_safe_xml(value):
-    """``value`` as XML text with quotes and line breaks as character references."""
-    text = xml_text(cell_text(value))
-    for char, reference in (('"', "&quot;"), ("\n", "&#10;"), ("\r", "&#13;")):
-        text = text.replace(char, reference)
-    return text
 
 
 def _copy_fits(connection, path, info, chunk_rows):

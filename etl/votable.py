@@ -208,6 +208,59 @@ def binary2_rows(rows: Iterable[Sequence], columns) -> str:
     return base64.encodebytes(bytes(stream)).decode("ascii").rstrip("\n")
 
 
+# TABLEDATA rows written by PostgreSQL: the same cells as votable_rows, built in SQL so
+# that large answers (a release export, a wide cone) never format a value in Python.
+_SQL_INVALID_XML = "[\x01-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]"   # (text never holds NUL)
+_SQL_TEXT_REFERENCES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&quot;"),
+                        ("\n", "&#10;"), ("\r", "&#13;"))
+
+
+def sql_finite_or_null(expression):
+    """SQL: NULL for NaN and +-Infinity (PostgreSQL compares NaN equal to NaN, so NULLIF
+    finds it), as the Python writers leave them empty."""
+    from sqlalchemy import func, literal_column
+
+    for value in ("'NaN'", "'Infinity'", "'-Infinity'"):
+        expression = func.nullif(expression, literal_column(f"{value}::float8"))
+    return expression
+
+
+def _sql_cell(expression, kind):
+    from sqlalchemy import func
+
+    if kind == "int":
+        return expression
+    if kind == "float":
+        return sql_finite_or_null(expression)
+    if kind == "text":
+        # Quotes and line breaks become character references too (the same text to an XML
+        # parser): a line then holds neither, which COPY ... (FORMAT csv) needs to write
+        # it as it is.
+        text = func.regexp_replace(expression, _SQL_INVALID_XML, "", "g")
+        for char, reference in _SQL_TEXT_REFERENCES:
+            text = func.replace(text, char, reference)
+        return text
+    return None
+
+
+def tabledata_row_sql(cells):
+    """A PostgreSQL expression whose value is one TABLEDATA row, ``<TR><TD>..</TD></TR>``
+    (no line end), with the cells :func:`votable_rows` would write (NULL, NaN and
+    +-Infinity empty; floats in the server's shortest exact form, e.g. ``80`` where
+    Python writes ``80.0``). ``cells``: (SQL expression, :class:`ColumnDescription`)
+    pairs. None when a column's kind has no SQL form here (timestamps, booleans, JSON):
+    then the rows are written by :func:`votable_rows`."""
+    from sqlalchemy import func, literal
+
+    parts = []
+    for index, (expression, column) in enumerate(cells):
+        cell = _sql_cell(expression, column.kind)
+        if cell is None:
+            return None
+        parts += [literal("<TR><TD>" if index == 0 else "</TD><TD>"), cell]
+    return func.concat(*parts, literal("</TD></TR>"))
+
+
 def votable_footer(*, post_infos=(), resources=(), serialization="tabledata") -> str:
     """Everything after the rows: closes the DATA, the TABLE (``post_infos`` after it, e.g.
     the DALI overflow INFO), the results RESOURCE (then ``resources``) and the document."""
@@ -221,19 +274,25 @@ def votable_footer(*, post_infos=(), resources=(), serialization="tabledata") ->
 
 def votable_document(columns, rows, *, table_name="results", description=None, infos=(),
                      status_infos=(), post_infos=(), fields=None,
-                     serialization="tabledata", resources=()) -> str:
+                     serialization="tabledata", resources=(), tabledata=None) -> str:
     """A VOTable 1.4 document with one RESOURCE type="results" holding one TABLE.
 
     ``infos`` go under VOTABLE; ``status_infos`` in the RESOURCE before the TABLE
     (QUERY_STATUS OK); ``post_infos`` after it (the DALI overflow INFO).
     ``serialization``: ``tabledata`` or ``binary2``. ``resources``: further RESOURCE
     elements (XML text) after the results, e.g. DataLink service descriptors.
+    ``tabledata``: the rows as ``<TR>`` lines already written (:func:`tabledata_row_sql`),
+    used instead of ``rows``.
     """
     header = votable_header(columns, table_name=table_name, description=description,
                             infos=infos, status_infos=status_infos, fields=fields,
                             serialization=serialization)
-    body = (votable_rows(rows, columns) if serialization == "tabledata"
-            else binary2_rows(rows, columns))
+    if tabledata is not None:
+        body = "".join(f"{line}\n" for line in tabledata)
+    elif serialization == "tabledata":
+        body = votable_rows(rows, columns)
+    else:
+        body = binary2_rows(rows, columns)
     return header + body + votable_footer(post_infos=post_infos, resources=resources,
                                           serialization=serialization)
 

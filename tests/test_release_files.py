@@ -2,6 +2,7 @@
 ``lamost-vac export`` and the API's VOTable and FITS answers (/scs, /api/v1/estimates)
 pass STILTS votlint and fitsverify, on SQLite and PostgreSQL."""
 import datetime as dt
+import math
 from xml.etree import ElementTree
 
 import pytest
@@ -198,6 +199,43 @@ def test_copy_export_of_a_model_version_that_needs_escaping(pg_release_db, tmp_p
     engine.dispose()
     assert_valid_votable(tmp_path / "odd.vot")
     assert_valid_fits(tmp_path / "odd.fits")
+
+
+CELLS = [("int", 9007199254740993), ("int", -1), ("int", None), ("float", 5000.0),
+         ("float", 1e-300), ("float", -0.0), ("float", 0.1 + 0.2), ("float", float("nan")),
+         ("float", float("inf")), ("float", float("-inf")), ("float", None),
+         ("text", 'a<b>&amp; "c" \'d\'\n\r\n\t\x01\ufffe, end\\'), ("text", ""), ("text", None)]
+
+
+def test_server_written_tabledata_cells_hold_the_values(pg_release_db):
+    """etl.votable.tabledata_row_sql (export and /scs on PostgreSQL): every value reads
+    back as itself -- NULL, NaN and +-inf empty, floats exact, text XML-escaped (quotes and
+    line breaks as references, characters XML forbids dropped) -- on one line."""
+    from sqlalchemy import BigInteger, Float, Text, cast, literal, null
+
+    from etl import db
+    from etl.schema import ColumnDescription
+    from etl.votable import tabledata_row_sql
+
+    types = {"int": BigInteger, "float": Float(53), "text": Text}
+    cells = [(cast(null(), types[kind]) if value is None else literal(value, types[kind]),
+              ColumnDescription(f"c{i}", kind, None, None, "", True))
+             for i, (kind, value) in enumerate(CELLS)]
+    engine = db.make_engine(pg_release_db[0])
+    with engine.connect() as connection:
+        line = connection.execute(select(tabledata_row_sql(cells))).scalar_one()
+    engine.dispose()
+    assert "\n" not in line and "\r" not in line and '"' not in line
+    texts = [cell.text or "" for cell in ElementTree.fromstring(line)]
+    for (kind, value), text in zip(CELLS, texts):
+        if value is None or (kind == "float" and not math.isfinite(value)):
+            assert text == "", (kind, value, text)
+        elif kind == "float":
+            assert float(text) == value and math.copysign(1, float(text)) == math.copysign(1, value)
+        elif kind == "int":
+            assert int(text) == value
+        else:
+            assert text == value.replace("\x01", "").replace("\ufffe", ""), text
 
 
 # The API's VOTable and FITS answers: results, metadata only, overflow, no rows, errors.

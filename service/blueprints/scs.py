@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from etl import db as etl_db
 from etl import schema
+from etl.votable import tabledata_row_sql
 from models.labels import estimate_columns
 from service import formats
 from service.blueprints import datalink
@@ -123,10 +124,12 @@ def _cone_select(verb, distance, cone):
             .where(estimates.c.model_version == current_model_version()))
 
 
-@lru_cache(maxsize=8)
-def _postgres_template(verb, tiny=False):
+@lru_cache(maxsize=16)
+def _postgres_template(verb, tiny=False, tabledata=False):
     """The PostgreSQL cone statement with bound parameters ra, dec, sr, maxrows; built
     once per VERB so a request only binds values and the server reuses a generic plan.
+    ``tabledata``: each row comes as its VOTable ``<TR>`` line, written by the server
+    (:func:`etl.votable.tabledata_row_sql`; None when a column needs Python's writer).
 
     Its shape holds under a generic plan (which cannot know the cone is small): the cone
     is a Q3C scan of spectra, and each of its rows looks up the current model's estimate
@@ -156,23 +159,31 @@ def _postgres_template(verb, tiny=False):
                 .lateral("estimate"))
     columns = [cone.c[n] if n in from_spectra or n == "distance" else estimate.c[n]
                for n in names]
+    if tabledata:
+        line = tabledata_row_sql(list(zip(columns, scs_columns(verb))))
+        if line is None:
+            return None
+        columns = [line]
     return (select(*columns)
             .select_from(cone.join(estimate, true()))
             .order_by(cone.c.distance, cone.c.obsid)
             .limit(bindparam("maxrows", type_=Integer)))
 
 
-def scs_query(bind, ra, dec, sr, verb, limit):
+def scs_query(bind, ra, dec, sr, verb, limit, tabledata=False):
     """(statement, parameters) of the cone query: rows of the current model within ``sr``
     deg of (ra, dec), nearest first, at most ``limit``.
 
     Positions are filtered by :func:`etl.db.cone_condition` (Q3C index on PostgreSQL,
     declination zones + RA ranges on SQLite, both exact); every value is a bound
-    parameter.
+    parameter. ``tabledata``: on PostgreSQL, rows as VOTable ``<TR>`` lines when the
+    server can write them (the statement is None otherwise).
     """
     if etl_db.is_postgres(bind):
-        return (_postgres_template(verb, sr < MIN_INDEX_RADIUS_DEG),
+        return (_postgres_template(verb, sr < MIN_INDEX_RADIUS_DEG, tabledata),
                 {"ra": ra, "dec": dec, "sr": sr, "maxrows": limit})
+    if tabledata:
+        return None, {}
     spectra = schema.spectra
     distance = etl_db.distance_deg(spectra, ra, dec, bind).label("distance")
     statement = (_cone_select(verb, distance, cone_filter(spectra, ra, dec, sr, bind))
@@ -207,12 +218,21 @@ def _answer(service, args):
     (ra, dec), sr = cone_centre(args["RA"], args["DEC"]), args["SR"]
     verb, fmt = args["VERB"], args["RESPONSEFORMAT"]
     maxrec = min(args["MAXREC"], service.limits.scs_max_records)
-    rows, overflow = [], False
+    rows, overflow, server_lines = [], False, False
     if sr > 0 and maxrec > 0:
         try:
             with service.cone_engine.connect() as connection:
-                statement, params = scs_query(connection, ra, dec, sr, verb, maxrec + 1)
-                rows = connection.execute(statement, params).all()
+                # A VOTable's rows are written by PostgreSQL where it can: a wide cone's
+                # thousands of rows are then never formatted value by value in Python.
+                if fmt == "votable":
+                    statement, params = scs_query(connection, ra, dec, sr, verb,
+                                                  maxrec + 1, tabledata=True)
+                    server_lines = statement is not None
+                if server_lines:
+                    rows = connection.execute(statement, params).scalars().all()
+                else:
+                    statement, params = scs_query(connection, ra, dec, sr, verb, maxrec + 1)
+                    rows = connection.execute(statement, params).all()
         except SQLAlchemyError as error:
             status, message = database_error_response(error)
             return error_document(message, status=status)
@@ -235,5 +255,6 @@ def _answer(service, args):
     body = formats.votable_document(columns, rows, description=TABLE_DESCRIPTION,
                                     status_infos=query_infos, post_infos=post,
                                     fields=scs_fields(verb),
+                                    tabledata=rows if server_lines else None,
                                     resources=[datalink.links_descriptor("obsid")])
     return Response(body, mimetype=formats.VOTABLE_MIME, headers=headers)
