@@ -42,6 +42,9 @@ def test_migrations_create_every_table_view_and_index(catalogue_engine):
                 "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
                 "WHERE i.indisclustered").scalars().all()
             assert {"spectra", "reference_labels"} <= set(clustered)
+            # the planner's statistics of etl.inference.star_condition (migration 0005)
+            assert connection.exec_driver_sql(
+                "SELECT 1 FROM pg_statistic_ext WHERE stxname = 'spectra_star_class'").scalar()
 
 
 def test_migrated_database_matches_the_schema(catalogue_engine):
@@ -235,3 +238,32 @@ def test_downgrading_the_roles_migration_changes_only_its_database(make_database
     db.upgrade(downgraded)                                  # again, with the roles existing
     assert_refused(as_reader(downgraded, "CREATE TEMP TABLE scratch (x int)"),
                    "permission denied to create temporary tables")
+
+
+def test_planner_knows_how_many_spectra_are_stars(pg_catalogue, pg_engine):
+    """The stale set's STAR condition is an expression the planner has statistics of
+    (migration 0005): without them it guessed 0.5% of the rows and probed the estimates
+    once per spectrum (22 s for an empty stale set of 11 M spectra)."""
+    import json
+
+    from sqlalchemy import func, select
+
+    from etl.inference import star_condition
+
+    spectra = schema.spectra
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO spectra (obsid, ra, dec, zone, class) "
+            "SELECT i, i %% 360, 0, 0, CASE WHEN i %% 10 = 0 THEN 'GALAXY' ELSE ' star ' END "
+            "FROM generate_series(1, 20000) AS i")
+        connection.exec_driver_sql("ANALYZE spectra")
+        statement = select(func.count()).select_from(spectra).where(star_condition()) \
+            .compile(connection)
+        plan = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement.string}",
+                                          statement.params).scalar()
+        connection.exec_driver_sql("TRUNCATE spectra CASCADE")
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    scan = plan[0]["Plan"]
+    while "Plans" in scan:
+        scan = scan["Plans"][0]
+    assert 15000 <= scan["Plan Rows"] <= 21000, scan
