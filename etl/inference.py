@@ -147,6 +147,11 @@ def iter_batches(engine, model_version, mode="stale", batch_size=500, retry_fail
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as connection:
+        if db.is_postgres(connection):
+            # Every row of the cursor is read: plan for all of them. With the default (the
+            # first 10%) PostgreSQL walked spectra in obsid order through the primary key
+            # of a table clustered by position: 28.5 s instead of 6.7 s on 11 M spectra.
+            connection.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
         result = connection.execution_options(stream_results=True, yield_per=batch_size) \
             .execute(query)
         for partition in result.partitions(batch_size):
