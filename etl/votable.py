@@ -71,7 +71,7 @@ def cell_text(value) -> str:
     return str(value)
 
 
-def xml_text(value: str) -> str:
+def _xml_text(value: str) -> str:
     return escape(_INVALID_XML.sub("", value))
 
 
@@ -89,7 +89,7 @@ VOTABLE_HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n'
 def _info_xml(info: Info, indent="  ") -> str:
     attrs = f"name={_xml_attr(info.name)} value={_xml_attr(str(info.value))}"
     if info.content:
-        return f"{indent}<INFO {attrs}>{xml_text(info.content)}</INFO>\n"
+        return f"{indent}<INFO {attrs}>{_xml_text(info.content)}</INFO>\n"
     return f"{indent}<INFO {attrs}/>\n"
 
 
@@ -112,7 +112,7 @@ def field_xml(column: ColumnDescription) -> str:
         attrs.append(f"ucd={_xml_attr(column.ucd)}")
     description = ""
     if column.description:
-        description = f"<DESCRIPTION>{xml_text(column.description)}</DESCRIPTION>"
+        description = f"<DESCRIPTION>{_xml_text(column.description)}</DESCRIPTION>"
     return f"    <FIELD {' '.join(attrs)}>{description}</FIELD>\n"
 
 
@@ -131,7 +131,7 @@ def votable_header(columns, *, table_name="results", description=None, infos=(),
     parts.extend(_info_xml(i, "    ") for i in status_infos)
     parts.append(f"    <TABLE name={_xml_attr(table_name)}>\n")
     if description:
-        parts.append(f"    <DESCRIPTION>{xml_text(description)}</DESCRIPTION>\n")
+        parts.append(f"    <DESCRIPTION>{_xml_text(description)}</DESCRIPTION>\n")
     parts.append(fields if fields is not None else fields_xml(columns))
     parts.append(_DATA_OPEN[serialization])
     return "".join(parts)
@@ -152,7 +152,7 @@ def _td_float(value):
 
 
 def _td_text(value):
-    return "" if value is None else xml_text(cell_text(value))
+    return "" if value is None else _xml_text(cell_text(value))
 
 
 def _cell_formatter(column):
