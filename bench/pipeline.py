@@ -209,11 +209,17 @@ def measure(args, sim, tmp, name, url):
             result["naive"] = naive_loop(engine, artifact, version, rows, str(sim))
         log(f"naive: {result['naive']}")
 
-        # -- Celery workers
-        for n in [int(v) for v in args.workers.split(",")]:
+        # -- Celery workers (and, with --compare-cell-triggers, again without the
+        # triggers of migration 0006 that keep estimate_cells counted)
+        runs = [(int(v), triggers) for v in args.workers.split(",")
+                for triggers in ((True, False) if args.compare_cell_triggers else (True,))]
+        for n, triggers in runs:
+            name = f"workers_{n}" + ("" if triggers else "_without_cell_triggers")
             with engine.begin() as connection:
                 connection.exec_driver_sql("DELETE FROM estimates")
                 connection.exec_driver_sql("DELETE FROM estimate_failures")
+                connection.exec_driver_sql(
+                    f"ALTER TABLE estimates {'ENABLE' if triggers else 'DISABLE'} TRIGGER USER")
             workers = start_workers(n, env, tmp)
             try:
                 # warm-up: workers up, model loaded in every pool process
@@ -232,11 +238,13 @@ def measure(args, sim, tmp, name, url):
             with engine.connect() as connection:
                 stored = connection.exec_driver_sql(
                     "SELECT count(*) FROM estimates").scalar()
-            result[f"workers_{n}"] = {
+            result[name] = {
                 "spectra": summary["selected"], "done": summary["done"],
                 "failed": summary["failed"], "rows_in_db": stored, "seconds": round(seconds, 2),
                 "spectra_per_s": round(summary["selected"] / seconds, 1)}
-            log(f"workers_{n}: {result[f'workers_{n}']}")
+            log(f"{name}: {result[name]}")
+        with engine.begin() as connection:
+            connection.exec_driver_sql("ALTER TABLE estimates ENABLE TRIGGER USER")
         counts = [int(v) for v in args.workers.split(",")]
         base = result["naive"]["spectra_per_s"]
         result["speedup_vs_naive"] = {f"workers_{n}": round(
@@ -270,6 +278,9 @@ def main(argv=None):
     parser.add_argument("--max-epochs", type=int, default=30,
                         help="training epochs (inference cost does not depend on it)")
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
+    parser.add_argument("--compare-cell-triggers", action="store_true",
+                        help="time each worker count also with estimate_cells' triggers "
+                             "disabled (their cost on inference)")
     args = parser.parse_args(argv)
 
     sim = Path(args.sim)

@@ -13,7 +13,9 @@ loader builds one of ``--rows`` spectra in lamost_vac_bench_api and keeps it), m
 2. ``estimate_upserts``: rows/s of the inference workers' write (etl.inference.write_rows,
    batches of 1,000 rows of a new model version) with and without the 0003 indexes on
    estimates (dropped inside the measuring transaction, which is rolled back; the teff
-   index stands in for 0002's (model_version, teff));
+   index stands in for 0002's (model_version, teff)), without the triggers of 0006
+   that keep ``estimate_cells`` counted (disabled in the same way), and as written before
+   0006 (an executemany upsert, no triggers);
 3. ``spectra_ingest``: rows/s of ``lamost-vac ingest spectra --metadata-only``
    (etl.ingest.ingest_spectra on a CSV) of ``--ingest-rows`` new spectra, with and
    without spectra's (snrg, obsid) index (dropped and rebuilt between rounds; the rows
@@ -207,6 +209,17 @@ def new_model_version(url):
                 f"DELETE FROM models WHERE version = '{NEW}'")
 
 
+def executemany_upsert(connection, rows):
+    """The workers' estimate write before migration 0006: an executemany upsert."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    statement = insert(schema.estimates)
+    connection.execute(statement.on_conflict_do_update(
+        index_elements=["obsid", "model_version"],
+        set_={c: statement.excluded[c] for c in rows[0] if c not in ("obsid", "model_version")}),
+        rows)
+
+
 def estimate_upserts(url, rounds, batches, rng):
     """Rows/s of write_rows with and without the 0003 indexes (see the module doc)."""
     from etl.inference import write_rows
@@ -215,7 +228,8 @@ def estimate_upserts(url, rounds, batches, rng):
     with engine.connect() as connection:
         first, count = connection.exec_driver_sql(
             "SELECT min(obsid), count(*) FROM spectra").one()
-    rates = {"with_0003_indexes": [], "without": []}
+    rates = {"with_0003_indexes": [], "without": [], "without_cell_triggers": [],
+             "executemany_before_0006": []}
     with new_model_version(url):
         for _ in range(rounds):
             for config in rates:
@@ -224,15 +238,23 @@ def estimate_upserts(url, rounds, batches, rng):
                     transaction = connection.begin()
                     if config == "without":
                         connection.exec_driver_sql("DROP INDEX " + ", ".join(NEW_ON_ESTIMATES))
+                    if config in ("without_cell_triggers", "executemany_before_0006"):
+                        connection.exec_driver_sql(         # migration 0006's triggers
+                            "ALTER TABLE estimates DISABLE TRIGGER USER")
+                    write = (executemany_upsert if config == "executemany_before_0006"
+                             else lambda c, rows: write_rows(c, NEW, "bench", rows, {}))
                     started = time.perf_counter()
                     for b in range(batches):
-                        write_rows(connection, NEW, "bench",
-                                   estimate_rows(start + b * 1000, 1000, rng), {})
+                        write(connection, estimate_rows(start + b * 1000, 1000, rng))
                     rates[config].append(batches * 1000 / (time.perf_counter() - started))
                     transaction.rollback()
     engine.dispose()
-    return _compared(rates, "with_0003_indexes", "without", batch_rows=1000,
-                     rows_per_run=batches * 1000)
+    compared = _compared(rates, "with_0003_indexes", "without", batch_rows=1000,
+                         rows_per_run=batches * 1000)
+    for other in ("without_cell_triggers", "executemany_before_0006"):
+        compared[f"ratio_to_{other}"] = round(
+            compared["with_0003_indexes_rows_per_s"] / compared[f"{other}_rows_per_s"], 3)
+    return compared
 
 
 def _compared(rates, new, old, **extra):

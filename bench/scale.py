@@ -231,10 +231,15 @@ def load_estimates(url, catalogue, versions, rng):
                  | np.where(rng.random(n) < 0.02, MASKED_SELECTED_PIXELS, 0)
                  | np.where(rng.random(n) < 0.01, OUT_OF_DISTRIBUTION, 0))
 
-        values = {"obsid": obsid, "teff": teff, "teff_err_model": 60 * scale,
-                  "teff_err": 110 * scale, "logg": logg, "logg_err_model": 0.08 * scale,
-                  "logg_err": 0.15 * scale, "feh": feh, "feh_err_model": 0.05 * scale,
-                  "feh_err": 0.09 * scale, "flags": flags}
+        # and varies from star to star and label to label (the ensemble spread, the
+        # label itself), so that the uncertainties' histograms are not one curve of SNRg
+        def spread():
+            return scale * np.exp(rng.normal(0, 0.3, n))
+
+        values = {"obsid": obsid, "teff": teff, "teff_err_model": 60 * spread(),
+                  "teff_err": 110 * spread(), "logg": logg, "logg_err_model": 0.08 * spread(),
+                  "logg_err": 0.15 * spread(), "feh": feh, "feh_err_model": 0.05 * spread(),
+                  "feh_err": 0.09 * spread(), "flags": flags}
         provenance = {"model_version": version, "code_version": "bench",
                       "preprocessing_hash": "0" * 16, "run_id": "bench", "created_at": now}
         started = time.perf_counter()

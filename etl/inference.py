@@ -374,6 +374,7 @@ def _estimate_rows(predicted, obsids, model_version, artifact, run_id, failures)
 
 
 ESTIMATE_COLUMNS = [c.name for c in E.columns if c.name != "estimate_id"]
+ESTIMATE_KEY = ("obsid", "model_version")
 
 
 def _dialect_insert(connection):
@@ -390,17 +391,37 @@ def write_batch(engine, model_version, run_id, estimates: List[dict], failures: 
         write_rows(connection, model_version, run_id, estimates, failures)
 
 
+def _upsert_estimates(connection, estimates, insert):
+    """Insert or replace ``estimates`` in one statement. On PostgreSQL the rows go in by
+    COPY into a temporary table and one INSERT ... SELECT: the triggers that keep
+    estimate_cells counted then run once per batch, not once per row as they would for an
+    executemany (statement-level triggers), and 500 rows are written faster too."""
+    if not db.is_postgres(connection):
+        statement = insert(E)
+        updates = {c: statement.excluded[c] for c in ESTIMATE_COLUMNS
+                   if c not in ESTIMATE_KEY}
+        connection.execute(statement.on_conflict_do_update(
+            index_elements=list(ESTIMATE_KEY), set_=updates), estimates)
+        return
+    db.create_staging(connection, "estimates", "estimates_batch", ESTIMATE_COLUMNS)
+    db.copy_rows(connection, "estimates_batch", ESTIMATE_COLUMNS,
+                 ([row[c] for c in ESTIMATE_COLUMNS] for row in estimates))
+    columns = ", ".join(ESTIMATE_COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in ESTIMATE_COLUMNS
+                        if c not in ESTIMATE_KEY)
+    connection.exec_driver_sql(
+        f"INSERT INTO estimates ({columns}) SELECT {columns} FROM estimates_batch "
+        f"ON CONFLICT ({', '.join(ESTIMATE_KEY)}) DO UPDATE SET {updates}")
+    connection.exec_driver_sql("DROP TABLE estimates_batch")
+
+
 def write_rows(connection, model_version, run_id, estimates: List[dict], failures: dict):
     """Upsert ``estimates`` (rows of :data:`ESTIMATE_COLUMNS`) and ``failures`` (obsid ->
     (stage, reason)) in the caller's transaction; a success clears the spectrum's failure."""
     now = utcnow()
     insert = _dialect_insert(connection)
     if estimates:
-        statement = insert(E)
-        updates = {c: statement.excluded[c] for c in ESTIMATE_COLUMNS
-                   if c not in ("obsid", "model_version")}
-        connection.execute(statement.on_conflict_do_update(
-            index_elements=["obsid", "model_version"], set_=updates), estimates)
+        _upsert_estimates(connection, estimates, insert)
         connection.execute(delete(F).where(
             F.c.model_version == model_version,
             F.c.obsid.in_([row["obsid"] for row in estimates])))

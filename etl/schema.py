@@ -22,6 +22,8 @@ Tables
                        ``estimates`` row is a usable value and queries need no status filter;
                        a later success deletes the failure row.
 ``quarantine``         every rejected input file or row with its reason.
+``estimate_cells``     histogram counts of the estimates per model version and cell of
+                       labels, kept by triggers (etl/histogram_cells.py).
 
 Positions: on PostgreSQL ``spectra`` and ``reference_labels`` have a Q3C index (created in
 the migration, table clustered on it). On SQLite the ``zone`` column (declination zone of
@@ -375,6 +377,33 @@ estimate_failures = Table(
     col("run_id", String(64), ucd="meta.id", description="inference run identifier"),
     col("created_at", Timestamp, nullable=False, ucd="time.creation",
         description="time of the latest failure (UTC)"),
+)
+
+def _cell_key(name, description):
+    return col(name, SmallInteger, primary_key=True, ucd="meta.number",
+               description=description)
+
+
+# Kept by triggers on ``estimates`` (made by the migration), read by the histograms of
+# the API and the search page: see etl/histogram_cells.py.
+estimate_cells = Table(
+    "estimate_cells", metadata,
+    col("model_version", String(64), primary_key=True, ucd="meta.version",
+        description="model version of the counted estimates"),
+    col("flags", Integer, primary_key=True, ucd="meta.code.qual",
+        description="quality flags of the counted estimates"),
+    _cell_key("teff_cell", "cell of Teff bins (-1 below, -2 NULL, the last above the range)"),
+    _cell_key("logg_cell", "cell of log g bins (-1 below, -2 NULL, the last above the range)"),
+    _cell_key("feh_cell", "cell of [Fe/H] bins (-1 below, -2 NULL, the last above the range)"),
+    _cell_key("histogram", "0 Kiel diagram (bin1 Teff, bin2 log g), 1 [Fe/H], "
+                           "2-4 Teff, log g, [Fe/H] uncertainty"),
+    _cell_key("bin1", "bin of the histogram's first column (-1 below, -2 NULL)"),
+    _cell_key("bin2", "bin of log g in the Kiel diagram, otherwise 0"),
+    col("n", BigInteger, nullable=False, ucd="meta.number", description="estimates counted"),
+    col("feh_n", BigInteger, nullable=False, ucd="meta.number",
+        description="Kiel diagram: estimates with an [Fe/H]"),
+    col("feh_sum", Float, nullable=False, unit="dex", ucd="phys.abund.Z",
+        description="Kiel diagram: sum of their [Fe/H]"),
 )
 
 quarantine = Table(

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from sqlalchemy import (ARRAY, Float, Integer, and_, bindparam, case, cast, func, literal,
-                        null, select, union_all)
+from sqlalchemy import Float, Integer, and_, cast, func, literal, null, or_, select, union_all
 
 from etl import db as etl_db
 from etl import schema
+from etl.histogram_cells import (CELL_AXES, CELL_HISTOGRAMS, CELLS, HISTOGRAM_BINS, KIEL_AXES,
+                                 MISSING_BIN, Bins)
 from models.labels import estimate_columns
 from service.db import custom_plans
 
@@ -145,60 +146,10 @@ def selection_needs_spectra(args, cone) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # Histograms of a selection, counted by the database
-@dataclass(frozen=True)
-class Bins:
-    """``count`` equal bins from ``low`` to ``high``: bin k holds
-    ``edges[k] <= x < edges[k + 1]`` and the last bin also ``x == high``, with the edges of
-    ``numpy.linspace(low, high, count + 1)`` -- the bins of ``numpy.histogram(x, count,
-    (low, high))``, value for value."""
-    low: float
-    high: float
-    count: int
-
-    @property
-    def edges(self):
-        return np.linspace(self.low, self.high, self.count + 1)
-
-    def index(self, x, bind):
-        """SQL: the bin of ``x``: 0 .. count - 1, -1 below ``low``, ``count`` above
-        ``high``, NULL for NULL. PostgreSQL: ``width_bucket`` over the edges (a binary
-        search, in C). SQLite: as numpy does, a first guess from the scaled value,
-        corrected by one where rounding put it next to the bin whose edges hold ``x``
-        (e.g. 5900 K scales to 57.99999... but lies on the edge of bin 58)."""
-        if etl_db.is_postgres(bind):
-            # the last edge nudged up: x == high falls in the last bin, as in numpy
-            thresholds = [*self.edges[:-1].tolist(), float(np.nextafter(self.high, np.inf))]
-            return func.width_bucket(x, bindparam(None, thresholds, ARRAY(Float))) - 1
-        step = (self.high - self.low) / self.count           # numpy.linspace's step
-        # only taken for low <= x <= high: scaled >= 0, so truncation is the floor
-        # (SQLAlchemy replaces SQLite's floor() by Python's, called per row)
-        guess = cast((x - self.low) / (self.high - self.low) * self.count, Integer)
-        return case(
-            (x.is_(None), None),
-            (x < self.low, -1),
-            (x > self.high, self.count),
-            (x == self.high, self.count - 1),
-            (x < guess * step + self.low, guess - 1),
-            (x >= (guess + 1) * step + self.low, guess + 1),
-            else_=guess)
-
-
-HISTOGRAM_BINS = {
-    "teff": Bins(3000.0, 8000.0, 100), "teff_err": Bins(0.0, 500.0, 50),
-    "logg": Bins(-0.5, 5.5, 60), "logg_err": Bins(0.0, 1.0, 50),
-    "feh": Bins(-3.0, 1.0, 80), "feh_err": Bins(0.0, 0.5, 50),
-}
-"""The fixed bins of the selection's histograms (``/api/v1/estimates/histograms``, the
-search page's plots): 50 K, 0.1 dex and 0.05 dex wide for Teff, log g and [Fe/H], over
-ranges that hold the valid domain (3500-6500 K, [Fe/H] >= -1.5) with room on either side
-for the flagged estimates outside it; uncertainties from 0 (10 K, 0.02 dex, 0.01 dex).
-Values outside a range are counted as below or above it; the Kiel diagram bins Teff and
-log g with the same bins."""
-KIEL_AXES = ("teff", "logg")
-# The histograms come from three GROUP BYs, each one scan of the selection: the Kiel
-# diagram's cells (summed over log g and over Teff they are the Teff and log g
-# histograms), [Fe/H], and the three uncertainties together (few of the 52^3 combinations
-# occur: they all grow as SNRg falls). A GROUP BY per histogram would scan six times.
+# The scan counts three GROUP BYs, each one pass over the selection: the Kiel diagram's
+# cells (summed over log g and over Teff they are the Teff and log g histograms), [Fe/H],
+# and the three uncertainties together (few of the 52^3 combinations occur: they all grow
+# as SNRg falls). A GROUP BY per histogram would scan six times.
 HISTOGRAM_GROUPS = (KIEL_AXES, ("feh",), ("teff_err", "logg_err", "feh_err"))
 
 
@@ -225,45 +176,133 @@ class SelectionHistograms:
     kiel_mean_feh: np.ndarray
 
 
-def selection_histograms(connection, args, model_version, cone) -> SelectionHistograms:
-    """Histograms of every row the validated ``/api/v1/estimates`` parameters ``args``
-    select (not one page of them), counted by the database in :data:`HISTOGRAM_BINS`
-    (:meth:`Bins.index`): one statement, the GROUP BYs of :data:`HISTOGRAM_GROUPS`. A few
-    thousand rows come back whatever the size of the selection."""
+class _Tally:
+    """Counts per bin of every histogram, added up from the cells and the scan."""
+
+    def __init__(self):
+        self.per_bin = {name: Counter() for name in HISTOGRAM_BINS}  # bin (None: NULL) -> n
+        shape = tuple(HISTOGRAM_BINS[name].count for name in KIEL_AXES)
+        self.kiel_counts = np.zeros(shape, dtype=np.int64)
+        self.kiel_feh_n = np.zeros(shape, dtype=np.int64)
+        self.kiel_feh_sum = np.zeros(shape)
+
+    def add(self, names, bins, n, feh_n=0, feh_sum=0.0):
+        bins = [None if index == MISSING_BIN else index for index in bins]
+        for name, index in zip(names, bins):
+            self.per_bin[name][index] += n
+        if names == KIEL_AXES and all(index is not None and 0 <= index < shape
+                                      for index, shape in zip(bins, self.kiel_counts.shape)):
+            self.kiel_counts[bins[0], bins[1]] += n
+            self.kiel_feh_n[bins[0], bins[1]] += feh_n
+            self.kiel_feh_sum[bins[0], bins[1]] += feh_sum or 0.0
+
+    def result(self, model_version) -> SelectionHistograms:
+        histograms = {}
+        for name, bins in HISTOGRAM_BINS.items():
+            counts = self.per_bin[name]
+            histograms[name] = Histogram(
+                bins, np.array([counts[k] for k in range(bins.count)], dtype=np.int64),
+                below=counts[-1], above=counts[bins.count], missing=counts[None])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_feh = np.where(self.kiel_feh_n > 0, self.kiel_feh_sum / self.kiel_feh_n,
+                                np.nan)
+        rows = sum(self.per_bin[KIEL_AXES[0]].values())
+        return SelectionHistograms(model_version, rows, histograms, self.kiel_counts,
+                                   mean_feh)
+
+
+def _cells_wholly_inside(args, cone):
+    """{axis: (first, last) cell} of the label ranges of ``args`` (the cells of
+    ``estimate_cells`` that lie wholly inside the selection; every cell of an unbounded
+    axis), or None when the cells cannot serve the selection: a cone, an SNRg or an
+    uncertainty range, or a range that holds no whole cell."""
+    bounded = [name for name in RANGE_COLUMNS
+               if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None]
+    if cone is not None or not set(bounded) <= set(CELL_AXES):
+        return None
+    inside = {name: CELLS[name].inside(args[f"{name}_min"], args[f"{name}_max"])
+              for name in CELL_AXES}
+    return None if any(span is None for span in inside.values()) else inside
+
+
+def _slabs(inside, args):
+    """SQL: the rows of the selection outside the cells wholly inside it (those in the
+    cells its bounds cut), or None when there are none."""
+    parts = []
+    for name, (first, last) in inside.items():
+        low, high = args[f"{name}_min"], args[f"{name}_max"]
+        value = CATALOGUE[name].expression
+        start, _, _ = CELLS[name].span(first)
+        _, end, end_included = CELLS[name].span(last)
+        if low is not None and start > low:
+            parts.append(value < start)
+        if high is not None and (end < high or (end == high and not end_included)):
+            parts.append(value > end if end_included else value >= end)
+    return or_(*parts) if parts else None
+
+
+def _counted_cells(connection, args, model_version, inside):
+    """Rows (histogram, bin1, bin2, n, feh_n, feh_sum) of the cells ``inside``."""
+    cells = schema.estimate_cells.c
+    conditions = [cells.model_version == model_version,
+                  *(cells[f"{name}_cell"].between(first, last)
+                    for name, (first, last) in inside.items())]
+    if args["flags"] is not None:
+        conditions.append(cells.flags == args["flags"])
+    if args["exclude_flags"]:
+        conditions.append(cells.flags.op("&")(args["exclude_flags"]) == 0)
+    return connection.execute(
+        select(cells.histogram, cells.bin1, cells.bin2, func.sum(cells.n),
+               func.sum(cells.feh_n), func.sum(cells.feh_sum))
+        .where(*conditions).group_by(cells.histogram, cells.bin1, cells.bin2)).all()
+
+
+def _scanned(connection, args, model_version, cone, only):
+    """Rows (group, bins..., n, feh_n, feh_sum) of :data:`HISTOGRAM_GROUPS` counted over
+    the selected estimates (those matching ``only`` too, if given)."""
+    postgres = etl_db.is_postgres(connection)
     source = (estimates.join(spectra, spectra.c.obsid == estimates.c.obsid)
               if selection_needs_spectra(args, cone) else estimates)
     conditions = selection_conditions(connection, args, model_version, cone)
+    if only is not None:
+        conditions.append(only)
     width = max(len(names) for names in HISTOGRAM_GROUPS)
-    no_bin = cast(null(), Integer)
+    no_bin, feh = cast(null(), Integer), CATALOGUE["feh"].expression
     parts = []
     for group, names in enumerate(HISTOGRAM_GROUPS):
-        bins = [HISTOGRAM_BINS[name].index(CATALOGUE[name].expression, connection)
+        bins = [HISTOGRAM_BINS[name].index(CATALOGUE[name].expression, postgres)
                 for name in names]
-        mean_feh = (func.avg(CATALOGUE["feh"].expression) if names == KIEL_AXES
-                    else cast(null(), Float))
+        kiel = names == KIEL_AXES
         parts.append(select(literal(group), *bins, *[no_bin] * (width - len(bins)),
-                            func.count(), mean_feh)
+                            func.count(), func.count(feh) if kiel else no_bin,
+                            func.sum(feh) if kiel else cast(null(), Float))
                      .select_from(source).where(*conditions).group_by(*bins))
     with custom_plans(connection):
-        counted = connection.execute(union_all(*parts)).all()
+        return connection.execute(union_all(*parts)).all()
 
-    kiel_shape = tuple(HISTOGRAM_BINS[name].count for name in KIEL_AXES)
-    kiel_counts = np.zeros(kiel_shape, dtype=np.int64)
-    kiel_mean_feh = np.full(kiel_shape, np.nan)
-    per_bin = {name: Counter() for name in HISTOGRAM_BINS}   # bin (None: NULL) -> rows
-    for group, *bins, n, mean_feh in counted:
+
+def selection_histograms(connection, args, model_version, cone) -> SelectionHistograms:
+    """Histograms of every row the validated ``/api/v1/estimates`` parameters ``args``
+    select (not one page of them), in :data:`HISTOGRAM_BINS` (:meth:`Bins.index`). A
+    selection by flags and Teff, log g and [Fe/H] ranges adds up the cells of
+    ``estimate_cells`` that lie wholly inside it and scans only the rows in the cells its
+    bounds cut (none when the bounds are cell edges: 250 K, 0.5 dex, 0.25 dex); any other
+    selection is scanned, with the GROUP BYs of :data:`HISTOGRAM_GROUPS` in one statement.
+    A few thousand rows come back whatever the size of the selection."""
+    tally = _Tally()
+    inside = _cells_wholly_inside(args, cone)
+    if inside is not None:
+        for histogram, bin1, bin2, n, feh_n, feh_sum in _counted_cells(
+                connection, args, model_version, inside):
+            names = CELL_HISTOGRAMS[histogram]
+            tally.add(names, (bin1, bin2)[:len(names)], int(n), int(feh_n), feh_sum)
+        only = _slabs(inside, args)
+        if only is None:
+            return tally.result(model_version)
+    else:
+        only = None
+    for group, *bins, n, feh_n, feh_sum in _scanned(connection, args, model_version, cone,
+                                                     only):
         names = HISTOGRAM_GROUPS[group]
-        for name, index in zip(names, bins):
-            per_bin[name][index] += n
-        if names == KIEL_AXES and all(index is not None and 0 <= index < shape
-                                      for index, shape in zip(bins, kiel_shape)):
-            kiel_counts[bins[0], bins[1]] = n
-            kiel_mean_feh[bins[0], bins[1]] = np.nan if mean_feh is None else mean_feh
-    histograms = {}
-    for name, bins in HISTOGRAM_BINS.items():
-        counts = per_bin[name]
-        histograms[name] = Histogram(
-            bins, np.array([counts[k] for k in range(bins.count)], dtype=np.int64),
-            below=counts[-1], above=counts[bins.count], missing=counts[None])
-    rows = sum(per_bin[KIEL_AXES[0]].values())
-    return SelectionHistograms(model_version, rows, histograms, kiel_counts, kiel_mean_feh)
+        tally.add(names, bins[:len(names)], n, feh_n or 0, feh_sum)
+    return tally.result(model_version)

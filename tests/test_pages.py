@@ -234,7 +234,9 @@ def edge_values(pages_db):
 
 @pytest.mark.parametrize("selection", [
     "", "teff_min=4000&teff_max=6500&feh_max=0", "ra=150&dec=30&radius=0.1",
-    "snrg_min=20&exclude_flags=5", f"model_version={RETIRED}&logg_min=2"])
+    "snrg_min=20&exclude_flags=5", f"model_version={RETIRED}&logg_min=2",
+    # served by estimate_cells (cells wholly inside, scans of the cut ones)
+    "teff_min=4000&teff_max=6000&flags=0", "logg_max=3.5&feh_min=-1.3&exclude_flags=2"])
 def test_histograms_count_every_row_of_the_selection_as_numpy_does(client, edge_values,
                                                                    selection):
     """/api/v1/estimates/histograms (counted by the database) equals numpy's histograms of
