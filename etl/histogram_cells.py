@@ -96,13 +96,14 @@ CELL_HISTOGRAMS = (KIEL_AXES, ("feh",), ("teff_err",), ("logg_err",), ("feh_err"
 @dataclass(frozen=True)
 class Cell:
     """The cells of one axis: cell ``k`` (0 .. cells - 1) holds the axis's bins
-    ``k * CELL_WIDTH`` .. ``(k + 1) * CELL_WIDTH - 1``; -1 the values below its range,
-    ``cells`` those above, :data:`MISSING_BIN` NULL."""
+    ``k * width`` .. ``(k + 1) * width - 1`` (``width`` 1: the bins themselves); -1 the
+    values below its range, ``cells`` those above, :data:`MISSING_BIN` NULL."""
     bins: Bins
+    width: int = CELL_WIDTH
 
     @property
     def cells(self) -> int:
-        return self.bins.count // CELL_WIDTH
+        return self.bins.count // self.width
 
     def span(self, k):
         """(lowest value, highest value, whether the highest is included) of cell ``k``;
@@ -113,16 +114,23 @@ class Cell:
         if k == self.cells:
             return float(edges[-1]), None, False
         last = k == self.cells - 1                 # the last bin also holds x == high
-        return float(edges[k * CELL_WIDTH]), float(edges[(k + 1) * CELL_WIDTH]), last
+        return float(edges[k * self.width]), float(edges[(k + 1) * self.width]), last
 
     def inside(self, low, high):
         """(first, last): the cells whose every value lies in ``low <= x <= high`` (None:
         open), ``MISSING_BIN`` too when both are open; None when no cell does."""
+        return self._cells(low, high, self._within)
+
+    def overlapping(self, low, high):
+        """(first, last): the cells holding values that may lie in ``low <= x <= high``,
+        as :meth:`inside` (the cell above the range counts when ``high`` is its edge)."""
+        return self._cells(low, high, self._overlaps)
+
+    def _cells(self, low, high, test):
         if low is None and high is None:
             return MISSING_BIN, self.cells
-        wholly = [k for k in range(-1, self.cells + 1)
-                  if self._within(self.span(k), low, high)]
-        return (wholly[0], wholly[-1]) if wholly else None
+        chosen = [k for k in range(-1, self.cells + 1) if test(self.span(k), low, high)]
+        return (chosen[0], chosen[-1]) if chosen else None
 
     @staticmethod
     def _within(span, low, high):
@@ -130,6 +138,12 @@ class Cell:
         # [start, end) or [start, end] lies in [low, high] when low <= start and end <= high
         return ((low is None or (start is not None and start >= low))
                 and (high is None or (end is not None and end <= high)))
+
+    @staticmethod
+    def _overlaps(span, low, high):
+        start, end, closed = span
+        return ((low is None or end is None or end > low or (closed and end == low))
+                and (high is None or start is None or start <= high))
 
 
 CELLS = {name: Cell(HISTOGRAM_BINS[name]) for name in CELL_AXES}

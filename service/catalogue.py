@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from sqlalchemy import Float, Integer, and_, cast, func, literal, null, or_, select, union_all
+from sqlalchemy import (Float, Integer, and_, cast, false, func, literal, null, or_, select,
+                        union_all)
 
 from etl import db as etl_db
 from etl import schema
-from etl.histogram_cells import (CELL_AXES, CELL_HISTOGRAMS, CELLS, HISTOGRAM_BINS, KIEL_AXES,
-                                 MISSING_BIN, Bins)
+from etl.histogram_cells import (CELL_AXES, CELL_HISTOGRAMS, CELL_WIDTH, CELLS, HISTOGRAM_BINS,
+                                 KIEL_AXES, MISSING_BIN, Bins, Cell)
 from models.labels import estimate_columns
 from service.db import custom_plans
 
@@ -216,13 +217,60 @@ def _cells_wholly_inside(args, cone):
     ``estimate_cells`` that lie wholly inside the selection; every cell of an unbounded
     axis), or None when the cells cannot serve the selection: a cone, an SNRg or an
     uncertainty range, or a range that holds no whole cell."""
-    bounded = [name for name in RANGE_COLUMNS
-               if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None]
-    if cone is not None or not set(bounded) <= set(CELL_AXES):
+    if not _counted_by_cells(args, cone):
         return None
     inside = {name: CELLS[name].inside(args[f"{name}_min"], args[f"{name}_max"])
               for name in CELL_AXES}
     return None if any(span is None for span in inside.values()) else inside
+
+
+def _counted_by_cells(args, cone) -> bool:
+    """Whether ``estimate_cells`` can count the selection: flags and ranges of Teff, log g
+    and [Fe/H] only (no cone, no SNRg or uncertainty range)."""
+    bounded = {name for name in RANGE_COLUMNS
+               if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None}
+    return cone is None and bounded <= set(CELL_AXES)
+
+
+def _flag_conditions(cells, args):
+    conditions = []
+    if args["flags"] is not None:
+        conditions.append(cells.flags == args["flags"])
+    if args["exclude_flags"]:
+        conditions.append(cells.flags.op("&")(args["exclude_flags"]) == 0)
+    return conditions
+
+
+def selection_rows_at_most(connection, args, model_version, cone=None) -> Optional[int]:
+    """An upper bound of the rows the selection holds, counted in ``estimate_cells``
+    (None when the cells cannot count it: :func:`_counted_by_cells`): the smaller of the
+    rows of the Kiel diagram's Teff and log g bins and the [Fe/H] cells that overlap the
+    ranges, and of the rows of the [Fe/H] bins and the Teff and log g cells that do. Unlike
+    the planner, which takes ranges on two labels as independent, it knows how the labels
+    go together (to a cell), and it counts flags exactly."""
+    if not _counted_by_cells(args, cone):
+        return None
+    cells = schema.estimate_cells.c
+
+    def overlap(column, name, width):
+        span = Cell(HISTOGRAM_BINS[name], width).overlapping(args[f"{name}_min"],
+                                                              args[f"{name}_max"])
+        return false() if span is None else column.between(*span)
+
+    kiel, feh = CELL_HISTOGRAMS.index(KIEL_AXES), CELL_HISTOGRAMS.index(("feh",))
+    counts = [func.coalesce(func.sum(cells.n).filter(and_(cells.histogram == number,
+                                                         *conditions)), 0)
+              for number, conditions in (
+                  (kiel, [overlap(cells.bin1, "teff", 1), overlap(cells.bin2, "logg", 1),
+                          overlap(cells.feh_cell, "feh", CELL_WIDTH)]),
+                  (feh, [overlap(cells.bin1, "feh", 1),
+                         overlap(cells.teff_cell, "teff", CELL_WIDTH),
+                         overlap(cells.logg_cell, "logg", CELL_WIDTH)]))]
+    by_kiel, by_feh = connection.execute(
+        select(*counts).where(cells.model_version == model_version,
+                              cells.histogram.in_([kiel, feh]),
+                              *_flag_conditions(cells, args))).one()
+    return int(min(by_kiel, by_feh))
 
 
 def _slabs(inside, args):
@@ -246,11 +294,8 @@ def _counted_cells(connection, args, model_version, inside):
     cells = schema.estimate_cells.c
     conditions = [cells.model_version == model_version,
                   *(cells[f"{name}_cell"].between(first, last)
-                    for name, (first, last) in inside.items())]
-    if args["flags"] is not None:
-        conditions.append(cells.flags == args["flags"])
-    if args["exclude_flags"]:
-        conditions.append(cells.flags.op("&")(args["exclude_flags"]) == 0)
+                    for name, (first, last) in inside.items()),
+                  *_flag_conditions(cells, args)]
     return connection.execute(
         select(cells.histogram, cells.bin1, cells.bin2, func.sum(cells.n),
                func.sum(cells.feh_n), func.sum(cells.feh_sum))

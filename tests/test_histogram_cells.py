@@ -3,7 +3,7 @@ follow every kind of write, and the histograms they give equal those of a scan o
 same selection (tests/test_pages.py compares both with numpy)."""
 import numpy as np
 import pytest
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 
 from conftest import CURRENT, NOW, RETIRED, load_catalogue, make_catalogue
 from etl import db, histogram_cells, schema
@@ -166,3 +166,36 @@ def test_cells_and_slabs_equal_a_scan_for_any_bounds(loaded, monkeypatch):
         assert as_lists(counted) == as_lists(scanned), args
         np.testing.assert_allclose(counted.kiel_mean_feh, scanned.kiel_mean_feh,
                                    rtol=1e-9, atol=1e-12)
+
+
+def selected_rows(connection, args):
+    return connection.execute(select(func.count()).select_from(schema.estimates).where(
+        *catalogue.selection_conditions(connection, args, CURRENT, None))).scalar_one()
+
+
+def test_cells_bound_the_rows_of_a_selection(loaded):
+    """selection_rows_at_most (the WALK path's estimate of how many rows pass its filters)
+    is never below the rows selected, equals them for lower bounds on cell edges, and
+    declines selections the cells cannot count."""
+    rng = np.random.default_rng(5)
+    with loaded.connect() as connection:
+        for trial in range(40):
+            bounds = {}
+            for name in rng.choice(histogram_cells.CELL_AXES, 2, replace=False):
+                bins = histogram_cells.HISTOGRAM_BINS[name]
+                low, high = sorted(rng.uniform(bins.low - 0.1 * (bins.high - bins.low),
+                                               bins.high, 2))
+                bounds.update({f"{name}_min": float(low),
+                               f"{name}_max": None if trial % 2 else float(high)})
+            flags = dict(exclude_flags=1) if trial % 3 == 0 else {}
+            args = selection(**bounds, **flags)
+            assert catalogue.selection_rows_at_most(connection, args, CURRENT) \
+                >= selected_rows(connection, args), args
+        for args in (selection(teff_min=4500.0, feh_min=-0.5), selection(logg_min=4.0),
+                     selection(teff_min=5000.0, logg_min=3.5, flags=0)):
+            assert catalogue.selection_rows_at_most(connection, args, CURRENT) \
+                == selected_rows(connection, args) > 0, args
+        assert catalogue.selection_rows_at_most(connection, selection(snrg_min=20.0),
+                                                CURRENT) is None
+        assert catalogue.selection_rows_at_most(connection, selection(), CURRENT,
+                                                cone=(10.0, 10.0, 1.0)) is None
