@@ -153,8 +153,10 @@ assert all(HISTOGRAM_BINS[name].count % CELL_WIDTH == 0 for name in CELL_AXES)
 # ---------------------------------------------------------------------------------------
 # The SQL that counts rows into cells (triggers and recount)
 COUNTED_COLUMNS = ("model_version", "flags", *HISTOGRAM_BINS)
-CELL_KEY = ("model_version", "flags", *(f"{name}_cell" for name in CELL_AXES),
-            "histogram", "bin1", "bin2")
+CELL_KEY = ("model_version", "histogram", "flags", *(f"{name}_cell" for name in CELL_AXES),
+            "bin1", "bin2")
+"""The key of ``estimate_cells``, in the order of its primary key: the histogram right after
+the version, so that counting a selection in one histogram reads that histogram's rows."""
 
 
 def _sql(expression, postgres):
@@ -181,8 +183,8 @@ def counted_rows_sql(source, postgres):
                     for number, names in enumerate(CELL_HISTOGRAMS))
     kiel = CELL_HISTOGRAMS.index(KIEL_AXES)
     return (
-        f"SELECT model_version, flags, {', '.join(f'{n}_cell' for n in CELL_AXES)}, "
-        f"histogram, CASE histogram {bin1} END AS bin1, "
+        f"SELECT model_version, histogram, flags, "
+        f"{', '.join(f'{n}_cell' for n in CELL_AXES)}, CASE histogram {bin1} END AS bin1, "
         f"CASE histogram WHEN {kiel} THEN logg_bin ELSE 0 END AS bin2, "
         "sum(sign) AS n, "
         f"sum(CASE WHEN histogram = {kiel} AND feh IS NOT NULL THEN sign ELSE 0 END) AS feh_n, "

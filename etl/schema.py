@@ -390,13 +390,13 @@ estimate_cells = Table(
     "estimate_cells", metadata,
     col("model_version", String(64), primary_key=True, ucd="meta.version",
         description="model version of the counted estimates"),
+    _cell_key("histogram", "0 Kiel diagram (bin1 Teff, bin2 log g), 1 [Fe/H], "
+                           "2-4 Teff, log g, [Fe/H] uncertainty"),
     col("flags", Integer, primary_key=True, ucd="meta.code.qual",
         description="quality flags of the counted estimates"),
     _cell_key("teff_cell", "cell of Teff bins (-1 below, -2 NULL, the last above the range)"),
     _cell_key("logg_cell", "cell of log g bins (-1 below, -2 NULL, the last above the range)"),
     _cell_key("feh_cell", "cell of [Fe/H] bins (-1 below, -2 NULL, the last above the range)"),
-    _cell_key("histogram", "0 Kiel diagram (bin1 Teff, bin2 log g), 1 [Fe/H], "
-                           "2-4 Teff, log g, [Fe/H] uncertainty"),
     _cell_key("bin1", "bin of the histogram's first column (-1 below, -2 NULL)"),
     _cell_key("bin2", "bin of log g in the Kiel diagram, otherwise 0"),
     col("n", BigInteger, nullable=False, ucd="meta.number", description="estimates counted"),

@@ -212,6 +212,14 @@ class _Tally:
                                    mean_feh)
 
 
+def _counted_by_cells(args, cone) -> bool:
+    """Whether ``estimate_cells`` can count the selection: flags and ranges of Teff, log g
+    and [Fe/H] only (no cone, no SNRg or uncertainty range)."""
+    bounded = {name for name in RANGE_COLUMNS
+               if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None}
+    return cone is None and bounded <= set(CELL_AXES)
+
+
 def _cells_wholly_inside(args, cone):
     """{axis: (first, last) cell} of the label ranges of ``args`` (the cells of
     ``estimate_cells`` that lie wholly inside the selection; every cell of an unbounded
@@ -222,14 +230,6 @@ def _cells_wholly_inside(args, cone):
     inside = {name: CELLS[name].inside(args[f"{name}_min"], args[f"{name}_max"])
               for name in CELL_AXES}
     return None if any(span is None for span in inside.values()) else inside
-
-
-def _counted_by_cells(args, cone) -> bool:
-    """Whether ``estimate_cells`` can count the selection: flags and ranges of Teff, log g
-    and [Fe/H] only (no cone, no SNRg or uncertainty range)."""
-    bounded = {name for name in RANGE_COLUMNS
-               if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None}
-    return cone is None and bounded <= set(CELL_AXES)
 
 
 def _flag_conditions(cells, args):

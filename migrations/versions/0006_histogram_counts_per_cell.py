@@ -37,13 +37,13 @@ def upgrade():
         'estimate_cells',
         sa.Column('model_version', sa.String(length=64), nullable=False,
                   comment='model version of the counted estimates'),
+        _key('histogram', '0 Kiel diagram (bin1 Teff, bin2 log g), 1 [Fe/H], 2-4 Teff, '
+                          'log g, [Fe/H] uncertainty'),
         sa.Column('flags', sa.Integer(), nullable=False,
                   comment='quality flags of the counted estimates'),
         _key('teff_cell', 'cell of Teff bins (-1 below, -2 NULL, the last above the range)'),
         _key('logg_cell', 'cell of log g bins (-1 below, -2 NULL, the last above the range)'),
         _key('feh_cell', 'cell of [Fe/H] bins (-1 below, -2 NULL, the last above the range)'),
-        _key('histogram', '0 Kiel diagram (bin1 Teff, bin2 log g), 1 [Fe/H], 2-4 Teff, '
-                          'log g, [Fe/H] uncertainty'),
         _key('bin1', "bin of the histogram's first column (-1 below, -2 NULL)"),
         _key('bin2', 'bin of log g in the Kiel diagram, otherwise 0'),
         sa.Column('n', sa.BigInteger(), nullable=False, comment='estimates counted'),
@@ -51,8 +51,8 @@ def upgrade():
                   comment='Kiel diagram: estimates with an [Fe/H]'),
         sa.Column('feh_sum', sa.Float(), nullable=False,
                   comment='Kiel diagram: sum of their [Fe/H]'),
-        sa.PrimaryKeyConstraint('model_version', 'flags', 'teff_cell', 'logg_cell',
-                                'feh_cell', 'histogram', 'bin1', 'bin2',
+        sa.PrimaryKeyConstraint('model_version', 'histogram', 'flags', 'teff_cell',
+                                'logg_cell', 'feh_cell', 'bin1', 'bin2',
                                 name=op.f('pk_estimate_cells')),
     )
     if postgres:
