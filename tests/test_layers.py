@@ -11,9 +11,11 @@ PACKAGES = ("models", "etl", "service")
 # What the read-only service may use of etl: the one schema, the settings, and the
 # database helpers (engines, positional SQL) that both sides share, and the one rule for
 # opening a spectrum file under the spectra root (the spectrum pages draw the file), and
-# the VOTable writer of the schema's columns (the release export writes the same VOTable).
+# the VOTable writer of the schema's columns (the release export writes the same VOTable),
+# and the histogram bins and cells that estimate_cells counts (its triggers and the
+# histograms the service adds up must bin alike).
 SERVICE_MAY_IMPORT = {"etl", "etl.schema", "etl.settings", "etl.db", "etl.spectrum_files",
-                      "etl.votable"}
+                      "etl.votable", "etl.histogram_cells"}
 
 
 def module_name(path):
