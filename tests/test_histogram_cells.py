@@ -199,3 +199,17 @@ def test_cells_bound_the_rows_of_a_selection(loaded):
                                                 CURRENT) is None
         assert catalogue.selection_rows_at_most(connection, selection(), CURRENT,
                                                 cone=(10.0, 10.0, 1.0)) is None
+
+
+def test_db_maintain_counts_the_cells_again(loaded, catalogue_url):
+    """After estimates were written with the triggers off (here: cells lost),
+    ``lamost-vac db maintain --recount-histograms`` makes the cells the counts again."""
+    from etl.cli import main
+
+    with loaded.begin() as connection:
+        connection.execute(text("DELETE FROM estimate_cells WHERE histogram = 0"))
+        connection.execute(text("UPDATE estimate_cells SET n = n + 1 WHERE histogram = 1"))
+    with pytest.raises(AssertionError):
+        assert_cells_are_counts(loaded)
+    assert main(["db", "maintain", "--recount-histograms", "--url", catalogue_url]) == 0
+    assert_cells_are_counts(loaded)
