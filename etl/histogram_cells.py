@@ -189,8 +189,9 @@ def counted_rows_sql(source, postgres):
         "sum(sign) AS n, "
         f"sum(CASE WHEN histogram = {kiel} AND feh IS NOT NULL THEN sign ELSE 0 END) AS feh_n, "
         f"COALESCE(sum(CASE WHEN histogram = {kiel} THEN sign * feh END), 0) AS feh_sum "
-        f"FROM (SELECT sign, model_version, flags, feh, {', '.join(f'{n}_bin' for n in HISTOGRAM_BINS)}, "
-        f"{cells} FROM (SELECT sign, model_version, flags, feh, {bins} FROM {source}) AS binned"
+        f"FROM (SELECT sign, model_version, flags, feh, "
+        f"{', '.join(f'{n}_bin' for n in HISTOGRAM_BINS)}, {cells} "
+        f"FROM (SELECT sign, model_version, flags, feh, {bins} FROM {source}) AS binned"
         f") AS rows CROSS JOIN ({histograms}) AS histograms "
         f"GROUP BY {', '.join(CELL_KEY)}")
 
@@ -260,16 +261,13 @@ def drop_triggers_sql(postgres):
     return [f"DROP TRIGGER {name}" for name in TRIGGERS.values()]
 
 
-def recount(connection, model_version=None):
-    """Count ``estimate_cells`` again from ``estimates`` (of ``model_version``, or all),
-    in the caller's transaction: after the table is made, or to repair what a write with
-    the triggers disabled left behind. Writers wait meanwhile (their triggers would add
-    to the cells while they are counted)."""
+def recount(connection):
+    """Count ``estimate_cells`` again from ``estimates``, in the caller's transaction:
+    after the table is made, or to repair what a write with the triggers disabled left
+    behind. Writers wait meanwhile (their triggers would add to the cells being counted)."""
     postgres = connection.dialect.name == "postgresql"
     if postgres:
         connection.execute(text("LOCK TABLE estimates IN SHARE MODE"))
-    where = "" if model_version is None else " WHERE model_version = :version"
-    parameters = {} if model_version is None else {"version": model_version}
-    connection.execute(text(f"DELETE FROM estimate_cells{where}"), parameters)
-    connection.execute(text(add_counts_sql(
-        f"({_signed(1, 'estimates')}{where}) AS source", postgres)), parameters)
+    connection.execute(text("DELETE FROM estimate_cells"))
+    connection.execute(text(add_counts_sql(f"({_signed(1, 'estimates')}) AS source",
+                                           postgres)))
