@@ -392,27 +392,20 @@ def write_batch(engine, model_version, run_id, estimates: List[dict], failures: 
 
 
 def _upsert_estimates(connection, estimates, insert):
-    """Insert or replace ``estimates`` in one statement. On PostgreSQL the rows go in by
-    COPY into a temporary table and one INSERT ... SELECT: the triggers that keep
-    estimate_cells counted then run once per batch, not once per row as they would for an
-    executemany (statement-level triggers), and 500 rows are written faster too."""
-    if not db.is_postgres(connection):
-        statement = insert(E)
-        updates = {c: statement.excluded[c] for c in ESTIMATE_COLUMNS
-                   if c not in ESTIMATE_KEY}
-        connection.execute(statement.on_conflict_do_update(
-            index_elements=list(ESTIMATE_KEY), set_=updates), estimates)
+    """Insert or replace ``estimates``. On PostgreSQL by COPY into a staging table and one
+    upsert statement (``etl.db.bulk_upsert``): the triggers that keep estimate_cells
+    counted then run once per batch, not once per row as they would for an executemany
+    (statement-level triggers), and 500 rows are written faster too. SQLite (row-level
+    triggers) keeps the executemany, whose timestamps SQLAlchemy formats."""
+    if db.is_postgres(connection):
+        db.bulk_upsert(connection, E, [tuple(row[c] for c in ESTIMATE_COLUMNS)
+                                       for row in estimates],
+                       list(ESTIMATE_KEY), columns=ESTIMATE_COLUMNS)
         return
-    db.create_staging(connection, "estimates", "estimates_batch", ESTIMATE_COLUMNS)
-    db.copy_rows(connection, "estimates_batch", ESTIMATE_COLUMNS,
-                 ([row[c] for c in ESTIMATE_COLUMNS] for row in estimates))
-    columns = ", ".join(ESTIMATE_COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in ESTIMATE_COLUMNS
-                        if c not in ESTIMATE_KEY)
-    connection.exec_driver_sql(
-        f"INSERT INTO estimates ({columns}) SELECT {columns} FROM estimates_batch "
-        f"ON CONFLICT ({', '.join(ESTIMATE_KEY)}) DO UPDATE SET {updates}")
-    connection.exec_driver_sql("DROP TABLE estimates_batch")
+    statement = insert(E)
+    updates = {c: statement.excluded[c] for c in ESTIMATE_COLUMNS if c not in ESTIMATE_KEY}
+    connection.execute(statement.on_conflict_do_update(
+        index_elements=list(ESTIMATE_KEY), set_=updates), estimates)
 
 
 def write_rows(connection, model_version, run_id, estimates: List[dict], failures: dict):
