@@ -18,19 +18,25 @@ from pathlib import Path
 import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 def click_and_load(browser, by, value):
     """Click the element and wait until the page it leads to has replaced this one (a
-    click on a submit button or link returns before the next page has loaded)."""
-    page = browser.find_element(By.TAG_NAME, "html")
+    click on a submit button or link returns before the next page has loaded).
+
+    The old page is marked by a property of its window, which the new page does not have.
+    (Waiting for an element of the old page to go stale asks chromedriver about a node
+    that may be detached mid-question; it then answers "unknown error: Node with given id
+    does not belong to the document" instead of "stale element".)"""
+    browser.execute_script("window.lamostVacOldPage = true")
     browser.find_element(by, value).click()
-    WebDriverWait(browser, 60).until(expected_conditions.staleness_of(page))
-    WebDriverWait(browser, 60).until(
-        lambda b: b.execute_script("return document.readyState") == "complete")
+    WebDriverWait(browser, 60, ignored_exceptions=(WebDriverException,)).until(
+        lambda b: b.execute_script(
+            "return window.lamostVacOldPage === undefined"
+            " && document.readyState === 'complete'"))
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
