@@ -19,6 +19,11 @@ cross-fitted predictions (each from networks trained without the star's fold) wi
 from the error model re-fitted without the star's fold (``cross_validated_sigma``), pooled
 with the held-out stars.
 
+``every_star.residual_tails`` (and the second markdown table) says, per label and bin,
+whether any level could meet both windows (``quantile_ratio``: q92/q74 of |z| at most 2)
+and how much of the error belongs to the star (``same_star_correlation`` with the same
+stars' residuals at 10 < SNRg <= 20).
+
 "before" is the per-bin residual std of the same calibration predictions (the integrated
 uncertainty this project quoted until now) applied to the same held-out residuals.
 
@@ -93,6 +98,55 @@ def criteria(coverage):
     return verdict, passed
 
 
+def quantile_ratio(z):
+    """q(92%) / q(74%) of |z|: the acceptance windows are met by some level s (one factor
+    for the bin) only if this is at most 2 -- within +-1 err <= 74% needs s <= q(74%), within
+    +-2 err >= 92% needs 2 s >= q(92%). It does not depend on the level (a Gaussian: 1.56)."""
+    a = np.abs(np.asarray(z, dtype=float))
+    a = a[np.isfinite(a)]
+    return float(np.quantile(a, 0.92) / np.quantile(a, 0.74)) if a.size >= MIN_SPECTRA else None
+
+
+def same_star_correlation(residuals, stars, inside, reference_bin):
+    """Correlation of the residual of each spectrum ``inside`` a bin with the mean residual of
+    its star's *other* spectra in ``reference_bin`` (boolean masks): near 1 when the error
+    belongs to the star (a label or a peculiarity that the spectrum at any S/N carries),
+    near 0 when it is noise. None with fewer than ``MIN_SPECTRA`` such spectra."""
+    residuals, stars = np.asarray(residuals, dtype=float), np.asarray(stars)
+    usable = reference_bin & np.isfinite(residuals)
+    names, index = np.unique(stars, return_inverse=True)
+    total = np.bincount(index, weights=np.where(usable, residuals, 0.0), minlength=names.size)
+    count = np.bincount(index, weights=usable.astype(float), minlength=names.size)
+    # leave the spectrum itself out of its star's mean (it may lie in reference_bin)
+    own = usable & inside
+    others = count[index] - own
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_of_others = (total[index] - np.where(own, residuals, 0.0)) / others
+    pick = inside & np.isfinite(residuals) & (others > 0)
+    if pick.sum() < MIN_SPECTRA:
+        return None
+    return float(np.corrcoef(residuals[pick], mean_of_others[pick])[0, 1])
+
+
+def residual_tails(predicted, reference, snrg, stars):
+    """Per label and SNRg bin, why a bin can or cannot meet both windows: ``quantile_ratio``
+    of residual / err, and ``same_star_correlation`` of the residuals with the same stars'
+    residuals at 10 < SNRg <= 20."""
+    snrg = np.asarray(snrg, dtype=float)
+    reference_bin = (snrg > 10) & (snrg <= 20)
+    out = {}
+    for label in LABELS:
+        residuals = np.asarray(predicted[label], dtype=float) - np.asarray(reference[label], dtype=float)
+        z = residuals / np.asarray(predicted[label + "_err"], dtype=float)
+        out[label] = {}
+        for name, low, high in zip(snr_bin_names(SNR_BINS), SNR_BINS[:-1], SNR_BINS[1:]):
+            inside = (snrg > low) & (snrg <= high)
+            out[label][name] = {"quantile_ratio_92_74": quantile_ratio(z[inside]),
+                                "same_star_correlation": same_star_correlation(residuals, stars, inside,
+                                                                               reference_bin)}
+    return out
+
+
 def judged(coverage):
     """The criteria applied to ``coverage_by_snr`` output: verdict per bin, bins passed and
     judged, and what a perfectly calibrated Gaussian error would score on bins of these sizes."""
@@ -149,6 +203,22 @@ def markdown_table(result):
                 f"| {verdict(result['verdict'][label][name], result['pass_probability_if_calibrated'][label].get(name, 0))} "
                 f"| {pooled['n']} | {pct(pooled['within_1'])} | {pct(pooled['within_2'])} "
                 f"| {verdict(every['verdict'][label][name], every['pass_probability_if_calibrated'][label].get(name, 0))} |")
+    return "\n".join(lines)
+
+
+def tails_table(tails):
+    """The README's second table: per label and bin, whether any level could meet both
+    windows (quantile ratio <= 2) and how much of the error belongs to the star."""
+    def number(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    names = {"teff": "Teff", "logg": "log g", "feh": "[Fe/H]"}
+    lines = ["| label | " + " | ".join(f"SNRg {name}: q92/q74, same-star r" for name in snr_bin_names(SNR_BINS)) + " |",
+             "|---|" + "---|" * (len(SNR_BINS) - 1)]
+    for label in LABELS:
+        cells = [f"{number(t['quantile_ratio_92_74'])}, {number(t['same_star_correlation'])}"
+                 for t in tails[label].values()]
+        lines.append(f"| {names[label]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -265,6 +335,7 @@ def main():
     pooled = {k: np.r_[cross[k], predicted[k]] for k in cross}
     pooled_reference = {k: np.r_[calibration["reference"][k], reference[k]] for k in LABELS}
     every_star = coverage_by_snr(pooled, pooled_reference, pooled_snrg)
+    tails = residual_tails(pooled, pooled_reference, pooled_snrg, np.r_[calibration["groups"], test_stars_of])
     training_stars = coverage_by_snr(cross, calibration["reference"], calibration["snrg"])
 
     # repeats of the held-out stars: pairs at 10 < SNRg <= 20 (four spectra per star)
@@ -297,6 +368,7 @@ def main():
             "n_spectra": int(np.sum(np.isfinite(pooled_snrg))),
             "n_stars": int(np.unique(np.r_[calibration["groups"], test_stars_of]).size),
             **judged(every_star), "coverage": every_star, "coverage_training_stars": training_stars,
+            "residual_tails": tails,
         },
         "repeat_z": repeats,
         "calibration_model": calibration_summary(model),
@@ -306,6 +378,8 @@ def main():
     print(json.dumps(rounded(result), indent=2))
     print("--- markdown ---")
     print(markdown_table(result))
+    print()
+    print(tails_table(tails))
 
 
 if __name__ == "__main__":

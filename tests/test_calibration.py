@@ -218,11 +218,8 @@ def test_training_with_a_hold_out_keeps_those_stars_out(synthetic_set):
 def test_pass_probability_of_a_calibrated_error_matches_simulation():
     """bench/calibration.py's chance that a perfect Gaussian error passes a bin's windows
     (62-74% within 1 sigma, 92-98% within 2) equals the fraction of simulated bins that do."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from calibration import WITHIN_1, WITHIN_2, pass_probability
+    bench = _bench_calibration()
+    WITHIN_1, WITHIN_2, pass_probability = bench.WITHIN_1, bench.WITHIN_2, bench.pass_probability
 
     rng = np.random.default_rng(3)
     for n in (37, 120):
@@ -232,6 +229,52 @@ def test_pass_probability_of_a_calibrated_error_matches_simulation():
                             (within_2 >= WITHIN_2[0]) & (within_2 <= WITHIN_2[1]))
         assert pass_probability(n) == pytest.approx(simulated, abs=0.015)
     assert pass_probability(2000) > 0.999
+
+
+def _bench_calibration():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calibration
+    return calibration
+
+
+def test_quantile_ratio_tells_which_bins_no_level_can_calibrate():
+    """q92/q74 of |z| <= 2 exactly when some level meets both windows: checked against a
+    search over levels, for a Gaussian (1.55), a heavy-tailed Student t and scaled copies."""
+    bench = _bench_calibration()
+    rng = np.random.default_rng(8)
+    levels = np.geomspace(0.2, 5, 2001)
+    for z, some_level_passes in ((rng.standard_normal(4000), True),
+                                 (rng.standard_t(1.5, 4000), False)):
+        ratio = bench.quantile_ratio(z)
+        assert bench.quantile_ratio(7.0 * z) == pytest.approx(ratio)      # the level drops out
+        a = np.abs(z)
+        within_1 = (a[:, None] < levels).mean(axis=0)
+        within_2 = (a[:, None] < 2 * levels).mean(axis=0)
+        passes = ((within_1 <= bench.WITHIN_1[1]) & (within_2 >= bench.WITHIN_2[0])).any()
+        assert passes == some_level_passes == (ratio <= 2)
+    assert bench.quantile_ratio(rng.standard_normal(200_000)) == pytest.approx(1.554, abs=0.01)
+    assert bench.quantile_ratio(np.ones(bench.MIN_SPECTRA - 1)) is None
+
+
+def test_same_star_correlation_separates_errors_of_the_star_from_noise():
+    bench = _bench_calibration()
+    rng = np.random.default_rng(9)
+    stars = np.repeat(np.arange(300), 5)
+    snrg = np.tile([15.0, 15.0, 15.0, 15.0, 50.0], 300)
+    inside, reference_bin = snrg > 20, (snrg > 10) & (snrg <= 20)
+    offsets = rng.standard_normal(300)[stars]
+    of_the_star = offsets + 0.2 * rng.standard_normal(stars.size)
+    assert bench.same_star_correlation(of_the_star, stars, inside, reference_bin) > 0.9
+    noise = rng.standard_normal(stars.size)
+    assert abs(bench.same_star_correlation(noise, stars, inside, reference_bin)) < 0.2
+    # within the reference bin a spectrum is compared with its star's *other* spectra only:
+    # with one spectrum per star there are none (a mean including itself would give r = 1)
+    single = np.arange(100)
+    assert bench.same_star_correlation(noise[:100], single, np.ones(100, bool), np.ones(100, bool)) is None
+    assert abs(bench.same_star_correlation(noise, stars, reference_bin, reference_bin)) < 0.2
 
 
 def test_repeat_level_recovers_an_underestimated_error_and_carries_over_to_other_stars():
