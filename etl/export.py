@@ -85,27 +85,41 @@ def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000, u
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if use_copy is None:
         use_copy = db.is_postgres(engine)
+    # The file is written beside the target and renamed over it, so that a reader never
+    # sees half a catalogue: that would replace a device or a pipe (/dev/stdout) by a file.
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ExportTargetError(f"{path} exists and is not a regular file: the export writes "
+                                f"a new file and renames it into place; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.part"
-    with engine.connect() as connection:
-        info = provenance(connection, model_version)
-        if use_copy:
-            {"csv": _copy_csv, "fits": _copy_fits, "votable": _copy_votable}[fmt](
-                connection, tmp, info, chunk_rows)
-        else:
-            result = connection.execution_options(stream_results=True, yield_per=chunk_rows) \
-                .execute(export_query(info["model_version"]))
-            partitions = result.partitions(chunk_rows)
-            if fmt == "csv":
-                _write_csv(tmp, partitions)
-            elif fmt == "fits":
-                _write_fits(tmp, info, (_row_columns(rows) for rows in partitions))
+    try:
+        with engine.connect() as connection:
+            info = provenance(connection, model_version)
+            if use_copy:
+                {"csv": _copy_csv, "fits": _copy_fits, "votable": _copy_votable}[fmt](
+                    connection, tmp, info, chunk_rows)
             else:
-                _write_votable(tmp, info, (votable_rows(rows, column_descriptions())
-                                           for rows in partitions))
-    os.replace(tmp, path)
+                result = connection.execution_options(stream_results=True, yield_per=chunk_rows) \
+                    .execute(export_query(info["model_version"]))
+                partitions = result.partitions(chunk_rows)
+                if fmt == "csv":
+                    _write_csv(tmp, partitions)
+                elif fmt == "fits":
+                    _write_fits(tmp, info, (_row_columns(rows) for rows in partitions))
+                else:
+                    _write_votable(tmp, info, (votable_rows(rows, column_descriptions())
+                                               for rows in partitions))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)          # no half-written file left behind
+        raise
     return info
+
+
+class ExportTargetError(ValueError):
+    """The export cannot write to the path it was given."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -54,6 +54,27 @@ def export(url, fmt, path, *options):
     return path
 
 
+def test_export_refuses_a_target_that_is_not_a_regular_file(release_db, tmp_path):
+    """It writes beside the target and renames over it: over a pipe or a device that
+    replaced the special file by a regular one (``--out /dev/full`` did)."""
+    import contextlib
+    import io
+    import os
+    import stat
+
+    url, _ = release_db
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for target in (fifo, folder):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli_main(["export", "--format", "votable", "--out", str(target), "--url", url])
+        assert code == 1 and "is not a regular file" in err.getvalue() and str(target) in err.getvalue()
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and folder.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pipe"]     # no .part left
+
+
 @pytest.mark.parametrize("model", [CURRENT, EMPTY_MODEL])
 def test_exported_votable_and_fits_validate(release_db, tmp_path, model):
     from astropy.io import fits

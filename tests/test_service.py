@@ -1,6 +1,7 @@
 """The read-only query service (service/): cone search, range queries, formats, limits,
 read-only access, OpenAPI (schemathesis), on SQLite and PostgreSQL (Q3C)."""
 import base64
+import json
 import io
 import math
 import re
@@ -432,6 +433,11 @@ def test_cursor_from_another_order_is_rejected(client):
     assert response.status_code == 400 and "order" in response.get_json()["error"]
     forged = base64.urlsafe_b64encode(b'["obsid", "1; DROP TABLE x", 5]').decode().rstrip("=")
     assert client.get(f"/api/v1/estimates?cursor={forged}").status_code == 400
+    # integers beyond the database's 64 bits (were "bigint out of range" / OverflowError)
+    for order, value in (("teff", 2 ** 63), ("obsid", -(2 ** 63) - 1), ("teff", 10 ** 400)):
+        forged = base64.urlsafe_b64encode(json.dumps([order, value, 5]).encode()).decode()
+        response = client.get(f"/api/v1/estimates?order={order}&cursor={forged}")
+        assert response.status_code == 400 and response.get_json()["parameter"] == "cursor"
 
 
 # ---------------------------------------------------------------------------------------

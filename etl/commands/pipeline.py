@@ -379,13 +379,13 @@ def register_export(subparsers):
 
 
 def run_export(args):
-    from etl.export import export_catalogue
+    from etl.export import ExportTargetError, export_catalogue
     from etl.inference import NoModelError
 
     engine = db.make_engine(database_url(args))
     try:
         info = export_catalogue(engine, args.out, args.format, args.model)
-    except NoModelError as error:
+    except (NoModelError, ExportTargetError) as error:
         print(f"export: {error}", file=sys.stderr)
         return 1
     finally:

@@ -159,7 +159,8 @@ def decode_cursor(token: str, order: str):
     if not isinstance(obsid, int) or isinstance(obsid, bool) or abs(obsid) > 2 ** 63 - 1:
         raise ParamError("cursor", "not a cursor from a 'next' link")
     if value is not None and (isinstance(value, bool) or not isinstance(value, number)
-                              or not math.isfinite(value)):
+                              or not math.isfinite(value)
+                              or (isinstance(value, int) and abs(value) > 2 ** 63 - 1)):
         raise ParamError("cursor", "not a cursor from a 'next' link")
     return value, obsid
 

@@ -26,6 +26,7 @@ import base64
 import io
 import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -118,16 +119,23 @@ def parse_dec(text: str) -> float:
     return Angle(text, unit=u.deg).degree
 
 
-def parse_radius(text: str) -> float:
-    """Cone radius in degrees from a quantity ('2 arcmin', '30 arcsec', '0.1 deg'); a plain
-    number is in degrees."""
-    import astropy.units as u
+# A number and one angular unit: astropy's general unit parser would also take
+# '1 10**99999999 deg' and spend minutes computing the power.
+_RADIUS = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?)\s*"
+                     r"(deg|degrees?|arcmin|arcsec|mas|d|'|\"|°)?\s*")
+_RADIUS_UNITS = {None: 1.0, "deg": 1.0, "degree": 1.0, "degrees": 1.0, "d": 1.0, "°": 1.0,
+                 "arcmin": 1 / 60, "'": 1 / 60, "arcsec": 1 / 3600, '"': 1 / 3600,
+                 "mas": 1 / 3.6e6}
 
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    return u.Quantity(text).to(u.deg).value
+
+def parse_radius(text: str) -> float:
+    """Cone radius in degrees from a number and an angular unit ('2 arcmin', '30 arcsec',
+    '0.1 deg', '5"'); a plain number is in degrees. ValueError for anything else."""
+    match = _RADIUS.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a number with an angular unit "
+                         f"(deg, arcmin, arcsec, mas)")
+    return float(match.group(1)) * _RADIUS_UNITS[match.group(2)]
 
 
 def api_parameters(form) -> MultiDict:
@@ -496,6 +504,9 @@ def model_plot(version, plot):
     from models.metrics import snr_bins_of
     from models.plots import accuracy_vs_snr, coverage_vs_snr
 
+    if re.fullmatch(estimates_api.MODEL_VERSION_PATTERN, version) is None:
+        # no stored version looks like this (and PostgreSQL refuses a NUL in text)
+        return error_response(404, f"no model version {version!r}")
     with state().engine.connect() as connection:
         metrics = connection.execute(select(schema.models.c.metrics)
                                      .where(schema.models.c.version == version)).first()
