@@ -180,9 +180,7 @@ def test_search_radius_refuses_anything_else_at_once(text):
 
     start = time.perf_counter()
     with pytest.raises(ValueError):
-        value = parse_radius(text)
-        if value == float("inf"):          # '1e99999' is a number, but not an angle
-            raise ValueError
+        parse_radius(text)
     assert time.perf_counter() - start < 1.0
 
 
