@@ -71,7 +71,7 @@ def cell_text(value) -> str:
     return str(value)
 
 
-def _xml_text(value: str) -> str:
+def xml_text(value: str) -> str:
     return escape(_INVALID_XML.sub("", value))
 
 
@@ -89,7 +89,7 @@ VOTABLE_HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n'
 def _info_xml(info: Info, indent="  ") -> str:
     attrs = f"name={_xml_attr(info.name)} value={_xml_attr(str(info.value))}"
     if info.content:
-        return f"{indent}<INFO {attrs}>{_xml_text(info.content)}</INFO>\n"
+        return f"{indent}<INFO {attrs}>{xml_text(info.content)}</INFO>\n"
     return f"{indent}<INFO {attrs}/>\n"
 
 
@@ -99,10 +99,13 @@ def xml_id(name: str) -> str:
     return text if re.match(r"[A-Za-z_]", text) else "_" + text
 
 
-def field_xml(column: ColumnDescription) -> str:
+def field_xml(column: ColumnDescription, datatype: Optional[str] = None) -> str:
+    """The FIELD of ``column``; ``datatype``: instead of the column's own (see
+    :func:`row_datatypes`)."""
+    datatype = datatype or column.votable_datatype
     attrs = [f"name={_xml_attr(column.name)}", f"ID={_xml_attr(xml_id(column.name))}",
-             f'datatype="{column.votable_datatype}"']
-    if column.votable_datatype in ("char", "unicodeChar"):
+             f'datatype="{datatype}"']
+    if datatype in ("char", "unicodeChar"):
         attrs.append('arraysize="*"')
     if column.kind == "datetime":
         attrs.append('xtype="timestamp"')
@@ -112,13 +115,41 @@ def field_xml(column: ColumnDescription) -> str:
         attrs.append(f"ucd={_xml_attr(column.ucd)}")
     description = ""
     if column.description:
-        description = f"<DESCRIPTION>{_xml_text(column.description)}</DESCRIPTION>"
+        description = f"<DESCRIPTION>{xml_text(column.description)}</DESCRIPTION>"
     return f"    <FIELD {' '.join(attrs)}>{description}</FIELD>\n"
 
 
-def fields_xml(columns) -> str:
-    """The FIELD elements of ``columns`` (callers cache this for a fixed column set)."""
-    return "".join(field_xml(c) for c in columns)
+def fields_xml(columns, datatypes=None) -> str:
+    """The FIELD elements of ``columns`` (callers cache this for a fixed column set);
+    ``datatypes``: one per column, instead of the columns' own."""
+    datatypes = datatypes or [None] * len(columns)
+    return "".join(field_xml(c, d) for c, d in zip(columns, datatypes))
+
+
+def _is_ascii(value) -> bool:
+    """Whether :func:`cell_text` of ``value`` is ASCII (numbers, timestamps, JSON with
+    its escapes and bytes as hex always are)."""
+    if isinstance(value, str):
+        return value.isascii()
+    if value is None or isinstance(value, (int, float, _dt.date, dict, list, tuple, bytes,
+                                           bytearray, memoryview)):
+        return True
+    return cell_text(value).isascii()
+
+
+def row_datatypes(columns, rows) -> list:
+    """The VOTable datatype of each column for these ``rows``: the column's own, except
+    that a ``char`` column holding a non-ASCII character is declared ``unicodeChar``.
+    VOTable ``char`` is ASCII: BINARY2 writes it one byte a character (astropy cannot
+    decode UTF-8 there) and a parser warns about it in TABLEDATA (astropy W55), while
+    ``unicodeChar`` holds any text in both serializations (UTF-16 big-endian in
+    BINARY2). Both serializations declare the same, so a table reads the same in
+    either."""
+    datatypes = [c.votable_datatype for c in columns]
+    for index, datatype in enumerate(datatypes):
+        if datatype == "char" and not all(_is_ascii(row[index]) for row in rows):
+            datatypes[index] = "unicodeChar"
+    return datatypes
 
 
 def votable_header(columns, *, table_name="results", description=None, infos=(),
@@ -131,7 +162,7 @@ def votable_header(columns, *, table_name="results", description=None, infos=(),
     parts.extend(_info_xml(i, "    ") for i in status_infos)
     parts.append(f"    <TABLE name={_xml_attr(table_name)}>\n")
     if description:
-        parts.append(f"    <DESCRIPTION>{_xml_text(description)}</DESCRIPTION>\n")
+        parts.append(f"    <DESCRIPTION>{xml_text(description)}</DESCRIPTION>\n")
     parts.append(fields if fields is not None else fields_xml(columns))
     parts.append(_DATA_OPEN[serialization])
     return "".join(parts)
@@ -152,7 +183,7 @@ def _td_float(value):
 
 
 def _td_text(value):
-    return "" if value is None else _xml_text(cell_text(value))
+    return "" if value is None else xml_text(cell_text(value))
 
 
 def _cell_formatter(column):
@@ -173,27 +204,56 @@ def votable_rows(rows: Iterable[Sequence], columns=None) -> str:
         + "</TD></TR>\n" for row in rows)
 
 
-def binary2_rows(rows: Iterable[Sequence], columns) -> str:
-    """BINARY2 stream of ``rows``, base64 (VOTable 1.3 section 5.5): per row a null-flag
-    bit mask, then each cell big-endian (long, double, boolean ``T``/``F``/``?``, char
-    arrays as a byte count and UTF-8 bytes). Null numbers are written as 0 / NaN and
-    flagged."""
-    import base64
+# BINARY2 cells by declared datatype (VOTable 1.4 section 5.4): big-endian numbers of the
+# declared width, boolean as one byte, arrays ("*") as an element count and the elements.
+_BINARY_NUMBERS = {"unsignedByte": ">B", "short": ">h", "int": ">i", "long": ">q",
+                   "float": ">f", "double": ">d"}
+_BINARY_FLOATS = ("float", "double")
+
+
+def _binary2_packer(datatype):
+    """A function: cell value (None for a null cell) -> its BINARY2 bytes. A null cell
+    is flagged in the row's mask and its bytes are ignored by a reader, but they are
+    written all the same (0, NaN, ``?``, an empty array)."""
     import struct
 
-    packers = []
-    for column in columns:
-        if column.kind == "int":
-            packers.append(lambda v: struct.pack(">q", 0 if v is None else int(v)))
-        elif column.kind == "float":
-            packers.append(lambda v: struct.pack(">d", math.nan if v is None else float(v)))
-        elif column.kind == "bool":
-            packers.append(lambda v: b"?" if v is None else (b"T" if v else b"F"))
-        else:
-            def pack_text(v):
-                data = cell_text(v).encode("utf-8")
-                return struct.pack(">i", len(data)) + data
-            packers.append(pack_text)
+    if datatype in _BINARY_NUMBERS:
+        pack = struct.Struct(_BINARY_NUMBERS[datatype]).pack
+        if datatype in _BINARY_FLOATS:
+            null = pack(math.nan)
+            return lambda v: null if v is None else pack(float(v))
+        null = pack(0)
+        return lambda v: null if v is None else pack(int(v))
+    if datatype == "boolean":
+        return lambda v: b"?" if v is None else (b"T" if v else b"F")
+    count = struct.Struct(">I").pack
+    if datatype == "unicodeChar":
+        def pack_unicode(v):
+            # UTF-16 code units (a character beyond the BMP is a surrogate pair), as
+            # astropy reads and writes unicodeChar.
+            data = b"" if v is None else cell_text(v).encode("utf-16-be")
+            return count(len(data) // 2) + data
+        return pack_unicode
+
+    def pack_char(v):
+        data = b"" if v is None else cell_text(v).encode("ascii")
+        return count(len(data)) + data
+    return pack_char
+
+
+def binary2_rows(rows: Iterable[Sequence], columns, datatypes=None) -> str:
+    """BINARY2 stream of ``rows``, base64 (VOTable 1.3 section 5.5): per row a null-flag
+    bit mask, then each cell as its FIELD declares it (``datatypes``, one per column;
+    default the columns' own): ``unsignedByte``, ``short``, ``int``, ``long``, ``float``,
+    ``double`` big-endian of their width, ``boolean`` ``T``/``F``/``?``, ``char`` and
+    ``unicodeChar`` (``arraysize="*"``) as a count and ASCII bytes / UTF-16 big-endian
+    code units. Null cells (None, NaN, +-Infinity) are flagged and written as 0 / NaN /
+    empty."""
+    import base64
+
+    if datatypes is None:
+        datatypes = [c.votable_datatype for c in columns]
+    packers = [_binary2_packer(d) for d in datatypes]
     mask_bytes = (len(columns) + 7) // 8
     stream = bytearray()
     for row in rows:
@@ -282,8 +342,15 @@ def votable_document(columns, rows, *, table_name="results", description=None, i
     ``serialization``: ``tabledata`` or ``binary2``. ``resources``: further RESOURCE
     elements (XML text) after the results, e.g. DataLink service descriptors.
     ``tabledata``: the rows as ``<TR>`` lines already written (:func:`tabledata_row_sql`),
-    used instead of ``rows``.
+    used instead of ``rows``. A ``char`` column whose ``rows`` hold non-ASCII text is
+    declared ``unicodeChar`` (:func:`row_datatypes`), in ``fields`` too.
     """
+    datatypes = None
+    if tabledata is None:
+        rows = list(rows)
+        datatypes = row_datatypes(columns, rows)
+        if datatypes != [c.votable_datatype for c in columns]:
+            fields = fields_xml(columns, datatypes)     # not the callers' cached FIELDs
     header = votable_header(columns, table_name=table_name, description=description,
                             infos=infos, status_infos=status_infos, fields=fields,
                             serialization=serialization)
@@ -292,7 +359,7 @@ def votable_document(columns, rows, *, table_name="results", description=None, i
     elif serialization == "tabledata":
         body = votable_rows(rows, columns)
     else:
-        body = binary2_rows(rows, columns)
+        body = binary2_rows(rows, columns, datatypes)
     return header + body + votable_footer(post_infos=post_infos, resources=resources,
                                           serialization=serialization)
 

@@ -1,7 +1,8 @@
 """ADQL 2.0/2.1 to PostgreSQL + Q3C, on the parsed tree (sqlglot), never on the text.
 
 ``translate(query, maxrows)`` parses the query with sqlglot (its T-SQL dialect reads
-ADQL's ``TOP n``; ADQL's ``LOG`` is the natural logarithm there too), then:
+ADQL's ``TOP n``; ADQL's ``LOG`` is the natural logarithm there too; ``TIMESTAMP`` is
+read as ADQL's type, not T-SQL's ROWVERSION: :class:`AdqlRead`), then:
 
 1. **refuses** anything but one SELECT (or UNION / INTERSECT / EXCEPT of SELECTs): a
    second statement, DDL or DML, a table outside the published ones (:mod:`service.
@@ -10,9 +11,11 @@ ADQL's ``TOP n``; ADQL's ``LOG`` is the natural logarithm there too), then:
    ``ctid`` or ``xmin`` included), a function outside the allow-list (``pg_sleep``,
    ``pg_read_file``, ``dblink``, ``set_config``, ``lo_*``, ... are not in it), any
    syntax node outside the allow-list of :data:`ALLOWED_NODES`, a tree nested deeper
-   than :data:`MAX_DEPTH` or a query longer than :data:`MAX_QUERY_CHARS`. The refusal
-   is an :class:`AdqlError` naming the problem, raised before anything reaches the
-   database.
+   than :data:`MAX_DEPTH` or a query longer than :data:`MAX_QUERY_CHARS`, a CIRCLE or
+   POLYGON whose constant declination is outside [-90, 90] or whose constant radius is
+   negative (:func:`check_regions`, on every translation, a reused one included). The
+   refusal is an :class:`AdqlError` naming the problem, raised before anything reaches
+   the database.
 2. **rewrites** ADQL geometry to the Q3C functions the catalogue indexes (pgSphere does
    not install on PostgreSQL 15): ``CONTAINS(POINT(ra, dec), CIRCLE(ra0, dec0, r)) = 1``
    -> ``q3c_radial_query(ra, dec, ra0, dec0, r)`` (also ``INTERSECTS`` with a point, and
@@ -41,13 +44,26 @@ from typing import Optional
 
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.tsql import TSQL
 from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import TokenType
 
 from service import tap_schema
 
 MAX_QUERY_CHARS = 20000
 MAX_DEPTH = 60              # syntax-tree depth; a real query stays far below it
-ADQL_READ_DIALECT = "tsql"  # ADQL's SELECT TOP n is T-SQL syntax
+
+
+class AdqlRead(TSQL):
+    """How ADQL is read: T-SQL (ADQL's ``SELECT TOP n`` is T-SQL syntax), except that
+    ``TIMESTAMP`` is ADQL's (and PostgreSQL's) timestamp type, not T-SQL's synonym of
+    ``ROWVERSION``."""
+
+    class Tokenizer(TSQL.Tokenizer):
+        KEYWORDS = {**TSQL.Tokenizer.KEYWORDS, "TIMESTAMP": TokenType.TIMESTAMP}
+
+
+ADQL_READ_DIALECT = AdqlRead
 
 # Every syntax node a query may contain (functions: ALLOWED_FUNCTIONS below).
 ALLOWED_NODES = (
@@ -99,8 +115,11 @@ def translate(query: str, maxrows: Optional[int] = None, uploads=None) -> Transl
     same text but for the numbers bound as parameters) is not parsed again
     (:class:`QueryShapes`)."""
     if uploads:
-        return _translate(query, maxrows, uploads)[0]
-    return QUERY_SHAPES.translate(query, maxrows)
+        translation = _translate(query, maxrows, uploads)[0]
+    else:
+        translation = QUERY_SHAPES.translate(query, maxrows)
+    check_regions(translation)
+    return translation
 
 
 def _translate(query, maxrows, uploads=None):
@@ -256,8 +275,11 @@ def check(tree: exp.Expression, uploads=None):
             if isinstance(node, exp.TableAlias):
                 query_names.update(c.name.lower() for c in node.columns)
         if isinstance(node, exp.DataType) and node.this not in CAST_TYPES:
-            raise AdqlError(f"CAST to {_snippet(node)} is not accepted; numbers, text "
-                            "and timestamps are")
+            # the type as ADQL names it (PostgreSQL's name may be another: ROWVERSION
+            # is BYTEA there)
+            raise AdqlError(f"CAST to {node.this.value} is not accepted; numbers (SMALLINT, "
+                            "INTEGER, BIGINT, REAL, DOUBLE PRECISION, DECIMAL), text "
+                            "(CHAR, VARCHAR) and TIMESTAMP are")
         if isinstance(node, ALLOWED_NODES):
             continue
         if isinstance(node, exp.Func):     # (sqlglot's AND, OR, ... are Funcs too)
@@ -454,6 +476,66 @@ def rewrite_geometry(tree):
     return tree.transform(other_geometry, copy=False)
 
 
+def _constant(node, parameters):
+    """The value of a number given as a literal or a bound parameter (signs and
+    parentheses around it included), or None for anything else (a column, arithmetic:
+    the database checks those)."""
+    if isinstance(node, exp.Paren):
+        return _constant(node.this, parameters)
+    if isinstance(node, exp.Neg):
+        value = _constant(node.this, parameters)
+        return None if value is None else -value
+    if isinstance(node, exp.Placeholder):
+        return parameters.get((node.name or "")[PLACEHOLDER_MARKER_CHARS:])
+    if isinstance(node, exp.Literal) and not node.is_string:
+        return _float(node.this)
+    return None
+
+
+def _float(text):
+    try:
+        return float(text)
+    except (ValueError, OverflowError):
+        return None
+
+
+def check_regions(translation):
+    """Refuse a CIRCLE or POLYGON whose constant declination is outside [-90, 90] or
+    whose constant radius is negative (Q3C would fail with an internal error, or find
+    nothing). A number too large for a float is left to the database, which refuses it
+    as out of range."""
+    parameters = translation.parameters
+    for function in translation.tree.find_all(exp.Anonymous):
+        name = function.name.upper()
+        arguments = list(function.expressions)
+        if name == "Q3C_RADIAL_QUERY" and len(arguments) == 5:
+            _check_declination("CIRCLE", "the centre's", _constant(arguments[3], parameters))
+            radius = _constant(arguments[4], parameters)
+            if radius is not None and (math.isnan(radius) or radius < 0):
+                raise AdqlError(f"CIRCLE: the radius must be >= 0 degrees, got {radius!r}")
+        elif name == "Q3C_POLY_QUERY" and len(arguments) == 3:
+            array = arguments[2].this if isinstance(arguments[2], exp.Cast) else arguments[2]
+            if isinstance(array, exp.Array):
+                for index, vertex in enumerate(array.expressions[1::2]):
+                    _check_declination("POLYGON", f"vertex {index + 1}'s",
+                                       _constant(vertex, parameters))
+
+
+def _check_declination(region, whose, value):
+    if value is None or math.isinf(value):
+        return
+    if math.isnan(value) or not -90.0 <= value <= 90.0:
+        raise AdqlError(f"{region}: {whose} declination must be between -90 and 90 "
+                        f"degrees, got {value!r}")
+
+
+def _top_number(text):
+    """A TOP's value (a digit string); a number too long for int() is larger than any
+    row cap."""
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10 ** 18
+
+
 def cap_rows(tree, maxrows: int):
     """The outermost LIMIT (ADQL TOP) at most ``maxrows``."""
     if not isinstance(tree, exp.Select):
@@ -465,7 +547,7 @@ def cap_rows(tree, maxrows: int):
         if not (isinstance(value, exp.Literal) and not value.is_string
                 and value.this.isdigit()):
             raise AdqlError(f"TOP takes a whole number, not {_snippet(value)}")
-        current = int(value.this)
+        current = _top_number(value.this)
     return tree.limit(maxrows if current is None else min(current, maxrows), copy=False)
 
 
@@ -477,6 +559,7 @@ def _default_null_order(tree):
 
 
 Q3C_FUNCTIONS = {"Q3C_RADIAL_QUERY", "Q3C_POLY_QUERY", "Q3C_DIST"}
+PLACEHOLDER_MARKER_CHARS = 16     # the random marker in front of a placeholder's name
 # Nodes between a Q3C function and a number that becomes a parameter: arithmetic on
 # numbers and the polygon's array. Not a sub-query, where a number can be a position
 # (ORDER BY 1), nor a type (DECIMAL(10, 2)).
@@ -495,7 +578,7 @@ def driver_statement(tree):
 
     Returns the :class:`Translation` and, per parameter, (the span of its number in the
     query text, or None; its sign: a unary minus is taken into the value)."""
-    marker = secrets.token_hex(8)
+    marker = secrets.token_hex(PLACEHOLDER_MARKER_CHARS // 2)
     parameters, literals = {}, []
     for function in list(tree.find_all(exp.Anonymous, bfs=False)):
         if function.name.upper() not in Q3C_FUNCTIONS:
@@ -532,8 +615,13 @@ def _number_argument(literal, function):
 
 
 def _number(text):
-    """The value of a number's text (int when it has only digits), None if not finite."""
-    value = int(text) if text.isdigit() else float(text)
+    """The value of a number's text (int when it has only digits), None if it is not a
+    finite number: int() refuses more than 4300 digits (and a float could not hold
+    them), float() takes any length, giving inf when too large."""
+    try:
+        value = int(text) if text.isdigit() and len(text) <= 18 else float(text)
+    except (ValueError, OverflowError):
+        return None
     return value if math.isfinite(value) else None
 
 
@@ -543,4 +631,5 @@ def top_value(tree) -> Optional[int]:
     if limit is None:
         return None
     value = limit.expression
-    return int(value.this) if isinstance(value, exp.Literal) and value.this.isdigit() else None
+    return (_top_number(value.this) if isinstance(value, exp.Literal) and value.this.isdigit()
+            else None)

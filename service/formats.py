@@ -141,10 +141,67 @@ def to_astropy_table(columns, rows, meta=None):
     return table
 
 
+# A TTYPE value on one card: 68 characters, less the doubling of quotes.
+FITS_NAME_MAX = 68
+
+
+def _fits_name_char(char: str) -> str:
+    """``char`` in a FITS column name: ASCII letters, digits and ``_`` as they are; an
+    accented letter as its base letter(s) (é -> e, ﬁ -> fi); any other non-ASCII or
+    control character as ``_u`` and its code point in hex (``_u6e29``)."""
+    import unicodedata
+
+    if char.isascii() and (char.isalnum() or char == "_"):
+        return char
+    if char.isascii() and char.isprintable():
+        return char                    # ASCII punctuation and spaces are allowed in FITS
+    base = "".join(c for c in unicodedata.normalize("NFKD", char)
+                   if c.isascii() and (c.isalnum() or c == "_"))
+    return base or f"_u{ord(char):04x}"
+
+
+def fits_column_names(names) -> list:
+    """TTYPE values for column ``names``: printable ASCII that fits on one card, unique
+    (case-insensitively, as FITS readers match names).
+
+    A TAP alias may be any text (``SELECT obsid AS "é"``) while a FITS header holds
+    printable ASCII only: astropy refuses anything else. Answering 400 would deny a TOPCAT
+    user a table they can have; a name close to theirs (é -> e, 温 -> _u6e29; letters,
+    digits and _ are also what TOPCAT expressions can use as they are) keeps the columns
+    recognisable, and the VOTable answer keeps the exact names. Names that need no change
+    keep theirs; a changed name that meets another gets _2, _3, ... as in the VOTable
+    FIELDs."""
+    def fits(text):
+        return len(text) + text.count("'") <= FITS_NAME_MAX
+
+    names = list(names)
+    made = ["".join(_fits_name_char(c) for c in name) or "col" for name in names]
+    kept = [m == n and fits(n) for m, n in zip(made, names)]
+    seen = {n.lower() for n, k in zip(names, kept) if k}
+    out = []
+    for name, text, keep in zip(names, made, kept):
+        if keep:
+            out.append(name)
+            continue
+        unique, number, suffix = text, 1, ""
+        while not fits(unique) or unique.lower() in seen:
+            if unique.lower() in seen:
+                number += 1
+                suffix = f"_{number}"
+            text = text if fits(text + suffix) else text[:-1]
+            unique = text + suffix
+        seen.add(unique.lower())
+        out.append(unique)
+    return out
+
+
 def fits_document(columns, rows, meta=None) -> bytes:
-    """One binary-table extension; TUNITn, TUCDn, TCOMMn from the column metadata."""
+    """One binary-table extension; TUNITn, TUCDn, TCOMMn from the column metadata; column
+    names as :func:`fits_column_names` makes them."""
     from astropy.io import fits
 
+    columns = [replace(c, name=n) if n != c.name else c
+               for c, n in zip(columns, fits_column_names(c.name for c in columns))]
     hdu = fits.table_to_hdu(to_astropy_table(columns, rows, meta))
     for index, column in enumerate(columns, start=1):
         if column.unit:

@@ -37,12 +37,25 @@ def utc_now() -> dt.datetime:
 
 
 def iso(value: Optional[dt.datetime]) -> Optional[str]:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+    """``YYYY-MM-DDThh:mm:ssZ`` in UTC, the year always four digits (strftime's ``%Y``
+    does not pad years before 1000, which :func:`parse_iso` could not read back)."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc)
+    return f"{value.year:04d}-{value:%m-%dT%H:%M:%S}Z"
 
 
 def parse_iso(text: str) -> dt.datetime:
-    value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    """An ISO 8601 time as an aware UTC datetime; ValueError when it is not one (or is
+    outside what a datetime holds once in UTC)."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise ValueError(f"{text[:40]!r} is out of range") from None
 
 
 @dataclass
@@ -94,11 +107,17 @@ class JobStore:
 
     def load(self, job_id) -> Optional[Job]:
         folder = self._folder(job_id)
+        if folder is None:
+            return None
+        # A job whose stored state cannot be read (times included) is no job: it must
+        # not break the list of the others.
         try:
             job = Job(**json.loads((folder / "job.json").read_text()))
-        except (TypeError, OSError, ValueError):
+            parse_iso(job.creation_time)
+            destruction = parse_iso(job.destruction)
+        except (TypeError, OSError, ValueError, AttributeError):
             return None
-        if parse_iso(job.destruction) <= utc_now():
+        if destruction <= utc_now():
             self.delete(job_id)
             return None
         return job
@@ -138,6 +157,17 @@ class JobStore:
             return (self._folder(job_id) / name).read_bytes()
         except OSError:
             return None
+
+
+def upload_part_names(upload: Optional[str]) -> list:
+    """The multipart parts an UPLOAD parameter names (``name,param:part;...``), in
+    order, each once: the only parts of a request a job keeps."""
+    names = []
+    for item in (upload or "").split(";"):
+        source = item.partition(",")[2].strip()
+        if source.startswith("param:") and source[len("param:"):] not in names:
+            names.append(source[len("param:"):])
+    return names
 
 
 def error_message_of(votable: bytes) -> str:

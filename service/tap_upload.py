@@ -12,12 +12,28 @@ through the catalogue's Q3C index, e.g. ``CONTAINS(POINT(s.ra, s.dec), CIRCLE(u.
 Limits (settings, published in the capabilities): LAMOST_VAC_TAP_UPLOAD_MAX_ROWS rows
 and LAMOST_VAC_TAP_UPLOAD_MAX_BYTES bytes per table; beyond them, or for anything but an
 inline VOTable, the query is refused with a message naming the upload.
+
+The byte limit bounds what astropy reads only if the file's declarations are bounded
+too: astropy allocates every row at a FIELD's declared ``arraysize`` (a 244-byte file
+declaring ``arraysize="50000000"`` took a gigabyte), for the declared ``nrows``, and it
+inflates gzip, bzip2 and xz files itself. So a compressed upload is inflated here, to at
+most the byte limit, and the XML is scanned with expat (:func:`prescan`) before astropy
+sees it: an ``arraysize`` of more elements than the byte limit, an ``nrows`` larger than
+it, or declared row widths x rows beyond :data:`READ_MEMORY_FACTOR` times it are
+refused, naming the upload and the FIELD; so is a ``STREAM href`` (astropy would read
+that address: a file of the server, or a URL fetched for the client).
 """
+import bz2
+import gzip
 import io
+import lzma
 import math
 import re
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, fields as dataclass_fields
+from typing import Optional
+from xml.parsers import expat
 
 from sqlglot import exp
 
@@ -80,13 +96,169 @@ def read_uploads(parameter: str, files, max_rows: int, max_bytes: int,
         if len(data) > max_bytes:
             raise UploadError(f"UPLOAD {name}: more than {max_bytes} bytes; the limit is "
                               f"{max_bytes}")
-        tables[name.lower()] = read_votable(name, data, max_rows)
+        tables[name.lower()] = read_votable(name, data, max_rows, max_bytes)
     return tables
 
 
-def read_votable(name: str, data: bytes, max_rows: int) -> UploadedTable:
+def _default_max_bytes() -> int:
+    from etl.settings import Settings
+
+    return next(f.default for f in dataclass_fields(Settings)
+                if f.name == "tap_upload_max_bytes")
+
+
+# ---------------------------------------------------------------------------------------
+# Before astropy: inflate within the byte limit, then check the declarations (expat).
+# Bytes of memory astropy's numpy arrays take per element of a column (char and
+# unicodeChar become numpy "U": 4 bytes a character).
+ELEMENT_BYTES = {"boolean": 1, "bit": 1, "unsignedByte": 1, "short": 2, "int": 4,
+                 "long": 8, "float": 4, "double": 8, "floatComplex": 8,
+                 "doubleComplex": 16, "char": 4, "unicodeChar": 4}
+# What a table's declared row width x rows may come to, in multiples of the byte limit
+# (80 MB at the default 5 MB): 10,000 rows of 8 kB declared width. Beyond it a small
+# file would make astropy allocate far more than the upload.
+READ_MEMORY_FACTOR = 16
+# One array dimension: N, N* (at most N, the last one) or * (any number, the last one).
+_DIMENSION = re.compile(r"\s*(?:([0-9]+)\s*(\*?)|(\*))\s*")
+_COMPRESSED = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f), "gzip"),
+               (b"BZh", bz2.BZ2File, "bzip2"), (b"\xfd7zXZ\x00", lzma.LZMAFile, "xz"))
+
+
+def inflated(name: str, data: bytes, max_bytes: int) -> bytes:
+    """``data``, decompressed if it is gzip, bzip2 or xz (astropy would inflate it itself,
+    without a limit), to at most ``max_bytes``."""
+    for magic, opener, label in _COMPRESSED:
+        if data.startswith(magic):
+            try:
+                with opener(io.BytesIO(data)) as stream:
+                    data = stream.read(max_bytes + 1)
+            except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
+                raise UploadError(f"UPLOAD {name}: not a readable VOTable ({label} data "
+                                  f"that cannot be decompressed: {error})") from None
+            if len(data) > max_bytes:
+                raise UploadError(f"UPLOAD {name}: more than {max_bytes} bytes once "
+                                  f"decompressed ({label}); the limit is {max_bytes}")
+            return data
+    return data
+
+
+def array_elements(arraysize: str, cap: int) -> Optional[int]:
+    """Elements per row of a VOTable ``arraysize`` ("10", "10*", "*", "2x3", "10x*"):
+    the product of its numbers (a variable dimension counts 1: its data are in the file,
+    which the byte limit bounds); anything above ``cap`` as ``cap + 1``. None when the
+    text is not an array size."""
+    parts = arraysize.split("x")
+    elements = 1
+    for index, part in enumerate(parts):
+        match = _DIMENSION.fullmatch(part)
+        if match is None or ((match.group(2) or match.group(3)) and index < len(parts) - 1):
+            return None
+        digits = match.group(1)
+        if digits is not None:
+            # int() of thousands of digits is refused by Python (and slow): by length first.
+            number = int(digits) if len(digits) <= 18 else cap + 1
+            elements = min(elements * number, cap + 1)
+    return elements
+
+
+@dataclass
+class _TableScan:
+    element_bytes: int = 0      # memory of one row (declared widths)
+    nrows: int = 0
+    rows: int = 0               # TR elements (TABLEDATA)
+    widest: str = ""            # the FIELD of the largest width, for the message
+    widest_bytes: int = 0
+
+
+def prescan(name: str, data: bytes, max_bytes: int) -> None:
+    """Refuse, before astropy parses ``data``, what would make it allocate far beyond
+    the byte limit: a FIELD or PARAM ``arraysize`` of more than ``max_bytes`` elements,
+    a TABLE ``nrows`` above ``max_bytes`` (a row takes at least a byte of the file), and
+    a TABLE whose declared row width x rows would exceed :data:`READ_MEMORY_FACTOR` x
+    ``max_bytes`` bytes. The scan is expat's (the parser astropy uses too), with DTD
+    entity declarations refused as defusedxml does; it costs one pass over the bytes."""
+    parser = expat.ParserCreate()
+    tables = []
+    budget = READ_MEMORY_FACTOR * max_bytes
+
+    def refuse(message):
+        raise UploadError(f"UPLOAD {name}: {message}")
+
+    def table_done():
+        scan = tables.pop()
+        rows = max(scan.nrows, scan.rows, 1)
+        if scan.element_bytes * rows > budget:
+            refuse(f"its FIELDs declare {scan.element_bytes} bytes a row (the widest: "
+                   f"{scan.widest}) for {rows} rows, more than the {budget} bytes an "
+                   f"upload may take to read ({READ_MEMORY_FACTOR} x the {max_bytes}-byte "
+                   "limit); declare the arraysize the values need, or '*'")
+
+    def start(tag, attributes):
+        tag = tag.rpartition(":")[2]
+        if tag == "TABLE":
+            tables.append(_TableScan())
+            nrows = attributes.get("nrows", "").strip()
+            if nrows.isascii() and nrows.isdigit():     # else astropy's own error
+                tables[-1].nrows = int(nrows) if len(nrows) <= 18 else max_bytes + 1
+                if tables[-1].nrows > max_bytes:
+                    refuse(f"TABLE nrows={nrows[:20]} is more rows than the {max_bytes} "
+                           "bytes of an upload can hold")
+        elif tag in ("FIELD", "PARAM"):
+            label = f"{tag} {attributes.get('name', attributes.get('ID', '?'))[:40]!r}"
+            arraysize = attributes.get("arraysize")
+            elements = 1
+            if arraysize is not None:
+                elements = array_elements(arraysize, max_bytes)
+                if elements is None:
+                    refuse(f"{label}: arraysize={arraysize[:40]!r} is not a VOTable array "
+                           "size (e.g. 10, 10*, *, 2x3, 10x*)")
+                if elements > max_bytes:
+                    refuse(f"{label}: arraysize={arraysize[:40]!r} declares more than "
+                           f"{max_bytes} elements, the upload byte limit; declare the size "
+                           "the values need, or '*'")
+            if tag == "FIELD" and tables:
+                scan = tables[-1]
+                width = elements * ELEMENT_BYTES.get(attributes.get("datatype"), 8)
+                if arraysize is not None and arraysize.strip().endswith("*"):
+                    width += 8                      # a variable array: an object a row
+                if width > scan.widest_bytes:
+                    scan.widest, scan.widest_bytes = label, width
+                scan.element_bytes += width + 1     # + the null mask
+        elif tag == "TR" and tables:
+            tables[-1].rows += 1
+        elif tag == "STREAM" and attributes.get("href", "").strip():
+            # astropy would open the address: a file of the server, or a URL fetched for
+            # the client. Data come inline (TABLEDATA, or BINARY/BINARY2 base64).
+            refuse(f"a STREAM by reference (href={attributes['href'][:60]!r}) is not "
+                   "accepted; put the data in the file (TABLEDATA, or BINARY/BINARY2 "
+                   "with encoding=\"base64\")")
+
+    def end(tag):
+        if tag.rpartition(":")[2] == "TABLE" and tables:
+            table_done()
+
+    def entity(*_):
+        refuse("DTD entity declarations are not accepted in a VOTable")
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.EntityDeclHandler = entity
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as error:
+        raise UploadError(f"UPLOAD {name}: not a readable VOTable (XML: {error})") from None
+
+
+def read_votable(name: str, data: bytes, max_rows: int,
+                 max_bytes: Optional[int] = None) -> UploadedTable:
+    """The first table of the VOTable ``data`` as an :class:`UploadedTable`;
+    ``max_bytes``: the upload byte limit the declarations are checked against (default:
+    the setting's default)."""
     from astropy.io.votable import parse_single_table
 
+    max_bytes = _default_max_bytes() if max_bytes is None else max_bytes
+    data = inflated(name, data, max_bytes)
+    prescan(name, data, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

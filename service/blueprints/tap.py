@@ -43,6 +43,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from werkzeug.exceptions import NotFound
 
 from etl.schema import ColumnDescription
+from etl.votable import xml_text
 from service import adql, formats, tap_jobs, tap_schema, tap_upload
 from service.blueprints import datalink
 from service.blueprints.vosi import XML_MIME, availability as vosi_availability
@@ -191,6 +192,19 @@ class TapRequestError(ValueError):
     """A bad /tap request parameter (HTTP 400, VOTable error)."""
 
 
+# A whole number parameter (MAXREC, EXECUTIONDURATION, LAST): ASCII digits, few enough
+# for a 64-bit integer (str.isdigit() takes "²", int() refuses more than 4300 digits).
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+
+
+def whole_number(name, text, what="a whole number >= 0"):
+    """The value of parameter ``name``, or :class:`TapRequestError` naming it."""
+    if not WHOLE_NUMBER.fullmatch(text):
+        raise TapRequestError(f"{name} must be {what} (at most 18 digits), got "
+                              f"{text[:40]!r}")
+    return int(text)
+
+
 def tap_error(message, status=400):
     return error_response(status, message)
 
@@ -231,10 +245,7 @@ def _sync_request(params, limits):
         raise TapRequestError("QUERY is required: an ADQL query")
     maxrec = limits.tap_default_maxrec
     if params.get("MAXREC", "").strip():
-        text = params["MAXREC"].strip()
-        if not text.isascii() or not text.isdigit():
-            raise TapRequestError(f"MAXREC must be a whole number >= 0, got {text[:40]!r}")
-        maxrec = int(text)
+        maxrec = whole_number("MAXREC", params["MAXREC"].strip())
     maxrec = min(maxrec, limits.tap_max_records)
     fmt = (params.get("RESPONSEFORMAT") or params.get("FORMAT") or "votable").strip()
     key = fmt.lower().replace(" ", "")
@@ -305,14 +316,40 @@ def run_query(params, engine, timeout_ms, files=None):
 # or access rule (ambiguous column, no such column, type mismatch), 54 program limit
 # (stack depth, too many columns).
 QUERY_ERROR_CLASSES = ("21", "22", "42", "54")
+# Q3C refuses bad geometry with an internal error (SQLSTATE XX000): these messages are
+# about the query's values (e.g. a declination read from a column), answered 400.
+Q3C_INPUT_ERRORS = (
+    ("The absolute value of declination > 90", "a CIRCLE or POLYGON declination must be "
+     "between -90 and 90 degrees"),
+    ("The values of ra,dec,radius are infinites or NaNs", "a CIRCLE's centre and radius "
+     "must be finite numbers"),
+    ("Right Ascensions and raddii must be not null", "a CIRCLE's centre and radius must "
+     "not be NULL"),
+    ("The polygon is too large", "a POLYGON must be smaller than about 23 degrees across"),
+    ("Invalid polygon", "a POLYGON needs at least three vertices"),
+)
+
+
+LONG_DIGITS = re.compile(r"[0-9]{41,}")
 
 
 def _database_error(error, timeout_ms):
     original = getattr(error, "orig", None)
     sqlstate = getattr(original, "sqlstate", None) or ""
     if isinstance(error, DBAPIError) and sqlstate[:2] in QUERY_ERROR_CLASSES:
-        message = getattr(getattr(original, "diag", None), "message_primary", None)
-        return tap_error(f"the query failed in the database: {message or original}")
+        message = str(getattr(getattr(original, "diag", None), "message_primary", None)
+                      or original)
+        # It can quote a literal of thousands of digits: keep their start.
+        message = LONG_DIGITS.sub(lambda m: f"{m.group()[:20]}...({len(m.group())} digits)",
+                                  message)
+        if len(message) > 1000:
+            message = message[:1000] + "..."
+        return tap_error(f"the query failed in the database: {message}")
+    if isinstance(error, DBAPIError) and sqlstate == "XX000":
+        message = getattr(getattr(original, "diag", None), "message_primary", None) or ""
+        for start, hint in Q3C_INPUT_ERRORS:
+            if message.startswith(start):
+                return tap_error(f"the query failed in the database: {message} ({hint})")
     if isinstance(error, DBAPIError) and sqlstate[:2] == "53":
         return tap_error("the database ran out of resources (memory, temporary disk) for "
                          "this query; narrow it", status=503)
@@ -434,12 +471,13 @@ def _text(value):
 def _element(name, value):
     if value is None:
         return f'  <uws:{name} xsi:nil="true"/>\n'
-    return f"  <uws:{name}>{formats.escape(str(value))}</uws:{name}>\n"
+    return f"  <uws:{name}>{xml_text(str(value))}</uws:{name}>\n"
 
 
 def _parameters_xml(job, indent="  "):
-    items = "".join(f'{indent}  <uws:parameter id="{formats.escape(name.lower())}">'
-                    f"{formats.escape(value)}</uws:parameter>\n"
+    # Text XML 1.0 cannot hold (control characters a client sent) is left out.
+    items = "".join(f'{indent}  <uws:parameter id="{xml_text(name.lower())}">'
+                    f"{xml_text(str(value))}</uws:parameter>\n"
                     for name, value in job.parameters.items())
     return f"{indent}<uws:parameters>\n{items}{indent}</uws:parameters>\n"
 
@@ -455,7 +493,7 @@ def _job_xml(job):
     error = ""
     if job.phase == tap_jobs.ERROR:
         error = ('  <uws:errorSummary type="fatal" hasDetail="true">\n'
-                 f"    <uws:message>{formats.escape(job.error or '')}</uws:message>\n"
+                 f"    <uws:message>{xml_text(job.error or '')}</uws:message>\n"
                  "  </uws:errorSummary>\n")
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:job {UWS_NS} version="1.1">\n'
             + _element("jobId", job.job_id)
@@ -525,9 +563,15 @@ def _own_result(url: str):
 @blueprint.get("/async")
 def job_list():
     phases = {p.upper() for p in request.args.getlist("PHASE")}
+    last = None
+    if request.args.get("LAST", "").strip():
+        try:
+            last = whole_number("LAST", request.args["LAST"].strip())
+        except TapRequestError as error:
+            return tap_error(str(error))
     jobs = [j for j in _store().jobs() if not phases or j.phase in phases]
-    if request.args.get("LAST", "").isdigit():
-        jobs = jobs[-int(request.args["LAST"]):] if int(request.args["LAST"]) else []
+    if last is not None:
+        jobs = jobs[-last:] if last else []
     base = request.host_url.rstrip("/")
     refs = "".join(
         f'  <uws:jobref id="{j.job_id}" xlink:href="{formats.escape(base + _job_path(j))}">'
@@ -542,14 +586,20 @@ def job_list():
 def create_job():
     parameters = _job_parameters()
     limits = state().limits
-    parts = {}
-    if parameters.get("UPLOAD"):
-        for name in request.files:
-            data = request.files[name].read(limits.tap_upload_max_bytes + 1)
-            if len(data) > limits.tap_upload_max_bytes:
-                return tap_error(f"UPLOAD part {name[:40]!r}: more than "
-                                 f"{limits.tap_upload_max_bytes} bytes")
-            parts[name] = data
+    # Only the parts UPLOAD names are kept, all of them together at most the upload
+    # limit: a job must not keep whatever else a request carries on disk.
+    parts, stored, most = {}, 0, limits.tap_upload_max_bytes
+    for name in tap_jobs.upload_part_names(parameters.get("UPLOAD")):
+        part = request.files.get(name)
+        if part is None:
+            continue                    # the run says so, as /tap/sync would
+        data = part.read(most - stored + 1)
+        stored += len(data)
+        if stored > most:
+            return tap_error(f"UPLOAD: the parts UPLOAD names may hold {most} bytes "
+                             f"together (LAMOST_VAC_TAP_UPLOAD_MAX_BYTES); with part "
+                             f"{name[:40]!r} this job's have more")
+        parts[name] = data
     job = _store().create(parameters, max(1, limits.tap_async_timeout_ms // 1000),
                           limits.tap_retention_s, client=request.remote_addr,
                           base_url=request.host_url)
@@ -602,12 +652,15 @@ def job_execution_duration(job_id):
     job = _job_or_404(job_id)
     if request.method == "GET":
         return _text(job.execution_duration)
-    value = _parameters().get("EXECUTIONDURATION", "").strip()
-    if not value.isascii() or not value.isdigit():
-        return tap_error("EXECUTIONDURATION must be a whole number of seconds")
+    try:
+        value = whole_number("EXECUTIONDURATION",
+                             _parameters().get("EXECUTIONDURATION", "").strip(),
+                             "a whole number of seconds")
+    except TapRequestError as error:
+        return tap_error(str(error))
     hard = max(1, state().limits.tap_async_timeout_ms // 1000)
     if job.phase == tap_jobs.PENDING:
-        job.execution_duration = min(int(value), hard) if int(value) > 0 else hard
+        job.execution_duration = min(value, hard) if value > 0 else hard
         _store().save(job)
     return _see_other(_job_path(job))
 
@@ -621,6 +674,9 @@ def job_destruction(job_id):
         wanted = tap_jobs.parse_iso(_parameters().get("DESTRUCTION", ""))
     except ValueError:
         return tap_error("DESTRUCTION must be an ISO 8601 time, e.g. 2030-01-01T00:00:00Z")
+    if wanted <= tap_jobs.utc_now():
+        return tap_error(f"DESTRUCTION must be in the future, got {tap_jobs.iso(wanted)}; "
+                         "DELETE the job to destroy it now")
     latest = tap_jobs.parse_iso(job.creation_time) + dt.timedelta(
         seconds=state().limits.tap_retention_s)
     job.destruction = tap_jobs.iso(min(wanted, latest))
