@@ -406,6 +406,24 @@ def parse_votable(data):
     return votable
 
 
+def tap_error_message(response):
+    """The QUERY_STATUS=ERROR message of a TAP answer (a Flask or a requests response)."""
+    votable = parse_votable(getattr(response, "data", None) or response.content)
+    infos = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
+    assert infos and infos[0].value == "ERROR", response.data[:500]
+    return infos[0].content
+
+
+def postgresql_catalogue(make_database):
+    """(URL, reader URL) of a new PostgreSQL database holding the test catalogue."""
+    from etl import db
+
+    url = make_database("postgresql")
+    db.upgrade(url)
+    load_catalogue(url, make_catalogue())
+    return url, db.reader_url_for(url)
+
+
 # --------------------------------------------------------------------------------------
 # The package as users get it, and the demo it runs. A demo trains four times (3-fold
 # cross-fitted calibration and the final networks), so the suite runs it twice and shares

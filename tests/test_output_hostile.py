@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from etl import db
-from conftest import (CURRENT, load_catalogue, make_catalogue, parse_votable,
+from conftest import (CURRENT, parse_votable, postgresql_catalogue, tap_error_message,
                       service_settings)
 from release_validators import assert_valid_fits, assert_valid_votable
 
@@ -22,10 +22,7 @@ UPLOAD_MAX_BYTES = 100_000
 
 @pytest.fixture(scope="module")
 def pg_catalogue(make_database):
-    url = make_database("postgresql")
-    db.upgrade(url)
-    load_catalogue(url, make_catalogue())
-    return url, db.reader_url_for(url)
+    return postgresql_catalogue(make_database)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +48,6 @@ def tap(client, query, **params):
     return client.post("/tap/sync", data={"LANG": "ADQL", "QUERY": query, **params})
 
 
-def error_message(response):
-    votable = parse_votable(response.data)
-    infos = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
-    assert infos and infos[0].value == "ERROR", response.data[:500]
-    return infos[0].content
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +114,7 @@ def test_upload_declarations_beyond_the_byte_limit_are_refused(client, data, fra
     assert len(data) < UPLOAD_MAX_BYTES
     response = upload(client, data)
     assert response.status_code == 400, response.data[-500:]
-    message = error_message(response)
+    message = tap_error_message(response)
     assert message.startswith("UPLOAD t: "), message
     assert fragment in message, message
 

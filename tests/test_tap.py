@@ -17,7 +17,7 @@ from sqlalchemy import insert
 from etl import db, schema
 from service import adql, tap_schema
 from conftest import (CURRENT, expected_cone, load_catalogue, make_catalogue, needs_stilts,
-                      parse_votable, service_settings, serving, stilts)
+                      parse_votable, service_settings, serving, stilts, tap_error_message)
 
 pyvo = pytest.importorskip("pyvo", reason="pyvo not installed (pip install pyvo)")
 
@@ -96,12 +96,6 @@ def sync(client, query, **params):
     return client.post("/tap/sync", data={"LANG": "ADQL", "QUERY": query, **params})
 
 
-def error_message(response):
-    """The QUERY_STATUS=ERROR message of a Flask or a requests response."""
-    votable = parse_votable(getattr(response, "data", None) or response.content)
-    infos = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
-    assert infos and infos[0].value == "ERROR", response.data
-    return infos[0].content
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,7 +331,7 @@ def test_errors_are_votables_naming_the_problem(client):
     ]:
         response = client.post("/tap/sync", data=params)
         assert response.status_code == status, response.data
-        assert fragment in error_message(response)
+        assert fragment in tap_error_message(response)
 
 
 def test_a_runaway_query_hits_the_timeout_and_others_are_still_answered(tap_url, tap_db):
@@ -364,7 +358,7 @@ def test_a_runaway_query_hits_the_timeout_and_others_are_still_answered(tap_url,
     thread.join()
     assert answered >= 1
     assert outcome["huge"].status_code == 503
-    assert f"TAP timeout of {TAP_TIMEOUT_MS} ms" in error_message(outcome["huge"])
+    assert f"TAP timeout of {TAP_TIMEOUT_MS} ms" in tap_error_message(outcome["huge"])
 
 
 def test_tap_needs_postgresql_on_sqlite(make_database):
@@ -376,7 +370,7 @@ def test_tap_needs_postgresql_on_sqlite(make_database):
     try:
         response = app.test_client().get("/tap/sync", query_string={
             "LANG": "ADQL", "QUERY": "SELECT TOP 1 obsid FROM spectra"})
-        assert "TAP needs PostgreSQL" in error_message(response)
+        assert "TAP needs PostgreSQL" in tap_error_message(response)
     finally:
         app.extensions["lamost_vac"].dispose()
 
@@ -478,7 +472,7 @@ def test_async_jobs_aborted_deleted_and_failed(tap_url):
     with pytest.raises(pyvo.dal.DALQueryError, match="function pg_sleep is not available"):
         failed.raise_if_error()
     error = requests.get(f"{failed.url}/error", timeout=30)
-    assert "function pg_sleep is not available" in error_message(error)
+    assert "function pg_sleep is not available" in tap_error_message(error)
 
     for path in ("../../etc/passwd", "0" * 31 + "g"):
         assert requests.get(f"{tap_url}/async/{path}", timeout=30).status_code == 404
@@ -554,7 +548,7 @@ def test_celery_worker_runs_async_jobs_and_an_abort_holds(worker_tap_url, tap_db
     refused = requests.post(f"{waiting.url}/phase", data={"PHASE": "RUN"}, timeout=30,
                             allow_redirects=False)
     assert refused.status_code == 429
-    assert "already has 1 jobs queued or executing" in error_message(refused)
+    assert "already has 1 jobs queued or executing" in tap_error_message(refused)
     assert waiting.phase == "PENDING"
     slow.abort()
     assert slow.phase == "ABORTED"
@@ -663,6 +657,6 @@ def test_upload_limits_and_bad_uploads_are_errors(client, tap_app):
             "LANG": "ADQL", "QUERY": "SELECT * FROM TAP_UPLOAD.t", "UPLOAD": upload,
             **files})
         assert response.status_code == 400
-        assert fragment in error_message(response)
+        assert fragment in tap_error_message(response)
     response = sync(client, "SELECT * FROM TAP_UPLOAD.nothing")
-    assert "no table nothing was uploaded" in error_message(response)
+    assert "no table nothing was uploaded" in tap_error_message(response)

@@ -12,9 +12,8 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from etl import db
 from service import adql, tap_jobs
-from conftest import load_catalogue, make_catalogue, parse_votable, service_settings
+from conftest import parse_votable, postgresql_catalogue, service_settings, tap_error_message
 
 UWS = "{http://www.ivoa.net/xml/UWS/v1.0}"
 UPLOAD_MAX_BYTES = 50_000
@@ -23,10 +22,7 @@ QUERY = "SELECT TOP 1 obsid FROM v_spectra"
 
 @pytest.fixture(scope="module")
 def hostile_db(make_database):
-    url = make_database("postgresql")
-    db.upgrade(url)
-    load_catalogue(url, make_catalogue())
-    return url, db.reader_url_for(url)
+    return postgresql_catalogue(make_database)
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +49,12 @@ def job_dir(hostile_app):
     return Path(hostile_app.extensions["lamost_vac"].settings.tap_job_dir)
 
 
-def error_message(response):
-    votable = parse_votable(response.data)
-    infos = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
-    assert infos and infos[0].value == "ERROR", response.data
-    return infos[0].content
 
 
 def assert_refused(response, *fragments):
     """A 400 VOTable error whose message holds every fragment."""
     assert response.status_code == 400, response.data[-500:]
-    message = error_message(response)
+    message = tap_error_message(response)
     for fragment in fragments:
         assert fragment in message, message
     return message
