@@ -139,6 +139,10 @@ class Settings:
     tap_async_jobs_per_client: int = setting(
         "LAMOST_VAC_TAP_ASYNC_JOBS_PER_CLIENT",
         "`/tap/async` jobs one client address may have queued or executing at once", 2)
+    tap_async_kept_jobs_per_client: int = setting(
+        "LAMOST_VAC_TAP_ASYNC_KEPT_JOBS_PER_CLIENT",
+        "`/tap/async` jobs one client address may keep, in any phase, until they are "
+        "destroyed or deleted (each may hold uploads and a result on disk)", 100)
     tap_job_dir: str = setting(
         "LAMOST_VAC_TAP_JOB_DIR",
         "where `/tap/async` jobs and their results are kept (shared by the API and the "

@@ -51,6 +51,7 @@ class Limits:
     tap_upload_max_bytes: int
     tap_async_timeout_ms: int
     tap_async_jobs_per_client: int
+    tap_async_kept_jobs_per_client: int
     tap_retention_s: int
     datalink_max_ids: int
 

@@ -49,8 +49,6 @@ def job_dir(hostile_app):
     return Path(hostile_app.extensions["lamost_vac"].settings.tap_job_dir)
 
 
-
-
 def assert_refused(response, *fragments):
     """A 400 VOTable error whose message holds every fragment."""
     assert response.status_code == 400, response.data[-500:]
@@ -160,6 +158,32 @@ def test_a_job_uploading_more_than_the_limit_together_is_refused(client, job_dir
         "p0": (io.BytesIO(part), "a.vot"), "p1": (io.BytesIO(part), "b.vot")})
     assert_refused(response, "UPLOAD", str(UPLOAD_MAX_BYTES))
     assert set(p.name for p in job_dir.iterdir()) == before     # no job was made
+
+
+def test_a_client_keeps_at_most_its_number_of_jobs(hostile_db, tmp_path):
+    """Jobs that never run still hold their folder (and uploads) for a day: a client
+    address may keep LAMOST_VAC_TAP_ASYNC_KEPT_JOBS_PER_CLIENT of them."""
+    from service.app import create_app
+
+    application = create_app(dataclasses.replace(
+        service_settings(*hostile_db), tap_job_dir=str(tmp_path),
+        tap_async_kept_jobs_per_client=3))
+    application.config["TESTING"] = True
+    try:
+        client = application.test_client()
+        jobs = [new_job(client) for _ in range(3)]
+        response = client.post("/tap/async", data={"LANG": "ADQL", "QUERY": QUERY})
+        assert response.status_code == 429
+        assert "keeps 3 jobs, the most it may keep (3)" in tap_error_message(response)
+        assert len(list(tmp_path.iterdir())) == 3
+        # another address has its own allowance; deleting one makes room again
+        other = client.post("/tap/async", data={"LANG": "ADQL", "QUERY": QUERY},
+                            environ_base={"REMOTE_ADDR": "192.0.2.7"})
+        assert other.status_code == 303
+        assert client.delete(f"/tap/async/{jobs[0]}").status_code == 303
+        new_job(client)
+    finally:
+        application.extensions["lamost_vac"].dispose()
 
 
 # ---------------------------------------------------------------------------------------

@@ -586,6 +586,11 @@ def job_list():
 def create_job():
     parameters = _job_parameters()
     limits = state().limits
+    kept = sum(j.client == request.remote_addr for j in _store().jobs())
+    if kept >= limits.tap_async_kept_jobs_per_client:
+        return tap_error(f"this client keeps {kept} jobs, the most it may keep "
+                         f"({limits.tap_async_kept_jobs_per_client}); DELETE the ones "
+                         "it no longer needs", status=429)
     # Only the parts UPLOAD names are kept, all of them together at most the upload
     # limit: a job must not keep whatever else a request carries on disk.
     parts, stored, most = {}, 0, limits.tap_upload_max_bytes
