@@ -194,6 +194,10 @@ def read_sidecar(path):
     missing = [key for key in SIDECAR_KEYS if not isinstance(record, dict) or key not in record]
     if missing or not isinstance(record.get("libraries"), dict):
         raise UntrustedArtifactError(f"{path}: sidecar {side} lacks {', '.join(missing) or 'libraries'}")
+    # the hash the artifact is checked against: never absent (a null would skip the check)
+    if not (isinstance(record["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])):
+        raise UntrustedArtifactError(f"{path}: sidecar {side} records no SHA-256 (64 hex digits) "
+                                     f"but {str(record['sha256'])[:80]!r}, so the artifact is not unpickled")
     return record
 
 

@@ -107,6 +107,21 @@ def test_artifact_without_sidecar_is_refused_with_a_clear_message(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("recorded", [None, "", "0" * 63, "G" * 64, 42, ["a" * 64]])
+def test_a_sidecar_without_a_hash_is_refused_before_unpickling(artifact, tmp_path, recorded):
+    """A null hash skipped the check, so the pickle ran (found by review)."""
+    path = artifact[0]
+    marker = tmp_path / "pwned"
+    replace_with_evil(path, marker)
+    record = json.loads(Path(sidecar_path(path)).read_text())
+    record["sha256"] = recorded
+    Path(sidecar_path(path)).write_text(json.dumps(record))
+    with pytest.raises(UntrustedArtifactError, match="records no SHA-256") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("library, recorded, refused", [
     ("numpy", "{other_major}.0.0", True),
     ("scikit-learn", "{major}.{other_minor}.0", True),
