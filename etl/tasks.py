@@ -170,8 +170,8 @@ def check_arguments(task, unexpected, model_version=None, obsids=None, run_id=No
     if model_version is not None and not _short_text(model_version):
         problems.append("model_version must be a version string")
     if obsids is not None and not (isinstance(obsids, list) and len(obsids) <= MAX_BATCH and
-                                   all(type(o) is int for o in obsids)):
-        problems.append(f"obsids must be a list of at most {MAX_BATCH} integers")
+                                   all(type(o) is int and 0 < o < 2 ** 63 for o in obsids)):
+        problems.append(f"obsids must be a list of at most {MAX_BATCH} positive 64-bit integers")
     if run_id is not None and not _short_text(run_id):
         problems.append("run_id must be a run id string")
     if problems:

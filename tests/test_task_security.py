@@ -279,6 +279,10 @@ def test_ids_of_the_wrong_type_are_refused(worker):
     s = worker
     result = send(s, ["lmn-trusted", ["1; DROP TABLE"], s.own_run])
     assert_refused(s, result, "obsids must be a list")
+    # beyond 64 bits the database driver failed with an OverflowError (found by review)
+    for obsids in ([2 ** 70], [0], [-5]):
+        result = send(s, ["lmn-trusted", obsids, s.own_run])
+        assert_refused(s, result, "positive 64-bit integers")
 
 
 # ------------------------------------------------------------------------- the broker itself
