@@ -711,8 +711,11 @@ def label_arrays(columns, options: LabelsIngestOptions):
         layout = "payne-2d"
         payne = np.asarray(columns[payne_name], dtype=float)
         if payne.ndim != 2:
-            raise ValueError(f"column {payne_name!r} is not 2-D (shape {payne.shape})")
+            raise ValueError(f"{source}: column {payne_name!r} is not 2-D (shape {payne.shape})")
         for label, position in options.payne_index.items():
+            if not 0 <= position < payne.shape[1]:
+                raise ValueError(f"{source}: column {payne_name!r} has {payne.shape[1]} entries "
+                                 f"a row; {label} is expected at index {position} (--payne-index)")
             out[label] = payne[:, position]
     else:
         layout = "flat"

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 from sqlalchemy import select, text
 
 from etl import schema
@@ -259,6 +260,19 @@ def test_labels_payne_layout(catalogue_engine, simulated_set):
         assert label.label_set == "apogee_payne"
     again = ingest_labels(catalogue_engine, LabelsIngestOptions(path=str(path)))
     assert (again.loaded, again.updated, again.unchanged) == (0, 0, len(data))
+
+
+def test_labels_payne_with_too_few_entries_is_refused_naming_the_file(catalogue_engine, tmp_path,
+                                                                     capsys):
+    """A payne column narrower than PAYNE_INDEX asks for was an IndexError (found by review)."""
+    table = Table({"APOGEE_ID": ["2M01", "2M02"], "RA": [10.0, 11.0], "DEC": [1.0, 2.0],
+                   "payne": np.array([[5000.0, 4.5, 0.0], [4800.0, 2.5, -0.3]])})
+    path = tmp_path / "payne3.fits"
+    table.write(path)
+    assert run_cli(url_of(catalogue_engine), "ingest", "labels", str(path)) == 1
+    err = capsys.readouterr().err
+    assert "payne3.fits" in err and "has 3 entries a row; feh is expected at index 19" in err
+    assert "Traceback" not in err
 
 
 def test_labels_payne_missing_values_are_null(catalogue_engine, simulated_set, tmp_path):
