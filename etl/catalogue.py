@@ -127,6 +127,12 @@ def _iter_fits_chunks(path, chunk_rows, wanted, name_of):
         data = table_hdu.data
         names = data.columns.names
         picked = _pick_columns(names, wanted, name_of)
+        for name, index in picked.items():
+            shape = data.dtype[names[index]].shape
+            if shape:
+                raise ValueError(f"{path}: column {names[index]!r} holds an array of "
+                                 f"{'x'.join(map(str, shape))} values a row; a catalogue "
+                                 f"column holds one value a row")
         total = len(data)
         for start in range(0, total, chunk_rows):
             stop = min(start + chunk_rows, total)

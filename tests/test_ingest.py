@@ -197,6 +197,19 @@ def test_exit_code_is_non_zero_only_when_nothing_loads(catalogue_engine, tmp_pat
                    "--metadata-only") == 0
 
 
+def test_a_fits_catalogue_with_array_columns_is_refused_naming_the_column(catalogue_engine,
+                                                                          tmp_path, capsys):
+    """A 2-D obsid column was a TypeError traceback (found by review); nothing is stored."""
+    before = table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid])
+    path = tmp_path / "c_2d.fits"
+    Table({"obsid": np.array([[1, 2], [3, 4]]), "ra": [10.0, 11.0], "dec": [1.0, 2.0]}).write(path)
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(path), "--metadata-only") == 1
+    err = capsys.readouterr().err
+    assert "c_2d.fits: column 'obsid' holds an array of 2 values a row" in err
+    assert "Traceback" not in err
+    assert table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid]) == before
+
+
 def test_crashed_ingest_resumes(catalogue_engine, simulated_set, monkeypatch):
     import etl.ingest as ingest
 
