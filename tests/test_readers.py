@@ -367,6 +367,19 @@ def test_wavelength_not_increasing(tmp_path):
     assert_read_error(path, "wavelength not strictly increasing")
 
 
+def test_wavelength_not_log_linear(tmp_path):
+    """Preprocessing places pixels by the first and last wavelength: a linear grid over
+    the LAMOST range was read as log-linear without a word (found by review)."""
+    rows = np.vstack([synthetic_rows(4000)[:2], np.linspace(3700.0, 9100.0, 4000)[None],
+                      synthetic_rows(4000)[3:]]).astype(np.float32)
+    path = tmp_path / "linear-grid.fits"
+    write_image(path, rows)
+    assert_read_error(path, "wavelength not on a log-linear grid")
+    rows[2] = np.geomspace(3700.0, 9100.0, 4000)                 # float32 rounding passes
+    write_image(tmp_path / "log-grid.fits", rows)
+    assert read_spectrum(tmp_path / "log-grid.fits").wavelength.size == 4000
+
+
 def test_header_only_file_without_table(tmp_path):
     path = tmp_path / "header-only.fits"
     fits.PrimaryHDU().writeto(path)
