@@ -23,6 +23,7 @@ ingest can catch one exception type, log ``str(err)`` and move on.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -179,6 +180,11 @@ def _path_str(path) -> str:
     return os.fsdecode(os.fspath(path))
 
 
+# What a spectrum file may inflate to: a LAMOST spectrum is ~0.1-0.3 MB; 64 MiB holds a
+# 3-million-pixel five-row image.
+MAX_SPECTRUM_BYTES = 64 * 2**20
+
+
 def _load_bytes(path: str) -> bytes:
     """Whole file, gunzipped when it starts with the gzip magic (whatever its name)."""
     with open(path, "rb") as fh:
@@ -198,18 +204,28 @@ def _gunzip(raw: bytes) -> bytes:
     """
     inflater = zlib.decompressobj(GZIP_WBITS)
     try:
-        out = inflater.decompress(raw)
+        out = inflater.decompress(raw, MAX_SPECTRUM_BYTES + 1)
     except zlib.error as exc:
         raise _Unreadable(f"corrupt gzip data ({exc})") from None
+    _check_inflated_size(out)
     if not inflater.eof:
         raise _Unreadable("truncated gzip stream (compressed data end early)")
     if inflater.unused_data.strip(b"\0"):
         import gzip   # multi-member gzip: rare, so the slower general path is fine
         try:
-            return gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as members:
+                out = members.read(MAX_SPECTRUM_BYTES + 1)
         except (OSError, EOFError, zlib.error) as exc:
             raise _Unreadable(f"corrupt gzip data ({exc})") from None
+        _check_inflated_size(out)
     return out
+
+
+def _check_inflated_size(data: bytes) -> None:
+    # A few hundred kB of gzip can hold gigabytes of zeros (a reader thread each).
+    if len(data) > MAX_SPECTRUM_BYTES:
+        raise _Unreadable(f"gzip data inflate to more than {MAX_SPECTRUM_BYTES // 2**20} MiB; "
+                          f"a LAMOST spectrum is well under 1 MiB")
 
 
 def _load_header_bytes(path: str, chunk: int = 4 * BLOCK) -> bytes:

@@ -367,6 +367,21 @@ def test_wavelength_not_increasing(tmp_path):
     assert_read_error(path, "wavelength not strictly increasing")
 
 
+def test_gzip_bomb_is_unreadable_without_inflating_it(tmp_path):
+    """A few hundred kB of gzip held gigabytes (found by review); one member or several."""
+    from models.readers import MAX_SPECTRUM_BYTES
+
+    header = fits.PrimaryHDU(data=np.zeros((5, 10), np.float32)).header.tostring().encode()
+    zeros = b"\0" * (MAX_SPECTRUM_BYTES // 2 + 2**20)
+    one = tmp_path / "bomb.fits.gz"
+    one.write_bytes(gzip.compress(header + zeros + zeros, compresslevel=1))
+    several = tmp_path / "bomb-members.fits.gz"
+    several.write_bytes(gzip.compress(header + zeros, 1) + gzip.compress(zeros, 1))
+    for path in (one, several):
+        assert path.stat().st_size < MAX_SPECTRUM_BYTES // 100
+        assert_read_error(path, "gzip data inflate to more than 64 MiB")
+
+
 def test_wavelength_not_log_linear(tmp_path):
     """Preprocessing places pixels by the first and last wavelength: a linear grid over
     the LAMOST range was read as log-linear without a word (found by review)."""
