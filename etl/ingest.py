@@ -520,9 +520,38 @@ def _ingest_headers(engine, options, index, relative_paths, seen_obsids, summary
                 continue
             seen_obsids[obsid] = info.relative_path
             rows.append(spectra_row(values, summary.run_id, info.columns))
-            origins.append((path, 0, obsid))
+            origins.append((path, 0, obsid, info.columns))
+        rows, origins = _keep_stored_files(engine, rows, origins, rejections)
         what = f"spectrum headers under {index.root} ({len(batch)} files)"
         _write_batch(_stage_batch(engine, rows, rejections, origins, what, log), summary)
+
+
+def _keep_stored_files(engine, rows, origins, rejections):
+    """The rows (and origins) that do not re-point a stored spectrum to another file; the
+    others become rejections. A stored obsid may take a new file only at its own path
+    (a file replaced in place) or with the same content (an archive moved); a different
+    file claiming it (another release, or a header that lies) would silently replace what
+    is stored. ``origins`` carry each file's columns; they are returned without them."""
+    table = schema.spectra
+    stored = {}
+    obsids = [origin[2] for origin in origins]
+    with engine.connect() as connection:
+        for start in range(0, len(obsids), 500):
+            for obsid, path, sha in connection.execute(
+                    select(table.c.obsid, table.c.file_path, table.c.file_sha256)
+                    .where(table.c.obsid.in_(obsids[start:start + 500]),
+                           table.c.file_sha256.is_not(None))):
+                stored[obsid] = (path, sha)
+    kept_rows, kept_origins = [], []
+    for row, (path, source_row, obsid, columns) in zip(rows, origins):
+        old_path, old_sha = stored.get(obsid, (columns["file_path"], None))
+        if old_sha is not None and old_sha != columns["file_sha256"] and old_path != columns["file_path"]:
+            rejections.append(Rejection(path, source_row, f"obsid already stored from another file: "
+                                                          f"{obsid} is {old_path}", obsid))
+            continue
+        kept_rows.append(row)
+        kept_origins.append((path, source_row, obsid))
+    return kept_rows, kept_origins
 
 
 def _stored_by_path(engine, file_paths):

@@ -93,6 +93,35 @@ def test_headers_only_ingest_of_dr8_repeats(catalogue_engine, real_dir):
     assert count == with_snr == 220
 
 
+def test_another_file_claiming_a_stored_obsid_is_quarantined(catalogue_engine, real_dir, tmp_path):
+    """A file whose header claims the obsid of a stored spectrum re-pointed it (path,
+    hash, position) with only "1 updated" said (found by review). It is quarantined; the
+    same file at a new path (an archive moved) still updates the row."""
+    import shutil
+
+    first, second = sorted((real_dir / "dr8-repeats").glob("*.fits.gz"))[:2]
+    root1, root2, root3 = (tmp_path / name for name in ("root1", "root2", "root3"))
+    for root in (root1, root2, root3):
+        root.mkdir()
+    shutil.copy(first, root1 / first.name)
+    url = url_of(catalogue_engine)
+    assert run_cli(url, "ingest", "spectra", "--spectra-root", str(root1)) == 0
+    (stored_before,) = table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid])
+    obsid = fits.getheader(first)["OBSID"]
+    with fits.open(second) as hdus:                      # another star, claiming that obsid
+        hdus[0].header["OBSID"] = obsid
+        hdus.writeto(root2 / "spec-claims-it.fits")
+    assert run_cli(url, "ingest", "spectra", "--spectra-root", str(root2)) == 1
+    assert table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid]) == [stored_before]
+    (reason,) = [r.reason for r in quarantine_rows(catalogue_engine)
+                 if r.source_file.endswith("spec-claims-it.fits")]
+    assert reason == f"obsid already stored from another file: {obsid} is {first.name}"
+    shutil.copy(first, root3 / "spec-moved.fits.gz")          # the same bytes elsewhere
+    assert run_cli(url, "ingest", "spectra", "--spectra-root", str(root3)) == 0
+    with catalogue_engine.connect() as connection:
+        assert connection.execute(select(schema.spectra.c.file_path)).scalar_one() == "spec-moved.fits.gz"
+
+
 def test_simulated_catalogue_with_relative_filenames(catalogue_engine, simulated_set):
     summary = ingest_spectra(catalogue_engine, SpectraIngestOptions(
         catalogue=str(simulated_set / "lamost_catalog.csv"), spectra_root=str(simulated_set)))
