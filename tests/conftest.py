@@ -365,13 +365,15 @@ def service_db(request, make_database):
     return url, db.reader_url_for(url), cat
 
 
+# One folder for the session's /tap/async job folders, removed when the session ends.
+_TAP_JOBS = tempfile.TemporaryDirectory(prefix="lamost-vac-tap-jobs-")
+
+
 def service_settings(url, reader_url, timeout_ms=10000):
     # /tap/async jobs (the fuzzer creates some) go to a temporary folder, not the checkout.
     return Settings(database_url=url, reader_database_url=reader_url,
                     statement_timeout_ms=timeout_ms,
-                    tap_job_dir=tempfile.mkdtemp(prefix="lamost-vac-tap-jobs-"))
-
-
+                    tap_job_dir=tempfile.mkdtemp(dir=_TAP_JOBS.name))
 
 
 def with_test_limits(settings, **changes):
