@@ -31,7 +31,7 @@ import math
 import re
 import warnings
 import zlib
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
 from typing import Optional
 from xml.parsers import expat
 
@@ -98,13 +98,6 @@ def read_uploads(parameter: str, files, max_rows: int, max_bytes: int,
                               f"{max_bytes}")
         tables[name.lower()] = read_votable(name, data, max_rows, max_bytes)
     return tables
-
-
-def _default_max_bytes() -> int:
-    from etl.settings import Settings
-
-    return next(f.default for f in dataclass_fields(Settings)
-                if f.name == "tap_upload_max_bytes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,14 +242,11 @@ def prescan(name: str, data: bytes, max_bytes: int) -> None:
         raise UploadError(f"UPLOAD {name}: not a readable VOTable (XML: {error})") from None
 
 
-def read_votable(name: str, data: bytes, max_rows: int,
-                 max_bytes: Optional[int] = None) -> UploadedTable:
+def read_votable(name: str, data: bytes, max_rows: int, max_bytes: int) -> UploadedTable:
     """The first table of the VOTable ``data`` as an :class:`UploadedTable`;
-    ``max_bytes``: the upload byte limit the declarations are checked against (default:
-    the setting's default)."""
+    ``max_bytes``: the upload byte limit the declarations are checked against."""
     from astropy.io.votable import parse_single_table
 
-    max_bytes = _default_max_bytes() if max_bytes is None else max_bytes
     data = inflated(name, data, max_bytes)
     prescan(name, data, max_bytes)
     try:

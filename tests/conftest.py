@@ -416,8 +416,10 @@ def tap_error_message(response):
     return infos[0].content
 
 
+@pytest.fixture(scope="session")
 def postgresql_catalogue(make_database):
-    """(URL, reader URL) of a new PostgreSQL database holding the test catalogue."""
+    """(URL, reader URL) of a PostgreSQL database holding the test catalogue, for tests
+    that only read it."""
     from etl import db
 
     url = make_database("postgresql")

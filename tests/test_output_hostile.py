@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from etl import db
-from conftest import (CURRENT, parse_votable, postgresql_catalogue, tap_error_message,
-                      service_settings)
+from conftest import CURRENT, parse_votable, service_settings, tap_error_message
 from release_validators import assert_valid_fits, assert_valid_votable
 
 # Small enough that a bomb's "before" costs the old code megabytes, not gigabytes.
@@ -21,16 +20,11 @@ UPLOAD_MAX_BYTES = 100_000
 
 
 @pytest.fixture(scope="module")
-def pg_catalogue(make_database):
-    return postgresql_catalogue(make_database)
-
-
-@pytest.fixture(scope="module")
-def tap_app(pg_catalogue, tmp_path_factory):
+def tap_app(postgresql_catalogue, tmp_path_factory):
     from service.app import create_app
 
     settings = dataclasses.replace(
-        service_settings(*pg_catalogue), tap_upload_max_bytes=UPLOAD_MAX_BYTES,
+        service_settings(*postgresql_catalogue), tap_upload_max_bytes=UPLOAD_MAX_BYTES,
         tap_job_dir=str(tmp_path_factory.mktemp("tap-jobs")),
         large_queries_per_client=1000, large_queries_max=1000)
     application = create_app(settings)
@@ -183,10 +177,10 @@ def test_binary2_reads_as_tabledata_does(client, tmp_path, query):
         assert_valid_votable(tmp_path / f"{fmt}.vot")
 
 
-def test_binary2_cells_have_the_declared_widths(client, pg_catalogue):
+def test_binary2_cells_have_the_declared_widths(client, postgresql_catalogue):
     from sqlalchemy import text as sql
 
-    engine = db.make_engine(pg_catalogue[0])
+    engine = db.make_engine(postgresql_catalogue[0])
     with engine.connect() as connection:
         lengths = [r[0] for r in connection.execute(sql(
             "SELECT length(designation) FROM spectra ORDER BY obsid LIMIT 3"))]

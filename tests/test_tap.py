@@ -619,7 +619,7 @@ def test_upload_crossmatch_uses_the_q3c_index(tap_app, tap_db):
     targets, _ = target_list(tap_db[2], every=1000)
     buffer = io.BytesIO()
     targets.write(buffer, format="votable")
-    uploaded = tap_upload.read_votable("targets", buffer.getvalue(), 1000)
+    uploaded = tap_upload.read_votable("targets", buffer.getvalue(), 1000, 5_000_000)
     crossmatch = adql.translate(CROSSMATCH, maxrows=100, uploads={"targets": uploaded})
     engine = tap_app.extensions["lamost_vac"].tap_engine
     with engine.connect() as connection:

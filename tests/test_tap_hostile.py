@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service import adql, tap_jobs
-from conftest import parse_votable, postgresql_catalogue, service_settings, tap_error_message
+from conftest import parse_votable, service_settings, tap_error_message
 
 UWS = "{http://www.ivoa.net/xml/UWS/v1.0}"
 UPLOAD_MAX_BYTES = 50_000
@@ -21,16 +21,11 @@ QUERY = "SELECT TOP 1 obsid FROM v_spectra"
 
 
 @pytest.fixture(scope="module")
-def hostile_db(make_database):
-    return postgresql_catalogue(make_database)
-
-
-@pytest.fixture(scope="module")
-def hostile_app(hostile_db, tmp_path_factory):
+def hostile_app(postgresql_catalogue, tmp_path_factory):
     from service.app import create_app
 
     settings = dataclasses.replace(
-        service_settings(*hostile_db), tap_sync_timeout_ms=5000,
+        service_settings(*postgresql_catalogue), tap_sync_timeout_ms=5000,
         tap_upload_max_bytes=UPLOAD_MAX_BYTES,
         tap_job_dir=str(tmp_path_factory.mktemp("hostile-tap-jobs")))
     application = create_app(settings)
@@ -160,13 +155,13 @@ def test_a_job_uploading_more_than_the_limit_together_is_refused(client, job_dir
     assert set(p.name for p in job_dir.iterdir()) == before     # no job was made
 
 
-def test_a_client_keeps_at_most_its_number_of_jobs(hostile_db, tmp_path):
+def test_a_client_keeps_at_most_its_number_of_jobs(postgresql_catalogue, tmp_path):
     """Jobs that never run still hold their folder (and uploads) for a day: a client
     address may keep LAMOST_VAC_TAP_ASYNC_KEPT_JOBS_PER_CLIENT of them."""
     from service.app import create_app
 
     application = create_app(dataclasses.replace(
-        service_settings(*hostile_db), tap_job_dir=str(tmp_path),
+        service_settings(*postgresql_catalogue), tap_job_dir=str(tmp_path),
         tap_async_kept_jobs_per_client=3))
     application.config["TESTING"] = True
     try:
