@@ -133,6 +133,10 @@ def _iter_fits_chunks(path, chunk_rows, wanted, name_of):
                 raise ValueError(f"{path}: column {names[index]!r} holds an array of "
                                  f"{'x'.join(map(str, shape))} values a row; a catalogue "
                                  f"column holds one value a row")
+            # a logical column would pass as the numbers 0 and 1 (an RA of 1.0 deg)
+            if data.columns[index].format.endswith("L"):
+                raise ValueError(f"{path}: column {names[index]!r} is logical (T/F); a "
+                                 f"catalogue column holds numbers or text")
         total = len(data)
         for start in range(0, total, chunk_rows):
             stop = min(start + chunk_rows, total)

@@ -97,8 +97,10 @@ def export_catalogue(engine, path, fmt, model_version=None, chunk_rows=100000, u
         with engine.connect() as connection:
             info = provenance(connection, model_version)
             if use_copy:
-                {"csv": _copy_csv, "fits": _copy_fits, "votable": _copy_votable}[fmt](
-                    connection, tmp, info, chunk_rows)
+                if fmt == "fits":
+                    _copy_fits(connection, tmp, info, chunk_rows)
+                else:
+                    {"csv": _copy_csv, "votable": _copy_votable}[fmt](connection, tmp, info)
             else:
                 result = connection.execution_options(stream_results=True, yield_per=chunk_rows) \
                     .execute(export_query(info["model_version"]))
@@ -269,7 +271,7 @@ def _formatted_columns():
             for (name, table), desc in zip(EXPORT_COLUMNS, column_descriptions())]
 
 
-def _copy_csv(connection, path, info, chunk_rows):
+def _copy_csv(connection, path, info):
     # PostgreSQL writes float8 with the shortest text that reads back exactly
     # (extra_float_digits 1, PostgreSQL >= 12), as Python's repr does.
     with open(path, "wb") as handle:
@@ -279,7 +281,7 @@ def _copy_csv(connection, path, info, chunk_rows):
             handle.write(block)
 
 
-def _copy_votable(connection, path, info, chunk_rows):
+def _copy_votable(connection, path, info):
     """Each row is one ``<TR>`` line written by the server (etl.votable.tabledata_row_sql)."""
     line = tabledata_row_sql(list(zip(
         [table.c[name] for name, table in EXPORT_COLUMNS], column_descriptions())))

@@ -488,15 +488,8 @@ def _constant(node, parameters):
     if isinstance(node, exp.Placeholder):
         return parameters.get((node.name or "")[PLACEHOLDER_MARKER_CHARS:])
     if isinstance(node, exp.Literal) and not node.is_string:
-        return _float(node.this)
+        return _number(node.this)
     return None
-
-
-def _float(text):
-    try:
-        return float(text)
-    except (ValueError, OverflowError):
-        return None
 
 
 def check_regions(translation):

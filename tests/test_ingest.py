@@ -239,6 +239,19 @@ def test_a_fits_catalogue_with_array_columns_is_refused_naming_the_column(catalo
     assert table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid]) == before
 
 
+def test_a_fits_catalogue_with_a_logical_column_is_refused_naming_the_column(catalogue_engine,
+                                                                           tmp_path, capsys):
+    """A logical RA column was stored as RA 1.0 / 0.0 deg (found by review)."""
+    before = table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid])
+    path = tmp_path / "c_bool.fits"
+    Table({"obsid": [991, 992], "ra": [True, False], "dec": [1.0, 2.0]}).write(path)
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(path), "--metadata-only") == 1
+    err = capsys.readouterr().err
+    assert "c_bool.fits: column 'ra' is logical (T/F)" in err
+    assert "Traceback" not in err
+    assert table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid]) == before
+
+
 def test_crashed_ingest_resumes(catalogue_engine, simulated_set, monkeypatch):
     import etl.ingest as ingest
 
