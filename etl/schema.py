@@ -82,15 +82,18 @@ Timestamp = DateTime(timezone=True)
 
 
 def col(name, type_, *args, unit=None, ucd=None, description="", details=None,
-        valid_range=None, **kwargs):
+        valid_range=None, published=True, **kwargs):
     """A Column with its science metadata (unit, UCD, description) in ``info``.
 
     ``details`` extends the description in the documentation and output formats but not the
     database comment (e.g. the flag bits, defined by the model code, which grow).
     ``valid_range``: (minimum, maximum), inclusive, None for an open end -- the physical
     range of the quantity, when it is narrower than what the SQL type holds.
+    ``published=False``: the column stays on the server (the API, TAP and the pages never
+    show it; :func:`published_columns`).
     """
-    info = {"unit": unit, "ucd": ucd, "description": description, "details": details}
+    info = {"unit": unit, "ucd": ucd, "description": description, "details": details,
+            "published": published}
     if valid_range is not None:
         info["valid_range"] = valid_range
     return Column(name, type_, *args, info=info, comment=description or None, **kwargs)
@@ -300,7 +303,7 @@ models = Table(
     col("created_at", Timestamp, nullable=False, ucd="time.creation",
         description="when the model was registered (UTC)"),
     col("artifact_path", Text, nullable=False, ucd="meta.ref.url",
-        description="where the trained artifact is stored"),
+        description="where the trained artifact is stored", published=False),
     col("artifact_sha256", String(64), nullable=False, ucd="meta.checksum",
         description="SHA-256 of the artifact"),
     col("training_set", JSONDocument, nullable=False, ucd="meta.dataset",
@@ -559,6 +562,11 @@ def _column_by_name(table, name):
         if column.name == name:
             return column
     raise KeyError(f"{table.name} has no column {name!r}")
+
+
+def published_columns(table) -> list:
+    """The columns of ``table`` that may be shown to anyone (see :func:`col`)."""
+    return [c for c in table.columns if (c.info or {}).get("published", True)]
 
 
 def column_info(table_name: str, column_name: str) -> ColumnDescription:

@@ -45,7 +45,8 @@ from typing import Optional
 import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.tsql import TSQL
-from sqlglot.errors import ParseError, TokenError
+from sqlglot.errors import OptimizeError, ParseError, TokenError
+from sqlglot.optimizer.scope import traverse_scope
 from sqlglot.tokens import TokenType
 
 from service import tap_schema
@@ -127,10 +128,11 @@ def _translate(query, maxrows, uploads=None):
     :func:`driver_statement`)."""
     uploads = {name.lower(): table for name, table in (uploads or {}).items()}
     tree = parse(query)
-    check(tree, uploads)
+    relations = check(tree, uploads)
     generated = {tap_schema.TAP_SCHEMA.lower(): dict(tap_schema.tap_schema_ctes()),
                  UPLOAD_SCHEMA.lower(): {name: t.cte for name, t in uploads.items()}}
     tree = rewrite_generated_tables(tree, generated)
+    rewrite_partly_published(relations)
     tree = rewrite_geometry(tree)
     if maxrows is not None:
         tree = cap_rows(tree, maxrows)
@@ -260,9 +262,9 @@ def function_name(node) -> str:
     return node.name.upper() if isinstance(node, exp.Anonymous) else node.sql_name()
 
 
-def check(tree: exp.Expression, uploads=None):
+def check(tree: exp.Expression, uploads=None) -> list:
     """Raise :class:`AdqlError` unless ``tree`` only reads published tables and columns
-    through allowed syntax and functions."""
+    through allowed syntax and functions; returns its :func:`relations`."""
     if not isinstance(tree, (exp.Select, exp.SetOperation)):
         raise AdqlError(f"only SELECT queries are accepted, not {tree.key.upper()}")
     query_names = set()         # CTE names, table and column aliases the query defines
@@ -298,20 +300,40 @@ def check(tree: exp.Expression, uploads=None):
                  if t.schema_name == tap_schema.CATALOGUE_SCHEMA}
     tap_tables = {name.lower() for name in tap_schema.TAP_SCHEMA_TABLES}
     uploads = uploads or {}
-    for table in tree.find_all(exp.Table):
-        _check_table(table, catalogue, tap_tables, query_names, uploads)
+    found = relations(tree)
+    for table in found:
+        _check_table(table, catalogue, tap_tables, uploads)
     columns = {c.description.name.lower() for t in published.values() for c in t.columns}
     columns.update(c.lower() for t in uploads.values() for c in t.column_names)
     for column in tree.find_all(exp.Column):
         if isinstance(column.this, exp.Star):
             continue
         name = column.name.lower()
-        if name not in columns and name not in query_names:
+        # ``x AS x`` defines the name x: it must not vouch for the column it names
+        own_alias = isinstance(column.parent, exp.Alias) and \
+            column.parent.alias_or_name.lower() == name
+        if name not in columns and (name not in query_names or own_alias):
             raise AdqlError(f"column {column.name} is not published: no table of this "
                             "service has it (see /tap/tables)")
+    return found
 
 
-def _check_table(table, catalogue, tap_tables, query_names, uploads):
+def relations(tree) -> list:
+    """The table references of ``tree`` that PostgreSQL reads as tables of the database,
+    i.e. every one but those naming a common table expression visible where they stand
+    (sqlglot's scopes follow SQL's rules: a CTE is not visible in its own body nor before
+    its WITH, nor outside the query that holds that WITH). Going by names alone, ``FROM
+    (...) AS quarantine, quarantine`` read the unpublished table quarantine."""
+    try:
+        scopes = traverse_scope(tree)
+    except (OptimizeError, RecursionError) as error:
+        raise AdqlError(f"the query's tables cannot be resolved: {error}") from None
+    common = {id(table) for scope in scopes for table in scope.tables
+              if not isinstance(scope.sources.get(table.alias_or_name), exp.Table)}
+    return [table for table in tree.find_all(exp.Table) if id(table) not in common]
+
+
+def _check_table(table, catalogue, tap_tables, uploads):
     shown = table.sql(dialect="postgres")
     if table.args.get("catalog") is not None or not isinstance(table.this, exp.Identifier):
         raise AdqlError(f"table {shown} is not published (see /tap/tables)")
@@ -327,8 +349,6 @@ def _check_table(table, catalogue, tap_tables, query_names, uploads):
                             "(UPLOAD=name,param:part)")
         return
     if schema_name in ("", tap_schema.CATALOGUE_SCHEMA) and name in catalogue:
-        return
-    if schema_name == "" and name in query_names:
         return
     raise AdqlError(f"table {shown} is not published; the published tables are listed "
                     "in TAP_SCHEMA.tables and /tap/tables")
@@ -366,6 +386,24 @@ def rewrite_generated_tables(tree, generated):
         ctes.extend(existing.expressions)
     tree.set("with_", exp.With(expressions=ctes))
     return tree
+
+
+def rewrite_partly_published(relations):
+    """A published table with columns that are not published (``etl.schema.col``) is
+    read through a derived table of its published columns, so that no spelling of a
+    query reaches the others: the database itself says they do not exist."""
+    published = tap_schema.published_tables()
+    for table in relations:
+        name = table.name.lower()
+        if table.db.lower() not in ("", tap_schema.CATALOGUE_SCHEMA) or \
+                name not in tap_schema.PUBLISHED_TABLES or not tap_schema.partly_published(name):
+            continue
+        derived = exp.select(*(exp.column(c.description.name, quoted=True)
+                               for c in published[name].columns)).from_(exp.Table(
+            this=exp.to_identifier(name), db=exp.to_identifier(tap_schema.CATALOGUE_SCHEMA)))
+        subquery = derived.subquery(table.alias or name)
+        subquery.meta["published_table"] = name      # its columns' metadata are the table's
+        table.replace(subquery)
 
 
 def _is_anonymous(node, *names) -> bool:

@@ -139,12 +139,19 @@ def _published_table(name) -> PublishedTable:
     table = schema.metadata.tables[name]
     indexed = _indexed_columns(table)
     columns = []
-    for column in table.columns:
+    for column in schema.published_columns(table):
         description = schema.describe_column(column)
         columns.append(PublishedColumn(description, column.name in indexed,
                                        _principal(description), (name, column.name)))
     return PublishedTable(name, CATALOGUE_SCHEMA, "table", TABLE_DESCRIPTIONS[name],
                           tuple(columns), _table_keys(table))
+
+
+def partly_published(name) -> bool:
+    """Whether published table ``name`` has columns that are not published (service.adql
+    reads such a table through a derived table of the published ones)."""
+    table = schema.metadata.tables[name]
+    return len(schema.published_columns(table)) < len(table.columns)
 
 
 def view_sources(sql: str) -> list:

@@ -10,7 +10,7 @@ from service.state import state
 blueprint = Blueprint("models", __name__)
 
 # The artifact's server-side path is not published; its checksum identifies it.
-MODEL_COLUMNS = [c for c in schema.models.columns if c.name != "artifact_path"]
+MODEL_COLUMNS = schema.published_columns(schema.models)
 
 
 def parameters(limits):

@@ -405,7 +405,9 @@ def _tables_in_scope(tree) -> dict:
     sources = [select.args.get("from_")] + list(select.args.get("joins") or [])
     for source in sources:
         table = getattr(source, "this", None)
-        if isinstance(table, exp.Table):
+        if isinstance(table, exp.Subquery) and "published_table" in table.meta:
+            scope[table.alias_or_name.lower()] = published[table.meta["published_table"]]
+        elif isinstance(table, exp.Table):
             name = table.name.lower()
             if name.startswith(tap_schema.cte_name("")):
                 name = f"{tap_schema.TAP_SCHEMA}.{name[len(tap_schema.cte_name('')):]}"
