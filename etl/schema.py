@@ -473,8 +473,10 @@ VIEWS = {
 # PostgreSQL roles (created by the migrations; passwords set by ``lamost-vac db upgrade``).
 # The migrations run as a superuser (q3c is not a trusted extension); nothing else does.
 WRITER_ROLE = "lamost_vac_writer"      # workers, beat, ETL: owns the tables, not a superuser
-READER_ROLE = "lamost_vac_reader"      # the API and SQL users: SELECT only
-# What migration 0002 sets for the reader, in the form ``SHOW`` reports it (README: SQL).
+READER_ROLE = "lamost_vac_reader"      # the API: SELECT on what it reads
+ANALYST_ROLE = "lamost_vac_analyst"    # SQL collaborators: SELECT on the published tables
+# What migrations 0002 and 0007 set for the reader and the analyst, in the form ``SHOW``
+# reports it (README: SQL).
 READER_SESSION_SETTINGS = {"statement_timeout": "1min",
                            "idle_in_transaction_session_timeout": "1min"}
 READER_CONNECTION_LIMIT = 50

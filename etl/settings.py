@@ -162,6 +162,9 @@ class Settings:
     reader_password: Optional[str] = setting(
         "LAMOST_VAC_READER_PASSWORD", "the same for the `lamost_vac_reader` role",
         shown="unset: left as it is", secret=True)
+    analyst_password: Optional[str] = setting(
+        "LAMOST_VAC_ANALYST_PASSWORD", "the same for the `lamost_vac_analyst` role (SQL "
+        "collaborators)", shown="unset: left as it is", secret=True)
 
     @property
     def reader_url(self) -> str:

@@ -24,6 +24,7 @@ from etl.settings import load_settings
 ADMIN_PASSWORD = "admin-secret-1"
 WRITER_PASSWORD = "writer-secret-2"
 READER_PASSWORD = "reader-secret-3"
+ANALYST_PASSWORD = "analyst-secret-4"
 CATALOGUE = "lamost_vac"
 
 
@@ -124,7 +125,8 @@ def set_up_server():
     result = instance.lamost_vac("db", "upgrade", "--url", instance.url("postgres"),
                                  PGPASSWORD=ADMIN_PASSWORD,
                                  LAMOST_VAC_WRITER_PASSWORD=WRITER_PASSWORD,
-                                 LAMOST_VAC_READER_PASSWORD=READER_PASSWORD)
+                                 LAMOST_VAC_READER_PASSWORD=READER_PASSWORD,
+                                 LAMOST_VAC_ANALYST_PASSWORD=ANALYST_PASSWORD)
     assert result.returncode == 0, result.stderr
     yield instance
     instance.stop()
@@ -139,34 +141,38 @@ def test_db_upgrade_gives_each_role_its_own_password(server, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "password set" not in result.stdout
     # no password yet: under password authentication nobody can log in as the roles
-    for role in (schema.READER_ROLE, schema.WRITER_ROLE):
+    for role in (schema.READER_ROLE, schema.WRITER_ROLE, schema.ANALYST_ROLE):
         assert_refused(server.sql(role, "guess", "SELECT 1"), "password authentication failed")
 
     secret = tmp_path / "reader_password"
     secret.write_text(READER_PASSWORD + "\n")            # as secret files usually end
     result = server.lamost_vac("db", "upgrade", "--url", admin_url, PGPASSWORD=ADMIN_PASSWORD,
                                LAMOST_VAC_WRITER_PASSWORD=WRITER_PASSWORD,
-                               LAMOST_VAC_READER_PASSWORD_FILE=str(secret))
+                               LAMOST_VAC_READER_PASSWORD_FILE=str(secret),
+                               LAMOST_VAC_ANALYST_PASSWORD=ANALYST_PASSWORD)
     assert result.returncode == 0, result.stderr
-    assert f"password set for {schema.WRITER_ROLE}, {schema.READER_ROLE}" in result.stdout
+    assert (f"password set for {schema.WRITER_ROLE}, {schema.READER_ROLE}, "
+            f"{schema.ANALYST_ROLE}") in result.stdout
 
-    passwords = {schema.WRITER_ROLE: WRITER_PASSWORD, schema.READER_ROLE: READER_PASSWORD}
+    passwords = {schema.WRITER_ROLE: WRITER_PASSWORD, schema.READER_ROLE: READER_PASSWORD,
+                 schema.ANALYST_ROLE: ANALYST_PASSWORD}
     for role, password in passwords.items():
         result = server.sql(role, password, "SELECT current_user, count(*) FROM v_estimates")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == f"{role}|0"
-        other = READER_PASSWORD if password == WRITER_PASSWORD else WRITER_PASSWORD
-        assert_refused(server.sql(role, other, "SELECT 1"), "password authentication failed")
+        for other in set(passwords.values()) - {password}:
+            assert_refused(server.sql(role, other, "SELECT 1"), "password authentication failed")
         assert_refused(server.sql(role, None, "SELECT 1"), "no password supplied")
     attributes = server.admin(
         "SELECT rolname, rolsuper, rolcreaterole, rolcreatedb, rolpassword LIKE 'SCRAM-SHA-256$%' "
         "FROM pg_authid WHERE rolname LIKE 'lamost_vac_%' ORDER BY rolname")
-    assert attributes.splitlines() == [f"{schema.READER_ROLE}|f|f|f|t",
+    assert attributes.splitlines() == [f"{schema.ANALYST_ROLE}|f|f|f|t",
+                                       f"{schema.READER_ROLE}|f|f|f|t",
                                        f"{schema.WRITER_ROLE}|f|f|f|t"]
     # only SCRAM verifiers went to the server: its statement log has no password
     log = server.log.read_text()
     assert "ALTER ROLE" in log
-    assert WRITER_PASSWORD not in log and READER_PASSWORD not in log
+    assert not any(password in log for password in passwords.values())
 
     # the writer cannot change passwords: one line, exit status 2
     result = server.lamost_vac("db", "upgrade", "--url", server.url(schema.WRITER_ROLE),
@@ -229,3 +235,69 @@ def test_reader_reads_with_its_password_and_cannot_write(set_up_server):
                    "permission denied to create temporary tables")
     for name, value in schema.READER_SESSION_SETTINGS.items():
         assert set_up_server.sql(reader, READER_PASSWORD, f"SHOW {name}").stdout.strip() == value
+
+
+def test_the_api_role_does_not_read_the_quarantine(set_up_server):
+    """Quarantine reasons hold the server's file paths; the API never reads them."""
+    assert_refused(set_up_server.sql(schema.READER_ROLE, READER_PASSWORD,
+                                     "SELECT count(*) FROM quarantine"),
+                   "permission denied for table quarantine")
+
+
+def test_analyst_reads_only_the_published_tables(set_up_server):
+    from service import tap_schema
+
+    analyst = schema.ANALYST_ROLE
+
+    def as_analyst(sql):
+        return set_up_server.sql(analyst, ANALYST_PASSWORD, sql)
+
+    for name in (*tap_schema.PUBLISHED_TABLES, *schema.VIEWS):
+        columns = ", ".join(c.name for c in schema.published_columns(schema.metadata.tables[name])) \
+            if name in schema.metadata.tables else "*"
+        result = as_analyst(f"SELECT {columns} FROM {name} LIMIT 1")
+        assert result.returncode == 0, (name, result.stderr)
+    published = set(tap_schema.PUBLISHED_TABLES) | set(schema.VIEWS)
+    for name in sorted(set(schema.metadata.tables) - published):
+        assert_refused(as_analyst(f"SELECT count(*) FROM {name}"),
+                       f"permission denied for table {name}")
+    assert_refused(as_analyst("SELECT artifact_path FROM models"),
+                   "permission denied for table models")
+    assert_refused(as_analyst("DELETE FROM spectra"), "permission denied for table spectra")
+    assert_refused(as_analyst("CREATE TEMP TABLE t (x int)"),
+                   "permission denied to create temporary tables")
+    for name, value in schema.READER_SESSION_SETTINGS.items():
+        assert as_analyst(f"SHOW {name}").stdout.strip() == value
+
+
+def test_analyst_can_neither_see_nor_end_the_api_sessions(set_up_server):
+    """They shared one role: a collaborator read the API's SQL in pg_stat_activity and
+    ended its connections with pg_terminate_backend (found by review)."""
+    import time
+
+    api = subprocess.Popen(
+        ["psql", "-X", "-w", "-h", "127.0.0.1", "-p", str(set_up_server.port), "-U",
+         schema.READER_ROLE, "-d", CATALOGUE, "-c", "SELECT /* api-session */ pg_sleep(20)"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PG")},
+             "PGPASSWORD": READER_PASSWORD},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = ""
+        for _ in range(100):
+            pid = set_up_server.admin("SELECT pid FROM pg_stat_activity "
+                                      "WHERE query LIKE '%api-session%' AND state = 'active' "
+                                      "AND pid <> pg_backend_pid()")
+            if pid:
+                break
+            time.sleep(0.1)
+        assert pid, "the API-like session did not start"
+        seen = set_up_server.sql(schema.ANALYST_ROLE, ANALYST_PASSWORD,
+                                 f"SELECT query FROM pg_stat_activity WHERE pid = {pid}")
+        assert seen.returncode == 0 and "api-session" not in seen.stdout, seen.stdout
+        assert_refused(set_up_server.sql(schema.ANALYST_ROLE, ANALYST_PASSWORD,
+                                         f"SELECT pg_terminate_backend({pid})"),
+                       "must be a member of the role whose process is being terminated")
+        assert api.poll() is None, "the API session was ended"
+    finally:
+        api.kill()
+        api.communicate()

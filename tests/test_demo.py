@@ -148,7 +148,8 @@ def test_compose_file_gives_each_service_the_credentials_of_one_role():
     superuser = services["db"]["environment"]["POSTGRES_USER"]
     password_of = {superuser: "LAMOST_VAC_ADMIN_PASSWORD",
                    schema.WRITER_ROLE: "LAMOST_VAC_WRITER_PASSWORD",
-                   schema.READER_ROLE: "LAMOST_VAC_READER_PASSWORD"}
+                   schema.READER_ROLE: "LAMOST_VAC_READER_PASSWORD",
+                   schema.ANALYST_ROLE: "LAMOST_VAC_ANALYST_PASSWORD"}
     assert superuser not in (schema.WRITER_ROLE, schema.READER_ROLE)
 
     def credentials(name):
@@ -174,7 +175,8 @@ def test_compose_file_gives_each_service_the_credentials_of_one_role():
         assert password_of[role] in services[name]["environment"]["PGPASSWORD"], name
     # the migration sets the roles' passwords from the variables 'db upgrade' reads
     migrate_settings = load_settings({key: "x" for key in services["migrate"]["environment"]})
-    assert migrate_settings.writer_password and migrate_settings.reader_password
+    assert migrate_settings.writer_password and migrate_settings.reader_password and \
+        migrate_settings.analyst_password
     # no password has a default value: a missing one stops docker compose
     for name, service in services.items():
         for value in service.get("environment", {}).values():

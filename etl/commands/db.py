@@ -28,10 +28,11 @@ def register_db(subparsers):
     upgrade = commands.add_parser(
         "upgrade", help="migrate to the newest schema (installs q3c on PostgreSQL)",
         description="Migrate to REVISION. On PostgreSQL run it as a superuser: it installs "
-        f"q3c, creates the roles {schema.WRITER_ROLE} (owns the tables, not a superuser) "
-        f"and {schema.READER_ROLE} (SELECT only), and then sets their passwords from "
-        "LAMOST_VAC_WRITER_PASSWORD and LAMOST_VAC_READER_PASSWORD (or the files named by "
-        "LAMOST_VAC_WRITER_PASSWORD_FILE, LAMOST_VAC_READER_PASSWORD_FILE), where set.")
+        f"q3c, creates the roles {schema.WRITER_ROLE} (owns the tables, not a superuser), "
+        f"{schema.READER_ROLE} (the API: SELECT only) and {schema.ANALYST_ROLE} (SQL "
+        "collaborators: SELECT on the published tables), and then sets their passwords "
+        "from LAMOST_VAC_WRITER_PASSWORD, LAMOST_VAC_READER_PASSWORD and "
+        "LAMOST_VAC_ANALYST_PASSWORD (or the files named by their _FILE variants), where set.")
     upgrade.add_argument("revision", nargs="?", default="head")
     add_url_argument(upgrade)
     upgrade.set_defaults(func=run_upgrade)
@@ -64,7 +65,8 @@ def run_upgrade(args):
     print(f"database at revision {db.current_revision(url)}")
     passwords = {role: password for role, password in (
         (schema.WRITER_ROLE, settings.writer_password),
-        (schema.READER_ROLE, settings.reader_password)) if password}
+        (schema.READER_ROLE, settings.reader_password),
+        (schema.ANALYST_ROLE, settings.analyst_password)) if password}
     if not passwords:
         return 0
     engine = db.make_engine(url)
