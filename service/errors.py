@@ -28,11 +28,19 @@ MAX_HEADER_FIELD_BYTES = 8190
 VOTABLE_ERROR_BLUEPRINTS = ("scs", "tap", "datalink")
 
 
+def wants_html() -> bool:
+    """A browser (text/html preferred over JSON); clients without a preference get JSON."""
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
 def error_response(status: int, message: str, parameter: str = None, headers=None):
     """The service's error answer: a VOTable error document on /scs, /tap and /datalink
-    (what IVOA clients read), an HTML page on the pages for people, JSON ``{"error",
-    "status"[, "parameter"]}`` everywhere else."""
-    if g.get("html_errors"):
+    (what IVOA clients read), an HTML page on the pages for people (also for a browser's
+    request that no page answers: an unknown path or method, an over-long URL), JSON
+    ``{"error", "status"[, "parameter"]}`` everywhere else."""
+    # "/" is the search page for a browser (vosi's description of the service otherwise)
+    page = request.blueprint in (None, "pages") or request.path == "/"
+    if g.get("html_errors") or (page and wants_html()):
         return Response(render_template("error.html", status=status, message=message),
                         status=status, mimetype="text/html", headers=headers)
     if request.blueprint in VOTABLE_ERROR_BLUEPRINTS:

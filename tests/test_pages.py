@@ -465,3 +465,22 @@ def test_models_and_about_pages(client):
     for words in ("LASSO", "TOPCAT", "pyvo", "q3c_radial_query", "How to cite",
                   "3500 &le; Teff &le; 6500 K", 'id="histogram-bins"'):
         assert words in body
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("get", "/?search=1&teff_min=" + "9" * 4100, 414),     # refused before any page runs
+    ("post", "/", 405), ("post", "/spectra/100001", 405),
+    ("get", "/spectra/100001/plot", 404), ("get", "/about/x", 404),
+    ("get", "/models/v2.0/foo.png", 404),
+], ids=["long-url", "post-search", "post-spectrum", "no-route", "about-x", "model-plot"])
+def test_a_browser_gets_every_error_as_a_page(client, method, path, status):
+    """Errors raised before a page runs or by no page (routing) came back as JSON to a
+    browser (found by review)."""
+    response = getattr(client, method)(path, headers=BROWSER)
+    assert response.status_code == status
+    assert response.mimetype == "text/html"
+    assert b"<html" in response.data.lower()
+    # a JSON client still gets JSON, and the JSON API keeps answering in JSON
+    assert getattr(client, method)(path).mimetype == "application/json"
+    assert client.get("/api/v1/estimates?limit=x", headers=BROWSER).mimetype == \
+        "application/json"

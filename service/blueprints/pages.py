@@ -44,7 +44,7 @@ from service.blueprints import spectra as spectra_api
 from service.blueprints.models import model_rows
 from service.catalogue import CATALOGUE, HISTOGRAM_BINS
 from service.db import is_statement_timeout
-from service.errors import error_response
+from service.errors import error_response, wants_html
 from service.openapi import ParamError, parse
 from service.state import is_small_cone, large_query, state
 
@@ -61,11 +61,6 @@ FORM_FIELDS = (["ra", "dec", "radius", "flags", "exclude", "model_version", "lim
 FIELD_OF_PARAMETER = {"exclude_flags": "exclude", "columns": "search", "order": "search",
                       "format": "search"}
 LABEL_NAMES = {"teff": "Teff", "logg": "log g", "feh": "[Fe/H]"}
-
-
-def wants_html() -> bool:
-    """A browser (text/html preferred over JSON); clients without a preference get JSON."""
-    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
 
 
 def _render(template, status=200, **context):
