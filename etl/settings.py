@@ -118,6 +118,12 @@ class Settings:
         "LAMOST_VAC_TRUSTED_PROXIES",
         "reverse proxies in front of the API whose `X-Forwarded-For` names the client", 0,
         minimum=0)
+    trusted_hosts: Optional[str] = setting(
+        "LAMOST_VAC_TRUSTED_HOSTS",
+        "host names the API answers to, comma-separated (e.g. `vac.example.org,localhost`); "
+        "a request naming another `Host` gets 400. Every absolute link the service writes "
+        "(next pages, TAP jobs, DataLink, capabilities) is built from the request's host",
+        shown="unset: any host (development)")
     tap_default_maxrec: int = setting(
         "LAMOST_VAC_TAP_MAXREC_DEFAULT", "rows `/tap/sync` returns when MAXREC is not given",
         10000)
@@ -165,6 +171,13 @@ class Settings:
     analyst_password: Optional[str] = setting(
         "LAMOST_VAC_ANALYST_PASSWORD", "the same for the `lamost_vac_analyst` role (SQL "
         "collaborators)", shown="unset: left as it is", secret=True)
+
+    @property
+    def trusted_host_names(self) -> Optional[list]:
+        """``trusted_hosts`` as a list (None: any host)."""
+        if not self.trusted_hosts:
+            return None
+        return [name.strip() for name in self.trusted_hosts.split(",") if name.strip()]
 
     @property
     def reader_url(self) -> str:

@@ -48,6 +48,9 @@ def create_app(settings=None, engine=None) -> Flask:
     app = Flask("service", static_folder=None)
     app.json.sort_keys = False
     app.url_map.strict_slashes = False
+    # Links are built from the request's Host: only the configured names may appear there
+    # (a forged Host would otherwise be written into pages a cache may hand to others).
+    app.config["TRUSTED_HOSTS"] = settings.trusted_host_names
     if engine is None:
         engine = make_service_engine(settings)
         cone_engine = (make_service_engine(settings, generic_plans=True)

@@ -7,7 +7,7 @@ import logging
 from flask import Response, g, render_template, request
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, SecurityError
 
 from service import formats
 from service.db import is_statement_timeout
@@ -105,6 +105,12 @@ def register_error_handlers(app):
     def _too_many_large_queries(error):
         return error_response(429, str(error),
                               headers={"Retry-After": str(error.retry_after_s)})
+
+    @app.errorhandler(SecurityError)
+    def _untrusted_host(error):
+        # no URL can be built for an untrusted Host (LAMOST_VAC_TRUSTED_HOSTS): a page
+        # cannot be rendered, so the answer is plain JSON whoever asks
+        return formats.json_response({"error": error.description, "status": 400}, status=400)
 
     @app.errorhandler(HTTPException)
     def _http_error(error):

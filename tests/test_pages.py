@@ -484,3 +484,21 @@ def test_a_browser_gets_every_error_as_a_page(client, method, path, status):
     assert getattr(client, method)(path).mimetype == "application/json"
     assert client.get("/api/v1/estimates?limit=x", headers=BROWSER).mimetype == \
         "application/json"
+
+
+def test_links_are_built_only_for_the_trusted_host_names(pages_db):
+    """Every absolute link is built from the request's Host: a forged one was written into
+    the pages' API and download links and the /about snippets (found by review)."""
+    application = make_app(pages_db, trusted_hosts="vac.example.org, localhost")
+    client = application.test_client()
+    try:
+        for path in ("/about", "/?ra=150&dec=30&radius=1%20arcmin&search=1", "/health"):
+            forged = client.get(path, headers={**BROWSER, "Host": "evil.example"})
+            assert forged.status_code == 400 and b"evil.example' is not trusted" in forged.data
+            for host in ("vac.example.org", "localhost:8000"):
+                answer = client.get(path, headers={**BROWSER, "Host": host})
+                assert answer.status_code == 200, (path, host)
+        about = client.get("/about", headers={**BROWSER, "Host": "vac.example.org"}).data
+        assert b"http://vac.example.org/scs" in about
+    finally:
+        application.extensions["lamost_vac"].dispose()
