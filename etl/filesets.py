@@ -26,14 +26,49 @@ CATALOGUE_COLUMNS = ("obsid", "ra", "dec", "snrg", "z")
 LASP_NUMBERS = {"teff": "lasp_teff", "feh": "lasp_feh"}
 
 
-def _numbers(column):
-    """A catalogue column as float, with empty cells, NaN and the -9999 sentinel as NaN.
+SHOWN_BAD_ROWS = 5
+
+
+def _bad_rows(path, name, rows, values, what):
+    shown = ", ".join(f"{row + 1} ({values[row]!s:.40})" for row in rows[:SHOWN_BAD_ROWS])
+    more = f" and {len(rows) - SHOWN_BAD_ROWS} more" if len(rows) > SHOWN_BAD_ROWS else ""
+    return ValueError(f"{path}: column {name!r} {what} in data row(s) {shown}{more}")
+
+
+def _numbers(column, path, name):
+    """A catalogue column as float, with empty cells, NaN and the -9999 sentinel as NaN;
+    ValueError naming the file, column and rows of a cell that is not a number.
 
     (``np.asarray`` of a masked column returns whatever the empty cells hold -- 0 for an
     empty CSV cell -- so a missing redshift became z = 0.)
     """
-    values = np.ma.MaskedArray(column).astype(float).filled(np.nan)
+    masked = np.ma.MaskedArray(column)
+    try:
+        values = masked.astype(float).filled(np.nan)
+    except (TypeError, ValueError):
+        cells = masked.filled("").tolist() if masked.dtype.kind in "USO" else masked.tolist()
+        numbers = []
+        for cell in cells:
+            text = cell.decode() if isinstance(cell, bytes) else str(cell)
+            try:
+                numbers.append(float(text) if text.strip() else np.nan)
+            except ValueError:
+                numbers.append(None)
+        bad = [row for row, number in enumerate(numbers) if number is None]
+        raise _bad_rows(path, name, bad, cells, "holds text that is not a number") from None
     return np.where(missing_value(values), np.nan, values)
+
+
+def _catalogue_obsids(column, path, name):
+    """The obsid column as int64; ValueError naming the rows with an empty or
+    non-integer obsid (an empty cell was read as obsid 0)."""
+    masked = np.ma.MaskedArray(column)
+    cells = masked.tolist()
+    obsids = _obsids(["" if cell is None else cell for cell in cells])
+    bad = [row for row, obsid in enumerate(obsids) if obsid is None]
+    if bad:
+        raise _bad_rows(path, name, bad, cells, "has no integer obsid")
+    return np.array(obsids, dtype=np.int64)
 
 
 def read_catalogue(path, spectra_root):
@@ -51,15 +86,16 @@ def read_catalogue(path, spectra_root):
     missing_columns = [c for c in CATALOGUE_COLUMNS if c not in lower]
     if missing_columns:
         raise ValueError(f"{path}: catalogue lacks column(s) {', '.join(missing_columns)}")
-    out = Table({c: np.asarray(table[lower[c]], dtype=np.int64) if c == "obsid" else _numbers(table[lower[c]])
-                 for c in CATALOGUE_COLUMNS})
+    out = Table({c: _catalogue_obsids(table[lower[c]], path, lower[c]) if c == "obsid"
+                 else _numbers(table[lower[c]], path, lower[c]) for c in CATALOGUE_COLUMNS})
     out["ra"].unit = out["dec"].unit = u.deg
     out["class"] = (np.asarray(table[lower["class"]], dtype=str) if "class" in lower
                     else np.full(len(table), "STAR"))
     out["subclass"] = (np.ma.MaskedArray(table[lower["subclass"]]).astype(str).filled("")
                        if "subclass" in lower else np.full(len(table), ""))
     for name, column in LASP_NUMBERS.items():
-        out[column] = _numbers(table[lower[name]]) if name in lower else np.full(len(table), np.nan)
+        out[column] = _numbers(table[lower[name]], path, lower[name]) if name in lower \
+            else np.full(len(table), np.nan)
     index = SpectrumIndex(spectra_root)
     paths, missing = [], []
     for i, row in enumerate(table):

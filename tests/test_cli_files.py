@@ -252,3 +252,27 @@ def test_predict_files_refuses_an_incompatible_model(sim_set, tmp_path, capsys):
     assert code == 2
     assert "no sidecar" in message and str(bogus) in message     # not even unpickled
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("column, cell, message", [
+    ("z", "unknown", "column 'z' holds text that is not a number in data row(s) 2 (unknown)"),
+    ("snrg", "n/a", "column 'snrg' holds text that is not a number in data row(s) 2 (n/a)"),
+    ("obsid", "", "column 'obsid' has no integer obsid in data row(s) 2"),
+    ("obsid", "12x", "column 'obsid' has no integer obsid in data row(s) 2 (12x)"),
+])
+def test_a_bad_catalogue_cell_is_named_by_file_column_and_row(sim_set, trained_model, tmp_path,
+                                                              capsys, column, cell, message):
+    """A word in z was 'could not convert string to float', naming nothing; an empty
+    obsid was estimated as obsid 0 (found by review)."""
+    rows = _read_csv(sim_set / "lamost_catalog.csv")[:3]
+    rows[1][column] = cell
+    catalogue = tmp_path / "catalogue.csv"
+    with open(catalogue, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code = main(["predict-files", "--model", str(trained_model[0]), "--catalog", str(catalogue),
+                 "--spectra-root", str(sim_set), "--out", str(tmp_path / "out.csv")])
+    error = capsys.readouterr().err
+    assert code != 0 and f"{catalogue}: {message}" in error, error
+    assert "Traceback" not in error and not (tmp_path / "out.csv").exists()
