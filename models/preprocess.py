@@ -103,6 +103,9 @@ class PreprocessConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+DR1_MIN_WEIGHTED_FRACTION = 0.5   # of the clear pixels with ivar > 0, for the DR1 exception
+
+
 def _good_pixels(spectrum, mask_bits):
     """Usable pixels: finite flux, no and-mask bit set, and a positive inverse variance.
 
@@ -111,11 +114,15 @@ def _good_pixels(spectrum, mask_bits):
     measured and the and-mask is clear. Masking those pixels erases the lines that carry
     most of the temperature information (on the DR1 plate of ../shared, Teff came out
     1,100 K hotter than LASP; 160 K once they were kept). So for the DR1 layout a pixel
-    with ivar = 0 counts as good when its flux is positive and its and-mask is clear.
+    with ivar = 0 counts as good when its flux is positive and its and-mask is clear --
+    in a spectrum whose other pixels mostly carry a weight (at most 12% of a real file's
+    pixels have ivar = 0; a file with ivar = 0 nearly everywhere has no usable weights
+    and was estimated as if every pixel were good).
     """
     clear = ((spectrum.andmask.astype(np.int64) & mask_bits) == 0) & np.isfinite(spectrum.flux)
     weighted = spectrum.ivar > 0
-    if getattr(spectrum, "layout", None) == "dr1-image":
+    if getattr(spectrum, "layout", None) == "dr1-image" and clear.any() and \
+            np.mean(weighted[clear]) >= DR1_MIN_WEIGHTED_FRACTION:
         weighted |= spectrum.flux > 0
     return clear & weighted
 

@@ -445,3 +445,15 @@ def test_dr1_line_cores_with_zero_ivar_are_kept(layout, line_kept):
         assert depth < 0.3
     else:
         assert depth > 0.4                               # bridged from the 0.5 shoulders
+
+
+def test_a_dr1_spectrum_without_weights_is_unusable():
+    """The DR1 exception keeps a few zero-ivar line cores; a DR1 file with ivar = 0
+    everywhere was estimated as if every pixel were good (found by review)."""
+    wavelength = lamost_wavelength()
+    flux = 1.0 + 0.1 * np.sin(wavelength / 50.0)
+    spectrum = make_spectrum(flux, wavelength, np.zeros(flux.size),
+                             np.zeros(flux.size, dtype=np.int32))
+    spectrum = SimpleNamespace(**vars(spectrum), layout="dr1-image")
+    features, good_fraction = preprocess_spectra([spectrum], [0.0], CONFIG)
+    assert good_fraction[0] == 0.0 and np.isnan(features[0]).all()
