@@ -20,7 +20,7 @@ TEFF_OUT_OF_DOMAIN = 1 << 0     # predicted Teff outside 3500-6500 K
 FEH_OUT_OF_DOMAIN = 1 << 1      # predicted [Fe/H] below -1.5
 SNR_OUT_OF_DOMAIN = 1 << 2      # SNRg <= 5 or > 80 (or unknown)
 NOT_A_STAR = 1 << 3             # catalogue class is not STAR: not estimated
-UNUSABLE_SPECTRUM = 1 << 4      # too few good pixels after preprocessing: not estimated
+UNUSABLE_SPECTRUM = 1 << 4      # no file, unreadable, or too few good pixels: not estimated
 NO_USABLE_REDSHIFT = 1 << 5     # z missing (NaN, empty, -9999) or <= -1: not estimated
 SUSPICIOUS_REDSHIFT = 1 << 6    # |c z| above MAX_STELLAR_CZ_KMS
 MASKED_SELECTED_PIXELS = 1 << 7  # > MAX_MASKED_SELECTED_FRACTION of a label's pixels masked
@@ -45,7 +45,8 @@ FLAG_DESCRIPTIONS = {
     FEH_OUT_OF_DOMAIN: "predicted [Fe/H] below -1.5 dex",
     SNR_OUT_OF_DOMAIN: "SNRg outside (5, 80] or unknown (integrated uncertainty NaN at SNRg <= 5)",
     NOT_A_STAR: "catalogue class is not STAR: not estimated",
-    UNUSABLE_SPECTRUM: "too few usable pixels after preprocessing: not estimated",
+    UNUSABLE_SPECTRUM: ("spectrum missing, unreadable or with too few usable pixels after "
+                        "preprocessing (the reason is recorded): not estimated"),
     NO_USABLE_REDSHIFT: "no usable redshift (missing, -9999 or <= -1): not estimated",
     SUSPICIOUS_REDSHIFT: f"c z beyond +-{MAX_STELLAR_CZ_KMS:g} km/s: redshift suspicious",
     MASKED_SELECTED_PIXELS: (f"more than {MAX_MASKED_SELECTED_FRACTION:.0%} of a label's "

@@ -304,8 +304,12 @@ def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False
     # where a polynomial dips to ~0 (deep molecular bands at the blue end of cool stars) the
     # ratio is meaningless: those pixels are masked, their ratio bridged from the neighbours
     divisible = continuum > 0.01
-    with np.errstate(divide="ignore", invalid="ignore"):
-        features = bridge_masked(np.where(divisible, flux / continuum, 1.0), divisible)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = flux / continuum
+        # a garbage pixel far above its neighbours (1e30 among 1e-25) overflows float32:
+        # masked like any bad pixel, not passed on as inf
+        divisible &= np.abs(ratio) < np.finfo(np.float32).max
+        features = bridge_masked(np.where(divisible, ratio, 1.0), divisible)
     # the share of pixels with usable data; the instrument regions, masked in every
     # spectrum alike, say nothing about this one
     usable = data_good & divisible

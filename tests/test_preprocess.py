@@ -457,3 +457,16 @@ def test_a_dr1_spectrum_without_weights_is_unusable():
     spectrum = SimpleNamespace(**vars(spectrum), layout="dr1-image")
     features, good_fraction = preprocess_spectra([spectrum], [0.0], CONFIG)
     assert good_fraction[0] == 0.0 and np.isnan(features[0]).all()
+
+
+def test_a_pixel_that_overflows_float32_is_masked_not_infinite():
+    """Flux of 1e-25 with one unmasked 1e30 pixel gave an inf feature, and the spectrum
+    was dropped as having 'too few usable pixels (good fraction 1.00)' (found by review)."""
+    wavelength = lamost_wavelength()
+    flux = 1e-25 * (1.0 + 0.1 * np.sin(wavelength / 50.0))
+    flux[np.argmin(np.abs(wavelength - 5000.0))] = 1e30      # outside the masked regions
+    spectrum = make_spectrum(flux, wavelength, np.ones(flux.size), np.zeros(flux.size, dtype=np.int32))
+    features, good_fraction = preprocess_spectra([spectrum], [0.0], CONFIG)
+    assert np.isfinite(features).all()
+    assert 0.99 < good_fraction[0] < 1.0
+    assert np.abs(features[0] - 1.0).max() < 0.2
