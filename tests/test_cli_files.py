@@ -276,3 +276,45 @@ def test_a_bad_catalogue_cell_is_named_by_file_column_and_row(sim_set, trained_m
     error = capsys.readouterr().err
     assert code != 0 and f"{catalogue}: {message}" in error, error
     assert "Traceback" not in error and not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("suffix", ["fits", "vot"])
+def test_predict_files_fits_and_votable_carry_units_ucds_and_flag_meanings(
+        sim_set, trained_model, tmp_path, suffix):
+    """They had none, unlike export's (found by review); the validators pass them."""
+    from astropy.io import fits
+    from astropy.io.votable import parse
+
+    from etl import schema
+    from release_validators import assert_valid_fits, assert_valid_votable
+
+    rows = _read_csv(sim_set / "lamost_catalog.csv")[:4]
+    catalogue = tmp_path / "catalogue.csv"
+    with open(catalogue, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / f"estimates.{suffix}"
+    code, _ = _run_cli(["predict-files", "--model", str(trained_model[0]), "--catalog",
+                        str(catalogue), "--spectra-root", str(sim_set), "--out", str(out)])
+    assert code == 0
+    expected = {name: schema.column_info("estimates", name)
+                for name in ("teff", "logg_err", "feh_err_model", "flags")}
+    if suffix == "fits":
+        assert_valid_fits(out)
+        header = fits.getheader(out, 1)
+        found = {header[f"TTYPE{i}"]: i for i in range(1, header["TFIELDS"] + 1)}
+        for name, described in expected.items():
+            i = found[name]
+            assert header.get(f"TUNIT{i}") == described.unit and \
+                header[f"TUCD{i}"] == described.ucd, name
+        assert header[f"TCOMM{found['problem']}"].startswith("why the spectrum")
+    else:
+        assert_valid_votable(out)
+        fields = {f.name: f for f in parse(str(out)).get_first_table().fields}
+        for name, described in expected.items():
+            # (astropy wraps a DESCRIPTION's lines, at hyphens too)
+            assert fields[name].ucd == described.ucd and "".join(
+                fields[name].description.split()) == "".join(described.description.split()), name
+        assert fields["teff"].unit == "K"
+        assert "64 = c z beyond" in " ".join(fields["flags"].description.split())

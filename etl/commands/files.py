@@ -6,10 +6,12 @@ file are enough. The database-backed flow (``train``, ``infer``) uses the same f
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 from astropy.table import Table
 
+from etl import schema
 from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
 from etl.label_domain import add_label_domain_argument, parse_label_domain, select_label_domain
 from models.artifact import load_model, save_model
@@ -235,6 +237,49 @@ def predict_catalogue(artifact, catalogue, n_jobs=-1, return_features=False):
     return (out, features) if return_features else out
 
 
+PROBLEM_DESCRIPTION = "why the spectrum was not estimated (empty when it was)"
+
+
+def _output_description(name):
+    """(unit, UCD, description) of a predict-files column, from ``etl/schema.py``."""
+    if name == "problem":
+        return None, "meta.note", PROBLEM_DESCRIPTION
+    described = schema.column_info("estimates", name)
+    return described.unit, described.ucd, described.description
+
+
+def write_predictions(table, path):
+    """The predict-files table by extension (``models.report.write_table``), its FITS and
+    VOTable with the units, UCDs and descriptions (the flag bits included) that the
+    catalogue declares and ``export`` writes. Units are written verbatim: astropy cannot
+    parse log(cm.s**-2)."""
+    write_table(table, path)
+    lower = path.lower()
+    if lower.endswith((".fits", ".fit", ".fits.gz")):
+        from astropy.io import fits
+
+        with fits.open(path, mode="update") as hdus:
+            header = hdus[1].header
+            for index, name in enumerate(table.colnames, start=1):
+                unit, ucd, description = _output_description(name)
+                if unit:
+                    header.set(f"TUNIT{index}", unit, after=f"TFORM{index}")
+                header[f"TCOMM{index}"] = description[:68]
+                header[f"TUCD{index}"] = ucd
+    elif lower.endswith((".xml", ".vot", ".votable")):
+        from astropy.io.votable import from_table, writeto
+        from astropy.io.votable.exceptions import VOWarning
+
+        votable = from_table(table)
+        for field in votable.get_first_table().fields:
+            unit, ucd, description = _output_description(field.name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", VOWarning)    # W50: not a unit it knows
+                field.unit = unit
+            field.ucd, field.description = ucd, description
+        writeto(votable, path)
+
+
 def run_predict_files(args):
     artifact = load_model(args.model)
     catalogue, missing = read_catalogue(args.catalog, args.spectra_root)
@@ -243,7 +288,7 @@ def run_predict_files(args):
         table.add_row({"obsid": obsid, "flags": UNUSABLE_SPECTRUM, "model_version": artifact["version"],
                        "problem": "no spectrum file under --spectra-root",
                        **{c: np.nan for c in table.colnames if c.startswith(LABELS)}})
-    write_table(table, args.out)
+    write_predictions(table, args.out)
     n_estimated = int(np.isfinite(table["teff"]).sum())
     print(f"{len(table)} spectra: {n_estimated} estimated, {len(table) - n_estimated} not "
           f"(unreadable, unusable, no usable redshift or not STAR), {len(missing)} catalogue rows "
