@@ -53,7 +53,8 @@ FLAG_DESCRIPTIONS = {
                              "LASSO-selected pixels masked (filled by interpolation)"),
     CATALOGUE_OUT_OF_DOMAIN: ("catalogue (LASP subclass, Teff or [Fe/H]) outside the domain "
                               "(3500-6500 K, [Fe/H] >= -1.5)"),
-    OUT_OF_DISTRIBUTION: "spectrum unlike the training spectra (out-of-distribution score)",
+    OUT_OF_DISTRIBUTION: ("spectrum unlike the training spectra (out-of-distribution score, "
+                          "or lines far shallower than theirs)"),
 }
 # Bits whose spectra get no estimate.
 NOT_ESTIMATED = NOT_A_STAR | UNUSABLE_SPECTRUM | NO_USABLE_REDSHIFT

@@ -28,6 +28,14 @@ flag") it flags ~1% of held-out in-domain spectra and ~80% of the stars hotter t
 generic novelty scores (Mahalanobis distance, PCA reconstruction residual, nearest
 training neighbour in the LASSO-pixel space), thresholds chosen the same way, flagged 0-18%
 of those hot stars: noise, not the star, dominates those distances at SNRg < 40.
+
+A spectrum without lines (constant or smooth flux: a dead fibre, a sky-subtraction
+failure) is not caught by that score: its linear estimates fall inside the training range
+(hot, metal-poor) and the networks return a confident in-domain star. ``line_content`` is
+the spectrum's line depth along the training spectra's mean line profile over the selected
+pixels (1 for a spectrum with the mean lines, 0 for none; noise averages out over
+hundreds of pixels); below half the training spectra's 1st percentile
+(``line_content_threshold_``) it sets OUT_OF_DISTRIBUTION too.
 """
 import numpy as np
 from joblib import Parallel, delayed
@@ -65,6 +73,10 @@ PAPER_PARAMETERS = {"hidden": PUBLISHED_HIDDEN, "learning_rate": PUBLISHED_LEARN
                     "input_noise": 0.0, "n_members": 10}
 PAPER_SNR_RANGE = (10.0, 20.0)
 OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DISTRIBUTION threshold
+# Line content (``line_content``): spectra whose lines are shallower than LINE_CONTENT_FRACTION
+# of the training spectra's LINE_CONTENT_QUANTILE quantile are flagged OUT_OF_DISTRIBUTION
+LINE_CONTENT_QUANTILE = 0.01
+LINE_CONTENT_FRACTION = 0.5
 
 
 def star_parameters(raw):
@@ -213,6 +225,9 @@ class LassoMLPNet(BaseEstimator):
     calibration_counts_ : calibration spectra per SNRg bin (zeros until ``calibrate``)
     ood_range_, ood_scale_, ood_threshold_ : the out-of-distribution score's training label
         range and linear held-out error per label (target units) and its threshold
+    line_profile_, line_content_threshold_ : the training spectra's mean line depth over
+        the selected pixels (0 elsewhere) and the ``line_content`` below which a spectrum
+        is flagged OUT_OF_DISTRIBUTION
     """
 
     # defaults of the parameters added after artifacts were first saved: an older pickled
@@ -267,7 +282,22 @@ class LassoMLPNet(BaseEstimator):
         self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
         self._fit_ood({label: e._target(np.asarray(labels[label], dtype=float))
                        for label, e in self.estimators_.items()})
+        self._fit_line_content(X)
         return self
+
+    # -- line content (module doc) --------------------------------------------------------------
+    def _fit_line_content(self, X):
+        selected = np.any([e.support_ for e in self.estimators_.values()], axis=0)
+        self.line_profile_ = np.where(selected, 1.0 - X.mean(axis=0), 0.0)
+        content = self.line_content(X)
+        self.line_content_threshold_ = LINE_CONTENT_FRACTION * float(
+            np.quantile(content, LINE_CONTENT_QUANTILE))
+
+    def line_content(self, X):
+        """Per spectrum, its line depth along the training spectra's mean line profile
+        over the LASSO-selected pixels: 1 for the mean lines, 0 for a line-free spectrum."""
+        profile = self.line_profile_
+        return (1.0 - np.asarray(X, dtype=np.float64)) @ profile / max(profile @ profile, 1e-300)
 
     # -- out-of-distribution score (module doc) ---------------------------------------------
     def _fit_ood(self, targets):
@@ -313,6 +343,9 @@ class LassoMLPNet(BaseEstimator):
                               MASKED_SELECTED_PIXELS, 0)
         out["ood_score"] = np.where(usable, self.ood_score(np.where(usable[:, None], X, 0.0)), np.nan)
         flags |= np.where(out["ood_score"] > self.ood_threshold_, OUT_OF_DISTRIBUTION, 0)
+        if getattr(self, "line_profile_", None) is not None:     # (artifacts before it: no)
+            shallow = self.line_content(np.where(usable[:, None], X, 1.0)) < self.line_content_threshold_
+            flags |= np.where(usable & shallow, OUT_OF_DISTRIBUTION, 0)
         out["flags"] = flags
         return out
 

@@ -757,3 +757,21 @@ def test_bootstrap_members_select_their_own_pixels_and_predict_as_well():
         assert np.corrcoef(raw_boot[label], labels_test[label])[0, 1] > 0.8, label
     with pytest.raises(ValueError, match="member_selection"):
         LassoMLPNet(member_selection="bagged", **common).fit(X, labels, groups=stars)
+
+
+def test_a_spectrum_without_lines_is_flagged_out_of_distribution(trained):
+    """A constant, a smooth ramp or pure noise came out as a confident in-domain star with
+    flags 0: the linear estimates of a line-free spectrum lie inside the training range
+    (found by review). Their line content is ~0; the training stars' is ~1."""
+    model, X, _, X_test, _ = trained
+    n_pixels = X.shape[1]
+    rng = np.random.default_rng(3)
+    featureless = np.vstack([np.ones(n_pixels), np.linspace(0.9, 1.1, n_pixels),
+                             1.0 + 0.05 * rng.standard_normal(n_pixels)])
+    out = model.predict(featureless, np.full(3, 15.0))
+    assert np.all(out["flags"] & OUT_OF_DISTRIBUTION)
+    assert np.all(model.line_content(featureless) < min(0.25, model.line_content_threshold_))
+    assert abs(np.median(model.line_content(X)) - 1.0) < 0.2
+    held_out = model.predict(X_test, np.full(len(X_test), 15.0))
+    assert np.mean(model.line_content(X_test) < model.line_content_threshold_) < 0.03
+    assert np.mean(held_out["flags"] & OUT_OF_DISTRIBUTION > 0) < 0.05
