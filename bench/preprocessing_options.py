@@ -38,6 +38,7 @@ CONFIGS = {
     "paper": dataclasses.replace(MILES_PREPROCESSING, masked_regions=()),
     "default": MILES_PREPROCESSING,
     "per-arm": dataclasses.replace(MILES_PREPROCESSING, continuum="per-arm"),
+    "no-despike": dataclasses.replace(MILES_PREPROCESSING, despike_sigma=0.0),
 }
 
 

@@ -2,9 +2,13 @@
 
 The steps follow Li et al. (MNRAS), section 3:
 
+0. (not in the paper) pixels standing out of the running median of the observed pixels by
+   ``despike_sigma`` of their noise -- cosmic-ray hits, which LAMOST marks in the or-mask
+   only -- are masked (:func:`cosmic_ray_spikes`);
 1. shift to the rest frame with the catalogue redshift and resample linearly onto a common
    log10(lambda) grid (step 1e-4, 3881-8890 A by default);
-2. median filter of width 3 (removes single-pixel cosmic-ray hits and bad pixels);
+2. median filter of width 3 (it does not remove a single observed pixel's spike: the
+   resampling has spread it over two pixels);
 3. pseudo-continuum: an iteratively sigma-clipped 6th-order polynomial;
 4. divide the spectrum by its pseudo-continuum.
 
@@ -27,7 +31,7 @@ measurement that chose the default is in the README ("Preprocessing options").
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from numpy.polynomial import legendre
@@ -79,6 +83,11 @@ class PreprocessConfig:
     masked_regions: tuple = DEFAULT_MASKED_REGIONS
     continuum: str = "single"         # or "per-arm": one polynomial per spectrograph arm
     arm_split: float = 5800.0         # rest-frame Angstrom between the arms (inside the dichroic)
+    # single- and two-pixel spikes this many sigma (from ivar) and this fraction of the
+    # flux above the running median of five observed pixels are masked (cosmic rays;
+    # despike_sigma 0: none, the paper's recipe)
+    despike_sigma: float = 5.0
+    despike_min_fraction: float = 0.3
 
     def __post_init__(self):
         if self.continuum not in CONTINUUM_MODES:
@@ -86,6 +95,11 @@ class PreprocessConfig:
         # stored as nested tuples whatever came in (lists from JSON), so equal configs hash equal
         object.__setattr__(self, "masked_regions", tuple(
             (str(name), float(low), float(high)) for name, low, high in self.masked_regions))
+
+    def __setstate__(self, state):
+        # a configuration pickled before despiking existed had none: it keeps its features
+        object.__setattr__(self, "__dict__", {"despike_sigma": 0.0, "despike_min_fraction": 0.3,
+                                              **state})
 
     @property
     def loglam(self):
@@ -137,6 +151,7 @@ class SpectrumStack:
 
     flux: np.ndarray       # (n, N_max) float64, zero-padded
     good: np.ndarray       # (n, N_max) bool, False for masked and padding pixels
+    ivar: np.ndarray       # (n, N_max) float64, zero-padded
     loglam0: np.ndarray    # (n,)
     dloglam: np.ndarray    # (n,)
     npix: np.ndarray       # (n,) number of real pixels per row
@@ -149,16 +164,56 @@ class SpectrumStack:
         width = int(npix.max()) if n else 0
         flux = np.zeros((n, width))
         good = np.zeros((n, width), dtype=bool)
+        ivar = np.zeros((n, width))
         loglam0 = np.empty(n)
         dloglam = np.empty(n)
         for i, s in enumerate(spectra):
             m = npix[i]
             flux[i, :m] = s.flux
             good[i, :m] = _good_pixels(s, mask_bits)
+            ivar[i, :m] = s.ivar
             loglam = np.log10(s.wavelength)
             loglam0[i] = loglam[0]
             dloglam[i] = (loglam[-1] - loglam[0]) / (m - 1)
-        return cls(flux, good, loglam0, dloglam, npix)
+        return cls(flux, good, ivar, loglam0, dloglam, npix)
+
+
+def cosmic_ray_spikes(stack, n_sigma, min_fraction=0.3):
+    """(n, N_max) bool: good pixels standing more than ``n_sigma`` of their own noise
+    (from ivar), and more than ``min_fraction`` of it, above the median of the five
+    observed pixels around them -- cosmic-ray
+    hits of one or two pixels, which LAMOST marks in the or-mask only, so they reach the
+    features. The median filter of the recipe cannot remove them: it runs after the
+    resampling, which spreads one observed pixel over two. An absorption line's wing or an
+    emission line (several pixels wide at R ~ 1800) stays: the median follows it; the
+    fraction keeps the peaks between the crowded lines of a high-S/N spectrum, which rise
+    above their neighbours by many (small) sigma.
+
+    The noise is the larger of the pixel's own (ivar) and the spectrum's pixel-to-pixel
+    scatter (robust: the median absolute difference of neighbours), so that an ivar too
+    small for the data (a file whose flux was rescaled without it) masks no more.
+    Candidates (above the lower of their two neighbours) are few; the median is taken
+    for them only."""
+    flux, ivar = stack.flux, stack.ivar
+    n, width = flux.shape
+    with np.errstate(divide="ignore"):
+        sigma = np.where(ivar > 0, 1.0 / np.sqrt(np.maximum(ivar, 1e-300)), np.inf)
+    lower_neighbour = np.minimum(np.concatenate([flux[:, :1], flux[:, :-1]], axis=1),
+                                 np.concatenate([flux[:, 1:], flux[:, -1:]], axis=1))
+    column = np.arange(width)
+    inside = (column >= 2) & (column[None, :] < stack.npix[:, None] - 2)
+    candidate = stack.good & inside & (flux - lower_neighbour > n_sigma * sigma)
+    spikes = np.zeros((n, width), dtype=bool)
+    for row in np.flatnonzero(candidate.any(axis=1)):
+        good = stack.good[row, :stack.npix[row]]
+        steps = np.abs(np.diff(flux[row, :stack.npix[row]]))[good[1:] & good[:-1]]
+        scatter = 1.4826 * np.median(steps) / np.sqrt(2.0) if steps.size else np.inf
+        cols = np.flatnonzero(candidate[row])
+        median = np.sort(flux[row, cols[:, None] + np.arange(-2, 3)], axis=1)[:, 2]
+        noise = np.maximum(sigma[row, cols], scatter)
+        excess = flux[row, cols] - median
+        spikes[row, cols[(excess > n_sigma * noise) & (excess > min_fraction * np.abs(median))]] = True
+    return spikes
 
 
 def resample_rest_frame(stack, z, loglam_rest):
@@ -284,6 +339,9 @@ def continuum_normalise(stack, z, config=PreprocessConfig(), return_masked=False
     grid, in the units of the spectrum's flux (for plots).
     """
     z = np.asarray(z, dtype=float)
+    if getattr(config, "despike_sigma", 0.0):
+        stack = replace(stack, good=stack.good & ~cosmic_ray_spikes(
+            stack, config.despike_sigma, config.despike_min_fraction))
     flux, data_good = resample_rest_frame(stack, z, config.loglam)
     # a rest pixel is interpolated from the observed pixels within one step of it: widen the
     # regions by that step, so that no value from inside a region leaks out

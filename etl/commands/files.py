@@ -53,6 +53,10 @@ def add_training_arguments(parser):
     parser.add_argument("--continuum", choices=CONTINUUM_MODES, default="single",
                         help="one pseudo-continuum polynomial (the paper's, default) or one per "
                              "spectrograph arm")
+    parser.add_argument("--despike-sigma", type=float, default=PreprocessConfig.despike_sigma,
+                        help="mask one- and two-pixel spikes (cosmic rays, which LAMOST marks in "
+                             "the or-mask only) standing this many sigma above the running median "
+                             "of the observed pixels (default %(default)s; 0 = none, the paper's)")
     parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
     parser.add_argument("--holdout", type=float, default=0.0,
                         help="fraction of the stars held out of training to calibrate the "
@@ -82,14 +86,17 @@ def add_training_arguments(parser):
 
 
 def preprocess_config(args):
-    """The PreprocessConfig of the training options (--wave-range, --mask-regions, --continuum)."""
+    """The PreprocessConfig of the training options (--wave-range, --mask-regions, --continuum,
+    --despike-sigma)."""
     wave = parse_range(args.wave_range, "--wave-range")
     try:
         regions = masked_regions_from_names(args.mask_regions)
     except ValueError as error:
         raise SystemExit(f"--mask-regions: {error}") from None
+    if not args.despike_sigma >= 0:
+        raise SystemExit(f"--despike-sigma: must be >= 0 (0 = none), got {args.despike_sigma}")
     return PreprocessConfig(wave_min=wave[0], wave_max=wave[1], masked_regions=regions,
-                            continuum=args.continuum)
+                            continuum=args.continuum, despike_sigma=args.despike_sigma)
 
 
 # train_lasso_mlpnet keyword (a LassoMLPNet parameter, or calibration_folds) <- command-line
