@@ -203,16 +203,18 @@ def cosmic_ray_spikes(stack, n_sigma, min_fraction=0.3):
     column = np.arange(width)
     inside = (column >= 2) & (column[None, :] < stack.npix[:, None] - 2)
     candidate = stack.good & inside & (flux - lower_neighbour > n_sigma * sigma)
+    rows, cols = np.nonzero(candidate)
+    median = np.sort(flux[rows[:, None], cols[:, None] + np.arange(-2, 3)], axis=1)[:, 2]
+    excess = flux[rows, cols] - median
+    keep = (excess > n_sigma * sigma[rows, cols]) & (excess > min_fraction * np.abs(median))
+    rows, cols, excess = rows[keep], cols[keep], excess[keep]
     spikes = np.zeros((n, width), dtype=bool)
-    for row in np.flatnonzero(candidate.any(axis=1)):
+    for row in np.unique(rows):          # few: the spectra with a spike by their ivar
         good = stack.good[row, :stack.npix[row]]
         steps = np.abs(np.diff(flux[row, :stack.npix[row]]))[good[1:] & good[:-1]]
         scatter = 1.4826 * np.median(steps) / np.sqrt(2.0) if steps.size else np.inf
-        cols = np.flatnonzero(candidate[row])
-        median = np.sort(flux[row, cols[:, None] + np.arange(-2, 3)], axis=1)[:, 2]
-        noise = np.maximum(sigma[row, cols], scatter)
-        excess = flux[row, cols] - median
-        spikes[row, cols[(excess > n_sigma * noise) & (excess > min_fraction * np.abs(median))]] = True
+        mine = rows == row
+        spikes[row, cols[mine][excess[mine] > n_sigma * scatter]] = True
     return spikes
 
 
