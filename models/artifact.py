@@ -107,8 +107,10 @@ def training_set_description(obsids, snrg, labels):
 
 
 def new_model_version(training_description):
-    """``lmn-YYYYmmddTHHMMSS-<8 hex of the training set>``: sortable and traceable."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    """``lmn-YYYYmmddTHHMMSS.ffffff-<8 hex of the training set>``: sortable and traceable.
+    The microseconds keep apart two models of one training set made within a second (a
+    model and its ``calibrate-repeats`` successor on a fast machine had one version)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
     return f"lmn-{stamp}-{training_description['obsid_sha256'][:8]}"
 
 
