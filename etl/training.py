@@ -29,7 +29,7 @@ from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_l
 from etl.ingest import utcnow
 from models.artifact import code_version, new_model_version, save_model
 from models.labels import LABELS
-from models.pipeline import featurise_files
+from models.pipeline import featurise_files, unfit_for_training
 from models.preprocess import PreprocessConfig
 from models.progress import progress
 from models.report import describe_label_domain
@@ -174,13 +174,19 @@ def _train(engine, options, log):
     if not len(data["obsid"]):
         raise ValueError(f"no reference spectrum has labels inside the label domain "
                          f"{format_label_domain(options.label_domain)} (--label-domain)")
-    features, _, errors = featurise_files(
+    feature_set = featurise_files(
         data["path"], data["z"], config, n_jobs=options.jobs,
         progress=lambda it, total: progress(it, total, "preprocessing"))
+    features, errors = feature_set.features, feature_set.errors
     for index, reason in sorted(errors.items())[:20]:
         print(f"skipped obsid {data['obsid'][index]}: {reason}", file=log)
     if len(errors) > 20:
         print(f"... {len(errors) - 20} more unreadable spectra skipped", file=log)
+    unfit, excluded = unfit_for_training(feature_set)      # the reference set is STAR only
+    features[unfit] = np.nan
+    if unfit.any():
+        print(f"not trained on: {excluded['suspicious_redshift']} spectra with a suspicious "
+              f"redshift", file=log)
     model, training, metrics = train_lasso_mlpnet(
         features, {k: data[k] for k in LABELS}, data["snrg"], data["apogee_id"], data["obsid"],
         snr_range=options.snr_range, holdout_fraction=options.holdout,
@@ -188,7 +194,8 @@ def _train(engine, options, log):
         progress=lambda labels: progress(labels, len(labels), "training"),
         positions=data["radec"], **options.model_params)
     training.update(source="database", label_set=label_set, radius_arcsec=radius,
-                    reference_spectra=n_reference, unreadable=len(errors), **domain_record,
+                    reference_spectra=n_reference, unreadable=len(errors), excluded=excluded,
+                    **domain_record,
                     seed=options.seed, n_members=options.ensemble,
                     model_params=dict(options.model_params),
                     wave_range=list(options.wave_range))

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from joblib import Parallel, delayed
 
-from .flags import (NO_USABLE_REDSHIFT, UNUSABLE_SPECTRUM, catalogue_flags, missing_value,
-                    redshift_flags)
+from .flags import (NO_USABLE_REDSHIFT, SUSPICIOUS_REDSHIFT, UNUSABLE_SPECTRUM, catalogue_flags,
+                    missing_value, redshift_flags)
 from .preprocess import INSTRUMENT_REGIONS, PreprocessConfig, preprocess_spectra
 from .readers import SpectrumReadError, read_spectrum
 
@@ -124,6 +124,17 @@ def featurise_files(paths, z, config=PreprocessConfig(), n_jobs=-1, chunk_size=2
         out.errors.update({start + i: reason for i, reason in e.items()})
         out.problems.update({start + i: reason for i, reason in pr.items()})
     return out
+
+
+def unfit_for_training(feature_set, classes=None):
+    """Rows whose features exist but must not train a model: a suspicious redshift (|c z|
+    beyond ``MAX_STELLAR_CZ_KMS``: a wrong z, or not a star) or a catalogue class other
+    than STAR (``classes``, when known). Returns (mask, {reason: count})."""
+    suspicious = (feature_set.flags & SUSPICIOUS_REDSHIFT) != 0
+    not_star = np.zeros(suspicious.size, dtype=bool) if classes is None else \
+        np.char.upper(np.char.strip(np.asarray(classes, dtype=str))) != "STAR"
+    return suspicious | not_star, {"suspicious_redshift": int(suspicious.sum()),
+                                   "not_star": int(not_star.sum())}
 
 
 def selected_pixels_by_region(model, config):

@@ -169,9 +169,10 @@ class SpectrumStack:
         dloglam = np.empty(n)
         for i, s in enumerate(spectra):
             m = npix[i]
-            flux[i, :m] = s.flux
+            # a non-finite flux is never good: stored as 0, so no arithmetic warns about it
+            flux[i, :m] = np.where(np.isfinite(s.flux), s.flux, 0.0)
             good[i, :m] = _good_pixels(s, mask_bits)
-            ivar[i, :m] = s.ivar
+            ivar[i, :m] = np.where(np.isfinite(s.ivar), s.ivar, 0.0)
             loglam = np.log10(s.wavelength)
             loglam0[i] = loglam[0]
             dloglam[i] = (loglam[-1] - loglam[0]) / (m - 1)

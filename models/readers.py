@@ -557,13 +557,13 @@ MAX_LOG_STEP_DEVIATION = 0.01
 
 def _check_wavelength(wavelength: np.ndarray) -> None:
     if not (wavelength[0] > 0 and np.isfinite(wavelength[-1])):
-        raise _Unreadable(f"wavelength not positive and finite (first {wavelength[0]!r}, "
-                          f"last {wavelength[-1]!r})")
+        raise _Unreadable(f"wavelength not positive and finite (first {float(wavelength[0])!r}, "
+                          f"last {float(wavelength[-1])!r})")
     ratios = wavelength[1:] / wavelength[:-1]
     if not (ratios > 1).all():
         bad = int(np.argmin(ratios > 1))
         raise _Unreadable(f"wavelength not strictly increasing (pixel {bad + 1}: "
-                          f"{wavelength[bad]!r} -> {wavelength[bad + 1]!r})")
+                          f"{float(wavelength[bad])!r} -> {float(wavelength[bad + 1])!r})")
     # LAMOST pixels are equal steps of log10(wavelength), and preprocessing places them by
     # the first and last wavelength alone: any other grid would be read at wrong
     # wavelengths. For steps this small, ratio - 1 is the step times ln 10 to 0.03%:

@@ -334,3 +334,20 @@ def test_redshift_rule_is_one_function():
     z = redshift_to_use(catalogue, header)
     np.testing.assert_array_equal(z[:3], [0.002, 0.001, 0.0003])
     assert np.all(redshift_flags(z[3:]) & NO_USABLE_REDSHIFT)
+
+
+def test_suspicious_redshifts_and_other_classes_do_not_train():
+    """train-files trained on every matched spectrum, a GALAXY or a |c z| = 1200 km/s one
+    included (found by review); both training commands now leave them out."""
+    from models.flags import SUSPICIOUS_REDSHIFT
+    from models.pipeline import FeatureSet, unfit_for_training
+
+    n = 4
+    feature_set = FeatureSet(np.ones((n, 3), dtype=np.float32), np.ones(n), {},
+                             np.zeros((n, 3), dtype=bool),
+                             np.array([0, SUSPICIOUS_REDSHIFT, 0, 0], dtype=np.int64), {},
+                             np.zeros(n), 0.5)
+    unfit, counts = unfit_for_training(feature_set, ["STAR", "STAR", " galaxy", "star"])
+    assert unfit.tolist() == [False, True, True, False]
+    assert counts == {"suspicious_redshift": 1, "not_star": 1}
+    assert unfit_for_training(feature_set)[0].tolist() == [False, True, False, False]

@@ -18,7 +18,7 @@ from models.artifact import load_model, save_model
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.labels import ESTIMATE_SUFFIXES, LABELS
 from models.lasso_mlpnet import PAPER_PARAMETERS, PAPER_SNR_RANGE
-from models.pipeline import featurise_files, predict_features
+from models.pipeline import featurise_files, predict_features, unfit_for_training
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
@@ -187,10 +187,16 @@ def run_train_files(args):
           f"{int(labels['good'].sum())} good labels, {len(matched) + int((~inside).sum())} matched "
           f"within {args.radius}\"; training on {describe_label_domain(domain_record)}",
           file=sys.stderr)
-    features, _, errors = featurise_files(matched["path"], matched["z"], config, n_jobs=args.jobs,
-                                          progress=lambda it, total: progress(it, total, "preprocessing"))
+    feature_set = featurise_files(matched["path"], matched["z"], config, n_jobs=args.jobs,
+                                  progress=lambda it, total: progress(it, total, "preprocessing"))
+    features, errors = feature_set.features, feature_set.errors
     for index, reason in sorted(errors.items()):
         print(f"skipped {matched['path'][index]}: {reason}", file=sys.stderr)
+    unfit, excluded = unfit_for_training(feature_set, matched["class"])
+    features[unfit] = np.nan
+    if unfit.any():
+        print(f"not trained on: {excluded['not_star']} spectra whose class is not STAR, "
+              f"{excluded['suspicious_redshift']} with a suspicious redshift", file=sys.stderr)
     model, training, metrics = train_lasso_mlpnet(
         features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
         matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
@@ -198,7 +204,7 @@ def run_train_files(args):
         progress=lambda labels: progress(labels, len(labels), "training"),
         positions=np.column_stack([matched["ra"], matched["dec"]]), **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
-                    radius_arcsec=args.radius, **domain_record)
+                    radius_arcsec=args.radius, excluded=excluded, **domain_record)
     extra = {}
     if args.baselines:
         from models.baselines import fit_baselines_on_training_set
