@@ -55,7 +55,9 @@ def _numbers(column, path, name):
             except ValueError:
                 numbers.append(None)
         bad = [row for row, number in enumerate(numbers) if number is None]
-        raise _bad_rows(path, name, bad, cells, "holds text that is not a number") from None
+        if bad:
+            raise _bad_rows(path, name, bad, cells, "holds text that is not a number") from None
+        values = np.array(numbers, dtype=float)    # blanks in a text column: missing
     return np.where(missing_value(values), np.nan, values)
 
 

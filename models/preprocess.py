@@ -112,8 +112,13 @@ class PreprocessConfig:
         return 10.0 ** self.loglam
 
     def digest(self):
-        """Short stable hash of the configuration, for provenance."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """Short stable hash of the configuration, for provenance. Without despiking, the
+        despike fields are left out: a configuration made before they existed keeps its
+        hash (artifacts are checked against it)."""
+        fields = asdict(self)
+        if not fields["despike_sigma"]:
+            del fields["despike_sigma"], fields["despike_min_fraction"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -185,10 +190,12 @@ def cosmic_ray_spikes(stack, n_sigma, min_fraction=0.3):
     observed pixels around them -- cosmic-ray
     hits of one or two pixels, which LAMOST marks in the or-mask only, so they reach the
     features. The median filter of the recipe cannot remove them: it runs after the
-    resampling, which spreads one observed pixel over two. An absorption line's wing or an
-    emission line (several pixels wide at R ~ 1800) stays: the median follows it; the
-    fraction keeps the peaks between the crowded lines of a high-S/N spectrum, which rise
-    above their neighbours by many (small) sigma.
+    resampling, which spreads one observed pixel over two. Absorption lines stay, and so
+    do emission lines a few pixels wide (the median follows them); the fraction keeps the
+    peaks between the crowded lines of a high-S/N spectrum, which rise above their
+    neighbours by many (small) sigma. Limit: the core pixel of an emission line as narrow
+    as the resolution (FWHM ~2.4 pixels) and several times the continuum is masked too
+    (bridged from its shoulders), as a cosmic ray would be.
 
     The noise is the larger of the pixel's own (ivar) and the spectrum's pixel-to-pixel
     scatter (robust: the median absolute difference of neighbours), so that an ivar too

@@ -46,12 +46,15 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.tsql import TSQL
 from sqlglot.errors import OptimizeError, ParseError, TokenError
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.scope import traverse_scope
 from sqlglot.tokens import TokenType
 
 from service import tap_schema
 
 MAX_QUERY_CHARS = 20000
+# PostgreSQL's system columns: refused by name, however the query aliases them
+SYSTEM_COLUMNS = {"tableoid", "xmin", "xmax", "cmin", "cmax", "ctid"}
 MAX_DEPTH = 60              # syntax-tree depth; a real query stays far below it
 
 
@@ -132,7 +135,7 @@ def _translate(query, maxrows, uploads=None):
     generated = {tap_schema.TAP_SCHEMA.lower(): dict(tap_schema.tap_schema_ctes()),
                  UPLOAD_SCHEMA.lower(): {name: t.cte for name, t in uploads.items()}}
     tree = rewrite_generated_tables(tree, generated)
-    rewrite_partly_published(relations)
+    rewrite_partly_published(tree, relations)
     tree = rewrite_geometry(tree)
     if maxrows is not None:
         tree = cap_rows(tree, maxrows)
@@ -309,6 +312,9 @@ def check(tree: exp.Expression, uploads=None) -> list:
         if isinstance(column.this, exp.Star):
             continue
         name = column.name.lower()
+        if name in SYSTEM_COLUMNS and name not in columns:
+            raise AdqlError(f"column {column.name} is not published: it is a PostgreSQL "
+                            "system column")
         # ``x AS x`` defines the name x: it must not vouch for the column it names
         own_alias = isinstance(column.parent, exp.Alias) and \
             column.parent.alias_or_name.lower() == name
@@ -323,14 +329,19 @@ def relations(tree) -> list:
     i.e. every one but those naming a common table expression visible where they stand
     (sqlglot's scopes follow SQL's rules: a CTE is not visible in its own body nor before
     its WITH, nor outside the query that holds that WITH). Going by names alone, ``FROM
-    (...) AS quarantine, quarantine`` read the unpublished table quarantine."""
+    (...) AS quarantine, quarantine`` read the unpublished table quarantine. Names are
+    compared as PostgreSQL does (unquoted ones in lower case): ``WITH "Models" AS (...)
+    SELECT * FROM Models`` reads the table models."""
+    normalised = normalize_identifiers(tree.copy(), dialect="postgres")
     try:
-        scopes = traverse_scope(tree)
+        scopes = traverse_scope(normalised)
     except (OptimizeError, RecursionError) as error:
         raise AdqlError(f"the query's tables cannot be resolved: {error}") from None
     common = {id(table) for scope in scopes for table in scope.tables
-              if not isinstance(scope.sources.get(table.alias_or_name), exp.Table)}
-    return [table for table in tree.find_all(exp.Table) if id(table) not in common]
+              if not table.args.get("db") and table.name in scope.cte_sources}
+    # the copy has the tree's shape: its tables come in the same order
+    return [table for table, copy in zip(tree.find_all(exp.Table), normalised.find_all(exp.Table))
+            if id(copy) not in common]
 
 
 def _check_table(table, catalogue, tap_tables, uploads):
@@ -388,11 +399,13 @@ def rewrite_generated_tables(tree, generated):
     return tree
 
 
-def rewrite_partly_published(relations):
+def rewrite_partly_published(tree, relations):
     """A published table with columns that are not published (``etl.schema.col``) is
-    read through a derived table of its published columns, so that no spelling of a
-    query reaches the others: the database itself says they do not exist."""
+    read through a derived table of its published columns, under the reference's own alias
+    (its column list and quoting kept), so that no spelling of a query reaches the
+    others: the database itself says they do not exist."""
     published = tap_schema.published_tables()
+    rewritten = set()
     for table in relations:
         name = table.name.lower()
         if table.db.lower() not in ("", tap_schema.CATALOGUE_SCHEMA) or \
@@ -401,9 +414,16 @@ def rewrite_partly_published(relations):
         derived = exp.select(*(exp.column(c.description.name, quoted=True)
                                for c in published[name].columns)).from_(exp.Table(
             this=exp.to_identifier(name), db=exp.to_identifier(tap_schema.CATALOGUE_SCHEMA)))
-        subquery = derived.subquery(table.alias or name)
+        alias = table.args.get("alias")
+        subquery = exp.Subquery(this=derived, alias=alias.copy() if alias is not None
+                                else exp.TableAlias(this=exp.to_identifier(name)))
         subquery.meta["published_table"] = name      # its columns' metadata are the table's
         table.replace(subquery)
+        rewritten.add(name)
+    # a column named through the schema (public.models.version) names the derived table now
+    for column in tree.find_all(exp.Column):
+        if column.args.get("db") is not None and column.table.lower() in rewritten:
+            column.set("db", None)
 
 
 def _is_anonymous(node, *names) -> bool:

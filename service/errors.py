@@ -28,6 +28,10 @@ MAX_HEADER_FIELD_BYTES = 8190
 VOTABLE_ERROR_BLUEPRINTS = ("scs", "tap", "datalink")
 
 
+NOT_PAGE_PATHS = ("/api/", "/scs", "/tap", "/datalink", "/capabilities", "/availability",
+                  "/tables", "/openapi", "/health")
+
+
 def wants_html() -> bool:
     """A browser (text/html preferred over JSON); clients without a preference get JSON."""
     return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
@@ -38,8 +42,11 @@ def error_response(status: int, message: str, parameter: str = None, headers=Non
     (what IVOA clients read), an HTML page on the pages for people (also for a browser's
     request that no page answers: an unknown path or method, an over-long URL), JSON
     ``{"error", "status"[, "parameter"]}`` everywhere else."""
-    # "/" is the search page for a browser (vosi's description of the service otherwise)
-    page = request.blueprint in (None, "pages") or request.path == "/"
+    # "/" is the search page for a browser (vosi's description of the service otherwise);
+    # an unrouted request is a page's unless its path is the JSON API's or a protocol's
+    # (TOPCAT and STILTS send text/html first in their Accept header)
+    page = request.blueprint == "pages" or request.path == "/" or (
+        request.blueprint is None and not request.path.startswith(NOT_PAGE_PATHS))
     if g.get("html_errors") or (page and wants_html()):
         return Response(render_template("error.html", status=status, message=message),
                         status=status, mimetype="text/html", headers=headers)

@@ -328,3 +328,15 @@ def test_predict_files_fits_and_votable_carry_units_ucds_and_flag_meanings(
                 fields[name].description.split()) == "".join(described.description.split()), name
         assert fields["teff"].unit == "K"
         assert "64 = c z beyond" in " ".join(fields["flags"].description.split())
+
+
+def test_blank_cells_of_a_text_column_are_missing_not_an_error():
+    """A text column with blanks (or masked cells hiding text) named no bad row, raising
+    an error with an empty row list (found by review)."""
+    from astropy.table import MaskedColumn
+
+    from etl.filesets import _numbers
+
+    assert np.isnan(_numbers(np.array(["0.001", ""]), "c.csv", "z")).tolist() == [False, True]
+    assert np.isnan(_numbers(MaskedColumn(["0.1", "x"], mask=[0, 1]), "c.csv", "z")).tolist() == \
+        [False, True]

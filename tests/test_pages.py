@@ -484,6 +484,11 @@ def test_a_browser_gets_every_error_as_a_page(client, method, path, status):
     assert getattr(client, method)(path).mimetype == "application/json"
     assert client.get("/api/v1/estimates?limit=x", headers=BROWSER).mimetype == \
         "application/json"
+    # ... also where no route answers (TOPCAT sends text/html first in its Accept header)
+    for method, api_path in (("get", "/api/v1/nonexistent"), ("post", "/api/v1/estimates"),
+                             ("put", "/tap/sync"), ("get", "/scs/x")):
+        answer = getattr(client, method)(api_path, headers=BROWSER)
+        assert answer.status_code in (404, 405) and answer.mimetype != "text/html", api_path
 
 
 def test_links_are_built_only_for_the_trusted_host_names(pages_db):

@@ -288,6 +288,12 @@ def test_cast_to_timestamp_is_a_timestamp(client):
      "SELECT * FROM b", "ingest_runs"),
     ("SELECT * FROM pg_user, (WITH pg_user AS (SELECT 1 AS x) SELECT x FROM pg_user) AS z",
      "pg_user"),
+    # names compare as PostgreSQL compares them: Quarantine is quarantine, "Quarantine" not
+    ('WITH "Quarantine" AS (SELECT 1 AS x) SELECT * FROM Quarantine', "Quarantine"),
+    ('WITH "Pg_Stat_Activity" AS (SELECT 1 AS x) SELECT * FROM Pg_Stat_Activity',
+     "Pg_Stat_Activity"),
+    # a source sqlglot renames for a clashing alias is still the table
+    ("SELECT * FROM (SELECT 1 AS obsid) AS foo JOIN quarantine AS foo ON 1=1", "quarantine"),
 ])
 def test_an_unpublished_table_is_refused_however_it_is_named(client, query, table):
     assert_refused(sync(client, query), f"table {table}", "is not published")
@@ -305,6 +311,9 @@ def test_a_common_table_expression_still_reads_as_a_table(client):
     "SELECT artifact_path AS artifact_path FROM models",   # its own alias vouched for it
     "SELECT m.artifact_path AS artifact_path FROM public.models AS m",
     "SELECT xmin AS xmin FROM spectra",
+    "SELECT (xmin) AS xmin FROM spectra",
+    "SELECT CAST(ctid AS VARCHAR) AS ctid FROM spectra",
+    "SELECT s.ctid AS c, 1 AS ctid FROM spectra AS s",
 ])
 def test_an_unpublished_column_is_refused(client, query):
     assert_refused(sync(client, query), "is not published")
@@ -316,9 +325,22 @@ def test_a_published_table_with_a_server_column_never_shows_it(client):
     tables = client.get("/tap/tables").data.decode()
     assert "artifact_path" not in tables
     for query in ("SELECT * FROM models", "SELECT m.* FROM models AS m",
-                  "SELECT x.artifact_path FROM (SELECT * FROM models) AS x"):
+                  "SELECT x.artifact_path FROM (SELECT * FROM models) AS x",
+                  'WITH "Models" AS (SELECT 1 AS version) SELECT * FROM Models'):
         response = sync(client, query)
         assert b"/models/" not in response.data, query
         if response.status_code == 200:
             names = [f.name for f in parse_votable(response.data).get_first_table().fields]
             assert "artifact_path" not in names and "version" in names
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT a FROM models AS m(a, b)", 'SELECT "M".version FROM models AS "M"',
+    "SELECT public.models.version FROM public.models",
+])
+def test_the_models_table_reads_under_its_own_alias(client, query):
+    """Read through a derived table, it keeps the reference's alias, column list and
+    quoting, and columns named through the schema (found by review: these were errors)."""
+    response = sync(client, query)
+    assert response.status_code == 200, tap_error_message(response)
+    assert len(parse_votable(response.data).get_first_table().array) >= 1
