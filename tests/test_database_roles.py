@@ -301,3 +301,17 @@ def test_analyst_can_neither_see_nor_end_the_api_sessions(set_up_server):
     finally:
         api.kill()
         api.communicate()
+
+
+def test_upgrade_to_an_older_revision_sets_the_passwords_of_the_roles_it_has(server):
+    """With the analyst's password in the environment, 'db upgrade 0006' (no analyst yet)
+    failed on the missing role and set no password at all (found by review)."""
+    result = server.lamost_vac("db", "upgrade", "0006", "--url", server.url("postgres"),
+                               PGPASSWORD=ADMIN_PASSWORD,
+                               LAMOST_VAC_WRITER_PASSWORD=WRITER_PASSWORD,
+                               LAMOST_VAC_READER_PASSWORD=READER_PASSWORD,
+                               LAMOST_VAC_ANALYST_PASSWORD=ANALYST_PASSWORD)
+    assert result.returncode == 0, result.stderr
+    assert f"password set for {schema.WRITER_ROLE}, {schema.READER_ROLE}" in result.stdout
+    assert f"{schema.ANALYST_ROLE}: no such role at this revision" in result.stderr
+    assert server.sql(schema.READER_ROLE, READER_PASSWORD, "SELECT 1").returncode == 0

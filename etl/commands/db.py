@@ -74,23 +74,31 @@ def run_upgrade(args):
         if not db.is_postgres(engine):
             print("role passwords ignored: only PostgreSQL has roles", file=sys.stderr)
             return 0
-        set_role_passwords(engine, passwords)
+        passwords = set_role_passwords(engine, passwords)
     except DBAPIError as error:
         print(f"cannot set role passwords: {str(error.orig).strip()}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
-    print(f"password set for {', '.join(passwords)}")
+    if passwords:
+        print(f"password set for {', '.join(passwords)}")
     return 0
 
 
 def set_role_passwords(engine, passwords):
     """Give each role of ``passwords`` (role -> password) its password. The SCRAM verifier
     is computed here, as psql's \\password does: the password itself never reaches the
-    server, so it cannot show up in its statement log."""
+    server, so it cannot show up in its statement log. A role the schema's revision does
+    not have yet (``db upgrade 0006`` has no analyst) is skipped with a word on stderr.
+    Returns the roles whose password was set."""
     from psycopg import sql
 
     with engine.begin() as connection:
+        existing = {name for (name,) in connection.exec_driver_sql("SELECT rolname FROM pg_roles")}
+        for role in sorted(set(passwords) - existing):
+            print(f"{role}: no such role at this revision; its password is not set",
+                  file=sys.stderr)
+        passwords = {role: password for role, password in passwords.items() if role in existing}
         driver_connection = connection.connection.dbapi_connection
         for role, password in passwords.items():
             verifier = driver_connection.pgconn.encrypt_password(
@@ -98,6 +106,7 @@ def set_role_passwords(engine, passwords):
             statement = sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(role), sql.Literal(verifier))
             connection.exec_driver_sql(statement.as_string(driver_connection))
+    return passwords
 
 
 def run_downgrade(args):
