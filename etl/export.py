@@ -203,12 +203,7 @@ def _write_fits(path, info, column_chunks):
     hdu = fits.table_to_hdu(_table(first))
     hdu.name = "CATALOGUE"
     header = hdu.header
-    for index, desc in enumerate(descriptions, start=1):
-        if desc.unit:
-            header.set(f"TUNIT{index}", desc.unit, after=f"TFORM{index}")
-        header[f"TCOMM{index}"] = desc.description[:68]
-        if desc.ucd:
-            header[f"TUCD{index}"] = desc.ucd
+    schema.describe_fits_columns(header, descriptions)
     header["MODELVER"] = (info["model_version"], "LASSO-MLPNet model version")
     # Provenance is written whole: astropy continues a string longer than one card on
     # CONTINUE cards. A SHA-256 leaves no room for a comment on its card (astropy would

@@ -47,17 +47,14 @@ def _numbers(column, path, name):
         values = masked.astype(float).filled(np.nan)
     except (TypeError, ValueError):
         cells = masked.filled("").tolist() if masked.dtype.kind in "USO" else masked.tolist()
-        numbers = []
-        for cell in cells:
-            text = cell.decode() if isinstance(cell, bytes) else str(cell)
+        values, bad = np.full(len(cells), np.nan), []
+        for row, text in enumerate(_texts(cells)):      # blanks (None) stay missing
             try:
-                numbers.append(float(text) if text.strip() else np.nan)
+                values[row] = np.nan if text is None else float(text)
             except ValueError:
-                numbers.append(None)
-        bad = [row for row, number in enumerate(numbers) if number is None]
+                bad.append(row)
         if bad:
             raise _bad_rows(path, name, bad, cells, "holds text that is not a number") from None
-        values = np.array(numbers, dtype=float)    # blanks in a text column: missing
     return np.where(missing_value(values), np.nan, values)
 
 

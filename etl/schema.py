@@ -566,6 +566,19 @@ def _column_by_name(table, name):
     raise KeyError(f"{table.name} has no column {name!r}")
 
 
+def describe_fits_columns(header, descriptions):
+    """Write each column's unit, UCD and description (``descriptions``, in column order)
+    into a FITS binary-table ``header`` as TUNITn, TUCDn and TCOMMn (the keywords TOPCAT
+    and STILTS read). Units go in verbatim: astropy cannot parse some (log(cm.s**-2))."""
+    for index, description in enumerate(descriptions, start=1):
+        if description.unit:
+            header.set(f"TUNIT{index}", description.unit, after=f"TFORM{index}")
+        if description.ucd:
+            header[f"TUCD{index}"] = description.ucd
+        if description.description:
+            header[f"TCOMM{index}"] = description.description[:68]
+
+
 def published_columns(table) -> list:
     """The columns of ``table`` that may be shown to anyone (see :func:`col`)."""
     return [c for c in table.columns if (c.info or {}).get("published", True)]

@@ -77,17 +77,21 @@ def describe_label_domain(record):
 
 
 # -- files ---------------------------------------------------------------------------------
-def write_table(table, path):
-    """Write an astropy Table by extension: .csv, .fits/.fit, .xml/.vot/.votable."""
+def table_format(path) -> str:
+    """The astropy format of a table file by its extension: .fits/.fit(.gz) "fits",
+    .xml/.vot/.votable "votable", anything else "ascii.csv"."""
     lower = path.lower()
     if lower.endswith((".fits", ".fit", ".fits.gz")):
-        fmt = "fits"
-    elif lower.endswith((".xml", ".vot", ".votable")):
-        fmt = "votable"
-    else:
-        fmt = "ascii.csv"
+        return "fits"
+    if lower.endswith((".xml", ".vot", ".votable")):
+        return "votable"
+    return "ascii.csv"
+
+
+def write_table(table, path):
+    """Write an astropy Table in the format of its extension (:func:`table_format`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    table.write(path, format=fmt, overwrite=True)
+    table.write(path, format=table_format(path), overwrite=True)
 
 
 def _json_number(value):

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from flask import Response
 
-from etl.schema import ColumnDescription
+from etl.schema import ColumnDescription, describe_fits_columns
 # The VOTable writer is shared with the release export (etl/votable.py); the service's
 # modules use it, and XML escaping, as ``formats.<name>``.
 from etl.votable import (Info, cell_text, fields_xml, json_value, votable_document,  # noqa: F401
@@ -203,13 +203,7 @@ def fits_document(columns, rows, meta=None) -> bytes:
     columns = [replace(c, name=n) if n != c.name else c
                for c, n in zip(columns, fits_column_names(c.name for c in columns))]
     hdu = fits.table_to_hdu(to_astropy_table(columns, rows, meta))
-    for index, column in enumerate(columns, start=1):
-        if column.unit:
-            hdu.header[f"TUNIT{index}"] = column.unit
-        if column.ucd:
-            hdu.header[f"TUCD{index}"] = column.ucd
-        if column.description:
-            hdu.header[f"TCOMM{index}"] = column.description[:68]
+    describe_fits_columns(hdu.header, columns)
     buffer = io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buffer)
     return buffer.getvalue()

@@ -22,7 +22,7 @@ from models.pipeline import featurise_files, predict_features, unfit_for_trainin
 from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUMENT_REGIONS,
                                PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
-from models.report import describe_label_domain, write_table
+from models.report import describe_label_domain, table_format, write_table
 from models.training import DEFAULT_CALIBRATION_FOLDS, DEFAULT_TRAINING_SNR, train_lasso_mlpnet
 
 
@@ -254,42 +254,34 @@ PROBLEM_DESCRIPTION = "why the spectrum was not estimated (empty when it was)"
 
 
 def _output_description(name):
-    """(unit, UCD, description) of a predict-files column, from ``etl/schema.py``."""
+    """The catalogue's description of a predict-files column (``etl/schema.py``)."""
     if name == "problem":
-        return None, "meta.note", PROBLEM_DESCRIPTION
-    described = schema.column_info("estimates", name)
-    return described.unit, described.ucd, described.description
+        return schema.ColumnDescription(name, "text", None, "meta.note", PROBLEM_DESCRIPTION,
+                                        True)
+    return schema.column_info("estimates", name)
 
 
 def write_predictions(table, path):
     """The predict-files table by extension (``models.report.write_table``), its FITS and
     VOTable with the units, UCDs and descriptions (the flag bits included) that the
-    catalogue declares and ``export`` writes. Units are written verbatim: astropy cannot
-    parse log(cm.s**-2)."""
+    catalogue declares and ``export`` writes."""
     write_table(table, path)
-    lower = path.lower()
-    if lower.endswith((".fits", ".fit", ".fits.gz")):
+    descriptions = [_output_description(name) for name in table.colnames]
+    if table_format(path) == "fits":
         from astropy.io import fits
 
         with fits.open(path, mode="update") as hdus:
-            header = hdus[1].header
-            for index, name in enumerate(table.colnames, start=1):
-                unit, ucd, description = _output_description(name)
-                if unit:
-                    header.set(f"TUNIT{index}", unit, after=f"TFORM{index}")
-                header[f"TCOMM{index}"] = description[:68]
-                header[f"TUCD{index}"] = ucd
-    elif lower.endswith((".xml", ".vot", ".votable")):
+            schema.describe_fits_columns(hdus[1].header, descriptions)
+    elif table_format(path) == "votable":
         from astropy.io.votable import from_table, writeto
         from astropy.io.votable.exceptions import VOWarning
 
         votable = from_table(table)
-        for field in votable.get_first_table().fields:
-            unit, ucd, description = _output_description(field.name)
+        for field, described in zip(votable.get_first_table().fields, descriptions):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", VOWarning)    # W50: not a unit it knows
-                field.unit = unit
-            field.ucd, field.description = ucd, description
+                field.unit = described.unit
+            field.ucd, field.description = described.ucd, described.description
         writeto(votable, path)
 
 
