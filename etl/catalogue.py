@@ -2,7 +2,7 @@
 column values; converting and checking them is :mod:`etl.validation`'s job.
 
 A row the file format itself spoils -- a CSV field longer than the csv module's limit,
-a malformed quoted field -- becomes a row problem of its chunk (quarantined with the
+a malformed quoted field, a quote left open at the end of its line -- becomes a row problem of its chunk (quarantined with the
 reason, the reading goes on with the next row), never an exception. CSV text is decoded
 as UTF-8 with undecodable bytes kept as surrogate escapes, so that the validation can
 name them and refuse the row instead of storing replacement characters.
@@ -73,17 +73,17 @@ def _open_text(path):
 
 def _iter_csv_chunks(path, chunk_rows, wanted, name_of):
     with _open_text(path) as handle:
-        reader = csv.reader(handle)
-        header = _read_header(reader, path)
+        header = _read_header(handle, path)
         if header is None:
             return
         picked = _pick_columns(header, wanted, name_of)
         width = len(header)
         first_row = 1
         while True:
-            rows, problems = _read_csv_rows(reader, chunk_rows, width)
-            if not rows:
+            lines = list(itertools.islice(handle, chunk_rows))
+            if not lines:
                 return
+            rows, problems = _parse_csv_lines(lines, width, first_line=first_row + 1)
             if min(map(len, rows)) < width:     # short rows: missing trailing fields are blank
                 rows = [row + [""] * (width - len(row)) for row in rows]
             columns = {name: [row[index] for row in rows] for name, index in picked.items()}
@@ -91,30 +91,47 @@ def _iter_csv_chunks(path, chunk_rows, wanted, name_of):
             first_row += len(rows)
 
 
-def _read_header(reader, path):
+def _read_header(handle, path):
     """The header row (None for an empty file); a header the csv module refuses makes
     the whole file unusable."""
-    try:
-        return next(reader)
-    except StopIteration:
+    line = handle.readline()
+    if not line:
         return None
+    try:
+        return next(csv.reader([line], strict=True))
     except csv.Error as error:
-        raise ValueError(f"{path}: unreadable CSV header: {error}") from None
+        raise ValueError(f"{path}: unreadable CSV header: {_why(error)}") from None
 
 
-def _read_csv_rows(reader, count, width):
-    """Up to ``count`` rows; a row the csv module refuses is a blank row with a problem."""
+def _why(error: csv.Error) -> str:
+    return ("a quoted field is not closed on its line" if "end of data" in str(error)
+            else str(error))
+
+
+def _parse_csv_lines(lines, width, first_line):
+    """One row per physical line (``first_line`` is the file's number of ``lines[0]``);
+    a line the csv module refuses is a blank row with a problem.
+
+    A catalogue field never holds a line break, so a quote left open at the end of its
+    line spoils that line only: the csv module would read every following line into the
+    field, and with it silently lose the rest of the file (or of the chunk)."""
+    # strict: a malformed quoted field (an unclosed quote at the end of the input, text
+    # after a closing quote) is an error, not a guess
+    try:
+        rows = list(csv.reader(lines, strict=True))    # the fast C loop
+    except csv.Error:
+        rows = None
+    if rows is not None and len(rows) == len(lines):     # no row spans lines
+        return rows, {}
     rows, problems = [], {}
-    while True:
+    for number, line in enumerate(lines):
         try:
-            # islice keeps the fast C loop; extend keeps what was read before an error.
-            rows.extend(itertools.islice(reader, count - len(rows)))
-            return rows, problems
+            row = next(csv.reader([line], strict=True), [])
         except csv.Error as error:
-            problems[len(rows)] = f"unreadable CSV row (line {reader.line_num}): {error}"
-            rows.append([""] * width)
-            if len(rows) == count:
-                return rows, problems
+            problems[number] = f"unreadable CSV row (line {first_line + number}): {_why(error)}"
+            row = [""] * width
+        rows.append(row)
+    return rows, problems
 
 
 def _iter_fits_chunks(path, chunk_rows, wanted, name_of):
@@ -153,7 +170,7 @@ def read_table(path):
         table = Table.read(path, hdu=_first_table_hdu(path))
         return {name: np.asarray(table[name]) for name in table.colnames}, {}
     with _open_text(path) as handle:
-        header = _read_header(csv.reader(handle), path) or []     # a table may have no rows
+        header = _read_header(handle, path) or []     # a table may have no rows
     columns: Dict[str, list] = {name: [] for name in header}
     problems = {}
     for chunk in _iter_csv_chunks(path, 100000, None, str):

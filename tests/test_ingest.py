@@ -514,6 +514,37 @@ def test_oversize_csv_field_costs_only_its_row(catalogue_engine, tmp_path, capsy
                        {2: "unreadable CSV row (line 3): field larger than field limit"})
 
 
+def test_a_stray_quote_costs_only_its_line(catalogue_engine, tmp_path, capsys):
+    """The csv module reads every line after an unclosed quote into that one field: the
+    rest of the file was neither stored nor quarantined (2 of 1,000 rows, exit 0)."""
+    rows = good_catalogue_rows(40)
+    rows[1] = dict(rows[1], subclass='"G2 see comment')         # opens a quote, never closes it
+    rows[-1] = dict(rows[-1], subclass='"K0')                   # and on the last line
+    rows[5] = dict(rows[5], subclass='"G2"V')                   # text after a closing quote
+    catalogue = write_csv_bytes(tmp_path / "stray-quote.csv.gz", rows)
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(catalogue),
+                   "--metadata-only") == 0
+    assert "37 loaded" in capsys.readouterr().out
+    with catalogue_engine.connect() as connection:
+        stored = connection.execute(text("SELECT obsid FROM spectra")).scalars().all()
+    assert sorted(stored) == sorted(int(r["obsid"]) for k, r in enumerate(rows)
+                                    if k not in (1, 5, 39))
+    assert_quarantined(catalogue_engine, catalogue, {
+        2: "unreadable CSV row (line 3): a quoted field is not closed on its line",
+        6: "unreadable CSV row (line 7): ',' expected after '\"'",
+        40: "unreadable CSV row (line 41): a quoted field is not closed on its line"})
+
+
+def test_a_stray_quote_in_the_header_names_the_file(tmp_path):
+    from etl.catalogue import read_table
+
+    path = tmp_path / "labels.csv"
+    path.write_text('APOGEE_ID,"TEFF\n2M1,5000\n')
+    with pytest.raises(ValueError, match="labels.csv: unreadable CSV header: a quoted field "
+                                         "is not closed on its line"):
+        read_table(path)
+
+
 def test_hostile_label_values_cost_one_row_each(catalogue_engine, tmp_path, capsys):
     header = b"APOGEE_ID,RA,DEC,TEFF,LOGG,FE_H,GOOD_FLAG"
     good = [b"2M0001,10.0,20.0,5000,4.5,-0.2,1", b"2M0002,11.0,21.0,4800,4.4,0.1,1",
