@@ -103,13 +103,16 @@ class FileInfo:
 
 def inspect_file(root, relative_path) -> FileInfo:
     """Read and check one spectrum file: metadata, layout, size and SHA-256."""
-    from models.readers import SpectrumReadError, read_spectrum
+    from models.readers import SpectrumReadError, open_spectrum_file, read_spectrum
 
     try:
         path = resolve_under_root(root, relative_path)
         spectrum = read_spectrum(path)
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        with open_spectrum_file(path) as handle:       # hashed as it is read, not held
+            size, digest = 0, hashlib.sha256()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                size += len(block)
+                digest.update(block)
     except UnsafePathError as error:
         return FileInfo(relative_path, problem=str(error))
     except SpectrumReadError as error:
@@ -118,8 +121,8 @@ def inspect_file(root, relative_path) -> FileInfo:
         return FileInfo(relative_path, problem=f"unreadable spectrum file: {error}")
     columns = {
         "file_path": relative_path.replace(os.sep, "/"),
-        "file_size": len(raw),
-        "file_sha256": hashlib.sha256(raw).hexdigest(),
+        "file_size": size,
+        "file_sha256": digest.hexdigest(),
         "layout": spectrum.layout,
         "data_version": spectrum.meta.get("data_version"),
     }

@@ -27,6 +27,7 @@ import io
 import math
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 
@@ -185,10 +186,34 @@ def _path_str(path) -> str:
 MAX_SPECTRUM_BYTES = 64 * 2**20
 
 
+def open_spectrum_file(path):
+    """:func:`_open_regular` for callers outside this module (``SpectrumReadError``)."""
+    return _guarded(path, _open_regular)
+
+
+def _open_regular(path: str):
+    """The file opened for reading, refused unless it is a regular
+    file of at most ``MAX_SPECTRUM_BYTES``: a FIFO or a device under the spectra root would
+    block a reader for ever or never end, a huge file would be read into memory whole.
+    Opened non-blocking, so that opening a FIFO does not wait for a writer."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable("not a regular file")
+        if info.st_size > MAX_SPECTRUM_BYTES:
+            raise _Unreadable(f"file of {info.st_size:,} bytes; a LAMOST spectrum is well under "
+                              f"1 MiB (at most {MAX_SPECTRUM_BYTES // 2**20} MiB are read)")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
 def _load_bytes(path: str) -> bytes:
     """Whole file, gunzipped when it starts with the gzip magic (whatever its name)."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
+    with _open_regular(path) as fh:
+        raw = fh.read(MAX_SPECTRUM_BYTES + 1)
     if not raw:
         raise _Unreadable("empty file")
     if raw[:2] == GZIP_MAGIC:
@@ -230,7 +255,7 @@ def _check_inflated_size(data: bytes) -> None:
 
 def _load_header_bytes(path: str, chunk: int = 4 * BLOCK) -> bytes:
     """Just enough leading bytes (decompressed) to hold the primary header."""
-    with open(path, "rb") as fh:
+    with _open_regular(path) as fh:
         head = fh.read(2)
         if not head:
             raise _Unreadable("empty file")

@@ -4,6 +4,7 @@ astropy is the independent reference here (it is deliberately kept out of the re
 hot path for speed, see models/readers.py).
 """
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -344,7 +345,42 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_not_a_spectrum(tmp_path):
-    assert_read_error(tmp_path, "cannot read file")
+    assert_read_error(tmp_path, "not a regular file")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    """Opening a FIFO blocks until something writes to it: one named like a spectrum under
+    the spectra root hung ingest for ever (found by review)."""
+    import threading
+
+    from etl.spectrum_files import inspect_file
+
+    os.mkfifo(tmp_path / "spec-55000-X_sp01-001.fits")
+    outcomes = []
+    for reader in (read_spectrum, read_meta):
+        thread = threading.Thread(target=lambda r=reader: outcomes.append(
+            assert_read_error(tmp_path / "spec-55000-X_sp01-001.fits", "not a regular file",
+                              reader=r)), daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), f"{reader.__name__} waits on a FIFO"
+    assert len(outcomes) == 2
+    info = inspect_file(str(tmp_path), "spec-55000-X_sp01-001.fits")
+    assert info.problem == "unreadable spectrum file: not a regular file"
+
+
+def test_a_huge_plain_file_is_refused_before_it_is_read(tmp_path):
+    """gzip input was capped at 64 MiB, a plain file was read whole (1 GB of memory for a
+    1 GB file, twice: once more for its hash)."""
+    from models.readers import MAX_SPECTRUM_BYTES
+
+    path = tmp_path / "huge.fits"
+    header = fits.PrimaryHDU(data=np.zeros((5, 10), np.float32)).header.tostring().encode()
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(MAX_SPECTRUM_BYTES + 1)          # sparse: no disk used
+    for reader in (read_spectrum, read_meta):
+        assert_read_error(path, f"file of {MAX_SPECTRUM_BYTES + 1:,} bytes", reader=reader)
 
 
 def test_wrong_image_shape(tmp_path):
