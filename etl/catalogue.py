@@ -154,12 +154,41 @@ def _iter_fits_chunks(path, chunk_rows, wanted, name_of):
             if data.columns[index].format.endswith("L"):
                 raise ValueError(f"{path}: column {names[index]!r} is logical (T/F); a "
                                  f"catalogue column holds numbers or text")
+        nulls = {name: _null_value(data.columns[index]) for name, index in picked.items()}
         total = len(data)
         for start in range(0, total, chunk_rows):
             stop = min(start + chunk_rows, total)
-            columns = {name: np.asarray(data.field(names[index])[start:stop])
-                       for name, index in picked.items()}
+            columns = {}
+            for name, index in picked.items():
+                values = np.asarray(data.field(names[index])[start:stop])
+                null = nulls[name]
+                columns[name] = values if null is None else _missing_as_none(values, values == null)
             yield CatalogueChunk(start + 1, columns, stop - start)
+
+
+def _null_value(column):
+    """The value an integer FITS column's cells read as when blank: TNULL (a raw value)
+    scaled as the column's values are, or None."""
+    if column.null is None or column.null == "" or column.format.endswith(("E", "D", "A")):
+        return None
+    return int(column.null) * (column.bscale or 1) + (column.bzero or 0)
+
+
+def _missing_as_none(values, missing):
+    """``values`` with its blank cells (boolean ``missing``) missing, as the validation
+    reads them: NaN in a float (or multi-dimensional) column, None in any other. A blank
+    integer cell holds its column's TNULL, a number (999999 as an lmjd, which
+    then overwrote a stored value)."""
+    missing = np.asarray(missing, dtype=bool)
+    if not missing.any():
+        return values
+    if values.dtype.kind == "f" or values.ndim > 1:
+        out = values.astype(float)
+        out[missing] = np.nan
+        return out
+    out = values.astype(object)
+    out[missing] = None
+    return out
 
 
 def read_table(path):
@@ -167,8 +196,9 @@ def read_table(path):
     if is_fits_file(path):
         from astropy.table import Table
 
-        table = Table.read(path, hdu=_first_table_hdu(path))
-        return {name: np.asarray(table[name]) for name in table.colnames}, {}
+        table = Table.read(path, hdu=_first_table_hdu(path))     # TNULL cells come masked
+        return {name: _missing_as_none(np.asarray(table[name]), np.ma.getmaskarray(table[name]))
+                for name in table.colnames}, {}
     with _open_text(path) as handle:
         header = _read_header(handle, path) or []     # a table may have no rows
     columns: Dict[str, list] = {name: [] for name in header}

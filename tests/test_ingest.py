@@ -252,6 +252,42 @@ def test_a_fits_catalogue_with_a_logical_column_is_refused_naming_the_column(cat
     assert table_rows(catalogue_engine, schema.spectra, [schema.spectra.c.obsid]) == before
 
 
+def test_blank_integer_cells_of_a_fits_table_are_missing_not_their_tnull(catalogue_engine,
+                                                                         tmp_path, capsys):
+    """A blank (TNULL) integer cell read as its TNULL number: lmjd 999999 overwrote a stored
+    55001, a blank fiberid quarantined its row as 'fiberid out of range: 16959', a blank
+    good_flag was stored as 16959 (found by review)."""
+    from astropy.table import MaskedColumn
+
+    good = good_catalogue_rows(2, first_obsid=3_000_000_001)
+    first = write_csv_bytes(tmp_path / "first.csv.gz", good)
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(first), "--metadata-only") == 0
+    path = tmp_path / "blank-cells.fits"
+    Table({"obsid": [int(r["obsid"]) for r in good], "ra": [180.0, 180.01], "dec": [30.0, 30.0],
+           "lmjd": MaskedColumn([58000, 58001], mask=[True, False]),
+           "fiberid": MaskedColumn(np.array([100, 101], dtype=np.int16), mask=[False, True]),
+           }).write(path)
+    assert fits.getheader(path, 1)["TNULL4"] == 999999         # what astropy writes for them
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(path), "--metadata-only") == 0
+    assert "0 quarantined" in capsys.readouterr().out
+    with catalogue_engine.connect() as connection:
+        stored = dict(connection.execute(text(
+            "SELECT obsid, lmjd FROM spectra WHERE obsid >= 3000000001")).all())
+    assert stored[int(good[1]["obsid"])] == 58001
+    assert stored[int(good[0]["obsid"])] in (None, 58000)      # blank: missing, never 999999
+
+    labels = tmp_path / "labels.fits"
+    Table({"APOGEE_ID": ["2M1", "2M2"], "RA": [10.0, 11.0], "DEC": [1.0, 2.0],
+           "TEFF": [5000.0, 5100.0], "LOGG": [4.5, 4.4], "FE_H": [0.0, 0.1],
+           "GOOD_FLAG": MaskedColumn(np.array([1, 1], dtype=np.int16), mask=[False, True])}
+          ).write(labels)
+    assert run_cli(url_of(catalogue_engine), "ingest", "labels", str(labels)) == 0
+    with catalogue_engine.connect() as connection:
+        flags = dict(connection.execute(text(
+            "SELECT apogee_id, good_flag FROM reference_labels WHERE label_set = 'labels'")).all())
+    assert flags == {"2M1": 1, "2M2": None}
+
+
 def test_crashed_ingest_resumes(catalogue_engine, simulated_set, monkeypatch):
     import etl.ingest as ingest
 
