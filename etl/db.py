@@ -20,11 +20,23 @@ from etl import schema
 from etl.settings import settings
 
 
+DATABASE_URL_FORMS = "postgresql://USER@HOST:PORT/DATABASE or sqlite:///PATH"
+
+
 def normalise_url(url: str) -> str:
-    """Use the psycopg (3) driver for plain ``postgresql://`` URLs."""
-    parsed = make_url(url)
+    """Use the psycopg (3) driver for plain ``postgresql://`` URLs; ValueError for anything
+    but a PostgreSQL or SQLite URL (the message never shows a password)."""
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; expected {DATABASE_URL_FORMS}") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ValueError(f"{parsed.render_as_string(hide_password=True)}: the catalogue lives "
+                         f"in PostgreSQL or SQLite; expected {DATABASE_URL_FORMS}")
     return parsed.render_as_string(hide_password=False)
 
 
@@ -427,13 +439,26 @@ def upgrade(url: str = None, revision: str = "head"):
     """Migrate the database at ``url`` to ``revision`` (creates q3c on PostgreSQL)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    with _named_revision(revision):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str = None, revision: str = "-1"):
     from alembic import command
 
-    command.downgrade(alembic_config(url), revision)
+    with _named_revision(revision):
+        command.downgrade(alembic_config(url), revision)
+
+
+@contextmanager
+def _named_revision(revision):
+    """Alembic's refusal of a revision (unknown, or not reachable) as a ValueError naming it."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as error:
+        raise ValueError(f"revision {revision!r}: {error}") from None
 
 
 def current_revision(url: str = None):

@@ -7,6 +7,7 @@ database-backed flow (``ingest``, ``crossmatch``, ``train``) reads the same file
 maps them (:func:`etl.ingest.parse_column_mapping`, :func:`etl.ingest.find_column`).
 """
 import os
+import warnings
 
 import numpy as np
 from astropy import units as u
@@ -14,8 +15,10 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 from etl.catalogue import read_table
-from etl.ingest import (FLAT_LABEL_NAMES, LabelsIngestOptions, SpectrumIndex, UnsafePathError, find_column,
-                        label_arrays, parse_column_mapping, read_label_table)
+from etl.ingest import (FLAT_LABEL_NAMES, LABELS_BY_NAME, LabelsIngestOptions, SpectrumIndex,
+                        UnsafePathError, find_column, label_arrays, parse_column_mapping,
+                        read_label_table)
+from etl.validation import convert_column
 from models.flags import missing_value
 from models.labels import LABELS
 from models.validation_report import ReferenceLabels, spectrum_key
@@ -128,9 +131,18 @@ def read_labels(path, columns=None):
     table = Table({"apogee_id": np.asarray(arrays["apogee_id"], dtype=str),
                    "ra": np.asarray(arrays["ra"], dtype=float) * u.deg,
                    "dec": np.asarray(arrays["dec"], dtype=float) * u.deg})
+    # the database's reading of a label: the -9999 sentinel, blanks and text are missing, a
+    # value outside the physical range (a unit mistake, a sentinel) unusable
+    refused = {}
     for label in ("teff", "logg", "feh"):
-        values = np.asarray(arrays[label], dtype=float)
-        table[label] = np.where(values <= -9999, np.nan, values)
+        values, problems = convert_column(LABELS_BY_NAME[label], arrays[label], label)
+        table[label] = np.array([np.nan if v is None else v for v in values], dtype=float)
+        for row, reason in problems.items():
+            refused.setdefault(row, reason)
+    if refused:
+        first = min(refused)
+        warnings.warn(f"{path}: {len(refused)} row(s) with a label that cannot be used are left "
+                      f"out (row {first + 1}: {refused[first]})", stacklevel=2)
     good = (np.ones(len(table), dtype=bool) if arrays["good_flag"] is None
             else np.asarray(arrays["good_flag"], dtype=float) == 1)
     good &= np.isfinite(table["teff"]) & np.isfinite(table["logg"]) & np.isfinite(table["feh"])

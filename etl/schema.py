@@ -134,6 +134,12 @@ INTEGER_TYPE_RANGES = ((SmallInteger, (-2 ** 15, 2 ** 15 - 1)),
                        (Integer, (-2 ** 31, 2 ** 31 - 1)))     # after its subclasses
 RA_RANGE = (0.0, 360.0)         # 360 is accepted as input and stored as 0
 DEC_RANGE = (-90.0, 90.0)
+# Physical ranges of reference labels, wide enough for any star (white dwarfs, O stars, the
+# most metal-poor) and narrow enough to catch a unit mistake or a sentinel: log10 Teff,
+# g in cm/s^2 instead of log g, -999 or 99 for "none" (-9999 is read as missing anyway).
+REFERENCE_TEFF_RANGE = (1000.0, 100000.0)
+REFERENCE_LOGG_RANGE = (-2.0, 10.0)
+REFERENCE_FEH_RANGE = (-6.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -259,11 +265,11 @@ reference_labels = Table(
     col("zone", Integer, nullable=False, ucd="pos.eq.dec;meta.code",
         description="declination zone index, as for spectra"),
     col("teff", Float, unit="K", ucd="phys.temperature.effective",
-        description="reference effective temperature"),
+        description="reference effective temperature", valid_range=REFERENCE_TEFF_RANGE),
     col("logg", Float, unit="log(cm.s**-2)", ucd="phys.gravity",
-        description="reference surface gravity"),
+        description="reference surface gravity", valid_range=REFERENCE_LOGG_RANGE),
     col("feh", Float, unit="dex", ucd="phys.abund.Fe",
-        description="reference iron abundance [Fe/H]"),
+        description="reference iron abundance [Fe/H]", valid_range=REFERENCE_FEH_RANGE),
     col("good_flag", SmallInteger, ucd="meta.code.qual",
         description="1 = label usable for training (catalogue's own flag)"),
     col("source_file", Text, ucd="meta.file", description="file the labels were read from"),

@@ -8,6 +8,9 @@ limits, see the README's configuration table).
 """
 
 
+from etl.commands import port_number
+
+
 def register(subparsers):
     parser = subparsers.add_parser(
         "serve", help="run the read-only query service (cone search, REST API)",
@@ -17,7 +20,7 @@ def register(subparsers):
         "gunicorn -c python:service.gunicorn_conf -b 127.0.0.1:8000 "
         "'service.app:create_app()'.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     parser.add_argument("--url", default=None,
                         help="catalogue database to read (default: "
                         "LAMOST_VAC_READER_DATABASE_URL, else LAMOST_VAC_DATABASE_URL)")

@@ -94,3 +94,69 @@ def test_database_from_the_environment_is_named_too(closed_port, tmp_path):
     assert done.returncode == 2
     assert f"127.0.0.1:{closed_port}/catalogue" in done.stderr and PASSWORD not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def run_main(argv):
+    """(exit code, stdout, stderr) of the CLI; argparse's exit is caught."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as done:
+            code = done.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("url, source, says", [
+    ("foo", "--url", "not a database URL; expected postgresql://"),
+    ("http://example.com/", "--url", "http://example.com/: the catalogue lives in PostgreSQL or SQLite"),
+    (f"mysql://user:{PASSWORD}@host/db", "--url", "mysql://user:***@host/db: the catalogue lives"),
+])
+@pytest.mark.parametrize("argv", [["db", "current"], ["crossmatch"],
+                                  ["export", "--format", "csv", "--out", "{tmp}/vac.csv"]])
+def test_a_url_that_is_not_a_catalogue_database_is_one_line(argv, url, source, says, tmp_path):
+    """A bad --url was a SQLAlchemy or import traceback (found by review)."""
+    code, out, err = run_main([a.format(tmp=tmp_path) for a in argv] + ["--url", url])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lamost-vac {argv[0]}: error: {source}: {says}"), err
+    assert PASSWORD not in out + err
+
+
+def test_a_bad_url_in_the_environment_is_named_and_an_unknown_revision_too(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "etl.cli", "db", "current"],
+                          env=env(LAMOST_VAC_DATABASE_URL="foo"), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "lamost-vac db: error: LAMOST_VAC_DATABASE_URL: not a database URL; expected "
+        "postgresql://USER@HOST:PORT/DATABASE or sqlite:///PATH"]
+    code, _, err = run_main(["db", "upgrade", "nosuch", "--url", f"sqlite:///{tmp_path}/x.db"])
+    assert code == 2
+    assert err.strip() == ("lamost-vac db: error: revision 'nosuch': Can't locate revision "
+                           "identified by 'nosuch'")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["infer", "--limit", "-5"], "argument --limit: must be at least 0, got -5"),
+    (["infer", "--timeout", "0"], "argument --timeout: must be positive, got 0"),
+    (["infer", "--batch-size", "x"], "argument --batch-size: expected a whole number, got 'x'"),
+    (["ingest", "spectra", "c.csv", "--batch-rows", "0"], "argument --batch-rows: must be at least 1, got 0"),
+    (["ingest", "spectra", "c.csv", "--workers", "-3"], "argument --workers: must be at least 1, got -3"),
+    (["serve", "--port", "99999"], "argument --port: must be a TCP port, 1-65535, got 99999"),
+    (["crossmatch", "--radius", "nan"], "argument --radius: expected a finite number, got 'nan'"),
+    (["train-files", "--catalogue", "c", "--labels", "l", "--out", "o", "--holdout", "1"],
+     "argument --holdout: must be at least 0 and below 1, got 1"),
+    (["train-files", "--catalogue", "c", "--labels", "l", "--out", "o", "--jobs", "0"],
+     "argument --jobs: must be positive, or -1 for every core, got 0"),
+    (["train-files", "--catalogue", "c", "--labels", "l", "--out", "o", "--lasso-folds", "1"],
+     "argument --lasso-folds: must be at least 2, got 1"),
+])
+def test_a_bad_number_is_refused_by_the_parser_naming_its_option(argv, says):
+    """--limit -5 processed every spectrum on SQLite (LIMIT -5 is none) and was a traceback
+    on PostgreSQL; --batch-rows 0 ingested nothing with exit 0; --port 99999 listened on
+    34463 (found by review)."""
+    code, _, err = run_main(argv)
+    command = " ".join(argv[:2] if argv[0] == "ingest" else argv[:1])
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"lamost-vac {command}: error: {says}"

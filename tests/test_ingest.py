@@ -595,6 +595,11 @@ def test_hostile_label_values_cost_one_row_each(catalogue_engine, tmp_path, caps
          "non-numeric teff"),
         (b"2M0010,13.0,23.0,5000,4.5," + b"1" * 200_000 + b",1", "unreadable CSV row"),
         (b"2M0011,13.0,,5000,4.5,0.0,1", "missing dec"),
+        # physical ranges: a unit mistake or a sentinel, once stored as a good label
+        (b"2M0012,13.0,23.0,3.70,4.5,0.0,1", "teff out of range [1000.0, 100000.0]: '3.70'"),
+        (b"2M0013,13.0,23.0,5000,25000,0.0,1", "logg out of range [-2.0, 10.0]: '25000'"),
+        (b"2M0014,13.0,23.0,5000,4.5,-999,1", "feh out of range [-6.0, 2.0]: '-999'"),
+        (b"2M0015,13.0,23.0,5000,4.5,99,1", "feh out of range"),
     ]
     path = tmp_path / "labels.csv"
     path.write_bytes(b"\n".join([header] + good + [line for line, _ in hostile]) + b"\n")
@@ -609,6 +614,21 @@ def test_hostile_label_values_cost_one_row_each(catalogue_engine, tmp_path, caps
     assert stored == ["2M0001", "2M0002", "2M0003"]
     assert_quarantined(catalogue_engine, path, {len(good) + 1 + k: reason
                                                 for k, (_, reason) in enumerate(hostile)})
+
+
+def test_the_file_flow_leaves_out_the_labels_the_database_refuses(tmp_path):
+    """train-files read a Teff of 3.7 (log10 K) or a log g of 25000 as a good label."""
+    from etl.filesets import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("APOGEE_ID,RA,DEC,TEFF,LOGG,FE_H,GOOD_FLAG\n"
+                    "2M1,10,1,5000,4.4,0.1,1\n2M2,11,2,3.70,4.4,0,1\n2M3,12,3,5000,25000,0,1\n"
+                    "2M4,13,4,5000,4.4,-9999,1\n2M5,14,5,5000,4.4,abc,1\n")
+    with pytest.warns(UserWarning, match=r"labels.csv: 3 row\(s\) with a label that cannot be "
+                                         r"used are left out \(row 2: teff out of range"):
+        table = read_labels(str(path))
+    assert list(table["good"]) == [True, False, False, False, False]
+    assert np.isnan(table["teff"][1]) and np.isnan(table["logg"][2]) and np.isnan(table["feh"][3])
 
 
 def test_hostile_payne_values_cost_one_row_each(catalogue_engine, simulated_set, tmp_path):

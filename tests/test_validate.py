@@ -196,9 +196,11 @@ def test_lasp_section_and_report_files(subset_report):
 
 
 def test_limit_must_be_positive(small_model, real_dir, tmp_path, capsys):
-    assert main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[0]),
-                 "--out", str(tmp_path), "--limit-per-folder", "0"]) == 2
-    assert "--limit-per-folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--model", str(small_model), "--spectra", str(real_dir / FOLDERS[0]),
+              "--out", str(tmp_path), "--limit-per-folder", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --limit-per-folder: must be at least 1, got 0" in capsys.readouterr().err
 
 
 

@@ -7,7 +7,7 @@ import time
 from sqlalchemy.exc import DBAPIError
 
 from etl import db, histogram_cells, schema
-from etl.commands import add_url_argument, database_url
+from etl.commands import add_url_argument, database_url, positive_float, positive_int
 from etl.settings import settings
 
 
@@ -174,9 +174,9 @@ and without a catalogue row is quarantined: "no OBSID and no catalogue row".""")
     spectra.add_argument("--unreferenced", choices=["headers", "ignore"], default="headers",
                          help="files no catalogue row names: ingest from headers (default) "
                          "or ignore")
-    spectra.add_argument("--batch-rows", type=int, default=settings.ingest_batch_rows,
+    spectra.add_argument("--batch-rows", type=positive_int, default=settings.ingest_batch_rows,
                          help="rows per transaction (default: %(default)s)")
-    spectra.add_argument("--workers", type=int, default=4,
+    spectra.add_argument("--workers", type=positive_int, default=4,
                          help="threads reading spectrum files (default: %(default)s)")
     add_url_argument(spectra)
     spectra.set_defaults(func=run_ingest_spectra)
@@ -226,8 +226,12 @@ def run_ingest_labels(args):
     try:
         columns = parse_column_mapping(args.columns)
         payne_index = dict(PAYNE_INDEX)
-        payne_index.update({k: int(v) for k, v in parse_column_mapping(
-            args.payne_index, option="--payne-index").items()} if args.payne_index else {})
+        for label, position in (parse_column_mapping(args.payne_index, option="--payne-index")
+                                if args.payne_index else {}).items():
+            if not position.strip().isdigit():
+                raise ValueError(f"--payne-index: {label}={position}: expected the column's "
+                                 f"index, a whole number from 0")
+            payne_index[label] = int(position)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
@@ -258,7 +262,7 @@ def register_crossmatch(subparsers):
         description="Every reference star within --radius of each spectrum, ranked by "
         "separation; rank 1 is the best match (TOPCAT best-match mode). q3c_join on "
         "PostgreSQL, astropy elsewhere. Re-running changes nothing.")
-    parser.add_argument("--radius", type=float, default=3.0,
+    parser.add_argument("--radius", type=positive_float, default=3.0,
                         help="match radius in arcsec (default: %(default)s)")
     parser.add_argument("--label-set", default=None,
                         help="only this reference set (default: all)")
@@ -269,9 +273,6 @@ def register_crossmatch(subparsers):
 def run_crossmatch(args):
     from etl.crossmatch import CrossmatchOptions, crossmatch
 
-    if not args.radius > 0:
-        print("--radius must be positive", file=sys.stderr)
-        return 2
     engine = db.make_engine(database_url(args))
     try:
         summary = crossmatch(engine, CrossmatchOptions(args.radius, args.label_set))

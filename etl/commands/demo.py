@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 
+from etl.commands import port_number, positive_int
 from models.progress import progress
 
 DEMO_PORT = 8000
@@ -36,11 +37,11 @@ def register(subparsers):
         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="lamost-vac-demo",
                         help="working folder: spectra, database, model, report (default ./lamost-vac-demo)")
-    parser.add_argument("--stars", type=int, default=150, help="stars to generate (default 150)")
-    parser.add_argument("--spectra-per-star", type=int, default=3)
-    parser.add_argument("--ensemble", type=int, default=3, help="networks per label (default 3)")
+    parser.add_argument("--stars", type=positive_int, default=150, help="stars to generate (default 150)")
+    parser.add_argument("--spectra-per-star", type=positive_int, default=3)
+    parser.add_argument("--ensemble", type=positive_int, default=3, help="networks per label (default 3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--port", type=int, default=DEMO_PORT)
+    parser.add_argument("--port", type=port_number, default=DEMO_PORT)
     parser.add_argument("--no-serve", action="store_true", help="stop after the report; do not start the API")
     parser.add_argument("--database-url", default=None,
                         help="an empty PostgreSQL database to run on instead of a SQLite file in "

@@ -12,6 +12,7 @@ top of the report.
 import os
 import sys
 
+from etl.commands import positive_float
 from etl.commands.files import _add_catalogue_arguments, predict_catalogue
 from etl.filesets import best_match, join_truth, read_catalogue, read_labels, read_truth
 from models.artifact import load_model
@@ -36,7 +37,7 @@ def register(subparsers):
     reference.add_argument("--truth", help="CSV of obsid, teff, logg, feh (e.g. lamost_sim's truth.csv)")
     parser.add_argument("--label-columns", default=None,
                         help="explicit column mapping for --labels, e.g. 'teff=TEFF,logg=LOGG,feh=PARAM_M_H'")
-    parser.add_argument("--radius", type=float, default=3.0, help="cross-match radius for --labels, arcsec")
+    parser.add_argument("--radius", type=positive_float, default=3.0, help="cross-match radius for --labels, arcsec")
     parser.add_argument("--out", required=True, help="report folder (created; files are overwritten)")
     parser.add_argument("--include-training", action="store_true",
                         help="keep spectra of the model's training stars in the statistics (marked; "

@@ -12,6 +12,8 @@ import numpy as np
 from astropy.table import Table
 
 from etl import schema
+from etl.commands import (at_least, fraction, non_negative_float, positive_float, positive_int,
+                          worker_count)
 from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
 from etl.label_domain import add_label_domain_argument, parse_label_domain, select_label_domain
 from models.artifact import load_model, save_model
@@ -53,24 +55,24 @@ def add_training_arguments(parser):
     parser.add_argument("--continuum", choices=CONTINUUM_MODES, default="single",
                         help="one pseudo-continuum polynomial (the paper's, default) or one per "
                              "spectrograph arm")
-    parser.add_argument("--despike-sigma", type=float, default=PreprocessConfig.despike_sigma,
+    parser.add_argument("--despike-sigma", type=non_negative_float, default=PreprocessConfig.despike_sigma,
                         help="mask one- and two-pixel spikes (cosmic rays, which LAMOST marks in "
                              "the or-mask only) standing this many sigma above the running median "
                              "of the observed pixels (default %(default)s; 0 = none, the paper's)")
-    parser.add_argument("--ensemble", type=int, default=10, help="networks per label (default 10)")
-    parser.add_argument("--holdout", type=float, default=0.0,
+    parser.add_argument("--ensemble", type=positive_int, default=10, help="networks per label (default 10)")
+    parser.add_argument("--holdout", type=fraction, default=0.0,
                         help="fraction of the stars held out of training to calibrate the "
                              "uncertainties on; 0 (default): every star trains the model and the "
                              "uncertainties are calibrated on cross-fitted predictions")
-    parser.add_argument("--calibration-folds", type=int, default=None,
+    parser.add_argument("--calibration-folds", type=at_least(2), default=None,
                         help="star-grouped folds of the cross-fitting (default "
                              f"{DEFAULT_CALIBRATION_FOLDS}; each costs one more training)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-epochs", type=int, default=None,
+    parser.add_argument("--max-epochs", type=positive_int, default=None,
                         help="MLP epoch limit (default: the model's; lower for quick trials)")
-    parser.add_argument("--lasso-folds", type=int, default=None,
+    parser.add_argument("--lasso-folds", type=at_least(2), default=None,
                         help="LASSO cross-validation folds (default 10, as in the paper)")
-    parser.add_argument("--input-noise", type=float, default=None,
+    parser.add_argument("--input-noise", type=non_negative_float, default=None,
                         help="std of the Gaussian noise added to the networks' standardised "
                              "training inputs (default 1.0, chosen by CV; 0 = none)")
     parser.add_argument("--paper", action="store_true",
@@ -81,7 +83,7 @@ def add_training_arguments(parser):
                              "after 10 epochs, at most 2000, no input noise, training spectra "
                              "10 < SNRg <= 20 (with --ensemble 10; options given explicitly "
                              "still apply)")
-    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+    parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
     add_label_domain_argument(parser)
 
 
@@ -93,8 +95,6 @@ def preprocess_config(args):
         regions = masked_regions_from_names(args.mask_regions)
     except ValueError as error:
         raise SystemExit(f"--mask-regions: {error}") from None
-    if not args.despike_sigma >= 0:
-        raise SystemExit(f"--despike-sigma: must be >= 0 (0 = none), got {args.despike_sigma}")
     return PreprocessConfig(wave_min=wave[0], wave_max=wave[1], masked_regions=regions,
                             continuum=args.continuum, despike_sigma=args.despike_sigma)
 
@@ -139,7 +139,7 @@ def _add_catalogue_arguments(parser, jobs=True):
     parser.add_argument("--spectra-root", required=True,
                         help="folder holding the spec-*.fits[.gz] files, at any depth")
     if jobs:
-        parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+        parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
 
 
 def register(subparsers):
@@ -156,7 +156,7 @@ def register(subparsers):
     train.add_argument("--label-columns", default=None,
                        help="explicit column mapping, e.g. 'teff=TEFF,logg=LOGG,feh=PARAM_M_H'")
     train.add_argument("--out", required=True, help="artifact file to write (e.g. model.joblib)")
-    train.add_argument("--radius", type=float, default=3.0, help="cross-match radius, arcsec")
+    train.add_argument("--radius", type=positive_float, default=3.0, help="cross-match radius, arcsec")
     train.add_argument("--baselines", action="store_true",
                        help="also fit the paper's six comparison models on the same features and "
                             "store them in the artifact (for evaluate's comparison table)")

@@ -14,7 +14,8 @@ from array import array
 from etl import db
 from etl.commands.files import (add_training_arguments, model_parameters, preprocess_config,
                                 print_held_out, training_snr_range)
-from etl.commands import add_url_argument, database_url, display_url
+from etl.commands import (add_url_argument, database_url, display_url, non_negative_int,
+                          positive_float, positive_int)
 from etl.label_domain import parse_label_domain
 from etl.settings import settings
 
@@ -99,12 +100,12 @@ Exit status 1 when a batch raised or --timeout passed.""")
     parser.set_defaults(mode="stale")
     parser.add_argument("--retry-failed", action="store_true",
                         help="with --stale, also retry spectra whose earlier attempt failed")
-    parser.add_argument("--batch-size", type=int, default=500,
+    parser.add_argument("--batch-size", type=positive_int, default=500,
                         help="spectra per task (default %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many spectra")
+    parser.add_argument("--limit", type=non_negative_int, default=None, help="at most this many spectra")
     parser.add_argument("--no-wait", action="store_true",
                         help="dispatch and exit (follow progress in the database)")
-    parser.add_argument("--timeout", type=float, default=None,
+    parser.add_argument("--timeout", type=positive_float, default=None,
                         help="give up waiting after this many seconds (batches stay queued)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_url_argument(parser)
@@ -316,7 +317,7 @@ def register_worker(subparsers):
         "worker", help="start a Celery worker for the inference tasks",
         description="A Celery worker (prefork pool) of the etl.tasks app; the same as "
         "'celery -A etl.tasks worker'. Run one per machine, --concurrency = cores.")
-    parser.add_argument("--concurrency", "-c", type=int, default=None,
+    parser.add_argument("--concurrency", "-c", type=positive_int, default=None,
                         help="worker processes (default: cores)")
     parser.add_argument("--pool", default="prefork", help="prefork (default), solo, threads")
     parser.add_argument("--loglevel", default="INFO")

@@ -16,7 +16,8 @@ import textwrap
 import numpy as np
 from astropy import units as u
 
-from etl.commands import add_url_argument, database_url, display_url
+from etl.commands import (add_url_argument, database_url, display_url, non_negative_float,
+                          positive_int, worker_count)
 from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from etl.settings import settings
 from models.artifact import load_model
@@ -70,11 +71,11 @@ def register(subparsers):
     reference.add_argument("--reference-notes", metavar="FILE",
                            help="markdown printed after the comparison (why the labels may disagree)")
     add_repeat_arguments(parser)
-    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
-    parser.add_argument("--limit-per-folder", type=int, default=None, metavar="N",
+    parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
+    parser.add_argument("--limit-per-folder", type=positive_int, default=None, metavar="N",
                         help="only the first N files of each folder (files in a repeat group or "
                              "the reference table first, repeat groups kept together): a quick subset")
-    parser.add_argument("--min-snrg", type=float, default=DEFAULT_MIN_SNRG,
+    parser.add_argument("--min-snrg", type=non_negative_float, default=DEFAULT_MIN_SNRG,
                         help=f"spectra with SNRg at or below this are not estimated (default "
                              f"{DEFAULT_MIN_SNRG:g}; 2 < SNRg <= 5 is estimated but flagged)")
     parser.set_defaults(func=run_validate)
@@ -137,8 +138,6 @@ def _command_line(args):
 
 
 def run_validate(args):
-    if args.limit_per_folder is not None and args.limit_per_folder < 1:
-        raise ValueError("--limit-per-folder must be at least 1")
     repeat_groups, repeat_radius = repeat_inputs(args)
     artifact = load_model(args.model)
     folders = spectrum_folders(args.spectra)
@@ -207,7 +206,7 @@ def register_calibrate_repeats(subparsers):
                         help="folders of real spectrum files (searched at any depth)")
     parser.add_argument("--out", required=True, help="the new artifact to write (e.g. model-repeats.joblib)")
     add_repeat_arguments(parser, required=True)
-    parser.add_argument("--min-stars", type=int, default=20,
+    parser.add_argument("--min-stars", type=positive_int, default=20,
                         help="refuse with fewer stars having two or more estimated spectra "
                              "(default 20)")
     parser.add_argument("--register", action="store_true",
@@ -218,7 +217,7 @@ def register_calibrate_repeats(subparsers):
                         help="with --register: the workers' model directory (default: "
                              "LAMOST_VAC_MODEL_DIR, now %(default)s)")
     add_url_argument(parser)
-    parser.add_argument("--jobs", type=int, default=-1, help="worker processes (-1 = all cores)")
+    parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
     parser.set_defaults(func=run_calibrate_repeats)
 
 
