@@ -42,13 +42,8 @@ from .validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2
 # candidate inputs of the log-sigma shape, simplest first: "bin" is a constant per SNRg
 # bin (the paper's integrated uncertainty); "snr" adds log SNRg inside the bins; "spread"
 # the log ensemble std; "stars" piecewise-linear terms in each of the star's estimated
-# parameters (``LassoMLPNet`` passes log10 Teff, log g and [Fe/H]); "stars_hi" the same
-# terms again for spectra above HIGH_SNR only: there the error belongs to the star (its
-# residual correlates with its other spectra's by 0.92-0.95, bench/calibration.py), below
-# it noise dominates, so how the error varies with the star differs between the two
-FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars",
-         "bin+snr+spread+stars+stars_hi")
-HIGH_SNR = 20.0
+# parameters (``LassoMLPNet`` passes log10 Teff, log g and [Fe/H])
+FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars")
 MIN_COUNT = 30
 RIDGE = 1.0                       # on standardised inputs; n is in the hundreds or more
 SCALE_GRID = np.geomspace(0.2, 5.0, 801)
@@ -141,18 +136,12 @@ class ErrorModel(BaseEstimator):
             columns.append(log_snr - centre[np.clip(which, 0, n_bins - 1)])
         if "spread" in parts:
             columns.append(np.log(np.maximum(spread, self.spread_floor_)))
-        if "stars" in parts or "stars_hi" in parts:
-            terms = []
+        if "stars" in parts:
             for x, (low, high, low_knots, high_knots) in zip(stars.T, self.knots_):
                 x = np.clip(x, low, high)
-                terms.append(x)
-                terms += [np.maximum(knot - x, 0.0) for knot in low_knots]
-                terms += [np.maximum(x - knot, 0.0) for knot in high_knots]
-            if "stars" in parts:
-                columns += terms
-            if "stars_hi" in parts:
-                above = np.asarray(snrg, dtype=float) > HIGH_SNR
-                columns += [term * above for term in terms]
+                columns.append(x)
+                columns += [np.maximum(knot - x, 0.0) for knot in low_knots]
+                columns += [np.maximum(x - knot, 0.0) for knot in high_knots]
         return np.column_stack(columns)
 
     def _fit_shape(self, form, residuals, snrg, spread, stars):

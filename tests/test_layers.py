@@ -13,9 +13,10 @@ PACKAGES = ("models", "etl", "service")
 # opening a spectrum file under the spectra root (the spectrum pages draw the file), and
 # the VOTable writer of the schema's columns (the release export writes the same VOTable),
 # and the histogram bins and cells that estimate_cells counts (its triggers and the
-# histograms the service adds up must bin alike).
+# histograms the service adds up must bin alike), and the command line's option types
+# (``lamost-vac serve`` is one of its commands).
 SERVICE_MAY_IMPORT = {"etl", "etl.schema", "etl.settings", "etl.db", "etl.spectrum_files",
-                      "etl.votable", "etl.histogram_cells"}
+                      "etl.votable", "etl.histogram_cells", "etl.commands"}
 
 
 def module_name(path):
