@@ -7,7 +7,9 @@ Selection
     row for them). ``mode="all"`` takes every such spectrum; ``mode="stale"`` those
     without an estimate *and* without a recorded failure from the model version (a
     failure is retried only with ``retry_failed``, so a broken file is not re-read at
-    every scheduled pass). Batches are runs of consecutive obsids (neighbouring obsids
+    every scheduled pass). An ingest that changes what an estimate is computed from
+    (``etl.ingest.ESTIMATE_INPUT_COLUMNS``: the file, z, SNRg, class, subclass) deletes the
+    spectrum's estimates and failures, so it is stale again. Batches are runs of consecutive obsids (neighbouring obsids
     are neighbouring files of the same plate).
 
 Spectrum files

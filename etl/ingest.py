@@ -103,6 +103,10 @@ REQUIRED_COLUMNS = tuple(t for t, c in CATALOGUE_COLUMNS.items() if not c.nullab
 BOOKKEEPING_COLUMNS = ("ingest_run_id",)
 SPECTRA_COLUMNS = [c.name for c in schema.spectra.columns]
 SPECTRA_COMPARE = [c for c in SPECTRA_COLUMNS if c != "obsid" and c not in BOOKKEEPING_COLUMNS]
+# What an estimate is computed from (etl.inference reads these of a spectrum): when one of
+# them changes at ingest, the spectrum's estimates and failures no longer follow from what
+# is stored and are deleted, so that the spectrum is stale again for every model version.
+ESTIMATE_INPUT_COLUMNS = ("file_path", "file_sha256", "z", "snrg", "class", "subclass")
 
 
 def utcnow():
@@ -608,9 +612,7 @@ def _write_batch(batch: StagedBatch, summary):
     if batch.error is None:
         try:
             with batch.connection as connection:
-                counts = db.merge_staged(connection, schema.spectra, batch.staging,
-                                         SPECTRA_COLUMNS, ["obsid"], SPECTRA_COMPARE,
-                                         SPECTRA_COMPARE, len(batch.rows))
+                counts = _merge_spectra(connection, batch.staging, len(batch.rows))
                 store_rejections(connection, "spectra", summary.run_id, batch.rejections)
                 connection.commit()
             summary.add(counts)
@@ -627,8 +629,22 @@ def _write_batch(batch: StagedBatch, summary):
 
 
 def _upsert_spectra(connection, rows):
-    return db.bulk_upsert(connection, schema.spectra, rows, ["obsid"], SPECTRA_COMPARE,
-                          columns=SPECTRA_COLUMNS, keep_when_null=SPECTRA_COMPARE)
+    staging = db.stage_rows(connection, schema.spectra, rows, SPECTRA_COLUMNS)
+    return _merge_spectra(connection, staging, len(rows))
+
+
+def _merge_spectra(connection, staging, total):
+    """Merge the staged spectra rows (a NULL keeps the stored value), first deleting the
+    estimates and failures of the stored spectra whose estimate inputs change."""
+    distinct = "IS DISTINCT FROM" if db.is_postgres(connection) else "IS NOT"
+    changed = " OR ".join(f's."{c}" IS NOT NULL AND s."{c}" {distinct} t."{c}"'
+                          for c in ESTIMATE_INPUT_COLUMNS)
+    for table in (schema.estimates, schema.estimate_failures):
+        connection.exec_driver_sql(
+            f"DELETE FROM {table.name} WHERE obsid IN (SELECT s.obsid FROM {staging} s "
+            f"JOIN spectra t ON t.obsid = s.obsid WHERE {changed})")
+    return db.merge_staged(connection, schema.spectra, staging, SPECTRA_COLUMNS, ["obsid"],
+                           SPECTRA_COMPARE, SPECTRA_COMPARE, total)
 
 
 def write_isolating(engine, rows, origins: List[Origin], write, what, error, log):

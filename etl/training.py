@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import numpy as np
 from sqlalchemy import and_, func, insert, select, update
 
-from etl import schema
+from etl import db, schema
 from etl.inference import spectra_for, star_condition
 from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_label_domain,
                               select_label_domain)
@@ -121,6 +121,11 @@ def unique_version(connection, version):
 def register_model(engine, version, artifact_path, sha256, training, metrics, notes=None):
     """Insert the models row as current; the previous current one becomes retired."""
     with engine.begin() as connection:
+        if db.is_postgres(connection):
+            # Two registrations at once: the second would wait on the first's retirement of
+            # the same row, then retire nothing and insert a second current model (refused
+            # by the one-current index after its whole training). Taken in turn instead.
+            connection.exec_driver_sql("LOCK TABLE models IN SHARE ROW EXCLUSIVE MODE")
         connection.execute(update(schema.models).where(schema.models.c.status == "current")
                            .values(status="retired"))
         connection.execute(insert(schema.models).values(

@@ -4,12 +4,13 @@ import csv
 import gzip
 import hashlib
 import shutil
+import time
 
 import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 
 from etl import schema
 from etl.ingest import (NO_OBSID_REASON, LabelsIngestOptions, SpectraIngestOptions,
@@ -288,6 +289,93 @@ def test_blank_integer_cells_of_a_fits_table_are_missing_not_their_tnull(catalog
     assert flags == {"2M1": 1, "2M2": None}
 
 
+def test_changed_estimate_inputs_make_the_spectrum_stale_again(catalogue_engine, tmp_path):
+    """Re-ingesting a spectrum with another redshift or class kept its estimates: the old
+    rest frame's estimate was served as current, a spectrum now a GALAXY was served for
+    ever, and a failure for a missing z was never retried once z came (found by review)."""
+    from etl.ingest import utcnow
+
+    rows = good_catalogue_rows(4, first_obsid=4_000_000_001)
+    for row, z in zip(rows, ("0.0001", "0.0001", "-9999", "0.0002")):
+        row["z"] = z
+    first = tmp_path / "first.csv.gz"
+    write_csv_bytes(first, rows, fields=CATALOGUE_FIELDS + ["z"])
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(first), "--metadata-only") == 0
+    obsids = [int(r["obsid"]) for r in rows]
+    version, now = f"stale-test-{catalogue_engine.dialect.name}", utcnow()
+    with catalogue_engine.begin() as connection:
+        connection.execute(insert(schema.models).values(
+            version=version, created_at=now, artifact_path="/nowhere.joblib",
+            artifact_sha256="0" * 64, training_set={}, status="retired"))
+        for obsid in (obsids[0], obsids[1], obsids[3]):
+            connection.execute(insert(schema.estimates).values(
+                obsid=obsid, model_version=version, teff=5800.0, code_version="0",
+                preprocessing_hash="0", run_id="r", created_at=now))
+        connection.execute(insert(schema.estimate_failures).values(
+            obsid=obsids[2], model_version=version, stage="preprocess",
+            reason="no usable redshift", run_id="r", created_at=now))
+    rows[0]["z"] = "0.0009"                 # another rest frame
+    rows[1]["class"] = "GALAXY"             # no longer a star
+    rows[2]["z"] = "0.0001"                 # a usable redshift at last
+    rows[3]["designation"] = "J120003.00+300000.1"      # not an input of the estimate
+    second = tmp_path / "second.csv.gz"
+    write_csv_bytes(second, rows, fields=CATALOGUE_FIELDS + ["z"])
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(second), "--metadata-only") == 0
+    with catalogue_engine.connect() as connection:
+        kept = connection.execute(select(schema.estimates.c.obsid).where(
+            schema.estimates.c.model_version == version)).scalars().all()
+        failures = connection.execute(select(schema.estimate_failures.c.obsid).where(
+            schema.estimate_failures.c.model_version == version)).scalars().all()
+    assert kept == [obsids[3]] and failures == []
+
+
+def test_two_registrations_at_once_are_taken_in_turn(catalogue_engine, tmp_path):
+    """The second of two concurrent registrations on PostgreSQL waited on the first's
+    retirement of the current row, then inserted a second current model: refused by the
+    one-current index after its whole training (found by review)."""
+    import threading
+
+    from sqlalchemy import update
+
+    from etl.ingest import utcnow
+    from etl.training import register_model
+
+    if catalogue_engine.dialect.name != "postgresql":
+        pytest.skip("SQLite takes one writer at a time anyway")
+    models = schema.models
+    register_model(catalogue_engine, "reg-v1", tmp_path / "v1.joblib", "1" * 64, {}, {})
+    outcome = []
+
+    def second_registration():
+        try:
+            register_model(catalogue_engine, "reg-v3", tmp_path / "v3.joblib", "3" * 64, {}, {})
+            outcome.append("registered")
+        except Exception as error:  # noqa: BLE001 -- the outcome is what is checked
+            outcome.append(repr(error))
+
+    with catalogue_engine.connect() as first:       # a registration still in its transaction
+        first.execute(update(models).where(models.c.status == "current").values(status="retired"))
+        first.execute(insert(models).values(version="reg-v2", created_at=utcnow(),
+                                            artifact_path=str(tmp_path / "v2.joblib"),
+                                            artifact_sha256="2" * 64, training_set={},
+                                            status="current"))
+        thread = threading.Thread(target=second_registration)
+        thread.start()
+        with catalogue_engine.connect() as watcher:     # the second is waiting on the first
+            for _ in range(200):
+                if watcher.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE NOT granted").scalar():
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the second registration never waited for the first")
+        first.commit()
+    thread.join(30)
+    assert outcome == ["registered"]
+    with catalogue_engine.connect() as connection:
+        assert dict(connection.execute(select(models.c.version, models.c.status)).all()) == {
+            "reg-v1": "retired", "reg-v2": "retired", "reg-v3": "current"}
+
+
 def test_crashed_ingest_resumes(catalogue_engine, simulated_set, monkeypatch):
     import etl.ingest as ingest
 
@@ -420,12 +508,12 @@ def good_catalogue_rows(count, first_obsid=1_000_000_001):
             for k in range(count)]
 
 
-def write_csv_bytes(path, rows):
+def write_csv_bytes(path, rows, fields=CATALOGUE_FIELDS):
     """A gzipped CSV from rows of field values (str, or bytes written as they are)."""
-    lines = [",".join(CATALOGUE_FIELDS).encode()]
+    lines = [",".join(fields).encode()]
     for row in rows:
         lines.append(b",".join(value if isinstance(value, bytes) else value.encode()
-                               for value in (row[name] for name in CATALOGUE_FIELDS)))
+                               for value in (row[name] for name in fields)))
     path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
     return path
 

@@ -440,6 +440,30 @@ def test_new_model_reprocesses_exactly_the_stale_spectra(pipeline):
     assert code == 0 and "0 spectra" in out
 
 
+def test_the_summary_counts_the_spectra_dispatched_not_those_counted_before(pipeline,
+                                                                          monkeypatch):
+    """Another run estimating spectra between infer's count and its dispatch left the
+    summary and the run's record claiming spectra that were never sent (found by review)."""
+    if pipeline.mode != "sqlite-eager":
+        pytest.skip("the count is replaced in this process")
+    from etl import inference
+
+    p = pipeline
+    version = p.scalar("SELECT version FROM models WHERE status = 'current'")
+    victims = [r[0] for r in p.rows("SELECT obsid FROM estimates WHERE model_version = :v "
+                                    "ORDER BY obsid LIMIT 2", v=version)]
+    with p.engine.begin() as connection:
+        connection.execute(E.delete().where(E.c.model_version == version, E.c.obsid.in_(victims)))
+    counted = inference.count_selected
+    monkeypatch.setattr(inference, "count_selected", lambda *a, **k: counted(*a, **k) + 3)
+    code, out, err = p.infer("--stale", "--json")
+    assert code == 0, (out, err)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["selected"], summary["done"] + summary["failed"]) == (2, 2)
+    assert p.rows("SELECT n_read FROM ingest_runs WHERE kind = 'infer' AND run_id = :r",
+                  r=summary["run_id"]) == [(2,)]
+
+
 def test_batches_waiting_for_a_worker_are_not_sent_twice(pipeline):
     """No worker for longer than the stall time: the batches are still in Redis, so they
     are slow, not lost, and ``infer`` waits for them instead of sending them again."""

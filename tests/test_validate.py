@@ -469,6 +469,18 @@ def test_calibrate_repeats_makes_the_model_uncertainty_honest_on_real_repeats(
     assert "calibrate-repeats" in (tmp_path / "after" / "report.md").read_text()
 
 
+def test_calibrate_repeats_never_overwrites_an_artifact(small_model, real_dir, tmp_path, capsys):
+    """--out over a registered version's artifact left that version unloadable (its
+    recorded hash) and its estimates irreproducible (found by review)."""
+    existing = tmp_path / "registered.joblib"
+    existing.write_bytes(b"a registered version")
+    assert main(["calibrate-repeats", "--model", str(small_model), "--spectra",
+                 str(real_dir / REPEAT_TABLE[0]), "--repeat-radius", "3arcsec",
+                 "--out", str(existing)]) == 2
+    assert "exists; a model artifact is never overwritten" in capsys.readouterr().err
+    assert existing.read_bytes() == b"a registered version"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--min-stars", "100000"], "stars with two or more estimated spectra"),
     (["--register", "--model-dir", "/nonexistent-model-dir"], "not under the model directory"),

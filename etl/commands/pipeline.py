@@ -178,10 +178,11 @@ def _infer(args, url, eager):
         errors = []
         progress = _Progress(n_batches, total)
         pending = []
-        done_batches = 0
+        done_batches = dispatched = 0
         for async_result, size, obsids in inference.dispatch_batches(
                 engine, tasks.infer_batch, version, run_id, args.mode, args.batch_size,
                 args.retry_failed, args.limit, eager=eager):
+            dispatched += size
             if eager:
                 totals += inference.BatchResult.from_dict(async_result.get())
                 done_batches += 1
@@ -189,6 +190,10 @@ def _infer(args, url, eager):
             else:
                 # obsids as 8-byte integers: a 10-million-spectrum run keeps them all
                 pending.append((async_result, size, array("q", obsids)))
+        # The count above was an estimate for the progress bar: another run (the beat) may
+        # have estimated some of those spectra, or new ones arrived, before the selection
+        # was dispatched. The run accounts for what it sent.
+        total = dispatched
         if not eager and (args.no_wait or not tasks.app.conf.result_backend):
             why = "--no-wait" if args.no_wait else "no result backend"
             inference.finish_inference_run(

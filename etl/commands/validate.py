@@ -231,6 +231,11 @@ def run_calibrate_repeats(args):
     repeat_groups, repeat_radius = repeat_inputs(args)
     if os.path.abspath(args.out) == os.path.abspath(args.model):
         raise ValueError("--out must differ from --model: the calibrated model is a new version")
+    if os.path.lexists(args.out):
+        # it may be a registered version's artifact: overwritten, that version could no
+        # longer be loaded (its recorded hash) nor its estimates reproduced
+        raise ValueError(f"--out {args.out} exists; a model artifact is never overwritten: "
+                         f"choose a new file name")
     if args.register:
         artifact_under(args.model_dir, args.out)      # where the workers will load it from
     artifact = load_model(args.model)
