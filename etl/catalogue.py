@@ -2,10 +2,11 @@
 column values; converting and checking them is :mod:`etl.validation`'s job.
 
 A row the file format itself spoils -- a CSV field longer than the csv module's limit,
-a malformed quoted field, a quote left open at the end of its line -- becomes a row problem of its chunk (quarantined with the
-reason, the reading goes on with the next row), never an exception. CSV text is decoded
-as UTF-8 with undecodable bytes kept as surrogate escapes, so that the validation can
-name them and refuse the row instead of storing replacement characters.
+a malformed quoted field, a quote left open at the end of its line -- becomes a row
+problem of its chunk (quarantined with the reason, the reading goes on with the next
+row), never an exception. CSV text is decoded as UTF-8 with undecodable bytes kept as
+surrogate escapes, so that the validation can name them and refuse the row instead of
+storing replacement characters.
 """
 import csv
 import gzip
