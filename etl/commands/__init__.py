@@ -80,6 +80,12 @@ def add_url_argument(parser):
                         f"now {display_url(settings.database_url)})".replace("%", "%%"))
 
 
+def add_jobs_argument(parser):
+    """``--jobs``: worker processes, for every command that preprocesses or predicts."""
+    parser.add_argument("--jobs", type=worker_count, default=-1,
+                        help="worker processes (-1 = all cores)")
+
+
 def database_url(args):
     """The database URL of ``--url`` or LAMOST_VAC_DATABASE_URL; ValueError naming the one
     it came from when it is not a PostgreSQL or SQLite URL."""

@@ -12,8 +12,8 @@ import numpy as np
 from astropy.table import Table
 
 from etl import schema
-from etl.commands import (at_least, fraction, non_negative_float, positive_float, positive_int,
-                          worker_count)
+from etl.commands import (add_jobs_argument, at_least, fraction, non_negative_float,
+                          positive_float, positive_int)
 from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
 from etl.label_domain import add_label_domain_argument, parse_label_domain, select_label_domain
 from models.artifact import load_model, save_model
@@ -83,7 +83,7 @@ def add_training_arguments(parser):
                              "after 10 epochs, at most 2000, no input noise, training spectra "
                              "10 < SNRg <= 20 (with --ensemble 10; options given explicitly "
                              "still apply)")
-    parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
+    add_jobs_argument(parser)
     add_label_domain_argument(parser)
 
 
@@ -139,7 +139,7 @@ def _add_catalogue_arguments(parser, jobs=True):
     parser.add_argument("--spectra-root", required=True,
                         help="folder holding the spec-*.fits[.gz] files, at any depth")
     if jobs:
-        parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
+        add_jobs_argument(parser)
 
 
 def register(subparsers):

@@ -16,8 +16,8 @@ import textwrap
 import numpy as np
 from astropy import units as u
 
-from etl.commands import (add_url_argument, database_url, display_url, non_negative_float,
-                          positive_int, worker_count)
+from etl.commands import (add_jobs_argument, add_url_argument, database_url, display_url,
+                          non_negative_float, positive_int)
 from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from etl.settings import settings
 from models.artifact import load_model
@@ -71,7 +71,7 @@ def register(subparsers):
     reference.add_argument("--reference-notes", metavar="FILE",
                            help="markdown printed after the comparison (why the labels may disagree)")
     add_repeat_arguments(parser)
-    parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
+    add_jobs_argument(parser)
     parser.add_argument("--limit-per-folder", type=positive_int, default=None, metavar="N",
                         help="only the first N files of each folder (files in a repeat group or "
                              "the reference table first, repeat groups kept together): a quick subset")
@@ -217,7 +217,7 @@ def register_calibrate_repeats(subparsers):
                         help="with --register: the workers' model directory (default: "
                              "LAMOST_VAC_MODEL_DIR, now %(default)s)")
     add_url_argument(parser)
-    parser.add_argument("--jobs", type=worker_count, default=-1, help="worker processes (-1 = all cores)")
+    add_jobs_argument(parser)
     parser.set_defaults(func=run_calibrate_repeats)
 
 
