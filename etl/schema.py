@@ -317,14 +317,17 @@ models = Table(
     col("metrics", JSONDocument, ucd="stat.fit",
         description="validation metrics (bias, scatter per label, ...)"),
     col("status", String(16), nullable=False, server_default="current", ucd="meta.code.status",
-        description="current or retired"),
+        description="current (the catalogue's), pending (being estimated; current once every "
+                    "spectrum has its estimate) or retired"),
     col("code_version", String(64), ucd="meta.version",
         description="lamost-vac version that trained it"),
     col("notes", Text, description="free-text notes"),
-    CheckConstraint("status IN ('current', 'retired')", name="status"),
-    # At most one current model: the partial index works on both dialects.
+    CheckConstraint("status IN ('current', 'pending', 'retired')", name="status"),
+    # At most one current and one pending model: partial indexes work on both dialects.
     Index("uq_models_one_current", "status", unique=True,
           postgresql_where=text("status = 'current'"), sqlite_where=text("status = 'current'")),
+    Index("uq_models_one_pending", "status", unique=True,
+          postgresql_where=text("status = 'pending'"), sqlite_where=text("status = 'pending'")),
 )
 
 

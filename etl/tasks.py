@@ -223,11 +223,15 @@ def infer_batch(self, model_version, obsids, run_id, **unexpected):
 
 @app.task(bind=True, name="etl.tasks.reprocess_stale", acks_late=True, throws=(TaskRefused,))
 def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **unexpected):
-    """Beat entry: dispatch the current model's stale spectra (no estimate, no failure).
+    """Beat entry: dispatch the stale spectra (no estimate, no failure) of the pending
+    version if there is one, else of the current one.
 
-    Does not wait for the batches. Registering a new current model therefore gets the
-    whole catalogue re-estimated by the next ticks; earlier versions' rows stay.
-    Returns ``{"model_version", "run_id", "batches", "spectra"}``.
+    Does not wait for the batches. Registering a new version therefore gets the whole
+    catalogue re-estimated by the next ticks; earlier versions' rows stay. Each tick first
+    makes a pending version current if the earlier ticks' batches left none of its spectra
+    stale (:func:`etl.inference.promote_pending`), so the switch comes at most one tick
+    after its last batch. Returns ``{"model_version", "run_id", "batches", "spectra",
+    "promoted"}``.
     """
     from etl import inference
 
@@ -236,11 +240,12 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
         refuse(self, f"batch_size must be an integer in 1-{MAX_BATCH} and max_batches one in "
                f"1-{10 * REPROCESS_MAX_BATCHES}")
     engine = engine_for()
+    promoted = inference.promote_pending(engine)
     try:
         with engine.connect() as connection:
-            model = inference.model_row(connection)
+            model = inference.model_to_estimate(connection)
     except inference.NoModelError:
-        return {"model_version": None, "run_id": None, "batches": 0, "spectra": 0}
+        return {"model_version": None, "run_id": None, "batches": 0, "spectra": 0, "promoted": None}
     version = model["version"]
     run_id = inference.start_inference_run(
         engine, version, {"mode": "stale", "batch_size": batch_size, "scheduled": True})
@@ -258,7 +263,10 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
     message = (None if eager else
                f"scheduled reprocessing dispatched {batches} batches ({spectra} spectra)")
     inference.finish_inference_run(engine, run_id, totals, message=message)
-    return {"model_version": version, "run_id": run_id, "batches": batches, "spectra": spectra}
+    if eager:                               # the batches ran: promote now, not next tick
+        promoted = inference.promote_pending(engine) or promoted
+    return {"model_version": version, "run_id": run_id, "batches": batches, "spectra": spectra,
+            "promoted": promoted}
 
 
 def new_run_id() -> str:

@@ -10,9 +10,10 @@ default the method's valid domain, :mod:`etl.label_domain`) train the model.
 
 The recipe (featurise, LASSO + MLP ensembles, calibration on cross-fitted predictions) is the one of
 ``train-files`` (:func:`models.training.train_lasso_mlpnet`). The artifact goes to
-``LAMOST_VAC_MODEL_DIR/<version>.joblib``; the models row is registered as ``current`` and
-the previous current model becomes ``retired`` in the same transaction (its estimates
-stay in ``estimates``).
+``LAMOST_VAC_MODEL_DIR/<version>.joblib``; the models row is registered by
+:func:`register_model`: ``pending`` while another version is current (promoted once it has
+estimated every spectrum, so that the served catalogue is never partial), or ``current`` at
+once; the version it replaces becomes ``retired`` (its estimates stay in ``estimates``).
 """
 import os
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 from sqlalchemy import and_, func, insert, select, update
 
 from etl import db, schema
-from etl.inference import spectra_for, star_condition
+from etl.inference import lock_models, spectra_for, star_condition
 from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_label_domain,
                               select_label_domain)
 from etl.ingest import utcnow
@@ -49,6 +50,7 @@ class TrainOptions:
     jobs: int = -1
     model_params: dict = field(default_factory=dict)    # e.g. max_epochs, cv (quick trials)
     notes: Optional[str] = None
+    activate: str = "when-estimated"                    # register_model's
     # label -> (low, high), None = open side; {} = every label (etl.label_domain)
     label_domain: dict = field(default_factory=lambda: parse_label_domain(DEFAULT_LABEL_DOMAIN))
     preprocess: Optional[PreprocessConfig] = None       # default: the defaults over wave_range
@@ -118,20 +120,35 @@ def unique_version(connection, version):
     return candidate
 
 
-def register_model(engine, version, artifact_path, sha256, training, metrics, notes=None):
-    """Insert the models row as current; the previous current one becomes retired."""
+ACTIVATIONS = ("when-estimated", "now")
+
+
+def register_model(engine, version, artifact_path, sha256, training, metrics, notes=None,
+                   activate="when-estimated"):
+    """Insert the models row; returns its status.
+
+    ``activate="when-estimated"`` (the default): while another version is current, the
+    new one is ``pending`` -- the catalogue keeps serving the current version until the
+    new one has estimated every spectrum (:func:`etl.inference.promote_pending`); with no
+    current version it is current at once. ``"now"``: current at once (the served
+    catalogue holds only what it has estimated so far). The version it replaces (current,
+    or an earlier pending one) becomes ``retired``; its estimates stay.
+    """
+    if activate not in ACTIVATIONS:
+        raise ValueError(f"activate must be one of {ACTIVATIONS}, got {activate!r}")
     with engine.begin() as connection:
-        if db.is_postgres(connection):
-            # Two registrations at once: the second would wait on the first's retirement of
-            # the same row, then retire nothing and insert a second current model (refused
-            # by the one-current index after its whole training). Taken in turn instead.
-            connection.exec_driver_sql("LOCK TABLE models IN SHARE ROW EXCLUSIVE MODE")
-        connection.execute(update(schema.models).where(schema.models.c.status == "current")
+        lock_models(connection)
+        has_current = connection.execute(
+            select(schema.models.c.version).where(schema.models.c.status == "current")).first()
+        status = "pending" if activate == "when-estimated" and has_current else "current"
+        replaced = ("current", "pending") if status == "current" else ("pending",)
+        connection.execute(update(schema.models).where(schema.models.c.status.in_(replaced))
                            .values(status="retired"))
         connection.execute(insert(schema.models).values(
             version=version, created_at=utcnow(), artifact_path=os.path.abspath(artifact_path),
-            artifact_sha256=sha256, training_set=training, metrics=metrics, status="current",
+            artifact_sha256=sha256, training_set=training, metrics=metrics, status=status,
             code_version=code_version(), notes=notes))
+    return status
 
 
 def json_safe(value):
@@ -208,7 +225,7 @@ def _train(engine, options, log):
         version = unique_version(connection, new_model_version(training))
     path = os.path.join(os.path.abspath(options.model_dir), f"{version}.joblib")
     version, sha = save_model(path, model, config, training, metrics, version=version)
-    register_model(engine, version, path, sha, json_safe(training), json_safe(metrics),
-                   options.notes)
-    return {"version": version, "artifact": path, "sha256": sha,
+    status = register_model(engine, version, path, sha, json_safe(training), json_safe(metrics),
+                            options.notes, activate=options.activate)
+    return {"version": version, "status": status, "artifact": path, "sha256": sha,
             "n_train": training["n_spectra"], "metrics": metrics}

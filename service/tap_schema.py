@@ -38,7 +38,8 @@ Q3C_INDEXED = {"spectra": ("ra", "dec"), "reference_labels": ("ra", "dec")}
 TABLE_DESCRIPTIONS = {
     "spectra": "LAMOST LRS spectrum metadata, one row per obsid (Q3C index on ra, dec).",
     "estimates": "Teff, log g, [Fe/H] per spectrum and model version (every version).",
-    "models": "Registry of trained model versions; status 'current' marks the catalogue's.",
+    "models": "Registry of trained model versions; status 'current' marks the catalogue's, "
+              "'pending' one being estimated (current once every spectrum has its estimate).",
     "reference_labels": "Reference (APOGEE Payne-like) labels (Q3C index on ra, dec).",
     "crossmatch": "Every reference star within the match radius of a spectrum, ranked "
                   "by separation (match_rank = 1: best match).",

@@ -348,7 +348,8 @@ def test_two_registrations_at_once_are_taken_in_turn(catalogue_engine, tmp_path)
 
     def second_registration():
         try:
-            register_model(catalogue_engine, "reg-v3", tmp_path / "v3.joblib", "3" * 64, {}, {})
+            register_model(catalogue_engine, "reg-v3", tmp_path / "v3.joblib", "3" * 64, {}, {},
+                           activate="now")
             outcome.append("registered")
         except Exception as error:  # noqa: BLE001 -- the outcome is what is checked
             outcome.append(repr(error))
@@ -374,6 +375,81 @@ def test_two_registrations_at_once_are_taken_in_turn(catalogue_engine, tmp_path)
     with catalogue_engine.connect() as connection:
         assert dict(connection.execute(select(models.c.version, models.c.status)).all()) == {
             "reg-v1": "retired", "reg-v2": "retired", "reg-v3": "current"}
+
+
+def test_a_new_version_is_served_only_once_it_has_estimated_every_spectrum(catalogue_engine,
+                                                                           tmp_path):
+    """Registering a model made it current at once: until the whole catalogue was
+    re-estimated (about 11 hours at DR8 size) the API, TAP and export served only the part
+    it had estimated (found by review). A version registered while another is current now
+    waits as pending."""
+    from sqlalchemy.exc import IntegrityError
+
+    from etl.inference import model_to_estimate, promote_pending
+    from etl.ingest import utcnow
+    from etl.training import register_model
+
+    rows = good_catalogue_rows(3, first_obsid=4_100_000_001)
+    catalogue = tmp_path / "catalogue.csv.gz"
+    write_csv_bytes(catalogue, rows)
+    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(catalogue), "--metadata-only") == 0
+    obsids = [int(r["obsid"]) for r in rows]
+    models, now = schema.models, utcnow()
+
+    def register(version, **options):
+        return register_model(catalogue_engine, version, tmp_path / f"{version}.joblib", "0" * 64,
+                              {}, {}, **options)
+
+    def statuses():
+        with catalogue_engine.connect() as connection:
+            return dict(connection.execute(select(models.c.version, models.c.status)).all())
+
+    def estimated(version, estimates=(), failures=()):
+        with catalogue_engine.begin() as connection:
+            for obsid in estimates:
+                connection.execute(insert(schema.estimates).values(
+                    obsid=obsid, model_version=version, teff=5800.0, code_version="0",
+                    preprocessing_hash="0", run_id="r", created_at=now))
+            for obsid in failures:
+                connection.execute(insert(schema.estimate_failures).values(
+                    obsid=obsid, model_version=version, stage="read", reason="unreadable",
+                    run_id="r", created_at=now))
+
+    def served():
+        with catalogue_engine.connect() as connection:
+            return connection.execute(text("SELECT model_version, count(*) FROM v_current_estimates "
+                                           "GROUP BY model_version")).all()
+
+    assert register("p-v1") == "current"           # nothing is served yet: current at once
+    estimated("p-v1", obsids)
+    assert register("p-v2") == "pending"
+    assert statuses() == {"p-v1": "current", "p-v2": "pending"}
+    with catalogue_engine.connect() as connection:
+        assert model_to_estimate(connection)["version"] == "p-v2"       # what infer and the beat use
+    estimated("p-v2", obsids[:1], failures=obsids[1:2])
+    assert promote_pending(catalogue_engine) is None                    # one spectrum is stale
+    assert served() == [("p-v1", 3)]
+    assert register("p-v3") == "pending"           # replaces the pending one, not the current
+    assert statuses() == {"p-v1": "current", "p-v2": "retired", "p-v3": "pending"}
+    estimated("p-v3", obsids[:2], failures=obsids[2:])                 # a failure counts as done
+    assert promote_pending(catalogue_engine) == "p-v3"
+    assert statuses() == {"p-v1": "retired", "p-v2": "retired", "p-v3": "current"}
+    assert served() == [("p-v3", 2)]
+    assert promote_pending(catalogue_engine) is None
+    assert register("p-v4") == "pending"
+    assert register("p-v5", activate="now") == "current"    # current and pending both retired
+    assert {v: s for v, s in statuses().items() if s != "retired"} == {"p-v5": "current"}
+    with catalogue_engine.connect() as connection:
+        assert model_to_estimate(connection)["version"] == "p-v5"
+    with pytest.raises(ValueError, match="activate"):
+        register("p-v6", activate="later")
+    # the schema itself holds at most one pending version, and no other status
+    assert register("p-v7") == "pending"
+    for version, status in (("p-v8", "pending"), ("p-v9", "training")):
+        with pytest.raises(IntegrityError), catalogue_engine.begin() as connection:
+            connection.execute(insert(models).values(
+                version=version, created_at=now, artifact_path="/nowhere.joblib",
+                artifact_sha256="0" * 64, training_set={}, status=status))
 
 
 def test_crashed_ingest_resumes(catalogue_engine, simulated_set, monkeypatch):

@@ -86,6 +86,24 @@ def add_jobs_argument(parser):
                         help="worker processes (-1 = all cores)")
 
 
+def add_activate_argument(parser):
+    """``--activate``: when a newly registered version becomes the catalogue's."""
+    parser.add_argument(
+        "--activate", choices=("when-estimated", "now"), default="when-estimated",
+        help="when-estimated (default): while another version is current, register this one "
+        "as pending; 'infer' or the beat estimate with it and make it current once every "
+        "spectrum has its estimate (the catalogue keeps serving the current version until "
+        "then). now: current at once (the catalogue serves only what it has estimated so far)")
+
+
+def registered_message(version, status, where=""):
+    """What a command that registered ``version`` tells its user."""
+    if status == "pending":
+        return (f"registered {version} as pending{where}: it becomes current once 'lamost-vac "
+                f"infer' or the beat has estimated every spectrum with it")
+    return f"registered {version} as current{where}"
+
+
 def database_url(args):
     """The database URL of ``--url`` or LAMOST_VAC_DATABASE_URL; ValueError naming the one
     it came from when it is not a PostgreSQL or SQLite URL."""

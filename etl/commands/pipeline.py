@@ -14,8 +14,8 @@ from array import array
 from etl import db
 from etl.commands.files import (add_training_arguments, model_parameters, preprocess_config,
                                 print_held_out, training_snr_range)
-from etl.commands import (add_url_argument, database_url, display_url, non_negative_int,
-                          positive_float, positive_int)
+from etl.commands import (add_activate_argument, add_url_argument, database_url, display_url,
+                          non_negative_int, positive_float, positive_int, registered_message)
 from etl.label_domain import parse_label_domain
 from etl.settings import settings
 
@@ -34,8 +34,8 @@ def register_train(subparsers):
         "train", help="train LASSO-MLPNet on the cross-matched reference set and register it",
         description="Build the reference set from the database (best cross-match of each "
         "STAR spectrum, good labels only), train with the train-files recipe, store the "
-        "artifact in --model-dir and register the model version as current (the previous "
-        "current model is retired; its estimates stay). Prints the version.")
+        "artifact in --model-dir and register the model version (see --activate; the version "
+        "it replaces is retired, its estimates stay). Prints the version.")
     add_training_arguments(parser)
     parser.add_argument("--label-set", default=None,
                         help="reference label set (default: the only one cross-matched)")
@@ -45,6 +45,7 @@ def register_train(subparsers):
                         help="folder of the spectrum files (default: LAMOST_VAC_SPECTRA_ROOT, "
                         "else the root recorded by the ingest)")
     parser.add_argument("--notes", default=None, help="free text stored with the model")
+    add_activate_argument(parser)
     add_url_argument(parser)
     parser.set_defaults(func=run_train)
 
@@ -59,7 +60,8 @@ def run_train(args):
         wave_range=(config.wave_min, config.wave_max), preprocess=config, ensemble=args.ensemble,
         holdout=args.holdout, seed=args.seed, label_set=args.label_set,
         model_dir=args.model_dir, spectra_root=args.spectra_root, jobs=args.jobs,
-        model_params=params, notes=args.notes, label_domain=parse_label_domain(args.label_domain))
+        model_params=params, notes=args.notes, label_domain=parse_label_domain(args.label_domain),
+        activate=args.activate)
     engine = db.make_engine(database_url(args))
     try:
         result = train_from_database(engine, options)
@@ -69,8 +71,8 @@ def run_train(args):
     finally:
         engine.dispose()
     print_held_out(result["metrics"])
-    print(f"registered {result['version']} as current ({result['n_train']} training spectra; "
-          f"artifact {result['artifact']})", file=sys.stderr)
+    print(registered_message(result["version"], result["status"])
+          + f" ({result['n_train']} training spectra; artifact {result['artifact']})", file=sys.stderr)
     print(result["version"])
     return 0
 
@@ -90,8 +92,12 @@ command waits for their results (progress on stderr, summary on stdout);
 unset, they run here. A task carries only the model version, the obsids and the
 run id: each worker reads its own LAMOST_VAC_DATABASE_URL (the same database as
 --url, or it refuses the batches), LAMOST_VAC_MODEL_DIR and LAMOST_VAC_SPECTRA_ROOT.
+A pending version (registered by 'train' while another was current) becomes current
+when a run that waited for its results leaves none of its spectra stale.
 Exit status 1 when a batch raised or --timeout passed.""")
-    parser.add_argument("--model", default=None, help="model version (default: the current one)")
+    parser.add_argument("--model", default=None,
+                        help="model version (default: the pending one if a version waits for its "
+                        "estimates, else the current one)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--stale", dest="mode", action="store_const", const="stale",
                        help="only spectra without an estimate from the model (default)")
@@ -162,7 +168,7 @@ def _infer(args, url, eager):
     engine = db.make_engine(url)
     try:
         with engine.connect() as connection:
-            model = inference.model_row(connection, args.model)
+            model = inference.model_to_estimate(connection, args.model)
             version = model["version"]
             total = inference.count_selected(connection, version, args.mode, args.retry_failed)
         if args.limit is not None:
@@ -216,6 +222,7 @@ def _infer(args, url, eager):
         message = totals.text() + (f"; {len(errors)} batches raised" if errors else "") + \
             ("; timed out waiting" if timed_out else "")
         inference.finish_inference_run(engine, run_id, totals, status=status, message=message)
+        promoted = inference.promote_pending(engine) if status == "finished" else None
     except inference.NoModelError as error:
         print(f"infer: {error}", file=sys.stderr)
         return 1
@@ -224,7 +231,7 @@ def _infer(args, url, eager):
     summary = {"run_id": run_id, "model_version": version, "selected": total,
                "done": totals.done, "flagged": totals.flagged, "failed": totals.failed,
                "batch_errors": len(errors), "timed_out": timed_out,
-               "failure_reasons": totals.reasons}
+               "failure_reasons": totals.reasons, "promoted": promoted}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -234,6 +241,8 @@ def _infer(args, url, eager):
               + (", TIMED OUT (batches still queued)" if timed_out else ""))
         for reason, count in sorted(totals.reasons.items(), key=lambda kv: -kv[1])[:10]:
             print(f"  failed {count:>7} x {reason}")
+        if promoted:
+            print(f"model {promoted} has estimated every spectrum and is now current")
     for error in errors[:5]:
         print(f"batch error: {error}", file=sys.stderr)
     return 1 if (errors or timed_out) else 0

@@ -16,8 +16,9 @@ import textwrap
 import numpy as np
 from astropy import units as u
 
-from etl.commands import (add_jobs_argument, add_url_argument, database_url, display_url,
-                          non_negative_float, positive_int)
+from etl.commands import (add_activate_argument, add_jobs_argument, add_url_argument,
+                          database_url, display_url, non_negative_float, positive_int,
+                          registered_message)
 from etl.filesets import read_reference_labels, read_repeat_groups, spectrum_folders
 from etl.settings import settings
 from models.artifact import load_model
@@ -210,9 +211,10 @@ def register_calibrate_repeats(subparsers):
                         help="refuse with fewer stars having two or more estimated spectra "
                              "(default 20)")
     parser.add_argument("--register", action="store_true",
-                        help="also register the new version as the current model of the catalogue "
-                             "database (--url), so that 'infer --stale' or the beat re-estimates "
-                             "with it; --out must then lie under --model-dir")
+                        help="also register the new version in the catalogue database (--url), "
+                             "so that 'infer --stale' or the beat re-estimates with it (see "
+                             "--activate); --out must then lie under --model-dir")
+    add_activate_argument(parser)
     parser.add_argument("--model-dir", default=settings.model_dir,
                         help="with --register: the workers' model directory (default: "
                              "LAMOST_VAC_MODEL_DIR, now %(default)s)")
@@ -283,11 +285,13 @@ def run_calibrate_repeats(args):
 
         engine = db.make_engine(database_url(args))
         try:
-            register_model(engine, version, args.out, sha256, json_safe(artifact["training"]),
-                           json_safe({**(artifact.get("metrics") or {}), "repeat_levels": extra["repeat_levels"]}),
-                           notes=f"calibrate-repeats of {artifact['version']}")
+            status = register_model(
+                engine, version, args.out, sha256, json_safe(artifact["training"]),
+                json_safe({**(artifact.get("metrics") or {}), "repeat_levels": extra["repeat_levels"]}),
+                notes=f"calibrate-repeats of {artifact['version']}", activate=args.activate)
         finally:
             engine.dispose()
-        print(f"registered {version} as current in {display_url(database_url(args))}", file=sys.stderr)
+        print(registered_message(version, status, f" in {display_url(database_url(args))}"),
+              file=sys.stderr)
     print(version)
     return 0
