@@ -41,12 +41,23 @@ def run_migrations_online():
 
 
 def _run_with(connection):
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # SQLite cannot ALTER most things: a migration copies the table and drops the
+        # original (batch mode), which the foreign keys to it refuse once it holds rows.
+        # The pragma is ignored inside a transaction: off before it, the keys checked after.
+        connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
+        connection.commit()
     context.configure(connection=connection, target_metadata=target_metadata,
-                      include_object=include_object, compare_type=True,
-                      # SQLite cannot ALTER most things: later migrations copy tables.
-                      render_as_batch=connection.dialect.name == "sqlite")
+                      include_object=include_object, compare_type=True, render_as_batch=sqlite)
     with context.begin_transaction():
         context.run_migrations()
+    if sqlite:
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+        connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+        connection.commit()
+        if broken:
+            raise RuntimeError(f"the migration left rows that break a foreign key: {broken[:5]}")
 
 
 if context.is_offline_mode():

@@ -69,6 +69,53 @@ def test_downgrade_to_empty_and_upgrade_again(make_database, catalogue_url):
         engine.dispose()
 
 
+def test_migrating_the_models_table_keeps_the_estimates(make_database, catalogue_url):
+    """Migration 0008 (the pending status) copies ``models`` on SQLite; with the foreign
+    keys of the estimates on, dropping the original failed on any catalogue holding an
+    estimate, and left the copy behind (found by review)."""
+    url = make_database(catalogue_url.split(":", 1)[0].split("+")[0])
+    db.upgrade(url, "0007")
+    engine = db.make_engine(url)
+    now = "2026-12-01 00:00:00"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO spectra (obsid, ra, dec, zone) VALUES (1, 10, 20, 0)"))
+            for version, status in (("m-old", "retired"), ("m-now", "current")):
+                connection.execute(text(
+                    "INSERT INTO models (version, created_at, artifact_path, artifact_sha256, "
+                    "training_set, status) VALUES (:v, :t, '/m.joblib', :h, '{}', :s)"),
+                    {"v": version, "t": now, "h": "0" * 64, "s": status})
+                connection.execute(text(
+                    "INSERT INTO estimates (obsid, model_version, teff, code_version, "
+                    "preprocessing_hash, run_id, created_at) VALUES (1, :v, 5800, '0', '0', 'r', :t)"),
+                    {"v": version, "t": now})
+            connection.execute(text(
+                "INSERT INTO estimate_failures (obsid, model_version, stage, reason, created_at) "
+                "VALUES (1, 'm-old', 'read', 'unreadable', :t)"), {"t": now})
+        engine.dispose()
+        db.upgrade(url)
+
+        def rows():
+            with engine.connect() as connection:
+                return [connection.execute(text(query)).all() for query in (
+                    "SELECT version, status FROM models ORDER BY version",
+                    "SELECT model_version, teff FROM estimates ORDER BY model_version",
+                    "SELECT model_version FROM estimate_failures",
+                    "SELECT model_version FROM v_current_estimates")]
+
+        assert rows() == [[("m-now", "current"), ("m-old", "retired")],
+                          [("m-now", 5800.0), ("m-old", 5800.0)], [("m-old",)], [("m-now",)]]
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE models SET status = 'pending' WHERE version = 'm-old'"))
+        assert "_alembic_tmp_models" not in inspect(engine).get_table_names()
+        engine.dispose()
+        db.downgrade(url, "0007")           # a pending version goes back as retired
+        assert rows()[0] == [("m-now", "current"), ("m-old", "retired")]
+        assert rows()[1:] == [[("m-now", 5800.0), ("m-old", 5800.0)], [("m-old",)], [("m-now",)]]
+    finally:
+        engine.dispose()
+
+
 def test_read_only_access_cannot_write(catalogue_engine, catalogue_url):
     """The reader (PostgreSQL role lamost_vac_reader, the API's; SQLite opened mode=ro)
     can read every table and view but the quarantine (PostgreSQL) and cannot write."""
