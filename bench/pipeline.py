@@ -167,7 +167,7 @@ def measure(args, sim, tmp, name, url):
         cli("crossmatch", "--url", url)
         log(f"setup (ingest, crossmatch) {time.perf_counter() - t:.1f} s")
         if args.artifact:
-            from etl.training import register_model
+            from etl.registry import register_model
             from models.artifact import file_sha256, load_model, sidecar_path
 
             # workers load artifacts only from their LAMOST_VAC_MODEL_DIR: register a copy

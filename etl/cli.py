@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "etl.commands.demo",
     "etl.commands.db",
     "etl.commands.pipeline",
+    "etl.commands.model_registry",
     "service.commands",
 ]
 

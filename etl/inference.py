@@ -71,57 +71,18 @@ class NoModelError(LookupError):
 
 
 # ---------------------------------------------------------------------------------------
-# Models
-#
-# A registered version is ``current`` (the catalogue's: what the API, TAP and export serve),
-# ``pending`` (registered while another version was current: estimated by ``infer`` and
-# the beat, served only once it has estimated every spectrum) or ``retired``. Without the
-# pending step, a new version would empty the served catalogue until the whole of it was
-# re-estimated (hours at DR8 size).
-M = schema.models
-
-
+# Models (the registry and its statuses: etl.registry)
 def model_row(connection, version: Optional[str] = None):
     """The registry row of ``version`` (default: the current model)."""
-    query = select(M)
-    query = query.where(M.c.version == version) if version else query.where(M.c.status == "current")
+    models = schema.models
+    query = select(models)
+    query = query.where(models.c.version == version) if version else \
+        query.where(models.c.status == "current")
     row = connection.execute(query).mappings().first()
     if row is None:
         raise NoModelError(f"model version {version!r} is not registered" if version else
                            "no current model: run 'lamost-vac train' first")
     return row
-
-
-def model_to_estimate(connection, version: Optional[str] = None):
-    """The registry row ``infer`` and the beat estimate with: ``version`` if given, else
-    the pending version if there is one, else the current one."""
-    if version:
-        return model_row(connection, version)
-    row = connection.execute(select(M).where(M.c.status == "pending")).mappings().first()
-    return row if row is not None else model_row(connection)
-
-
-def lock_models(connection):
-    """Serialise changes of the registry's statuses (PostgreSQL; SQLite has one writer).
-
-    Two at once would otherwise each retire the same row, then both insert or promote a
-    current model: the second refused by the one-current index after its whole work."""
-    if db.is_postgres(connection):
-        connection.exec_driver_sql("LOCK TABLE models IN SHARE ROW EXCLUSIVE MODE")
-
-
-def promote_pending(engine) -> Optional[str]:
-    """Make the pending version current once it has estimated every STAR spectrum (each
-    has an estimate or a recorded failure from it: its stale set is empty); the current
-    one is retired in the same transaction. Returns the version promoted, or None."""
-    with engine.begin() as connection:
-        lock_models(connection)
-        pending = connection.execute(select(M.c.version).where(M.c.status == "pending")).scalar()
-        if pending is None or count_selected(connection, pending, "stale") > 0:
-            return None
-        connection.execute(update(M).where(M.c.status == "current").values(status="retired"))
-        connection.execute(update(M).where(M.c.version == pending).values(status="current"))
-    return pending
 
 
 _ARTIFACTS: "OrderedDict[tuple, dict]" = OrderedDict()

@@ -228,24 +228,27 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
 
     Does not wait for the batches. Registering a new version therefore gets the whole
     catalogue re-estimated by the next ticks; earlier versions' rows stay. Each tick first
-    makes a pending version current if the earlier ticks' batches left none of its spectra
-    stale (:func:`etl.inference.promote_pending`), so the switch comes at most one tick
+    makes a pending version current once the earlier ticks' batches have estimated every
+    spectrum the current version serves (:func:`etl.registry.promote_pending`), so the
+    switch comes at most one tick
     after its last batch. Returns ``{"model_version", "run_id", "batches", "spectra",
     "promoted"}``.
     """
-    from etl import inference
+    from etl import inference, registry
 
     check_arguments(self, unexpected)
     if not (_count(batch_size, MAX_BATCH) and _count(max_batches, 10 * REPROCESS_MAX_BATCHES)):
         refuse(self, f"batch_size must be an integer in 1-{MAX_BATCH} and max_batches one in "
                f"1-{10 * REPROCESS_MAX_BATCHES}")
     engine = engine_for()
-    promoted = inference.promote_pending(engine)
+    promotion = registry.promote_pending(engine)
     try:
         with engine.connect() as connection:
-            model = inference.model_to_estimate(connection)
+            model = registry.model_to_estimate(connection)
     except inference.NoModelError:
         return {"model_version": None, "run_id": None, "batches": 0, "spectra": 0, "promoted": None}
+    if promotion.blocked_by_failures():
+        logger.warning("%s", promotion.text())
     version = model["version"]
     run_id = inference.start_inference_run(
         engine, version, {"mode": "stale", "batch_size": batch_size, "scheduled": True})
@@ -263,10 +266,10 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
     message = (None if eager else
                f"scheduled reprocessing dispatched {batches} batches ({spectra} spectra)")
     inference.finish_inference_run(engine, run_id, totals, message=message)
-    if eager:                               # the batches ran: promote now, not next tick
-        promoted = inference.promote_pending(engine) or promoted
+    if eager and not promotion.promoted:    # the batches ran: promote now, not next tick
+        promotion = registry.promote_pending(engine)
     return {"model_version": version, "run_id": run_id, "batches": batches, "spectra": spectra,
-            "promoted": promoted}
+            "promoted": promotion.version if promotion.promoted else None}
 
 
 def new_run_id() -> str:

@@ -11,9 +11,8 @@ default the method's valid domain, :mod:`etl.label_domain`) train the model.
 The recipe (featurise, LASSO + MLP ensembles, calibration on cross-fitted predictions) is the one of
 ``train-files`` (:func:`models.training.train_lasso_mlpnet`). The artifact goes to
 ``LAMOST_VAC_MODEL_DIR/<version>.joblib``; the models row is registered by
-:func:`register_model`: ``pending`` while another version is current (promoted once it has
-estimated every spectrum, so that the served catalogue is never partial), or ``current`` at
-once; the version it replaces becomes ``retired`` (its estimates stay in ``estimates``).
+:func:`etl.registry.register_model`: ``pending`` while another version is current, or
+``current`` at once (``--activate``).
 """
 import os
 import sys
@@ -21,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, func, select
 
-from etl import db, schema
-from etl.inference import lock_models, spectra_for, star_condition
+from etl import schema
+from etl.inference import spectra_for, star_condition
+from etl.registry import register_model
 from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_label_domain,
                               select_label_domain)
-from etl.ingest import utcnow
-from models.artifact import code_version, new_model_version, save_model
+from models.artifact import new_model_version, save_model
 from models.labels import LABELS
 from models.pipeline import featurise_files, unfit_for_training
 from models.preprocess import PreprocessConfig
@@ -118,37 +117,6 @@ def unique_version(connection, version):
         n += 1
         candidate = f"{version}-{n}"
     return candidate
-
-
-ACTIVATIONS = ("when-estimated", "now")
-
-
-def register_model(engine, version, artifact_path, sha256, training, metrics, notes=None,
-                   activate="when-estimated"):
-    """Insert the models row; returns its status.
-
-    ``activate="when-estimated"`` (the default): while another version is current, the
-    new one is ``pending`` -- the catalogue keeps serving the current version until the
-    new one has estimated every spectrum (:func:`etl.inference.promote_pending`); with no
-    current version it is current at once. ``"now"``: current at once (the served
-    catalogue holds only what it has estimated so far). The version it replaces (current,
-    or an earlier pending one) becomes ``retired``; its estimates stay.
-    """
-    if activate not in ACTIVATIONS:
-        raise ValueError(f"activate must be one of {ACTIVATIONS}, got {activate!r}")
-    with engine.begin() as connection:
-        lock_models(connection)
-        has_current = connection.execute(
-            select(schema.models.c.version).where(schema.models.c.status == "current")).first()
-        status = "pending" if activate == "when-estimated" and has_current else "current"
-        replaced = ("current", "pending") if status == "current" else ("pending",)
-        connection.execute(update(schema.models).where(schema.models.c.status.in_(replaced))
-                           .values(status="retired"))
-        connection.execute(insert(schema.models).values(
-            version=version, created_at=utcnow(), artifact_path=os.path.abspath(artifact_path),
-            artifact_sha256=sha256, training_set=training, metrics=metrics, status=status,
-            code_version=code_version(), notes=notes))
-    return status
 
 
 def json_safe(value):

@@ -241,7 +241,7 @@ def database_estimates(catalogue_engine, edge_model, edge_set, tmp_path):
     from etl import schema
     from etl.inference import infer_obsids, start_inference_run
     from etl.ingest import SpectraIngestOptions, ingest_spectra
-    from etl.training import register_model
+    from etl.registry import register_model
 
     folder, catalogue, _, _ = edge_set
     ingest_spectra(catalogue_engine, SpectraIngestOptions(catalogue=str(catalogue), spectra_root=str(folder),

@@ -3,6 +3,7 @@ import argparse
 import csv
 import gzip
 import hashlib
+import json
 import shutil
 import time
 
@@ -338,7 +339,7 @@ def test_two_registrations_at_once_are_taken_in_turn(catalogue_engine, tmp_path)
     from sqlalchemy import update
 
     from etl.ingest import utcnow
-    from etl.training import register_model
+    from etl.registry import register_model
 
     if catalogue_engine.dialect.name != "postgresql":
         pytest.skip("SQLite takes one writer at a time anyway")
@@ -378,21 +379,23 @@ def test_two_registrations_at_once_are_taken_in_turn(catalogue_engine, tmp_path)
 
 
 def test_a_new_version_is_served_only_once_it_has_estimated_every_spectrum(catalogue_engine,
-                                                                           tmp_path):
+                                                                           tmp_path, capsys):
     """Registering a model made it current at once: until the whole catalogue was
     re-estimated (about 11 hours at DR8 size) the API, TAP and export served only the part
     it had estimated (found by review). A version registered while another is current now
-    waits as pending."""
+    waits as pending until it has an estimate of every spectrum the current one serves."""
     from sqlalchemy.exc import IntegrityError
 
-    from etl.inference import model_to_estimate, promote_pending
+    from etl.cli import main
     from etl.ingest import utcnow
-    from etl.training import register_model
+    from etl.registry import (activate_model, model_to_estimate, promote_pending, register_model,
+                              withdraw_model)
 
-    rows = good_catalogue_rows(3, first_obsid=4_100_000_001)
+    rows = good_catalogue_rows(4, first_obsid=4_100_000_001)
     catalogue = tmp_path / "catalogue.csv.gz"
-    write_csv_bytes(catalogue, rows)
-    assert run_cli(url_of(catalogue_engine), "ingest", "spectra", str(catalogue), "--metadata-only") == 0
+    write_csv_bytes(catalogue, rows[:3])
+    url = url_of(catalogue_engine)
+    assert run_cli(url, "ingest", "spectra", str(catalogue), "--metadata-only") == 0
     obsids = [int(r["obsid"]) for r in rows]
     models, now = schema.models, utcnow()
 
@@ -402,11 +405,15 @@ def test_a_new_version_is_served_only_once_it_has_estimated_every_spectrum(catal
 
     def statuses():
         with catalogue_engine.connect() as connection:
-            return dict(connection.execute(select(models.c.version, models.c.status)).all())
+            found = dict(connection.execute(select(models.c.version, models.c.status)).all())
+        return {v: s for v, s in found.items() if s != "retired"}
 
     def estimated(version, estimates=(), failures=()):
         with catalogue_engine.begin() as connection:
             for obsid in estimates:
+                connection.execute(schema.estimate_failures.delete().where(
+                    schema.estimate_failures.c.obsid == obsid,
+                    schema.estimate_failures.c.model_version == version))
                 connection.execute(insert(schema.estimates).values(
                     obsid=obsid, model_version=version, teff=5800.0, code_version="0",
                     preprocessing_hash="0", run_id="r", created_at=now))
@@ -421,31 +428,62 @@ def test_a_new_version_is_served_only_once_it_has_estimated_every_spectrum(catal
                                            "GROUP BY model_version")).all()
 
     assert register("p-v1") == "current"           # nothing is served yet: current at once
-    estimated("p-v1", obsids)
+    estimated("p-v1", obsids[:3])
     assert register("p-v2") == "pending"
     assert statuses() == {"p-v1": "current", "p-v2": "pending"}
     with catalogue_engine.connect() as connection:
         assert model_to_estimate(connection)["version"] == "p-v2"       # what infer and the beat use
     estimated("p-v2", obsids[:1], failures=obsids[1:2])
-    assert promote_pending(catalogue_engine) is None                    # one spectrum is stale
-    assert served() == [("p-v1", 3)]
+    promotion = promote_pending(catalogue_engine)
+    assert (promotion.version, promotion.promoted, promotion.missing, promotion.failed) == ("p-v2", False, 2, 1)
+    assert not promotion.blocked_by_failures() and served() == [("p-v1", 3)]
     assert register("p-v3") == "pending"           # replaces the pending one, not the current
-    assert statuses() == {"p-v1": "current", "p-v2": "retired", "p-v3": "pending"}
-    estimated("p-v3", obsids[:2], failures=obsids[2:])                 # a failure counts as done
-    assert promote_pending(catalogue_engine) == "p-v3"
-    assert statuses() == {"p-v1": "retired", "p-v2": "retired", "p-v3": "current"}
-    assert served() == [("p-v3", 2)]
-    assert promote_pending(catalogue_engine) is None
+    assert statuses() == {"p-v1": "current", "p-v3": "pending"}
+    # a spectrum the current version serves failed with the new one: it stays pending,
+    # and says why and what to do, rather than take that spectrum out of the catalogue
+    estimated("p-v3", obsids[:2], failures=obsids[2:3])
+    promotion = promote_pending(catalogue_engine)
+    assert promotion.blocked_by_failures() and "models activate p-v3" in promotion.text()
+    assert statuses() == {"p-v1": "current", "p-v3": "pending"} and served() == [("p-v1", 3)]
+    estimated("p-v3", obsids[2:3])                 # retried with success
+    assert promote_pending(catalogue_engine).promoted
+    assert statuses() == {"p-v3": "current"} and served() == [("p-v3", 3)]
+    assert promote_pending(catalogue_engine).version is None
+    # a spectrum that arrives meanwhile, served by nobody yet, does not hold a version back
+    write_csv_bytes(catalogue, rows)
+    assert run_cli(url, "ingest", "spectra", str(catalogue), "--metadata-only") == 0
     assert register("p-v4") == "pending"
-    assert register("p-v5", activate="now") == "current"    # current and pending both retired
-    assert {v: s for v, s in statuses().items() if s != "retired"} == {"p-v5": "current"}
+    estimated("p-v4", obsids[:3])
+    assert promote_pending(catalogue_engine).promoted and statuses() == {"p-v4": "current"}
+    # roll back to a retired version, and withdraw a pending one, from the command line
+    assert register("p-v5") == "pending"
+    assert main(["models", "activate", "p-v1", "--url", url]) == 0
+    assert statuses() == {"p-v1": "current"} and served() == [("p-v1", 3)]
+    assert register("p-v6") == "pending"
+    assert main(["models", "withdraw", "p-v6", "--url", url]) == 0
+    assert statuses() == {"p-v1": "current"}
+    capsys.readouterr()
+    assert main(["models", "withdraw", "p-v1", "--url", url]) == 2
+    assert "p-v1 is current: only a pending version can be withdrawn" in capsys.readouterr().err
+    assert main(["models", "activate", "p-nope", "--url", url]) == 2
+    assert "'p-nope' is not registered" in capsys.readouterr().err
+    assert main(["models", "list", "--json", "--url", url]) == 0
+    listed = {row["version"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {v: (r["status"], r["estimates"], r["failures"]) for v, r in listed.items()} == {
+        "p-v1": ("current", 3, 0), "p-v2": ("retired", 1, 1), "p-v3": ("retired", 3, 0),
+        "p-v4": ("retired", 3, 0), "p-v5": ("retired", 0, 0), "p-v6": ("retired", 0, 0)}
     with catalogue_engine.connect() as connection:
-        assert model_to_estimate(connection)["version"] == "p-v5"
+        assert model_to_estimate(connection)["version"] == "p-v1"
     with pytest.raises(ValueError, match="activate"):
-        register("p-v6", activate="later")
+        register("p-v7", activate="later")
+    assert register("p-v8", activate="now") == "current"
+    assert statuses() == {"p-v8": "current"}
+    activate_model(catalogue_engine, "p-v1")
+    with pytest.raises(ValueError, match="not registered"):
+        withdraw_model(catalogue_engine, "p-nope")
     # the schema itself holds at most one pending version, and no other status
-    assert register("p-v7") == "pending"
-    for version, status in (("p-v8", "pending"), ("p-v9", "training")):
+    assert register("p-v9") == "pending"
+    for version, status in (("p-v10", "pending"), ("p-v11", "training")):
         with pytest.raises(IntegrityError), catalogue_engine.begin() as connection:
             connection.execute(insert(models).values(
                 version=version, created_at=now, artifact_path="/nowhere.joblib",

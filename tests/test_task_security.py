@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from etl import db, inference
-from etl.training import register_model
+from etl.registry import register_model
 from models.artifact import ARTIFACT_FORMAT, file_sha256, library_versions, save_model, write_sidecar
 from models.preprocess import PreprocessConfig
 

@@ -486,6 +486,7 @@ def test_calibrate_repeats_never_overwrites_an_artifact(small_model, real_dir, t
     (["--register", "--model-dir", "/nonexistent-model-dir"], "not under the model directory"),
     (["--repeat-columns", "file=x,group=y", "--repeat-radius", "3"], "--repeat-columns"),
     (["--out", "SAME"], "--out must differ from --model"),
+    (["--activate", "now"], "--activate applies to the registration"),
 ])
 def test_calibrate_repeats_refuses_with_a_clear_message(small_model, real_dir, tmp_path, capsys,
                                                         extra, message):

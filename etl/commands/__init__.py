@@ -86,21 +86,25 @@ def add_jobs_argument(parser):
                         help="worker processes (-1 = all cores)")
 
 
-def add_activate_argument(parser):
+def add_activate_argument(parser, default="when-estimated"):
     """``--activate``: when a newly registered version becomes the catalogue's."""
+    from etl.registry import ACTIVATIONS
+
     parser.add_argument(
-        "--activate", choices=("when-estimated", "now"), default="when-estimated",
+        "--activate", choices=ACTIVATIONS, default=default,
         help="when-estimated (default): while another version is current, register this one "
-        "as pending; 'infer' or the beat estimate with it and make it current once every "
-        "spectrum has its estimate (the catalogue keeps serving the current version until "
-        "then). now: current at once (the catalogue serves only what it has estimated so far)")
+        "as pending; 'infer' and the beat estimate with it, and it becomes current once it has "
+        "an estimate of every spectrum the current version serves (the catalogue serves the "
+        "current version until then). now: current at once (the catalogue serves only what "
+        "it has estimated so far)")
 
 
 def registered_message(version, status, where=""):
     """What a command that registered ``version`` tells its user."""
     if status == "pending":
-        return (f"registered {version} as pending{where}: it becomes current once 'lamost-vac "
-                f"infer' or the beat has estimated every spectrum with it")
+        return (f"registered {version} as pending{where}: it becomes current once it has an "
+                f"estimate of every spectrum the current version serves ('lamost-vac infer', "
+                f"or the beat; 'lamost-vac models' shows and changes the statuses)")
     return f"registered {version} as current{where}"
 
 

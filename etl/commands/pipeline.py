@@ -93,7 +93,8 @@ unset, they run here. A task carries only the model version, the obsids and the
 run id: each worker reads its own LAMOST_VAC_DATABASE_URL (the same database as
 --url, or it refuses the batches), LAMOST_VAC_MODEL_DIR and LAMOST_VAC_SPECTRA_ROOT.
 A pending version (registered by 'train' while another was current) becomes current
-when a run that waited for its results leaves none of its spectra stale.
+at the end of a run once it has an estimate of every spectrum the current version
+serves (see 'lamost-vac models --help').
 Exit status 1 when a batch raised or --timeout passed.""")
     parser.add_argument("--model", default=None,
                         help="model version (default: the pending one if a version waits for its "
@@ -163,12 +164,12 @@ def run_infer(args):
 
 
 def _infer(args, url, eager):
-    from etl import inference, tasks
+    from etl import inference, registry, tasks
 
     engine = db.make_engine(url)
     try:
         with engine.connect() as connection:
-            model = inference.model_to_estimate(connection, args.model)
+            model = registry.model_to_estimate(connection, args.model)
             version = model["version"]
             total = inference.count_selected(connection, version, args.mode, args.retry_failed)
         if args.limit is not None:
@@ -205,6 +206,7 @@ def _infer(args, url, eager):
             inference.finish_inference_run(
                 engine, run_id, inference.BatchResult(selected=total),
                 message=f"dispatched {len(pending)} batches ({why}); results not collected")
+            _report_promotion(registry.promote_pending(engine))    # e.g. nothing was left to send
             print(json.dumps({"run_id": run_id, "model_version": version,
                               "dispatched_batches": len(pending), "spectra": total})
                   if args.json else f"dispatched {len(pending)} batches [run {run_id}] "
@@ -222,7 +224,7 @@ def _infer(args, url, eager):
         message = totals.text() + (f"; {len(errors)} batches raised" if errors else "") + \
             ("; timed out waiting" if timed_out else "")
         inference.finish_inference_run(engine, run_id, totals, status=status, message=message)
-        promoted = inference.promote_pending(engine) if status == "finished" else None
+        promotion = registry.promote_pending(engine) if status == "finished" else registry.Promotion()
     except inference.NoModelError as error:
         print(f"infer: {error}", file=sys.stderr)
         return 1
@@ -231,7 +233,8 @@ def _infer(args, url, eager):
     summary = {"run_id": run_id, "model_version": version, "selected": total,
                "done": totals.done, "flagged": totals.flagged, "failed": totals.failed,
                "batch_errors": len(errors), "timed_out": timed_out,
-               "failure_reasons": totals.reasons, "promoted": promoted}
+               "failure_reasons": totals.reasons,
+               "promoted": promotion.version if promotion.promoted else None}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -241,11 +244,15 @@ def _infer(args, url, eager):
               + (", TIMED OUT (batches still queued)" if timed_out else ""))
         for reason, count in sorted(totals.reasons.items(), key=lambda kv: -kv[1])[:10]:
             print(f"  failed {count:>7} x {reason}")
-        if promoted:
-            print(f"model {promoted} has estimated every spectrum and is now current")
     for error in errors[:5]:
         print(f"batch error: {error}", file=sys.stderr)
+    _report_promotion(promotion)
     return 1 if (errors or timed_out) else 0
+
+
+def _report_promotion(promotion):
+    if promotion.version is not None:
+        print(f"infer: {promotion.text()}", file=sys.stderr)
 
 
 def _stall_seconds(settings):
@@ -358,10 +365,12 @@ def run_worker(args):
 
 def register_beat(subparsers):
     parser = subparsers.add_parser(
-        "beat", help="start the scheduler that re-runs stale spectra with the current model",
+        "beat", help="start the scheduler that estimates stale spectra and switches model versions",
         description="Celery beat: every LAMOST_VAC_REPROCESS_INTERVAL_S seconds (default "
-        "3600) it queues reprocess_stale, which dispatches the spectra without an estimate "
-        "from the current model. Run exactly one beat per deployment.")
+        "3600) it queues reprocess_stale, which makes a pending model version current once "
+        "it has estimated every spectrum the current one serves, then dispatches the spectra "
+        "without an estimate from the pending version (if any, else the current one). Run "
+        "exactly one beat per deployment.")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--schedule-file", default=os.path.join("runs", "celerybeat-schedule"),
                         help="where beat keeps its last-run times (default %(default)s)")

@@ -214,7 +214,7 @@ def register_calibrate_repeats(subparsers):
                         help="also register the new version in the catalogue database (--url), "
                              "so that 'infer --stale' or the beat re-estimates with it (see "
                              "--activate); --out must then lie under --model-dir")
-    add_activate_argument(parser)
+    add_activate_argument(parser, default=None)
     parser.add_argument("--model-dir", default=settings.model_dir,
                         help="with --register: the workers' model directory (default: "
                              "LAMOST_VAC_MODEL_DIR, now %(default)s)")
@@ -238,6 +238,8 @@ def run_calibrate_repeats(args):
         # longer be loaded (its recorded hash) nor its estimates reproduced
         raise ValueError(f"--out {args.out} exists; a model artifact is never overwritten: "
                          f"choose a new file name")
+    if args.activate and not args.register:
+        raise ValueError("--activate applies to the registration: give --register too")
     if args.register:
         artifact_under(args.model_dir, args.out)      # where the workers will load it from
     artifact = load_model(args.model)
@@ -281,14 +283,16 @@ def run_calibrate_repeats(args):
     print(f"model {version} (from {artifact['version']}) -> {os.path.abspath(args.out)}", file=sys.stderr)
     if args.register:
         from etl import db
-        from etl.training import json_safe, register_model
+        from etl.registry import register_model
+        from etl.training import json_safe
 
         engine = db.make_engine(database_url(args))
         try:
             status = register_model(
                 engine, version, args.out, sha256, json_safe(artifact["training"]),
                 json_safe({**(artifact.get("metrics") or {}), "repeat_levels": extra["repeat_levels"]}),
-                notes=f"calibrate-repeats of {artifact['version']}", activate=args.activate)
+                notes=f"calibrate-repeats of {artifact['version']}",
+                activate=args.activate or "when-estimated")
         finally:
             engine.dispose()
         print(registered_message(version, status, f" in {display_url(database_url(args))}"),

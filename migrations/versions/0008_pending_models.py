@@ -3,8 +3,9 @@
 Registering a model made it current at once, so the API, TAP and ``export`` served only
 the spectra it had estimated so far until the beat had re-estimated the whole catalogue
 (about 11 hours at DR8 size). A version registered while another is current is now
-``pending``; ``infer`` and the beat estimate with it and make it current once none of its
-spectra is stale (``etl.inference.promote_pending``). At most one version is pending.
+``pending``; ``infer`` and the beat estimate with it and make it current once it has an
+estimate of every spectrum the current version serves (``etl.registry.promote_pending``).
+At most one version is pending.
 
 Revision ID: 0008
 Revises: 0007

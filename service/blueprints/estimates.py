@@ -633,7 +633,9 @@ def _page(service, args):
     next_url = None
     if page.next_cursor:
         query = {k: v for k, v in request.args.items() if k != "cursor"}
-        query["cursor"] = page.next_cursor
+        # the version of this page, named: a client paging through the default catalogue
+        # while a new version becomes current would otherwise get the rest from that one
+        query.update(model_version=page.model_version, cursor=page.next_cursor)
         next_url = f"{request.base_url}?{urlencode(query)}"
     model_version, limit = page.model_version, args["limit"]
     headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}

@@ -20,7 +20,7 @@ def parameters(limits):
 operation(
     path="/api/v1/models", operation_id="models", tags=["catalogue"],
     summary="Model versions with metrics and training sets",
-    description="Every registered model version (the current one and retired ones), "
+    description="Every registered model version (current, pending or retired), "
                 "newest first, with its validation metrics and training-set description.",
     params=parameters,
     responses={"200": {"description": "the model versions",

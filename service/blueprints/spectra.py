@@ -36,7 +36,7 @@ operation(
     path="/api/v1/spectra/{obsid}", operation_id="spectrum", tags=["catalogue"],
     summary="One spectrum with every model version's estimate and provenance",
     description="Spectrum metadata (position, S/N, LASP class, file), the estimates of "
-                "every model version (current and retired) with provenance, and failures.",
+                "every model version (current, pending and retired) with provenance, and failures.",
     params=parameters,
     responses={"200": {"description": "the spectrum", "content": content("application/json")},
                "400": {"description": "invalid obsid", **JSON_ERROR},
