@@ -67,10 +67,11 @@ PUBLISHED_LEARNING_RATE = {"teff": 9e-4, "logg": 2e-5, "feh": 3e-4}
 # The paper's configuration (``train --paper``), to compare with: the published sizes, the
 # notebook's learning rates and the scikit-learn MLPRegressor defaults it ran with (L2
 # penalty 1e-4, batches of 200, stop after 10 epochs without improvement, at most 2000),
-# no input noise, ten networks. Its training spectra are 10 < SNRg <= 20 (``PAPER_SNR_RANGE``).
+# no input noise, ten networks, each label's networks on its own LASSO pixels. Its training
+# spectra are 10 < SNRg <= 20 (``PAPER_SNR_RANGE``).
 PAPER_PARAMETERS = {"hidden": PUBLISHED_HIDDEN, "learning_rate": PUBLISHED_LEARNING_RATE,
                     "alpha": 1e-4, "batch_size": 200, "n_iter_no_change": 10, "max_epochs": 2000,
-                    "input_noise": 0.0, "n_members": 10}
+                    "input_noise": 0.0, "n_members": 10, "shared_pixels": False}
 PAPER_SNR_RANGE = (10.0, 20.0)
 OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DISTRIBUTION threshold
 # Line content (``line_content``): spectra whose lines are shallower than LINE_CONTENT_FRACTION
@@ -108,6 +109,9 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
     """One label: LASSO selection then an ensemble of sigmoid MLPs on the selected pixels.
 
     ``X`` must already be standardised (``LassoMLPNet`` does that once for all labels).
+    ``fit`` is :meth:`select` then :meth:`fit_networks`; ``LassoMLPNet`` calls them apart
+    when the networks see more pixels than the label's own selection (``shared_pixels``).
+    ``input_pixels_`` are the pixels the networks see, ``support_`` the label's selection.
     """
 
     def __init__(self, log_target=False, hidden_layer_sizes=(100, 50), alpha=1e-3,
@@ -135,12 +139,21 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         return 10.0**t if self.log_target else t
 
     def fit(self, X, y, groups=None, gram=None):
+        return self.select(X, y, groups, gram).fit_networks(X, y, groups)
+
+    def select(self, X, y, groups=None, gram=None):
+        """The LASSO selection of the label's pixels (``selector_``, ``support_``)."""
         if self.member_selection not in ("shared", "bootstrap"):
             raise ValueError(f"member_selection must be 'shared' or 'bootstrap', got {self.member_selection!r}")
-        target = self._target(y)
         selector = self.selector if self.selector is not None else LassoFeatureSelector(n_jobs=self.n_jobs)
-        self.selector_ = selector.fit(X, target, groups=groups, gram=gram)
+        self.selector_ = selector.fit(X, self._target(y), groups=groups, gram=gram)
         self.support_ = self.selector_.get_support()
+        return self
+
+    def fit_networks(self, X, y, groups=None, pixels=None):
+        """The ensemble, on ``pixels`` (bool mask; default: ``support_``). With
+        ``member_selection="bootstrap"`` every member selects its own pixels instead."""
+        target = self._target(y)
         params = dict(hidden_layer_sizes=tuple(self.hidden_layer_sizes), alpha=self.alpha,
                       learning_rate_init=self.learning_rate_init, batch_size=self.batch_size,
                       max_epochs=self.max_epochs, n_iter_no_change=self.n_iter_no_change,
@@ -156,7 +169,8 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
             self.members_ = [member for _, member in fitted]
             return self
         self.member_supports_ = None
-        X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
+        self.input_pixels_ = self.support_ if pixels is None else np.asarray(pixels, dtype=bool)
+        X_selected = np.ascontiguousarray(X[:, self.input_pixels_], dtype=np.float32)
         self.members_ = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds)
         return self
@@ -165,10 +179,15 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         """Predictions of every member, shape (n_members, n_samples), in label units."""
         supports = getattr(self, "member_supports_", None)
         if supports is None:            # one shared selection: slice the pixels once
-            X_selected = np.ascontiguousarray(X[:, self.support_], dtype=np.float32)
+            X_selected = np.ascontiguousarray(X[:, self.pixels_seen()], dtype=np.float32)
             return np.array([self._untarget(m.predict(X_selected)) for m in self.members_])
         return np.array([self._untarget(m.predict(np.ascontiguousarray(X[:, support], dtype=np.float32)))
                          for m, support in zip(self.members_, supports)])
+
+    def pixels_seen(self):
+        """The pixels the networks see (an artifact from before ``input_pixels_``: the
+        label's selection)."""
+        return getattr(self, "input_pixels_", self.support_)
 
     def predict(self, X, return_std=False):
         members = self.predict_members(X)
@@ -211,6 +230,10 @@ class LassoMLPNet(BaseEstimator):
     max_lasso_steps : int
         LARS steps of the first pass (extended while the CV minimum is cut off; see
         ``selection``).
+    shared_pixels : bool
+        The networks of every label see the pixels LASSO selected for *any* label (with
+        ``member_selection="shared"``); False: each label's own selection (the paper's).
+        Chosen by star-grouped CV on the training stars (README, "Shared pixels").
     n_jobs, random_state
 
     Attributes
@@ -233,11 +256,14 @@ class LassoMLPNet(BaseEstimator):
     # defaults of the parameters added after artifacts were first saved: an older pickled
     # model has no such attribute, and get_params() / repr() would fail on it
     learning_rate, batch_size, n_iter_no_change, member_selection = 1e-3, 128, 30, "shared"
+    shared_pixels = False
 
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
                  n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, max_epochs=400, cv=10,
-                 max_lasso_steps=1000, member_selection="shared", n_jobs=-1, random_state=0):
+                 max_lasso_steps=1000, member_selection="shared", shared_pixels=True, n_jobs=-1,
+                 random_state=0):
         self.hidden = hidden
+        self.shared_pixels = shared_pixels
         self.n_members = n_members
         self.member_selection = member_selection
         self.alpha = alpha
@@ -262,8 +288,9 @@ class LassoMLPNet(BaseEstimator):
         hidden = {**DEFAULT_HIDDEN, **(self.hidden or {})}
         rates = ({**dict.fromkeys(LABELS, 1e-3), **self.learning_rate} if isinstance(self.learning_rate, dict)
                  else dict.fromkeys(LABELS, self.learning_rate))
+        values = {label: np.asarray(labels[label], dtype=float) for label in LABELS}
         self.estimators_ = {}
-        for label in (progress or iter)(LABELS):
+        for label in LABELS:
             selector = LassoFeatureSelector(cv=self.cv, max_steps=self.max_lasso_steps, label=label,
                                             n_jobs=self.n_jobs, random_state=self.random_state)
             self.estimators_[label] = LabelEnsemble(
@@ -274,14 +301,19 @@ class LassoMLPNet(BaseEstimator):
                 n_members=self.n_members, member_selection=self.member_selection,
                 selector=selector, n_jobs=self.n_jobs,
                 random_state=self.random_state,
-            ).fit(X_scaled, np.asarray(labels[label], dtype=float), groups=groups, gram=gram)
+            ).select(X_scaled, values[label], groups=groups, gram=gram)
+        # every label's selection feeds every network: a pixel LASSO keeps for log g or
+        # [Fe/H] still tells the Teff network something (README, "Shared pixels")
+        pixels = (np.any([e.support_ for e in self.estimators_.values()], axis=0)
+                  if self.shared_pixels else None)
+        for label in (progress or iter)(LABELS):
+            self.estimators_[label].fit_networks(X_scaled, values[label], groups=groups, pixels=pixels)
         self.snr_bins_ = np.array(SNR_BINS)
         self.error_models_ = {label: None for label in LABELS}
         self.repeat_scales_ = {label: None for label in LABELS}
         self.repeat_levels_ = {}
         self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
-        self._fit_ood({label: e._target(np.asarray(labels[label], dtype=float))
-                       for label, e in self.estimators_.items()})
+        self._fit_ood({label: e._target(values[label]) for label, e in self.estimators_.items()})
         self._fit_line_content(X)
         return self
 
@@ -350,7 +382,8 @@ class LassoMLPNet(BaseEstimator):
         return out
 
     def masked_selected_fraction(self, masked):
-        """Per spectrum, the largest share of a label's LASSO-selected pixels that are masked."""
+        """Per spectrum, the largest share of a label's LASSO-selected pixels that are masked
+        (its own selection, what carries the label, also with ``shared_pixels``)."""
         masked = np.asarray(masked, dtype=bool)
         return np.max([masked[:, e.support_].mean(axis=1) for e in self.estimators_.values()], axis=0)
 

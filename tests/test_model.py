@@ -362,6 +362,28 @@ def test_lasso_mlpnet_recovers_the_labels(trained):
         assert 0 < estimator.support_.sum() < X.shape[1]
 
 
+def test_every_label_networks_see_every_label_selection(trained):
+    """shared_pixels (the default): the networks of each label read the pixels LASSO kept
+    for any label, and nothing else; a pixel only another label selected moves the
+    estimate. The paper's configuration keeps each label's own selection."""
+    model, X, _, X_test, _ = trained
+    selected = np.any([e.support_ for e in model.estimators_.values()], axis=0)
+    teff = model.estimators_["teff"]
+    assert not np.array_equal(selected, teff.support_)
+    for estimator in model.estimators_.values():
+        assert np.array_equal(estimator.input_pixels_, selected)
+        assert estimator.members_[0].coefs_[0].shape[0] == selected.sum()
+    other = np.flatnonzero(selected & ~teff.support_)[0]
+    changed = X_test.copy()
+    changed[:, other] += 3.0
+    assert not np.allclose(teff.predict(model.scaler_.transform(changed)),
+                           teff.predict(model.scaler_.transform(X_test)))
+    changed = X_test.copy()
+    changed[:, np.flatnonzero(~selected)] += 3.0          # pixels nobody selected: no effect
+    assert np.allclose(teff.predict(model.scaler_.transform(changed)),
+                       teff.predict(model.scaler_.transform(X_test)))
+
+
 def test_model_uncertainty_is_the_std_of_the_members(trained):
     model, _, _, X_test, _ = trained                 # not calibrated (``calibrated`` is a copy)
     predicted = model.predict(X_test, snrg=np.full(len(X_test), 15.0))
@@ -422,6 +444,7 @@ def test_paper_configuration_reaches_every_network():
         assert tuple(estimator.hidden_layer_sizes) == PUBLISHED_HIDDEN[label]
         assert (estimator.alpha, estimator.batch_size, estimator.n_iter_no_change,
                 estimator.input_noise) == (1e-4, 200, 10, 0.0)
+        assert np.array_equal(estimator.input_pixels_, estimator.support_)    # its own pixels
         for member in estimator.members_:
             assert member.learning_rate_init == PUBLISHED_LEARNING_RATE[label]
             assert [w.shape[1] for w in member.coefs_[:2]] == list(PUBLISHED_HIDDEN[label])
