@@ -62,16 +62,13 @@ def register_model(engine, version, artifact_path, sha256, training, metrics, no
     with engine.begin() as connection:
         lock_models(connection)
         waits = activate == "when-estimated" and _version_with(connection, "current") is not None
-        connection.execute(update(M).where(M.c.status == "pending").values(status="retired"))
+        status, replaced = ("pending", ("pending",)) if waits else ("current", ("current", "pending"))
+        connection.execute(update(M).where(M.c.status.in_(replaced)).values(status="retired"))
         connection.execute(insert(M).values(
             version=version, created_at=utcnow(), artifact_path=os.path.abspath(artifact_path),
-            artifact_sha256=sha256, training_set=training, metrics=metrics, status="retired",
+            artifact_sha256=sha256, training_set=training, metrics=metrics, status=status,
             code_version=code_version(), notes=notes))
-        if waits:
-            connection.execute(update(M).where(M.c.version == version).values(status="pending"))
-        else:
-            _make_current(connection, version)
-    return "pending" if waits else "current"
+    return status
 
 
 def model_to_estimate(connection, version: Optional[str] = None):
@@ -122,7 +119,8 @@ class Promotion:
                     f"version serves failed with it (estimate_failures); retry them with 'infer "
                     f"--retry-failed', or switch anyway with 'lamost-vac models activate "
                     f"{self.version}'")
-        return f"model {self.version} is pending: {self.missing} spectra to estimate"
+        return (f"model {self.version} is pending: {self.missing} spectra the current version "
+                f"serves have no estimate from it yet" + (f" ({self.failed} failed)" if self.failed else ""))
 
 
 def promote_pending(engine) -> Promotion:
