@@ -466,9 +466,29 @@ def test_spectrum_with_every_model_version(client, cat):
         assert response.status_code == 400 and response.get_json()["parameter"] == "obsid"
 
 
+def test_a_pending_version_is_reported_and_not_served(client, service_db):
+    """A version being estimated (pending) is named by /api/v1/models and /health, and the
+    catalogue keeps serving the current one."""
+    engine = db.make_engine(service_db[0])
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE models SET status = 'pending' WHERE version = :v"),
+                               {"v": RETIRED})
+        document = client.get("/api/v1/models").get_json()
+        assert (document["current"], document["pending"]) == (CURRENT, RETIRED)
+        assert client.get("/health").get_json()["database"]["pending_model"] == RETIRED
+        served = client.get("/api/v1/estimates?limit=10000&columns=model_version").get_json()["rows"]
+        assert {r["model_version"] for r in served} == {CURRENT}
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE models SET status = 'retired' WHERE version = :v"),
+                               {"v": RETIRED})
+        engine.dispose()
+
+
 def test_models(client):
     document = client.get("/api/v1/models").get_json()
-    assert document["current"] == CURRENT
+    assert document["current"] == CURRENT and document["pending"] is None
     assert [m["version"] for m in document["models"]] == [CURRENT, RETIRED]
     assert document["models"][0]["metrics"]["teff"]["scatter"] == 90.0
     assert document["models"][0]["training_set"]["n_stars"] == 2000

@@ -43,9 +43,13 @@ def list_models():
     parse(parameters(service.limits), request.args)
     with service.engine.connect() as connection:
         models = model_rows(connection)
-    current = [m["version"] for m in models if m["status"] == "current"]
+    def version_with(status):
+        return next((m["version"] for m in models if m["status"] == status), None)
+
     return formats.json_response({
-        "current": current[0] if current else None,
+        "current": version_with("current"),
+        # being estimated; current once it has estimated every spectrum the current serves
+        "pending": version_with("pending"),
         "models": models,
         "columns": {d.name: {"unit": d.unit, "ucd": d.ucd, "description": d.description}
                     for d in (schema.describe_column(c) for c in MODEL_COLUMNS)},

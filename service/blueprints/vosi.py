@@ -63,6 +63,8 @@ def _check_database():
             connection.execute(text("SELECT 1")).scalar()
             details["current_model"] = connection.execute(
                 current_model_version().element).scalar()
+            details["pending_model"] = connection.execute(
+                select(schema.models.c.version).where(schema.models.c.status == "pending")).scalar()
             try:
                 details["schema_revision"] = connection.execute(
                     text("SELECT version_num FROM alembic_version")).scalar()
