@@ -310,6 +310,11 @@ def copy_rows(connection, table_name, columns, rows):
                 copy.write_row(row)
 
 
+def null_safe_differs(connection) -> str:
+    """The dialect's "differs" operator that compares NULL as a value."""
+    return "IS DISTINCT FROM" if is_postgres(connection) else "IS NOT"
+
+
 def merge_staging(connection, table_name, staging, columns, key_columns, compare_columns,
                   keep_when_null, total):
     """Upsert the ``total`` rows of a staging table into ``table_name``: every non-key
@@ -318,7 +323,7 @@ def merge_staging(connection, table_name, staging, columns, key_columns, compare
     update_columns = [c for c in columns if c not in key_columns]
     keep_when_null = set(keep_when_null)
     postgres = is_postgres(connection)
-    distinct = "IS DISTINCT FROM" if postgres else "IS NOT"    # null-safe "differs"
+    distinct = null_safe_differs(connection)
 
     def incoming(column, new, old):
         return f'COALESCE({new}."{column}", {old}."{column}")' if column in keep_when_null \

@@ -9,8 +9,8 @@ Selection
     failure is retried only with ``retry_failed``, so a broken file is not re-read at
     every scheduled pass). An ingest that changes what an estimate is computed from
     (``etl.ingest.ESTIMATE_INPUT_COLUMNS``: the file, z, SNRg, class, subclass) deletes the
-    spectrum's estimates and failures, so it is stale again. Batches are runs of consecutive obsids (neighbouring obsids
-    are neighbouring files of the same plate).
+    spectrum's estimates and failures, so it is stale again. Batches are runs of
+    consecutive obsids (neighbouring obsids are neighbouring files of the same plate).
 
 Spectrum files
     ``spectra.file_path`` is relative to a spectra root. The root of each spectrum is, in

@@ -636,7 +636,7 @@ def _upsert_spectra(connection, rows):
 def _merge_spectra(connection, staging, total):
     """Merge the staged spectra rows (a NULL keeps the stored value), first deleting the
     estimates and failures of the stored spectra whose estimate inputs change."""
-    distinct = "IS DISTINCT FROM" if db.is_postgres(connection) else "IS NOT"
+    distinct = db.null_safe_differs(connection)
     changed = " OR ".join(f's."{c}" IS NOT NULL AND s."{c}" {distinct} t."{c}"'
                           for c in ESTIMATE_INPUT_COLUMNS)
     for table in (schema.estimates, schema.estimate_failures):

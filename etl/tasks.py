@@ -230,9 +230,8 @@ def reprocess_stale(self, batch_size=500, max_batches=REPROCESS_MAX_BATCHES, **u
     catalogue re-estimated by the next ticks; earlier versions' rows stay. Each tick first
     makes a pending version current once the earlier ticks' batches have estimated every
     spectrum the current version serves (:func:`etl.registry.promote_pending`), so the
-    switch comes at most one tick
-    after its last batch. Returns ``{"model_version", "run_id", "batches", "spectra",
-    "promoted"}``.
+    switch comes at most one tick after its last batch. Returns ``{"model_version",
+    "run_id", "batches", "spectra", "promoted"}``.
     """
     from etl import inference, registry
 

@@ -304,8 +304,7 @@ class LassoMLPNet(BaseEstimator):
             ).select(X_scaled, values[label], groups=groups, gram=gram)
         # every label's selection feeds every network: a pixel LASSO keeps for log g or
         # [Fe/H] still tells the Teff network something (README, "Shared pixels")
-        pixels = (np.any([e.support_ for e in self.estimators_.values()], axis=0)
-                  if self.shared_pixels else None)
+        pixels = self.selected_pixels() if self.shared_pixels else None
         for label in (progress or iter)(LABELS):
             self.estimators_[label].fit_networks(X_scaled, values[label], groups=groups, pixels=pixels)
         self.snr_bins_ = np.array(SNR_BINS)
@@ -317,10 +316,13 @@ class LassoMLPNet(BaseEstimator):
         self._fit_line_content(X)
         return self
 
+    def selected_pixels(self):
+        """The pixels LASSO selected for any label."""
+        return np.any([e.support_ for e in self.estimators_.values()], axis=0)
+
     # -- line content (module doc) --------------------------------------------------------------
     def _fit_line_content(self, X):
-        selected = np.any([e.support_ for e in self.estimators_.values()], axis=0)
-        self.line_profile_ = np.where(selected, 1.0 - X.mean(axis=0), 0.0)
+        self.line_profile_ = np.where(self.selected_pixels(), 1.0 - X.mean(axis=0), 0.0)
         content = self.line_content(X)
         self.line_content_threshold_ = LINE_CONTENT_FRACTION * float(
             np.quantile(content, LINE_CONTENT_QUANTILE))
