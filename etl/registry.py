@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import case, exists, func, insert, select, update
 
 from etl import db, schema
 from etl.inference import NoModelError, model_row
@@ -80,21 +80,15 @@ def model_to_estimate(connection, version: Optional[str] = None):
     return row if row is not None else model_row(connection)
 
 
-def _served_without(pending, failed=False):
+def _served_without(pending):
     """SELECT of the spectra the current version serves that have no estimate from
-    ``pending`` (``failed``: only those with a recorded failure from it)."""
+    ``pending``: (obsid, failed), ``failed`` 1 where it recorded a failure for it."""
     served = E.alias("served")
     current = select(M.c.version).where(M.c.status == "current").scalar_subquery()
-    query = select(served.c.obsid).where(
+    failed = exists().where(F.c.obsid == served.c.obsid, F.c.model_version == pending)
+    return select(served.c.obsid, case((failed, 1), else_=0).label("failed")).where(
         served.c.model_version == current,
         ~exists().where(E.c.obsid == served.c.obsid, E.c.model_version == pending))
-    if failed:
-        query = query.where(exists().where(F.c.obsid == served.c.obsid, F.c.model_version == pending))
-    return query
-
-
-def _count(connection, query) -> int:
-    return connection.execute(select(func.count()).select_from(query.subquery())).scalar_one()
 
 
 @dataclass
@@ -133,8 +127,10 @@ def promote_pending(engine) -> Promotion:
             return Promotion()
         # the check runs without the lock: it scans the catalogue (seconds at DR8 size)
         if connection.execute(select(exists(_served_without(pending)))).scalar():
-            return Promotion(pending, False, _count(connection, _served_without(pending)),
-                             _count(connection, _served_without(pending, failed=True)))
+            missing = _served_without(pending).subquery()      # counted in one pass
+            n_missing, n_failed = connection.execute(
+                select(func.count(), func.coalesce(func.sum(missing.c.failed), 0))).one()
+            return Promotion(pending, False, n_missing, n_failed)
         current = _version_with(connection, "current")
     with engine.begin() as connection:
         lock_models(connection)
