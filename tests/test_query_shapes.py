@@ -237,23 +237,87 @@ def test_slow_shapes_are_refused_up_front_naming_the_parameter(make_app, query, 
     assert len(reads) == 1 and "FROM models" in reads[0], statements
 
 
-def test_a_walk_cut_by_the_budget_is_refused_naming_the_filter(make_app, catalogue):
+def hottest_first(cat):
+    """Indexes of the catalogue's estimates with a Teff in ``order=-teff`` (ties by obsid)."""
+    order = np.lexsort((-cat["obsid"], -np.where(cat["teff_null"], -np.inf, cat["teff"])))
+    return order[~cat["teff_null"][order]]
+
+
+def walk_statements(statements):
+    return [s for s in statements if "_walked" in s]
+
+
+def test_a_walk_whose_scout_finds_too_few_rows_is_refused_there(make_app, catalogue):
     """The planner takes filters as independent of the order; when they are not (the
-    hottest stars are no giants), the walk stops at the budget and the page is refused."""
+    hottest stars are no giants), the first eighth of the budget shows it: the page is
+    refused after that scout, with the rows it found, without walking the rest."""
     _, cat = catalogue
     budget = 300
+    scout = -(-budget // api.SCOUT_SHARE)
     app = make_app(budget)
     query = "order=-teff&logg_max=1.6&limit=5"
     args = arguments(app, query)
     with app.extensions["lamost_vac"].engine.connect() as connection:
         assert api.read_path(connection, args, CURRENT, budget).kind == api.WALK
-    hottest = np.argsort(-np.where(cat["teff_null"], -np.inf, cat["teff"]))[:budget]
-    assert sum(1 for i in hottest if cat["logg"][i] <= 1.6) < 6
-    response = app.test_client().get(f"/api/v1/estimates?{query}")
+    passes = cat["logg"][hottest_first(cat)] <= 1.6
+    assert passes[:scout].sum() * budget < 6 * scout       # too few at the scout's rate
+    with statements_run(app) as statements:
+        response = app.test_client().get(f"/api/v1/estimates?{query}")
     assert response.status_code == 400
     document = response.get_json()
     assert document["parameter"] == "logg_max", document
-    assert f"of the first {budget} rows pass logg_max:" in document["error"], document
+    assert (f"{passes[:scout].sum()} of the first {scout} rows pass logg_max, so fewer than "
+            f"a page (5 rows) of the first {budget} would:") in document["error"], document
+    assert len(walk_statements(statements)) == 1
+
+
+def test_a_walk_goes_on_from_its_scout_to_the_end_of_the_budget(make_app, catalogue):
+    """A scout whose rate could fill the page within the budget is followed by the rest
+    of the walk, from the scout's last row: the page is the first rows of the whole
+    selection in order, none lost or repeated at the seam."""
+    _, cat = catalogue
+    budget, limit = 300, 15
+    scout = -(-budget // api.SCOUT_SHARE)
+    app = make_app(budget)
+    order = hottest_first(cat)
+    passes = cat["feh"][order] <= -2.0
+    assert passes[:scout].sum() * budget >= (limit + 1) * scout
+    assert scout < np.flatnonzero(passes)[limit] < budget        # filled after the scout
+    with statements_run(app) as statements:
+        response = app.test_client().get(
+            f"/api/v1/estimates?order=-teff&feh_max=-2&limit={limit}&columns=obsid")
+    assert response.status_code == 200, response.get_json()
+    document = response.get_json()
+    got = [row["obsid"] for row in document["rows"]]
+    assert got == cat["obsid"][order[passes]][:limit].tolist()
+    assert len(walk_statements(statements)) == 2 and document["next"]
+
+
+def test_a_walk_cut_by_the_budget_after_its_scout_is_refused(make_app, catalogue):
+    """The scout's rate may promise more than the rest of the walk keeps (from this cursor
+    on, the dwarfs thin out as Teff falls): the page is refused once the budget is walked."""
+    _, cat = catalogue
+    budget, limit = 300, 50
+    scout = -(-budget // api.SCOUT_SHARE)
+    app = make_app(budget)
+    order = hottest_first(cat)
+    at = order[799]
+    cursor = cursor_for("-teff", float(cat["teff"][at]), int(cat["obsid"][at]))
+    query = f"order=-teff&logg_min=4&limit={limit}&cursor={cursor}"
+    passes = cat["logg"][order[800:]] >= 4.0
+    assert passes[:scout].sum() * budget >= (limit + 1) * scout
+    assert passes[:budget].sum() < limit + 1
+    args = arguments(app, query)
+    with app.extensions["lamost_vac"].engine.connect() as connection:
+        assert api.read_path(connection, args, CURRENT, budget).kind == api.WALK
+    with statements_run(app) as statements:
+        response = app.test_client().get(f"/api/v1/estimates?{query}")
+    assert response.status_code == 400
+    document = response.get_json()
+    assert document["parameter"] == "logg_min", document
+    assert f"fewer than a page ({limit} rows) of the first {budget} rows pass logg_min:" \
+        in document["error"], document
+    assert len(walk_statements(statements)) == 2
 
 
 def test_a_cone_or_a_page_in_index_order_is_never_estimated(make_app):

@@ -105,7 +105,8 @@ def parameters(limits):
 ORDER_INDEXES = (
     "Without a cone, the orders {indexed} are read from an index, at any depth with the "
     "cursor; a filter on another column is checked on at most {budget} rows of that index "
-    "for one page. Other orders, and filters that keep too few rows in the order, are "
+    "for one page (refused after the first eighth of them if too few of those pass to "
+    "fill the page at that rate). Other orders, and filters that keep too few rows in the order, are "
     "answered for selections whose narrowest range (teff, logg, feh, snrg) holds at most "
     "{budget} rows, which are sorted; anything else is refused (400) with what to narrow.")
 
@@ -524,20 +525,54 @@ _NARROW = (f"Narrow a range on {', '.join(INDEXED_RANGES)} (the narrowest one co
            f"add a cone (ra, dec, radius)")
 
 
-def _walked_rows(connection, args, path, rows, wanted):
-    """The rows of a WALK part (without its marks), or the refusal when the walk was cut
-    before ``wanted`` rows passed the filters (:func:`_driven_query`)."""
-    cut = any(row._walked == path.walk_rows for row in rows)
-    rows = [row[:-4] + row[-2:] for row in rows if row._passes]
-    if cut and len(rows) < wanted:
-        refuse_sparse_walk(connection, args, path.walk_rows)
-    return rows
+SCOUT_SHARE = 8
+"""A walk first reads 1/SCOUT_SHARE of the read budget (:func:`_walk`)."""
 
 
-def refuse_sparse_walk(connection, args, budget, estimated=False):
+def _walk(connection, args, model_version, names, nulls, wanted, path):
+    """The rows of one WALK part, the walk in two stages. The *scout* reads the first
+    1/:data:`SCOUT_SHARE` of the budget; a page it fills (or an order it reaches the end
+    of) is answered. When fewer of its rows passed the filters than, at that rate, the
+    whole budget would need to fill the page, the page is refused there, after an eighth
+    of the reading: the up-front estimate takes the order as independent of the filters,
+    and where it is not (the metal-rich dwarfs are rarer among the best spectra) the walk
+    learns the real rate from the scout. Otherwise the rest of the budget is walked from
+    the scout's last row, and the page is refused if that does not fill it either."""
+    budget = path.walk_rows
+    scout = ReadPath(WALK, path.table, max(1, -(-budget // SCOUT_SHARE)))
+
+    def walked(part_args, part_path, rows):
+        statement = build_query(connection, part_args, model_version, names, nulls=nulls,
+                                rows=rows, path=part_path)
+        return _walked_rows(connection.execute(statement).all(), part_path)
+
+    found, last = walked(args, scout, wanted)
+    rest = budget - scout.walk_rows
+    if last is None or len(found) >= wanted:
+        return found
+    if rest <= 0 or len(found) * budget < wanted * scout.walk_rows:
+        refuse_sparse_walk(connection, args, budget, scouted=(len(found), scout.walk_rows))
+    cursor = encode_cursor(args["order"], last._sort_key, last._obsid_key)
+    more, last = walked(dict(args, cursor=cursor), ReadPath(WALK, path.table, rest),
+                        wanted - len(found))
+    if last is not None and len(found) + len(more) < wanted:
+        refuse_sparse_walk(connection, args, budget)
+    return found + more
+
+
+def _walked_rows(rows, path):
+    """(the rows of a WALK statement that passed its filters, without their marks; its
+    last walked row when the walk was cut at ``path.walk_rows``, else None)
+    (:func:`_driven_query`)."""
+    last = next((row for row in rows if row._walked == path.walk_rows), None)
+    return [row[:-4] + row[-2:] for row in rows if row._passes], last
+
+
+def refuse_sparse_walk(connection, args, budget, estimated=False, scouted=None):
     """The filters keep too few rows in the order to fill a page within ``budget`` rows of
-    the index -- as the WALK path found, or, with ``estimated``, as the planner's
-    estimate says before it runs: say which filters to narrow (:class:`ParamError`)."""
+    the index -- as the WALK path found, as its scout's (passed, walked) rows
+    ``scouted`` project, or, with ``estimated``, as the planner's estimate says before
+    it runs: say which filters to narrow (:class:`ParamError`)."""
     order = args["order"]
     order_name = order.lstrip("-")
     filters = selection_filters(connection, args, None, catalogue_expressions(connection, None))
@@ -548,9 +583,15 @@ def refuse_sparse_walk(connection, args, budget, estimated=False):
         if filtered else ""
     names = ", ".join(p for f in others for p in f.parameters)
     found = "are estimated to pass" if estimated else "pass"
+    if scouted is None:
+        measured = (f"fewer than a page ({args['limit']} rows) of the first {budget:,} "
+                    f"rows {found} {names}")
+    else:
+        measured = (f"{scouted[0]:,} of the first {scouted[1]:,} rows pass {names}, so "
+                    f"fewer than a page ({args['limit']} rows) of the first {budget:,} "
+                    f"would")
     raise ParamError(others[0].parameters[0],
-                     f"in order={order}, fewer than a page ({args['limit']} rows) of the "
-                     f"first {budget:,} rows {found} {names}: the selection is too sparse "
+                     f"in order={order}, {measured}: the selection is too sparse "
                      f"in that order to read a page from the index, and too large to sort "
                      f"(more than {budget:,} rows). {_NARROW}{by_filtered}, or use "
                      f"/tap/async for the whole selection")
@@ -612,10 +653,12 @@ def query_page(service, args, names=None) -> Page:
         rows = []
         for nulls in page_parts(args):
             wanted = limit + 1 - len(rows)
-            part = connection.execute(build_query(connection, args, model_version, names,
-                                                  nulls=nulls, rows=wanted, path=path)).all()
             if path.kind == WALK:
-                part = _walked_rows(connection, args, path, part, wanted)
+                part = _walk(connection, args, model_version, names, nulls, wanted, path)
+            else:
+                part = connection.execute(build_query(connection, args, model_version, names,
+                                                      nulls=nulls, rows=wanted,
+                                                      path=path)).all()
             rows += part
             if len(rows) > limit:
                 break
