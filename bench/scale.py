@@ -57,7 +57,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.api import (RAW_Q3C, footprint_positions, free_port, http_get,  # noqa: E402
-                       percentiles, raw_sql_latency, real_positions, start_gunicorn, stop)
+                       percentiles, raw_sql_latency, real_positions, scs_equivalent_sql,
+                       start_gunicorn, stop)
 from bench.ingest import load_labels  # noqa: E402
 from bench.throwaway_db import throwaway_database  # noqa: E402
 from etl import db, schema  # noqa: E402
@@ -440,13 +441,23 @@ def measure_queries(port, reader_url, ra, dec, old_version, options, rng):
         report[name] = measure_shape(port, Pages(first), options.repeat,
                                      options.shape_budget_s)
         log(f"{name}: {report[name]}")
-    raw = {}
+    # Two raw references per cone: the bare positions (what the issue names), and the very
+    # statement /scs runs (join to the current estimates, its columns, MAXREC), prepared
+    # with a generic plan as the service does -- the price of the same rows in SQL, so the
+    # ratio to it is what HTTP, the VOTable and the service add.
+    raw, scs_sql = {}, scs_equivalent_sql()
     for name, radius in CONES_DEG.items():
         timings, rows = raw_sql_latency(reader_url, positions[1:], radius, RAW_Q3C, warmup=1)
-        raw[name] = dict(percentiles(timings), rows_mean=round(float(np.mean(rows)), 1))
+        same, same_rows = raw_sql_latency(reader_url, positions[1:], radius, scs_sql,
+                                          generic=True, warmup=1)
+        raw[name] = dict(percentiles(timings), rows_mean=round(float(np.mean(rows)), 1),
+                         scs_statement=dict(percentiles(same),
+                                            rows_mean=round(float(np.mean(same_rows)), 1)))
         scs = report[f"/scs {name}"]
         if scs.get("p50_ms"):
             raw[name]["scs_p50_over_raw_p50"] = round(scs["p50_ms"] / raw[name]["p50_ms"], 2)
+            raw[name]["scs_p50_over_scs_statement_p50"] = round(
+                scs["p50_ms"] / raw[name]["scs_statement"]["p50_ms"], 2)
     return report, raw
 
 
@@ -561,6 +572,10 @@ def markdown(report):
     for name, entry in report["raw_sql_cones"].items():
         lines.append(f"| raw q3c_radial_query {name} | p50 {entry['p50_ms']} ms "
                      f"(/scs p50 / raw p50: {entry.get('scs_p50_over_raw_p50')}) |")
+        lines.append(f"| /scs's own statement in SQL, {name} "
+                     f"({entry['scs_statement']['rows_mean']:g} rows) | "
+                     f"p50 {entry['scs_statement']['p50_ms']} ms (/scs p50 / its SQL p50: "
+                     f"{entry.get('scs_p50_over_scs_statement_p50')}) |")
     for fmt, entry in report["exports"].items():
         lines.append(f"| export {fmt} ({entry['rows']:,} rows) | {entry['seconds']} s "
                      f"({entry['rows_per_s']:,} rows/s), peak RSS {entry['peak_rss_mb']} MB |")
