@@ -14,10 +14,9 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from etl.catalogue import read_table
+from etl.catalogue import read_label_table, read_table
 from etl.ingest import (FLAT_LABEL_NAMES, LABELS_BY_NAME, LabelsIngestOptions, SpectrumIndex,
-                        UnsafePathError, find_column, label_arrays, parse_column_mapping,
-                        read_label_table)
+                        UnsafePathError, find_column, label_arrays, parse_column_mapping)
 from etl.validation import convert_column
 from models.flags import missing_value
 from models.labels import LABELS

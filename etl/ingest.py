@@ -65,11 +65,9 @@ import numpy as np
 from sqlalchemy import insert, select, update
 
 from etl import db, schema
-from etl.catalogue import (CatalogueChunk, is_fits_file, iter_catalogue_chunks,  # noqa: F401
-                           read_label_table, read_table)
-from etl.spectrum_files import (SPECTRUM_FILE, SPECTRUM_NAME, FileInfo,  # noqa: F401
-                                SpectrumIndex, UnsafePathError, inspect_file, inspect_files,
-                                resolve_under_root, standard_name)
+from etl.catalogue import CatalogueChunk, iter_catalogue_chunks, read_table
+from etl.spectrum_files import (FileInfo, SpectrumIndex, UnsafePathError, inspect_files,
+                                standard_name)
 from etl.validation import convert_column
 from models.artifact import code_version
 

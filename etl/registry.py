@@ -170,7 +170,6 @@ def withdraw_model(engine, version):
         connection.execute(update(M).where(M.c.version == version).values(status="retired"))
 
 
-
 def model_versions(engine) -> list:
     """Every registered version, newest first: version, status, created_at, code_version,
     and its numbers of estimates and failures."""

@@ -206,7 +206,10 @@ def _infer(args, url, eager):
             inference.finish_inference_run(
                 engine, run_id, inference.BatchResult(selected=total),
                 message=f"dispatched {len(pending)} batches ({why}); results not collected")
-            _report_promotion(registry.promote_pending(engine))    # e.g. nothing was left to send
+            if not pending:     # nothing left to send: the pending version may be complete
+                _report_promotion(registry.promote_pending(engine))
+            # (batches sent now are estimated later: the beat promotes then; checking now
+            # would scan the catalogue only to say the version is not complete yet)
             print(json.dumps({"run_id": run_id, "model_version": version,
                               "dispatched_batches": len(pending), "spectra": total})
                   if args.json else f"dispatched {len(pending)} batches [run {run_id}] "
