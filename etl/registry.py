@@ -20,6 +20,7 @@ from typing import Optional
 from sqlalchemy import case, exists, func, insert, select, update
 
 from etl import db, schema
+from etl.histogram_cells import CELL_HISTOGRAMS, KIEL_AXES
 from etl.inference import NoModelError, model_row
 from etl.ingest import utcnow
 from models.artifact import code_version
@@ -174,11 +175,19 @@ def model_versions(engine) -> list:
     """Every registered version, newest first: version, status, created_at, code_version,
     and its numbers of estimates and failures."""
     counted = {}
+    cells = schema.estimate_cells.c
+    # estimates are counted from their Kiel-diagram cells, which the triggers keep exact
+    # and which hold every estimate once (NULL labels in a bin of their own): ~100,000
+    # cells per version instead of its 10 M estimates at DR8 size
+    by_version = {
+        "estimates": select(cells.model_version, func.sum(cells.n))
+        .where(cells.histogram == CELL_HISTOGRAMS.index(KIEL_AXES))
+        .group_by(cells.model_version),
+        "failures": select(F.c.model_version, func.count()).group_by(F.c.model_version)}
     with engine.connect() as connection:
-        for table, name in ((E, "estimates"), (F, "failures")):
-            for version, n in connection.execute(
-                    select(table.c.model_version, func.count()).group_by(table.c.model_version)):
-                counted.setdefault(version, {})[name] = n
+        for name, statement in by_version.items():
+            for version, n in connection.execute(statement):
+                counted.setdefault(version, {})[name] = int(n)
         rows = connection.execute(select(M.c.version, M.c.status, M.c.created_at, M.c.code_version)
                                   .order_by(M.c.created_at.desc(), M.c.version)).mappings().all()
     return [{**row, "estimates": counted.get(row["version"], {}).get("estimates", 0),
