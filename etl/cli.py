@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
 from etl.commands import database_url, display_url
 from etl.settings import settings
@@ -49,15 +49,27 @@ def main(argv=None):
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, IncompatibleArtifactError, OperationalError,
-            InterfaceError) as error:
+            InterfaceError, ProgrammingError) as error:
         # bad input named in the message; LAMOST_VAC_DEBUG=1 shows the traceback instead
-        if settings.debug:
+        # (and any other SQL error is ours: a traceback)
+        if settings.debug or (isinstance(error, ProgrammingError) and not _missing_table(error)):
             raise
-        if isinstance(error, (OperationalError, InterfaceError)):
+        if isinstance(error, (OperationalError, InterfaceError, ProgrammingError)):
             # the database is down, unreachable or refused us: name it (without password)
-            error = f"database {display_url(database_url(args))}: {_first_line(error.orig)}"
+            url, missing = display_url(database_url(args)), _missing_table(error)
+            error = f"database {url}: {_first_line(error.orig)}"
+            if missing:
+                error += ("; it holds no catalogue, or an older one: create or update its "
+                          f"tables with 'lamost-vac db upgrade --url {url}'")
         print(f"lamost-vac {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _missing_table(error) -> bool:
+    """Whether a database error says a table of the catalogue does not exist (SQLSTATE
+    42P01 on PostgreSQL, "no such table" on SQLite)."""
+    original = getattr(error, "orig", error)
+    return getattr(original, "sqlstate", None) == "42P01" or "no such table" in str(original)
 
 
 def _first_line(error):

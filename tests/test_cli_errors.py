@@ -160,3 +160,18 @@ def test_a_bad_number_is_refused_by_the_parser_naming_its_option(argv, says):
     command = " ".join(argv[:2] if argv[0] == "ingest" else argv[:1])
     assert code == 2
     assert err.strip().splitlines()[-1] == f"lamost-vac {command}: error: {says}"
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("argv", [["models", "list"], ["export", "--format", "csv", "--out", "{tmp}/vac.csv"],
+                                  ["crossmatch"]])
+def test_a_database_without_the_catalogue_says_to_upgrade_it(make_database, dialect, argv, tmp_path):
+    """An empty database (a new SQLite file, a PostgreSQL database nobody upgraded) was a
+    SQLAlchemy traceback on PostgreSQL and 'no such table' on SQLite: one line naming the
+    database and the command that makes the catalogue."""
+    url = make_database(dialect)
+    code, out, err = run_main([a.format(tmp=tmp_path) for a in argv] + ["--url", url])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lamost-vac {argv[0]}: error: database "), err
+    assert lines[0].endswith(f"create or update its tables with 'lamost-vac db upgrade --url {url}'"), err
