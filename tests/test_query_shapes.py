@@ -260,7 +260,7 @@ def test_a_walk_whose_scout_finds_too_few_rows_is_refused_there(make_app, catalo
     with app.extensions["lamost_vac"].engine.connect() as connection:
         assert api.read_path(connection, args, CURRENT, budget).kind == api.WALK
     passes = cat["logg"][hottest_first(cat)] <= 1.6
-    assert passes[:scout].sum() * budget < 6 * scout       # too few at the scout's rate
+    assert passes[:scout].sum() * budget < 5 * scout       # too few at the scout's rate
     with statements_run(app) as statements:
         response = app.test_client().get(f"/api/v1/estimates?{query}")
     assert response.status_code == 400
@@ -291,6 +291,31 @@ def test_a_walk_goes_on_from_its_scout_to_the_end_of_the_budget(make_app, catalo
     got = [row["obsid"] for row in document["rows"]]
     assert got == cat["obsid"][order[passes]][:limit].tolist()
     assert len(walk_statements(statements)) == 2 and document["next"]
+
+
+def test_a_scout_short_of_the_rate_still_reads_an_order_that_ends_within_the_budget(
+        make_app, catalogue):
+    """Near the end of the order (and in its part of NULL Teffs) fewer rows remain than
+    the budget: the walk would not be cut, so a scout's low rate is no reason to refuse --
+    the rest is read and the short last page answered (found by review)."""
+    _, cat = catalogue
+    budget, limit = 300, 50
+    scout = -(-budget // api.SCOUT_SHARE)
+    app = make_app(budget)
+    order = hottest_first(cat)
+    at = order[-151]                                    # 150 rows with a Teff remain
+    passes = cat["logg"][order[-150:]] >= 4.0
+    assert passes[:scout].sum() * budget < limit * scout
+    nulls = np.flatnonzero(cat["teff_null"])
+    nulls = nulls[np.argsort(-cat["obsid"][nulls])]     # order=-teff: NULLs by obsid, descending
+    expected = [*cat["obsid"][order[-150:][passes]], *cat["obsid"][nulls[cat["logg"][nulls] >= 4.0]]]
+    assert 0 < len(expected) < limit
+    cursor = cursor_for("-teff", float(cat["teff"][at]), int(cat["obsid"][at]))
+    response = app.test_client().get(f"/api/v1/estimates?order=-teff&logg_min=4&limit={limit}"
+                                     f"&columns=obsid&cursor={cursor}")
+    assert response.status_code == 200, response.get_json()
+    document = response.get_json()
+    assert [row["obsid"] for row in document["rows"]] == expected and document["next"] is None
 
 
 def test_a_walk_cut_by_the_budget_after_its_scout_is_refused(make_app, catalogue):

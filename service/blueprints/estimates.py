@@ -361,18 +361,16 @@ def _driven_query(bind, args, model_version, names, nulls, rows, path):
         return driving.c.obsid if name == "obsid" else CATALOGUE[name].expression
 
     sort_inside = on_driving(order_name)
-    inner_conditions = [version] if driving is estimates else []
     if path.kind == WALK:
-        inner_conditions += [f.condition for f in own if f.column == order_name]
+        inner_conditions, ordering = _walk_range(bind, args, model_version, nulls, driving)
     else:
+        inner_conditions = [version] if driving is estimates else []
         inner_conditions += [f.condition for f in own if f.column and on_driving(f.column)]
-    if sort_inside:
-        inner_conditions += part_conditions(args, own_column(order_name), driving.c.obsid,
-                                            nulls)
+        if sort_inside:
+            inner_conditions += part_conditions(args, own_column(order_name),
+                                                driving.c.obsid, nulls)
     inner = select(*_named_columns(driving)).where(and_(true(), *inner_conditions))
     if path.kind == WALK:
-        ordering = _ordering(own_column(order_name), driving.c.obsid, order_name, descending,
-                             nulls)
         driven = (inner.add_columns(func.row_number().over(order_by=ordering).label("_walked"))
                   .order_by(*ordering).limit(path.walk_rows).subquery("walked"))
     else:
@@ -415,6 +413,29 @@ def _driven_query(bind, args, model_version, names, nulls, rows, path):
             .where(and_(true(), *outer_conditions))
             .order_by(*_ordering(sort, driven.c.obsid, order_name, descending, nulls))
             .limit(rows))
+
+
+def _walk_range(bind, args, model_version, nulls, driving):
+    """(conditions, ORDER BY) of the rows a WALK reads from ``driving``, its sort index in
+    order: the model version (of estimates), the order column's own range, the part of
+    the order (:func:`page_parts`) and where the cursor left off in it."""
+    order_name = args["order"].lstrip("-")
+    column = driving.c.obsid if order_name == "obsid" else CATALOGUE[order_name].expression
+    own = selection_filters(bind, args, None, catalogue_expressions(bind, None))
+    conditions = [estimates.c.model_version == model_version] if driving is estimates else []
+    conditions += [f.condition for f in own if f.column == order_name]
+    conditions += part_conditions(args, column, driving.c.obsid, nulls)
+    return conditions, _ordering(column, driving.c.obsid, order_name,
+                                 args["order"].startswith("-"), nulls)
+
+
+def _walk_rows_ahead(connection, args, model_version, nulls, driving, at_most) -> int:
+    """How many rows, up to ``at_most``, a WALK of ``args`` would read (the index alone:
+    no filter on another column, no row of the other table)."""
+    conditions, ordering = _walk_range(connection, args, model_version, nulls, driving)
+    ahead = (select(driving.c.obsid).where(and_(true(), *conditions)).order_by(*ordering)
+             .limit(at_most).subquery("ahead"))
+    return connection.execute(select(func.count()).select_from(ahead)).scalar()
 
 
 # ---------------------------------------------------------------------------------------
@@ -550,11 +571,16 @@ def _walk(connection, args, model_version, names, nulls, wanted, path):
     rest = budget - scout.walk_rows
     if last is None or len(found) >= wanted:
         return found
-    if rest <= 0 or len(found) * budget < wanted * scout.walk_rows:
+    rest_args = dict(args, cursor=encode_cursor(args["order"], last._sort_key, last._obsid_key))
+    # the page is full without the row that only tells whether there is a next page
+    full_page = max(wanted - 1, 1)
+    if (rest <= 0 or len(found) * budget < full_page * scout.walk_rows) and \
+            _walk_rows_ahead(connection, rest_args, model_version, nulls, path.table,
+                             rest) >= rest:
+        # (an order, or its part of NULLs, that ends within the budget is read to its end:
+        # the walk would not be cut, and a short last page is an answer)
         refuse_sparse_walk(connection, args, budget, scouted=(len(found), scout.walk_rows))
-    cursor = encode_cursor(args["order"], last._sort_key, last._obsid_key)
-    more, last = walked(dict(args, cursor=cursor), ReadPath(WALK, path.table, rest),
-                        wanted - len(found))
+    more, last = walked(rest_args, ReadPath(WALK, path.table, rest), wanted - len(found))
     if last is not None and len(found) + len(more) < wanted:
         refuse_sparse_walk(connection, args, budget)
     return found + more
