@@ -52,24 +52,26 @@ def main(argv=None):
             InterfaceError, ProgrammingError) as error:
         # bad input named in the message; LAMOST_VAC_DEBUG=1 shows the traceback instead
         # (and any other SQL error is ours: a traceback)
-        if settings.debug or (isinstance(error, ProgrammingError) and not _missing_table(error)):
+        if settings.debug or (isinstance(error, ProgrammingError) and not _older_schema(error)):
             raise
         if isinstance(error, (OperationalError, InterfaceError, ProgrammingError)):
             # the database is down, unreachable or refused us: name it (without password)
-            url, missing = display_url(database_url(args)), _missing_table(error)
+            url, older = display_url(database_url(args)), _older_schema(error)
             error = f"database {url}: {_first_line(error.orig)}"
-            if missing:
+            if older:
                 error += ("; it holds no catalogue, or an older one: create or update its "
                           f"tables with 'lamost-vac db upgrade --url {url}'")
         print(f"lamost-vac {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 
-def _missing_table(error) -> bool:
-    """Whether a database error says a table of the catalogue does not exist (SQLSTATE
-    42P01 on PostgreSQL, "no such table" on SQLite)."""
+def _older_schema(error) -> bool:
+    """Whether a database error says a table or column of the catalogue does not exist:
+    no catalogue, or one from an older release (SQLSTATE 42P01 and 42703 on PostgreSQL,
+    "no such table" and "no such column" on SQLite)."""
     original = getattr(error, "orig", error)
-    return getattr(original, "sqlstate", None) == "42P01" or "no such table" in str(original)
+    return (getattr(original, "sqlstate", None) in ("42P01", "42703")
+            or any(m in str(original) for m in ("no such table", "no such column")))
 
 
 def _first_line(error):

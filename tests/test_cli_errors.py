@@ -175,3 +175,25 @@ def test_a_database_without_the_catalogue_says_to_upgrade_it(make_database, dial
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lamost-vac {argv[0]}: error: database "), err
     assert lines[0].endswith(f"create or update its tables with 'lamost-vac db upgrade --url {url}'"), err
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_catalogue_missing_a_column_says_to_upgrade_it(make_database, dialect):
+    """A table without a column the code reads (a catalogue altered by hand, or one a
+    release ahead of its migrations) was a traceback on PostgreSQL (SQLSTATE 42703): the
+    same one line as a missing table."""
+    from sqlalchemy import create_engine
+
+    from etl import db
+
+    url = make_database(dialect)
+    db.upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE models DROP COLUMN code_version")
+    engine.dispose()
+    code, _, err = run_main(["models", "list", "--url", url])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "code_version" in lines[0], err
+    assert lines[0].endswith(f"create or update its tables with 'lamost-vac db upgrade --url {url}'"), err
