@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.throwaway_db import throwaway_database  # noqa: E402
 from etl import db, schema  # noqa: E402
 from etl.crossmatch import CrossmatchOptions, crossmatch  # noqa: E402
-from etl.ingest import SpectraIngestOptions, ingest_spectra, spectra_row  # noqa: E402
+from etl.ingest import SpectraIngestOptions, ingest_spectra  # noqa: E402
 from etl.settings import settings  # noqa: E402
 
 CATALOGUE_FIELDS = ["obsid", "designation", "lmjd", "mjd", "planid", "spid", "fiberid", "ra",

@@ -41,7 +41,6 @@ import statistics
 import sys
 import tempfile
 import time
-from urllib.parse import urlencode
 
 import numpy as np
 

@@ -149,7 +149,6 @@ def test_postgresql_copy_export_is_the_row_export(pg_release_db, tmp_path, fmt):
     """On PostgreSQL the server formats the rows (COPY); the result is the table the
     row-by-row writers (the SQLite path) give: same values, same missing cells."""
     import numpy as np
-    from astropy.table import Table
 
     from etl import db
     from etl.export import export_catalogue
@@ -204,8 +203,6 @@ def as_float(column):
 def test_copy_export_of_a_model_version_that_needs_escaping(pg_release_db, tmp_path):
     """A model version with quotes, '&', '<', a comma and a backslash reaches every format
     intact."""
-    from astropy.table import Table
-
     from etl import db
     from etl.export import export_catalogue
 

@@ -44,7 +44,7 @@ from service.blueprints import spectra as spectra_api
 from service.blueprints.models import model_rows
 from service.catalogue import CATALOGUE, HISTOGRAM_BINS
 from service.db import is_statement_timeout
-from service.errors import error_response, wants_html
+from service.errors import error_response
 from service.openapi import ParamError, parse
 from service.state import is_small_cone, large_query, state
 

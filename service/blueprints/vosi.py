@@ -17,6 +17,7 @@ from etl import schema
 from service import formats
 from service.blueprints import datalink, pages
 from service.catalogue import current_model_version
+from service.errors import wants_html
 from service.openapi import build_document, content, operation, parse
 from service.state import LIMITS_DESCRIPTION, state
 
@@ -195,7 +196,7 @@ def openapi_document():
 def index():
     """The service description for JSON clients (and those without a preference); a
     browser gets the catalogue's search page."""
-    if pages.wants_html():
+    if wants_html():
         return pages.search_page()
     parse(no_parameters(None), request.args)
     base = request.host_url.rstrip("/")
