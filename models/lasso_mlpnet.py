@@ -58,10 +58,16 @@ SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 # of them trains in a fraction of the time of one published net. What did matter is noise
 # injection: star-grouped 3-fold CV on the training stars only (bench/tune_lasso_mlpnet.py)
 # gave CV MAE Teff 153 -> 141 K, log g 0.418 -> 0.362, [Fe/H] 0.223 -> 0.181 dex going
-# from no noise to 1.0 (0.5, 1.5, 2 and 3 were worse than 1.0 on every label).
+# from no noise to 1.0 (0.5, 1.5, 2 and 3 were worse than 1.0 on every label). That noise
+# is in standardised units: every pixel as noisy relative to its spread over the training
+# spectra, which drowns the pixels that vary little between stars. Noise in flux units
+# instead (``flux_noise``: every pixel as noisy as an observation's, ~1/SNR) was measured
+# the same way and not adopted (README, "Noise in flux units"): no level beat 1.0
+# standardised on every label and SNRg range.
 PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
+DEFAULT_FLUX_NOISE = 0.0
 # The authors' notebook's Adam learning rates, per label.
 PUBLISHED_LEARNING_RATE = {"teff": 9e-4, "logg": 2e-5, "feh": 3e-4}
 # The paper's configuration (``train --paper``), to compare with: the published sizes, the
@@ -71,13 +77,24 @@ PUBLISHED_LEARNING_RATE = {"teff": 9e-4, "logg": 2e-5, "feh": 3e-4}
 # spectra are 10 < SNRg <= 20 (``PAPER_SNR_RANGE``).
 PAPER_PARAMETERS = {"hidden": PUBLISHED_HIDDEN, "learning_rate": PUBLISHED_LEARNING_RATE,
                     "alpha": 1e-4, "batch_size": 200, "n_iter_no_change": 10, "max_epochs": 2000,
-                    "input_noise": 0.0, "n_members": 10, "shared_pixels": False}
+                    "input_noise": 0.0, "flux_noise": 0.0, "n_members": 10, "shared_pixels": False}
 PAPER_SNR_RANGE = (10.0, 20.0)
 OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DISTRIBUTION threshold
 # Line content (``line_content``): spectra whose lines are shallower than LINE_CONTENT_FRACTION
 # of the training spectra's LINE_CONTENT_QUANTILE quantile are flagged OUT_OF_DISTRIBUTION
 LINE_CONTENT_QUANTILE = 0.01
 LINE_CONTENT_FRACTION = 0.5
+
+
+def per_label(value, default):
+    """A parameter given once for every label, or as a dict label -> value (labels it
+    leaves out take ``default``'s): the dict of every label."""
+    if not isinstance(value, dict):
+        return dict.fromkeys(LABELS, value)
+    unknown = sorted(set(value) - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown labels {unknown}; the labels are {list(LABELS)}")
+    return {**(default if isinstance(default, dict) else dict.fromkeys(LABELS, default)), **value}
 
 
 def star_parameters(raw):
@@ -112,12 +129,16 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
     ``fit`` is :meth:`select` then :meth:`fit_networks`; ``LassoMLPNet`` calls them apart
     when the networks see more pixels than the label's own selection (``shared_pixels``).
     ``input_pixels_`` are the pixels the networks see, ``support_`` the label's selection.
+    ``input_noise`` is in standardised units, ``flux_noise`` in those of the pixels before
+    standardisation (``fit_networks``'s ``pixel_scale``); their variances add.
     """
+
+    flux_noise = 0.0        # an artifact from before flux_noise has none
 
     def __init__(self, log_target=False, hidden_layer_sizes=(100, 50), alpha=1e-3,
                  learning_rate_init=1e-3, batch_size=128, max_epochs=400, n_iter_no_change=30,
-                 input_noise=0.0, n_members=10, member_selection="shared", selector=None,
-                 n_jobs=-1, random_state=0):
+                 input_noise=0.0, flux_noise=0.0, n_members=10, member_selection="shared",
+                 selector=None, n_jobs=-1, random_state=0):
         self.log_target = log_target
         self.hidden_layer_sizes = hidden_layer_sizes
         self.alpha = alpha
@@ -126,6 +147,7 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         self.max_epochs = max_epochs
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
+        self.flux_noise = flux_noise
         self.n_members = n_members
         self.member_selection = member_selection
         self.selector = selector
@@ -150,9 +172,13 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         self.support_ = self.selector_.get_support()
         return self
 
-    def fit_networks(self, X, y, groups=None, pixels=None):
+    def fit_networks(self, X, y, groups=None, pixels=None, pixel_scale=None):
         """The ensemble, on ``pixels`` (bool mask; default: ``support_``). With
-        ``member_selection="bootstrap"`` every member selects its own pixels instead."""
+        ``member_selection="bootstrap"`` every member selects its own pixels instead.
+        ``pixel_scale``: each column's std before standardisation, which ``flux_noise``
+        needs."""
+        if self.flux_noise and (pixel_scale is None or self.member_selection == "bootstrap"):
+            raise ValueError("flux_noise needs pixel_scale and member_selection='shared'")
         target = self._target(y)
         params = dict(hidden_layer_sizes=tuple(self.hidden_layer_sizes), alpha=self.alpha,
                       learning_rate_init=self.learning_rate_init, batch_size=self.batch_size,
@@ -170,6 +196,9 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
             return self
         self.member_supports_ = None
         self.input_pixels_ = self.support_ if pixels is None else np.asarray(pixels, dtype=bool)
+        if self.flux_noise:     # one std per pixel, in its standardised units
+            params["input_noise"] = np.hypot(
+                self.input_noise, self.flux_noise / np.asarray(pixel_scale)[self.input_pixels_])
         X_selected = np.ascontiguousarray(X[:, self.input_pixels_], dtype=np.float32)
         self.members_ = Parallel(n_jobs=self.n_jobs)(
             delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds)
@@ -221,10 +250,14 @@ class LassoMLPNet(BaseEstimator):
         Adam's initial learning rate (one for every label, or per label).
     batch_size, n_iter_no_change : mini-batch size; epochs without improvement of the
         early-stopping loss before training stops.
-    input_noise : float
+    input_noise : float or dict label -> float
         Gaussian noise (in units of each standardised pixel's std) added to the networks'
         training inputs (see ``networks``); chosen by star-grouped CV on training stars
         (``bench/tune_lasso_mlpnet.py``).
+    flux_noise : float or dict label -> float
+        Gaussian noise in units of the continuum-normalised flux (as an observation's: 1/SNR
+        per pixel) added to the same inputs; its variance adds to ``input_noise``'s. None
+        by default (measured by the same CV, not better).
     cv : int
         Folds of the LASSO cross-validation.
     max_lasso_steps : int
@@ -256,10 +289,12 @@ class LassoMLPNet(BaseEstimator):
     # defaults of the parameters added after artifacts were first saved: an older pickled
     # model has no such attribute, and get_params() / repr() would fail on it
     learning_rate, batch_size, n_iter_no_change, member_selection = 1e-3, 128, 30, "shared"
+    flux_noise = 0.0
     shared_pixels = False
 
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
-                 n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, max_epochs=400, cv=10,
+                 n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, flux_noise=DEFAULT_FLUX_NOISE,
+                 max_epochs=400, cv=10,
                  max_lasso_steps=1000, member_selection="shared", shared_pixels=True, n_jobs=-1,
                  random_state=0):
         self.hidden = hidden
@@ -271,6 +306,7 @@ class LassoMLPNet(BaseEstimator):
         self.batch_size = batch_size
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
+        self.flux_noise = flux_noise
         self.max_epochs = max_epochs
         self.cv = cv
         self.max_lasso_steps = max_lasso_steps
@@ -286,8 +322,9 @@ class LassoMLPNet(BaseEstimator):
         X_scaled = self.scaler_.transform(X)
         gram = X_scaled.T @ X_scaled          # shared by the three LASSO selections
         hidden = {**DEFAULT_HIDDEN, **(self.hidden or {})}
-        rates = ({**dict.fromkeys(LABELS, 1e-3), **self.learning_rate} if isinstance(self.learning_rate, dict)
-                 else dict.fromkeys(LABELS, self.learning_rate))
+        rates = per_label(self.learning_rate, 1e-3)
+        input_noise = per_label(self.input_noise, DEFAULT_INPUT_NOISE)
+        flux_noise = per_label(self.flux_noise, DEFAULT_FLUX_NOISE)
         values = {label: np.asarray(labels[label], dtype=float) for label in LABELS}
         self.estimators_ = {}
         for label in LABELS:
@@ -296,7 +333,8 @@ class LassoMLPNet(BaseEstimator):
             self.estimators_[label] = LabelEnsemble(
                 log_target=(label == "teff"), hidden_layer_sizes=hidden[label], alpha=self.alpha,
                 learning_rate_init=rates[label], batch_size=self.batch_size,
-                n_iter_no_change=self.n_iter_no_change, input_noise=self.input_noise,
+                n_iter_no_change=self.n_iter_no_change, input_noise=input_noise[label],
+                flux_noise=flux_noise[label],
                 max_epochs=self.max_epochs,
                 n_members=self.n_members, member_selection=self.member_selection,
                 selector=selector, n_jobs=self.n_jobs,
@@ -306,7 +344,8 @@ class LassoMLPNet(BaseEstimator):
         # [Fe/H] still tells the Teff network something (README, "Shared pixels")
         pixels = self.selected_pixels() if self.shared_pixels else None
         for label in (progress or iter)(LABELS):
-            self.estimators_[label].fit_networks(X_scaled, values[label], groups=groups, pixels=pixels)
+            self.estimators_[label].fit_networks(X_scaled, values[label], groups=groups, pixels=pixels,
+                                                 pixel_scale=self.scaler_.scale_)
         self.snr_bins_ = np.array(SNR_BINS)
         self.error_models_ = {label: None for label in LABELS}
         self.repeat_scales_ = {label: None for label in LABELS}

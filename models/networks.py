@@ -99,9 +99,10 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Fraction of the stars held out to decide when to stop (whole stars: ``groups``).
     n_iter_no_change : int, default=20
         Epochs without improvement of the validation loss before stopping.
-    input_noise : float, default=0.0
+    input_noise : float or array of shape (n_features,), default=0.0
         Standard deviation of the Gaussian noise added to each training mini-batch's
-        (standardised) inputs; 0 turns it off. Validation and prediction see clean inputs.
+        (standardised) inputs, one for every feature or one per feature; 0 turns it off.
+        Validation and prediction see clean inputs.
     random_state : int or None, default=None
         Seed of the initialisation, the mini-batch order, the noise and the held-out stars.
 
@@ -151,7 +152,8 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
              f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}"),
             (int(self.n_iter_no_change) == self.n_iter_no_change and self.n_iter_no_change >= 1,
              f"n_iter_no_change must be a positive integer, got {self.n_iter_no_change!r}"),
-            (self.input_noise >= 0, f"input_noise must be >= 0, got {self.input_noise!r}"),
+            (np.all(np.asarray(self.input_noise) >= 0) and np.ndim(self.input_noise) <= 1,
+             f"input_noise must be >= 0 (a number or one per feature), got {self.input_noise!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -196,6 +198,9 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         if X.ndim != 2 or len(X) != len(y) or len(y) < 2:
             raise ValueError(f"need X of shape (n_samples >= 2, n_features) and y of "
                              f"n_samples, got {X.shape} and {y.shape}")
+        if np.ndim(self.input_noise) == 1 and np.size(self.input_noise) != X.shape[1]:
+            raise ValueError(f"input_noise has {np.size(self.input_noise)} values for "
+                             f"{X.shape[1]} features")
         self.y_mean_, self.y_scale_ = float(y.mean()), float(y.std() or 1.0)
         target = ((y - self.y_mean_) / self.y_scale_).astype(np.float32)
         train, valid = group_holdout(len(y), groups, self.validation_fraction, rng)
@@ -228,8 +233,8 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             inputs = X_train[batch]
-            if self.input_noise:
-                inputs = inputs + np.float32(self.input_noise) * rng.standard_normal(
+            if np.any(self.input_noise):
+                inputs = inputs + np.asarray(self.input_noise, dtype=np.float32) * rng.standard_normal(
                     inputs.shape, dtype=np.float32)
             grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
             optimizer.update_params(grad_w + grad_b)

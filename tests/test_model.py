@@ -275,6 +275,23 @@ def test_mlp_input_noise_shrinks_like_its_tikhonov_equivalent():
     assert slopes[1.0] == pytest.approx(0.5, abs=0.1)
 
 
+def test_mlp_input_noise_per_feature_shrinks_only_the_noisy_feature():
+    # y = x1 + x2: with noise of std 1 on x1 only, the best predictor is x1 / 2 + x2 --
+    # what one noise level per feature (the flux noise of LassoMLPNet) must give.
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((3000, 2))
+    y = X.sum(axis=1)
+    model = SigmoidMLPRegressor(hidden_layer_sizes=(16, 8), learning_rate_init=1e-2, max_epochs=200,
+                                n_iter_no_change=20, input_noise=np.array([1.0, 0.0]),
+                                random_state=0).fit(X, y)
+    X_test = rng.standard_normal((500, 2))
+    slopes = np.linalg.lstsq(np.column_stack([X_test, np.ones(500)]), model.predict(X_test),
+                             rcond=None)[0][:2]
+    np.testing.assert_allclose(slopes, [0.5, 1.0], atol=0.1)
+    with pytest.raises(ValueError, match="input_noise has 3 values for 2 features"):
+        SigmoidMLPRegressor(input_noise=np.ones(3)).fit(X, y)
+
+
 def test_adam_step_matches_scikit_learn():
     from sklearn.neural_network._stochastic_optimizers import AdamOptimizer as SkAdam
 
@@ -307,7 +324,8 @@ def test_mlp_whose_validation_loss_is_never_finite_warns_instead_of_crashing():
 @pytest.mark.parametrize("param, value", [
     ("hidden_layer_sizes", (0, 5)), ("hidden_layer_sizes", ()), ("alpha", -1.0),
     ("learning_rate_init", 0.0), ("batch_size", 0), ("max_epochs", 0),
-    ("validation_fraction", 1.0), ("n_iter_no_change", 0), ("input_noise", -0.5)])
+    ("validation_fraction", 1.0), ("n_iter_no_change", 0), ("input_noise", -0.5),
+    ("input_noise", np.array([0.5, -0.1, 0.0]))])
 def test_mlp_refuses_invalid_parameters_by_name(param, value):
     X, y = np.zeros((10, 3)), np.arange(10.0)
     with pytest.raises(ValueError, match=param):
@@ -418,6 +436,25 @@ def test_a_one_network_ensemble_has_no_spread_and_bad_sizes_are_refused():
             LassoMLPNet(hidden=SMALL_HIDDEN, n_members=bad, n_jobs=1).fit(X, labels, groups=stars)
 
 
+def test_flux_noise_is_per_pixel_in_units_of_the_normalised_flux():
+    """``flux_noise`` 0.06 for log g: each log g network's inputs get 0.06 in units of the
+    normalised flux, i.e. 0.06 / (the pixel's std over the training spectra) once
+    standardised, added in quadrature to ``input_noise``; the other labels keep theirs."""
+    rng = np.random.default_rng(6)
+    X, labels, stars = synthetic_spectra(rng, 20, 2)
+    model = LassoMLPNet(n_members=2, cv=3, max_epochs=3, input_noise={"feh": 0.5},
+                        flux_noise={"logg": 0.06}, n_jobs=1).fit(X, labels, groups=stars)
+    for label, estimator in model.estimators_.items():
+        scale = model.scaler_.scale_[estimator.input_pixels_]
+        expected = {"teff": np.full(scale.size, 1.0), "feh": np.full(scale.size, 0.5),
+                    "logg": np.hypot(1.0, 0.06 / scale)}[label]
+        for member in estimator.members_:
+            np.testing.assert_allclose(np.broadcast_to(member.input_noise, expected.shape), expected,
+                                       rtol=1e-6)
+    with pytest.raises(ValueError, match=r"unknown labels \['mass'\]"):
+        LassoMLPNet(flux_noise={"mass": 0.1}).fit(X, labels)
+
+
 def test_paper_configuration_reaches_every_network():
     """``train --paper``: the published sizes, the notebook's per-label learning rates and
     the MLPRegressor defaults the authors ran with reach each label's networks."""
@@ -443,9 +480,10 @@ def test_paper_configuration_reaches_every_network():
         assert estimator.learning_rate_init == PUBLISHED_LEARNING_RATE[label]
         assert tuple(estimator.hidden_layer_sizes) == PUBLISHED_HIDDEN[label]
         assert (estimator.alpha, estimator.batch_size, estimator.n_iter_no_change,
-                estimator.input_noise) == (1e-4, 200, 10, 0.0)
+                estimator.input_noise, estimator.flux_noise) == (1e-4, 200, 10, 0.0, 0.0)
         assert np.array_equal(estimator.input_pixels_, estimator.support_)    # its own pixels
         for member in estimator.members_:
+            assert member.input_noise == 0.0
             assert member.learning_rate_init == PUBLISHED_LEARNING_RATE[label]
             assert [w.shape[1] for w in member.coefs_[:2]] == list(PUBLISHED_HIDDEN[label])
 
