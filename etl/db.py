@@ -386,11 +386,15 @@ def analyze(connection, table_names):
 
 
 def cluster_on_position(connection):
-    """Re-cluster the positional tables on their Q3C index (PostgreSQL; after big loads)."""
+    """Re-cluster the positional tables on their Q3C index (PostgreSQL; after big loads),
+    then VACUUM them: CLUSTER writes a new table whose pages are not yet marked all-visible,
+    so until a VACUUM every index-only scan (the WALK path's look ahead along an index of
+    ``spectra``) still reads the table, and autovacuum has no reason to come soon after a
+    rewrite. ``connection`` must be in AUTOCOMMIT: VACUUM cannot run in a transaction."""
     if is_postgres(connection):
         for name in ("spectra", "reference_labels"):
             connection.exec_driver_sql(f"CLUSTER {name}")
-            connection.exec_driver_sql(f"ANALYZE {name}")
+            connection.exec_driver_sql(f"VACUUM (ANALYZE) {name}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -204,9 +204,13 @@ def test_writer_runs_the_etl_but_has_no_superuser_powers(set_up_server, tmp_path
     for command in (["ingest", "labels", str(labels)], ["db", "maintain"]):
         result = set_up_server.lamost_vac(*command, "--url", url, **writer)
         assert result.returncode == 0, (command, result.stderr)
-    # its own ANALYZE (autovacuum is off) and CLUSTER took effect
+    # its own ANALYZE (autovacuum is off), CLUSTER and the VACUUM after it took effect: the
+    # rewritten table's pages are all-visible, so index-only scans need not read it
     assert set_up_server.admin(
         "SELECT reltuples FROM pg_class WHERE relname = 'reference_labels'") == "2"
+    assert set_up_server.admin(
+        "SELECT relallvisible = relpages AND relpages > 0 FROM pg_class "
+        "WHERE relname = 'reference_labels'") == "t"
     assert set_up_server.admin(
         "SELECT indisclustered FROM pg_index WHERE indexrelid = "
         "'reference_labels_q3c_idx'::regclass") == "t"
