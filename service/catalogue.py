@@ -257,19 +257,24 @@ def selection_rows_at_most(connection, args, model_version, cone=None) -> Option
                                                               args[f"{name}_max"])
         return false() if span is None else column.between(*span)
 
-    def count(histogram, *conditions):
-        # every condition in WHERE, where the primary key's index can skip the cells outside
-        # the ranges (an aggregate FILTER would read all ~100,000 cells of the version)
-        return select(func.coalesce(func.sum(cells.n), 0)).where(
-            cells.model_version == model_version, cells.histogram == histogram, *conditions,
-            *_flag_conditions(cells, args)).scalar_subquery()
-
     kiel, feh = CELL_HISTOGRAMS.index(KIEL_AXES), CELL_HISTOGRAMS.index(("feh",))
-    by_kiel, by_feh = connection.execute(select(
-        count(kiel, overlap(cells.bin1, "teff", 1), overlap(cells.bin2, "logg", 1),
-              overlap(cells.feh_cell, "feh", CELL_WIDTH)),
-        count(feh, overlap(cells.bin1, "feh", 1), overlap(cells.teff_cell, "teff", CELL_WIDTH),
-              overlap(cells.logg_cell, "logg", CELL_WIDTH)))).one()
+    parts = [and_(cells.histogram == kiel, overlap(cells.bin1, "teff", 1),
+                  overlap(cells.bin2, "logg", 1), overlap(cells.feh_cell, "feh", CELL_WIDTH)),
+             and_(cells.histogram == feh, overlap(cells.bin1, "feh", 1),
+                  overlap(cells.teff_cell, "teff", CELL_WIDTH),
+                  overlap(cells.logg_cell, "logg", CELL_WIDTH))]
+    # With label ranges, each part's ranges also in WHERE: the primary key's index then skips
+    # the cells outside them (a bitmap of the two parts) where the FILTERs alone read all
+    # ~100,000 cells of the version (logg>=4.5 feh>=0.3: 19 ms instead of 27-33 on the DR8-size
+    # catalogue). Without, the ranges would only slow the index scans down (flags alone: 34 ms
+    # instead of 21).
+    ranged = any(args[f"{name}_{end}"] is not None for name in ("teff", "logg", "feh")
+                 for end in ("min", "max"))
+    by_kiel, by_feh = connection.execute(
+        select(*(func.coalesce(func.sum(cells.n).filter(part), 0) for part in parts))
+        .where(cells.model_version == model_version,
+               or_(*parts) if ranged else cells.histogram.in_([kiel, feh]),
+               *_flag_conditions(cells, args))).one()
     return int(min(by_kiel, by_feh))
 
 
