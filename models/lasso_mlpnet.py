@@ -88,13 +88,13 @@ LINE_CONTENT_FRACTION = 0.5
 
 def per_label(value, default):
     """A parameter given once for every label, or as a dict label -> value (labels it
-    leaves out take ``default``'s): the dict of every label."""
+    leaves out take ``default``): the dict of every label."""
     if not isinstance(value, dict):
         return dict.fromkeys(LABELS, value)
     unknown = sorted(set(value) - set(LABELS))
     if unknown:
         raise ValueError(f"unknown labels {unknown}; the labels are {list(LABELS)}")
-    return {**(default if isinstance(default, dict) else dict.fromkeys(LABELS, default)), **value}
+    return {**dict.fromkeys(LABELS, default), **value}
 
 
 def star_parameters(raw):

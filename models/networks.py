@@ -208,12 +208,14 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         X_valid, y_valid = X[valid], target[valid]
 
         weights, biases = self._init_weights(X.shape[1], rng)
+        # the noise's std (one, or one per feature) as float32 once, not per mini-batch
+        noise = np.asarray(self.input_noise, dtype=np.float32) if np.any(self.input_noise) else None
         params = weights + biases
         optimizer = AdamOptimizer(params, self.learning_rate_init)
         stopping = EarlyStopping(self.n_iter_no_change)
         self.validation_curve_ = []
         for epoch in range(self.max_epochs):
-            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng)
+            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng, noise)
             valid_loss = float(np.mean((self._forward(X_valid, weights, biases)[1] - y_valid) ** 2))
             self.validation_curve_.append(valid_loss)
             if stopping.update(valid_loss, params):
@@ -228,14 +230,13 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.best_validation_loss_ = stopping.best_loss
         return self
 
-    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng):
+    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng, noise):
         order = rng.permutation(len(y_train))
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             inputs = X_train[batch]
-            if np.any(self.input_noise):
-                inputs = inputs + np.asarray(self.input_noise, dtype=np.float32) * rng.standard_normal(
-                    inputs.shape, dtype=np.float32)
+            if noise is not None:
+                inputs = inputs + noise * rng.standard_normal(inputs.shape, dtype=np.float32)
             grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
             optimizer.update_params(grad_w + grad_b)
 

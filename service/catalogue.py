@@ -212,12 +212,16 @@ class _Tally:
                                    mean_feh)
 
 
+def _bounded_ranges(args) -> set:
+    """The range columns of ``args`` with a lower or an upper bound."""
+    return {name for name in RANGE_COLUMNS
+            if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None}
+
+
 def _counted_by_cells(args, cone) -> bool:
     """Whether ``estimate_cells`` can count the selection: flags and ranges of Teff, log g
     and [Fe/H] only (no cone, no SNRg or uncertainty range)."""
-    bounded = {name for name in RANGE_COLUMNS
-               if args[f"{name}_min"] is not None or args[f"{name}_max"] is not None}
-    return cone is None and bounded <= set(CELL_AXES)
+    return cone is None and _bounded_ranges(args) <= set(CELL_AXES)
 
 
 def _cells_wholly_inside(args, cone):
@@ -268,12 +272,10 @@ def selection_rows_at_most(connection, args, model_version, cone=None) -> Option
     # ~100,000 cells of the version (logg>=4.5 feh>=0.3: 19 ms instead of 27-33 on the DR8-size
     # catalogue). Without, the ranges would only slow the index scans down (flags alone: 34 ms
     # instead of 21).
-    ranged = any(args[f"{name}_{end}"] is not None for name in ("teff", "logg", "feh")
-                 for end in ("min", "max"))
     by_kiel, by_feh = connection.execute(
         select(*(func.coalesce(func.sum(cells.n).filter(part), 0) for part in parts))
         .where(cells.model_version == model_version,
-               or_(*parts) if ranged else cells.histogram.in_([kiel, feh]),
+               or_(*parts) if _bounded_ranges(args) else cells.histogram.in_([kiel, feh]),
                *_flag_conditions(cells, args))).one()
     return int(min(by_kiel, by_feh))
 
