@@ -171,7 +171,8 @@ def cross_validated_errors(model, folds=5):
         out[label] = raw[label]
         out[label + "_err"] = cross_validated_sigma(
             model.error_models_[label], raw[label] - reference[label], snrg, raw[label + "_spread"],
-            star_parameters(raw), calibration["groups"], folds=folds)
+            star_parameters(raw), calibration["groups"], folds=folds,
+            isolation=model.isolation(raw, exclude=calibration["groups"]))
     return out
 
 

@@ -3,8 +3,9 @@ ensemble spread.
 
 ``ErrorModel`` (one per label) predicts a per-spectrum standard deviation of the residual
 ``estimate - reference`` from what is known at prediction time: the spectrum's SNRg, the
-ensemble spread of the estimate and the star's estimated parameters (cool and metal-poor
-stars are harder). It is fitted on *out-of-sample* residuals: cross-fitted predictions of
+ensemble spread of the estimate, the star's estimated parameters (cool and metal-poor
+stars are harder) and how isolated those parameters are among the training stars (a
+network is least sure where it saw few stars). It is fitted on *out-of-sample* residuals: cross-fitted predictions of
 the training stars (``models.training``) or the predictions for held-out stars.
 
 Fitting, in two steps:
@@ -18,8 +19,8 @@ Fitting, in two steps:
    heavy-tailed residual distribution cannot meet both exactly; this compromise is what
    the catalogue's users read the numbers as.
 
-Which inputs the shape uses (``FORMS``, from the SNRg bin alone -- today's per-bin constant
--- to SNRg, spread and the star's estimated parameters) is chosen by star-grouped
+Which inputs the shape uses (``FORMS``, from the SNRg bin alone -- the paper's per-bin
+constant -- to SNRg, spread, the star's estimated parameters and their isolation) is chosen by star-grouped
 cross-validation on the calibration residuals themselves, scored by the interval score
 of the +-1 and +-2 sigma intervals (Gneiting & Raftery 2007): it rewards narrow intervals
 and penalises residuals outside them, so it prefers informative errors that still cover.
@@ -42,8 +43,10 @@ from .validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2
 # candidate inputs of the log-sigma shape, simplest first: "bin" is a constant per SNRg
 # bin (the paper's integrated uncertainty); "snr" adds log SNRg inside the bins; "spread"
 # the log ensemble std; "stars" piecewise-linear terms in each of the star's estimated
-# parameters (``LassoMLPNet`` passes log10 Teff, log g and [Fe/H])
-FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars")
+# parameters (``LassoMLPNet`` passes log10 Teff, log g and [Fe/H]); "isolation" the log
+# distance from those parameters to the nearest training stars (``LassoMLPNet.isolation``)
+FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars",
+         "bin+snr+isolation", "bin+snr+spread+isolation", "bin+snr+spread+stars+isolation")
 MIN_COUNT = 30
 RIDGE = 1.0                       # on standardised inputs; n is in the hundreds or more
 SCALE_GRID = np.geomspace(0.2, 5.0, 801)
@@ -124,29 +127,32 @@ class ErrorModel(BaseEstimator):
         self.knots_ = [(float(x.min()), float(x.max()), np.quantile(x, [0.1, 0.3, 0.5]),
                         np.quantile(x, [0.7, 0.9])) for x in stars.T]
 
-    def _design(self, form, snrg, spread, stars):
+    def _design(self, form, x):
+        """The columns of ``form`` for the inputs ``x`` (dict: snrg, spread, stars, isolation)."""
         n_bins = len(self.bins) - 1
-        which = snr_bin_index(snrg, self.bins)
+        which = snr_bin_index(x["snrg"], self.bins)
         columns = [(which == k).astype(float) for k in range(n_bins)]
         parts = form.split("+")
         if "snr" in parts:
-            log_snr = np.log(np.clip(snrg, self.bins[0], self.bins[-1]))
+            log_snr = np.log(np.clip(x["snrg"], self.bins[0], self.bins[-1]))
             # log SNRg relative to its bin's centre, so the bin constants stay the levels
             centre = np.log(np.sqrt(np.asarray(self.bins[:-1]) * np.asarray(self.bins[1:])))
             columns.append(log_snr - centre[np.clip(which, 0, n_bins - 1)])
         if "spread" in parts:
-            columns.append(np.log(np.maximum(spread, self.spread_floor_)))
+            columns.append(np.log(np.maximum(x["spread"], self.spread_floor_)))
+        if "isolation" in parts:
+            columns.append(np.log(np.hypot(x["isolation"], self.isolation_floor_)))
         if "stars" in parts:
-            for x, (low, high, low_knots, high_knots) in zip(stars.T, self.knots_):
-                x = np.clip(x, low, high)
-                columns.append(x)
-                columns += [np.maximum(knot - x, 0.0) for knot in low_knots]
-                columns += [np.maximum(x - knot, 0.0) for knot in high_knots]
+            for values, (low, high, low_knots, high_knots) in zip(x["stars"].T, self.knots_):
+                values = np.clip(values, low, high)
+                columns.append(values)
+                columns += [np.maximum(knot - values, 0.0) for knot in low_knots]
+                columns += [np.maximum(values - knot, 0.0) for knot in high_knots]
         return np.column_stack(columns)
 
-    def _fit_shape(self, form, residuals, snrg, spread, stars):
+    def _fit_shape(self, form, residuals, x):
         """Ridge coefficients of log|r| on the standardised non-bin inputs (bins unpenalised)."""
-        design = self._design(form, snrg, spread, stars)
+        design = self._design(form, x)
         n_bins = len(self.bins) - 1
         extra = design[:, n_bins:]
         mean, std = extra.mean(axis=0), extra.std(axis=0)
@@ -157,37 +163,43 @@ class ErrorModel(BaseEstimator):
         coef = np.linalg.solve(design.T @ design + penalty, design.T @ target)
         return {"form": form, "coef": coef, "mean": mean, "std": std}
 
-    def _shape(self, shape, snrg, spread, stars):
-        design = self._design(shape["form"], snrg, spread, stars)
+    def _shape(self, shape, x):
+        design = self._design(shape["form"], x)
         n_bins = len(self.bins) - 1
         design[:, n_bins:] = (design[:, n_bins:] - shape["mean"]) / shape["std"]
         return np.exp(design @ shape["coef"])
 
-    def _fit_scales(self, shape, residuals, snrg, spread, stars):
-        which = snr_bin_index(snrg, self.bins)
-        z = residuals / self._shape(shape, snrg, spread, stars)
+    def _fit_scales(self, shape, residuals, x):
+        which = snr_bin_index(x["snrg"], self.bins)
+        z = residuals / self._shape(shape, x)
         return np.array([_coverage_scale(z[which == k]) if np.sum(which == k) >= max(self.min_count, 1)
                          else np.nan for k in range(len(self.bins) - 1)])
 
     # -- scikit-learn API ---------------------------------------------------------------------
-    def fit(self, residuals, snrg, spread, stars, groups=None):
+    def fit(self, residuals, snrg, spread, stars, groups=None, isolation=None):
         """``residuals``: estimate - reference of out-of-sample predictions; ``spread``: the
         raw ensemble std; ``stars``: (n, k) the star parameters *estimated* from each
         spectrum (e.g. log10 Teff, log g, [Fe/H]); ``groups``: star of each spectrum
-        (cross-validation folds by star)."""
-        residuals, snrg, spread = (np.asarray(a, dtype=float) for a in (residuals, snrg, spread))
+        (cross-validation folds by star); ``isolation``: how far each estimate lies from
+        the stars the networks were trained on (``LassoMLPNet.isolation``), None: the
+        forms that use it are not tried."""
+        residuals = np.asarray(residuals, dtype=float)
         stars = np.asarray(stars, dtype=float).reshape(residuals.size, -1)
+        x = self._inputs(snrg, spread, stars, isolation, residuals.size)
         groups = np.arange(residuals.size) if groups is None else np.asarray(groups)
-        which = snr_bin_index(snrg, self.bins)
+        which = snr_bin_index(x["snrg"], self.bins)
         self.counts_ = np.array([int(np.sum((which == k) & np.isfinite(residuals)))
                                  for k in range(len(self.bins) - 1)])
+        keep = (which >= 0) & np.isfinite(residuals) & np.isfinite(x["stars"]).all(axis=1)
         forms = tuple(self.forms)
-        if not np.isfinite(spread[np.isfinite(residuals)]).all():
-            forms = tuple(f for f in forms if "spread" not in f.split("+")) or ("bin",)
-        keep = (which >= 0) & np.isfinite(residuals) & np.isfinite(stars).all(axis=1)
-        if any("spread" in f.split("+") for f in forms):
-            keep &= np.isfinite(spread)
-        residuals, snrg, spread, stars, groups = (a[keep] for a in (residuals, snrg, spread, stars, groups))
+        for name, part in (("spread", "spread"), ("isolation", "isolation")):
+            # an input that is missing for a calibration spectrum rules out the forms using it
+            if not np.isfinite(x[name][keep]).all():
+                forms = tuple(f for f in forms if part not in f.split("+")) or ("bin",)
+            if any(part in f.split("+") for f in forms):
+                keep &= np.isfinite(x[name])
+        residuals, groups = residuals[keep], groups[keep]
+        x = {name: values[keep] for name, values in x.items()}
         few = [f"{lo:g}-{hi:g} ({n})" for lo, hi, n in zip(self.bins[:-1], self.bins[1:], self.counts_)
                if n < self.min_count]
         if few:
@@ -195,11 +207,12 @@ class ErrorModel(BaseEstimator):
                           f"in SNRg bin(s) {', '.join(few)}: their uncertainty is NaN", stacklevel=2)
         if residuals.size == 0:
             raise ValueError("no finite out-of-sample residual inside the SNRg bins to calibrate on")
-        positive = np.abs(residuals[residuals != 0])
-        self.residual_floor_ = float(1e-3 * np.median(positive)) if positive.size else 1e-12
-        finite_spread = spread[np.isfinite(spread) & (spread > 0)]
-        self.spread_floor_ = float(1e-3 * np.median(finite_spread)) if finite_spread.size else 1e-12
-        self._learn_knots(stars)
+        self.residual_floor_ = _floor(np.abs(residuals), 1e-3)
+        self.spread_floor_ = _floor(x["spread"], 1e-3)
+        # an estimate may fall on a training star: a floor at a tenth of the typical distance
+        # keeps such a chance coincidence from standing for "no error at all"
+        self.isolation_floor_ = _floor(x["isolation"], 0.1)
+        self._learn_knots(x["stars"])
 
         self.cv_scores_ = {}
         if len(forms) > 1 and np.unique(groups).size >= self.cv:
@@ -207,43 +220,59 @@ class ErrorModel(BaseEstimator):
             for form in forms:
                 predicted = np.empty(residuals.size)
                 for fit_rows, test_rows in folds:
-                    args = [a[fit_rows] for a in (residuals, snrg, spread, stars)]
-                    shape = self._fit_shape(form, *args)
-                    scale = self._fit_scales(shape, *args)
+                    x_fit = {name: values[fit_rows] for name, values in x.items()}
+                    shape = self._fit_shape(form, residuals[fit_rows], x_fit)
+                    scale = self._fit_scales(shape, residuals[fit_rows], x_fit)
                     # a fold may lack a bin's minimum: score the form with the other bins' median level
                     scale = np.where(np.isfinite(scale), scale, np.nanmedian(scale))
-                    test_args = [a[test_rows] for a in (snrg, spread, stars)]
-                    which_test = snr_bin_index(snrg[test_rows], self.bins)
-                    predicted[test_rows] = self._shape(shape, *test_args) * scale[which_test]
+                    x_test = {name: values[test_rows] for name, values in x.items()}
+                    which_test = snr_bin_index(x_test["snrg"], self.bins)
+                    predicted[test_rows] = self._shape(shape, x_test) * scale[which_test]
                 self.cv_scores_[form] = interval_score(residuals, predicted)
             self.form_ = min(self.cv_scores_, key=self.cv_scores_.get)
         else:
             self.form_ = forms[0] if len(forms) == 1 else forms[-1]
-        args = (residuals, snrg, spread, stars)
-        self.shape_ = self._fit_shape(self.form_, *args)
-        self.scale_ = np.where(self.counts_ >= self.min_count, self._fit_scales(self.shape_, *args), np.nan)
-        sigma = self.predict(snrg, spread, stars)
-        which = snr_bin_index(snrg, self.bins)
+        self.shape_ = self._fit_shape(self.form_, residuals, x)
+        self.scale_ = np.where(self.counts_ >= self.min_count, self._fit_scales(self.shape_, residuals, x), np.nan)
+        sigma = self.predict(x["snrg"], x["spread"], x["stars"], x["isolation"])
+        which = snr_bin_index(x["snrg"], self.bins)
         self.coverage_ = {name: [coverage(residuals[which == k], sigma[which == k], k_sigma)
                                  if np.any(which == k) else None for k in range(len(self.bins) - 1)]
                           for name, k_sigma in (("within_1", 1.0), ("within_2", 2.0))}
         return self
 
-    def predict(self, snrg, spread, stars):
+    @staticmethod
+    def _inputs(snrg, spread, stars, isolation, n):
+        """The per-spectrum inputs as one dict of ``n`` rows (scalars broadcast); ``stars``
+        is (n or 1, k)."""
+        def column(values):
+            return np.broadcast_to(np.asarray(np.nan if values is None else values, dtype=float), (n,))
+        return {"snrg": column(snrg), "spread": column(spread), "isolation": column(isolation),
+                "stars": np.broadcast_to(stars, (n, stars.shape[1]))}
+
+    def predict(self, snrg, spread, stars, isolation=None):
         """1-sigma uncertainty per spectrum; NaN at or below the first bin's low edge or
         without SNRg, in bins with too few calibration spectra, and where an input the form
         uses is NaN; above the last bin, the value at its upper edge."""
-        snrg, spread = np.broadcast_arrays(np.asarray(snrg, dtype=float), np.asarray(spread, dtype=float))
-        stars = np.broadcast_to(np.asarray(stars, dtype=float).reshape(-1, len(self.knots_)),
-                                (snrg.size, len(self.knots_)))
+        stars = np.asarray(stars, dtype=float).reshape(-1, len(self.knots_))
+        n = np.broadcast(np.asarray(snrg), np.asarray(spread), np.asarray(np.nan if isolation is None else isolation),
+                         np.empty(stars.shape[0])).size
+        x = self._inputs(snrg, spread, stars, isolation, n)
         # Above the last bin: the error at its upper edge -- errors fall with SNRg, so this
         # bounds them from above (conservative); at or below the first edge, or unknown: NaN.
-        snrg = np.where(snrg > self.bins[-1], self.bins[-1], snrg)
+        snrg = np.where(x["snrg"] > self.bins[-1], self.bins[-1], x["snrg"])
         which = snr_bin_index(snrg, self.bins)
-        with np.errstate(invalid="ignore", over="ignore"):
-            sigma = self._shape(self.shape_, np.where(which >= 0, snrg, self.bins[1]),
-                                spread, stars) * self.scale_[np.clip(which, 0, None)]
+        x["snrg"] = np.where(which >= 0, snrg, self.bins[1])
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            sigma = self._shape(self.shape_, x) * self.scale_[np.clip(which, 0, None)]
         return np.where(which >= 0, sigma, np.nan)
+
+
+def _floor(values, fraction):
+    """``fraction`` of the median of the finite positive ``values`` (1e-12 without any)."""
+    values = np.asarray(values, dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    return float(fraction * np.median(positive)) if positive.size else 1e-12
 
 
 def _pairs(values, spread, snrg, groups):
@@ -355,7 +384,8 @@ def repeat_level_cross_validated(values, errors, groups, folds=2, seed=0):
     return (np.nan if summary["std"] is None else summary["std"]), summary["n"]
 
 
-def cross_validated_sigma(error_model, residuals, snrg, spread, stars, groups, folds=5, seed=0):
+def cross_validated_sigma(error_model, residuals, snrg, spread, stars, groups, folds=5, seed=0,
+                          isolation=None):
     """The 1-sigma of every spectrum from a clone of ``error_model`` fitted without its star:
     the stars are dealt into ``folds`` folds and each fold is predicted by the error model fitted
     on the others. On cross-fitted residuals (``LassoMLPNet.calibration_set_``) neither the
@@ -364,6 +394,7 @@ def cross_validated_sigma(error_model, residuals, snrg, spread, stars, groups, f
     from sklearn.base import clone
 
     residuals, snrg, spread = (np.asarray(a, dtype=float) for a in (residuals, snrg, spread))
+    isolation = np.full(residuals.size, np.nan) if isolation is None else np.asarray(isolation, dtype=float)
     stars = np.asarray(stars, dtype=float).reshape(residuals.size, -1)
     groups = np.asarray(groups)
     sigma = np.full(residuals.size, np.nan)
@@ -372,6 +403,8 @@ def cross_validated_sigma(error_model, residuals, snrg, spread, stars, groups, f
             # a fold's small bins are NaN by design; the full model's warning already said so
             warnings.simplefilter("ignore", UserWarning)
             fold_model = clone(error_model).fit(residuals[fit_rows], snrg[fit_rows], spread[fit_rows],
-                                                stars[fit_rows], groups=groups[fit_rows])
-        sigma[test_rows] = fold_model.predict(snrg[test_rows], spread[test_rows], stars[test_rows])
+                                                stars[fit_rows], groups=groups[fit_rows],
+                                                isolation=isolation[fit_rows])
+        sigma[test_rows] = fold_model.predict(snrg[test_rows], spread[test_rows], stars[test_rows],
+                                              isolation[test_rows])
     return sigma

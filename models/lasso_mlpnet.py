@@ -11,8 +11,9 @@ Uncertainties (the names are the catalogue's, ``etl/schema.py``):
   predictions times a per-label factor k(SNRg) fitted so that repeated observations of one
   star differ by what it says (``calibrate``, ``models.calibration.RepeatScale``);
 - ``<label>_err``, the 1-sigma uncertainty to quote: a per-spectrum error model
-  (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff, log g, [Fe/H])
-  fitted on out-of-sample residuals against reference labels so that 68% / 95% of
+  (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff, log g, [Fe/H]
+  and how isolated the estimate is among the training stars, ``isolation``) fitted on
+  out-of-sample residuals against reference labels so that 68% / 95% of
   residuals fall within +-1 / +-2 of it in every SNRg bin. NaN outside the calibrated
   SNRg bins and in bins with fewer than 30 calibration spectra.
 
@@ -84,6 +85,11 @@ OOD_QUANTILE = 0.99         # of the out-of-fold training scores: the OUT_OF_DIS
 # of the training spectra's LINE_CONTENT_QUANTILE quantile are flagged OUT_OF_DISTRIBUTION
 LINE_CONTENT_QUANTILE = 0.01
 LINE_CONTENT_FRACTION = 0.5
+# Isolation (``LassoMLPNet.isolation``): the distance to the ISOLATION_NEIGHBOURS-th nearest
+# training star. 3 had the best star-grouped CV interval score of the error model on the
+# cross-fitted training stars of the reference split among 1, 2, 3 and 5 (README,
+# "Calibration of the quoted uncertainty")
+ISOLATION_NEIGHBOURS = 3
 
 
 def per_label(value, default):
@@ -353,11 +359,50 @@ class LassoMLPNet(BaseEstimator):
         self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
         self._fit_ood({label: e._target(values[label]) for label, e in self.estimators_.items()})
         self._fit_line_content(X)
+        self._fit_isolation(values, groups)
         return self
 
     def selected_pixels(self):
         """The pixels LASSO selected for any label."""
         return np.any([e.support_ for e in self.estimators_.values()], axis=0)
+
+    # -- isolation: where the training stars were few ------------------------------------------
+    def _fit_isolation(self, values, groups):
+        """Each training star's mean reference parameters (the space of ``star_parameters``)."""
+        stars, index = np.unique(np.arange(len(values[LABELS[0]])) if groups is None else np.asarray(groups),
+                                 return_inverse=True)
+        parameters = star_parameters(values)
+        counts = np.bincount(index, minlength=stars.size)
+        self.isolation_stars_ = stars
+        self.isolation_points_ = np.column_stack([np.bincount(index, weights=column, minlength=stars.size) / counts
+                                                  for column in parameters.T])
+        self.isolation_scale_ = np.maximum(self.isolation_points_.std(axis=0), 1e-12)
+
+    def isolation(self, raw, exclude=None):
+        """Per spectrum, the distance from its estimated parameters (log10 Teff, log g,
+        [Fe/H]; ``predict_raw`` output) to the ``ISOLATION_NEIGHBOURS``-th nearest training
+        star, each parameter in units of its spread over the training stars: small where the
+        networks saw many stars like it, large in sparse corners (metal-poor giants, the
+        ends of the ranges) and beyond the training set, where errors are larger. ``exclude``:
+        the star of each spectrum, left out of its own neighbours (for a training star's
+        cross-fitted prediction, whose star the predicting model did not see). NaN for an
+        artifact from before the isolation, and for NaN estimates."""
+        from scipy.spatial import cKDTree
+
+        parameters = star_parameters(raw)
+        out = np.full(parameters.shape[0], np.nan)
+        if getattr(self, "isolation_points_", None) is None:
+            return out
+        usable = np.isfinite(parameters).all(axis=1)
+        k = min(ISOLATION_NEIGHBOURS + (exclude is not None), len(self.isolation_stars_))
+        distance, neighbour = cKDTree(self.isolation_points_ / self.isolation_scale_).query(
+            parameters[usable] / self.isolation_scale_, k=k)
+        distance, neighbour = distance.reshape(-1, k), neighbour.reshape(-1, k)
+        if exclude is not None:
+            own = self.isolation_stars_[neighbour] == np.asarray(exclude)[usable][:, None]
+            distance = np.sort(np.where(own, np.inf, distance), axis=1)
+        out[usable] = distance[:, min(ISOLATION_NEIGHBOURS, k) - 1]
+        return out
 
     # -- line content (module doc) --------------------------------------------------------------
     def _fit_line_content(self, X):
@@ -471,7 +516,7 @@ class LassoMLPNet(BaseEstimator):
         error_model = self.error_models_.get(label)
         if error_model is None or snrg is None:
             return np.full(raw[label].shape, np.nan)
-        return error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw))
+        return error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw), self.isolation(raw))
 
     def calibrate(self, X, labels, snrg, groups=None):
         """Calibrate the uncertainties on spectra of stars held out from training (``X``):
@@ -493,12 +538,14 @@ class LassoMLPNet(BaseEstimator):
           with fewer than 30 pairs k = 1).
         """
         snrg = np.asarray(snrg, dtype=float)
+        isolation = self.isolation(raw, exclude=groups)
         self.error_models_, self.repeat_scales_ = {}, {label: None for label in LABELS}
         self.repeat_levels_ = {}
         for label in LABELS:
             residuals = raw[label] - np.asarray(labels[label], dtype=float)
             self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(
-                residuals, snrg, raw[label + "_spread"], star_parameters(raw), groups=groups)
+                residuals, snrg, raw[label + "_spread"], star_parameters(raw), groups=groups,
+                isolation=isolation)
             if groups is not None:
                 self.repeat_scales_[label] = RepeatScale().fit(raw[label], raw[label + "_spread"], snrg, groups)
         self.calibration_counts_ = self.error_models_[LABELS[0]].counts_

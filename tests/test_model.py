@@ -4,6 +4,7 @@ uncertainties and flags, and the model artifact.
 Synthetic data with a known answer throughout; scikit-learn's coordinate-descent Lasso is
 the independent reference for the LARS-based selection.
 """
+import copy
 import itertools
 import warnings
 import json
@@ -549,11 +550,32 @@ def test_masked_selected_pixels_flag(trained):
                                    *(masked[2, e.support_].mean() for e in model.estimators_.values())))
 
 
+def test_isolation_is_the_distance_to_the_third_nearest_training_star(trained):
+    """In units of each parameter's spread over the training stars (one point per star, its
+    mean labels); ``exclude`` leaves a spectrum's own star out of its neighbours, as for the
+    cross-fitted predictions of training stars; far beyond the training stars it is large."""
+    model, X, labels, _, _ = trained
+    stars = np.repeat(np.arange(150), 2)
+    points = np.column_stack([np.log10(labels["teff"]), labels["logg"], labels["feh"]])[::2]
+    scale = points.std(axis=0)
+    raw = {"teff": np.array([labels["teff"][0], 9000.0, np.nan]), "logg": np.array([labels["logg"][0], 0.2, 4.0]),
+           "feh": np.array([labels["feh"][0], -3.0, 0.0])}
+    query = np.column_stack([np.log10(raw["teff"]), raw["logg"], raw["feh"]])
+    distances = np.sort(np.linalg.norm((points[None] - query[:, None]) / scale, axis=2), axis=1)
+    isolation = model.isolation(raw)
+    # the first spectrum's own star is at distance 0: the third nearest is the second other star
+    assert isolation[0] == pytest.approx(distances[0, 2])
+    assert model.isolation(raw, exclude=np.array([stars[0], -1, -1]))[0] == pytest.approx(distances[0, 3])
+    assert isolation[1] == pytest.approx(distances[1, 2]) and isolation[1] > 5 * isolation[0]
+    assert np.isnan(isolation[2])
+    older = copy.copy(model)            # an artifact from before the isolation: NaN, no error
+    del older.isolation_points_
+    assert np.all(np.isnan(older.isolation(raw)))
+
+
 @pytest.fixture(scope="module")
 def calibrated(trained):
     """The trained model calibrated on 150 other stars, four spectra each, at SNRg 6-70."""
-    import copy
-
     model = copy.deepcopy(trained[0])
     rng = np.random.default_rng(11)
     X, labels, stars = synthetic_spectra(rng, 150, 4)
@@ -575,7 +597,8 @@ def test_calibrate_fits_an_error_model_and_the_repeat_scale(trained, calibrated)
     for label in LABELS:
         error_model = model.error_models_[label]
         np.testing.assert_allclose(predicted[label + "_err"],
-                                   error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw)))
+                                   error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw),
+                                                       model.isolation(raw)))
         # the ensemble std is scaled so that repeat pairs of one star have unit rms z-score
         scale = model.repeat_scales_[label]
         assert scale.n_pairs_ == 150 * 6
