@@ -5,8 +5,9 @@ ensemble spread.
 ``estimate - reference`` from what is known at prediction time: the spectrum's SNRg, the
 ensemble spread of the estimate, the star's estimated parameters (cool and metal-poor
 stars are harder) and how isolated those parameters are among the training stars (a
-network is least sure where it saw few stars). It is fitted on *out-of-sample* residuals: cross-fitted predictions of
-the training stars (``models.training``) or the predictions for held-out stars.
+network is least sure where it saw few stars). It is fitted on *out-of-sample*
+residuals: cross-fitted predictions of the training stars (``models.training``) or the
+predictions for held-out stars.
 
 Fitting, in two steps:
 
@@ -20,10 +21,11 @@ Fitting, in two steps:
    the catalogue's users read the numbers as.
 
 Which inputs the shape uses (``FORMS``, from the SNRg bin alone -- the paper's per-bin
-constant -- to SNRg, spread, the star's estimated parameters and their isolation) is chosen by star-grouped
-cross-validation on the calibration residuals themselves, scored by the interval score
-of the +-1 and +-2 sigma intervals (Gneiting & Raftery 2007): it rewards narrow intervals
-and penalises residuals outside them, so it prefers informative errors that still cover.
+constant -- to SNRg, spread, the star's estimated parameters and their isolation) is
+chosen by star-grouped cross-validation on the calibration residuals themselves, scored
+by the interval score of the +-1 and +-2 sigma intervals (Gneiting & Raftery 2007): it
+rewards narrow intervals and penalises residuals outside them, so it prefers informative
+errors that still cover.
 
 A bin with fewer than ``min_count`` calibration spectra gets NaN (no honest number can be
 given) and a warning; ``counts_`` keeps the counts.
