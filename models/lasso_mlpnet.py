@@ -54,8 +54,8 @@ SNR_BINS = (5.0, 10.0, 20.0, 40.0, 80.0)
 
 # Hidden-layer sizes published in the paper, and the ones this project uses by default.
 # In trials on the reference set (bench/train_vs_recipe.py data, star split), (100, 50)
-# networks were about as accurate as the published sizes -- L2 penalty and more LASSO
-# pixels moved the MAE by a few per cent at most -- and a ten-network ensemble
+# networks were about as accurate as the published sizes -- L2 penalty, learning rate and
+# more LASSO pixels moved the MAE by a few per cent at most -- and a ten-network ensemble
 # of them trains in a fraction of the time of one published net. What did matter is noise
 # injection: star-grouped 3-fold CV on the training stars only (bench/tune_lasso_mlpnet.py)
 # gave CV MAE Teff 153 -> 141 K, log g 0.418 -> 0.362, [Fe/H] 0.223 -> 0.181 dex going
@@ -69,13 +69,6 @@ PUBLISHED_HIDDEN = {"teff": (400, 50), "logg": (600, 50), "feh": (600, 100)}
 DEFAULT_HIDDEN = {"teff": (100, 50), "logg": (100, 50), "feh": (100, 50)}
 DEFAULT_INPUT_NOISE = 1.0
 DEFAULT_FLUX_NOISE = 0.0
-# Adam's learning rate per label, chosen by the same CV (star-grouped 3-fold over the
-# training stars, every SNRg, the other defaults; bench/tune_lasso_mlpnet.py --grid
-# '{"train_snr": ["all"], "learning_rate": [...]}', README "Learning rate"): of 3e-4,
-# 1e-3 (the earlier default), 3e-3, 6e-3, 1e-2, 2e-2 and 4e-2 the lowest CV MAE at
-# 10 < SNRg <= 20 was 2e-2 for Teff and 1e-2 for log g and [Fe/H] (-3.8%, -2.9%, -3.9%
-# against 1e-3; at 5-10 -8.1%, -6.2%, -4.7%).
-DEFAULT_LEARNING_RATE = {"teff": 2e-2, "logg": 1e-2, "feh": 1e-2}
 # The authors' notebook's Adam learning rates, per label.
 PUBLISHED_LEARNING_RATE = {"teff": 9e-4, "logg": 2e-5, "feh": 3e-4}
 # The paper's configuration (``train --paper``), to compare with: the published sizes, the
@@ -260,8 +253,7 @@ class LassoMLPNet(BaseEstimator):
     alpha : float
         L2 penalty of the networks.
     learning_rate : float or dict label -> float
-        Adam's initial learning rate (one for every label, or per label; labels a dict
-        leaves out take 1e-3). Default ``DEFAULT_LEARNING_RATE``, chosen by CV.
+        Adam's initial learning rate (one for every label, or per label).
     batch_size, n_iter_no_change : mini-batch size; epochs without improvement of the
         early-stopping loss before training stops.
     input_noise : float or dict label -> float
@@ -306,8 +298,8 @@ class LassoMLPNet(BaseEstimator):
     flux_noise = 0.0
     shared_pixels = False
 
-    def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=DEFAULT_LEARNING_RATE,
-                 batch_size=128, n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, flux_noise=DEFAULT_FLUX_NOISE,
+    def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
+                 n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, flux_noise=DEFAULT_FLUX_NOISE,
                  max_epochs=400, cv=10,
                  max_lasso_steps=1000, member_selection="shared", shared_pixels=True, n_jobs=-1,
                  random_state=0):

@@ -820,10 +820,7 @@ def test_bootstrap_members_select_their_own_pixels_and_predict_as_well():
     rng = np.random.default_rng(3)
     X, labels, stars = synthetic_spectra(rng, 150, 2)
     X_test, labels_test, _ = synthetic_spectra(rng, 80, 1)
-    # a step small enough for the toy networks to settle, so that the spreads compare
-    # what the members learnt rather than where a large step left them
-    common = dict(hidden=SMALL_HIDDEN, n_members=4, cv=3, max_epochs=60, learning_rate=1e-3, n_jobs=1,
-                  random_state=0)
+    common = dict(hidden=SMALL_HIDDEN, n_members=4, cv=3, max_epochs=60, n_jobs=1, random_state=0)
     shared = LassoMLPNet(**common).fit(X, labels, groups=stars)
     bootstrap = LassoMLPNet(member_selection="bootstrap", **common).fit(X, labels, groups=stars)
     assert shared.estimators_["teff"].member_supports_ is None
