@@ -194,11 +194,11 @@ class ErrorModel(BaseEstimator):
                                  for k in range(len(self.bins) - 1)])
         keep = (which >= 0) & np.isfinite(residuals) & np.isfinite(x["stars"]).all(axis=1)
         forms = tuple(self.forms)
-        for name, part in (("spread", "spread"), ("isolation", "isolation")):
+        for name in ("spread", "isolation"):
             # an input that is missing for a calibration spectrum rules out the forms using it
             if not np.isfinite(x[name][keep]).all():
-                forms = tuple(f for f in forms if part not in f.split("+")) or ("bin",)
-            if any(part in f.split("+") for f in forms):
+                forms = tuple(f for f in forms if name not in f.split("+")) or ("bin",)
+            if any(name in f.split("+") for f in forms):
                 keep &= np.isfinite(x[name])
         residuals, groups = residuals[keep], groups[keep]
         x = {name: values[keep] for name, values in x.items()}

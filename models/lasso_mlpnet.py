@@ -476,9 +476,12 @@ class LassoMLPNet(BaseEstimator):
     def uncertainties(self, raw, snrg=None):
         """``label_err`` and ``label_err_model`` of every label from ``predict_raw`` output."""
         usable = np.isfinite(raw[LABELS[0]])
+        # the error models' inputs shared by every label, computed once per batch
+        parameters, isolation = star_parameters(raw), self.isolation(raw)
         out = {}
         for label in self.estimators_:
-            out[label + "_err"] = np.where(usable, self._integrated(label, snrg, raw), np.nan)
+            out[label + "_err"] = np.where(usable, self._integrated(label, snrg, raw, parameters, isolation),
+                                           np.nan)
             out[label + "_err_model"] = raw[label + "_spread"] * self._model_err_scale(label, snrg)
         return out
 
@@ -511,12 +514,13 @@ class LassoMLPNet(BaseEstimator):
                                for label in LABELS}
         return self
 
-    def _integrated(self, label, snrg, raw):
-        """The calibrated uncertainty of ``label`` for every spectrum (NaN when uncalibrated)."""
+    def _integrated(self, label, snrg, raw, parameters, isolation):
+        """The calibrated uncertainty of ``label`` for every spectrum (NaN when uncalibrated);
+        ``parameters`` and ``isolation``: ``star_parameters(raw)`` and ``isolation(raw)``."""
         error_model = self.error_models_.get(label)
         if error_model is None or snrg is None:
             return np.full(raw[label].shape, np.nan)
-        return error_model.predict(snrg, raw[label + "_spread"], star_parameters(raw), self.isolation(raw))
+        return error_model.predict(snrg, raw[label + "_spread"], parameters, isolation)
 
     def calibrate(self, X, labels, snrg, groups=None):
         """Calibrate the uncertainties on spectra of stars held out from training (``X``):
