@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from models.lasso_mlpnet import LABELS, SNR_BINS, star_parameters  # noqa: E402
-from models.calibration import cross_validated_sigma, snr_bin_index  # noqa: E402
+from models.calibration import LEVEL_RULES, WITHIN_1, WITHIN_2, cross_validated_sigma, snr_bin_index  # noqa: E402
 from models.metrics import accuracy_by_snr, coverage_by_snr, snr_bin_names  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
 from models.training import (DEFAULT_CALIBRATION_FOLDS, DEFAULT_TRAINING_SNR,  # noqa: E402
@@ -56,8 +56,6 @@ from models.validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2, pairwise_z, z_summ
 
 from train_vs_recipe import MILES_PREPROCESSING, load_reference, split_by_star, stars_in_range  # noqa: E402
 
-WITHIN_1 = (0.62, 0.74)
-WITHIN_2 = (0.92, 0.98)
 MIN_SPECTRA = 30
 
 
@@ -297,6 +295,9 @@ def main():
                         help="do not train: load a model saved with --save-model (and PATH.test.npz), "
                              "re-fit its uncertainties on its stored calibration predictions with the "
                              "current code, and report (the networks are those of the saved run)")
+    parser.add_argument("--level-rules", default=",".join(LEVEL_RULES),
+                        help="with --recalibrate: the level rules the error models choose from "
+                             "(default %(default)s; one rule: no choice)")
     args = parser.parse_args()
     snr_range = tuple(float(v) for v in args.snr_range.split(","))
 
@@ -307,7 +308,7 @@ def main():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.calibrate_predictions(calibration["raw"], calibration["reference"], calibration["snrg"],
-                                        groups=calibration["groups"])
+                                        groups=calibration["groups"], level_rules=tuple(args.level_rules.split(",")))
         training, train_seconds = {"calibration": "re-fitted on " + os.path.abspath(args.recalibrate),
                                    "calibration_folds": None, "n_spectra": len(model.training_obsids_),
                                    "n_stars": len(model.training_stars_)}, None
@@ -368,7 +369,9 @@ def main():
         "every_star": {
             "n_spectra": int(np.sum(np.isfinite(pooled_snrg))),
             "n_stars": int(np.unique(np.r_[calibration["groups"], test_stars_of]).size),
-            **judged(every_star), "coverage": every_star, "coverage_training_stars": training_stars,
+            **judged(every_star), "coverage": every_star,
+            # the training stars alone: what the choices (form, level rule) could have seen
+            "training_stars": {**judged(training_stars), "coverage": training_stars},
             "residual_tails": tails,
         },
         "repeat_z": repeats,

@@ -14,11 +14,16 @@ Fitting, in two steps:
 1. the *shape*: log|residual| is regressed (least squares, a small ridge) on the chosen
    inputs. For Gaussian residuals E[log|r|] = log(sigma) - 0.635, so the fit is log(sigma)
    up to a constant; the logarithm keeps a few outliers from dominating;
-2. the *level*, per SNRg bin: a factor that puts the fraction of residuals within
-   +-1 sigma and +-2 sigma as close as possible to a Gaussian's 68.3% and 95.4%
-   (least squares over the two coverages, each in units of its binomial spread). A
-   heavy-tailed residual distribution cannot meet both exactly; this compromise is what
-   the catalogue's users read the numbers as.
+2. the *level*, per SNRg bin: a factor on the shape. A heavy-tailed residual distribution
+   cannot put 68.3% within +-1 sigma and 95.4% within +-2 sigma at once, so the factor is a
+   compromise between the two coverages, by one of two rules (``LEVEL_RULES``):
+   "gaussian" brings both as close as possible to a Gaussian's (least squares, each in
+   units of its binomial spread); "windows" puts both as deep as possible inside the
+   acceptance windows of a calibrated error (``WITHIN_1``, ``WITHIN_2``: 62-74% and
+   92-98%), minimising the larger of the two distances from the windows' centres in units
+   of their half-widths. Which rule is kept is chosen, like the form, by star-grouped
+   cross-validation on the calibration residuals (``level_cv_scores_``: the mean over bins
+   of that larger distance, out of fold; below 1 in a bin means inside both windows).
 
 Which inputs the shape uses (``FORMS``, from the SNRg bin alone -- the paper's per-bin
 constant -- to SNRg, spread, the star's estimated parameters and their isolation) is
@@ -49,6 +54,11 @@ from .validation import GAUSS_WITHIN_1, GAUSS_WITHIN_2
 # distance from those parameters to the nearest training stars (``LassoMLPNet.isolation``)
 FORMS = ("bin", "bin+snr", "bin+snr+spread", "bin+snr+stars", "bin+snr+spread+stars",
          "bin+snr+isolation", "bin+snr+spread+isolation", "bin+snr+spread+stars+isolation")
+LEVEL_RULES = ("gaussian", "windows")
+# a calibrated error: 62-74% of residuals within +-1 err, 92-98% within +-2 err, per label
+# and SNRg bin, in at least MIN_COUNT spectra (the criteria of bench/calibration.py)
+WITHIN_1 = (0.62, 0.74)
+WITHIN_2 = (0.92, 0.98)
 MIN_COUNT = 30
 RIDGE = 1.0                       # on standardised inputs; n is in the hundreds or more
 SCALE_GRID = np.geomspace(0.2, 5.0, 801)
@@ -80,17 +90,37 @@ def interval_score(residuals, sigma):
     return float(score)
 
 
-def _coverage_scale(z):
-    """The factor s that brings the coverages of |z| < s and |z| < 2s closest to a Gaussian's,
-    each deviation measured in units of its binomial spread sqrt(p (1 - p)) (0.47 at 68%,
-    0.21 at 95%): a miss of the 95% level counts as much as a 2.2x larger miss of the 68% one."""
+def _coverage_curves(z):
+    """Fractions of |z| below s and below 2 s for every s of ``SCALE_GRID``."""
     a = np.sort(np.abs(z))
-    within_1 = np.searchsorted(a, SCALE_GRID, side="left") / a.size
-    within_2 = np.searchsorted(a, 2 * SCALE_GRID, side="left") / a.size
-    loss = ((within_1 - GAUSS_WITHIN_1) ** 2 / (GAUSS_WITHIN_1 * (1 - GAUSS_WITHIN_1)) +
-            (within_2 - GAUSS_WITHIN_2) ** 2 / (GAUSS_WITHIN_2 * (1 - GAUSS_WITHIN_2)))
+    return (np.searchsorted(a, SCALE_GRID, side="left") / a.size,
+            np.searchsorted(a, 2 * SCALE_GRID, side="left") / a.size)
+
+
+def window_distance(within_1, within_2):
+    """The larger distance of the two coverages from the centres of the acceptance windows,
+    in units of the windows' half-widths: at most 1 means inside both windows."""
+    return np.maximum(*(np.abs(c - np.mean(w)) / (0.5 * (w[1] - w[0]))
+                        for c, w in ((within_1, WITHIN_1), (within_2, WITHIN_2))))
+
+
+def _middle_of_optimum(loss):
     best = np.flatnonzero(loss == loss.min())
-    return float(np.sqrt(SCALE_GRID[best[0]] * SCALE_GRID[best[-1]]))   # middle of the flat optimum
+    return float(np.sqrt(SCALE_GRID[best[0]] * SCALE_GRID[best[-1]]))   # middle of a flat optimum
+
+
+def _coverage_scale(z, rule="gaussian"):
+    """The factor s on |z| that the level ``rule`` asks for (see the module's docstring).
+    "gaussian": each deviation from a Gaussian's coverage in units of its binomial spread
+    sqrt(p (1 - p)) (0.47 at 68%, 0.21 at 95%), squared and summed; "windows": the
+    ``window_distance``."""
+    within_1, within_2 = _coverage_curves(z)
+    if rule == "windows":
+        return _middle_of_optimum(window_distance(within_1, within_2))
+    if rule != "gaussian":
+        raise ValueError(f"level rule must be one of {LEVEL_RULES}, not {rule!r}")
+    return _middle_of_optimum((within_1 - GAUSS_WITHIN_1) ** 2 / (GAUSS_WITHIN_1 * (1 - GAUSS_WITHIN_1)) +
+                              (within_2 - GAUSS_WITHIN_2) ** 2 / (GAUSS_WITHIN_2 * (1 - GAUSS_WITHIN_2)))
 
 
 class ErrorModel(BaseEstimator):
@@ -105,19 +135,24 @@ class ErrorModel(BaseEstimator):
     min_count : int
         Calibration spectra a bin needs; fewer gives NaN for that bin (and a warning).
     cv : int
-        Star-grouped folds of the choice of form.
+        Star-grouped folds of the choice of form and level rule.
+    level_rules : tuple of str
+        Candidate level rules (see ``LEVEL_RULES``); the one whose out-of-fold coverages lie
+        deepest inside the acceptance windows is kept. One rule: no choice.
     random_state : int
 
     Attributes
     ----------
-    form_ : the chosen form; ``cv_scores_``: {form: interval score}
+    form_ : the chosen form; ``cv_scores_``: {form: interval score} (with the first rule)
+    level_rule_ : the chosen level rule; ``level_cv_scores_``: {rule: mean window distance}
     counts_ : calibration spectra per bin
     scale_ : per-bin level factor (NaN for bins below ``min_count``)
     coverage_ : {"within_1": per bin, "within_2": per bin} on the calibration residuals
     """
 
-    def __init__(self, bins, forms=FORMS, min_count=MIN_COUNT, cv=5, random_state=0):
+    def __init__(self, bins, forms=FORMS, min_count=MIN_COUNT, cv=5, level_rules=LEVEL_RULES, random_state=0):
         self.forms = forms
+        self.level_rules = level_rules
         self.bins = bins
         self.min_count = min_count
         self.cv = cv
@@ -171,10 +206,10 @@ class ErrorModel(BaseEstimator):
         design[:, n_bins:] = (design[:, n_bins:] - shape["mean"]) / shape["std"]
         return np.exp(design @ shape["coef"])
 
-    def _fit_scales(self, shape, residuals, x):
+    def _fit_scales(self, shape, residuals, x, rule):
         which = snr_bin_index(x["snrg"], self.bins)
         z = residuals / self._shape(shape, x)
-        return np.array([_coverage_scale(z[which == k]) if np.sum(which == k) >= max(self.min_count, 1)
+        return np.array([_coverage_scale(z[which == k], rule) if np.sum(which == k) >= max(self.min_count, 1)
                          else np.nan for k in range(len(self.bins) - 1)])
 
     # -- scikit-learn API ---------------------------------------------------------------------
@@ -216,28 +251,41 @@ class ErrorModel(BaseEstimator):
         self.isolation_floor_ = _floor(x["isolation"], 0.1)
         self._learn_knots(x["stars"])
 
-        self.cv_scores_ = {}
-        if len(forms) > 1 and np.unique(groups).size >= self.cv:
+        rules = tuple(self.level_rules)
+        self.cv_scores_, self.level_cv_scores_ = {}, {}
+        which = snr_bin_index(x["snrg"], self.bins)
+        if (len(forms) > 1 or len(rules) > 1) and np.unique(groups).size >= self.cv:
             folds = list(group_kfold_indices(groups, self.cv, np.random.default_rng(self.random_state)))
+            predicted = {}                # (form, rule) -> out-of-fold sigma
             for form in forms:
-                predicted = np.empty(residuals.size)
+                for rule in rules:
+                    predicted[form, rule] = np.empty(residuals.size)
                 for fit_rows, test_rows in folds:
                     x_fit = {name: values[fit_rows] for name, values in x.items()}
                     shape = self._fit_shape(form, residuals[fit_rows], x_fit)
-                    scale = self._fit_scales(shape, residuals[fit_rows], x_fit)
-                    # a fold may lack a bin's minimum: score the form with the other bins' median level
-                    scale = np.where(np.isfinite(scale), scale, np.nanmedian(scale))
                     x_test = {name: values[test_rows] for name, values in x.items()}
-                    which_test = snr_bin_index(x_test["snrg"], self.bins)
-                    predicted[test_rows] = self._shape(shape, x_test) * scale[which_test]
-                self.cv_scores_[form] = interval_score(residuals, predicted)
+                    for rule in rules:
+                        scale = self._fit_scales(shape, residuals[fit_rows], x_fit, rule)
+                        # a fold may lack a bin's minimum: score with the other bins' median level
+                        scale = np.where(np.isfinite(scale), scale, np.nanmedian(scale))
+                        predicted[form, rule][test_rows] = self._shape(shape, x_test) * scale[which[test_rows]]
+                self.cv_scores_[form] = interval_score(residuals, predicted[form, rules[0]])
             self.form_ = min(self.cv_scores_, key=self.cv_scores_.get)
+            for rule in rules:
+                sigma = predicted[self.form_, rule]
+                distances = [window_distance(coverage(residuals[which == k], sigma[which == k], 1.0),
+                                             coverage(residuals[which == k], sigma[which == k], 2.0))
+                             for k in range(len(self.bins) - 1) if np.sum(which == k) >= self.min_count]
+                self.level_cv_scores_[rule] = float(np.mean(distances)) if distances else np.nan
+            scored = {rule: v for rule, v in self.level_cv_scores_.items() if np.isfinite(v)}
+            self.level_rule_ = min(scored, key=scored.get) if scored else rules[0]
         else:
             self.form_ = forms[0] if len(forms) == 1 else forms[-1]
+            self.level_rule_ = rules[0]
         self.shape_ = self._fit_shape(self.form_, residuals, x)
-        self.scale_ = np.where(self.counts_ >= self.min_count, self._fit_scales(self.shape_, residuals, x), np.nan)
+        self.scale_ = np.where(self.counts_ >= self.min_count,
+                               self._fit_scales(self.shape_, residuals, x, self.level_rule_), np.nan)
         sigma = self.predict(x["snrg"], x["spread"], x["stars"], x["isolation"])
-        which = snr_bin_index(x["snrg"], self.bins)
         self.coverage_ = {name: [coverage(residuals[which == k], sigma[which == k], k_sigma)
                                  if np.any(which == k) else None for k in range(len(self.bins) - 1)]
                           for name, k_sigma in (("within_1", 1.0), ("within_2", 2.0))}

@@ -13,7 +13,7 @@ Uncertainties (the names are the catalogue's, ``etl/schema.py``):
 - ``<label>_err``, the 1-sigma uncertainty to quote: a per-spectrum error model
   (``models.calibration.ErrorModel``: SNRg, ensemble spread, estimated Teff, log g, [Fe/H]
   and how isolated the estimate is among the training stars, ``isolation``) fitted on
-  out-of-sample residuals against reference labels so that 68% / 95% of
+  out-of-sample residuals against reference labels so that 62-74% / 92-98% of
   residuals fall within +-1 / +-2 of it in every SNRg bin. NaN outside the calibrated
   SNRg bins and in bins with fewer than 30 calibration spectra.
 
@@ -43,7 +43,7 @@ from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.preprocessing import StandardScaler
 
-from .calibration import ErrorModel, RepeatScale
+from .calibration import LEVEL_RULES, ErrorModel, RepeatScale
 from .flags import (MASKED_SELECTED_PIXELS, MAX_MASKED_SELECTED_FRACTION, OUT_OF_DISTRIBUTION,
                     domain_flags)
 from .labels import LABELS
@@ -527,7 +527,7 @@ class LassoMLPNet(BaseEstimator):
         see ``calibrate_predictions``."""
         return self.calibrate_predictions(self.predict_raw(X), labels, snrg, groups)
 
-    def calibrate_predictions(self, raw, labels, snrg, groups=None):
+    def calibrate_predictions(self, raw, labels, snrg, groups=None, level_rules=LEVEL_RULES):
         """Fit the uncertainties on out-of-sample predictions.
 
         ``raw``: ``predict_raw`` output for spectra whose stars the predicting model never
@@ -535,8 +535,9 @@ class LassoMLPNet(BaseEstimator):
         the fold model trained without its star); ``labels``: their reference labels;
         ``groups``: the star of each spectrum.
 
-        - ``<label>_err``: an ``ErrorModel`` per label (form chosen by star-grouped CV on
-          these residuals; NaN for SNRg bins with fewer than 30 spectra, with a warning);
+        - ``<label>_err``: an ``ErrorModel`` per label (form and, among ``level_rules``, level
+          rule chosen by star-grouped CV on these residuals; NaN for SNRg bins with fewer
+          than 30 spectra, with a warning);
         - ``<label>_err_model``: the ensemble std times k(SNRg) (``repeat_scales_``), fitted
           so that the pairs of spectra of one star differ by what it says (needs ``groups``;
           with fewer than 30 pairs k = 1).
@@ -547,7 +548,8 @@ class LassoMLPNet(BaseEstimator):
         self.repeat_levels_ = {}
         for label in LABELS:
             residuals = raw[label] - np.asarray(labels[label], dtype=float)
-            self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), random_state=self.random_state).fit(
+            self.error_models_[label] = ErrorModel(bins=tuple(self.snr_bins_), level_rules=level_rules,
+                                                   random_state=self.random_state).fit(
                 residuals, snrg, raw[label + "_spread"], star_parameters(raw), groups=groups,
                 isolation=isolation)
             if groups is not None:

@@ -145,8 +145,8 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=DEFAULT_
 
 
 def calibration_summary(model):
-    """What the calibration chose, per label: the error model's form, its cross-validation
-    scores, per-bin counts, level factors and coverages on the calibration spectra, and the
+    """What the calibration chose, per label: the error model's form and level rule, their
+    cross-validation scores, per-bin counts, level factors and coverages on the calibration spectra, and the
     factor on the ensemble std (JSON-ready)."""
     out = {"snr_bins": [float(b) for b in model.snr_bins_],
            "counts": [int(n) for n in model.calibration_counts_]}
@@ -155,6 +155,9 @@ def calibration_summary(model):
         out[label] = {
             "form": error_model.form_,
             "cv_interval_score": {k: float(v) for k, v in error_model.cv_scores_.items()},
+            # artifacts from before the choice of level rule used the Gaussian one
+            "level_rule": getattr(error_model, "level_rule_", "gaussian"),
+            "level_cv_window_distance": {k: float(v) for k, v in getattr(error_model, "level_cv_scores_", {}).items()},
             "bin_scale": [None if not np.isfinite(s) else float(s) for s in error_model.scale_],
             "coverage": error_model.coverage_,
             "model_err_scale": _repeat_scale_summary(model.repeat_scales_[label]),
