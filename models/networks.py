@@ -11,6 +11,12 @@ fresh Gaussian noise. A training set of a few hundred stars is small for network
 this size; noise on the inputs is a data-driven regulariser (Bishop 1995: to first order
 a Tikhonov penalty on the input gradient) and mimics the lower-S/N spectra the model is
 applied to. ``bench/tune_lasso_mlpnet.py`` chooses its level by star-grouped CV.
+
+Huber loss (``huber_delta``): squared error for residuals up to ``huber_delta`` (in units
+of the standardised target), absolute error beyond. The catalogue is judged by its mean
+absolute error, and reference labels carry errors of their own (a few stars' labels are
+off by far more than the spectra's noise): under squared error those few stars pull every
+network towards them, under Huber each counts no more than its sign beyond the threshold.
 """
 import warnings
 
@@ -103,6 +109,9 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Standard deviation of the Gaussian noise added to each training mini-batch's
         (standardised) inputs, one for every feature or one per feature; 0 turns it off.
         Validation and prediction see clean inputs.
+    huber_delta : float, default=0.0
+        Residual (standardised target) beyond which the loss grows linearly, for training
+        and for the early-stopping validation loss alike; 0: squared error.
     random_state : int or None, default=None
         Seed of the initialisation, the mini-batch order, the noise and the held-out stars.
 
@@ -117,7 +126,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
     n_epochs_ : int
         Epochs run before stopping.
     best_validation_loss_ : float
-        Validation mean squared error (standardised target) of the kept weights; ``inf``
+        Validation loss (standardised target; squared or Huber) of the kept weights; ``inf``
         when no epoch gave a finite loss (a warning is raised then).
     validation_curve_ : list of float
         Validation loss after every epoch.
@@ -125,7 +134,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(self, hidden_layer_sizes=(400, 50), alpha=1e-4, learning_rate_init=1e-3,
                  batch_size=128, max_epochs=300, validation_fraction=0.1, n_iter_no_change=20,
-                 input_noise=0.0, random_state=None):
+                 input_noise=0.0, huber_delta=0.0, random_state=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.alpha = alpha
         self.learning_rate_init = learning_rate_init
@@ -134,6 +143,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
+        self.huber_delta = huber_delta
         self.random_state = random_state
 
     def _validate_params(self):
@@ -154,6 +164,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
              f"n_iter_no_change must be a positive integer, got {self.n_iter_no_change!r}"),
             (np.all(np.asarray(self.input_noise) >= 0) and np.ndim(self.input_noise) <= 1,
              f"input_noise must be >= 0 (a number or one per feature), got {self.input_noise!r}"),
+            (self.huber_delta >= 0, f"huber_delta must be >= 0, got {self.huber_delta!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -170,7 +181,10 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
     def _gradients(self, X, y, weights, biases):
         activations, output = self._forward(X, weights, biases)
         n = X.shape[0]
-        delta = ((output - y) / n)[:, None].astype(np.float32)
+        residual = output - y
+        if self.huber_delta:                    # the Huber loss's derivative
+            residual = np.clip(residual, -self.huber_delta, self.huber_delta)
+        delta = (residual / n)[:, None].astype(np.float32)
         grad_w, grad_b = [None] * len(weights), [None] * len(biases)
         for layer in range(len(weights) - 1, -1, -1):
             grad_w[layer] = activations[layer].T @ delta + (self.alpha / n) * weights[layer]
@@ -216,7 +230,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.validation_curve_ = []
         for epoch in range(self.max_epochs):
             self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng, noise)
-            valid_loss = float(np.mean((self._forward(X_valid, weights, biases)[1] - y_valid) ** 2))
+            valid_loss = self._loss(self._forward(X_valid, weights, biases)[1] - y_valid)
             self.validation_curve_.append(valid_loss)
             if stopping.update(valid_loss, params):
                 break
@@ -229,6 +243,13 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.n_epochs_ = epoch + 1
         self.best_validation_loss_ = stopping.best_loss
         return self
+
+    def _loss(self, residual):
+        """Mean squared error of the residuals, or their mean Huber loss with ``huber_delta``."""
+        if not self.huber_delta:
+            return float(np.mean(residual ** 2))
+        a, d = np.abs(residual), self.huber_delta
+        return float(np.mean(np.where(a <= d, 0.5 * a * a, d * (a - 0.5 * d))))
 
     def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng, noise):
         order = rng.permutation(len(y_train))

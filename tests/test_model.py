@@ -25,7 +25,7 @@ from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, MASKED_SEL
                           TEFF_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, catalogue_flags, describe_flags,
                           domain_flags, redshift_flags)
 from models.labels import ESTIMATE_SUFFIXES, LABELS
-from models.lasso_mlpnet import (PAPER_PARAMETERS, PUBLISHED_HIDDEN, PUBLISHED_LEARNING_RATE, LassoMLPNet,
+from models.lasso_mlpnet import (DEFAULT_HUBER_DELTA, PAPER_PARAMETERS, PUBLISHED_HIDDEN, PUBLISHED_LEARNING_RATE, LassoMLPNet,
                                  star_parameters)
 from models.networks import SigmoidMLPRegressor
 from models.preprocess import PreprocessConfig
@@ -241,6 +241,40 @@ def test_mlp_early_stopping_on_noise_keeps_the_best_epoch():
     standardised = (model.predict(X[valid]) - model.y_mean_) / model.y_scale_
     target = (y[valid] - model.y_mean_) / model.y_scale_
     assert np.mean((standardised - target) ** 2) == pytest.approx(model.best_validation_loss_, rel=1e-4)
+
+
+def test_mlp_huber_loss_is_not_pulled_by_outlying_labels():
+    """10% of the training labels off by 4 standard deviations (a reference catalogue's
+    wrong labels): squared error bends the network towards them, Huber (``huber_delta``)
+    hardly; early stopping reads the Huber loss too."""
+    rng = np.random.default_rng(7)
+    X, X_test = rng.uniform(-1, 1, (800, 5)), rng.uniform(-1, 1, (2000, 5))
+    y, y_test = smooth_function(X), smooth_function(X_test)
+    wrong = rng.random(y.size) < 0.1
+    y_labelled = y + np.where(wrong, 4 * y.std() * np.sign(rng.standard_normal(y.size)), 0.0)
+    params = dict(hidden_layer_sizes=(32, 16), learning_rate_init=1e-2, max_epochs=300,
+                  n_iter_no_change=40, random_state=0)
+    squared = SigmoidMLPRegressor(**params).fit(X, y_labelled)
+    huber = SigmoidMLPRegressor(huber_delta=0.3, **params).fit(X, y_labelled)
+    mae = {name: np.mean(np.abs(m.predict(X_test) - y_test)) for name, m in (("squared", squared), ("huber", huber))}
+    assert mae["huber"] < 0.5 * mae["squared"], mae
+    _, valid = group_holdout(y.size, None, huber.validation_fraction, np.random.default_rng(0))
+    residual = np.abs((huber.predict(X[valid]) - y_labelled[valid]) / huber.y_scale_)
+    loss = np.where(residual <= 0.3, 0.5 * residual ** 2, 0.3 * (residual - 0.15))
+    assert np.mean(loss) == pytest.approx(huber.best_validation_loss_, rel=1e-4)
+    with pytest.raises(ValueError, match="huber_delta"):
+        SigmoidMLPRegressor(huber_delta=-1.0).fit(X, y)
+
+
+def test_huber_delta_reaches_the_networks_per_label():
+    rng = np.random.default_rng(6)
+    X, labels, stars = synthetic_spectra(rng, 20, 2)
+    model = LassoMLPNet(hidden=SMALL_HIDDEN, n_members=2, max_epochs=5, cv=3, n_jobs=1,
+                        huber_delta={"logg": 0.3}).fit(X, labels, groups=stars)
+    for label, estimator in model.estimators_.items():
+        expected = 0.3 if label == "logg" else DEFAULT_HUBER_DELTA
+        assert estimator.huber_delta == expected
+        assert all(member.huber_delta == expected for member in estimator.members_)
 
 
 def test_mlp_is_deterministic_for_a_fixed_random_state():
@@ -481,7 +515,7 @@ def test_paper_configuration_reaches_every_network():
         assert estimator.learning_rate_init == PUBLISHED_LEARNING_RATE[label]
         assert tuple(estimator.hidden_layer_sizes) == PUBLISHED_HIDDEN[label]
         assert (estimator.alpha, estimator.batch_size, estimator.n_iter_no_change,
-                estimator.input_noise, estimator.flux_noise) == (1e-4, 200, 10, 0.0, 0.0)
+                estimator.input_noise, estimator.flux_noise, estimator.huber_delta) == (1e-4, 200, 10, 0.0, 0.0, 0.0)
         assert np.array_equal(estimator.input_pixels_, estimator.support_)    # its own pixels
         for member in estimator.members_:
             assert member.input_noise == 0.0

@@ -79,6 +79,10 @@ def add_training_arguments(parser):
                         help="std of the Gaussian noise in units of the normalised flux (as an "
                              "observation's, 1/SNR) added to the same inputs (default 0: "
                              "measured by CV, not better)")
+    parser.add_argument("--huber-delta", type=non_negative_float, default=None,
+                        help="the networks' loss: Huber, linear beyond this residual in units "
+                             "of the standardised label (default: the model's; 0 = squared "
+                             "error, the paper's)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's network configuration instead of this project's "
                              "defaults, to compare with: published hidden sizes (400,50), "
@@ -106,7 +110,8 @@ def preprocess_config(args):
 # train_lasso_mlpnet keyword (a LassoMLPNet parameter, or calibration_folds) <- command-line
 # option (argparse dest) of the tuning options
 TUNING_OPTIONS = {"max_epochs": "max_epochs", "cv": "lasso_folds", "input_noise": "input_noise",
-                  "flux_noise": "flux_noise", "calibration_folds": "calibration_folds"}
+                  "flux_noise": "flux_noise", "huber_delta": "huber_delta",
+                  "calibration_folds": "calibration_folds"}
 
 
 def training_snr_range(args):
