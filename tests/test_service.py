@@ -274,6 +274,34 @@ def test_cone_search_uses_the_position_index_with_bound_parameters(app):
         assert value not in compiled.string
 
 
+def test_wide_cone_looks_up_estimates_only_for_the_rows_it_returns(app, cat):
+    """A cone holding more spectra than MAXREC probes the estimates of the nearest MAXREC
+    only (each probe is an index descent: a 1-deg cone at DR8 density holds ~10^4)."""
+    from service.blueprints.scs import scs_statement
+
+    engine = app.extensions["lamost_vac"].cone_engine
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the lookup plan is PostgreSQL's (SQLite joins in one scan)")
+    in_cone = len(expected_cone(cat, 0.0, 0.0, 0.5)[0])
+    maxrows = 3
+    assert in_cone > 2 * maxrows
+    with engine.connect() as connection:
+        statement = scs_statement(connection, 0.0, 0.0, 0.5, 2, maxrows)
+        compiled = statement.compile(connection)
+        (plan,), = connection.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled.string}",
+            _positional(compiled, connection)).one()
+
+    def nodes(node):
+        yield node
+        for child in node.get("Plans", ()):
+            yield from nodes(child)
+
+    probes = [n for n in nodes(plan["Plan"]) if n.get("Relation Name", "").startswith("estimates")]
+    assert probes, plan
+    assert sum(n["Actual Loops"] for n in probes) <= maxrows, (in_cone, probes)
+
+
 def test_sql_injection_attempts_are_rejected(client):
     for params in (dict(RA="150; DROP TABLE spectra", DEC=30, SR=0.1),
                    dict(RA="150", DEC="30 OR 1=1", SR=0.1)):

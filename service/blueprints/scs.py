@@ -151,7 +151,9 @@ def _postgres_template(verb, tiny=False, tabledata=False):
                                          MIN_INDEX_RADIUS_DEG if tiny else sr)))
     if tiny:
         cone = cone.where(distance <= sr)
-    cone = cone.subquery("cone")
+    # Sorted before the join, so that the estimates are looked up nearest first and only
+    # until MAXREC rows are found: a wide cone holds more spectra than it returns.
+    cone = cone.order_by(distance, spectra.c.obsid).subquery("cone")
     estimate = (select(*[CATALOGUE[n].expression.label(n) for n in from_estimates])
                 .where(estimates.c.obsid == cone.c.obsid,
                        estimates.c.model_version == current_model_version())
