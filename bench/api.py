@@ -6,12 +6,11 @@ In one run:
    ``data/labels/lamost_dr10_lasp_afg_rows.csv`` (labels from the same rows), then
    clusters on the Q3C index and ANALYZEs, as ``lamost-vac db maintain`` does.
 2. Latency p50/p95/p99 of 1-arcmin and 10-arcmin cones (centres: random catalogue
-   positions), each measured three ways with the same centres:
-   * ``raw_sql_q3c``: ``SELECT ... FROM spectra WHERE q3c_radial_query(...)`` via psycopg;
-   * ``raw_sql_scs_query``: the exact statement /scs runs (join to the current model's
-     estimates, distance, ORDER BY distance) via psycopg;
-   * ``scs_http``: ``GET /scs`` (VOTable) over HTTP from gunicorn (2 sync workers),
-     reader role, one request at a time.
+   positions), each measured four ways with the same centres (:func:`cone_methods`),
+   interleaved and warm (:func:`interleaved_latency`): the bare positions by
+   ``q3c_radial_query`` via psycopg (planned per call, and prepared with a generic plan),
+   the exact statement /scs runs via psycopg, and ``GET /scs`` (VOTable) over HTTP from
+   gunicorn (2 sync workers), reader role, one request at a time.
 3. Throughput: ``GET /scs`` 1-arcmin cones from several client processes against the same
    gunicorn, a bounded number of requests; requests/s and error count.
 
@@ -137,25 +136,6 @@ def psycopg_connection(url, generic=False):
                            autocommit=True, options=options)
 
 
-def raw_sql_latency(url, centres, radius_deg, statement_sql, generic=False, warmup=20):
-    """Client-side latency (execute + fetch) through psycopg. ``generic=False``: a plain
-    parameterised query, planned for each call (what psql or a simple client gets);
-    ``generic=True``: a prepared statement with a generic plan (what the service does)."""
-    connection = psycopg_connection(url, generic)
-    timings, rows = [], []
-    with connection.cursor() as cursor:
-        for i, (ra, dec) in enumerate(list(centres[:warmup]) + list(centres)):
-            started = time.perf_counter()
-            cursor.execute(statement_sql, {"ra": ra, "dec": dec, "r": radius_deg},
-                           prepare=generic)
-            result = cursor.fetchall()
-            if i >= warmup:
-                timings.append(time.perf_counter() - started)
-                rows.append(len(result))
-    connection.close()
-    return timings, rows
-
-
 RAW_Q3C = ("SELECT obsid, ra, dec FROM spectra "
            "WHERE q3c_radial_query(ra, dec, %(ra)s, %(dec)s, %(r)s)")
 
@@ -191,6 +171,79 @@ def scs_equivalent_sql():
     for name, replacement in mapping.items():
         sql = sql.replace(f"%({name})s", replacement)
     return sql.replace("::VARCHAR", "").replace("::INTEGER", "")
+
+
+@contextlib.contextmanager
+def cone_methods(reader_url, port):
+    """The ways of asking for a cone, as {name: run(ra, dec, radius_deg)}; ``run`` returns
+    the rows (or the answer's size in rows for HTTP), None on an error. Each SQL method has
+    its own connection (autocommit, JIT off):
+
+    * ``raw_sql_q3c``: the bare positions, ``SELECT obsid, ra, dec ... q3c_radial_query``,
+      planned for each call (what psql or a simple client gets);
+    * ``raw_sql_q3c_prepared_generic``: the same, prepared with a generic plan;
+    * ``raw_sql_scs_query_prepared_generic``: the very statement /scs runs (join to the
+      current estimates, its columns, MAXREC), prepared with a generic plan as the service
+      does -- the price of /scs's rows in SQL;
+    * ``scs_http``: ``GET /scs`` (VOTable) from the server on ``port``.
+    """
+    scs_sql = scs_equivalent_sql()
+    connections = []
+
+    def sql(statement, generic):
+        connection = psycopg_connection(reader_url, generic)
+        connections.append(connection)
+        cursor = connection.cursor()
+
+        def run(ra, dec, radius_deg):
+            cursor.execute(statement, {"ra": ra, "dec": dec, "r": radius_deg}, prepare=generic)
+            return len(cursor.fetchall())
+        return run
+
+    def http(ra, dec, radius_deg):
+        status, body = http_get(port, scs_path(ra, dec, radius_deg))
+        if status != 200 or b'value="ERROR"' in body:
+            return None
+        return body.count(b"<TR>")
+
+    try:
+        yield {"raw_sql_q3c": sql(RAW_Q3C, False),
+               "raw_sql_q3c_prepared_generic": sql(RAW_Q3C, True),
+               "raw_sql_scs_query_prepared_generic": sql(scs_sql, True),
+               "scs_http": http}
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def interleaved_latency(methods, centres, radius_deg, rounds=1):
+    """Latency of each method of :func:`cone_methods` at the same centres, measured fairly:
+    every method first reads each centre once untimed (so that no method pays for bringing
+    pages into the cache that a later one then finds warm), then each centre is timed by
+    every method in turn, the order rotating from centre to centre (and round to round) so
+    that none is always first. Returns {name: percentiles + rows_mean + errors}."""
+    names = list(methods)
+    for ra, dec in centres:
+        for name in names:
+            methods[name](ra, dec, radius_deg)
+    timings = {name: [] for name in names}
+    rows = {name: [] for name in names}
+    errors = dict.fromkeys(names, 0)
+    turn = 0
+    for _ in range(rounds):
+        for ra, dec in centres:
+            turn += 1
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                started = time.perf_counter()
+                result = methods[name](ra, dec, radius_deg)
+                timings[name].append(time.perf_counter() - started)
+                if result is None:
+                    errors[name] += 1
+                else:
+                    rows[name].append(result)
+    return {name: dict(percentiles(timings[name]), errors=errors[name],
+                       rows_mean=round(float(np.mean(rows[name])), 1) if rows[name] else None)
+            for name in names}
 
 
 def free_port():
@@ -382,28 +435,17 @@ def main():
             centres = list(zip(((ra[pick] + rng.normal(0, 0.01, len(pick))) % 360.0).tolist(),
                                np.clip(dec[pick] + rng.normal(0, 0.01, len(pick)), -90, 90)
                                .tolist()))
-            scs_sql = scs_equivalent_sql()
             port = free_port()
             server = start_gunicorn(url, reader_url, port)
             report["latency"] = {}
-            for arcmin in RADII_ARCMIN:
-                radius = arcmin / 60.0
-                raw, raw_rows = raw_sql_latency(reader_url, centres, radius, RAW_Q3C)
-                raw_generic, _ = raw_sql_latency(reader_url, centres, radius, RAW_Q3C,
-                                                 generic=True)
-                equivalent, _ = raw_sql_latency(reader_url, centres, radius, scs_sql,
-                                                generic=True)
-                scs, errors = http_latency(port, centres, radius)
-                entry = {"rows_per_cone_mean": round(float(np.mean(raw_rows)), 2),
-                         "raw_sql_q3c": percentiles(raw),
-                         "raw_sql_q3c_prepared_generic": percentiles(raw_generic),
-                         "raw_sql_scs_query_prepared_generic": percentiles(equivalent),
-                         "scs_http": percentiles(scs), "scs_errors": errors}
-                for key in ("raw_sql_q3c", "raw_sql_q3c_prepared_generic",
-                            "raw_sql_scs_query_prepared_generic"):
-                    entry[f"scs_p50_over_{key}_p50"] = round(
-                        entry["scs_http"]["p50_ms"] / entry[key]["p50_ms"], 2)
-                report["latency"][f"{arcmin:g}arcmin"] = entry
+            with cone_methods(reader_url, port) as methods:
+                for arcmin in RADII_ARCMIN:
+                    entry = interleaved_latency(methods, centres, arcmin / 60.0)
+                    for key in ("raw_sql_q3c", "raw_sql_q3c_prepared_generic",
+                                "raw_sql_scs_query_prepared_generic"):
+                        entry[f"scs_p50_over_{key}_p50"] = round(
+                            entry["scs_http"]["p50_ms"] / entry[key]["p50_ms"], 2)
+                    report["latency"][f"{arcmin:g}arcmin"] = entry
             pick = rng.integers(0, len(ra), options.load_requests)
             load_centres = list(zip(ra[pick].tolist(), dec[pick].tolist()))
             http_latency(port, load_centres[:50], 1 / 60.0, warmup=0)

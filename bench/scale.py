@@ -21,7 +21,9 @@ query shape through the HTTP API, full exports and the stale-set plan, in one ru
    requested up to --repeat times (within --shape-budget-s seconds per shape) after one
    warm-up request, one request at a time: latency p50/p95/p99 and the HTTP statuses (a
    400 refusal is a valid outcome: the service refuses shapes it cannot serve fast).
-   Cones are compared with raw ``q3c_radial_query`` via psycopg at the same centres.
+   The cones are then measured again, warm and interleaved with two references at the
+   same centres (bench/api.py's ``interleaved_latency``): the bare positions by raw
+   ``q3c_radial_query`` and /scs's own statement, both via psycopg.
 3. **Exports**: ``lamost-vac export`` of the current model in CSV, FITS and VOTable
    (each a child process): seconds, rows/s, bytes and the child's peak RSS (its VmHWM in
    /proc, read every 0.1 s while it runs: ``wait4``'s ru_maxrss would report this
@@ -56,8 +58,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.api import (RAW_Q3C, footprint_positions, free_port, http_get,  # noqa: E402
-                       percentiles, raw_sql_latency, real_positions, scs_equivalent_sql,
+from bench.api import (cone_methods, footprint_positions, free_port,  # noqa: E402
+                       http_get, interleaved_latency, percentiles, real_positions,
                        start_gunicorn, stop)
 from bench.ingest import load_labels  # noqa: E402
 from bench.throwaway_db import throwaway_database  # noqa: E402
@@ -441,23 +443,26 @@ def measure_queries(port, reader_url, ra, dec, old_version, options, rng):
         report[name] = measure_shape(port, Pages(first), options.repeat,
                                      options.shape_budget_s)
         log(f"{name}: {report[name]}")
-    # Two raw references per cone: the bare positions (what the issue names), and the very
-    # statement /scs runs (join to the current estimates, its columns, MAXREC), prepared
-    # with a generic plan as the service does -- the price of the same rows in SQL, so the
-    # ratio to it is what HTTP, the VOTable and the service add.
-    raw, scs_sql = {}, scs_equivalent_sql()
-    for name, radius in CONES_DEG.items():
-        timings, rows = raw_sql_latency(reader_url, positions[1:], radius, RAW_Q3C, warmup=1)
-        same, same_rows = raw_sql_latency(reader_url, positions[1:], radius, scs_sql,
-                                          generic=True, warmup=1)
-        raw[name] = dict(percentiles(timings), rows_mean=round(float(np.mean(rows)), 1),
-                         scs_statement=dict(percentiles(same),
-                                            rows_mean=round(float(np.mean(same_rows)), 1)))
-        scs = report[f"/scs {name}"]
-        if scs.get("p50_ms"):
-            raw[name]["scs_p50_over_raw_p50"] = round(scs["p50_ms"] / raw[name]["p50_ms"], 2)
-            raw[name]["scs_p50_over_scs_statement_p50"] = round(
-                scs["p50_ms"] / raw[name]["scs_statement"]["p50_ms"], 2)
+    # The cones once more, interleaved and warm (bench/api.py's interleaved_latency), beside
+    # two references at the same centres: the bare positions by q3c_radial_query (what the
+    # issue names), and the very statement /scs runs, prepared with a generic plan as the
+    # service does -- the price of the same rows in SQL, so the ratio to it is what HTTP,
+    # the VOTable and the service add. (The shapes above ran first and cold: comparing
+    # them with references measured afterwards, warm, would not be fair to /scs.)
+    raw = {}
+    with cone_methods(reader_url, port) as methods:
+        methods = {name: methods[name] for name in
+                   ("raw_sql_q3c", "raw_sql_scs_query_prepared_generic", "scs_http")}
+        for name, radius in CONES_DEG.items():
+            measured = interleaved_latency(methods, positions[1:], radius, rounds=3)
+            bare, statement, scs = (measured["raw_sql_q3c"],
+                                    measured["raw_sql_scs_query_prepared_generic"],
+                                    measured["scs_http"])
+            raw[name] = dict(bare, scs_statement=statement, scs_warm=scs,
+                             scs_p50_over_raw_p50=round(scs["p50_ms"] / bare["p50_ms"], 2),
+                             scs_p50_over_scs_statement_p50=round(
+                                 scs["p50_ms"] / statement["p50_ms"], 2))
+            log(f"cone {name}: {raw[name]}")
     return report, raw
 
 
@@ -570,12 +575,16 @@ def markdown(report):
         statuses = ", ".join(f"{k} x{v}" for k, v in entry["statuses"].items())
         lines.append(f"| `{name}` | {latency} (HTTP {statuses}) |")
     for name, entry in report["raw_sql_cones"].items():
-        lines.append(f"| raw q3c_radial_query {name} | p50 {entry['p50_ms']} ms "
-                     f"(/scs p50 / raw p50: {entry.get('scs_p50_over_raw_p50')}) |")
-        lines.append(f"| /scs's own statement in SQL, {name} "
-                     f"({entry['scs_statement']['rows_mean']:g} rows) | "
+        warm = entry["scs_warm"]
+        lines.append(f"| `/scs {name}`, warm, interleaved with the references below | "
+                     f"p50 {warm['p50_ms']} / p95 {warm['p95_ms']} ms "
+                     f"({warm['rows_mean']:g} rows) |")
+        lines.append(f"| raw q3c_radial_query {name}, bare positions ({entry['rows_mean']:g} "
+                     f"rows) | p50 {entry['p50_ms']} ms (/scs p50 / raw p50: "
+                     f"{entry['scs_p50_over_raw_p50']}) |")
+        lines.append(f"| /scs's own statement in SQL, {name} | "
                      f"p50 {entry['scs_statement']['p50_ms']} ms (/scs p50 / its SQL p50: "
-                     f"{entry.get('scs_p50_over_scs_statement_p50')}) |")
+                     f"{entry['scs_p50_over_scs_statement_p50']}) |")
     for fmt, entry in report["exports"].items():
         lines.append(f"| export {fmt} ({entry['rows']:,} rows) | {entry['seconds']} s "
                      f"({entry['rows_per_s']:,} rows/s), peak RSS {entry['peak_rss_mb']} MB |")

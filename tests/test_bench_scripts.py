@@ -35,3 +35,30 @@ def test_scale_bench_measures_the_child_peak_not_its_own():
     assert child.returncode == 0
     assert 200 < peak_mib < 500, peak_mib
     del ballast
+
+
+def test_cone_latency_is_measured_warm_and_interleaved():
+    """Every method reads every centre once untimed before any timing, and no method is
+    always the first to read a centre (the first pays for the cold pages)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.api import interleaved_latency
+
+    calls = []
+
+    def method(name, answer):
+        def run(ra, dec, radius_deg):
+            calls.append((name, (ra, dec), radius_deg))
+            return answer
+        return run
+
+    methods = {"a": method("a", 5), "b": method("b", 7), "broken": method("broken", None)}
+    centres = [(float(i), -float(i)) for i in range(6)]
+    result = interleaved_latency(methods, centres, 0.25, rounds=2)
+    warm_up, timed = calls[:3 * len(centres)], calls[3 * len(centres):]
+    assert sorted((n, c) for n, c, _ in warm_up) == sorted(
+        (n, c) for n in methods for c in centres)
+    assert len(timed) == 3 * len(centres) * 2 and {r for _, _, r in calls} == {0.25}
+    firsts = {timed[i][0] for i in range(0, len(timed), 3)}
+    assert firsts == set(methods)
+    assert result["a"]["n"] == 12 and result["a"]["rows_mean"] == 5 and result["a"]["errors"] == 0
+    assert result["broken"]["errors"] == 12 and result["broken"]["rows_mean"] is None
