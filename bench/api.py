@@ -6,10 +6,11 @@ In one run:
    ``data/labels/lamost_dr10_lasp_afg_rows.csv`` (labels from the same rows), then
    clusters on the Q3C index and ANALYZEs, as ``lamost-vac db maintain`` does.
 2. Latency p50/p95/p99 of 1-arcmin and 10-arcmin cones (centres: random catalogue
-   positions), each measured four ways with the same centres (:func:`cone_methods`),
+   positions), each measured five ways with the same centres (:func:`cone_methods`),
    interleaved and warm (:func:`interleaved_latency`): the bare positions by
    ``q3c_radial_query`` via psycopg (planned per call, and prepared with a generic plan),
-   the exact statement /scs runs via psycopg, and ``GET /scs`` (VOTable) over HTTP from
+   the catalogue's rows in the cone as a collaborator selects them from
+   ``v_current_estimates``, the exact statement /scs runs via psycopg, and ``GET /scs`` (VOTable) over HTTP from
    gunicorn (2 sync workers), reader role, one request at a time.
 3. Throughput: ``GET /scs`` 1-arcmin cones from several client processes against the same
    gunicorn, a bounded number of requests; requests/s and error count.
@@ -138,6 +139,9 @@ def psycopg_connection(url, generic=False):
 
 RAW_Q3C = ("SELECT obsid, ra, dec FROM spectra "
            "WHERE q3c_radial_query(ra, dec, %(ra)s, %(dec)s, %(r)s)")
+# What a collaborator writes in SQL for the same catalogue rows (README: SQL), unsorted
+RAW_Q3C_CATALOGUE = ("SELECT * FROM v_current_estimates "
+                     "WHERE q3c_radial_query(ra, dec, %(ra)s, %(dec)s, %(r)s)")
 
 
 def scs_equivalent_sql():
@@ -182,6 +186,9 @@ def cone_methods(reader_url, port):
     * ``raw_sql_q3c``: the bare positions, ``SELECT obsid, ra, dec ... q3c_radial_query``,
       planned for each call (what psql or a simple client gets);
     * ``raw_sql_q3c_prepared_generic``: the same, prepared with a generic plan;
+    * ``raw_sql_q3c_catalogue``: the catalogue's rows in the cone as a collaborator asks
+      for them in SQL, ``SELECT * FROM v_current_estimates WHERE q3c_radial_query(...)``
+      (every spectrum in the cone, no MAXREC, unsorted), planned for each call;
     * ``raw_sql_scs_query_prepared_generic``: the very statement /scs runs (join to the
       current estimates, its columns, MAXREC), prepared with a generic plan as the service
       does -- the price of /scs's rows in SQL;
@@ -209,6 +216,7 @@ def cone_methods(reader_url, port):
     try:
         yield {"raw_sql_q3c": sql(RAW_Q3C, False),
                "raw_sql_q3c_prepared_generic": sql(RAW_Q3C, True),
+               "raw_sql_q3c_catalogue": sql(RAW_Q3C_CATALOGUE, False),
                "raw_sql_scs_query_prepared_generic": sql(scs_sql, True),
                "scs_http": http}
     finally:
@@ -442,6 +450,7 @@ def main():
                 for arcmin in RADII_ARCMIN:
                     entry = interleaved_latency(methods, centres, arcmin / 60.0)
                     for key in ("raw_sql_q3c", "raw_sql_q3c_prepared_generic",
+                                "raw_sql_q3c_catalogue",
                                 "raw_sql_scs_query_prepared_generic"):
                         entry[f"scs_p50_over_{key}_p50"] = round(
                             entry["scs_http"]["p50_ms"] / entry[key]["p50_ms"], 2)

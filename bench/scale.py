@@ -21,9 +21,10 @@ query shape through the HTTP API, full exports and the stale-set plan, in one ru
    requested up to --repeat times (within --shape-budget-s seconds per shape) after one
    warm-up request, one request at a time: latency p50/p95/p99 and the HTTP statuses (a
    400 refusal is a valid outcome: the service refuses shapes it cannot serve fast).
-   The cones are then measured again, warm and interleaved with two references at the
+   The cones are then measured again, warm and interleaved with three references at the
    same centres (bench/api.py's ``interleaved_latency``): the bare positions by raw
-   ``q3c_radial_query`` and /scs's own statement, both via psycopg.
+   ``q3c_radial_query``, the same on ``v_current_estimates`` (the catalogue's rows, as a
+   collaborator selects them) and /scs's own statement, all via psycopg.
 3. **Exports**: ``lamost-vac export`` of the current model in CSV, FITS and VOTable
    (each a child process): seconds, rows/s, bytes and the child's peak RSS (its VmHWM in
    /proc, read every 0.1 s while it runs: ``wait4``'s ru_maxrss would report this
@@ -444,22 +445,26 @@ def measure_queries(port, reader_url, ra, dec, old_version, options, rng):
                                      options.shape_budget_s)
         log(f"{name}: {report[name]}")
     # The cones once more, interleaved and warm (bench/api.py's interleaved_latency), beside
-    # two references at the same centres: the bare positions by q3c_radial_query (what the
-    # issue names), and the very statement /scs runs, prepared with a generic plan as the
+    # three references at the same centres: the bare positions by q3c_radial_query (what
+    # the issue names), the catalogue rows in the cone as a collaborator selects them from
+    # v_current_estimates (all of them, unsorted), and the very statement /scs runs, prepared with a generic plan as the
     # service does -- the price of the same rows in SQL, so the ratio to it is what HTTP,
     # the VOTable and the service add. (The shapes above ran first and cold: comparing
     # them with references measured afterwards, warm, would not be fair to /scs.)
     raw = {}
     with cone_methods(reader_url, port) as methods:
         methods = {name: methods[name] for name in
-                   ("raw_sql_q3c", "raw_sql_scs_query_prepared_generic", "scs_http")}
+                   ("raw_sql_q3c", "raw_sql_q3c_catalogue",
+                    "raw_sql_scs_query_prepared_generic", "scs_http")}
         for name, radius in CONES_DEG.items():
             measured = interleaved_latency(methods, positions[1:], radius, rounds=3)
-            bare, statement, scs = (measured["raw_sql_q3c"],
-                                    measured["raw_sql_scs_query_prepared_generic"],
-                                    measured["scs_http"])
-            raw[name] = dict(bare, scs_statement=statement, scs_warm=scs,
+            bare, catalogue, statement, scs = (
+                measured["raw_sql_q3c"], measured["raw_sql_q3c_catalogue"],
+                measured["raw_sql_scs_query_prepared_generic"], measured["scs_http"])
+            raw[name] = dict(bare, catalogue=catalogue, scs_statement=statement, scs_warm=scs,
                              scs_p50_over_raw_p50=round(scs["p50_ms"] / bare["p50_ms"], 2),
+                             scs_p50_over_catalogue_p50=round(
+                                 scs["p50_ms"] / catalogue["p50_ms"], 2),
                              scs_p50_over_scs_statement_p50=round(
                                  scs["p50_ms"] / statement["p50_ms"], 2))
             log(f"cone {name}: {raw[name]}")
@@ -582,6 +587,10 @@ def markdown(report):
         lines.append(f"| raw q3c_radial_query {name}, bare positions ({entry['rows_mean']:g} "
                      f"rows) | p50 {entry['p50_ms']} ms (/scs p50 / raw p50: "
                      f"{entry['scs_p50_over_raw_p50']}) |")
+        lines.append(f"| raw q3c_radial_query {name} on `v_current_estimates` "
+                     f"({entry['catalogue']['rows_mean']:g} rows) | p50 "
+                     f"{entry['catalogue']['p50_ms']} ms (/scs p50 / its p50: "
+                     f"{entry['scs_p50_over_catalogue_p50']}) |")
         lines.append(f"| /scs's own statement in SQL, {name} | "
                      f"p50 {entry['scs_statement']['p50_ms']} ms (/scs p50 / its SQL p50: "
                      f"{entry['scs_p50_over_scs_statement_p50']}) |")
