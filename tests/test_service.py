@@ -251,6 +251,24 @@ def explain(app, statement):
     return "\n".join(" ".join(str(v) for v in row) for row in rows), compiled
 
 
+def estimate_rows_read(engine, statement):
+    """How many rows of ``estimates`` the statement reads (PostgreSQL's EXPLAIN ANALYZE:
+    a probe's rows times its loops, or a scan's rows)."""
+    def nodes(node):
+        yield node
+        for child in node.get("Plans", ()):
+            yield from nodes(child)
+
+    with engine.connect() as connection:
+        compiled = statement.compile(connection)
+        (plan,), = connection.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled.string}",
+            _positional(compiled, connection)).one()
+    reads = [n for n in nodes(plan["Plan"]) if n.get("Relation Name", "").startswith("estimates")]
+    assert reads, plan
+    return sum(n["Actual Rows"] * n["Actual Loops"] for n in reads)
+
+
 def _positional(compiled, connection):
     params = compiled.construct_params()
     if db.is_postgres(connection):
@@ -287,19 +305,7 @@ def test_wide_cone_looks_up_estimates_only_for_the_rows_it_returns(app, cat):
     assert in_cone > 2 * maxrows
     with engine.connect() as connection:
         statement = scs_statement(connection, 0.0, 0.0, 0.5, 2, maxrows)
-        compiled = statement.compile(connection)
-        (plan,), = connection.exec_driver_sql(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled.string}",
-            _positional(compiled, connection)).one()
-
-    def nodes(node):
-        yield node
-        for child in node.get("Plans", ()):
-            yield from nodes(child)
-
-    probes = [n for n in nodes(plan["Plan"]) if n.get("Relation Name", "").startswith("estimates")]
-    assert probes, plan
-    assert sum(n["Actual Loops"] for n in probes) <= maxrows, (in_cone, probes)
+    assert estimate_rows_read(engine, statement) <= maxrows
 
 
 def test_sql_injection_attempts_are_rejected(client):
@@ -355,6 +361,51 @@ def test_estimates_cone_and_distance(client, cat):
     assert [r["obsid"] for r in document["rows"]] == expected_ids
     assert np.allclose([r["distance"] for r in document["rows"]], expected_distance,
                        atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("version", [CURRENT, RETIRED])
+def test_estimates_cone_by_distance_with_filters(client, cat, version):
+    """Nearest first with conditions on both tables and a model version that lacks some
+    spectra: the same rows as the selection in obsid order, nearest first."""
+    query = ("/api/v1/estimates?ra=0&dec=0&radius=0.5&teff_min=5000&snrg_min=20"
+             f"&exclude_flags=4&model_version={version}&limit=10000"
+             "&columns=obsid,teff,snrg,flags,distance")
+    nearest = client.get(query + "&order=distance").get_json()["rows"]
+    farthest = client.get(query + "&order=-distance").get_json()["rows"]
+    by_obsid = client.get(query + "&order=obsid").get_json()["rows"]
+    assert nearest and sorted(r["obsid"] for r in nearest) == [r["obsid"] for r in by_obsid]
+    assert farthest == nearest[::-1]
+    assert all(r["teff"] >= 5000 and r["snrg"] >= 20 and not r["flags"] & 4 for r in nearest)
+    if version == CURRENT:
+        inside = set(expected_cone(cat, 0.0, 0.0, 0.5)[0])
+        expected = [int(cat["obsid"][i]) for i in range(N_SPECTRA)
+                    if int(cat["obsid"][i]) in inside and not cat["teff_null"][i]
+                    and cat["teff"][i] >= 5000 and cat["snrg"][i] >= 20
+                    and not cat["flags"][i] & 4]
+        assert sorted(r["obsid"] for r in nearest) == sorted(expected)
+        order = expected_cone(cat, 0.0, 0.0, 0.5)[0]
+        assert [r["obsid"] for r in nearest] == [i for i in order if i in set(expected)]
+
+
+def test_estimates_cone_by_distance_looks_up_only_the_page(app, cat):
+    """A page of a wide cone ordered by distance probes the estimates of about as many
+    spectra as the page holds, not of every spectrum in the cone."""
+    from werkzeug.datastructures import MultiDict
+
+    from service.blueprints.estimates import build_query, parameters
+    from service.openapi import parse
+
+    service = app.extensions["lamost_vac"]
+    if service.engine.dialect.name != "postgresql":
+        pytest.skip("the lookup plan is PostgreSQL's")
+    in_cone = len(expected_cone(cat, 0.0, 0.0, 0.5)[0])
+    args = parse(parameters(service.limits), MultiDict(
+        {"ra": "0", "dec": "0", "radius": "0.5", "order": "distance", "limit": "3"}))
+    with service.engine.connect() as connection:
+        statement = build_query(connection, args, CURRENT, ["obsid", "teff", "distance"])
+    assert in_cone > 20
+    # one probe per spectrum, nearest first, until the page (3 rows + 1) is full
+    assert estimate_rows_read(service.engine, statement) <= 8
 
 
 @pytest.mark.parametrize("order", ["obsid", "-obsid", "teff", "-teff", "snrg", "-feh",

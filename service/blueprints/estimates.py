@@ -28,6 +28,7 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, request
 from sqlalchemy import and_, false, func, literal, or_, select, true, tuple_
+from sqlalchemy.sql.util import find_tables
 
 from etl import db as etl_db
 from etl import schema
@@ -298,6 +299,8 @@ def build_query(bind, args, model_version, names, nulls=False, rows=None, path=N
     if order_name == "obsid":
         sort = obsid
     conditions += part_conditions(args, sort, obsid, nulls)
+    if order_name == "distance" and etl_db.is_postgres(bind):
+        return _nearest_first(expressions, conditions, names, descending, rows)
     if not page_first:
         return (select(*[expressions[n].label(n) for n in names], sort.label("_sort_key"),
                        obsid.label("_obsid_key"))
@@ -317,6 +320,38 @@ def build_query(bind, args, model_version, names, nulls=False, rows=None, path=N
             .select_from(page.join(spectra, spectra.c.obsid == page.c.obsid))
             .order_by(*_ordering(on_page(sort), page.c.obsid, order_name, descending,
                                  nulls)))
+
+
+def _nearest_first(expressions, conditions, names, descending, rows):
+    """The page of a cone ordered by distance (PostgreSQL): the cone's spectra are sorted
+    first and each looks up its estimate (a LATERAL index probe) only until the page is
+    full. Joined before sorting, a 1-deg cone at DR8 density probed the estimates of all
+    its ~75,000 spectra for a page of 100 (350 ms warm; 45 ms so)."""
+    on_spectra = [c for c in conditions if set(find_tables(c, check_columns=True)) <= {spectra}]
+    on_estimates = [c for c in conditions if not any(c is s for s in on_spectra)]
+    distance = expressions["distance"]
+    by = [distance.desc(), spectra.c.obsid.desc()] if descending else \
+        [distance, spectra.c.obsid]
+    wanted = {spectra.c.obsid, *(expressions[n] for n in names if n != "distance"
+                                  and expressions[n].table is spectra)}
+    cone = (select(*[c for c in spectra.c if c in wanted], distance.label("_sort_key"))
+            .where(*on_spectra).order_by(*by).subquery("cone"))
+    # LIMIT 1 (one estimate per spectrum and model version): always an index probe
+    estimate = (select(estimates).where(estimates.c.obsid == cone.c.obsid, *on_estimates)
+                .limit(1).lateral("estimate"))
+
+    def column(name):
+        if name == "distance":
+            return cone.c._sort_key
+        expression = expressions[name]
+        return (cone if expression.table is spectra else estimate).c[expression.name]
+
+    return (select(*[column(n).label(n) for n in names], cone.c._sort_key.label("_sort_key"),
+                   cone.c.obsid.label("_obsid_key"))
+            .select_from(cone.join(estimate, true()))
+            .order_by(*([cone.c._sort_key.desc(), cone.c.obsid.desc()] if descending
+                        else [cone.c._sort_key, cone.c.obsid]))
+            .limit(rows))
 
 
 def _ordering(sort, obsid, order_name, descending, nulls):
