@@ -640,8 +640,10 @@ def main():
         report["maintenance"] = maintain(url)
         engine = db.make_engine(url)
         with engine.connect() as connection:
+            # REPEATABLE: the same centres in every run on the same catalogue
             positions = np.array(connection.exec_driver_sql(
-                "SELECT ra, dec FROM spectra TABLESAMPLE BERNOULLI (1)").all(), dtype=float)
+                "SELECT ra, dec FROM spectra TABLESAMPLE BERNOULLI (1) "
+                f"REPEATABLE ({int(options.seed)})").all(), dtype=float)
         engine.dispose()
         server = None
         try:
