@@ -10,8 +10,8 @@ In one run:
    interleaved and warm (:func:`interleaved_latency`): the bare positions by
    ``q3c_radial_query`` via psycopg (planned per call, and prepared with a generic plan),
    the catalogue's rows in the cone as a collaborator selects them from
-   ``v_current_estimates``, the exact statement /scs runs via psycopg, and ``GET /scs`` (VOTable) over HTTP from
-   gunicorn (2 sync workers), reader role, one request at a time.
+   ``v_current_estimates``, the exact statement /scs runs via psycopg, and ``GET /scs``
+   (VOTable) over HTTP from gunicorn (2 sync workers), reader role, one request at a time.
 3. Throughput: ``GET /scs`` 1-arcmin cones from several client processes against the same
    gunicorn, a bounded number of requests; requests/s and error count.
 

@@ -447,10 +447,11 @@ def measure_queries(port, reader_url, ra, dec, old_version, options, rng):
     # The cones once more, interleaved and warm (bench/api.py's interleaved_latency), beside
     # three references at the same centres: the bare positions by q3c_radial_query (what
     # the issue names), the catalogue rows in the cone as a collaborator selects them from
-    # v_current_estimates (all of them, unsorted), and the very statement /scs runs, prepared with a generic plan as the
-    # service does -- the price of the same rows in SQL, so the ratio to it is what HTTP,
-    # the VOTable and the service add. (The shapes above ran first and cold: comparing
-    # them with references measured afterwards, warm, would not be fair to /scs.)
+    # v_current_estimates (all of them, unsorted), and the very statement /scs runs,
+    # prepared with a generic plan as the service does -- the price of the same rows in
+    # SQL, so the ratio to it is what HTTP, the VOTable and the service add. (The shapes
+    # above ran first and cold: comparing them with references measured afterwards, warm,
+    # would not be fair to /scs.)
     raw = {}
     with cone_methods(reader_url, port) as methods:
         methods = {name: methods[name] for name in

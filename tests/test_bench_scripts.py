@@ -60,5 +60,5 @@ def test_cone_latency_is_measured_warm_and_interleaved():
     assert len(timed) == 3 * len(centres) * 2 and {r for _, _, r in calls} == {0.25}
     firsts = {timed[i][0] for i in range(0, len(timed), 3)}
     assert firsts == set(methods)
-    assert result["a"]["n"] == 12 and result["a"]["rows_mean"] == 5 and result["a"]["errors"] == 0
+    assert (result["a"]["n"], result["a"]["rows_mean"], result["a"]["errors"]) == (12, 5, 0)
     assert result["broken"]["errors"] == 12 and result["broken"]["rows_mean"] is None

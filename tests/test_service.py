@@ -264,7 +264,8 @@ def estimate_rows_read(engine, statement):
         (plan,), = connection.exec_driver_sql(
             f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled.string}",
             _positional(compiled, connection)).one()
-    reads = [n for n in nodes(plan["Plan"]) if n.get("Relation Name", "").startswith("estimates")]
+    reads = [n for n in nodes(plan["Plan"])
+             if n.get("Relation Name", "").startswith("estimates")]
     assert reads, plan
     return sum(n["Actual Rows"] * n["Actual Loops"] for n in reads)
 
