@@ -368,13 +368,17 @@ def test_estimates_cone_and_distance(client, cat):
 def test_estimates_cone_by_distance_with_filters(client, cat, version):
     """Nearest first with conditions on both tables and a model version that lacks some
     spectra: the same rows as the selection in obsid order, nearest first."""
+    from service.catalogue import CATALOGUE
+
     query = ("/api/v1/estimates?ra=0&dec=0&radius=0.5&teff_min=5000&snrg_min=20"
              f"&exclude_flags=4&model_version={version}&limit=10000"
-             "&columns=obsid,teff,snrg,flags,distance")
+             "&columns=" + ",".join([*CATALOGUE, "distance"]))
     nearest = client.get(query + "&order=distance").get_json()["rows"]
     farthest = client.get(query + "&order=-distance").get_json()["rows"]
     by_obsid = client.get(query + "&order=obsid").get_json()["rows"]
-    assert nearest and sorted(r["obsid"] for r in nearest) == [r["obsid"] for r in by_obsid]
+    # the same rows, every column from its own table, as the joined selection has them
+    assert nearest and sorted(nearest, key=lambda r: r["obsid"]) == by_obsid
+    assert {r["model_version"] for r in nearest} == {version}
     assert farthest == nearest[::-1]
     assert all(r["teff"] >= 5000 and r["snrg"] >= 20 and not r["flags"] & 4 for r in nearest)
     if version == CURRENT:

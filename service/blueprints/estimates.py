@@ -349,7 +349,8 @@ def _nearest_first(expressions, conditions, names, descending, rows):
         if name == "distance":
             return cone.c._sort_key
         expression = expressions[name]
-        return (cone if expression.table is spectra else estimate).c[expression.name]
+        return (cone if expression.table is spectra else estimate).corresponding_column(
+            expression)
 
     return (select(*[column(n).label(n) for n in names], cone.c._sort_key.label("_sort_key"),
                    cone.c.obsid.label("_obsid_key"))
