@@ -328,8 +328,10 @@ def _nearest_first(expressions, conditions, names, descending, rows):
     full. Joined before sorting, a 1-deg cone at DR8 density probed the estimates of all
     its ~75,000 spectra for a page of 100 (351 ms warm; 50 ms so)."""
     on_spectra, on_estimates = [], []
-    for condition in conditions:
+    for condition in conditions:        # each constrains one column (selection_filters)
         tables = set(find_tables(condition, check_columns=True))
+        if not tables <= {spectra} and not tables <= {estimates}:
+            raise ValueError(f"a condition on both tables cannot be split: {condition}")
         (on_spectra if tables <= {spectra} else on_estimates).append(condition)
 
     def nearest(key, obsid):
