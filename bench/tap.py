@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.api import (RAW_Q3C, add_catalogue_arguments, bench_catalogue, free_port, http_get,  # noqa: E402
-                       percentiles, psycopg_connection, scs_path, start_gunicorn, stop)
+                       percentiles, psycopg_connection, scs_path, start_gunicorn, stop,
+                       votable_answered)
 from etl.settings import settings  # noqa: E402
 from service import adql  # noqa: E402
 
@@ -74,7 +75,7 @@ def measure(port, reader_url, centres, radius_deg, rng):
 
     def http(name, path):
         status, body = http_get(port, path)
-        errors[name] += status != 200 or b'value="ERROR"' in body
+        errors[name] += not votable_answered(status, body)
 
     def sql(connection, statement, parameters, prepare=None):
         return len(connection.execute(statement, parameters, prepare=prepare).fetchall())

@@ -334,14 +334,12 @@ def _nearest_first(expressions, conditions, names, descending, rows):
             raise ValueError(f"a condition on both tables cannot be split: {condition}")
         (on_spectra if tables <= {spectra} else on_estimates).append(condition)
 
-    def nearest(key, obsid):
-        return [key.desc(), obsid.desc()] if descending else [key, obsid]
-
     distance = expressions["distance"]
     shown = {spectra.c.obsid, *(expressions[n] for n in names if n != "distance"
                                  and expressions[n].table is spectra)}
     cone = (select(*[c for c in spectra.c if c in shown], distance.label("_sort_key"))
-            .where(*on_spectra).order_by(*nearest(distance, spectra.c.obsid))
+            .where(*on_spectra)
+            .order_by(*_ordering(distance, spectra.c.obsid, "distance", descending, False))
             .subquery("cone"))
     # LIMIT 1 (one estimate per spectrum and model version): always an index probe
     estimate = (select(estimates).where(estimates.c.obsid == cone.c.obsid, *on_estimates)
@@ -357,7 +355,8 @@ def _nearest_first(expressions, conditions, names, descending, rows):
     return (select(*[column(n).label(n) for n in names], cone.c._sort_key.label("_sort_key"),
                    cone.c.obsid.label("_obsid_key"))
             .select_from(cone.join(estimate, true()))
-            .order_by(*nearest(cone.c._sort_key, cone.c.obsid))
+            .order_by(*_ordering(cone.c._sort_key, cone.c.obsid, "distance", descending,
+                                 False))
             .limit(rows))
 
 
