@@ -59,10 +59,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from models.lasso_mlpnet import (LABELS, PAPER_SNR_RANGE, PUBLISHED_HIDDEN,  # noqa: E402
                                  PUBLISHED_LEARNING_RATE, LassoMLPNet)
+from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies  # noqa: E402
 from models.metrics import accuracy_by_snr  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
 from models.preprocess import PreprocessConfig  # noqa: E402
 from models.splits import group_holdout, group_kfold_indices  # noqa: E402
+from models.training import training_rows  # noqa: E402
 
 
 MILES_PREPROCESSING = PreprocessConfig(wave_min=3881.0, wave_max=7400.0)   # MILES' coverage
@@ -244,7 +246,8 @@ def markdown_table(result):
                  for k in LABELS for b in bins]
         lines.append("| " + " | ".join([name, *cells, f"{seconds:.0f}"]) + " |")
 
-    row(f"lamost-vac, {result['ours_ensemble']} networks per label, trained on {result['ours_train_snr']}",
+    row(f"lamost-vac, {result['ours_ensemble']} networks per label, trained on {result['ours_train_snr']}, "
+        f"{result['ours_degraded_copies']['per_spectrum']} degraded copies per spectrum above SNRg 20",
         result["ours"], result["ours_train_seconds"])
     row("lamost-vac, 1 network per label", result["ours_single"], result["ours_single_train_seconds"])
     for name, other in result.get("ours_other_train_snr", {}).items():
@@ -268,8 +271,11 @@ def main(argv=None):
     parser.add_argument("--ensemble", type=int, default=10, help="our networks per label")
     parser.add_argument("--also-ours-train-snr", choices=("10-20", "all-snr"), default=None,
                         help="also train our ensemble on these spectra (another row)")
-    parser.add_argument("--ours-train-snr", choices=("10-20", "all-snr"), default="10-20",
-                        help="our training spectra (default 10-20, the paper's)")
+    parser.add_argument("--ours-train-snr", choices=("10-20", "all-snr"), default="all-snr",
+                        help="our training spectra (default all-snr, as train's default)")
+    parser.add_argument("--ours-degraded-copies", type=int, default=DEFAULT_DEGRADED_COPIES,
+                        help="low-S/N copies of each of our training stars' spectra above SNRg 20 "
+                             "(default %(default)s, as train's; models.augment)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the star split")
     parser.add_argument("--skip-recipe", action="store_true", help="measure this project only")
     parser.add_argument("--teff-range", default="3500,6500",
@@ -299,7 +305,8 @@ def main(argv=None):
     table, teff_range = stars_in_range(load_reference(args.reference), args.teff_range)
     table = limit_stars(table, args.max_stars, args.seed)
     start = time.perf_counter()
-    features, _, errors = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
+    feature_set = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
+    features, errors = feature_set.features, feature_set.errors
     preprocess_seconds = time.perf_counter() - start
     usable = np.isfinite(features).all(axis=1)
     train_all, test = split_by_star(table, usable, args.seed, snr_range=None)
@@ -323,11 +330,18 @@ def main(argv=None):
 
     ours_rows = train_all & in_snr(snrg, PAPER_SNR_RANGE if args.ours_train_snr == "10-20" else None)
     result["ours_train_snr"] = args.ours_train_snr
+    start = time.perf_counter()
+    # copies of the training stars' spectra only: the held-out stars are never read
+    copies = featurise_degraded_copies(table["path"], feature_set.z, snrg, args.ours_degraded_copies,
+                                       MILES_PREPROCESSING, usable=train_all, seed=args.seed)
+    copy_seconds = time.perf_counter() - start      # part of our training time
+    result["ours_degraded_copies"] = {"per_spectrum": args.ours_degraded_copies, "n": int(copies.source.size),
+                                      "seconds": round(copy_seconds, 1)}
     for key, members in (("ours", args.ensemble), ("ours_single", 1)):
         start = time.perf_counter()
-        ours = LassoMLPNet(n_members=members, random_state=0).fit(
-            features[ours_rows], {k: v[ours_rows] for k, v in labels.items()}, groups=stars[ours_rows])
-        result[f"{key}_train_seconds"] = round(time.perf_counter() - start, 1)
+        X, y, groups, observed = training_rows(features, labels, stars, ours_rows, copies)
+        ours = LassoMLPNet(n_members=members, random_state=0).fit(X, y, groups=groups, observed=observed)
+        result[f"{key}_train_seconds"] = round(time.perf_counter() - start + copy_seconds, 1)
         result[key] = accuracy_by_snr(ours.predict(features[test], snrg[test]), reference, snrg[test])
         if key == "ours":
             result["ours_ensemble"] = members
@@ -337,8 +351,8 @@ def main(argv=None):
     if args.also_ours_train_snr and args.also_ours_train_snr != args.ours_train_snr:
         rows = train_all & in_snr(snrg, PAPER_SNR_RANGE if args.also_ours_train_snr == "10-20" else None)
         start = time.perf_counter()
-        ours = LassoMLPNet(n_members=args.ensemble, random_state=0).fit(
-            features[rows], {k: v[rows] for k, v in labels.items()}, groups=stars[rows])
+        X, y, groups, observed = training_rows(features, labels, stars, rows, copies)
+        ours = LassoMLPNet(n_members=args.ensemble, random_state=0).fit(X, y, groups=groups, observed=observed)
         result["ours_other_train_snr"] = {args.also_ours_train_snr: {
             "train_seconds": round(time.perf_counter() - start, 1),
             "accuracy": accuracy_by_snr(ours.predict(features[test], snrg[test]), reference, snrg[test])}}

@@ -7,7 +7,9 @@ The training stars are divided into ``--folds`` star-grouped folds; for every po
 the fold's 10 < SNRg <= 20 spectra (``cv_mae``, what chooses) and 5 < SNRg <= 10 spectra
 (``cv_mae_5_10``). Grid keys are ``LassoMLPNet`` parameters, plus ``train_snr``: the
 training spectra, ``"10-20"`` (the paper's, the default) or ``"all"`` (every SNR of the
-fitting folds' stars). Prints one JSON document: the mean CV MAE of every grid point and
+fitting folds' stars), and ``degraded_copies``: how many low-S/N copies
+(``models.augment``, S/N 5-20) of each of the fitting stars' spectra above that range
+join the training spectra (default ``DEFAULT_DEGRADED_COPIES``). Prints one JSON document: the mean CV MAE of every grid point and
 the best point per label.
 
     python bench/tune_lasso_mlpnet.py --reference /tmp/sim-ref \\
@@ -25,9 +27,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies  # noqa: E402
 from models.lasso_mlpnet import LABELS, LassoMLPNet  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
 from models.splits import group_kfold_indices  # noqa: E402
+from models.training import training_rows  # noqa: E402
 
 from train_vs_recipe import MILES_PREPROCESSING, load_reference, split_by_star, stars_in_range  # noqa: E402
 
@@ -51,7 +55,8 @@ def main():
     grid = json.loads(args.grid)
 
     table, teff_range = stars_in_range(load_reference(args.reference), args.teff_range)
-    features, _, _ = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
+    feature_set = featurise_files(table["path"], table["z"], MILES_PREPROCESSING)
+    features = feature_set.features
     train, _ = split_by_star(table, np.isfinite(features).all(axis=1), args.seed, snr_range=None)
     train_idx = np.flatnonzero(train)        # every usable spectrum of train_vs_recipe's training stars
     stars = np.asarray(table["miles_id"])
@@ -62,17 +67,25 @@ def main():
     paper_snr = (snrg > 10) & (snrg <= 20)
     low_snr = (snrg > 5) & (snrg <= 10)
 
+    copies = featurise_degraded_copies(np.asarray(table["path"])[train_idx], feature_set.z[train_idx],
+                                       snrg, max(grid.get("degraded_copies", [DEFAULT_DEGRADED_COPIES])),
+                                       MILES_PREPROCESSING, seed=args.seed + 200)
+
     results = []
     for point in grid_points(grid):
         started = time.perf_counter()
-        params = {k: v for k, v in point.items() if k != "train_snr"}
+        params = {k: v for k, v in point.items() if k not in ("train_snr", "degraded_copies")}
+        point_copies = copies.first(point.get("degraded_copies", DEFAULT_DEGRADED_COPIES))
         trains_on = {"10-20": paper_snr, "all": np.ones(snrg.size, dtype=bool)}[point.get("train_snr", "10-20")]
         errors = {k: [] for k in LABELS}
         errors_low = {k: [] for k in LABELS}
-        for fit_rows, score_rows in folds:
-            fit_rows = fit_rows[trains_on[fit_rows]]
+        for fold_rows, score_rows in folds:
+            fit = np.zeros(snrg.size, dtype=bool)
+            fit[fold_rows] = trains_on[fold_rows]
+            # copies of the fitting stars' spectra only, as in training (models.training)
+            X_fit, y_fit, groups_fit, observed = training_rows(X, labels, groups, fit, point_copies)
             model = LassoMLPNet(n_members=args.ensemble, random_state=0, **params).fit(
-                X[fit_rows], {k: v[fit_rows] for k, v in labels.items()}, groups=groups[fit_rows])
+                X_fit, y_fit, groups=groups_fit, observed=observed)
             for rows, into in ((score_rows[paper_snr[score_rows]], errors),
                                (score_rows[low_snr[score_rows]], errors_low)):
                 if rows.size == 0:

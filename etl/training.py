@@ -29,6 +29,7 @@ from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_l
                               select_label_domain)
 from models.artifact import new_model_version, save_model
 from models.labels import LABELS
+from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies
 from models.pipeline import featurise_files, unfit_for_training
 from models.preprocess import PreprocessConfig
 from models.progress import progress
@@ -42,6 +43,7 @@ class TrainOptions:
     wave_range: Tuple[float, float] = (3881.0, 8890.0)
     ensemble: int = 10
     holdout: float = 0.0            # 0: calibrate on cross-fitted predictions (models.training)
+    degraded_copies: int = DEFAULT_DEGRADED_COPIES      # per spectrum above SNRg 20 (models.augment)
     seed: int = 0
     label_set: Optional[str] = None
     model_dir: str = "runs/models"
@@ -177,12 +179,16 @@ def _train(engine, options, log):
     if unfit.any():
         print(f"not trained on: {excluded['suspicious_redshift']} spectra with a suspicious "
               f"redshift", file=log)
+    copies = featurise_degraded_copies(
+        data["path"], feature_set.z, data["snrg"], options.degraded_copies, config,
+        usable=np.isfinite(features).all(axis=1), seed=options.seed, n_jobs=options.jobs,
+        progress=lambda it, total: progress(it, total, "degraded copies"))
     model, training, metrics = train_lasso_mlpnet(
         features, {k: data[k] for k in LABELS}, data["snrg"], data["apogee_id"], data["obsid"],
         snr_range=options.snr_range, holdout_fraction=options.holdout,
         random_state=options.seed, n_members=options.ensemble, n_jobs=options.jobs,
         progress=lambda labels: progress(labels, len(labels), "training"),
-        positions=data["radec"], **options.model_params)
+        positions=data["radec"], copies=copies, **options.model_params)
     training.update(source="database", label_set=label_set, radius_arcsec=radius,
                     reference_spectra=n_reference, unreadable=len(errors), excluded=excluded,
                     **domain_record,

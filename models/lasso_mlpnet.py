@@ -330,8 +330,14 @@ class LassoMLPNet(BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
-    def fit(self, X, labels, groups=None, progress=None):
-        """``labels``: dict label -> array (or a structured/astropy table with those columns)."""
+    def fit(self, X, labels, groups=None, progress=None, observed=None):
+        """``labels``: dict label -> array (or a structured/astropy table with those columns).
+
+        ``observed``: (n,) bool, the rows that are real observations (default all). The
+        others, degraded copies (:mod:`models.augment`), train the selection and the
+        networks but do not set the out-of-distribution and line-content thresholds, which
+        describe the real spectra a model will be given.
+        """
         if int(self.n_members) != self.n_members or self.n_members < 1:
             raise ValueError(f"n_members must be a positive integer, got {self.n_members!r}")
         X = np.asarray(X, dtype=np.float64)
@@ -369,8 +375,9 @@ class LassoMLPNet(BaseEstimator):
         self.repeat_scales_ = {label: None for label in LABELS}
         self.repeat_levels_ = {}
         self.calibration_counts_ = np.zeros(len(SNR_BINS) - 1, dtype=int)
-        self._fit_ood({label: e._target(values[label]) for label, e in self.estimators_.items()})
-        self._fit_line_content(X)
+        observed = np.ones(len(X), dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+        self._fit_ood({label: e._target(values[label]) for label, e in self.estimators_.items()}, observed)
+        self._fit_line_content(X, observed)
         self._fit_isolation(values, groups)
         return self
 
@@ -417,9 +424,9 @@ class LassoMLPNet(BaseEstimator):
         return out
 
     # -- line content (module doc) --------------------------------------------------------------
-    def _fit_line_content(self, X):
+    def _fit_line_content(self, X, observed):
         self.line_profile_ = np.where(self.selected_pixels(), 1.0 - X.mean(axis=0), 0.0)
-        content = self.line_content(X)
+        content = self.line_content(X[observed])
         self.line_content_threshold_ = LINE_CONTENT_FRACTION * float(
             np.quantile(content, LINE_CONTENT_QUANTILE))
 
@@ -430,11 +437,11 @@ class LassoMLPNet(BaseEstimator):
         return (1.0 - np.asarray(X, dtype=np.float64)) @ profile / max(profile @ profile, 1e-300)
 
     # -- out-of-distribution score (module doc) ---------------------------------------------
-    def _fit_ood(self, targets):
+    def _fit_ood(self, targets, observed):
         """Training range and held-out error of each label's linear LASSO estimate, and the
-        threshold: a quantile of the out-of-fold scores of the training spectra."""
-        target = np.column_stack([targets[label] for label in self.estimators_])
-        out_of_fold = np.column_stack([e.selector_.cv_predictions_ for e in self.estimators_.values()])
+        threshold: a quantile of the out-of-fold scores of the (observed) training spectra."""
+        target = np.column_stack([targets[label] for label in self.estimators_])[observed]
+        out_of_fold = np.column_stack([e.selector_.cv_predictions_ for e in self.estimators_.values()])[observed]
         self.ood_range_ = np.array([target.min(axis=0), target.max(axis=0)])
         self.ood_scale_ = np.maximum(np.std(out_of_fold - target, axis=0), 1e-12)
         self.ood_threshold_ = float(np.quantile(self._ood_from_linear(out_of_fold), OOD_QUANTILE))

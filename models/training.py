@@ -15,6 +15,10 @@ predictions, made one of two ways:
 
 Either way the model is trained on the training stars' spectra inside ``snr_range``, and
 the calibration sees every SNRg bin (out-of-range spectra of calibration stars included).
+
+Degraded copies (``copies``, :mod:`models.augment`) of a star's high-S/N spectra train
+every model that trains on that star, and no other: a cross-fitting model never sees a
+copy of the stars it predicts. They never calibrate.
 """
 import numpy as np
 
@@ -58,8 +62,23 @@ def split_rows(features, labels, snrg, stars, snr_range, holdout_fraction, rando
     return train & usable & in_range, held & usable
 
 
+def training_rows(features, labels, stars, fit, copies):
+    """The ``LassoMLPNet.fit`` arguments of a fit, ``(X, labels, groups, observed)``: the
+    ``fit`` rows, then the usable ``copies`` of the stars they belong to (with their
+    source's labels and star; ``observed`` False)."""
+    X, y, groups = features[fit], {k: v[fit] for k, v in labels.items()}, stars[fit]
+    source = np.empty(0, dtype=int)
+    if copies is not None and copies.source.size:
+        take = np.isin(stars[copies.source], np.unique(groups)) & np.isfinite(copies.features).all(axis=1)
+        source = copies.source[take]
+        X = np.vstack([X, copies.features[take]])
+        y = {k: np.concatenate([v, labels[k][source]]) for k, v in y.items()}
+        groups = np.concatenate([groups, stars[source]])
+    return X, y, groups, np.arange(len(X)) < len(X) - source.size
+
+
 def cross_fitted_predictions(features, labels, stars, train, usable, n_folds, random_state,
-                             model_params):
+                             model_params, copies=None):
     """``predict_raw`` of every usable spectrum of the training stars, each by a model
     trained (on the ``train`` rows) without its star's fold. Returns ``(raw, rows)``: the
     predictions and the boolean mask of the spectra they are for."""
@@ -73,9 +92,8 @@ def cross_fitted_predictions(features, labels, stars, train, usable, n_folds, ra
     row_index = np.flatnonzero(rows)
     for _, fold_rows in folds:
         fold_stars = np.unique(stars[row_index[fold_rows]])
-        fit = train & ~np.isin(stars, fold_stars)
-        model = LassoMLPNet(random_state=random_state, **model_params).fit(
-            features[fit], {k: v[fit] for k, v in labels.items()}, groups=stars[fit])
+        X, y, groups, observed = training_rows(features, labels, stars, train & ~np.isin(stars, fold_stars), copies)
+        model = LassoMLPNet(random_state=random_state, **model_params).fit(X, y, groups=groups, observed=observed)
         predicted = model.predict_raw(features[row_index[fold_rows]])
         if raw is None:
             raw = {key: np.full(row_index.size, np.nan) for key in predicted}
@@ -86,7 +104,7 @@ def cross_fitted_predictions(features, labels, stars, train, usable, n_folds, ra
 
 def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=DEFAULT_TRAINING_SNR,
                        holdout_fraction=0.0, calibration_folds=DEFAULT_CALIBRATION_FOLDS,
-                       random_state=0, progress=None, positions=None, **model_params):
+                       random_state=0, progress=None, positions=None, copies=None, **model_params):
     """Fit, calibrate and assess a ``LassoMLPNet``.
 
     ``features``: (n, n_pixels) with NaN rows for unusable spectra (dropped here);
@@ -96,7 +114,8 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=DEFAULT_
     Returns ``(model, training_description, metrics)``; the model keeps the training
     spectra's obsids and stars (``training_obsids_``, ``training_stars_``) and, given
     ``positions`` ((n, 2) RA, Dec in degrees), where those stars are
-    (``training_positions_``), so that an evaluation can detect them.
+    (``training_positions_``), so that an evaluation can detect them. ``copies``: a
+    :class:`models.augment.DegradedCopies` of these spectra (see the module).
     """
     features = np.asarray(features)
     snrg = np.asarray(snrg, dtype=float)
@@ -117,9 +136,9 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=DEFAULT_
             usable &= np.isfinite(values)
         raw, calibration_rows = cross_fitted_predictions(
             features, labels, stars, train, usable, calibration_folds, random_state,
-            {k: v for k, v in model.get_params().items() if k != "random_state"})
-    model.fit(features[train], {k: v[train] for k, v in labels.items()}, groups=stars[train],
-              progress=progress)
+            {k: v for k, v in model.get_params().items() if k != "random_state"}, copies)
+    X, y, groups, observed = training_rows(features, labels, stars, train, copies)
+    model.fit(X, y, groups=groups, progress=progress, observed=observed)
     model.training_obsids_ = np.unique(obsids[train])
     model.training_stars_ = np.unique(stars[train])
     model.training_positions_ = None if positions is None else np.asarray(positions, dtype=float)[train]
@@ -139,9 +158,17 @@ def train_lasso_mlpnet(features, labels, snrg, stars, obsids, snr_range=DEFAULT_
                        holdout_fraction=holdout_fraction,
                        calibration="hold-out" if holdout_fraction > 0 else "cross-fitting",
                        calibration_folds=None if holdout_fraction > 0 else calibration_folds,
+                       degraded_copies=_copies_description(copies, int((~observed).sum())),
                        network={k: v for k, v in model.get_params().items()
                                 if k not in ("n_jobs", "random_state")})
     return model, description, metrics
+
+
+def _copies_description(copies, n_used):
+    if copies is None:
+        return {"per_spectrum": 0, "n_spectra": 0}
+    return {"per_spectrum": copies.per_spectrum, "snr_range": list(copies.snr_range),
+            "n_spectra": n_used}
 
 
 def calibration_summary(model):

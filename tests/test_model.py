@@ -24,6 +24,7 @@ from models.flags import (CATALOGUE_OUT_OF_DOMAIN, FEH_OUT_OF_DOMAIN, MASKED_SEL
                           OUT_OF_DISTRIBUTION, SNR_OUT_OF_DOMAIN, SUSPICIOUS_REDSHIFT,
                           TEFF_OUT_OF_DOMAIN, UNUSABLE_SPECTRUM, catalogue_flags, describe_flags,
                           domain_flags, redshift_flags)
+from models.augment import DEFAULT_DEGRADED_COPIES
 from models.labels import ESTIMATE_SUFFIXES, LABELS
 from models.lasso_mlpnet import (DEFAULT_HUBER_DELTA, PAPER_PARAMETERS, PUBLISHED_HIDDEN, PUBLISHED_LEARNING_RATE, LassoMLPNet,
                                  star_parameters)
@@ -494,9 +495,12 @@ def test_paper_configuration_reaches_every_network():
     """``train --paper``: the published sizes, the notebook's per-label learning rates and
     the MLPRegressor defaults the authors ran with reach each label's networks."""
     from etl.cli import build_parser
-    from etl.commands.files import model_parameters, training_snr_range
+    from etl.commands.files import degraded_copies_per_spectrum, model_parameters, training_snr_range
 
     parse = build_parser().parse_args
+    assert degraded_copies_per_spectrum(parse(["train", "--paper"])) == 0           # the paper's: none
+    assert degraded_copies_per_spectrum(parse(["train"])) == DEFAULT_DEGRADED_COPIES
+    assert degraded_copies_per_spectrum(parse(["train", "--paper", "--degraded-copies", "3"])) == 3
     assert training_snr_range(parse(["train", "--paper"])) == (10.0, 20.0)       # the paper's spectra
     assert training_snr_range(parse(["train"])) == (5.0, 80.0)                   # the default
     assert training_snr_range(parse(["train-files", "--catalog", "c", "--spectra-root", "s",

@@ -13,10 +13,11 @@ from astropy.table import Table
 
 from etl import schema
 from etl.commands import (add_jobs_argument, at_least, fraction, non_negative_float,
-                          positive_float, positive_int)
+                          non_negative_int, positive_float, positive_int)
 from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
 from etl.label_domain import add_label_domain_argument, parse_label_domain, select_label_domain
 from models.artifact import load_model, save_model
+from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.labels import ESTIMATE_SUFFIXES, LABELS
 from models.lasso_mlpnet import PAPER_PARAMETERS, PAPER_SNR_RANGE
@@ -83,6 +84,12 @@ def add_training_arguments(parser):
                         help="the networks' loss: Huber, linear beyond this residual in units "
                              "of the standardised label (default: the model's; 0 = squared "
                              "error, the paper's)")
+    parser.add_argument("--degraded-copies", type=non_negative_int, default=None,
+                        help="low-S/N copies (SNRg 5-20, noise drawn from the spectrum's own "
+                             "inverse variance) of every training spectrum above SNRg 20 that "
+                             f"train the networks beside it (default {DEFAULT_DEGRADED_COPIES}, "
+                             "chosen by CV; 0 = none, the paper's; each copy costs one "
+                             "spectrum's features in memory and in training time)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's network configuration instead of this project's "
                              "defaults, to compare with: published hidden sizes (400,50), "
@@ -120,6 +127,13 @@ def training_snr_range(args):
     if args.snr_range is not None:
         return parse_range(args.snr_range, "--snr-range")
     return PAPER_SNR_RANGE if args.paper else DEFAULT_TRAINING_SNR
+
+
+def degraded_copies_per_spectrum(args):
+    """--degraded-copies, else none with --paper, else the default."""
+    if args.degraded_copies is not None:
+        return args.degraded_copies
+    return 0 if args.paper else DEFAULT_DEGRADED_COPIES
 
 
 def model_parameters(args):
@@ -206,12 +220,17 @@ def run_train_files(args):
     if unfit.any():
         print(f"not trained on: {excluded['not_star']} spectra whose class is not STAR, "
               f"{excluded['suspicious_redshift']} with a suspicious redshift", file=sys.stderr)
+    copies = featurise_degraded_copies(
+        matched["path"], feature_set.z, matched["snrg"], degraded_copies_per_spectrum(args), config,
+        usable=np.isfinite(features).all(axis=1), seed=args.seed, n_jobs=args.jobs,
+        progress=lambda it, total: progress(it, total, "degraded copies"))
     model, training, metrics = train_lasso_mlpnet(
         features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
         matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
         random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
         progress=lambda labels: progress(labels, len(labels), "training"),
-        positions=np.column_stack([matched["ra"], matched["dec"]]), **model_parameters(args))
+        positions=np.column_stack([matched["ra"], matched["dec"]]), copies=copies,
+        **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
                     radius_arcsec=args.radius, excluded=excluded, **domain_record)
     extra = {}

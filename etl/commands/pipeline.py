@@ -12,8 +12,9 @@ import time
 from array import array
 
 from etl import db
-from etl.commands.files import (add_training_arguments, model_parameters, preprocess_config,
-                                print_held_out, training_snr_range)
+from etl.commands.files import (add_training_arguments, degraded_copies_per_spectrum,
+                                model_parameters, preprocess_config, print_held_out,
+                                training_snr_range)
 from etl.commands import (add_activate_argument, add_url_argument, database_url, display_url,
                           non_negative_int, positive_float, positive_int, registered_message)
 from etl.label_domain import parse_label_domain
@@ -59,6 +60,7 @@ def run_train(args):
         snr_range=training_snr_range(args),
         wave_range=(config.wave_min, config.wave_max), preprocess=config, ensemble=args.ensemble,
         holdout=args.holdout, seed=args.seed, label_set=args.label_set,
+        degraded_copies=degraded_copies_per_spectrum(args),
         model_dir=args.model_dir, spectra_root=args.spectra_root, jobs=args.jobs,
         model_params=params, notes=args.notes, label_domain=parse_label_domain(args.label_domain),
         activate=args.activate)
