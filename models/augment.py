@@ -25,6 +25,9 @@ COPY_SNR_RANGE = (5.0, 20.0)
 # Copies per spectrum above that range: chosen by star-grouped CV on the training stars of
 # the reference split (README, "Degraded copies")
 DEFAULT_DEGRADED_COPIES = 24
+# At most this many copies in all (~1.4 GB of float32 features at 3,600 pixels): a
+# reference set of DR8 size has ~10^5 spectra above SNRg 20 and needs fewer copies of each
+MAX_COPIES = 100_000
 
 
 def degrade_spectrum(spectrum, factor, rng):
@@ -40,9 +43,10 @@ def degrade_spectrum(spectrum, factor, rng):
                                ivar=(ivar / factor ** 2).astype(np.float32))
 
 
-def degraded_copies(snrg, n_copies, snr_range=COPY_SNR_RANGE, rng=None):
+def degraded_copies(snrg, n_copies, snr_range=COPY_SNR_RANGE, rng=None, max_copies=MAX_COPIES):
     """Plan ``n_copies`` copies, with S/N inside ``snr_range``, of every spectrum whose
-    S/N is above it.
+    S/N is above it; fewer where that would exceed ``max_copies`` in all (as many per
+    spectrum as fit, or one each of a random subset of the spectra).
 
     ``snrg``: (n,) the spectra's S/N. Each copy's target S/N is drawn log-uniformly over
     the range. Returns ``(source, factor)``: the row index of each copy's source (the
@@ -52,7 +56,12 @@ def degraded_copies(snrg, n_copies, snr_range=COPY_SNR_RANGE, rng=None):
     rng = np.random.default_rng(rng)
     snrg = np.asarray(snrg, dtype=float)
     low, high = snr_range
-    source = np.repeat(np.flatnonzero(snrg > high), n_copies)
+    sources = np.flatnonzero(snrg > high)
+    if sources.size * n_copies > max_copies:
+        n_copies = max_copies // sources.size
+        if n_copies == 0:
+            sources, n_copies = np.sort(rng.choice(sources, max_copies, replace=False)), 1
+    source = np.repeat(sources, n_copies)
     target = np.exp(rng.uniform(np.log(low), np.log(high), source.size))
     return source, snrg[source] / target
 
@@ -75,7 +84,9 @@ class DegradedCopies:
 
     def first(self, n):
         """The first ``n`` copies of every source (all of them when ``n >= per_spectrum``)."""
-        keep = np.arange(self.source.size) % max(self.per_spectrum, 1) < n
+        run_start = np.r_[0, np.flatnonzero(np.diff(self.source)) + 1]
+        rank = np.arange(self.source.size) - np.repeat(run_start, np.diff(np.r_[run_start, self.source.size]))
+        keep = rank < n
         return dataclasses.replace(self, source=self.source[keep], snrg=self.snrg[keep],
                                    features=self.features[keep], per_spectrum=min(n, self.per_spectrum))
 

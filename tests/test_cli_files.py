@@ -17,6 +17,7 @@ import pytest
 from conftest import miles_ids
 from etl.cli import build_parser, main
 from models.artifact import load_model
+from models.augment import DEFAULT_DEGRADED_COPIES
 from models.calibration import snr_bin_index
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.lasso_mlpnet import LABELS
@@ -188,6 +189,10 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     assert model.calibration_counts_[1] >= 110 and sum(model.calibration_counts_) >= 155
     assert artifact["metrics"]["cross_fitted"]["teff"]["all"]["n"] == 4 * N_STARS
     assert len(model.training_obsids_) == training["n_spectra"]
+    # the default degraded copies: 24 of each star's SNRg 20-80 spectrum, S/N 5-20, beside
+    # (not counted among) the observed training spectra
+    assert training["degraded_copies"] == {"per_spectrum": DEFAULT_DEGRADED_COPIES, "snr_range": [5.0, 20.0],
+                                           "n_spectra": DEFAULT_DEGRADED_COPIES * N_STARS}
     for label in LABELS:
         assert model.error_models_[label].counts_.tolist() == model.calibration_counts_.tolist()
         assert model.repeat_scales_[label].n_pairs_ > 30
