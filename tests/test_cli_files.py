@@ -17,7 +17,6 @@ import pytest
 from conftest import miles_ids
 from etl.cli import build_parser, main
 from models.artifact import load_model
-from models.augment import DEFAULT_DEGRADED_COPIES
 from models.calibration import snr_bin_index
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.lasso_mlpnet import LABELS
@@ -138,7 +137,7 @@ def trained_model(sim_set, tmp_path_factory):
         "train-files", "--catalog", str(sim_set / "lamost_catalog.csv"), "--spectra-root", str(sim_set),
         "--labels", str(sim_set / "apogee_payne.fits"), "--out", str(model_path),
         "--ensemble", str(ENSEMBLE), "--wave-range", "3881,7400", "--input-noise", "0.8",
-        "--calibration-folds", "3", "--lasso-folds", "3", "--jobs", "1"])
+        "--calibration-folds", "3", "--lasso-folds", "3", "--degraded-copies", "3", "--jobs", "1"])
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     return model_path, summary
@@ -189,10 +188,9 @@ def test_train_files_writes_an_artifact_honouring_the_options(sim_set, trained_m
     assert model.calibration_counts_[1] >= 110 and sum(model.calibration_counts_) >= 155
     assert artifact["metrics"]["cross_fitted"]["teff"]["all"]["n"] == 4 * N_STARS
     assert len(model.training_obsids_) == training["n_spectra"]
-    # the default degraded copies: 24 of each star's SNRg 20-80 spectrum, S/N 5-20, beside
-    # (not counted among) the observed training spectra
-    assert training["degraded_copies"] == {"per_spectrum": DEFAULT_DEGRADED_COPIES, "snr_range": [5.0, 20.0],
-                                           "n_spectra": DEFAULT_DEGRADED_COPIES * N_STARS}
+    # degraded copies: 3 of each star's SNRg 20-80 spectrum, S/N 5-20, beside (not counted
+    # among) the observed training spectra
+    assert training["degraded_copies"] == {"per_spectrum": 3, "snr_range": [5.0, 20.0], "n_spectra": 3 * N_STARS}
     for label in LABELS:
         assert model.error_models_[label].counts_.tolist() == model.calibration_counts_.tolist()
         assert model.repeat_scales_[label].n_pairs_ > 30

@@ -74,7 +74,7 @@ def edge_model(make_simulated_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("edge-model") / "model.joblib"
     code, _ = run_cli(["train-files", "--catalog", train_set / "lamost_catalog.csv",
                        "--spectra-root", train_set, "--labels", train_set / "apogee_payne.fits",
-                       "--out", path, "--ensemble", "2", "--wave-range", "3881,7400",
+                       "--out", path, "--ensemble", "2", "--wave-range", "3881,7400", "--degraded-copies", "2",
                        "--lasso-folds", "3", "--calibration-folds", "3", "--max-epochs", "80",
                        "--jobs", "1"])
     assert code == 0

@@ -50,7 +50,7 @@ def trained_model(fgk_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.joblib"
     assert main(["train-files", "--catalog", str(fgk_set / "lamost_catalog.csv"),
                  "--spectra-root", str(fgk_set / "spectra"), "--labels", str(fgk_set / "apogee_payne.fits"),
-                 "--out", str(path), "--ensemble", "2", "--wave-range", "3881,7400", "--jobs", "2",
+                 "--out", str(path), "--ensemble", "2", "--wave-range", "3881,7400", "--jobs", "2", "--degraded-copies", "2",
                  "--lasso-folds", "3", "--calibration-folds", "3",
                  "--baselines"]) == 0
     return path

@@ -60,7 +60,7 @@ def test_selection_keeps_exactly_the_in_domain_rows():
 def _train_files(sim, out, *extra):
     argv = ["train-files", "--catalog", str(sim / "lamost_catalog.csv"), "--spectra-root", str(sim),
             "--labels", str(sim / "apogee_payne.fits"), "--out", str(out), "--ensemble", "1",
-            "--wave-range", "3881,7400", "--max-epochs", "30", "--lasso-folds", "3", "--jobs", "1",
+            "--wave-range", "3881,7400", "--max-epochs", "30", "--degraded-copies", "2", "--lasso-folds", "3", "--jobs", "1",
             *extra]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -48,7 +48,7 @@ def small_model(make_simulated_set, tmp_path_factory):
     path = tmp_path_factory.mktemp("validate_model") / "model.joblib"
     assert main(["train-files", "--catalog", str(sim / "lamost_catalog.csv"), "--spectra-root", str(sim),
                  "--labels", str(sim / "apogee_payne.fits"), "--out", str(path), "--ensemble", "5",
-                 "--wave-range", "3881,7400", "--lasso-folds", "3", "--calibration-folds", "3",
+                 "--wave-range", "3881,7400", "--lasso-folds", "3", "--calibration-folds", "3", "--degraded-copies", "2",
                  "--jobs", "2"]) == 0
     return path
 
