@@ -69,7 +69,8 @@ def training_rows(features, labels, stars, fit, copies):
     X, y, groups = features[fit], {k: v[fit] for k, v in labels.items()}, stars[fit]
     source = np.empty(0, dtype=int)
     if copies is not None and copies.source.size:
-        take = np.isin(stars[copies.source], np.unique(groups)) & np.isfinite(copies.features).all(axis=1)
+        take = (np.isin(stars[copies.source], np.unique(groups)) & np.isfinite(copies.features).all(axis=1)
+                & np.all([np.isfinite(v[copies.source]) for v in labels.values()], axis=0))
         source = copies.source[take]
         X = np.vstack([X, copies.features[take]])
         y = {k: np.concatenate([v, labels[k][source]]) for k, v in y.items()}

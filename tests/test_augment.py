@@ -121,6 +121,12 @@ def test_copies_train_only_the_models_that_train_on_their_star():
     np.testing.assert_array_equal(groups, [1, 1, 1])                  # star 1's own copy
     X, _, groups, observed = training_rows(features, labels, stars, np.isin(stars, [2]), None)
     assert observed.all() and X.shape == (2, 3)
+    # a copy of a spectrum without reference labels never trains
+    unlabelled = {k: np.where(np.arange(10) == 1, np.nan, v) for k, v in labels.items()}
+    X, y, groups, observed = training_rows(features, unlabelled, stars, np.isin(stars, [0]) & (np.arange(10) == 0),
+                                           copies)
+    np.testing.assert_array_equal(X[:, 0], [0])
+    np.testing.assert_array_equal(observed, [True])
 
 
 def test_copies_do_not_set_the_thresholds_of_real_spectra():
