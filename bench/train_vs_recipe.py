@@ -57,9 +57,9 @@ from astropy.table import Table, join
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies  # noqa: E402
 from models.lasso_mlpnet import (LABELS, PAPER_SNR_RANGE, PUBLISHED_HIDDEN,  # noqa: E402
                                  PUBLISHED_LEARNING_RATE, LassoMLPNet)
-from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies  # noqa: E402
 from models.metrics import accuracy_by_snr  # noqa: E402
 from models.pipeline import featurise_files  # noqa: E402
 from models.preprocess import PreprocessConfig  # noqa: E402

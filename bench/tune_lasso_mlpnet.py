@@ -9,8 +9,8 @@ the fold's 10 < SNRg <= 20 spectra (``cv_mae``, what chooses) and 5 < SNRg <= 10
 training spectra, ``"10-20"`` (the paper's, the default) or ``"all"`` (every SNR of the
 fitting folds' stars), and ``degraded_copies``: how many low-S/N copies
 (``models.augment``, S/N 5-20) of each of the fitting stars' spectra above that range
-join the training spectra (default ``DEFAULT_DEGRADED_COPIES``). Prints one JSON document: the mean CV MAE of every grid point and
-the best point per label.
+join the training spectra (default ``DEFAULT_DEGRADED_COPIES``). Prints one JSON document:
+the mean CV MAE of every grid point and the best point per label.
 
     python bench/tune_lasso_mlpnet.py --reference /tmp/sim-ref \\
         --grid '{"input_noise": [0, 0.5, 1, 1.5, 2, 3]}' > bench-tune.json

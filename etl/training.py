@@ -24,12 +24,12 @@ from sqlalchemy import and_, func, select
 
 from etl import schema
 from etl.inference import spectra_for, star_condition
-from etl.registry import register_model
 from etl.label_domain import (DEFAULT_LABEL_DOMAIN, format_label_domain, parse_label_domain,
                               select_label_domain)
+from etl.registry import register_model
 from models.artifact import new_model_version, save_model
-from models.labels import LABELS
 from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies
+from models.labels import LABELS
 from models.pipeline import featurise_files, unfit_for_training
 from models.preprocess import PreprocessConfig
 from models.progress import progress
@@ -133,6 +133,21 @@ def json_safe(value):
     return value
 
 
+def train_with_degraded_copies(paths, feature_set, features, labels, snrg, stars, obsids, positions,
+                               degraded_copies, config, seed, n_jobs, **train_options):
+    """``degraded_copies`` low-S/N copies of each usable spectrum (``features`` finite; see
+    :mod:`models.augment`), then :func:`models.training.train_lasso_mlpnet` on the spectra
+    and their copies, with progress bars; what ``train`` and ``train-files`` share."""
+    copies = featurise_degraded_copies(
+        paths, feature_set.z, snrg, degraded_copies, config,
+        usable=np.isfinite(features).all(axis=1), seed=seed, n_jobs=n_jobs,
+        progress=lambda it, total: progress(it, total, "degraded copies"))
+    return train_lasso_mlpnet(
+        features, labels, snrg, stars, obsids, random_state=seed, n_jobs=n_jobs,
+        progress=lambda labels: progress(labels, len(labels), "training"),
+        positions=positions, copies=copies, **train_options)
+
+
 def train_from_database(engine, options: TrainOptions, log=None):
     """Build the reference set, train, save the artifact and register it; returns a dict
     with version, artifact, sha256, n_train and metrics.
@@ -179,16 +194,11 @@ def _train(engine, options, log):
     if unfit.any():
         print(f"not trained on: {excluded['suspicious_redshift']} spectra with a suspicious "
               f"redshift", file=log)
-    copies = featurise_degraded_copies(
-        data["path"], feature_set.z, data["snrg"], options.degraded_copies, config,
-        usable=np.isfinite(features).all(axis=1), seed=options.seed, n_jobs=options.jobs,
-        progress=lambda it, total: progress(it, total, "degraded copies"))
-    model, training, metrics = train_lasso_mlpnet(
-        features, {k: data[k] for k in LABELS}, data["snrg"], data["apogee_id"], data["obsid"],
-        snr_range=options.snr_range, holdout_fraction=options.holdout,
-        random_state=options.seed, n_members=options.ensemble, n_jobs=options.jobs,
-        progress=lambda labels: progress(labels, len(labels), "training"),
-        positions=data["radec"], copies=copies, **options.model_params)
+    model, training, metrics = train_with_degraded_copies(
+        data["path"], feature_set, features, {k: data[k] for k in LABELS}, data["snrg"],
+        data["apogee_id"], data["obsid"], data["radec"], options.degraded_copies, config,
+        seed=options.seed, n_jobs=options.jobs, snr_range=options.snr_range,
+        holdout_fraction=options.holdout, n_members=options.ensemble, **options.model_params)
     training.update(source="database", label_set=label_set, radius_arcsec=radius,
                     reference_spectra=n_reference, unreadable=len(errors), excluded=excluded,
                     **domain_record,

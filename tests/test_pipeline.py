@@ -30,7 +30,8 @@ from etl.cli import main as cli_main
 REDIS_URL = os.environ.get("LAMOST_VAC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("LAMOST_VAC_TEST_REDIS_DB", "11"))
 TRAIN_ARGS = ["--ensemble", "2", "--wave-range", "3881,7400", "--jobs", "1",
-              "--max-epochs", "50", "--lasso-folds", "3", "--calibration-folds", "3"]
+              "--max-epochs", "50", "--lasso-folds", "3", "--calibration-folds", "3",
+              "--degraded-copies", "2"]
 BATCH = 8
 REPO = Path(__file__).resolve().parent.parent
 E = schema.estimates

@@ -16,8 +16,9 @@ from etl.commands import (add_jobs_argument, at_least, fraction, non_negative_fl
                           non_negative_int, positive_float, positive_int)
 from etl.filesets import best_match, catalogue_evidence, read_catalogue, read_labels
 from etl.label_domain import add_label_domain_argument, parse_label_domain, select_label_domain
+from etl.training import train_with_degraded_copies
 from models.artifact import load_model, save_model
-from models.augment import DEFAULT_DEGRADED_COPIES, featurise_degraded_copies
+from models.augment import DEFAULT_DEGRADED_COPIES
 from models.flags import NOT_A_STAR, UNUSABLE_SPECTRUM
 from models.labels import ESTIMATE_SUFFIXES, LABELS
 from models.lasso_mlpnet import PAPER_PARAMETERS, PAPER_SNR_RANGE
@@ -26,7 +27,7 @@ from models.preprocess import (CONTINUUM_MODES, DEFAULT_MASKED_REGIONS, INSTRUME
                                PreprocessConfig, masked_regions_from_names)
 from models.progress import progress
 from models.report import describe_label_domain, table_format, write_table
-from models.training import DEFAULT_CALIBRATION_FOLDS, DEFAULT_TRAINING_SNR, train_lasso_mlpnet
+from models.training import DEFAULT_CALIBRATION_FOLDS, DEFAULT_TRAINING_SNR
 
 
 def parse_range(text, what):
@@ -220,16 +221,11 @@ def run_train_files(args):
     if unfit.any():
         print(f"not trained on: {excluded['not_star']} spectra whose class is not STAR, "
               f"{excluded['suspicious_redshift']} with a suspicious redshift", file=sys.stderr)
-    copies = featurise_degraded_copies(
-        matched["path"], feature_set.z, matched["snrg"], degraded_copies_per_spectrum(args), config,
-        usable=np.isfinite(features).all(axis=1), seed=args.seed, n_jobs=args.jobs,
-        progress=lambda it, total: progress(it, total, "degraded copies"))
-    model, training, metrics = train_lasso_mlpnet(
-        features, {k: matched[k] for k in LABELS}, matched["snrg"], matched["apogee_id"],
-        matched["obsid"], snr_range=snr_range, holdout_fraction=args.holdout,
-        random_state=args.seed, n_members=args.ensemble, n_jobs=args.jobs,
-        progress=lambda labels: progress(labels, len(labels), "training"),
-        positions=np.column_stack([matched["ra"], matched["dec"]]), copies=copies,
+    model, training, metrics = train_with_degraded_copies(
+        matched["path"], feature_set, features, {k: matched[k] for k in LABELS}, matched["snrg"],
+        matched["apogee_id"], matched["obsid"], np.column_stack([matched["ra"], matched["dec"]]),
+        degraded_copies_per_spectrum(args), config, seed=args.seed, n_jobs=args.jobs,
+        snr_range=snr_range, holdout_fraction=args.holdout, n_members=args.ensemble,
         **model_parameters(args))
     training.update(catalogue=os.path.abspath(args.catalog), labels=os.path.abspath(args.labels),
                     radius_arcsec=args.radius, excluded=excluded, **domain_record)
