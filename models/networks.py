@@ -109,6 +109,11 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Standard deviation of the Gaussian noise added to each training mini-batch's
         (standardised) inputs, one for every feature or one per feature; 0 turns it off.
         Validation and prediction see clean inputs.
+    noise_bank : int, default=0
+        With ``input_noise``: draw this many noise vectors once and add a random one of
+        them to each training spectrum of every mini-batch (drawing fresh Gaussian numbers
+        for every mini-batch takes about as long as its forward and backward passes);
+        0: fresh noise for every mini-batch.
     huber_delta : float, default=0.0
         Residual (standardised target) beyond which the loss grows linearly, for training
         and for the early-stopping validation loss alike; 0: squared error.
@@ -132,9 +137,11 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Validation loss after every epoch.
     """
 
+    noise_bank = 0          # a network pickled before noise_bank has none
+
     def __init__(self, hidden_layer_sizes=(400, 50), alpha=1e-4, learning_rate_init=1e-3,
                  batch_size=128, max_epochs=300, validation_fraction=0.1, n_iter_no_change=20,
-                 input_noise=0.0, huber_delta=0.0, random_state=None):
+                 input_noise=0.0, noise_bank=0, huber_delta=0.0, random_state=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.alpha = alpha
         self.learning_rate_init = learning_rate_init
@@ -143,6 +150,7 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
+        self.noise_bank = noise_bank
         self.huber_delta = huber_delta
         self.random_state = random_state
 
@@ -164,6 +172,8 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
              f"n_iter_no_change must be a positive integer, got {self.n_iter_no_change!r}"),
             (np.all(np.asarray(self.input_noise) >= 0) and np.ndim(self.input_noise) <= 1,
              f"input_noise must be >= 0 (a number or one per feature), got {self.input_noise!r}"),
+            (int(self.noise_bank) == self.noise_bank and self.noise_bank >= 0,
+             f"noise_bank must be an integer >= 0, got {self.noise_bank!r}"),
             (self.huber_delta >= 0, f"huber_delta must be >= 0, got {self.huber_delta!r}"),
         ]
         for ok, message in checks:
@@ -224,6 +234,11 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         weights, biases = self._init_weights(X.shape[1], rng)
         # the noise's std (one, or one per feature) as float32 once, not per mini-batch
         noise = np.asarray(self.input_noise, dtype=np.float32) if np.any(self.input_noise) else None
+        if noise is not None and self.noise_bank:
+            # drawing Gaussian numbers took as long as the forward and backward passes:
+            # draw noise_bank noise vectors once, and give each spectrum of a mini-batch a
+            # random one of them
+            noise = noise * rng.standard_normal((int(self.noise_bank), X.shape[1]), dtype=np.float32)
         params = weights + biases
         optimizer = AdamOptimizer(params, self.learning_rate_init)
         stopping = EarlyStopping(self.n_iter_no_change)
@@ -256,7 +271,9 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             inputs = X_train[batch]
-            if noise is not None:
+            if noise is not None and noise.ndim == 2:
+                inputs = inputs + noise[rng.integers(0, len(noise), len(batch))]
+            elif noise is not None:
                 inputs = inputs + noise * rng.standard_normal(inputs.shape, dtype=np.float32)
             grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
             optimizer.update_params(grad_w + grad_b)
