@@ -100,7 +100,7 @@ def run_demo(args):
           "no degraded copies)")
     # 3 calibration folds instead of train's 5: four trainings instead of six, for a demo;
     # no degraded copies (most demo spectra are above SNRg 20: even 2 copies each made the
-    # training set 3 times larger and the demo 4 times slower, 336 s against 82 s)
+    # training set 3 times larger and the demo 3 times slower, 336 s against 118 s)
     _run(["train", "--url", url, "--snr-range", "5,80", "--ensemble", str(args.ensemble),
           "--lasso-folds", "5", "--calibration-folds", "3", "--degraded-copies", "0",
           "--model-dir", settings.model_dir, "--seed", str(args.seed),
