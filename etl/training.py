@@ -133,13 +133,14 @@ def json_safe(value):
     return value
 
 
-def train_with_degraded_copies(paths, feature_set, features, labels, snrg, stars, obsids, positions,
+def train_with_degraded_copies(paths, z, features, labels, snrg, stars, obsids, positions,
                                degraded_copies, config, seed, n_jobs, **train_options):
-    """``degraded_copies`` low-S/N copies of each usable spectrum (``features`` finite; see
-    :mod:`models.augment`), then :func:`models.training.train_lasso_mlpnet` on the spectra
-    and their copies, with progress bars; what ``train`` and ``train-files`` share."""
+    """``degraded_copies`` low-S/N copies of each usable spectrum (``features`` finite; ``z``
+    the redshift its features were made with; see :mod:`models.augment`), then
+    :func:`models.training.train_lasso_mlpnet` on the spectra and their copies, with
+    progress bars; what ``train`` and ``train-files`` share."""
     copies = featurise_degraded_copies(
-        paths, feature_set.z, snrg, degraded_copies, config,
+        paths, z, snrg, degraded_copies, config,
         usable=np.isfinite(features).all(axis=1), seed=seed, n_jobs=n_jobs,
         progress=lambda it, total: progress(it, total, "degraded copies"))
     return train_lasso_mlpnet(
@@ -195,7 +196,7 @@ def _train(engine, options, log):
         print(f"not trained on: {excluded['suspicious_redshift']} spectra with a suspicious "
               f"redshift", file=log)
     model, training, metrics = train_with_degraded_copies(
-        data["path"], feature_set, features, {k: data[k] for k in LABELS}, data["snrg"],
+        data["path"], feature_set.z, features, {k: data[k] for k in LABELS}, data["snrg"],
         data["apogee_id"], data["obsid"], data["radec"], options.degraded_copies, config,
         seed=options.seed, n_jobs=options.jobs, snr_range=options.snr_range,
         holdout_fraction=options.holdout, n_members=options.ensemble, **options.model_params)

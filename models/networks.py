@@ -234,17 +234,16 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         weights, biases = self._init_weights(X.shape[1], rng)
         # the noise's std (one, or one per feature) as float32 once, not per mini-batch
         noise = np.asarray(self.input_noise, dtype=np.float32) if np.any(self.input_noise) else None
-        if noise is not None and self.noise_bank:
-            # drawing Gaussian numbers took as long as the forward and backward passes:
-            # draw noise_bank noise vectors once, and give each spectrum of a mini-batch a
-            # random one of them
-            noise = noise * rng.standard_normal((int(self.noise_bank), X.shape[1]), dtype=np.float32)
+        # drawing Gaussian numbers took as long as the forward and backward passes: with
+        # noise_bank, draw that many noise vectors once (see _train_one_epoch)
+        bank = None if noise is None or not self.noise_bank else \
+            noise * rng.standard_normal((int(self.noise_bank), X.shape[1]), dtype=np.float32)
         params = weights + biases
         optimizer = AdamOptimizer(params, self.learning_rate_init)
         stopping = EarlyStopping(self.n_iter_no_change)
         self.validation_curve_ = []
         for epoch in range(self.max_epochs):
-            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng, noise)
+            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng, noise, bank)
             valid_loss = self._loss(self._forward(X_valid, weights, biases)[1] - y_valid)
             self.validation_curve_.append(valid_loss)
             if stopping.update(valid_loss, params):
@@ -266,13 +265,15 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         a, d = np.abs(residual), self.huber_delta
         return float(np.mean(np.where(a <= d, 0.5 * a * a, d * (a - 0.5 * d))))
 
-    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng, noise):
+    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng, noise, bank):
+        """One pass over the training spectra in mini-batches. Each spectrum gets fresh
+        noise of std ``noise``, or a random vector of ``bank`` when there is one."""
         order = rng.permutation(len(y_train))
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             inputs = X_train[batch]
-            if noise is not None and noise.ndim == 2:
-                inputs = inputs + noise[rng.integers(0, len(noise), len(batch))]
+            if bank is not None:
+                inputs = inputs + bank[rng.integers(0, len(bank), len(batch))]
             elif noise is not None:
                 inputs = inputs + noise * rng.standard_normal(inputs.shape, dtype=np.float32)
             grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)

@@ -222,7 +222,7 @@ def run_train_files(args):
         print(f"not trained on: {excluded['not_star']} spectra whose class is not STAR, "
               f"{excluded['suspicious_redshift']} with a suspicious redshift", file=sys.stderr)
     model, training, metrics = train_with_degraded_copies(
-        matched["path"], feature_set, features, {k: matched[k] for k in LABELS}, matched["snrg"],
+        matched["path"], feature_set.z, features, {k: matched[k] for k in LABELS}, matched["snrg"],
         matched["apogee_id"], matched["obsid"], np.column_stack([matched["ra"], matched["dec"]]),
         degraded_copies_per_spectrum(args), config, seed=args.seed, n_jobs=args.jobs,
         snr_range=snr_range, holdout_fraction=args.holdout, n_members=args.ensemble,
