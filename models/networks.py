@@ -45,17 +45,28 @@ class AdamOptimizer:
         self.t = 0
         self.ms = [np.zeros_like(p) for p in params]
         self.vs = [np.zeros_like(p) for p in params]
+        # scratch arrays, so that a step allocates no temporaries (the first layer's
+        # weights are ~150,000 numbers, updated after every mini-batch); the step itself
+        # is float64, as numpy computes lr * m with lr a float64 scalar
+        self._scratch = [(np.empty_like(p), np.empty(p.shape)) for p in params]
 
     def update_params(self, grads):
         self.t += 1
         b1, b2 = self.beta_1, self.beta_2
         lr = self.learning_rate_init * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
-        for p, g, m, v in zip(self.params, grads, self.ms, self.vs):
+        for p, g, m, v, (a, step) in zip(self.params, grads, self.ms, self.vs, self._scratch):
+            # m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= lr m / (sqrt(v) + eps)
             m *= b1
-            m += (1 - b1) * g
+            m += np.multiply(g, 1 - b1, out=a)
             v *= b2
-            v += (1 - b2) * g * g
-            p -= lr * m / (np.sqrt(v) + self.epsilon)
+            np.multiply(g, 1 - b2, out=a)
+            a *= g
+            v += a
+            np.sqrt(v, out=a)
+            a += self.epsilon
+            np.multiply(m, lr, out=step)
+            step /= a
+            p -= step
 
 
 class EarlyStopping:
@@ -269,13 +280,17 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         """One pass over the training spectra in mini-batches. Each spectrum gets fresh
         noise of std ``noise``, or a random vector of ``bank`` when there is one."""
         order = rng.permutation(len(y_train))
+        drawn = np.empty((min(self.batch_size, len(order)), X_train.shape[1]), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            inputs = X_train[batch]
             if bank is not None:
-                inputs = inputs + bank[rng.integers(0, len(bank), len(batch))]
-            elif noise is not None:
-                inputs = inputs + noise * rng.standard_normal(inputs.shape, dtype=np.float32)
+                inputs = X_train[batch] + bank[rng.integers(0, len(bank), len(batch))]
+            elif noise is not None:     # in place: noise * N(0, 1) + X
+                inputs = rng.standard_normal(dtype=np.float32, out=drawn[:len(batch)])
+                inputs *= noise
+                inputs += X_train[batch]
+            else:
+                inputs = X_train[batch]
             grad_w, grad_b = self._gradients(inputs, y_train[batch], weights, biases)
             optimizer.update_params(grad_w + grad_b)
 
