@@ -121,7 +121,7 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
             # the minimum may lie beyond where the paths were cut; x 1.5, not x 2: a path's
             # steps cost more the more variables are active (1,000 steps 1.1 s, 1,500 3.2 s,
             # 2,000 5.3 s on 2,800 pixels), and a cut minimum is usually not far beyond the cut
-            steps = int(steps * 1.5)
+            steps = max(int(steps * 1.5), steps + 1)
         self.n_steps_ = steps
         self.alpha_ = float(self.alphas_[best])
         # out-of-fold linear predictions at alpha_: every row predicted by a fit that never
