@@ -70,8 +70,8 @@ def lasso_path_gram(xy, gram, n_samples, max_steps=500, alpha_min=0.0, return_pa
     last alpha and the coefficients there, ``(alpha, coef)``.
     """
     gram = np.asarray(gram, dtype=np.float64)
-    corr = np.array(xy, dtype=np.float64)       # X'(y - X coef), kept up to date
-    xy = corr.copy()
+    xy = np.asarray(xy, dtype=np.float64)
+    corr = xy.copy()                            # X'(y - X coef), kept up to date
     n_features = corr.size
     max_active = min(int(max_steps), n_features)
     rows = np.empty((max_active, n_features))   # Gram rows of the active variables, in order
@@ -171,8 +171,8 @@ def lasso_path_gram(xy, gram, n_samples, max_steps=500, alpha_min=0.0, return_pa
                 coef[j] = 0.0
                 inactive[j] = True
                 corr[j] = xy[j] - gram[j] @ coef  # afresh, as scikit-learn does
-            if min(leaving) < k:                 # the rows that moved or changed
-                first = min(leaving)
+            first = min(leaving)
+            if first < k:                        # the rows that moved or changed
                 packed[first * (first + 1) // 2:k * (k + 1) // 2] = np.concatenate(
                     [L[r, :r + 1] for r in range(first, k)])
             if k:

@@ -119,8 +119,8 @@ class LassoFeatureSelector(SelectorMixin, BaseEstimator):
             if best < self.n_alphas - 1 or not cut:
                 break
             # the minimum may lie beyond where the paths were cut; x 1.5, not x 2: a path's
-            # steps cost more the more variables are active (1,000 steps 1.1 s, 1,500 3.2 s,
-            # 2,000 5.3 s on 2,800 pixels), and a cut minimum is usually not far beyond the cut
+            # steps cost more the more variables are active (timings in models/lasso_path.py),
+            # and a cut minimum is usually not far beyond the cut
             steps = max(int(steps * 1.5), steps + 1)
         self.n_steps_ = steps
         self.alpha_ = float(self.alphas_[best])
