@@ -145,7 +145,7 @@ def train_with_degraded_copies(paths, z, features, labels, snrg, stars, obsids, 
         progress=lambda it, total: progress(it, total, "degraded copies"))
     return train_lasso_mlpnet(
         features, labels, snrg, stars, obsids, random_state=seed, n_jobs=n_jobs,
-        progress=lambda labels: progress(labels, len(labels), "training"),
+        progress=lambda it, total: progress(it, total, "training networks"),
         positions=positions, copies=copies, **train_options)
 
 

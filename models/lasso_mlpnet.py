@@ -38,6 +38,8 @@ pixels (1 for a spectrum with the mean lines, 0 for none; noise averages out ove
 hundreds of pixels); below half the training spectra's 1st percentile
 (``line_content_threshold_``) it sets OUT_OF_DISTRIBUTION too.
 """
+from itertools import islice
+
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, RegressorMixin
@@ -136,8 +138,9 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
     """One label: LASSO selection then an ensemble of sigmoid MLPs on the selected pixels.
 
     ``X`` must already be standardised (``LassoMLPNet`` does that once for all labels).
-    ``fit`` is :meth:`select` then :meth:`fit_networks`; ``LassoMLPNet`` calls them apart
-    when the networks see more pixels than the label's own selection (``shared_pixels``).
+    ``fit`` is :meth:`select` then :meth:`fit_networks`; ``LassoMLPNet`` selects every label
+    first (the networks may see every label's pixels: ``shared_pixels``), then trains all
+    labels' networks together (:meth:`network_jobs`, :meth:`set_members`).
     ``input_pixels_`` are the pixels the networks see, ``support_`` the label's selection.
     ``input_noise`` is in standardised units, ``flux_noise`` in those of the pixels before
     standardisation (``fit_networks``'s ``pixel_scale``); their variances add.
@@ -191,6 +194,13 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         ``member_selection="bootstrap"`` every member selects its own pixels instead.
         ``pixel_scale``: each column's std before standardisation, which ``flux_noise``
         needs."""
+        jobs = self.network_jobs(X, y, groups, pixels, pixel_scale)
+        return self.set_members(Parallel(n_jobs=self.n_jobs)(jobs))
+
+    def network_jobs(self, X, y, groups=None, pixels=None, pixel_scale=None):
+        """``fit_networks`` as a list of joblib tasks, one per member, whose results go to
+        :meth:`set_members`: ``LassoMLPNet`` runs every label's in one pool, so that no
+        core idles while a label's last networks finish."""
         if self.flux_noise and (pixel_scale is None or self.member_selection == "bootstrap"):
             raise ValueError("flux_noise needs pixel_scale and member_selection='shared'")
         target = self._target(y)
@@ -202,21 +212,24 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_members)
         if self.member_selection == "bootstrap":
             groups = np.arange(X.shape[0]) if groups is None else np.asarray(groups)
-            fitted = Parallel(n_jobs=self.n_jobs)(
-                delayed(_fit_bootstrap_member)(X, target, groups, params, int(seed), self.selector_.alpha_,
-                                               getattr(self.selector_, "n_steps_", 1000))
-                for seed in seeds)
-            self.member_supports_ = [support for support, _ in fitted]
-            self.members_ = [member for _, member in fitted]
-            return self
-        self.member_supports_ = None
+            return [delayed(_fit_bootstrap_member)(X, target, groups, params, int(seed), self.selector_.alpha_,
+                                                   getattr(self.selector_, "n_steps_", 1000))
+                    for seed in seeds]
         self.input_pixels_ = self.support_ if pixels is None else np.asarray(pixels, dtype=bool)
         if self.flux_noise:     # one std per pixel, in its standardised units
             params["input_noise"] = np.hypot(
                 self.input_noise, self.flux_noise / np.asarray(pixel_scale)[self.input_pixels_])
         X_selected = np.ascontiguousarray(X[:, self.input_pixels_], dtype=np.float32)
-        self.members_ = Parallel(n_jobs=self.n_jobs)(
-            delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds)
+        return [delayed(_fit_member)(X_selected, target, groups, params, int(seed)) for seed in seeds]
+
+    def set_members(self, fitted):
+        """Keep the results of :meth:`network_jobs`' tasks, in their order."""
+        if self.member_selection == "bootstrap":
+            self.member_supports_ = [support for support, _ in fitted]
+            self.members_ = [member for _, member in fitted]
+        else:
+            self.member_supports_ = None
+            self.members_ = list(fitted)
         return self
 
     def predict_members(self, X):
@@ -345,7 +358,9 @@ class LassoMLPNet(BaseEstimator):
         ``observed``: (n,) bool, the rows that are real observations (default all). The
         others, degraded copies (:mod:`models.augment`), train the selection and the
         networks but do not set the out-of-distribution and line-content thresholds, which
-        describe the real spectra a model will be given.
+        describe the real spectra a model will be given. ``progress``: a callable
+        ``(iterable, total)`` that wraps the networks (``n_members`` per label) as they
+        finish, e.g. a progress bar.
         """
         if int(self.n_members) != self.n_members or self.n_members < 1:
             raise ValueError(f"n_members must be a positive integer, got {self.n_members!r}")
@@ -376,9 +391,18 @@ class LassoMLPNet(BaseEstimator):
         # every label's selection feeds every network: a pixel LASSO keeps for log g or
         # [Fe/H] still tells the Teff network something (README, "Shared pixels")
         pixels = self.selected_pixels() if self.shared_pixels else None
-        for label in (progress or iter)(LABELS):
-            self.estimators_[label].fit_networks(X_scaled, values[label], groups=groups, pixels=pixels,
-                                                 pixel_scale=self.scaler_.scale_)
+        jobs = {label: self.estimators_[label].network_jobs(X_scaled, values[label], groups=groups, pixels=pixels,
+                                                            pixel_scale=self.scaler_.scale_)
+                for label in LABELS}
+        # one pool for all labels' networks: with one pool per label, each label's last
+        # networks left a core idle (about one network's time per label)
+        fitted = Parallel(n_jobs=self.n_jobs, return_as="generator")(
+            job for label in LABELS for job in jobs[label])
+        if progress is not None:
+            fitted = progress(fitted, sum(len(j) for j in jobs.values()))
+        fitted = iter(fitted)
+        for label in LABELS:
+            self.estimators_[label].set_members(list(islice(fitted, len(jobs[label]))))
         self.snr_bins_ = np.array(SNR_BINS)
         self.error_models_ = {label: None for label in LABELS}
         self.repeat_scales_ = {label: None for label in LABELS}

@@ -443,6 +443,36 @@ def test_every_label_networks_see_every_label_selection(trained):
                        teff.predict(model.scaler_.transform(X_test)))
 
 
+def test_all_labels_networks_in_one_pool_equal_each_labels_own_fit():
+    """LassoMLPNet.fit trains every label's networks in one pool, in order, reporting each
+    finished network to ``progress``; each label gets exactly the networks its own
+    fit_networks would train, in the same order."""
+    import copy
+    rng = np.random.default_rng(3)
+    X, labels, stars = synthetic_spectra(rng, 40, 2)
+    seen = []
+
+    def progress(networks, total):
+        seen.append(total)
+        for network in networks:
+            seen.append(network)
+            yield network
+
+    model = LassoMLPNet(hidden=SMALL_HIDDEN, n_members=2, cv=3, max_epochs=15, max_lasso_steps=50,
+                        n_jobs=2, random_state=4).fit(X, labels, groups=stars, progress=progress)
+    assert seen[0] == 6 and len(seen) == 7
+    scaled = model.scaler_.transform(X)
+    for label in LABELS:
+        pooled = model.estimators_[label]
+        alone = copy.deepcopy(pooled).fit_networks(scaled, labels[label], groups=stars,
+                                                   pixels=model.selected_pixels())
+        assert len(pooled.members_) == 2
+        for a, b in zip(pooled.members_, alone.members_):
+            for wa, wb in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_):
+                np.testing.assert_array_equal(wa, wb)
+        assert not np.array_equal(pooled.members_[0].coefs_[0], pooled.members_[1].coefs_[0])
+
+
 def test_model_uncertainty_is_the_std_of_the_members(trained):
     model, _, _, X_test, _ = trained                 # not calibrated (``calibrated`` is a copy)
     predicted = model.predict(X_test, snrg=np.full(len(X_test), 15.0))
