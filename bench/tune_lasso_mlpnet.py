@@ -84,7 +84,7 @@ def main():
             fit[fold_rows] = trains_on[fold_rows]
             # copies of the fitting stars' spectra only, as in training (models.training)
             X_fit, y_fit, groups_fit, observed = training_rows(X, labels, groups, fit, point_copies)
-            model = LassoMLPNet(n_members=args.ensemble, random_state=0, **params).fit(
+            model = LassoMLPNet(n_members=args.ensemble, **{"random_state": 0, **params}).fit(
                 X_fit, y_fit, groups=groups_fit, observed=observed)
             for rows, into in ((score_rows[paper_snr[score_rows]], errors),
                                (score_rows[low_snr[score_rows]], errors_low)):
