@@ -279,6 +279,23 @@ def test_huber_delta_and_noise_bank_reach_the_networks():
         assert all(member.noise_bank == 64 for member in estimator.members_)
 
 
+def test_standard_normal_float32_is_a_standard_normal_stream():
+    """The networks' input noise: N(0, 1) by the Kolmogorov-Smirnov test and its moments,
+    fresh at every call, reproducible from the seed, any shape (sizes not a multiple of 4)."""
+    from scipy import stats
+    from models.networks import standard_normal_float32
+    first = standard_normal_float32(np.random.default_rng(7), np.empty((1001, 999), np.float32))
+    assert first.dtype == np.float32 and first.shape == (1001, 999)
+    assert abs(first.mean()) < 0.005 and abs(first.var() - 1) < 0.005
+    assert abs(stats.skew(first, axis=None)) < 0.01 and abs(stats.kurtosis(first, axis=None)) < 0.02
+    assert stats.kstest(first.ravel()[:200_000], "norm").pvalue > 1e-3
+    rng = np.random.default_rng(7)
+    again = standard_normal_float32(rng, np.empty((1001, 999), np.float32))
+    np.testing.assert_array_equal(first, again)
+    following = standard_normal_float32(rng, np.empty((1001, 999), np.float32))
+    assert abs(np.corrcoef(first.ravel(), following.ravel())[0, 1]) < 0.005
+
+
 def test_mlp_is_deterministic_for_a_fixed_random_state():
     rng = np.random.default_rng(3)
     X = rng.uniform(-1, 1, (300, 5))
