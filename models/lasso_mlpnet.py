@@ -148,11 +148,10 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
 
     flux_noise = 0.0        # an artifact from before flux_noise has none
     huber_delta = 0.0       # nor one from before huber_delta
-    noise_bank = 0          # nor one from before noise_bank
 
     def __init__(self, log_target=False, hidden_layer_sizes=(100, 50), alpha=1e-3,
                  learning_rate_init=1e-3, batch_size=128, max_epochs=400, n_iter_no_change=30,
-                 input_noise=0.0, flux_noise=0.0, huber_delta=0.0, noise_bank=0, n_members=10,
+                 input_noise=0.0, flux_noise=0.0, huber_delta=0.0, n_members=10,
                  member_selection="shared", selector=None, n_jobs=-1, random_state=0):
         self.log_target = log_target
         self.hidden_layer_sizes = hidden_layer_sizes
@@ -164,7 +163,6 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         self.input_noise = input_noise
         self.flux_noise = flux_noise
         self.huber_delta = huber_delta
-        self.noise_bank = noise_bank
         self.n_members = n_members
         self.member_selection = member_selection
         self.selector = selector
@@ -207,8 +205,7 @@ class LabelEnsemble(RegressorMixin, BaseEstimator):
         params = dict(hidden_layer_sizes=tuple(self.hidden_layer_sizes), alpha=self.alpha,
                       learning_rate_init=self.learning_rate_init, batch_size=self.batch_size,
                       max_epochs=self.max_epochs, n_iter_no_change=self.n_iter_no_change,
-                      input_noise=self.input_noise, huber_delta=self.huber_delta,
-                      noise_bank=self.noise_bank)
+                      input_noise=self.input_noise, huber_delta=self.huber_delta)
         seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_members)
         if self.member_selection == "bootstrap":
             groups = np.arange(X.shape[0]) if groups is None else np.asarray(groups)
@@ -289,10 +286,6 @@ class LassoMLPNet(BaseEstimator):
     huber_delta : float or dict label -> float
         The networks' loss: Huber with this threshold in units of the standardised target
         (``networks.SigmoidMLPRegressor``), 0: squared error.
-    noise_bank : int
-        Draw the input noise from this many vectors drawn once per network instead of
-        fresh for every mini-batch (``networks.SigmoidMLPRegressor``); 0 (the default):
-        fresh. Faster, not adopted: the CV was mixed (README, "Measured and not adopted").
     cv : int
         Folds of the LASSO cross-validation.
     max_lasso_steps : int
@@ -327,11 +320,10 @@ class LassoMLPNet(BaseEstimator):
     flux_noise = 0.0
     shared_pixels = False
     huber_delta = 0.0
-    noise_bank = 0
 
     def __init__(self, hidden=None, n_members=10, alpha=1e-3, learning_rate=1e-3, batch_size=128,
                  n_iter_no_change=30, input_noise=DEFAULT_INPUT_NOISE, flux_noise=DEFAULT_FLUX_NOISE,
-                 huber_delta=DEFAULT_HUBER_DELTA, noise_bank=0, max_epochs=400, cv=10,
+                 huber_delta=DEFAULT_HUBER_DELTA, max_epochs=400, cv=10,
                  max_lasso_steps=1000, member_selection="shared", shared_pixels=True, n_jobs=-1,
                  random_state=0):
         self.hidden = hidden
@@ -345,7 +337,6 @@ class LassoMLPNet(BaseEstimator):
         self.input_noise = input_noise
         self.flux_noise = flux_noise
         self.huber_delta = huber_delta
-        self.noise_bank = noise_bank
         self.max_epochs = max_epochs
         self.cv = cv
         self.max_lasso_steps = max_lasso_steps
@@ -383,7 +374,7 @@ class LassoMLPNet(BaseEstimator):
                 learning_rate_init=rates[label], batch_size=self.batch_size,
                 n_iter_no_change=self.n_iter_no_change, input_noise=input_noise[label],
                 flux_noise=flux_noise[label], huber_delta=huber_delta[label],
-                noise_bank=self.noise_bank, max_epochs=self.max_epochs,
+                max_epochs=self.max_epochs,
                 n_members=self.n_members, member_selection=self.member_selection,
                 selector=selector, n_jobs=self.n_jobs,
                 random_state=self.random_state,

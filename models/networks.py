@@ -136,10 +136,6 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Standard deviation of the Gaussian noise added to each training mini-batch's
         (standardised) inputs, one for every feature or one per feature; 0 turns it off.
         Validation and prediction see clean inputs.
-    noise_bank : int, default=0
-        With ``input_noise``: draw this many noise vectors once and add a random one of
-        them to each training spectrum of every mini-batch; 0: fresh noise for every
-        mini-batch (``standard_normal_float32``, which made the bank's saving small).
     huber_delta : float, default=0.0
         Residual (standardised target) beyond which the loss grows linearly, for training
         and for the early-stopping validation loss alike; 0: squared error.
@@ -163,11 +159,9 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         Validation loss after every epoch.
     """
 
-    noise_bank = 0          # a network pickled before noise_bank has none
-
     def __init__(self, hidden_layer_sizes=(400, 50), alpha=1e-4, learning_rate_init=1e-3,
                  batch_size=128, max_epochs=300, validation_fraction=0.1, n_iter_no_change=20,
-                 input_noise=0.0, noise_bank=0, huber_delta=0.0, random_state=None):
+                 input_noise=0.0, huber_delta=0.0, random_state=None):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.alpha = alpha
         self.learning_rate_init = learning_rate_init
@@ -176,7 +170,6 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.input_noise = input_noise
-        self.noise_bank = noise_bank
         self.huber_delta = huber_delta
         self.random_state = random_state
 
@@ -198,8 +191,6 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
              f"n_iter_no_change must be a positive integer, got {self.n_iter_no_change!r}"),
             (np.all(np.asarray(self.input_noise) >= 0) and np.ndim(self.input_noise) <= 1,
              f"input_noise must be >= 0 (a number or one per feature), got {self.input_noise!r}"),
-            (int(self.noise_bank) == self.noise_bank and self.noise_bank >= 0,
-             f"noise_bank must be an integer >= 0, got {self.noise_bank!r}"),
             (self.huber_delta >= 0, f"huber_delta must be >= 0, got {self.huber_delta!r}"),
         ]
         for ok, message in checks:
@@ -260,16 +251,12 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         weights, biases = self._init_weights(X.shape[1], rng)
         # the noise's std (one, or one per feature) as float32 once, not per mini-batch
         noise = np.asarray(self.input_noise, dtype=np.float32) if np.any(self.input_noise) else None
-        # drawing Gaussian numbers took as long as the forward and backward passes: with
-        # noise_bank, draw that many noise vectors once (see _train_one_epoch)
-        bank = None if noise is None or not self.noise_bank else \
-            noise * rng.standard_normal((int(self.noise_bank), X.shape[1]), dtype=np.float32)
         params = weights + biases
         optimizer = AdamOptimizer(params, self.learning_rate_init)
         stopping = EarlyStopping(self.n_iter_no_change)
         self.validation_curve_ = []
         for epoch in range(self.max_epochs):
-            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng, noise, bank)
+            self._train_one_epoch(X_train, y_train, weights, biases, optimizer, rng, noise)
             valid_loss = self._loss(self._forward(X_valid, weights, biases)[1] - y_valid)
             self.validation_curve_.append(valid_loss)
             if stopping.update(valid_loss, params):
@@ -291,16 +278,14 @@ class SigmoidMLPRegressor(RegressorMixin, BaseEstimator):
         a, d = np.abs(residual), self.huber_delta
         return float(np.mean(np.where(a <= d, 0.5 * a * a, d * (a - 0.5 * d))))
 
-    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng, noise, bank):
+    def _train_one_epoch(self, X_train, y_train, weights, biases, optimizer, rng, noise):
         """One pass over the training spectra in mini-batches. Each spectrum gets fresh
-        noise of std ``noise``, or a random vector of ``bank`` when there is one."""
+        noise of std ``noise`` (none if None)."""
         order = rng.permutation(len(y_train))
         drawn = np.empty((min(self.batch_size, len(order)), X_train.shape[1]), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            if bank is not None:
-                inputs = X_train[batch] + bank[rng.integers(0, len(bank), len(batch))]
-            elif noise is not None:     # in place: noise * N(0, 1) + X
+            if noise is not None:     # in place: noise * N(0, 1) + X
                 inputs = standard_normal_float32(rng, drawn[:len(batch)])
                 inputs *= noise
                 inputs += X_train[batch]

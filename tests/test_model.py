@@ -267,16 +267,15 @@ def test_mlp_huber_loss_is_not_pulled_by_outlying_labels():
         SigmoidMLPRegressor(huber_delta=-1.0).fit(X, y)
 
 
-def test_huber_delta_and_noise_bank_reach_the_networks():
+def test_huber_delta_reaches_the_networks():
     rng = np.random.default_rng(6)
     X, labels, stars = synthetic_spectra(rng, 20, 2)
     model = LassoMLPNet(hidden=SMALL_HIDDEN, n_members=2, max_epochs=5, cv=3, n_jobs=1,
-                        huber_delta={"logg": 0.3}, noise_bank=64).fit(X, labels, groups=stars)
+                        huber_delta={"logg": 0.3}).fit(X, labels, groups=stars)
     for label, estimator in model.estimators_.items():
         expected = 0.3 if label == "logg" else DEFAULT_HUBER_DELTA
         assert estimator.huber_delta == expected
         assert all(member.huber_delta == expected for member in estimator.members_)
-        assert all(member.noise_bank == 64 for member in estimator.members_)
 
 
 def test_standard_normal_float32_is_a_standard_normal_stream():
@@ -308,18 +307,15 @@ def test_mlp_is_deterministic_for_a_fixed_random_state():
     assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("noise_bank", [0, 512])
-def test_mlp_input_noise_shrinks_like_its_tikhonov_equivalent(noise_bank):
+def test_mlp_input_noise_shrinks_like_its_tikhonov_equivalent():
     # y = x1 + ... + x5 with x ~ N(0, 1): trained on inputs x + N(0, s^2), the best
     # predictor of y is sum(x) / (1 + s^2), so with s = 1 the fitted slope on clean inputs
-    # is ~0.5 (~1 without noise). Checks the noise scale and that prediction is noise-free;
-    # noise drawn from a bank of 512 vectors (a sixth of the training set) must regularise
-    # as fresh noise does.
+    # is ~0.5 (~1 without noise). Checks the noise scale and that prediction is noise-free.
     rng = np.random.default_rng(4)
     X = rng.standard_normal((3000, 5))
     y = X.sum(axis=1)
     params = dict(hidden_layer_sizes=(16, 8), learning_rate_init=1e-2, max_epochs=200,
-                  n_iter_no_change=20, noise_bank=noise_bank, random_state=0)
+                  n_iter_no_change=20, random_state=0)
     X_test = rng.standard_normal((500, 5))
     y_test = X_test.sum(axis=1)
     slopes = {}
@@ -332,8 +328,7 @@ def test_mlp_input_noise_shrinks_like_its_tikhonov_equivalent(noise_bank):
     assert slopes[1.0] == pytest.approx(0.5, abs=0.1)
 
 
-@pytest.mark.parametrize("noise_bank", [0, 512])
-def test_mlp_input_noise_per_feature_shrinks_only_the_noisy_feature(noise_bank):
+def test_mlp_input_noise_per_feature_shrinks_only_the_noisy_feature():
     # y = x1 + x2: with noise of std 1 on x1 only, the best predictor is x1 / 2 + x2 --
     # what one noise level per feature (the flux noise of LassoMLPNet) must give.
     rng = np.random.default_rng(4)
@@ -341,7 +336,7 @@ def test_mlp_input_noise_per_feature_shrinks_only_the_noisy_feature(noise_bank):
     y = X.sum(axis=1)
     model = SigmoidMLPRegressor(hidden_layer_sizes=(16, 8), learning_rate_init=1e-2, max_epochs=200,
                                 n_iter_no_change=20, input_noise=np.array([1.0, 0.0]),
-                                noise_bank=noise_bank, random_state=0).fit(X, y)
+                                random_state=0).fit(X, y)
     X_test = rng.standard_normal((500, 2))
     slopes = np.linalg.lstsq(np.column_stack([X_test, np.ones(500)]), model.predict(X_test),
                              rcond=None)[0][:2]
@@ -383,7 +378,7 @@ def test_mlp_whose_validation_loss_is_never_finite_warns_instead_of_crashing():
     ("hidden_layer_sizes", (0, 5)), ("hidden_layer_sizes", ()), ("alpha", -1.0),
     ("learning_rate_init", 0.0), ("batch_size", 0), ("max_epochs", 0),
     ("validation_fraction", 1.0), ("n_iter_no_change", 0), ("input_noise", -0.5),
-    ("input_noise", np.array([0.5, -0.1, 0.0])), ("noise_bank", -1), ("noise_bank", 2.5)])
+    ("input_noise", np.array([0.5, -0.1, 0.0]))])
 def test_mlp_refuses_invalid_parameters_by_name(param, value):
     X, y = np.zeros((10, 3)), np.arange(10.0)
     with pytest.raises(ValueError, match=param):
